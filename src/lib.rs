@@ -1,0 +1,16 @@
+//! llmctl: provision, diagnose and serve a local LLM for coding agents on a Proxmox VE host with an NVIDIA GPU.
+//!
+//! Modules own one thing each. Logic lives in small pure functions (translation, planning, parsing);
+//! I/O (HTTP, SSH, files) stays at the edges.
+
+pub mod cli;
+pub mod client_config;
+pub mod config;
+pub mod doctor;
+pub mod logging;
+pub mod model;
+pub mod outcome;
+pub mod provision;
+pub mod proxy;
+pub mod shell;
+pub mod transport;
