@@ -458,7 +458,10 @@ pub fn read_header<R: Read>(reader: R) -> Result<Header, GgufError> {
     }
 
     let data_size = check_layout(&tensors, alignment)?;
-    let data_offset = r.pos.next_multiple_of(alignment);
+    let data_offset = r
+        .pos
+        .checked_next_multiple_of(alignment)
+        .ok_or_else(|| GgufError::Corrupt("the header is longer than any file".into()))?;
     Ok(Header {
         version,
         metadata,
@@ -609,7 +612,7 @@ fn check_layout(tensors: &[TensorInfo], alignment: u64) -> Result<u64, GgufError
         }
         expected = expected
             .checked_add(t.n_bytes())
-            .map(|end| end.next_multiple_of(alignment))
+            .and_then(|end| end.checked_next_multiple_of(alignment))
             .ok_or_else(|| GgufError::Corrupt(format!("tensor `{}` overflows the file", t.name)))?;
     }
     Ok(expected)

@@ -100,7 +100,15 @@ pub struct Usage {
 
 impl Usage {
     pub fn total(&self) -> u64 {
-        self.weights + self.kv_cache + self.recurrent_state + self.compute + self.overhead
+        [
+            self.weights,
+            self.kv_cache,
+            self.recurrent_state,
+            self.compute,
+            self.overhead,
+        ]
+        .iter()
+        .fold(0u64, |a, &b| a.saturating_add(b))
     }
 }
 
@@ -174,10 +182,11 @@ fn layer_cells(layer: &LayerShape, ctx: u64, window: Option<u64>, ubatch: u64) -
 /// KV cache bytes of one layer: each cell holds one K row and one V row, each quantized as a row
 /// (`ggml_row_size(type, n_head_kv × head_dim)`).
 fn layer_kv_bytes(layer: &LayerShape, cells: u64, cache: CacheType) -> u64 {
+    // Saturating: the sizes come from an untrusted header; absurd ones must not wrap into small ones.
     let t = cache.ggml();
-    cells
-        * (t.bytes_for(layer.n_head_kv * layer.head_dim_k)
-            + t.bytes_for(layer.n_head_kv * layer.head_dim_v))
+    let k = t.bytes_for(layer.n_head_kv.saturating_mul(layer.head_dim_k));
+    let v = t.bytes_for(layer.n_head_kv.saturating_mul(layer.head_dim_v));
+    cells.saturating_mul(k.saturating_add(v))
 }
 
 struct Ctx<'a> {
@@ -189,7 +198,28 @@ struct Ctx<'a> {
     kv: Vec<u64>,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    fn new(shape: &'a ModelShape, opts: &'a Options, ctx: u64) -> Ctx<'a> {
+        let cells: Vec<u64> = shape
+            .layers
+            .iter()
+            .map(|l| layer_cells(l, ctx, shape.sliding_window, opts.ubatch))
+            .collect();
+        let kv = shape
+            .layers
+            .iter()
+            .zip(&cells)
+            .map(|(l, &n)| layer_kv_bytes(l, n, opts.cache_type))
+            .collect();
+        Ctx {
+            shape,
+            ctx,
+            opts,
+            cells,
+            kv,
+        }
+    }
+
     fn expert_share(&self) -> f64 {
         if self.shape.expert_count > 1 && self.shape.expert_used_count > 0 {
             self.shape.expert_used_count as f64 / self.shape.expert_count as f64
@@ -227,9 +257,11 @@ impl Ctx<'_> {
                 (&mut ram, &mut ram_read)
             };
             dense_mem.weights += layer.weight_bytes;
-            dense_mem.kv_cache += kv;
-            dense_mem.recurrent_state += layer.recurrent_state_bytes;
-            *dense_read += (layer.weight_bytes + kv) as f64;
+            dense_mem.kv_cache = dense_mem.kv_cache.saturating_add(kv);
+            dense_mem.recurrent_state = dense_mem
+                .recurrent_state
+                .saturating_add(layer.recurrent_state_bytes);
+            *dense_read += layer.weight_bytes as f64 + kv as f64;
             let expert_read = layer.expert_bytes as f64 * share;
             if experts_on_gpu {
                 vram.weights += layer.expert_bytes;
@@ -256,8 +288,12 @@ impl Ctx<'_> {
         }
         let ub = self.opts.ubatch;
         let f32b = 4;
-        let activations = ub * f32b * (4 * s.n_embd + 3 * s.n_ff_active);
-        let logits = ub * f32b * s.n_vocab;
+        let activations = (ub * f32b).saturating_mul(
+            s.n_embd
+                .saturating_mul(4)
+                .saturating_add(s.n_ff_active.saturating_mul(3)),
+        );
+        let logits = (ub * f32b).saturating_mul(s.n_vocab);
         vram.compute = activations + fa_scratch + largest_cpu_tensor;
         if output_on_gpu {
             vram.compute += logits;
@@ -277,6 +313,32 @@ impl Ctx<'_> {
 
 fn fits(p: &Placement, hw: &Hardware) -> bool {
     p.vram.total() <= hw.vram_mib * MIB && hw.ram_mib.is_none_or(|r| p.ram.total() <= r * MIB)
+}
+
+/// The memory and per-token reads of one given placement (`-ngl ngl --n-cpu-moe n_cpu_moe`), e.g. to
+/// compare a hand-picked `-ngl` with the plan. `ctx` is padded as llama.cpp pads it.
+pub fn evaluate(
+    shape: &ModelShape,
+    opts: &Options,
+    ctx: u64,
+    ngl: u32,
+    n_cpu_moe: u32,
+) -> Placement {
+    let c = Ctx::new(shape, opts, pad(ctx.max(1), CTX_PAD));
+    let all = shape.n_layer + 1;
+    let ngl = ngl.min(all);
+    let strategy = match (ngl, n_cpu_moe) {
+        (0, _) => Strategy::CpuOnly,
+        (n, 0) if n == all => Strategy::AllOnGpu,
+        (n, m) if n == all => Strategy::ExpertsOnCpu { n_cpu_moe: m },
+        (n, _) => Strategy::PartialLayers { gpu_layers: n - 1 },
+    };
+    c.place(ngl, n_cpu_moe, strategy)
+}
+
+/// Whether a placement fits the hardware.
+pub fn fits_hardware(p: &Placement, hw: &Hardware) -> bool {
+    fits(p, hw)
 }
 
 pub fn plan(shape: &ModelShape, hw: &Hardware, opts: &Options) -> Result<Plan, PlanError> {
@@ -303,26 +365,7 @@ pub fn plan(shape: &ModelShape, hw: &Hardware, opts: &Options) -> Result<Plan, P
             .map_or(DEFAULT_CTX, |c| c.min(DEFAULT_CTX)),
     };
     let ctx = pad(requested, CTX_PAD);
-    let build = |ctx: u64| {
-        let cells: Vec<u64> = shape
-            .layers
-            .iter()
-            .map(|l| layer_cells(l, ctx, shape.sliding_window, opts.ubatch))
-            .collect();
-        let kv = shape
-            .layers
-            .iter()
-            .zip(&cells)
-            .map(|(l, &n)| layer_kv_bytes(l, n, opts.cache_type))
-            .collect();
-        Ctx {
-            shape,
-            ctx,
-            opts,
-            cells,
-            kv,
-        }
-    };
+    let build = |ctx: u64| Ctx::new(shape, opts, ctx);
     let c = build(ctx);
     let n_layer = shape.n_layer;
     let all = n_layer + 1;
@@ -357,7 +400,7 @@ pub fn plan(shape: &ModelShape, hw: &Hardware, opts: &Options) -> Result<Plan, P
     }
 
     let mut reasoning = Vec::new();
-    let kv_total: u64 = c.kv.iter().sum();
+    let kv_total = c.kv.iter().fold(0u64, |a, &b| a.saturating_add(b));
     reasoning.push(describe_model(shape));
     reasoning.push(describe_kv(shape, &c, kv_total, opts));
 

@@ -282,7 +282,11 @@ pub fn from_header(header: &Header) -> Result<ModelShape, ShapeError> {
     let n_ff_exp = m.u64("expert_feed_forward_length")?.unwrap_or(0);
     let n_ff_shexp = m.u64("expert_shared_feed_forward_length")?.unwrap_or(0);
     if expert_count > 1 {
-        n_ff_active = n_ff_active.max(n_ff_exp * expert_used_count + n_ff_shexp);
+        n_ff_active = n_ff_active.max(
+            n_ff_exp
+                .saturating_mul(expert_used_count)
+                .saturating_add(n_ff_shexp),
+        );
     }
     for (i, tensors) in per_layer.iter().enumerate() {
         let expert_bytes: u64 = tensors
@@ -481,9 +485,13 @@ fn recurrent_state_bytes(m: &Meta<'_>) -> Result<u64, ShapeError> {
     let d_inner = m.u64("ssm.inner_size")?.unwrap_or(0);
     let d_state = m.u64("ssm.state_size")?.unwrap_or(0);
     let n_group = m.u64("ssm.group_count")?.unwrap_or(0);
-    let conv = d_conv.saturating_sub(1) * (d_inner + 2 * n_group * d_state);
-    let ssm = d_state * d_inner;
-    Ok((conv + ssm) * GgmlType::F32.type_size())
+    let conv = d_conv
+        .saturating_sub(1)
+        .saturating_mul(d_inner.saturating_add(n_group.saturating_mul(d_state).saturating_mul(2)));
+    let ssm = d_state.saturating_mul(d_inner);
+    Ok(conv
+        .saturating_add(ssm)
+        .saturating_mul(GgmlType::F32.type_size()))
 }
 
 #[cfg(test)]
