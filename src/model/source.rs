@@ -90,6 +90,7 @@ fn percent_encode(s: &str) -> String {
 }
 
 /// A header and, when known, the size of the whole file.
+#[derive(Debug)]
 pub struct Located {
     pub header: Header,
     pub file_size: Option<u64>,
