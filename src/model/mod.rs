@@ -1,14 +1,625 @@
 //! `llmctl model`: GGUF inspection, verified downloads, and GPU offload planning.
+//!
+//! - `gguf`: the header reader; `shape`: what the planner needs from a header; `template`: chat-template
+//!   capabilities; `plan`: the pure offload planner; `source`: local files, URLs and range requests;
+//!   `download`: the resumable verified download. This file is the command line and the printing.
 
-use anyhow::Result;
-use clap::Args;
+pub mod download;
+pub mod gguf;
+pub mod plan;
+pub mod shape;
+pub mod source;
+pub mod template;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use serde::Serialize;
 
 use crate::cli::GlobalArgs;
 use crate::outcome::Outcome;
 
-#[derive(Debug, Clone, Args)]
-pub struct ModelArgs {}
+use self::download::{FetchOutcome, FetchRequest, Progress, RetryPolicy};
+use self::plan::{CacheType, Hardware, Options};
+use self::shape::{LayerKind, ModelShape};
+use self::source::{Located, Source};
 
-pub fn run(_global: &GlobalArgs, _args: ModelArgs) -> Result<Outcome> {
-    anyhow::bail!("model is not built yet")
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    #[command(subcommand)]
+    pub command: ModelCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ModelCommand {
+    /// Read a GGUF header (local file, URL or hf:owner/repo/file) and describe the model; never reads the weights.
+    Inspect(InspectArgs),
+    /// Download a model resumably, verify its sha256, and move it into place atomically.
+    Fetch(FetchArgs),
+    /// Plan llama-server's GPU offload for a model on a GPU with --vram MiB.
+    Plan(PlanArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct InspectArgs {
+    /// A .gguf file, an http(s) URL, or hf:owner/repo[@revision]/file.gguf
+    pub model: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FetchArgs {
+    /// An http(s) URL, or owner/repo[@revision]/file.gguf on Hugging Face
+    pub url: String,
+    /// The file's expected SHA-256 (64 hex digits).
+    #[arg(long, value_name = "HEX")]
+    pub sha256: String,
+    /// Where the file goes; `<dest>.partial` holds it while downloading.
+    #[arg(long, value_name = "PATH")]
+    pub dest: PathBuf,
+    /// Attempts before giving up on connection errors and 5xx answers.
+    #[arg(long, default_value_t = 8)]
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CacheTypeArg {
+    F16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PlanArgs {
+    /// A .gguf file, an http(s) URL, or hf:owner/repo[@revision]/file.gguf
+    pub model: String,
+    /// The GPU's total memory in MiB (nvidia-smi --query-gpu=memory.total).
+    #[arg(long, value_name = "MIB")]
+    pub vram: u64,
+    /// RAM llama-server may use, in MiB (the container's memory); unchecked when absent.
+    #[arg(long, value_name = "MIB")]
+    pub ram: Option<u64>,
+    /// Context length [default: 32768, or the model's training context if smaller]
+    #[arg(long, value_name = "N")]
+    pub ctx: Option<u64>,
+    /// KV cache type for K and V.
+    #[arg(long, value_enum, default_value_t = CacheTypeArg::Q8_0)]
+    pub cache_type: CacheTypeArg,
+    /// Micro-batch size (-ub); compute buffers grow with it.
+    #[arg(long, default_value_t = 512)]
+    pub ubatch: u64,
+    /// VRAM kept free for the CUDA context, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = plan::DEFAULT_RESERVE_MIB)]
+    pub reserve: u64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(_global: &GlobalArgs, args: ModelArgs) -> Result<Outcome> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let mut out = std::io::stdout().lock();
+    match args.command {
+        ModelCommand::Inspect(a) => {
+            let located = runtime.block_on(locate(&a.model))?;
+            let report = inspect_report(&a.model, &located)?;
+            if a.json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+            } else {
+                out.write_all(render_inspect(&report).as_bytes())?;
+            }
+        }
+        ModelCommand::Plan(a) => {
+            let located = runtime.block_on(locate(&a.model))?;
+            let shape = shape::from_header(&located.header)?;
+            let opts = Options {
+                ctx: a.ctx,
+                cache_type: match a.cache_type {
+                    CacheTypeArg::F16 => CacheType::F16,
+                    CacheTypeArg::Q8_0 => CacheType::Q8_0,
+                    CacheTypeArg::Q4_0 => CacheType::Q4_0,
+                },
+                ubatch: a.ubatch,
+                reserve_mib: a.reserve,
+            };
+            let hw = Hardware {
+                vram_mib: a.vram,
+                ram_mib: a.ram,
+            };
+            let p = plan::plan(&shape, &hw, &opts)?;
+            if a.json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&p)?)?;
+            } else {
+                out.write_all(render_plan(&p).as_bytes())?;
+            }
+        }
+        ModelCommand::Fetch(a) => {
+            let url = Source::parse_remote(&a.url)?;
+            let req = FetchRequest {
+                url,
+                sha256: a.sha256,
+                dest: a.dest,
+            };
+            let policy = RetryPolicy {
+                attempts: a.attempts,
+                ..RetryPolicy::default()
+            };
+            let client = http_client()?;
+            let progress: Box<dyn Progress> = if std::io::stderr().is_terminal() {
+                Box::new(BarProgress::new())
+            } else {
+                Box::new(LineProgress::default())
+            };
+            let outcome =
+                runtime.block_on(download::fetch(&client, &req, &policy, progress.as_ref()))?;
+            match outcome {
+                FetchOutcome::AlreadyPresent => writeln!(
+                    out,
+                    "{}: already present, sha256 verified",
+                    req.dest.display()
+                )?,
+                FetchOutcome::Downloaded {
+                    bytes,
+                    resumed_from,
+                    ..
+                } => writeln!(
+                    out,
+                    "{}: {bytes} bytes, sha256 verified{}",
+                    req.dest.display(),
+                    if resumed_from > 0 {
+                        format!(" (resumed from byte {resumed_from})")
+                    } else {
+                        String::new()
+                    }
+                )?,
+            }
+        }
+    }
+    Ok(Outcome::Success)
+}
+
+pub fn http_client() -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .user_agent(concat!("llmctl/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(Duration::from_secs(30))
+        .read_timeout(Duration::from_secs(120))
+        .build()
+        .context("cannot build the HTTP client")
+}
+
+/// Reads the header of a local file or a remote one (range requests).
+pub async fn locate(model: &str) -> Result<Located> {
+    match Source::parse(model)? {
+        Source::Local(path) => {
+            if !path.exists() {
+                anyhow::bail!(
+                    "{} does not exist; give a .gguf file, an http(s) URL, or hf:owner/repo/file.gguf",
+                    path.display()
+                );
+            }
+            source::read_local(&path)
+        }
+        Source::Remote(url) => source::read_remote(&http_client()?, &url).await,
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct InspectReport {
+    pub source: String,
+    pub gguf_version: u32,
+    pub architecture: String,
+    pub name: Option<String>,
+    pub layers: u32,
+    pub context_length: Option<u64>,
+    pub embedding_length: u64,
+    pub vocab_size: u64,
+    pub experts: Option<Experts>,
+    pub attention: Attention,
+    pub quantization: Vec<QuantUsage>,
+    pub sizes: Sizes,
+    pub chat_template: Option<template::TemplateCaps>,
+    pub tensor_count: u64,
+    pub metadata_count: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Experts {
+    pub count: u64,
+    pub used_per_token: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Attention {
+    pub heads: u64,
+    /// Distinct KV head counts across attention layers (more than one when it varies per layer).
+    pub kv_heads: Vec<u64>,
+    pub head_dim_k: Vec<u64>,
+    pub head_dim_v: Vec<u64>,
+    pub sliding_window: Option<u64>,
+    pub sliding_window_source: Option<String>,
+    pub layer_kinds: Vec<KindCount>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct KindCount {
+    pub kind: LayerKind,
+    pub layers: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct QuantUsage {
+    #[serde(rename = "type")]
+    pub ggml_type: String,
+    pub tensors: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Sizes {
+    pub total_bytes: u64,
+    pub layer_bytes: u64,
+    pub expert_bytes: u64,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+    /// Start of the data section and its size per the header (tensor sizes plus alignment padding).
+    pub data_offset: u64,
+    pub data_bytes: u64,
+    pub file_bytes: Option<u64>,
+    pub per_layer: Vec<LayerSize>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LayerSize {
+    pub index: u32,
+    pub kind: LayerKind,
+    pub weight_bytes: u64,
+    pub expert_bytes: u64,
+}
+
+fn distinct(values: impl Iterator<Item = u64>) -> Vec<u64> {
+    let mut v: Vec<u64> = values.collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+pub fn inspect_report(source: &str, located: &Located) -> Result<InspectReport> {
+    let h = &located.header;
+    let s: ModelShape = shape::from_header(h)?;
+    if let Some(size) = located.file_size
+        && size < h.min_file_size()
+    {
+        anyhow::bail!(
+            "{source} is truncated: its header describes {} bytes but the file has {size}; download it again",
+            h.min_file_size()
+        );
+    }
+    let attn = s
+        .layers
+        .iter()
+        .filter(|l| matches!(l.kind, LayerKind::FullAttention | LayerKind::SlidingWindow));
+    let kinds = [
+        LayerKind::FullAttention,
+        LayerKind::SlidingWindow,
+        LayerKind::Recurrent,
+        LayerKind::SharedKv,
+        LayerKind::Stateless,
+    ];
+    let mut quantization: Vec<QuantUsage> = s
+        .types
+        .iter()
+        .map(|(t, u)| QuantUsage {
+            ggml_type: t.clone(),
+            tensors: u.tensors,
+            bytes: u.bytes,
+        })
+        .collect();
+    quantization.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.ggml_type.cmp(&b.ggml_type)));
+    Ok(InspectReport {
+        source: source.to_string(),
+        gguf_version: h.version,
+        architecture: s.architecture.clone(),
+        name: s.name.clone(),
+        layers: s.n_layer,
+        context_length: s.context_length,
+        embedding_length: s.n_embd,
+        vocab_size: s.n_vocab,
+        experts: (s.expert_count > 0).then_some(Experts {
+            count: s.expert_count,
+            used_per_token: s.expert_used_count,
+        }),
+        attention: Attention {
+            heads: s.n_head,
+            kv_heads: distinct(attn.clone().map(|l| l.n_head_kv)),
+            head_dim_k: distinct(attn.clone().map(|l| l.head_dim_k)),
+            head_dim_v: distinct(attn.map(|l| l.head_dim_v)),
+            sliding_window: s.sliding_window,
+            sliding_window_source: s.sliding_window_source.clone(),
+            layer_kinds: kinds
+                .iter()
+                .map(|&k| KindCount {
+                    kind: k,
+                    layers: s.layers.iter().filter(|l| l.kind == k).count() as u64,
+                })
+                .filter(|k| k.layers > 0)
+                .collect(),
+        },
+        quantization,
+        sizes: Sizes {
+            total_bytes: s.total_bytes,
+            layer_bytes: s.layer_bytes(),
+            expert_bytes: s.expert_bytes(),
+            input_bytes: s.input_bytes,
+            output_bytes: s.output_bytes,
+            data_offset: h.data_offset,
+            data_bytes: h.data_size,
+            file_bytes: located.file_size,
+            per_layer: s
+                .layers
+                .iter()
+                .map(|l| LayerSize {
+                    index: l.index,
+                    kind: l.kind,
+                    weight_bytes: l.weight_bytes,
+                    expert_bytes: l.expert_bytes,
+                })
+                .collect(),
+        },
+        chat_template: s.template.clone(),
+        tensor_count: s.tensor_count,
+        metadata_count: h.metadata.len() as u64,
+    })
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut v = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+fn kind_name(k: LayerKind) -> &'static str {
+    match k {
+        LayerKind::FullAttention => "full attention",
+        LayerKind::SlidingWindow => "sliding window",
+        LayerKind::Recurrent => "recurrent",
+        LayerKind::SharedKv => "shared KV",
+        LayerKind::Stateless => "no attention",
+    }
+}
+
+fn list(v: &[u64]) -> String {
+    v.iter().map(u64::to_string).collect::<Vec<_>>().join("/")
+}
+
+pub fn render_inspect(r: &InspectReport) -> String {
+    let mut o = String::new();
+    let mut line = |k: &str, v: String| o.push_str(&format!("{k:<16} {v}\n"));
+    line(
+        "model",
+        r.name.clone().unwrap_or_else(|| "(unnamed)".into()),
+    );
+    line("source", r.source.clone());
+    line(
+        "architecture",
+        format!("{} (GGUF v{})", r.architecture, r.gguf_version),
+    );
+    line("layers", r.layers.to_string());
+    line(
+        "type",
+        match &r.experts {
+            Some(e) if e.count > 1 => format!(
+                "MoE: {} experts, {} used per token",
+                e.count, e.used_per_token
+            ),
+            _ => "dense".into(),
+        },
+    );
+    line(
+        "context",
+        r.context_length
+            .map_or("unknown".into(), |c| format!("{c} tokens (training)")),
+    );
+    line(
+        "embedding",
+        format!("{} (vocabulary {})", r.embedding_length, r.vocab_size),
+    );
+    let a = &r.attention;
+    line(
+        "attention",
+        format!(
+            "{} heads, {} KV heads, head dim K {} / V {}",
+            a.heads,
+            list(&a.kv_heads),
+            list(&a.head_dim_k),
+            list(&a.head_dim_v)
+        ),
+    );
+    line(
+        "layer kinds",
+        a.layer_kinds
+            .iter()
+            .map(|k| format!("{} {}", k.layers, kind_name(k.kind)))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    if let Some(src) = &a.sliding_window_source {
+        line("sliding window", src.clone());
+    }
+    line(
+        "quantization",
+        r.quantization
+            .iter()
+            .map(|q| format!("{} ×{} ({})", q.ggml_type, q.tensors, human(q.bytes)))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    let s = &r.sizes;
+    line(
+        "size",
+        format!(
+            "{} in {} tensors: layers {} (routed experts {}), input {}, output {}",
+            human(s.total_bytes),
+            r.tensor_count,
+            human(s.layer_bytes),
+            human(s.expert_bytes),
+            human(s.input_bytes),
+            human(s.output_bytes)
+        ),
+    );
+    line(
+        "chat template",
+        match &r.chat_template {
+            None => "none in the file".into(),
+            Some(t) => format!(
+                "tools: {}, thinking: {}{}",
+                if t.tools { "yes" } else { "no" },
+                if t.thinking { "yes" } else { "no" },
+                if t.evidence.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (uses {})", t.evidence.join(", "))
+                }
+            ),
+        },
+    );
+    o.push_str("per layer:\n");
+    // Consecutive layers that look the same are printed as one range.
+    let mut i = 0;
+    let layers = &s.per_layer;
+    while i < layers.len() {
+        let l = &layers[i];
+        let mut j = i;
+        while j + 1 < layers.len()
+            && layers[j + 1].kind == l.kind
+            && layers[j + 1].weight_bytes == l.weight_bytes
+            && layers[j + 1].expert_bytes == l.expert_bytes
+        {
+            j += 1;
+        }
+        let range = if i == j {
+            format!("blk.{i}")
+        } else {
+            format!("blk.{i}-{j}")
+        };
+        let experts = if l.expert_bytes > 0 {
+            format!(" + experts {}", human(l.expert_bytes))
+        } else {
+            String::new()
+        };
+        o.push_str(&format!(
+            "  {range:<12} {:<15} {}{experts}\n",
+            kind_name(l.kind),
+            human(l.weight_bytes)
+        ));
+        i = j + 1;
+    }
+    o
+}
+
+pub fn render_plan(p: &plan::Plan) -> String {
+    let mut o = format!(
+        "plan for {} ({} tokens of context, {} KV cache)\n",
+        p.model,
+        p.ctx,
+        p.cache_type.flag()
+    );
+    for r in &p.reasoning {
+        o.push_str(&format!("- {r}\n"));
+    }
+    o.push_str(&format!(
+        "llama-server flags: {}\n",
+        crate::shell::join(&p.flags)
+    ));
+    o
+}
+
+/// An indicatif bar, for a terminal.
+struct BarProgress {
+    bar: indicatif::ProgressBar,
+}
+
+impl BarProgress {
+    fn new() -> Self {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bytes}/{total_bytes} [{wide_bar}] {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        BarProgress { bar }
+    }
+}
+
+impl Progress for BarProgress {
+    fn begin(&self, total: Option<u64>, done: u64) {
+        if let Some(t) = total {
+            self.bar.set_length(t);
+        }
+        self.bar.set_position(done);
+    }
+    fn advance(&self, bytes: u64) {
+        self.bar.inc(bytes);
+    }
+    fn note(&self, message: &str) {
+        self.bar.println(message);
+    }
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// Plain lines every 10% (or 256 MiB when the size is unknown), for logs and pipes.
+#[derive(Default)]
+struct LineProgress {
+    state: Mutex<(Option<u64>, u64, u64)>,
+}
+
+impl Progress for LineProgress {
+    fn begin(&self, total: Option<u64>, done: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            *s = (total, done, done);
+        }
+    }
+    fn advance(&self, bytes: u64) {
+        let Ok(mut s) = self.state.lock() else { return };
+        let (total, done, last) = &mut *s;
+        *done += bytes;
+        let step = total.map_or(256 << 20, |t| (t / 10).max(1));
+        if *done - *last >= step {
+            *last = *done;
+            match total {
+                Some(t) => eprintln!(
+                    "downloaded {} of {} ({}%)",
+                    human(*done),
+                    human(*t),
+                    *done * 100 / *t.max(&mut 1)
+                ),
+                None => eprintln!("downloaded {}", human(*done)),
+            }
+        }
+    }
+    fn note(&self, message: &str) {
+        eprintln!("{message}");
+    }
+    fn finish(&self) {}
 }

@@ -1,0 +1,203 @@
+//! Offload plans for header-only models shaped like real ones, on 8 GB and 24 GB GPUs.
+
+#[path = "model_support.rs"]
+mod support;
+
+use llmctl::model::gguf;
+use llmctl::model::plan::{self, CacheType, Hardware, Options, PlanError, Strategy};
+use llmctl::model::shape::{self, ModelShape};
+use support::*;
+
+fn shape_of(w: GgufWriter) -> ModelShape {
+    shape::from_header(&gguf::read_header(&w.bytes()[..]).unwrap()).unwrap()
+}
+
+const MIB: u64 = 1 << 20;
+
+/// The guide's machine: RTX 2000 Ada laptop (8 GB; nvidia-smi reports 8188 MiB), 40 GB container.
+const GUIDE_GPU: Hardware = Hardware {
+    vram_mib: 8188,
+    ram_mib: Some(40000),
+};
+const GPU_24GB: Hardware = Hardware {
+    vram_mib: 24564,
+    ram_mib: Some(40000),
+};
+
+/// The guide's llama-server settings: 32K context, q4_0 cache.
+fn guide_options() -> Options {
+    Options {
+        ctx: Some(32768),
+        cache_type: CacheType::Q4_0,
+        ..Options::default()
+    }
+}
+
+#[test]
+fn gemma4_26b_on_8gb_keeps_experts_in_ram_and_beats_ngl_12() {
+    let s = shape_of(gemma4_26b_a4b());
+    let p = plan::plan(&s, &GUIDE_GPU, &guide_options()).unwrap();
+    let Strategy::ExpertsOnCpu { n_cpu_moe } = p.chosen.strategy else {
+        panic!("expected experts on the CPU, got {:?}", p.chosen.strategy);
+    };
+    assert!(n_cpu_moe < s.n_layer, "some experts fit on the GPU");
+    assert!(p.chosen.vram.total() <= GUIDE_GPU.vram_mib * MIB);
+    // One more layer's experts on the GPU would not fit: n_cpu_moe is the smallest that does.
+    let tighter = plan::evaluate(&s, &guide_options(), 32768, s.n_layer + 1, n_cpu_moe - 1);
+    assert!(!plan::fits_hardware(&tighter, &GUIDE_GPU));
+    // The guide's hand-picked 12 layers: it reads more from RAM per token than the plan.
+    let guide = plan::evaluate(&s, &guide_options(), 32768, 13, 0);
+    assert!(
+        p.chosen.ram_bytes_per_token * 2 < guide.ram_bytes_per_token,
+        "plan {} vs -ngl 12 {}",
+        p.chosen.ram_bytes_per_token,
+        guide.ram_bytes_per_token
+    );
+    assert!(p.flags.windows(2).any(|f| f[0] == "--n-cpu-moe"));
+    insta::assert_snapshot!("gemma4_26b_a4b_8gb", llmctl::model::render_plan(&p));
+}
+
+#[test]
+fn gemma4_26b_on_24gb_fits_entirely() {
+    let s = shape_of(gemma4_26b_a4b());
+    let p = plan::plan(&s, &GPU_24GB, &guide_options()).unwrap();
+    assert_eq!(p.chosen.strategy, Strategy::AllOnGpu);
+    assert_eq!(p.chosen.ram_bytes_per_token, 0);
+    insta::assert_snapshot!("gemma4_26b_a4b_24gb", llmctl::model::render_plan(&p));
+}
+
+#[test]
+fn qwen36_35b_a3b_on_8gb_and_24gb() {
+    let s = shape_of(qwen36_35b_a3b());
+    let small = plan::plan(&s, &GUIDE_GPU, &Options::default()).unwrap();
+    let Strategy::ExpertsOnCpu { n_cpu_moe } = small.chosen.strategy else {
+        panic!("{:?}", small.chosen.strategy);
+    };
+    let alt = small
+        .alternative
+        .as_ref()
+        .expect("partial -ngl was the other option");
+    assert!(small.chosen.ram_bytes_per_token < alt.ram_bytes_per_token);
+    let tighter = plan::evaluate(&s, &Options::default(), 32768, s.n_layer + 1, n_cpu_moe - 1);
+    assert!(!plan::fits_hardware(&tighter, &GUIDE_GPU));
+    // ~21 GB at Q4_K_M: a 24 GB card holds all of it.
+    let big = plan::plan(&s, &GPU_24GB, &Options::default()).unwrap();
+    assert_eq!(big.chosen.strategy, Strategy::AllOnGpu);
+    insta::assert_snapshot!("qwen36_35b_a3b_8gb", llmctl::model::render_plan(&small));
+    insta::assert_snapshot!("qwen36_35b_a3b_24gb", llmctl::model::render_plan(&big));
+}
+
+#[test]
+fn qwen36_27b_dense_takes_the_largest_ngl() {
+    let s = shape_of(qwen36_27b());
+    let small = plan::plan(&s, &GUIDE_GPU, &Options::default()).unwrap();
+    assert!(matches!(
+        small.chosen.strategy,
+        Strategy::PartialLayers { .. }
+    ));
+    assert!(
+        small.alternative.is_none(),
+        "a dense model has no expert placement"
+    );
+    let one_more = plan::evaluate(&s, &Options::default(), 32768, small.chosen.ngl + 1, 0);
+    assert!(
+        !plan::fits_hardware(&one_more, &GUIDE_GPU),
+        "-ngl is the largest that fits"
+    );
+    // ~16 GB at Q4_K_M: a 24 GB card holds all of it.
+    let big = plan::plan(&s, &GPU_24GB, &Options::default()).unwrap();
+    assert_eq!(big.chosen.strategy, Strategy::AllOnGpu);
+    insta::assert_snapshot!("qwen36_27b_8gb", llmctl::model::render_plan(&small));
+    insta::assert_snapshot!("qwen36_27b_24gb", llmctl::model::render_plan(&big));
+}
+
+#[test]
+fn sliding_window_layers_only_cache_their_window() {
+    let s = shape_of(gemma4_26b_a4b());
+    let opts = Options {
+        cache_type: CacheType::F16,
+        ..guide_options()
+    };
+    let p = plan::evaluate(&s, &opts, 32768, 31, 30);
+    // 25 sliding layers × pad256(1024 + 512) cells × 8 heads × (256 + 256) × 2 bytes
+    // + 5 full layers × 32768 cells × 2 heads × (512 + 512) × 2 bytes.
+    let expected = 25 * 1536 * 8 * 512 * 2 + 5 * 32768 * 2 * 1024 * 2;
+    assert_eq!(p.vram.kv_cache, expected);
+}
+
+#[test]
+fn a_context_that_fits_nowhere_is_refused() {
+    let s = shape_of(qwen36_27b());
+    // ~16 GB of weights against 8000 MiB of RAM + ~7.5 GiB of usable VRAM.
+    let hw = Hardware {
+        vram_mib: 8188,
+        ram_mib: Some(8000),
+    };
+    let err = plan::plan(&s, &hw, &Options::default()).unwrap_err();
+    let PlanError::DoesNotFit { advice, .. } = &err else {
+        panic!("{err:?}");
+    };
+    assert!(
+        advice.contains("smaller quantization") || advice.contains("--ctx"),
+        "{err}"
+    );
+
+    // The full 262144-token context at f16 on top of ~21 GB of weights does not fit in 20000 MiB + 8 GB.
+    let s = shape_of(qwen36_35b_a3b());
+    let hw = Hardware {
+        vram_mib: 8188,
+        ram_mib: Some(20000),
+    };
+    let opts = Options {
+        ctx: Some(262144),
+        cache_type: CacheType::F16,
+        ..Options::default()
+    };
+    let msg = plan::plan(&s, &hw, &opts).unwrap_err().to_string();
+    assert!(
+        msg.contains("does not fit") && msg.contains("--ctx"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn bad_inputs_are_explained() {
+    let s = shape_of(qwen36_27b());
+    let e = plan::plan(
+        &s,
+        &Hardware {
+            vram_mib: 0,
+            ram_mib: None,
+        },
+        &Options::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("nvidia-smi"));
+    let e = plan::plan(
+        &s,
+        &GUIDE_GPU,
+        &Options {
+            ctx: Some(0),
+            ..Options::default()
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("--ctx"));
+}
+
+#[test]
+fn plan_on_the_real_smollm2_fits_entirely() {
+    let located = llmctl::model::source::read_local(&smollm2_path()).unwrap();
+    let s = shape::from_header(&located.header).unwrap();
+    let p = plan::plan(&s, &GUIDE_GPU, &Options::default()).unwrap();
+    assert_eq!(p.chosen.strategy, Strategy::AllOnGpu);
+    // The default context is the model's training context when that is smaller than 32768.
+    assert_eq!(p.ctx, 8192);
+    assert_eq!(
+        p.flags,
+        [
+            "-ngl", "31", "-c", "8192", "-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on", "-ub", "512",
+            "-np", "1"
+        ]
+    );
+}
