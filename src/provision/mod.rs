@@ -1,6 +1,7 @@
 //! `llmctl provision` and `llmctl init`: the whole stack on a Proxmox host, idempotently, with a plan.
 
 pub mod config;
+pub mod diff;
 pub mod units;
 
 use std::io::Write;
