@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod diff;
+pub mod step;
 pub mod units;
 
 use std::io::Write;
