@@ -1,0 +1,252 @@
+//! The provisioning model: each step answers a read-only `check` (done, or the exact changes it would make),
+//! `apply`s those changes, and is checked again afterwards to prove it converged. The runner re-checks every step
+//! right before applying it, because an earlier step (or a person) may have changed the host since the plan was shown.
+
+use std::fmt;
+
+use anyhow::{Result, bail};
+
+use crate::transport::Cmd;
+
+/// Where an action happens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Host,
+    Container(u32),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Host => write!(f, "host"),
+            Target::Container(vmid) => write!(f, "CT {vmid}"),
+        }
+    }
+}
+
+/// One change a step would make, shown by `--plan` exactly as it will be applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Run {
+        on: Target,
+        cmd: Cmd,
+    },
+    WriteFile {
+        on: Target,
+        path: String,
+        /// The current content (None: the file does not exist yet), for the diff.
+        old: Option<String>,
+        new: String,
+        mode: u32,
+    },
+}
+
+impl Action {
+    /// The plan's text for this action: a command line, or a unified diff of the file.
+    pub fn render(&self) -> String {
+        match self {
+            Action::Run { on, cmd } => format!("[{on}] $ {}", crate::shell::join(&cmd.argv)),
+            Action::WriteFile {
+                on,
+                path,
+                old,
+                new,
+                mode,
+            } => {
+                let header = format!(
+                    "[{on}] write {path} (mode {mode:04o}{})",
+                    if old.is_none() { ", new file" } else { "" }
+                );
+                let diff = super::diff::unified(path, old.as_deref().unwrap_or(""), new, 3);
+                format!("{header}\n{}", diff.trim_end())
+            }
+        }
+    }
+}
+
+/// What a read-only check found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// Nothing to do; the evidence says why.
+    Done(String),
+    /// These actions would bring the step to its goal.
+    Changes(Vec<Action>),
+    /// Automation would be unsafe or impossible; the reason says what a person must do.
+    Refused(String),
+}
+
+/// A unit of provisioning. Implementations keep `check` free of side effects.
+pub trait Step<C> {
+    /// Stable id, for `--only` and messages: `host.driver`, `ct.devices`, ...
+    fn id(&self) -> &'static str;
+    fn title(&self) -> &'static str;
+    fn check(&self, ctx: &mut C) -> Result<Check>;
+    fn apply(&self, ctx: &mut C, actions: &[Action]) -> Result<()>;
+}
+
+/// What happened to one step in a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepOutcome {
+    AlreadyDone(String),
+    Planned(Vec<Action>),
+    Applied(Vec<Action>),
+    Refused(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Check every step and show what would change; change nothing.
+    Plan,
+    /// Check, then apply and verify each step in turn.
+    Apply,
+}
+
+/// Runs `steps` in order. A refused step stops the run (later steps depend on earlier ones); a step that is still
+/// not done after its apply is an error naming it, so a run never reports success on a host that did not converge.
+pub fn run<C>(
+    steps: &[&dyn Step<C>],
+    ctx: &mut C,
+    mode: Mode,
+    mut report: impl FnMut(&dyn Step<C>, &StepOutcome),
+) -> Result<Vec<StepOutcome>> {
+    let mut outcomes = Vec::with_capacity(steps.len());
+    for step in steps {
+        let outcome = match step.check(ctx)? {
+            Check::Done(why) => StepOutcome::AlreadyDone(why),
+            Check::Refused(why) => StepOutcome::Refused(why),
+            Check::Changes(actions) if mode == Mode::Plan => StepOutcome::Planned(actions),
+            Check::Changes(actions) => {
+                step.apply(ctx, &actions)?;
+                match step.check(ctx)? {
+                    Check::Done(_) => StepOutcome::Applied(actions),
+                    Check::Changes(left) => bail!(
+                        "step {} did not converge: after applying it, it still wants to: {}",
+                        step.id(),
+                        left.iter()
+                            .map(Action::render)
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    ),
+                    Check::Refused(why) => {
+                        bail!("step {} failed its check after applying: {why}", step.id())
+                    }
+                }
+            }
+        };
+        report(*step, &outcome);
+        let refused = matches!(outcome, StepOutcome::Refused(_));
+        outcomes.push(outcome);
+        if refused {
+            break;
+        }
+    }
+    Ok(outcomes)
+}
+
+/// How many steps changed (or, in plan mode, would change) something.
+pub fn changes(outcomes: &[StepOutcome]) -> usize {
+    outcomes
+        .iter()
+        .filter(|o| matches!(o, StepOutcome::Planned(_) | StepOutcome::Applied(_)))
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A step whose goal is `ctx.value == target`.
+    struct SetValue {
+        target: u32,
+        /// Simulates a broken apply that does not reach the goal.
+        broken: bool,
+    }
+
+    struct Ctx {
+        value: u32,
+        applies: u32,
+    }
+
+    impl Step<Ctx> for SetValue {
+        fn id(&self) -> &'static str {
+            "test.value"
+        }
+        fn title(&self) -> &'static str {
+            "value set"
+        }
+        fn check(&self, ctx: &mut Ctx) -> Result<Check> {
+            Ok(if ctx.value == self.target {
+                Check::Done(format!("value is {}", ctx.value))
+            } else {
+                Check::Changes(vec![Action::Run {
+                    on: Target::Host,
+                    cmd: Cmd::new(["set-value", &self.target.to_string()]),
+                }])
+            })
+        }
+        fn apply(&self, ctx: &mut Ctx, _actions: &[Action]) -> Result<()> {
+            ctx.applies += 1;
+            if !self.broken {
+                ctx.value = self.target;
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn plan_changes_nothing_apply_converges_and_a_second_run_is_a_no_op() {
+        let step = SetValue {
+            target: 7,
+            broken: false,
+        };
+        let mut ctx = Ctx {
+            value: 1,
+            applies: 0,
+        };
+        let planned = run(&[&step], &mut ctx, Mode::Plan, |_, _| {}).unwrap();
+        assert!(matches!(&planned[0], StepOutcome::Planned(a) if a.len() == 1));
+        assert_eq!((ctx.value, ctx.applies), (1, 0));
+
+        let applied = run(&[&step], &mut ctx, Mode::Apply, |_, _| {}).unwrap();
+        assert_eq!(changes(&applied), 1);
+        assert_eq!((ctx.value, ctx.applies), (7, 1));
+
+        let again = run(&[&step], &mut ctx, Mode::Apply, |_, _| {}).unwrap();
+        assert_eq!(changes(&again), 0);
+        assert_eq!(ctx.applies, 1);
+    }
+
+    #[test]
+    fn a_step_that_does_not_converge_is_an_error() {
+        let step = SetValue {
+            target: 7,
+            broken: true,
+        };
+        let mut ctx = Ctx {
+            value: 1,
+            applies: 0,
+        };
+        let err = run(&[&step], &mut ctx, Mode::Apply, |_, _| {})
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("test.value did not converge") && err.contains("set-value 7"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn file_actions_render_as_diffs() {
+        let a = Action::WriteFile {
+            on: Target::Container(103),
+            path: "/etc/x.conf".into(),
+            old: Some("a\n".into()),
+            new: "a\nb\n".into(),
+            mode: 0o644,
+        };
+        assert_eq!(
+            a.render(),
+            "[CT 103] write /etc/x.conf (mode 0644)\n--- /etc/x.conf\n+++ /etc/x.conf (planned)\n@@ -1 +1,2 @@\n a\n+b"
+        );
+    }
+}

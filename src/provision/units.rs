@@ -1,0 +1,213 @@
+//! The two systemd units provision installs in the container, rendered with tera from `templates/`.
+//! The templates are compiled into the binary so an installed llmctl renders exactly what it was tested with.
+
+use anyhow::{Context, Result};
+use tera::Tera;
+
+use super::config::{GpuLayers, ProvisionConfig};
+
+const LLAMA_SERVER_UNIT: &str = include_str!("../../templates/llama-server.service");
+const PROXY_UNIT: &str = include_str!("../../templates/llmctl-proxy.service");
+
+pub const LLAMA_SERVER_UNIT_PATH: &str = "/etc/systemd/system/llama-server.service";
+pub const PROXY_UNIT_PATH: &str = "/etc/systemd/system/llmctl-proxy.service";
+/// Where provision installs the llmctl binary inside the container.
+pub const LLMCTL_BIN: &str = "/usr/local/bin/llmctl";
+
+/// Offload decided for llama-server: from `[server]` directly, or from the planner when `gpu_layers = "auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offload {
+    pub gpu_layers: GpuLayersArg,
+    pub n_cpu_moe: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuLayersArg {
+    /// llama-server's own `auto` (its `--fit` logic).
+    Auto,
+    Count(u32),
+}
+
+impl Offload {
+    /// The offload `[server]` asks for, without a plan: `auto` stays llama-server's own `auto`.
+    pub fn from_config(cfg: &ProvisionConfig) -> Self {
+        Offload {
+            gpu_layers: match cfg.server.gpu_layers {
+                GpuLayers::Auto => GpuLayersArg::Auto,
+                GpuLayers::Count(n) => GpuLayersArg::Count(n),
+            },
+            n_cpu_moe: cfg.server.n_cpu_moe,
+        }
+    }
+}
+
+/// llama-server's argv, from `[server]`, `[model]` and the offload. Pure: the plan shows it, the unit runs it.
+pub fn llama_server_argv(cfg: &ProvisionConfig, offload: Offload) -> Vec<String> {
+    let s = &cfg.server;
+    let bin = format!(
+        "{}/build/bin/llama-server",
+        cfg.llama_cpp.install_dir.trim_end_matches('/')
+    );
+    let mut argv: Vec<String> = vec![bin, "-m".into(), cfg.model.dest.clone()];
+    let mut push = |flag: &str, value: String| {
+        argv.push(flag.to_string());
+        argv.push(value);
+    };
+    push("--host", s.host.clone());
+    push("--port", s.port.to_string());
+    push("-c", s.context.to_string());
+    push("--batch-size", s.batch.to_string());
+    push("--ubatch-size", s.ubatch.to_string());
+    push("--cache-type-k", s.cache_type_k.clone());
+    push("--cache-type-v", s.cache_type_v.clone());
+    push("-fa", s.flash_attn.clone());
+    if let Some(t) = s.threads {
+        push("-t", t.to_string());
+    }
+    push(
+        "-ngl",
+        match offload.gpu_layers {
+            GpuLayersArg::Auto => "auto".to_string(),
+            GpuLayersArg::Count(n) => n.to_string(),
+        },
+    );
+    if let Some(n) = offload.n_cpu_moe {
+        push("--n-cpu-moe", n.to_string());
+    }
+    push("--reasoning", s.reasoning.clone());
+    // Claude Code sends tools; llama.cpp parses tool calls only with its Jinja chat templates.
+    argv.push("--jinja".into());
+    if !s.mmap {
+        argv.push("--no-mmap".into());
+    }
+    argv.extend(s.extra_args.iter().cloned());
+    argv
+}
+
+/// `llmctl serve-proxy`'s argv. The API key is not in it: the unit passes a credential file.
+pub fn proxy_argv(cfg: &ProvisionConfig) -> Vec<String> {
+    let mut argv = vec![
+        LLMCTL_BIN.to_string(),
+        "serve-proxy".into(),
+        "--listen".into(),
+        cfg.proxy.listen.clone(),
+        "--upstream".into(),
+        format!("http://127.0.0.1:{}", cfg.server.port),
+    ];
+    if cfg.proxy.api_key_file.is_some() {
+        argv.push("--api-key-file".into());
+        // Expanded by systemd at start: the private copy LoadCredential= made of the key file.
+        argv.push("${CREDENTIALS_DIRECTORY}/proxy-api-key".into());
+    }
+    argv
+}
+
+/// Quotes argv for an `ExecStart=` line. systemd splits on whitespace, honours double quotes and C escapes, and
+/// expands `%` specifiers: so every argument is double-quoted when needed, `\` and `"` escaped, `%` doubled.
+/// `${VAR}` is left for systemd to expand on purpose (credentials directory).
+pub fn systemd_exec_line(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| {
+            let escaped = a
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('%', "%%");
+            let plain = !escaped.is_empty()
+                && escaped
+                    .bytes()
+                    .all(|b| !b.is_ascii_whitespace() && b != b'\'' && b != b'"');
+            if plain {
+                escaped
+            } else {
+                format!("\"{escaped}\"")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn render(name: &str, template: &str, ctx: &tera::Context) -> Result<String> {
+    let mut tera = Tera::default();
+    tera.add_raw_template(name, template)
+        .with_context(|| format!("template {name} does not parse"))?;
+    tera.render(name, ctx)
+        .with_context(|| format!("cannot render {name}"))
+}
+
+pub fn render_llama_server_unit(
+    cfg: &ProvisionConfig,
+    offload: Offload,
+    config_path: &str,
+) -> Result<String> {
+    let mut ctx = tera::Context::new();
+    ctx.insert("config_path", config_path);
+    ctx.insert(
+        "model_file",
+        cfg.model.dest.rsplit('/').next().unwrap_or(&cfg.model.dest),
+    );
+    ctx.insert(
+        "exec_start",
+        &systemd_exec_line(&llama_server_argv(cfg, offload)),
+    );
+    render("llama-server.service", LLAMA_SERVER_UNIT, &ctx)
+}
+
+pub fn render_proxy_unit(cfg: &ProvisionConfig, config_path: &str) -> Result<String> {
+    let mut ctx = tera::Context::new();
+    ctx.insert("config_path", config_path);
+    ctx.insert("exec_start", &systemd_exec_line(&proxy_argv(cfg)));
+    ctx.insert("api_key_file", &cfg.proxy.api_key_file);
+    render("llmctl-proxy.service", PROXY_UNIT, &ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConfigFile;
+
+    fn guide_config() -> ProvisionConfig {
+        let text = include_str!("../../templates/llmctl.toml");
+        ProvisionConfig::from_file(&ConfigFile::parse(text, None).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn llama_server_unit_matches_the_guide() {
+        let cfg = guide_config();
+        let offload = Offload {
+            gpu_layers: GpuLayersArg::Count(30),
+            n_cpu_moe: Some(18),
+        };
+        insta::assert_snapshot!(
+            render_llama_server_unit(&cfg, offload, "/root/llmctl.toml").unwrap()
+        );
+    }
+
+    #[test]
+    fn proxy_unit_keeps_the_key_out_of_argv() {
+        let cfg = guide_config();
+        let unit = render_proxy_unit(&cfg, "/root/llmctl.toml").unwrap();
+        insta::assert_snapshot!(unit);
+        assert!(unit.contains("LoadCredential=proxy-api-key:/etc/llmctl/proxy-api-key"));
+    }
+
+    #[test]
+    fn exec_line_quotes_what_systemd_would_split_or_expand() {
+        let argv: Vec<String> = ["/bin/x", "a b", "50%", "say \"hi\"", "plain", "c:\\d"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            systemd_exec_line(&argv),
+            r#"/bin/x "a b" 50%% "say \"hi\"" plain c:\\d"#
+        );
+    }
+
+    #[test]
+    fn auto_offload_is_passed_as_auto() {
+        let cfg = guide_config();
+        let argv = llama_server_argv(&cfg, Offload::from_config(&cfg));
+        let i = argv.iter().position(|a| a == "-ngl").unwrap();
+        assert_eq!(argv[i + 1], "auto");
+        assert!(!argv.contains(&"--n-cpu-moe".to_string()));
+    }
+}
