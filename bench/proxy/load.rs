@@ -49,8 +49,8 @@ impl Endpoint {
         hyper::Request::post(self.path())
             .header("host", self.addr.to_string())
             .header("content-type", "application/json")
-            .header("x-api-key", "sk-bench")
-            .header("authorization", "Bearer sk-bench")
+            .header("x-api-key", crate::env::API_KEY)
+            .header("authorization", format!("Bearer {}", crate::env::API_KEY))
             .header("anthropic-version", "2023-06-01")
             .body(Full::new(body))
             .expect("static request parts are valid")
@@ -360,8 +360,8 @@ pub async fn post_json(
     let req = hyper::Request::post(path)
         .header("host", addr.to_string())
         .header("content-type", "application/json")
-        .header("x-api-key", "sk-bench")
-        .header("authorization", "Bearer sk-bench")
+        .header("x-api-key", crate::env::API_KEY)
+        .header("authorization", format!("Bearer {}", crate::env::API_KEY))
         .header("anthropic-version", "2023-06-01")
         .body(Full::new(Bytes::from(serde_json::to_vec(body)?)))?;
     let resp = conn.send(req).await?;

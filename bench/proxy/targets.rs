@@ -38,12 +38,11 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        // The group is ours: it was created by process_group(0) at spawn.
-        let pgid = self.child.id();
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(format!("-{pgid}"))
-            .status();
+        // The group is ours: process_group(0) at spawn made the child its leader. Signalled through libc,
+        // not the `kill` program, whose parsing of a negative pid differs between implementations.
+        let pgid = -(self.child.id() as libc::pid_t);
+        // SAFETY: kill(2) with a negative pid signals only that process group; no memory is involved.
+        unsafe { libc::kill(pgid, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if matches!(self.child.try_wait(), Ok(Some(_))) {
@@ -51,10 +50,8 @@ impl Drop for Proc {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = Command::new("kill")
-            .arg("-KILL")
-            .arg(format!("-{pgid}"))
-            .status();
+        // SAFETY: as above.
+        unsafe { libc::kill(pgid, libc::SIGKILL) };
         let _ = self.child.wait();
     }
 }
@@ -166,7 +163,8 @@ pub fn llmctl(bin: &Path, port: u16, upstream: SocketAddr) -> Result<Proc> {
 pub fn litellm(bin: &Path, version: &str, port: u16, upstream: SocketAddr) -> Result<Proc> {
     let dir = tempfile::tempdir()?;
     let config = format!(
-        "model_list:\n  - model_name: bench\n    litellm_params:\n      model: openai/bench\n      api_base: http://{upstream}/v1\n      api_key: sk-bench\nlitellm_settings:\n  drop_params: true\n  telemetry: false\n"
+        "model_list:\n  - model_name: bench\n    litellm_params:\n      model: openai/bench\n      api_base: http://{upstream}/v1\n      api_key: {key}\nlitellm_settings:\n  drop_params: true\n  telemetry: false\n",
+        key = crate::env::API_KEY
     );
     std::fs::write(dir.path().join("config.yaml"), config)?;
     let mut cmd = Command::new(bin);
@@ -214,7 +212,7 @@ pub fn ccr(bin: &Path, version: &str, port: u16, upstream: SocketAddr) -> Result
         "Providers": [{
             "name": "bench",
             "api_base_url": format!("http://{upstream}/v1/chat/completions"),
-            "api_key": "sk-bench",
+            "api_key": crate::env::API_KEY,
             "models": ["bench"]
         }],
         "Router": {"default": "bench,bench"}
