@@ -2,8 +2,9 @@
 # The one command behind docs/performance.md: installs the peers (bench/peers.sh) and the real test stack
 # (scripts/test-stack.sh), builds the proxy benchmark, then runs it inside a private network namespace with
 # only loopback, so that no peer (LiteLLM fetches a price list, claude-code-router checks for updates) can send
-# anything off the machine. Its own PID namespace also confines every signal the bench sends to what it started. Set LLMCTL_BIN to an llmctl binary to include llmctl; BENCH_SECS, BENCH_ONLY as
-# described in bench/proxy/main.rs.
+# anything off the machine; and in its own PID namespace, so every signal the bench sends stays among the
+# processes it started. Set LLMCTL_BIN to an llmctl binary to include llmctl (its serve-proxy arguments in
+# LLMCTL_PROXY_ARGS); BENCH_SECS, BENCH_ONLY, BENCH_OUT as described in bench/proxy/main.rs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(bash bench/peers.sh)"

@@ -175,7 +175,14 @@ pub async fn nonstream(ep: &Endpoint, conns: usize, rate: Option<f64>, dur: Dura
                         if at >= end {
                             break;
                         }
-                        tokio::time::sleep_until(at.into()).await;
+                        // tokio's timer wakes up to ~1 ms late, and that lateness would be charged to the
+                        // request: sleep to just before the slot, then yield until it.
+                        if let Some(early) = at.checked_sub(Duration::from_millis(1)) {
+                            tokio::time::sleep_until(early.into()).await;
+                        }
+                        while Instant::now() < at {
+                            tokio::task::yield_now().await;
+                        }
                         at
                     }
                     None => {

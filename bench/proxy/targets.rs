@@ -182,6 +182,8 @@ pub fn litellm(bin: &Path, version: &str, port: u16, upstream: SocketAddr) -> Re
     .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     .env("LITELLM_TELEMETRY", "False")
     .env("LITELLM_LOG", "ERROR")
+    // It refuses to start without a master key; given through the environment, never argv.
+    .env("LITELLM_MASTER_KEY", crate::env::API_KEY)
     .env("HOME", dir.path());
     let (child, log) = spawn(cmd, dir.path())?;
     Ok(Proc {
