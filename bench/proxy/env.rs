@@ -1,0 +1,25 @@
+//! Ports (the bench's range is 18400-18499) and environment lookups shared by the sections.
+
+use std::path::PathBuf;
+
+pub const UPSTREAM_ROLE_ENV: &str = "LLMCTL_BENCH_UPSTREAM_ADDR";
+
+/// The key every endpoint is given and every request carries (LiteLLM demands a strong master key).
+pub const API_KEY: &str = "sk-bench-4f6c2a9e8b1d7035c4e2a18f9b6d0c37";
+
+pub const PORT_UPSTREAM: u16 = 18400;
+pub const PORT_LLMCTL: u16 = 18410;
+pub const PORT_LITELLM: u16 = 18420;
+pub const PORT_CCR: u16 = 18430;
+pub const PORT_LLAMA: u16 = 18450;
+pub const PORT_LLMCTL_LLAMA: u16 = 18451;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn env_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}

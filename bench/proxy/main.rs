@@ -1,0 +1,305 @@
+//! `cargo bench --bench proxy` (or `bash bench/run.sh`, which also installs the peers): llmctl's proxy measured
+//! side by side with direct access, LiteLLM and claude-code-router on an instant upstream that replays recorded
+//! llama-server responses, plus llama.cpp's native /v1/messages and prompt-cache reuse on a real llama-server.
+//! Prints a markdown report and writes it to docs/performance.md. Nothing here asserts on time.
+//!
+//! Environment: LLMCTL_BIN (llmctl binary; its serve-proxy arguments in LLMCTL_PROXY_ARGS), BENCH_LITELLM_BIN /
+//! BENCH_CCR_BIN (+ _VERSION) from bench/peers.sh, LLMCTL_LLAMA_SERVER / LLMCTL_TEST_MODEL / LLMCTL_LLAMA_TEMPLATES
+//! from scripts/test-stack.sh, BENCH_SECS (seconds per measurement, default 5), BENCH_ONLY (comma list of
+//! sections: proxies, native, cache), BENCH_OUT (report path, default docs/performance.md).
+
+// Cargo builds a harness-less bench with cfg(test) on: the modules' unit tests compile here without running;
+// they run through the `bench_units` test target (bench/proxy/units.rs).
+#![cfg_attr(test, allow(unused_imports))]
+
+mod cache;
+mod env;
+mod load;
+mod native;
+mod report;
+mod stats;
+mod suite;
+mod targets;
+mod upstream;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use report::Column;
+
+use env::{PORT_CCR, PORT_LITELLM, PORT_LLMCTL, PORT_UPSTREAM};
+pub use env::{PORT_LLAMA, PORT_LLMCTL_LLAMA, UPSTREAM_ROLE_ENV, env_path};
+
+fn main() -> ExitCode {
+    // The bench binary is also the instant upstream: it re-executes itself in that role.
+    if let Ok(addr) = std::env::var(UPSTREAM_ROLE_ENV) {
+        return match addr
+            .parse()
+            .map_err(anyhow::Error::from)
+            .and_then(|a| upstream::serve(a, &env::root().join("bench/recorded")))
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bench upstream: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn wanted(section: &str) -> bool {
+    std::env::var("BENCH_ONLY").map_or(true, |v| v.split(',').any(|s| s.trim() == section))
+}
+
+async fn measure(p: Result<targets::Proc>, ready_timeout: Duration, s: &suite::Settings) -> Column {
+    let mut p = match p {
+        Ok(p) => p,
+        Err(e) => {
+            return Column {
+                name: "?".into(),
+                version: String::new(),
+                result: Err(format!("{e:#}")),
+            };
+        }
+    };
+    eprintln!("starting {} {}", p.name, p.version);
+    let result = match targets::wait_ready(&mut p, ready_timeout).await {
+        Ok(()) => Ok(suite::run(&p, s, true).await),
+        Err(e) => Err(format!("{e:#}")),
+    };
+    Column {
+        name: p.name.clone(),
+        version: p.version.clone(),
+        result,
+    }
+}
+
+fn not_measured(name: &str, why: &str) -> Column {
+    Column {
+        name: name.into(),
+        version: String::new(),
+        result: Err(why.into()),
+    }
+}
+
+async fn run() -> Result<()> {
+    let secs: f64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5.0);
+    let settings = suite::Settings {
+        secs,
+        rates: vec![100.0, 500.0],
+        fast_chunks: 256,
+        paced_chunks: 200,
+        pace_us: 1000,
+    };
+    let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut doc = String::new();
+
+    if wanted("proxies") {
+        let mut up = targets::upstream(PORT_UPSTREAM)?;
+        let up_addr = up.endpoint.addr;
+        let mut cols = vec![];
+        eprintln!("measuring direct access to the instant upstream");
+        targets::wait_ready(&mut up, Duration::from_secs(10)).await?;
+        cols.push(Column {
+            name: up.name.clone(),
+            version: up.version.clone(),
+            result: Ok(suite::run(&up, &settings, false).await),
+        });
+
+        cols.push(match env_path("LLMCTL_BIN") {
+            Some(bin) => {
+                measure(
+                    targets::llmctl(&bin, PORT_LLMCTL, up_addr),
+                    Duration::from_secs(20),
+                    &settings,
+                )
+                .await
+            }
+            None => not_measured(
+                "llmctl serve-proxy",
+                "LLMCTL_BIN is not set (path to an llmctl binary built with serve-proxy)",
+            ),
+        });
+        cols.push(match env_path("BENCH_LITELLM_BIN") {
+            Some(bin) => {
+                let v = std::env::var("BENCH_LITELLM_VERSION").unwrap_or_default();
+                measure(
+                    targets::litellm(&bin, &v, PORT_LITELLM, up_addr),
+                    Duration::from_secs(180),
+                    &settings,
+                )
+                .await
+            }
+            None => not_measured(
+                "LiteLLM",
+                "BENCH_LITELLM_BIN is not set (bench/peers.sh could not install it)",
+            ),
+        });
+        cols.push(match env_path("BENCH_CCR_BIN") {
+            Some(bin) => {
+                let v = std::env::var("BENCH_CCR_VERSION").unwrap_or_default();
+                measure(
+                    targets::ccr(&bin, &v, PORT_CCR, up_addr),
+                    Duration::from_secs(60),
+                    &settings,
+                )
+                .await
+            }
+            None => not_measured(
+                "claude-code-router",
+                "BENCH_CCR_BIN is not set (bench/peers.sh could not install it)",
+            ),
+        });
+        drop(up);
+
+        doc.push_str("## Through each proxy, against the instant upstream\n\n");
+        doc.push_str(&report::table(&cols));
+        let by = |n: &str| {
+            cols.iter()
+                .find(|c| c.name.starts_with(n))
+                .and_then(|c| c.result.as_ref().ok())
+        };
+        if let (Some(l), Some(d)) = (by("llmctl"), by("direct")) {
+            doc.push_str("\n### llmctl against the issue's targets\n\n");
+            doc.push_str(&report::targets(l, d, by("claude-code-router")));
+        }
+    }
+    if wanted("native") {
+        doc.push_str("\n## llama.cpp's native /v1/messages, on a real llama-server\n\n");
+        doc.push_str(&native::run().await);
+    }
+    if wanted("cache") {
+        doc.push_str("\n## Prompt-cache reuse over a Claude-Code-shaped conversation\n\n");
+        doc.push_str(&cache::run().await);
+    }
+    let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let full = format!(
+        "{}\n{}{}",
+        header(&settings, &load_before, &load_after),
+        doc,
+        method(&settings)
+    );
+    println!("{full}");
+    let out = env_path("BENCH_OUT").unwrap_or_else(|| env::root().join("docs/performance.md"));
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, full)?;
+    eprintln!("report written to {}", out.display());
+    Ok(())
+}
+
+fn first_line_with(path: &str, key: &str) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_owned())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn cmd_out(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn header(s: &suite::Settings, load_before: &str, load_after: &str) -> String {
+    let load1 = |l: &str| {
+        l.split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let noisy = load1(load_before) >= 0.5 || load1(load_after) >= 0.5;
+    format!(
+        "# Proxy performance\n\n\
+         Generated by `bash bench/run.sh` (`cargo bench --bench proxy`) on {date}.\n\n\
+         - Machine: {nproc} CPUs ({cpu}), {mem} RAM, {kernel}\n\
+         - Load average before / after: {lb} / {la}{noise}\n\
+         - {secs} s per measurement; llama.cpp: {llama}\n\n",
+        date = cmd_out("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        nproc = std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu = first_line_with("/proc/cpuinfo", "model name"),
+        mem = first_line_with("/proc/meminfo", "MemTotal"),
+        kernel = cmd_out("uname", &["-sr"]),
+        lb = load_before
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        la = load_after
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        noise = if noisy {
+            " — **noisy: the machine was busy (1-minute load ≥ 0.5); treat the figures as rough**"
+        } else {
+            ""
+        },
+        secs = s.secs,
+        llama = env_path("LLMCTL_LLAMA_SERVER")
+            .map_or("not available".into(), |p| p.display().to_string()),
+    )
+}
+
+fn method(s: &suite::Settings) -> String {
+    format!(
+        "\n## Method\n\n\
+         - **Upstream**: this bench re-executed as a one-thread hyper server replaying a chat completion and a stream \
+           recorded from llama-server (SmolLM2-135M, `bench/recorded/`). A request's text steers it: `@n=N` streams N \
+           text chunks as fast as possible; `@pace_us=D` sleeps D µs between chunks and stamps each with its send time.\n\
+         - **Load generator**: one thread, hyper HTTP/1.1 keep-alive connections, in the bench process. Direct requests \
+           go to `/v1/chat/completions`, proxied ones to `/v1/messages` (Anthropic format, same text, `max_tokens` 24).\n\
+         - **Fixed rates** ({rates}): open loop on one connection; latency is measured from each request's *scheduled* \
+           send time, so a stalled server is charged for the requests queued behind it (no coordinated omission). \
+           Added latency = through the proxy minus direct at the same rate, at p50 and p99.\n\
+         - **Max throughput**: closed loop on 1 and 8 connections.\n\
+         - **Streams**: {fc} text chunks per stream, back to back; first byte = response head received, first text event = \
+           first `content_block_delta` (proxies) or first chunk with `delta.content` (direct). Text events/s count only \
+           events that carry text (comparable across wire formats).\n\
+         - **Per-event delay**: 3 streams of {pc} chunks paced {pace} µs apart, each stamped by the upstream at send time; \
+           delay = receipt time − stamp (same host clock). Added per event = proxy p99 − direct p99.\n\
+         - **CPU**: utime+stime from /proc/<pid>/stat of the process listening on the proxy's port and its descendants, \
+           over the 64-stream run, divided by the text events received.\n\
+         - **Memory**: VmRSS after warm-up (idle); VmHWM at the end (peak over the whole run, which ends with 256 \
+           concurrent streams of 100 chunks paced 10 ms apart).\n\
+         - Everything shares the machine's cores (upstream, load generator and proxy), as in the issue's figures.\n",
+        rates = s
+            .rates
+            .iter()
+            .map(|r| format!("{r:.0}/s"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        fc = s.fast_chunks,
+        pc = s.paced_chunks,
+        pace = s.pace_us,
+    )
+}

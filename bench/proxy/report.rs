@@ -1,0 +1,276 @@
+//! The markdown report: one column per endpoint, added figures relative to direct, and the targets.
+
+use std::fmt::Write;
+
+use crate::stats::Summary;
+use crate::suite::{Measured, NonStream, Streams};
+
+pub struct Column {
+    pub name: String,
+    pub version: String,
+    pub result: Result<Measured, String>,
+}
+
+pub fn us(x: f64) -> String {
+    if x.abs() < 1000.0 {
+        format!("{x:.0} µs")
+    } else {
+        format!("{:.2} ms", x / 1000.0)
+    }
+}
+
+fn pair(s: Option<Summary>) -> String {
+    s.map_or("—".into(), |s| format!("{} / {}", us(s.p50), us(s.p99)))
+}
+
+fn added(s: Option<Summary>, base: Option<Summary>) -> String {
+    match (s, base) {
+        (Some(s), Some(b)) => format!("{} / {}", us(s.p50 - b.p50), us(s.p99 - b.p99)),
+        _ => "—".into(),
+    }
+}
+
+fn errs(n: u64, first: &Option<String>) -> String {
+    match first {
+        Some(e) if n > 0 => format!(
+            " ({n} errors: {})",
+            e.chars().take(80).collect::<String>().replace('|', "/")
+        ),
+        _ => String::new(),
+    }
+}
+
+fn ns_cell(n: &NonStream) -> String {
+    format!("{}{}", pair(n.lat), errs(n.errors, &n.first_error))
+}
+
+fn tput(n: &NonStream) -> String {
+    format!(
+        "{:.0}/s (p50 {}){}",
+        n.rate,
+        n.lat.map_or("—".into(), |s| us(s.p50)),
+        errs(n.errors, &n.first_error)
+    )
+}
+
+fn st_rate(s: &Streams) -> String {
+    format!("{:.0}/s{}", s.events_per_s, errs(s.errors, &s.first_error))
+}
+
+fn mib(kib: u64) -> String {
+    if kib == 0 {
+        "—".into()
+    } else {
+        format!("{:.1} MB", kib as f64 / 1024.0)
+    }
+}
+
+type Row<'a> = (
+    String,
+    Box<dyn Fn(&Measured, Option<&Measured>) -> String + 'a>,
+);
+
+pub fn table(cols: &[Column]) -> String {
+    let direct = cols.first().and_then(|c| c.result.as_ref().ok());
+    let mut rows: Vec<Row> = vec![];
+    let rates: Vec<f64> = direct
+        .map(|d| d.fixed_rate.iter().map(|(r, _)| *r).collect())
+        .unwrap_or_default();
+    for (i, r) in rates.iter().enumerate() {
+        let label = format!("non-stream p50 / p99 at {r:.0} req/s, 1 conn");
+        rows.push((
+            label,
+            Box::new(move |m, _| m.fixed_rate.get(i).map_or("—".into(), |(_, n)| ns_cell(n))),
+        ));
+        let label = format!("  added vs direct at {r:.0} req/s");
+        rows.push((
+            label,
+            Box::new(move |m, d| {
+                added(
+                    m.fixed_rate.get(i).and_then(|(_, n)| n.lat),
+                    d.and_then(|d| d.fixed_rate.get(i)?.1.lat),
+                )
+            }),
+        ));
+    }
+    rows.push((
+        "max throughput, 1 conn".into(),
+        Box::new(|m, _| tput(&m.max_1)),
+    ));
+    rows.push((
+        "max throughput, 8 conns".into(),
+        Box::new(|m, _| tput(&m.max_8)),
+    ));
+    rows.push((
+        "stream first byte p50 / p99".into(),
+        Box::new(|m, _| pair(m.stream_1.first_byte)),
+    ));
+    rows.push((
+        "  added vs direct".into(),
+        Box::new(|m, d| added(m.stream_1.first_byte, d.and_then(|d| d.stream_1.first_byte))),
+    ));
+    rows.push((
+        "stream first text event p50 / p99".into(),
+        Box::new(|m, _| pair(m.stream_1.first_content)),
+    ));
+    rows.push((
+        "  added vs direct".into(),
+        Box::new(|m, d| {
+            added(
+                m.stream_1.first_content,
+                d.and_then(|d| d.stream_1.first_content),
+            )
+        }),
+    ));
+    rows.push((
+        "text events/s, 1 stream".into(),
+        Box::new(|m, _| st_rate(&m.stream_1)),
+    ));
+    rows.push((
+        "text events/s, 64 streams".into(),
+        Box::new(|m, _| st_rate(&m.stream_64)),
+    ));
+    rows.push((
+        "per-event delay p50 / p99 (paced)".into(),
+        Box::new(|m, _| {
+            format!(
+                "{}{}",
+                pair(m.paced.event_delay),
+                errs(m.paced.errors, &m.paced.first_error)
+            )
+        }),
+    ));
+    rows.push((
+        "  added per event vs direct".into(),
+        Box::new(|m, d| added(m.paced.event_delay, d.and_then(|d| d.paced.event_delay))),
+    ));
+    rows.push((
+        "CPU s per 1000 text events (64 streams)".into(),
+        Box::new(|m, _| {
+            m.cpu_per_1000_events
+                .map_or("—".into(), |c| format!("{c:.3} s"))
+        }),
+    ));
+    rows.push((
+        "RSS idle (after warm-up)".into(),
+        Box::new(|m, _| mib(m.rss_idle_kib)),
+    ));
+    rows.push((
+        "peak RSS (VmHWM, incl. 256 streams)".into(),
+        Box::new(|m, _| {
+            format!(
+                "{}{}",
+                mib(m.rss_peak_kib),
+                errs(m.streams_256.errors, &m.streams_256.first_error)
+            )
+        }),
+    ));
+    rows.push((
+        "256 concurrent streams completed".into(),
+        Box::new(|m, _| format!("{}/256", m.streams_256.streams)),
+    ));
+
+    let mut out = String::new();
+    let _ = write!(out, "| |");
+    for c in cols {
+        let _ = write!(out, " {} {} |", c.name, c.version);
+    }
+    let _ = write!(out, "\n|---|");
+    for _ in cols {
+        let _ = write!(out, "---|");
+    }
+    out.push('\n');
+    for (label, f) in &rows {
+        let _ = write!(out, "| {label} |");
+        for c in cols {
+            let cell = match &c.result {
+                Ok(m) => f(m, direct),
+                Err(_) => "not measured".into(),
+            };
+            let _ = write!(out, " {cell} |");
+        }
+        out.push('\n');
+    }
+    for c in cols {
+        if let Err(why) = &c.result {
+            let _ = writeln!(
+                out,
+                "\n**{}** not measured: {}",
+                c.name,
+                why.replace('\n', " ").chars().take(600).collect::<String>()
+            );
+        }
+    }
+    out
+}
+
+/// The targets, checked for llmctl against direct and claude-code-router.
+pub fn targets(llmctl: &Measured, direct: &Measured, ccr: Option<&Measured>) -> String {
+    let mut out = String::from("| target | measured | met |\n|---|---|---|\n");
+    let mut line = |t: &str, m: String, ok: Option<bool>| {
+        let v = ok.map_or("n/a", |b| if b { "yes" } else { "**no**" });
+        let _ = writeln!(out, "| {t} | {m} | {v} |");
+    };
+    let first = |m: &Measured| m.fixed_rate.first().and_then(|(_, n)| n.lat);
+    match (first(llmctl), first(direct)) {
+        (Some(l), Some(d)) => {
+            line(
+                "≤ 0.1 ms added p50, 1 conn",
+                us(l.p50 - d.p50),
+                Some(l.p50 - d.p50 <= 100.0),
+            );
+            line(
+                "≤ 1 ms added p99, 1 conn",
+                us(l.p99 - d.p99),
+                Some(l.p99 - d.p99 <= 1000.0),
+            );
+        }
+        _ => line("added latency, 1 conn", "—".into(), None),
+    }
+    match ccr {
+        Some(c) if c.max_8.rate > 0.0 => {
+            let x = llmctl.max_8.rate / c.max_8.rate;
+            line(
+                "≥ 5× claude-code-router throughput, 8 conns",
+                format!("{x:.1}×"),
+                Some(x >= 5.0),
+            );
+        }
+        _ => line(
+            "≥ 5× claude-code-router throughput, 8 conns",
+            "claude-code-router not measured".into(),
+            None,
+        ),
+    }
+    match (llmctl.paced.event_delay, direct.paced.event_delay) {
+        (Some(l), Some(d)) => line(
+            "< 0.2 ms added per streamed event, p99",
+            us(l.p99 - d.p99),
+            Some(l.p99 - d.p99 < 200.0),
+        ),
+        _ => line("< 0.2 ms added per streamed event, p99", "—".into(), None),
+    }
+    match (llmctl.stream_1.first_byte, direct.stream_1.first_byte) {
+        (Some(l), Some(d)) => line(
+            "stream first byte within 1 ms of upstream's (p50)",
+            us(l.p50 - d.p50),
+            Some(l.p50 - d.p50 <= 1000.0),
+        ),
+        _ => line("stream first byte within 1 ms", "—".into(), None),
+    }
+    line(
+        "< 30 MB RSS idle",
+        mib(llmctl.rss_idle_kib),
+        Some(llmctl.rss_idle_kib > 0 && llmctl.rss_idle_kib < 30 * 1024),
+    );
+    line(
+        "< 100 MB RSS with 256 concurrent streams",
+        mib(llmctl.rss_peak_kib),
+        Some(
+            llmctl.rss_peak_kib > 0
+                && llmctl.rss_peak_kib < 100 * 1024
+                && llmctl.streams_256.streams == 256,
+        ),
+    );
+    out
+}

@@ -1,0 +1,136 @@
+//! The measurements run against every endpoint, in a fixed order, and what they produce.
+
+use std::time::Duration;
+
+use crate::load::{self, RunResult, StreamResult};
+use crate::stats::{self, Summary};
+use crate::targets::Proc;
+
+pub struct Settings {
+    pub secs: f64,
+    pub rates: Vec<f64>,
+    pub fast_chunks: usize,
+    pub paced_chunks: usize,
+    pub pace_us: u64,
+}
+
+impl Settings {
+    pub fn dur(&self) -> Duration {
+        Duration::from_secs_f64(self.secs)
+    }
+}
+
+pub struct NonStream {
+    pub lat: Option<Summary>,
+    pub rate: f64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+}
+
+impl From<RunResult> for NonStream {
+    fn from(r: RunResult) -> NonStream {
+        NonStream {
+            rate: r.rate(),
+            errors: r.errors,
+            first_error: r.first_error,
+            lat: stats::summarize(r.latencies_us),
+        }
+    }
+}
+
+pub struct Streams {
+    pub first_byte: Option<Summary>,
+    pub first_content: Option<Summary>,
+    pub event_delay: Option<Summary>,
+    pub events_per_s: f64,
+    pub streams: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+}
+
+impl From<StreamResult> for Streams {
+    fn from(r: StreamResult) -> Streams {
+        Streams {
+            events_per_s: r.events_per_s(),
+            streams: r.streams,
+            errors: r.errors,
+            first_error: r.first_error,
+            first_byte: stats::summarize(r.first_byte_us),
+            first_content: stats::summarize(r.first_content_us),
+            event_delay: stats::summarize(r.event_delay_us),
+        }
+    }
+}
+
+pub struct Measured {
+    /// (rate, result) for the open-loop runs with one connection.
+    pub fixed_rate: Vec<(f64, NonStream)>,
+    pub max_1: NonStream,
+    pub max_8: NonStream,
+    pub stream_1: Streams,
+    pub stream_64: Streams,
+    pub paced: Streams,
+    pub streams_256: Streams,
+    /// CPU seconds of the measured process per 1000 streamed text events (64-stream run).
+    pub cpu_per_1000_events: Option<f64>,
+    pub rss_idle_kib: u64,
+    pub rss_peak_kib: u64,
+}
+
+pub async fn run(p: &Proc, s: &Settings, measure_process: bool) -> Measured {
+    let ep = &p.endpoint;
+    let dur = s.dur();
+    // Warm-up: connection set-up, lazy imports and JITs of the peers are not what is measured.
+    load::nonstream(ep, 1, None, Duration::from_secs(1)).await;
+    load::streams(ep, 1, s.fast_chunks, 0, Duration::from_secs(1), None).await;
+    let pids = if measure_process {
+        p.measured_pids()
+    } else {
+        vec![]
+    };
+    let rss_idle_kib = stats::status_kib(&pids, "VmRSS:");
+
+    let mut fixed_rate = vec![];
+    for &r in &s.rates {
+        eprintln!(
+            "  [{}] non-streaming at {r} requests/s, 1 connection",
+            p.name
+        );
+        fixed_rate.push((r, load::nonstream(ep, 1, Some(r), dur).await.into()));
+    }
+    eprintln!("  [{}] non-streaming, max throughput", p.name);
+    let max_1 = load::nonstream(ep, 1, None, dur).await.into();
+    let max_8 = load::nonstream(ep, 8, None, dur).await.into();
+    eprintln!("  [{}] streams", p.name);
+    let stream_1 = load::streams(ep, 1, s.fast_chunks, 0, dur, None)
+        .await
+        .into();
+    let ticks0 = stats::cpu_ticks(&pids);
+    let r64 = load::streams(ep, 64, s.fast_chunks, 0, dur, None).await;
+    let ticks = stats::cpu_ticks(&pids).saturating_sub(ticks0);
+    let cpu_per_1000_events = (measure_process && r64.content_events > 0).then(|| {
+        ticks as f64 / stats::clock_ticks_per_second() as f64 / (r64.content_events as f64 / 1000.0)
+    });
+    let stream_64 = r64.into();
+    eprintln!("  [{}] paced, stamped stream", p.name);
+    let paced = load::streams(ep, 1, s.paced_chunks, s.pace_us, dur, Some(3))
+        .await
+        .into();
+    eprintln!("  [{}] 256 concurrent streams", p.name);
+    let streams_256 = load::streams(ep, 256, 100, 10_000, dur, Some(1))
+        .await
+        .into();
+    let rss_peak_kib = stats::status_kib(&pids, "VmHWM:");
+    Measured {
+        fixed_rate,
+        max_1,
+        max_8,
+        stream_1,
+        stream_64,
+        paced,
+        streams_256,
+        cpu_per_1000_events,
+        rss_idle_kib,
+        rss_peak_kib,
+    }
+}

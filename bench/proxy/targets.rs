@@ -1,0 +1,274 @@
+//! Starting and stopping what is measured: the instant upstream, llmctl, and the peers, each in its own
+//! process group so that stopping it also stops whatever it forked.
+
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::load::{self, Api, Endpoint};
+use crate::stats;
+
+pub struct Proc {
+    pub name: String,
+    pub version: String,
+    pub endpoint: Endpoint,
+    child: Child,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Proc {
+    /// The process doing the work: the one listening on the port, and its descendants.
+    pub fn measured_pids(&self) -> Vec<u32> {
+        stats::listener_pid(self.endpoint.addr.port())
+            .map(stats::process_tree)
+            .unwrap_or_else(|| stats::process_tree(self.child.id()))
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().rev().take(8).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // The group is ours: process_group(0) at spawn made the child its leader. Signalled through libc,
+        // not the `kill` program, whose parsing of a negative pid differs between implementations.
+        let pgid = -(self.child.id() as libc::pid_t);
+        // SAFETY: kill(2) with a negative pid signals only that process group; no memory is involved.
+        unsafe { libc::kill(pgid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(pgid, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(mut cmd: Command, dir: &Path) -> Result<(Child, PathBuf)> {
+    let log = dir.join("process.log");
+    let out = std::fs::File::create(&log)?;
+    cmd.stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .current_dir(dir)
+        .process_group(0);
+    let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+    Ok((child, log))
+}
+
+/// Waits until a non-streaming request through the endpoint succeeds.
+pub async fn wait_ready(p: &mut Proc, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let body = serde_json::from_slice::<serde_json::Value>(&p.endpoint.body(false, "ready?"))?;
+    let path = match p.endpoint.api {
+        Api::OpenAi => "/v1/chat/completions",
+        Api::Anthropic => "/v1/messages",
+    };
+    let mut last = String::from("no answer");
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = p.child.try_wait() {
+            bail!(
+                "{} exited ({status}) before answering:\n{}",
+                p.name,
+                p.log_tail()
+            );
+        }
+        match load::post_json(p.endpoint.addr, path, &body).await {
+            Ok(_) => return Ok(()),
+            Err(e) => last = format!("{e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    bail!(
+        "{} did not answer within {timeout:?}: {last}\n{}",
+        p.name,
+        p.log_tail()
+    )
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+pub fn upstream(port: u16) -> Result<Proc> {
+    let dir = tempfile::tempdir()?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.env(crate::UPSTREAM_ROLE_ENV, addr(port).to_string());
+    let (child, log) = spawn(cmd, dir.path())?;
+    Ok(Proc {
+        name: "direct (instant upstream)".into(),
+        version: "bench/recorded".into(),
+        endpoint: Endpoint {
+            addr: addr(port),
+            api: Api::OpenAi,
+            model: "bench".into(),
+            max_tokens: 24,
+        },
+        child,
+        log,
+        _dir: dir,
+    })
+}
+
+/// llmctl serve-proxy; its arguments come from LLMCTL_PROXY_ARGS ({listen} and {upstream} are filled in)
+/// because the command line is owned by the proxy's authors, not by the bench.
+pub fn llmctl(bin: &Path, port: u16, upstream: SocketAddr) -> Result<Proc> {
+    let dir = tempfile::tempdir()?;
+    let template = std::env::var("LLMCTL_PROXY_ARGS")
+        .unwrap_or_else(|_| "serve-proxy --listen {listen} --upstream http://{upstream}".into());
+    let args: Vec<String> = template
+        .split_whitespace()
+        .map(|a| {
+            a.replace("{listen}", &addr(port).to_string())
+                .replace("{upstream}", &upstream.to_string())
+        })
+        .collect();
+    let version = Command::new(bin)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let mut cmd = Command::new(bin);
+    cmd.args(&args).env("RUST_LOG", "warn");
+    let (child, log) = spawn(cmd, dir.path())?;
+    Ok(Proc {
+        name: "llmctl serve-proxy".into(),
+        version,
+        endpoint: Endpoint {
+            addr: addr(port),
+            api: Api::Anthropic,
+            model: "bench".into(),
+            max_tokens: 24,
+        },
+        child,
+        log,
+        _dir: dir,
+    })
+}
+
+/// LiteLLM's proxy with one model routed to the upstream as an OpenAI-compatible provider; clients use its
+/// Anthropic `/v1/messages` endpoint. No database, no master key, one worker, no network beyond loopback.
+pub fn litellm(bin: &Path, version: &str, port: u16, upstream: SocketAddr) -> Result<Proc> {
+    let dir = tempfile::tempdir()?;
+    let config = format!(
+        "model_list:\n  - model_name: bench\n    litellm_params:\n      model: openai/bench\n      api_base: http://{upstream}/v1\n      api_key: {key}\nlitellm_settings:\n  drop_params: true\n  telemetry: false\n",
+        key = crate::env::API_KEY
+    );
+    std::fs::write(dir.path().join("config.yaml"), config)?;
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "--config",
+        "config.yaml",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--num_workers",
+        "1",
+    ])
+    // It would otherwise fetch its model price list from GitHub at startup.
+    .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    .env("LITELLM_TELEMETRY", "False")
+    .env("LITELLM_LOG", "ERROR")
+    // It refuses to start without a master key; given through the environment, never argv.
+    .env("LITELLM_MASTER_KEY", crate::env::API_KEY)
+    .env("HOME", dir.path());
+    let (child, log) = spawn(cmd, dir.path())?;
+    Ok(Proc {
+        name: "LiteLLM".into(),
+        version: version.into(),
+        endpoint: Endpoint {
+            addr: addr(port),
+            api: Api::Anthropic,
+            model: "bench".into(),
+            max_tokens: 24,
+        },
+        child,
+        log,
+        _dir: dir,
+    })
+}
+
+/// claude-code-router with one provider = the upstream, logging off, in a private HOME.
+pub fn ccr(bin: &Path, version: &str, port: u16, upstream: SocketAddr) -> Result<Proc> {
+    let dir = tempfile::tempdir()?;
+    let home = dir.path().join(".claude-code-router");
+    std::fs::create_dir_all(&home)?;
+    let config = serde_json::json!({
+        "LOG": false,
+        "HOST": "127.0.0.1",
+        "PORT": port,
+        "NON_INTERACTIVE_MODE": true,
+        "Providers": [{
+            "name": "bench",
+            "api_base_url": format!("http://{upstream}/v1/chat/completions"),
+            "api_key": crate::env::API_KEY,
+            "models": ["bench"]
+        }],
+        "Router": {"default": "bench,bench"}
+    });
+    std::fs::write(
+        home.join("config.json"),
+        serde_json::to_vec_pretty(&config)?,
+    )?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("start").env("HOME", dir.path()).env("CI", "true");
+    let (child, log) = spawn(cmd, dir.path())?;
+    Ok(Proc {
+        name: "claude-code-router".into(),
+        version: version.into(),
+        endpoint: Endpoint {
+            addr: addr(port),
+            api: Api::Anthropic,
+            model: "bench".into(),
+            max_tokens: 24,
+        },
+        child,
+        log,
+        _dir: dir,
+    })
+}
+
+/// A real llama-server on the test model; `extra` adds e.g. `--jinja --chat-template-file ...`.
+pub fn llama_server(bin: &Path, model: &Path, port: u16, extra: &[&str]) -> Result<Proc> {
+    let dir = tempfile::tempdir()?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("-m")
+        .arg(model)
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "-np",
+            "1",
+            "--metrics",
+        ])
+        .args(extra);
+    let (child, log) = spawn(cmd, dir.path())?;
+    Ok(Proc {
+        name: "llama-server".into(),
+        version: bin.display().to_string(),
+        endpoint: Endpoint {
+            addr: addr(port),
+            api: Api::OpenAi,
+            model: "bench".into(),
+            max_tokens: 24,
+        },
+        child,
+        log,
+        _dir: dir,
+    })
+}
