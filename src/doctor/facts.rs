@@ -254,10 +254,14 @@ impl HostFacts {
                 .first()
                 .cloned()
                 .unwrap_or_else(|| "no output".into());
-            bail!(
-                "{target} is not a Proxmox VE host: `pveversion` did not report a pve-manager version ({said}). \
-                 Run llmctl doctor against the Proxmox host itself (not a container or another machine)"
-            );
+            return Err(crate::transport::TransportError::NotProxmox {
+                host: target.to_string(),
+                detail: format!(
+                    "did not report a pve-manager version (exit {}: {said})",
+                    pv.rc.map_or("unknown".to_string(), |c| c.to_string())
+                ),
+            }
+            .into());
         };
         let smi = get("nvidia-smi");
         let mokutil = get("mokutil");
@@ -555,5 +559,116 @@ mod tests {
         // The vmid is `$1`, never spliced into the script text.
         assert!(CT_ROUND_SCRIPT.contains("pct status \"$1\""));
         assert!(!HOST_SCRIPT.contains("{}") && !CT_SCRIPT.contains("{}"));
+    }
+
+    /// Serves the host and container rounds from text, and records the argv of each call.
+    struct Recorded {
+        host: String,
+        ct: String,
+        calls: std::sync::Mutex<Vec<Vec<String>>>,
+    }
+
+    impl Transport for Recorded {
+        fn run(&self, cmd: &Cmd) -> Result<crate::transport::Output> {
+            self.calls.lock().unwrap().push(cmd.argv.clone());
+            let stdout = if cmd.argv[2] == HOST_SCRIPT {
+                self.host.clone()
+            } else {
+                self.ct.clone()
+            };
+            Ok(crate::transport::Output {
+                status: Some(0),
+                stdout,
+                stderr: String::new(),
+            })
+        }
+        fn run_streaming(
+            &self,
+            cmd: &Cmd,
+            _: &mut dyn FnMut(crate::transport::Stream, &str),
+        ) -> Result<crate::transport::Output> {
+            self.run(cmd)
+        }
+        fn read_file(&self, _: &str) -> Result<Vec<u8>> {
+            bail!("not used")
+        }
+        fn write_file(&self, _: &str, _: &[u8], _: u32) -> Result<()> {
+            bail!("doctor never writes")
+        }
+        fn describe(&self) -> String {
+            "root@recorded".into()
+        }
+    }
+
+    const HOST: &str = "==> pveversion <==\npve-manager/8.4.10/293f4abc4b22fa08 (running kernel: 6.8.12-13-pve)\n==> rc=0 <==\n==> uname <==\n6.8.12-13-pve\n==> rc=0 <==\n==> ct-config 103 <==\ndev0: /dev/nvidia0\n==> rc=0 <==\n==> ct-config 200 <==\nhostname: web\n==> rc=0 <==\n";
+
+    #[test]
+    fn gather_takes_two_rounds_and_passes_the_vmid_in_argv() {
+        let t = Recorded {
+            host: HOST.into(),
+            ct: "==> ct-status <==\nstatus: stopped\n==> rc=0 <==\n==> ct-resolv <==\n----i---------e------- /var/lib/lxc/103/rootfs/etc/resolv.conf\n==> rc=0 <==\n".into(),
+            calls: Default::default(),
+        };
+        let f = gather(&t, None).unwrap();
+        assert_eq!(f.vmid, Some(103), "the only container with NVIDIA devices");
+        assert_eq!(f.kernel, "6.8.12-13-pve");
+        assert_eq!(f.pve.as_ref().unwrap().major, 8);
+        let c = f.container.as_ref().unwrap();
+        assert_eq!(c.status, CtStatus::Stopped);
+        assert!(c.inside.is_none());
+        assert_eq!(c.resolv_attr.as_ref().unwrap().0, "----i---------e-------");
+        let calls = t.calls.lock().unwrap();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[1][..2], ["sh", "-c"]);
+        assert_eq!(calls[1][2], CT_ROUND_SCRIPT);
+        assert_eq!(calls[1][4], "103");
+        assert_eq!(calls[1][5], CT_SCRIPT);
+    }
+
+    #[test]
+    fn gather_skips_the_container_round_for_a_missing_container() {
+        let t = Recorded {
+            host: HOST.into(),
+            ct: String::new(),
+            calls: Default::default(),
+        };
+        let f = gather(&t, Some(999)).unwrap();
+        assert_eq!(f.vmid, Some(999));
+        assert!(f.container.is_none());
+        assert_eq!(t.calls.lock().unwrap().len(), 1);
+    }
+
+    /// The scripts run under a real `sh` here (not a Proxmox host): every probe still prints its section and exit
+    /// code, and the result is the not-Proxmox error.
+    #[test]
+    fn scripts_run_under_a_real_shell() {
+        for script in [HOST_SCRIPT, CT_SCRIPT] {
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .arg("llmctl-doctor")
+                .output()
+                .expect("sh runs");
+            let text = String::from_utf8_lossy(&out.stdout);
+            let sections = parse_sections(&text);
+            let wanted: Vec<&str> = script
+                .lines()
+                .filter_map(|l| l.strip_prefix("sec "))
+                .filter_map(|l| l.split_whitespace().next())
+                .filter(|n| !n.starts_with('"'))
+                .collect();
+            assert!(wanted.len() > 10, "{wanted:?}");
+            for name in wanted {
+                let probe = sections
+                    .get(name)
+                    .unwrap_or_else(|| panic!("no section {name} in:\n{text}"));
+                assert!(probe.rc.is_some(), "section {name} has no exit code");
+            }
+        }
+        let err = gather(&crate::transport::local::LocalTransport::new(), None).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("is not a Proxmox VE host"),
+            "{err:#}"
+        );
     }
 }
