@@ -1034,6 +1034,29 @@ pub fn check_resolv(f: &HostFacts) -> Vec<Finding> {
     )]
 }
 
+/// Live devN paths under /dev/nvidia that do not exist on the host.
+fn missing_host_nodes(f: &HostFacts) -> Vec<String> {
+    let Some((_, cfg)) = ct(f) else {
+        return Vec::new();
+    };
+    cfg.devices()
+        .into_iter()
+        .map(|(_, d)| d.path)
+        .filter(|p| p.starts_with("/dev/nvidia") && node(f, p).is_none())
+        .collect()
+}
+
+/// Whether a host check reports why those nodes are missing: no module at all (driver/dkms/nouveau/secure boot
+/// checks), or the standard nodes that `dev.uvm-missing` / `dev.nodes-missing` cover.
+fn host_explains_missing_nodes(f: &HostFacts) -> bool {
+    f.module.is_none()
+        || missing_host_nodes(f).iter().all(|p| {
+            UVM_NODES.contains(&p.as_str())
+                || p == "/dev/nvidiactl"
+                || (is_gpu_node(p) && !f.dev_nodes.iter().any(|n| is_gpu_node(&n.path)))
+        })
+}
+
 pub fn check_running(f: &HostFacts) -> Vec<Finding> {
     const ID: &str = "ct.not-running";
     let (Some(v), Some(c)) = (f.vmid, f.container.as_ref()) else {
@@ -1046,11 +1069,26 @@ pub fn check_running(f: &HostFacts) -> Vec<Finding> {
             ID,
             format!("container {v} is stopped; see ct.resolv-immutable"),
         )],
+        // A devN node missing on the host makes `pct start` die (`Device ... does not exist`); the host check
+        // that explains the missing node is the one to act on.
+        CtStatus::Stopped if !missing_host_nodes(f).is_empty() && host_explains_missing_nodes(f) => {
+            vec![Finding::skip(
+                ID,
+                format!(
+                    "container {v} is stopped and cannot start while {} is missing on the host (reported above)",
+                    missing_host_nodes(f).join(", ")
+                ),
+            )]
+        }
         CtStatus::Stopped => vec![Finding::problem(
             ID,
             Severity::Fail,
             format!("container {v} is stopped (its GPU, llama-server and proxy were not checked)"),
-            vec![format!("pct status {v}: status: stopped")],
+            std::iter::once(format!("pct status {v}: status: stopped"))
+                .chain(missing_host_nodes(f).iter().map(|p| {
+                    format!("devN {p} does not exist on the host: pct start fails with `Device {p} does not exist`")
+                }))
+                .collect(),
             Fix::Command(format!("pct start {v}")),
         )],
         CtStatus::Unknown(said) => vec![Finding::problem(

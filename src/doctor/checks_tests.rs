@@ -681,3 +681,22 @@ fn text_report_shows_evidence_and_fix() {
     assert!(text.contains("ok    driver.not-installed"));
     assert!(text.trim_end().ends_with("skipped") && text.contains("problems found: 1 failed"));
 }
+
+#[test]
+fn stopped_container_because_a_devn_node_is_missing() {
+    let mut f = healthy();
+    f.dev_nodes.retain(|n| !n.path.contains("uvm"));
+    let c = f.container.as_mut().unwrap();
+    c.status = crate::doctor::facts::CtStatus::Stopped;
+    c.inside = None;
+    assert_eq!(problems(&f), vec!["dev.uvm-missing"]);
+    // No driver at all: the container cannot start either; only the root cause is reported.
+    no_driver(&mut f);
+    assert_eq!(problems(&f), vec!["driver.not-installed"]);
+    // All nodes there: a stopped container is its own problem.
+    let mut f = healthy();
+    let c = f.container.as_mut().unwrap();
+    c.status = crate::doctor::facts::CtStatus::Stopped;
+    c.inside = None;
+    assert_eq!(problems(&f), vec!["ct.not-running"]);
+}
