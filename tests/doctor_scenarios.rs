@@ -77,85 +77,33 @@ fn a_bad_vmid_is_rejected_by_the_parser() {
 
 // ---- against the simulated Proxmox host (real sshd in its own network namespace) ------------------------------
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use support::{SimHost, repo};
 
-/// A running sim host (`fixtures/sim/simhost up`), torn down on drop.
-struct Sim {
-    n: u32,
-    target: String,
-    key: String,
-    known_hosts: String,
-}
-
-impl Sim {
-    fn up(scenario: &Path, n: u32) -> Sim {
-        let simhost = repo().join("fixtures/sim/simhost");
-        // A leftover from a crashed run is cleaned first (down is idempotent).
-        let _ = Command::new("bash")
-            .arg(&simhost)
-            .args(["down", &n.to_string()])
-            .output();
-        let out = Command::new("bash")
-            .arg(&simhost)
-            .arg("up")
-            .arg(scenario)
-            .arg(n.to_string())
-            .output()
-            .expect("run fixtures/sim/simhost");
-        assert!(
-            out.status.success(),
-            "cannot start the simulated Proxmox host for {} (these tests need root, ip netns, sshd, python3 >= 3.11):\n{}{}",
-            scenario.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let get = |k: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("{k}=")))
-                .unwrap_or_else(|| panic!("simhost up printed no {k}= line:\n{text}"))
-                .to_string()
-        };
-        Sim {
-            n,
-            target: get("SIM_TARGET"),
-            key: get("SIM_KEY"),
-            known_hosts: get("SIM_KNOWN_HOSTS"),
-        }
-    }
-
-    fn doctor(&self, extra: &[&str]) -> Output {
-        let mut args = vec![
-            "doctor",
-            "--host",
-            &self.target,
-            "--identity",
-            &self.key,
-            "--known-hosts",
-            &self.known_hosts,
-        ];
-        args.extend_from_slice(extra);
-        llmctl(&args)
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(repo().join("fixtures/sim/simhost"))
-            .args(["down", &self.n.to_string()])
-            .output();
-    }
+/// doctor against a sim host, with only its key and known_hosts.
+fn doctor(sim: &SimHost, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "doctor",
+        "--host",
+        sim.ssh_target(),
+        "--identity",
+        sim.key_path().to_str().expect("utf-8 path"),
+        "--known-hosts",
+        sim.known_hosts_path().to_str().expect("utf-8 path"),
+    ];
+    args.extend_from_slice(extra);
+    llmctl(&args)
 }
 
 struct Expect {
     findings: BTreeSet<String>,
     exit: i32,
+    /// Text stderr must contain (the could-not-run scenarios).
+    stderr_contains: Option<String>,
 }
 
 fn expectation(path: &Path) -> Expect {
@@ -178,7 +126,15 @@ fn expectation(path: &Path) -> Expect {
         .and_then(|v| v.as_integer())
         .map(|i| i as i32)
         .unwrap_or(if findings.is_empty() { 0 } else { 1 });
-    Expect { findings, exit }
+    let stderr_contains = expect
+        .get("stderr_contains")
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
+    Expect {
+        findings,
+        exit,
+        stderr_contains,
+    }
 }
 
 fn scenarios() -> Vec<PathBuf> {
@@ -195,12 +151,40 @@ fn scenarios() -> Vec<PathBuf> {
 /// Runs doctor --json on one scenario; Err describes any difference from its [expect].
 fn check_scenario(path: &Path, n: u32) -> Result<(), String> {
     let expect = expectation(path);
-    let sim = Sim::up(path, n);
-    let out = sim.doctor(&["--json"]);
+    let sim = SimHost::start_n(path, n);
+    let out = doctor(&sim, &["--json"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let name = path.file_name().unwrap().to_string_lossy();
+    if expect.exit == 2 && expect.findings.is_empty() {
+        // Could not run: no report, one readable error line, never a panic.
+        let err = stderr(&out);
+        let mut problems = Vec::new();
+        if out.status.code() != Some(2) {
+            problems.push(format!(
+                "exit code: expected 2, got {:?}",
+                out.status.code()
+            ));
+        }
+        if !err.starts_with("error: ") || err.contains("panicked") {
+            problems.push(format!("stderr is not one readable error: {err}"));
+        }
+        if let Some(want) = &expect.stderr_contains
+            && !err.contains(want.as_str())
+        {
+            problems.push(format!("stderr lacks {want:?}: {err}"));
+        }
+        return if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{name}:\n{}", problems.join("\n")))
+        };
+    }
     let report: serde_json::Value = serde_json::from_str(&stdout).map_err(|e| {
-        format!("{name}: doctor printed no JSON report ({e}); exit {:?}\nstdout:\n{stdout}\nstderr:\n{}", out.status.code(), stderr(&out))
+        format!(
+            "{name}: doctor printed no JSON report ({e}); exit {:?}\nstdout:\n{stdout}\nstderr:\n{}",
+            out.status.code(),
+            stderr(&out)
+        )
     })?;
     let findings = report["findings"].as_array().cloned().unwrap_or_default();
     let got: BTreeSet<String> = findings
@@ -289,17 +273,18 @@ fn every_scenario_reports_exactly_its_expected_findings() {
 
 #[test]
 fn readable_errors_and_the_text_report_against_a_sim_host() {
-    let sim = Sim::up(&repo().join("fixtures/scenarios/healthy.toml"), 199);
+    // Sim host numbers 199-249 are this file's (tests/support uses 1-99).
+    let sim = SimHost::start_n(&repo().join("fixtures/scenarios/healthy.toml"), 199);
 
     // Healthy, text: every check listed, a summary, exit 0.
-    let o = sim.doctor(&[]);
+    let o = doctor(&sim, &[]);
     let text = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(0), "{text}\n{}", stderr(&o));
     assert!(text.contains("ok    ct.libs-mismatch"), "{text}");
     assert!(text.contains("\nhealthy"), "{text}");
 
     // A container that does not exist: the report, then exit 2 with the fix on stderr.
-    let o = sim.doctor(&["--vmid", "999"]);
+    let o = doctor(&sim, &["--vmid", "999"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("FAIL  ct.missing"));
     assert!(
@@ -315,9 +300,9 @@ fn readable_errors_and_the_text_report_against_a_sim_host() {
     let o = llmctl(&[
         "doctor",
         "--host",
-        &sim.target,
+        sim.ssh_target(),
         "--identity",
-        &sim.key,
+        sim.key_path().to_str().unwrap(),
         "--known-hosts",
         empty_known.to_str().unwrap(),
     ]);
@@ -339,11 +324,11 @@ fn readable_errors_and_the_text_report_against_a_sim_host() {
     let o = llmctl(&[
         "doctor",
         "--host",
-        &sim.target,
+        sim.ssh_target(),
         "--identity",
         wrong.to_str().unwrap(),
         "--known-hosts",
-        &sim.known_hosts,
+        sim.known_hosts_path().to_str().unwrap(),
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(

@@ -228,7 +228,23 @@ pub fn check_driver_installed(f: &HostFacts) -> Vec<Finding> {
 }
 
 pub fn check_nouveau(f: &HostFacts) -> Vec<Finding> {
-    let mut out = Vec::new();
+    let blacklisted: Vec<&String> = f
+        .modprobe_nouveau
+        .iter()
+        .filter(|l| {
+            l.split_once(':')
+                .map(|(_, rest)| rest.trim())
+                .is_some_and(|r| r.starts_with("blacklist nouveau"))
+        })
+        .collect();
+    let not_blacklisted_evidence = || {
+        let mut ev = vec![
+            "no `blacklist nouveau` line in /etc/modprobe.d, /lib/modprobe.d or /usr/lib/modprobe.d"
+                .to_string(),
+        ];
+        ev.extend(f.modprobe_nouveau.iter().take(4).cloned());
+        ev
+    };
     if f.has_module("nouveau") {
         let mut ev = vec![
             "lsmod: nouveau is loaded (it owns the GPU, the NVIDIA module cannot probe it)"
@@ -241,33 +257,39 @@ pub fn check_nouveau(f: &HostFacts) -> Vec<Finding> {
                 .take(6)
                 .cloned(),
         );
-        out.push(Finding::problem(
-            "nouveau.loaded",
-            Severity::Fail,
-            "the nouveau driver is loaded and holds the GPU",
-            ev,
-            Fix::Provision("nouveau"),
-        ));
-    } else {
-        out.push(Finding::ok("nouveau.loaded", "nouveau is not loaded"));
+        // The fix (blacklist + initramfs + reboot) is the same for both: one finding, both facts.
+        let blacklist_too = blacklisted.is_empty();
+        if blacklist_too {
+            ev.extend(not_blacklisted_evidence());
+        }
+        return vec![
+            Finding::problem(
+                "nouveau.loaded",
+                Severity::Fail,
+                "the nouveau driver is loaded and holds the GPU",
+                ev,
+                Fix::Provision("nouveau"),
+            ),
+            if blacklist_too {
+                Finding::skip(
+                    "nouveau.not-blacklisted",
+                    "not blacklisted either; see nouveau.loaded",
+                )
+            } else {
+                Finding::ok(
+                    "nouveau.not-blacklisted",
+                    "nouveau is blacklisted (a reboot after update-initramfs keeps it out)",
+                )
+            },
+        ];
     }
-    let blacklisted: Vec<&String> = f
-        .modprobe_nouveau
-        .iter()
-        .filter(|l| {
-            l.split_once(':')
-                .map(|(_, rest)| rest.trim())
-                .is_some_and(|r| r.starts_with("blacklist nouveau"))
-        })
-        .collect();
+    let mut out = vec![Finding::ok("nouveau.loaded", "nouveau is not loaded")];
     if blacklisted.is_empty() {
-        let mut ev = vec!["no `blacklist nouveau` line in /etc/modprobe.d, /lib/modprobe.d or /usr/lib/modprobe.d".to_string()];
-        ev.extend(f.modprobe_nouveau.iter().take(4).cloned());
         out.push(Finding::problem(
             "nouveau.not-blacklisted",
             Severity::Warn,
             "nouveau is not blacklisted: it can take the GPU at the next boot",
-            ev,
+            not_blacklisted_evidence(),
             Fix::Provision("nouveau"),
         ));
     } else {
@@ -650,12 +672,19 @@ pub fn check_device_nodes(f: &HostFacts) -> Vec<Finding> {
                 }
             }
         }
+        // When nothing sets uvm up at boot, that is why it is missing now: the provision step fixes both.
+        let fix = if uvm_set_up_at_boot(f) {
+            Fix::Command("modprobe nvidia_uvm && nvidia-modprobe -c0 -u".into())
+        } else {
+            ev.extend(not_at_boot_evidence());
+            Fix::Provision("devices-at-boot")
+        };
         out.push(Finding::problem(
             "dev.uvm-missing",
             Severity::Fail,
             "/dev/nvidia-uvm is missing: CUDA cannot run, and a container with it as devN refuses to start",
             ev,
-            Fix::Command("modprobe nvidia_uvm && nvidia-modprobe -c0 -u".into()),
+            fix,
         ));
     }
     let mut missing: Vec<String> = Vec::new();
@@ -694,11 +723,7 @@ fn is_gpu_node(path: &str) -> bool {
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
-pub fn check_nodes_at_boot(f: &HostFacts) -> Vec<Finding> {
-    const ID: &str = "dev.nodes-not-at-boot";
-    if !kernel_package_installed(f) && f.module.is_none() {
-        return vec![Finding::skip(ID, "no driver installed")];
-    }
+fn uvm_set_up_at_boot(f: &HostFacts) -> bool {
     let loads_uvm = f.modules_load.iter().any(|l| {
         l.split_once(':')
             .is_some_and(|(_, v)| v.trim() == "nvidia_uvm" || v.trim() == "nvidia-uvm")
@@ -707,20 +732,35 @@ pub fn check_nodes_at_boot(f: &HostFacts) -> Vec<Finding> {
         .udev_rules
         .iter()
         .any(|l| l.contains("nvidia-modprobe") || l.contains("nvidia_uvm"));
-    if loads_uvm || udev {
+    loads_uvm || udev
+}
+
+fn not_at_boot_evidence() -> Vec<String> {
+    vec![
+        "no nvidia_uvm line in /etc/modules-load.d/*.conf or /etc/modules".into(),
+        "no udev rule running nvidia-modprobe in /etc/udev/rules.d".into(),
+    ]
+}
+
+pub fn check_nodes_at_boot(f: &HostFacts) -> Vec<Finding> {
+    const ID: &str = "dev.nodes-not-at-boot";
+    if !kernel_package_installed(f) && f.module.is_none() {
+        return vec![Finding::skip(ID, "no driver installed")];
+    }
+    if uvm_set_up_at_boot(f) {
         return vec![Finding::ok(
             ID,
             "nvidia_uvm and its device nodes are set up at boot",
         )];
     }
+    if f.module.is_some() && UVM_NODES.iter().any(|p| node(f, p).is_none()) {
+        return vec![Finding::skip(ID, "reported with dev.uvm-missing")];
+    }
     vec![Finding::problem(
         ID,
         Severity::Warn,
         "nothing loads nvidia_uvm or creates /dev/nvidia-uvm at boot: after a reboot, containers with it as devN will not start",
-        vec![
-            "no nvidia_uvm line in /etc/modules-load.d/*.conf or /etc/modules".into(),
-            "no udev rule running nvidia-modprobe in /etc/udev/rules.d".into(),
-        ],
+        not_at_boot_evidence(),
         Fix::Provision("devices-at-boot"),
     )]
 }

@@ -385,13 +385,25 @@ fn nouveau_loaded_and_not_blacklisted() {
     f.modules = vec!["nouveau".into()];
     f.module = None;
     f.modprobe_nouveau.clear();
-    assert_eq!(
-        problems(&f),
-        vec!["nouveau.loaded", "nouveau.not-blacklisted"]
+    // One finding for one fix (blacklist + reboot), with both facts as evidence.
+    assert_eq!(problems(&f), vec!["nouveau.loaded"]);
+    let x = finding(&f, "nouveau.loaded");
+    assert!(
+        x.evidence
+            .iter()
+            .any(|l| l.contains("no `blacklist nouveau` line")),
+        "{x:#?}"
     );
+    // Not loaded, not blacklisted: a warning about the next boot.
+    f.modules.clear();
+    f.module = healthy().module;
     // Commented-out blacklist lines do not count.
     f.modprobe_nouveau = vec!["/etc/modprobe.d/x.conf:#blacklist nouveau".into()];
-    assert!(problems(&f).contains(&"nouveau.not-blacklisted"));
+    assert_eq!(problems(&f), vec!["nouveau.not-blacklisted"]);
+    assert_eq!(
+        finding(&f, "nouveau.not-blacklisted").severity,
+        Severity::Warn
+    );
 }
 
 #[test]
@@ -427,6 +439,18 @@ fn uvm_missing_names_the_container_that_will_not_start() {
             .any(|l| l.contains("Device /dev/nvidia-uvm does not exist")),
         "{x:#?}"
     );
+    assert_eq!(
+        x.fix,
+        Some(Fix::Command(
+            "modprobe nvidia_uvm && nvidia-modprobe -c0 -u".into()
+        ))
+    );
+    // Nothing loads it at boot either: that is the cause, and one provision step fixes both.
+    f.modules_load.clear();
+    assert_eq!(problems(&f), vec!["dev.uvm-missing"]);
+    let x = finding(&f, "dev.uvm-missing");
+    assert_eq!(x.fix, Some(Fix::Provision("devices-at-boot")));
+    assert!(x.evidence.iter().any(|l| l.contains("no nvidia_uvm line")));
 }
 
 #[test]
