@@ -337,3 +337,89 @@ fn readable_errors_and_the_text_report_against_a_sim_host() {
         stderr(&o)
     );
 }
+
+/// Host states beyond the scenario set, written to a temp dir beside a copy of healthy.toml (`base = "healthy"`).
+fn temp_scenario(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let healthy = repo().join("fixtures/scenarios/healthy.toml");
+    std::fs::copy(&healthy, dir.join("healthy.toml")).expect("copy healthy.toml");
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, format!("base = \"healthy\"\n{body}")).expect("write scenario");
+    path
+}
+
+fn problem_ids(out: &Output) -> BTreeSet<String> {
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no JSON report ({e}): {}", stderr(out)));
+    report["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .filter(|f| matches!(f["severity"].as_str(), Some("warn" | "fail")))
+        .map(|f| f["id"].as_str().expect("id").to_string())
+        .collect()
+}
+
+#[test]
+fn more_host_states_through_the_sim() {
+    let tmp = tempfile::tempdir().unwrap();
+
+    // Container libraries right but not held: a warning only, exit 0.
+    let path = temp_scenario(
+        tmp.path(),
+        "libs-unheld",
+        "[containers.103]\nlibs_held = false\n",
+    );
+    let sim = SimHost::start_n(&path, 240);
+    let o = doctor(&sim, &["--json"]);
+    assert_eq!(
+        problem_ids(&o),
+        BTreeSet::from(["ct.libs-not-pinned".to_string()])
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    drop(sim);
+
+    // A stopped container with nothing else wrong.
+    let path = temp_scenario(
+        tmp.path(),
+        "stopped",
+        "[containers.103]\nstatus = \"stopped\"\n",
+    );
+    let sim = SimHost::start_n(&path, 241);
+    let o = doctor(&sim, &["--json"]);
+    assert_eq!(
+        problem_ids(&o),
+        BTreeSet::from(["ct.not-running".to_string()])
+    );
+    assert_eq!(o.status.code(), Some(1));
+    drop(sim);
+
+    // Two GPU containers and no --vmid: doctor cannot guess, and says how to choose.
+    let second = std::fs::read_to_string(repo().join("fixtures/scenarios/healthy.toml"))
+        .unwrap()
+        .split("[containers.103]")
+        .nth(1)
+        .and_then(|rest| rest.split("[expect]").next())
+        .map(|c| c.replace("hostname = \"llm-server\"", "hostname = \"llm-two\""))
+        .expect("healthy.toml has a [containers.103] table");
+    let path = temp_scenario(
+        tmp.path(),
+        "two-gpu-cts",
+        &format!("[containers.104]{second}"),
+    );
+    let sim = SimHost::start_n(&path, 242);
+    let o = doctor(&sim, &[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("cannot tell which container to check")
+            && err.contains("103")
+            && err.contains("104"),
+        "{err}"
+    );
+    assert!(err.contains("--vmid"), "{err}");
+    let o = doctor(&sim, &["--json", "--vmid", "104"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["vmid"], 104);
+    assert_eq!(report["outcome"], "healthy");
+}
