@@ -95,6 +95,9 @@ const HEALTHY_CT: &str = "\
 ==> ct-status <==
 status: running
 ==> rc=0 <==
+==> ct-os-release <==
+VERSION_CODENAME=bookworm
+==> rc=0 <==
 ==> ct-proc-version <==
 NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  595.71.05  Release Build  (dvs-builder@U22)  Tue Apr 14 2026
 ==> rc=0 <==
@@ -140,7 +143,7 @@ active
 fn healthy() -> HostFacts {
     let host = HEALTHY_HOST.replace("\\t", "\t");
     let mut f = HostFacts::from_sections("root@pve", &parse_sections(&host)).unwrap();
-    f.add_container(103, &parse_sections(&HEALTHY_CT.replace("\\t", "\t")));
+    f.add_container(103, &parse_sections(&HEALTHY_CT.replace("\\t", "\t")), "");
     f
 }
 
@@ -723,4 +726,18 @@ fn stopped_container_because_a_devn_node_is_missing() {
     c.status = crate::doctor::facts::CtStatus::Stopped;
     c.inside = None;
     assert_eq!(problems(&f), vec!["ct.not-running"]);
+}
+
+#[test]
+fn pct_exec_failing_is_not_read_as_an_empty_container() {
+    let mut f = healthy();
+    f.add_container(
+        103,
+        &parse_sections("==> ct-status <==\nstatus: running\n==> rc=0 <==\n"),
+        "lxc-attach: 103: attach.c: 1475 No such file or directory - Failed to exec \"sh\"",
+    );
+    assert_eq!(problems(&f), vec!["ct.not-running"]);
+    let x = finding(&f, "ct.not-running");
+    assert!(x.evidence[0].contains("Failed to exec"), "{x:#?}");
+    assert_eq!(finding(&f, "llama.not-installed").severity, Severity::Skip);
 }

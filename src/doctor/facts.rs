@@ -316,15 +316,26 @@ impl HostFacts {
         Ok(facts)
     }
 
-    /// Adds the container round's sections.
-    pub fn add_container(&mut self, vmid: u32, s: &BTreeMap<String, Probe>) {
+    /// Adds the container round's sections (and its stderr, which carries `pct exec`'s own errors).
+    pub fn add_container(&mut self, vmid: u32, s: &BTreeMap<String, Probe>, round_stderr: &str) {
         let get = |name: &str| s.get(name).cloned().unwrap_or_default();
         let status_text = get("ct-status").text.trim().to_string();
-        let status = match status_text.as_str() {
+        let mut status = match status_text.as_str() {
             t if t.ends_with("running") => CtStatus::Running,
             t if t.ends_with("stopped") => CtStatus::Stopped,
             t => CtStatus::Unknown(t.to_string()),
         };
+        // Running, but `pct exec` printed none of the probes: nothing inside can be judged.
+        if status == CtStatus::Running
+            && !["ct-os-release", "ct-nvidia-smi", "ct-dpkg", "ct-services"]
+                .iter()
+                .any(|k| s.contains_key(*k))
+        {
+            status = CtStatus::Unknown(format!(
+                "status: running, but `pct exec {vmid} -- sh` failed: {}",
+                round_stderr.lines().next().unwrap_or("no output")
+            ));
+        }
         let resolv = get("ct-resolv");
         let resolv_attr = system::parse_lsattr(&resolv.text).into_iter().next();
         let inside = (status == CtStatus::Running).then(|| {
@@ -477,7 +488,7 @@ pub fn gather(transport: &dyn Transport, vmid: Option<u32>) -> Result<HostFacts>
             .with_context(|| {
                 format!("cannot run the container probes for CT {vmid} on {target}")
             })?;
-        facts.add_container(vmid, &parse_sections(&out.stdout));
+        facts.add_container(vmid, &parse_sections(&out.stdout), &out.stderr);
     }
     Ok(facts)
 }
