@@ -223,11 +223,18 @@ impl LineSplitter {
     /// Adds bytes and hands each completed line (without its newline) to `on_line`.
     pub fn push(&mut self, data: &[u8], mut on_line: impl FnMut(&str)) {
         self.all.extend_from_slice(data);
+        // Only the new bytes are searched: a long line arriving in many chunks stays linear, not quadratic.
+        let mut start = self.pending.len();
         self.pending.extend_from_slice(data);
-        while let Some(pos) = self.pending.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.pending.drain(..=pos).collect();
-            on_line(String::from_utf8_lossy(&line[..line.len() - 1]).trim_end_matches('\r'));
+        let mut consumed = 0;
+        while let Some(rel) = self.pending[start..].iter().position(|&b| b == b'\n') {
+            let end = start + rel;
+            let line = &self.pending[consumed..end];
+            on_line(String::from_utf8_lossy(line).trim_end_matches('\r'));
+            consumed = end + 1;
+            start = consumed;
         }
+        self.pending.drain(..consumed);
     }
 
     /// Flushes a last unterminated line and returns everything received.
