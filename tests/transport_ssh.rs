@@ -759,3 +759,46 @@ fn sim_reboot_loads_the_installed_module() {
     let out = run(&Container::new(&t, 103), &["nvidia-smi"]);
     assert_eq!(out.status, Some(18), "{out:?}");
 }
+
+#[test]
+fn sim_pct_create_makes_a_stopped_ct_with_its_own_rootfs() {
+    let sim = SimHost::start("healthy");
+    let t = sim.connect();
+    let tpl = "local:vztmpl/debian-13-standard_13.1-2_amd64.tar.zst";
+    let out = run(
+        &t,
+        &[
+            "pct",
+            "create",
+            "104",
+            tpl,
+            "--hostname",
+            "llm2",
+            "--memory",
+            "8192",
+        ],
+    );
+    assert_eq!(out.status, Some(0), "{out:?}");
+    let out = run(&t, &["pct", "create", "104", tpl]);
+    assert_eq!(
+        out.stderr,
+        "unable to create CT 104 - CT 104 already exists on node 'pve'\n"
+    );
+    assert_eq!(
+        String::from_utf8(t.read_file("/etc/pve/lxc/104.conf").unwrap()).unwrap(),
+        "arch: amd64\nhostname: llm2\nmemory: 8192\nostype: debian\n"
+    );
+    assert_eq!(
+        run(&t, &["pct", "status", "104"]).stdout,
+        "status: stopped\n"
+    );
+    assert_eq!(run(&t, &["pct", "start", "104"]).status, Some(0));
+    let ct = Container::new(&t, 104);
+    assert!(
+        run(&ct, &["cat", "/etc/os-release"])
+            .stdout
+            .contains("trixie")
+    );
+    // A new CT has no NVIDIA userspace yet.
+    assert_ne!(run(&ct, &["nvidia-smi"]).status, Some(0));
+}
