@@ -48,6 +48,9 @@ command -v g++ >/dev/null || need_apt+=(g++)
 command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
 command -v ssh-keygen >/dev/null || need_apt+=(openssh-client)
 command -v unzip >/dev/null || need_apt+=(unzip)
+[ -x /usr/bin/python3 ] || need_apt+=(python3)           # fixtures/sim: the simulated Proxmox host's tools
+command -v ip >/dev/null || need_apt+=(iproute2)          # fixtures/sim: network namespaces
+command -v chattr >/dev/null || need_apt+=(e2fsprogs)     # fixtures/sim: immutable resolv.conf
 command -v node >/dev/null || need_apt+=(nodejs npm)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -12,5 +12,6 @@ pub mod model;
 pub mod outcome;
 pub mod provision;
 pub mod proxy;
+pub mod pve;
 pub mod shell;
 pub mod transport;

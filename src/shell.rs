@@ -35,4 +35,45 @@ mod tests {
         assert_eq!(quote("$(reboot)"), "'$(reboot)'");
         assert_eq!(join(&["echo", "a;b", "c"]), "echo 'a;b' c");
     }
+
+    /// What a real POSIX shell makes of `join(argv)`: it must be argv again, byte for byte.
+    #[test]
+    fn sh_reads_back_the_same_argv() {
+        let nasty = [
+            "plain",
+            "",
+            "two words",
+            "it's",
+            "\"double\"",
+            "$(touch /tmp/llmctl-pwned)",
+            "`id`",
+            "a\nb",
+            "tab\there",
+            "back\\slash",
+            "*",
+            "~",
+            "semi;colon",
+            "pipe|amp&",
+            "ünïcødé",
+            "--flag=value with space",
+            "'",
+            "''",
+        ];
+        // printf prints each argument NUL-terminated, so the argv is recovered exactly.
+        let mut argv = vec!["printf", "%s\\0"];
+        argv.extend(nasty);
+        let line = join(&argv);
+        let out = std::process::Command::new("sh")
+            .args(["-c", &line])
+            .output()
+            .expect("sh runs");
+        assert!(out.status.success());
+        let got: Vec<&[u8]> = out.stdout.split(|&b| b == 0).collect();
+        let want: Vec<&[u8]> = nasty
+            .iter()
+            .map(|s| s.as_bytes())
+            .chain([&b""[..]])
+            .collect();
+        assert_eq!(got, want);
+    }
 }

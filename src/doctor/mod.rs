@@ -1,14 +1,183 @@
 //! `llmctl doctor`: find what is broken on a Proxmox host and its GPU container, and say how to fix it.
+//!
+//! [`facts`] gathers read-only facts in two round trips, [`checks`] turns them into findings (pure functions),
+//! and this module connects, prints the report (text or `--json`) and picks the exit code:
+//! 0 healthy (warnings allowed), 1 problems found, 2 could not run.
 
-use anyhow::Result;
+pub mod checks;
+pub mod facts;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
 use clap::Args;
+use serde::{Deserialize, Serialize};
 
 use crate::cli::GlobalArgs;
+use crate::config::ConfigFile;
 use crate::outcome::Outcome;
+use crate::transport::ssh::SshOptions;
+use checks::{Finding, Severity};
 
 #[derive(Debug, Clone, Args)]
-pub struct DoctorArgs {}
+pub struct DoctorArgs {
+    /// The Proxmox host: `local` (run on the host itself), `user@host[:port]`, or a ~/.ssh/config alias
+    /// [default: [host] address in llmctl.toml]
+    #[arg(long, value_name = "HOST")]
+    pub host: Option<String>,
+    /// The GPU container [default: [host] vmid in llmctl.toml, else the only container with NVIDIA devices]
+    #[arg(long, value_name = "N")]
+    pub vmid: Option<u32>,
+    /// Print a machine-readable report.
+    #[arg(long)]
+    pub json: bool,
+    /// Record the host's key in known_hosts when it is not there yet (a changed key is always refused).
+    #[arg(long)]
+    pub accept_new_host_key: bool,
+    /// SSH private key to try (after ssh-agent and ~/.ssh/config's IdentityFile). Repeatable.
+    #[arg(long, value_name = "PATH")]
+    pub identity: Vec<PathBuf>,
+    /// known_hosts file [default: ~/.ssh/known_hosts]
+    #[arg(long, value_name = "PATH")]
+    pub known_hosts: Option<PathBuf>,
+}
 
-pub fn run(_global: &GlobalArgs, _args: DoctorArgs) -> Result<Outcome> {
-    anyhow::bail!("doctor is not built yet")
+/// The `[host]` section of llmctl.toml, as far as doctor reads it.
+#[derive(Debug, Clone, Default, Deserialize)]
+struct HostSection {
+    address: Option<String>,
+    vmid: Option<u32>,
+}
+
+/// The machine-readable report (`--json`).
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub host: String,
+    pub vmid: Option<u32>,
+    /// `healthy`, `problems-found`, or `could-not-run` (a container that does not exist).
+    pub outcome: &'static str,
+    pub summary: Summary,
+    pub findings: Vec<Finding>,
+}
+
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Summary {
+    pub ok: usize,
+    pub skip: usize,
+    pub warn: usize,
+    pub fail: usize,
+}
+
+pub fn summarize(findings: &[Finding]) -> Summary {
+    let mut s = Summary::default();
+    for f in findings {
+        match f.severity {
+            Severity::Ok => s.ok += 1,
+            Severity::Skip => s.skip += 1,
+            Severity::Warn => s.warn += 1,
+            Severity::Fail => s.fail += 1,
+        }
+    }
+    s
+}
+
+/// Exit outcome: a missing container means doctor could not check what it was asked to (2); any failure → 1;
+/// warnings alone are healthy (0).
+pub fn outcome(findings: &[Finding]) -> Outcome {
+    if findings
+        .iter()
+        .any(|f| f.id == "ct.missing" && f.severity == Severity::Fail)
+    {
+        Outcome::CouldNotRun
+    } else if findings.iter().any(|f| f.severity == Severity::Fail) {
+        Outcome::ProblemsFound
+    } else {
+        Outcome::Success
+    }
+}
+
+pub fn run(global: &GlobalArgs, args: DoctorArgs) -> Result<Outcome> {
+    let config = ConfigFile::load(global.config.as_deref())?;
+    let section: HostSection = config.section("host")?.unwrap_or_default();
+    let host = args.host.clone().or(section.address).context(
+        "no host given: pass --host user@host (or --host local on the Proxmox host itself), or set [host] address in llmctl.toml",
+    )?;
+    let vmid = args.vmid.or(section.vmid);
+    let options = SshOptions {
+        known_hosts: args.known_hosts.clone(),
+        identity_files: args.identity.clone(),
+        accept_new_host_key: args.accept_new_host_key,
+        ..SshOptions::default()
+    };
+    let transport = crate::transport::connect(&host, &options)?;
+    let facts = facts::gather(transport.as_ref(), vmid)?;
+    let findings = checks::run_all(&facts);
+    let outcome = outcome(&findings);
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        let report = Report {
+            host: facts.target.clone(),
+            vmid: facts.vmid,
+            outcome: match outcome {
+                Outcome::Success => "healthy",
+                Outcome::ProblemsFound => "problems-found",
+                Outcome::CouldNotRun => "could-not-run",
+            },
+            summary: summarize(&findings),
+            findings,
+        };
+        serde_json::to_writer_pretty(&mut stdout, &report)?;
+        writeln!(stdout)?;
+    } else {
+        stdout.write_all(render_text(&facts.target, facts.vmid, &findings).as_bytes())?;
+    }
+    if outcome == Outcome::CouldNotRun {
+        // The report says which container is missing; say it on stderr too so scripts see why the exit is 2.
+        let v = facts.vmid.unwrap_or_default();
+        eprintln!(
+            "error: container {v} does not exist on {}: pass an existing --vmid (see `pct list`)",
+            facts.target
+        );
+    }
+    Ok(outcome)
+}
+
+/// The text report: each check as `ok`/`skip`/`warn`/`FAIL` + title, problems with their evidence and fix,
+/// then a summary line.
+pub fn render_text(target: &str, vmid: Option<u32>, findings: &[Finding]) -> String {
+    let mut out = format!(
+        "llmctl doctor: {target}{}\n\n",
+        vmid.map(|v| format!(", container {v}")).unwrap_or_default()
+    );
+    for f in findings {
+        let tag = match f.severity {
+            Severity::Ok => "ok  ",
+            Severity::Skip => "skip",
+            Severity::Warn => "warn",
+            Severity::Fail => "FAIL",
+        };
+        out.push_str(&format!("{tag}  {:<26} {}\n", f.id, f.title));
+        if f.severity.is_problem() {
+            for line in &f.evidence {
+                out.push_str(&format!("        {line}\n"));
+            }
+            if let Some(fix) = &f.fix {
+                out.push_str(&format!("        fix: {}\n", fix.render()));
+            }
+        }
+    }
+    let s = summarize(findings);
+    let verdict = if s.fail > 0 {
+        "problems found"
+    } else if s.warn > 0 {
+        "healthy, with warnings"
+    } else {
+        "healthy"
+    };
+    out.push_str(&format!(
+        "\n{verdict}: {} failed, {} warnings, {} ok, {} skipped\n",
+        s.fail, s.warn, s.ok, s.skip
+    ));
+    out
 }

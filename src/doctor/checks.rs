@@ -1,0 +1,1530 @@
+//! The checks: pure functions from [`HostFacts`] to findings. Each check reports its own id once: `ok` when the
+//! thing it guards is fine, `skip` when something it depends on is broken (and reported by its own check), and
+//! `warn`/`FAIL` with the exact lines it saw and the fix. Reporting a symptom only under its root cause keeps the
+//! output to the one thing to fix first (no "GPU not visible" on a host whose driver is not even built).
+
+use serde::Serialize;
+
+use super::facts::{CtStatus, HostFacts, LLAMA_UNIT, PROXY_UNIT};
+use crate::pve::dkms::DkmsState;
+use crate::pve::llama::{self, ArchFit};
+use crate::pve::lxc::{self, LxcConfig};
+use crate::pve::nvidia::{self, SmiReport};
+use crate::pve::packages::{NVIDIA_REPO_REVISION, upstream_version};
+use crate::pve::system;
+use crate::shell;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Ok,
+    /// Not evaluated because a prerequisite is broken or absent.
+    Skip,
+    Warn,
+    Fail,
+}
+
+impl Severity {
+    pub fn is_problem(self) -> bool {
+        matches!(self, Severity::Warn | Severity::Fail)
+    }
+}
+
+/// How to fix a finding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fix {
+    /// A shell command for the user to run on the Proxmox host.
+    Command(String),
+    /// A step of `llmctl provision`.
+    Provision(&'static str),
+}
+
+impl Fix {
+    pub fn render(&self) -> String {
+        match self {
+            Fix::Command(c) => c.clone(),
+            Fix::Provision(step) => format!("llmctl provision --only {step}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub id: &'static str,
+    pub severity: Severity,
+    pub title: String,
+    /// The exact lines seen, or what was looked for and not found.
+    pub evidence: Vec<String>,
+    pub fix: Option<Fix>,
+}
+
+impl Finding {
+    fn ok(id: &'static str, title: impl Into<String>) -> Finding {
+        Finding {
+            id,
+            severity: Severity::Ok,
+            title: title.into(),
+            evidence: Vec::new(),
+            fix: None,
+        }
+    }
+    fn skip(id: &'static str, why: impl Into<String>) -> Finding {
+        Finding {
+            id,
+            severity: Severity::Skip,
+            title: why.into(),
+            evidence: Vec::new(),
+            fix: None,
+        }
+    }
+    fn problem(
+        id: &'static str,
+        severity: Severity,
+        title: impl Into<String>,
+        evidence: Vec<String>,
+        fix: Fix,
+    ) -> Finding {
+        Finding {
+            id,
+            severity,
+            title: title.into(),
+            evidence,
+            fix: Some(fix),
+        }
+    }
+}
+
+/// Every check, in the order a user should fix things.
+pub const CHECKS: &[fn(&HostFacts) -> Vec<Finding>] = &[
+    check_nouveau,
+    check_kernel_headers,
+    check_driver_installed,
+    check_secure_boot,
+    check_dkms,
+    check_driver_loaded,
+    check_reboot_pending,
+    check_driver_pinned,
+    check_device_nodes,
+    check_nodes_at_boot,
+    check_container_exists,
+    check_container_config,
+    check_devices_configured,
+    check_cgroup_majors,
+    check_resolv,
+    check_running,
+    check_ct_libs,
+    check_gpu_visible,
+    check_llama_build,
+    check_llama_context,
+    check_services,
+];
+
+pub fn run_all(facts: &HostFacts) -> Vec<Finding> {
+    CHECKS.iter().flat_map(|check| check(facts)).collect()
+}
+
+// ---- host: driver ------------------------------------------------------------------------------------------
+
+/// Kernel-side driver packages (NVIDIA's repo names and Debian's).
+const KERNEL_PACKAGES: &[&str] = &[
+    "nvidia-kernel-open-dkms",
+    "nvidia-kernel-dkms",
+    "nvidia-open-kernel-dkms",
+    "nvidia-open",
+];
+/// User-space packages whose version must equal the loaded module.
+const LIB_PACKAGES: &[&str] = &["libnvidia-ml1", "libcuda1", "nvidia-driver-cuda"];
+pub const UVM_NODES: &[&str] = &["/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"];
+
+fn driver_packages(f: &HostFacts) -> Vec<String> {
+    f.packages
+        .iter()
+        .filter(|p| p.installed())
+        .filter(|p| {
+            KERNEL_PACKAGES.contains(&p.name.as_str())
+                || LIB_PACKAGES.contains(&p.name.as_str())
+                || p.name.starts_with("nvidia-driver")
+                || p.name.starts_with("nvidia-kernel")
+                || p.name.starts_with("libnvidia")
+        })
+        .map(|p| p.name.clone())
+        .collect()
+}
+
+fn kernel_package_installed(f: &HostFacts) -> bool {
+    KERNEL_PACKAGES.iter().any(|p| f.package(p).is_some()) || f.dkms.iter().any(|e| e.is_nvidia())
+}
+
+fn module_missing_evidence(f: &HostFacts) -> Vec<String> {
+    let mut ev = vec![
+        "/proc/driver/nvidia/version: not present (no NVIDIA kernel module loaded)".to_string(),
+    ];
+    ev.extend(
+        f.smi_lines
+            .iter()
+            .take(2)
+            .map(|l| format!("nvidia-smi: {l}")),
+    );
+    ev
+}
+
+fn headers_present(f: &HostFacts, kernel: &str) -> bool {
+    f.kernels_with_build_dir.iter().any(|k| k == kernel)
+        || f.package(&format!("proxmox-headers-{kernel}")).is_some()
+        || f.package(&format!("pve-headers-{kernel}")).is_some()
+}
+
+fn nvidia_entry_for<'a>(f: &'a HostFacts, kernel: &str) -> Vec<&'a crate::pve::dkms::DkmsEntry> {
+    f.dkms
+        .iter()
+        .filter(|e| e.is_nvidia() && e.kernel.as_deref() == Some(kernel))
+        .collect()
+}
+
+fn dkms_installed_for(f: &HostFacts, kernel: &str) -> bool {
+    nvidia_entry_for(f, kernel)
+        .iter()
+        .any(|e| e.state == DkmsState::Installed)
+}
+
+/// Whether a root cause for "no module loaded" is reported by another check.
+fn module_absence_explained(f: &HostFacts) -> bool {
+    f.has_module("nouveau")
+        || (kernel_package_installed(f) && !dkms_installed_for(f, &f.kernel))
+        || f.secure_boot == Some(true)
+}
+
+pub fn check_driver_installed(f: &HostFacts) -> Vec<Finding> {
+    const ID: &str = "driver.not-installed";
+    if let Some(m) = &f.module {
+        let flavour = match m.flavour {
+            nvidia::ModuleFlavour::Open => "open",
+            nvidia::ModuleFlavour::Proprietary => "proprietary",
+        };
+        return vec![Finding::ok(
+            ID,
+            format!("NVIDIA driver {} ({flavour} module) is loaded", m.version),
+        )];
+    }
+    if kernel_package_installed(f) || !driver_packages(f).is_empty() {
+        return vec![Finding::ok(
+            ID,
+            format!(
+                "NVIDIA driver packages are installed: {}",
+                driver_packages(f).join(", ")
+            ),
+        )];
+    }
+    let mut ev = module_missing_evidence(f);
+    ev.push("dpkg: no nvidia-kernel-*-dkms or nvidia-driver* package installed".into());
+    vec![Finding::problem(
+        ID,
+        Severity::Fail,
+        "no NVIDIA driver is installed on the host",
+        ev,
+        Fix::Provision("driver"),
+    )]
+}
+
+pub fn check_nouveau(f: &HostFacts) -> Vec<Finding> {
+    let blacklisted: Vec<&String> = f
+        .modprobe_nouveau
+        .iter()
+        .filter(|l| {
+            l.split_once(':')
+                .map(|(_, rest)| rest.trim())
+                .is_some_and(|r| r.starts_with("blacklist nouveau"))
+        })
+        .collect();
+    let not_blacklisted_evidence = || {
+        let mut ev = vec![
+            "no `blacklist nouveau` line in /etc/modprobe.d, /lib/modprobe.d or /usr/lib/modprobe.d"
+                .to_string(),
+        ];
+        ev.extend(f.modprobe_nouveau.iter().take(4).cloned());
+        ev
+    };
+    if f.has_module("nouveau") {
+        let mut ev = vec![
+            "lsmod: nouveau is loaded (it owns the GPU, the NVIDIA module cannot probe it)"
+                .to_string(),
+        ];
+        ev.extend(
+            f.dmesg
+                .iter()
+                .filter(|l| l.contains("NVRM") || l.contains("nouveau"))
+                .take(6)
+                .cloned(),
+        );
+        // The fix (blacklist + initramfs + reboot) is the same for both: one finding, both facts.
+        let blacklist_too = blacklisted.is_empty();
+        if blacklist_too {
+            ev.extend(not_blacklisted_evidence());
+        }
+        return vec![
+            Finding::problem(
+                "nouveau.loaded",
+                Severity::Fail,
+                "the nouveau driver is loaded and holds the GPU",
+                ev,
+                Fix::Provision("nouveau"),
+            ),
+            if blacklist_too {
+                Finding::skip(
+                    "nouveau.not-blacklisted",
+                    "not blacklisted either; see nouveau.loaded",
+                )
+            } else {
+                Finding::ok(
+                    "nouveau.not-blacklisted",
+                    "nouveau is blacklisted (a reboot after update-initramfs keeps it out)",
+                )
+            },
+        ];
+    }
+    let mut out = vec![Finding::ok("nouveau.loaded", "nouveau is not loaded")];
+    if blacklisted.is_empty() {
+        out.push(Finding::problem(
+            "nouveau.not-blacklisted",
+            Severity::Warn,
+            "nouveau is not blacklisted: it can take the GPU at the next boot",
+            not_blacklisted_evidence(),
+            Fix::Provision("nouveau"),
+        ));
+    } else {
+        out.push(Finding::ok(
+            "nouveau.not-blacklisted",
+            format!("nouveau is blacklisted ({})", blacklisted[0]),
+        ));
+    }
+    out
+}
+
+pub fn check_kernel_headers(f: &HostFacts) -> Vec<Finding> {
+    const ID: &str = "kernel.headers-missing";
+    let pve_major = f.pve.as_ref().map(|p| p.major);
+    let mut kernels: Vec<&String> = f.installed_kernels.iter().collect();
+    if !kernels.contains(&&f.kernel) && !f.kernel.is_empty() {
+        kernels.push(&f.kernel);
+    }
+    let missing: Vec<&String> = kernels
+        .into_iter()
+        .filter(|k| !headers_present(f, k))
+        .collect();
+    if missing.is_empty() {
+        return vec![Finding::ok(
+            ID,
+            format!(
+                "kernel headers are installed for every kernel ({})",
+                f.installed_kernels.join(", ")
+            ),
+        )];
+    }
+    let running_missing = missing.iter().any(|k| **k == f.kernel);
+    let ev = missing
+        .iter()
+        .map(|k| {
+            let which = if **k == f.kernel {
+                " (running)"
+            } else {
+                " (installed, not running)"
+            };
+            format!(
+                "/lib/modules/{k}/build: missing, {} not installed{which}",
+                system::headers_package(k, pve_major)
+            )
+        })
+        .collect();
+    let pkgs: Vec<String> = missing
+        .iter()
+        .map(|k| system::headers_package(k, pve_major))
+        .collect();
+    let mut argv = vec!["apt-get", "install", "-y"];
+    argv.extend(pkgs.iter().map(String::as_str));
+    let title = if running_missing {
+        format!(
+            "kernel headers for the running kernel {} are missing: DKMS cannot build the NVIDIA module",
+            f.kernel
+        )
+    } else {
+        "kernel headers are missing for an installed kernel: booting it would leave no NVIDIA module".to_string()
+    };
+    let severity = if running_missing {
+        Severity::Fail
+    } else {
+        Severity::Warn
+    };
+    vec![Finding::problem(
+        ID,
+        severity,
+        title,
+        ev,
+        Fix::Command(shell::join(&argv)),
+    )]
+}
+
+pub fn check_secure_boot(f: &HostFacts) -> Vec<Finding> {
+    const ID: &str = "secureboot.unsigned";
+    match (f.secure_boot, &f.module) {
+        (Some(true), None) if kernel_package_installed(f) => vec![Finding::problem(
+            ID,
+            Severity::Fail,
+            "Secure Boot is on and the NVIDIA module is not loaded: the DKMS-built module must be signed with an enrolled MOK key",
+            f.secure_boot_line.iter().cloned().chain(module_missing_evidence(f)).collect(),
+            Fix::Command("mokutil --import /var/lib/dkms/mok.pub   # then reboot and enroll the key at the blue MOK screen".into()),
+        )],
+        (Some(true), Some(_)) => vec![Finding::ok(ID, "Secure Boot is on and the NVIDIA module is loaded (it is signed)")],
+        (Some(false), _) => vec![Finding::ok(ID, "Secure Boot is off")],
+        _ => vec![Finding::ok(ID, "Secure Boot state unknown (no mokutil) or no driver to sign")],
+    }
+}
+
+pub fn check_dkms(f: &HostFacts) -> Vec<Finding> {
+    if !kernel_package_installed(f) {
+        return vec![
+            Finding::skip("dkms.build-failed", "no DKMS NVIDIA driver installed"),
+            Finding::skip("dkms.not-built", "no DKMS NVIDIA driver installed"),
+        ];
+    }
+    let mut out = Vec::new();
+    let nvidia_lines: Vec<String> = f
+        .dkms
+        .iter()
+        .filter(|e| e.is_nvidia())
+        .map(|e| format!("dkms status: {}", e.line))
+        .collect();
+    let running = nvidia_entry_for(f, &f.kernel);
+    let running_installed = running.iter().any(|e| e.state == DkmsState::Installed);
+    let running_built = running.iter().any(|e| e.state == DkmsState::Built);
+    let kernel_pkg_version = KERNEL_PACKAGES
+        .iter()
+        .find_map(|p| f.package(p))
+        .map(|p| upstream_version(&p.version).to_string());
+
+    // Build failure for the running kernel (a headers problem is reported by its own check).
+    if running_installed || running_built {
+        out.push(Finding::ok(
+            "dkms.build-failed",
+            format!(
+                "the NVIDIA module is built for the running kernel {}",
+                f.kernel
+            ),
+        ));
+    } else if !headers_present(f, &f.kernel) {
+        out.push(Finding::skip(
+            "dkms.build-failed",
+            format!("no headers for {}: see kernel.headers-missing", f.kernel),
+        ));
+    } else {
+        let mut ev = nvidia_lines.clone();
+        if ev.is_empty() {
+            ev.push("dkms status: no nvidia entry at all".into());
+        }
+        ev.push(format!(
+            "no `installed` nvidia entry for the running kernel {}",
+            f.kernel
+        ));
+        ev.extend(f.make_log_lines.iter().map(|l| format!("make.log: {l}")));
+        let version = kernel_pkg_version.clone().or_else(|| {
+            f.dkms
+                .iter()
+                .find(|e| e.is_nvidia())
+                .map(|e| e.version.clone())
+        });
+        let mut title = format!(
+            "DKMS did not build the NVIDIA module for the running kernel {}",
+            f.kernel
+        );
+        if let Some(v) = &version
+            && nvidia::branch(v).is_some_and(|b| b < 570)
+            && kernel_is_at_least(&f.kernel, (6, 8))
+        {
+            title.push_str(&format!(
+                ": driver {v} is too old for kernel {} (install a newer branch, e.g. 595 from NVIDIA's CUDA repo, or pin an older kernel with `proxmox-boot-tool kernel pin`)",
+                f.kernel
+            ));
+        }
+        let module = f
+            .dkms
+            .iter()
+            .find(|e| e.is_nvidia())
+            .map_or("nvidia".to_string(), |e| e.module.clone());
+        let fix = match version {
+            Some(v) => Fix::Command(shell::join(&[
+                "dkms", "install", "-m", &module, "-v", &v, "-k", &f.kernel,
+            ])),
+            None => Fix::Provision("driver"),
+        };
+        out.push(Finding::problem(
+            "dkms.build-failed",
+            Severity::Fail,
+            title,
+            ev,
+            fix,
+        ));
+    }
+
+    // Built but not installed (running kernel: fail), or not built for other installed kernels (warn).
+    let mut ev = Vec::new();
+    let mut severity = Severity::Ok;
+    if running_built && !running_installed {
+        severity = Severity::Fail;
+        ev.push(format!(
+            "running kernel {}: built but not installed",
+            f.kernel
+        ));
+    }
+    for k in f
+        .installed_kernels
+        .iter()
+        .filter(|k| **k != f.kernel && headers_present(f, k))
+    {
+        if !dkms_installed_for(f, k) {
+            severity = severity.max(Severity::Warn);
+            ev.push(format!("kernel {k}: no installed nvidia module (booting it leaves the GPU without a driver)"));
+        }
+    }
+    for e in f.dkms.iter().filter(|e| e.is_nvidia()) {
+        if let Some(note) = &e.note
+            && note.contains("Diff between built and installed")
+        {
+            severity = severity.max(Severity::Warn);
+            ev.push(format!("dkms status: {}", e.line));
+        }
+    }
+    if severity == Severity::Ok {
+        out.push(Finding::ok(
+            "dkms.not-built",
+            "the NVIDIA module is installed for every kernel with headers",
+        ));
+    } else {
+        ev.extend(nvidia_lines);
+        let fix = Fix::Command("dkms autoinstall --all".into());
+        out.push(Finding::problem(
+            "dkms.not-built",
+            severity,
+            "the NVIDIA DKMS module is not installed for every kernel",
+            ev,
+            fix,
+        ));
+    }
+    out
+}
+
+fn kernel_is_at_least(kernel: &str, (maj, min): (u32, u32)) -> bool {
+    let mut it = kernel.split(['.', '-']).map(|p| p.parse::<u32>().ok());
+    match (it.next().flatten(), it.next().flatten()) {
+        (Some(a), Some(b)) => (a, b) >= (maj, min),
+        _ => false,
+    }
+}
+
+pub fn check_driver_loaded(f: &HostFacts) -> Vec<Finding> {
+    const ID: &str = "driver.not-loaded";
+    if f.module.is_some() {
+        return vec![Finding::ok(ID, "the NVIDIA kernel module is loaded")];
+    }
+    if !kernel_package_installed(f) {
+        return vec![Finding::skip(ID, "no driver installed")];
+    }
+    if module_absence_explained(f) {
+        return vec![Finding::skip(
+            ID,
+            "the module is not loaded; the cause is reported above",
+        )];
+    }
+    vec![Finding::problem(
+        ID,
+        Severity::Fail,
+        "the NVIDIA driver is installed and built but its module is not loaded",
+        module_missing_evidence(f),
+        Fix::Command("modprobe nvidia && modprobe nvidia_uvm".into()),
+    )]
+}
+
+/// Host user-space version (from the packages) vs the loaded module.
+pub fn check_reboot_pending(f: &HostFacts) -> Vec<Finding> {
+    const ID: &str = "driver.reboot-pending";
+    let Some(m) = &f.module else {
+        return vec![Finding::skip(ID, "no NVIDIA module loaded")];
+    };
+    let mut ev = Vec::new();
+    for name in LIB_PACKAGES {
+        if let Some(p) = f.package(name)
+            && upstream_version(&p.version) != m.version
+        {
+            ev.push(format!(
+                "host package {name} {} ≠ loaded module {}",
+                p.version, m.version
+            ));
+        }
+    }
+    for e in nvidia_entry_for(f, &f.kernel) {
+        if e.state == DkmsState::Installed && e.version != m.version {
+            ev.push(format!(
+                "dkms status: {} (loaded module is {})",
+                e.line, m.version
+            ));
+        }
+    }
+    if let Some(SmiReport::Mismatch { .. }) = &f.smi {
+        ev.extend(f.smi_lines.iter().map(|l| format!("nvidia-smi: {l}")));
+    }
+    if ev.is_empty() {
+        return vec![Finding::ok(
+            ID,
+            format!("host libraries match the loaded module {}", m.version),
+        )];
+    }
+    ev.insert(0, format!("/proc/driver/nvidia/version: {}", m.line));
+    vec![Finding::problem(
+        ID,
+        Severity::Fail,
+        format!("the host's NVIDIA libraries were upgraded but the old module {} is still loaded", m.version),
+        ev,
+        Fix::Command("reboot   # or stop every GPU user, then: modprobe -r nvidia_uvm nvidia && modprobe nvidia nvidia_uvm".into()),
+    )]
+}
+
+pub fn check_driver_pinned(f: &HostFacts) -> Vec<Finding> {
+    const ID: &str = "driver.not-pinned";
+    let installed: Vec<String> = driver_packages(f);
+    if installed.is_empty() {
+        return vec![Finding::skip(ID, "no driver packages installed")];
+    }
+    let pinning: Vec<&str> = f
+        .packages
+        .iter()
+        .filter(|p| p.installed() && p.name.starts_with("nvidia-driver-pinning-"))
+        .map(|p| p.name.as_str())
+        .collect();
+    let unheld: Vec<&String> = installed
+        .iter()
+        .filter(|p| !f.is_held(p) && !p.starts_with("nvidia-driver-pinning-"))
+        .collect();
+    if unheld.is_empty() || !pinning.is_empty() {
+        let how = if pinning.is_empty() {
+            "all held".to_string()
+        } else {
+            pinning.join(", ")
+        };
+        return vec![Finding::ok(
+            ID,
+            format!("the driver version is pinned ({how})"),
+        )];
+    }
+    let mut argv = vec!["apt-mark", "hold"];
+    argv.extend(unheld.iter().map(|s| s.as_str()));
+    vec![Finding::problem(
+        ID,
+        Severity::Warn,
+        "the driver is not pinned: an apt upgrade (or unattended-upgrades) can replace the libraries and leave them ≠ the loaded module",
+        unheld
+            .iter()
+            .map(|p| format!("{p}: installed, not held; no nvidia-driver-pinning-* package"))
+            .collect(),
+        Fix::Command(shell::join(&argv)),
+    )]
+}
+
+// ---- host: device nodes ------------------------------------------------------------------------------------
+
+fn node<'a>(f: &'a HostFacts, path: &str) -> Option<&'a system::DevNode> {
+    f.dev_nodes.iter().find(|n| n.path == path && n.kind == 'c')
+}
+
+pub fn check_device_nodes(f: &HostFacts) -> Vec<Finding> {
+    if f.module.is_none() {
+        return vec![
+            Finding::skip("dev.uvm-missing", "no NVIDIA module loaded"),
+            Finding::skip("dev.nodes-missing", "no NVIDIA module loaded"),
+        ];
+    }
+    let mut out = Vec::new();
+    let missing_uvm: Vec<&str> = UVM_NODES
+        .iter()
+        .copied()
+        .filter(|p| node(f, p).is_none())
+        .collect();
+    if missing_uvm.is_empty() {
+        out.push(Finding::ok(
+            "dev.uvm-missing",
+            "/dev/nvidia-uvm and /dev/nvidia-uvm-tools exist",
+        ));
+    } else {
+        let mut ev: Vec<String> = missing_uvm
+            .iter()
+            .map(|p| format!("{p}: does not exist"))
+            .collect();
+        if !f.has_module("nvidia_uvm") {
+            ev.push("lsmod: nvidia_uvm is not loaded".into());
+        }
+        if let Some(cfg) = f.config() {
+            for (i, d) in cfg.devices() {
+                if missing_uvm.contains(&d.path.as_str()) {
+                    ev.push(format!(
+                        "CT {}: dev{i}: {} → pct start fails with `Device {} does not exist`",
+                        f.vmid.unwrap_or_default(),
+                        d.path,
+                        d.path
+                    ));
+                }
+            }
+        }
+        // When nothing sets uvm up at boot, that is why it is missing now: the provision step fixes both.
+        let fix = if uvm_set_up_at_boot(f) {
+            Fix::Command("modprobe nvidia_uvm && nvidia-modprobe -c0 -u".into())
+        } else {
+            ev.extend(not_at_boot_evidence());
+            Fix::Provision("devices-at-boot")
+        };
+        out.push(Finding::problem(
+            "dev.uvm-missing",
+            Severity::Fail,
+            "/dev/nvidia-uvm is missing: CUDA cannot run, and a container with it as devN refuses to start",
+            ev,
+            fix,
+        ));
+    }
+    let mut missing: Vec<String> = Vec::new();
+    if node(f, "/dev/nvidiactl").is_none() {
+        missing.push("/dev/nvidiactl".into());
+    }
+    if !f
+        .dev_nodes
+        .iter()
+        .any(|n| is_gpu_node(&n.path) && n.kind == 'c')
+    {
+        missing.push("/dev/nvidia0".into());
+    }
+    if missing.is_empty() {
+        out.push(Finding::ok(
+            "dev.nodes-missing",
+            "/dev/nvidiactl and the /dev/nvidiaN GPU nodes exist",
+        ));
+    } else {
+        out.push(Finding::problem(
+            "dev.nodes-missing",
+            Severity::Fail,
+            "NVIDIA device nodes are missing on the host",
+            missing
+                .iter()
+                .map(|p| format!("{p}: does not exist"))
+                .collect(),
+            Fix::Command("nvidia-modprobe -c0 && nvidia-smi -L".into()),
+        ));
+    }
+    out
+}
+
+fn is_gpu_node(path: &str) -> bool {
+    path.strip_prefix("/dev/nvidia")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn uvm_set_up_at_boot(f: &HostFacts) -> bool {
+    let loads_uvm = f.modules_load.iter().any(|l| {
+        l.split_once(':')
+            .is_some_and(|(_, v)| v.trim() == "nvidia_uvm" || v.trim() == "nvidia-uvm")
+    });
+    let udev = f
+        .udev_rules
+        .iter()
+        .any(|l| l.contains("nvidia-modprobe") || l.contains("nvidia_uvm"));
+    loads_uvm || udev
+}
+
+fn not_at_boot_evidence() -> Vec<String> {
+    vec![
+        "no nvidia_uvm line in /etc/modules-load.d/*.conf or /etc/modules".into(),
+        "no udev rule running nvidia-modprobe in /etc/udev/rules.d".into(),
+    ]
+}
+
+pub fn check_nodes_at_boot(f: &HostFacts) -> Vec<Finding> {
+    const ID: &str = "dev.nodes-not-at-boot";
+    if !kernel_package_installed(f) && f.module.is_none() {
+        return vec![Finding::skip(ID, "no driver installed")];
+    }
+    if uvm_set_up_at_boot(f) {
+        return vec![Finding::ok(
+            ID,
+            "nvidia_uvm and its device nodes are set up at boot",
+        )];
+    }
+    if f.module.is_some() && UVM_NODES.iter().any(|p| node(f, p).is_none()) {
+        return vec![Finding::skip(ID, "reported with dev.uvm-missing")];
+    }
+    vec![Finding::problem(
+        ID,
+        Severity::Warn,
+        "nothing loads nvidia_uvm or creates /dev/nvidia-uvm at boot: after a reboot, containers with it as devN will not start",
+        not_at_boot_evidence(),
+        Fix::Provision("devices-at-boot"),
+    )]
+}
+
+// ---- container: config -------------------------------------------------------------------------------------
+
+fn ct_skip(ids: &[&'static str], why: &str) -> Vec<Finding> {
+    ids.iter().map(|id| Finding::skip(id, why)).collect()
+}
+
+pub fn check_container_exists(f: &HostFacts) -> Vec<Finding> {
+    const ID: &str = "ct.missing";
+    match f.vmid {
+        None => vec![Finding::skip(
+            ID,
+            "no container on this host yet (llmctl provision creates one)",
+        )],
+        Some(v) if f.configs.contains_key(&v) => {
+            vec![Finding::ok(ID, format!("container {v} exists"))]
+        }
+        Some(v) => {
+            let others: Vec<String> = f.configs.keys().map(u32::to_string).collect();
+            vec![Finding::problem(
+                ID,
+                Severity::Fail,
+                format!("container {v} does not exist on this node"),
+                vec![
+                    format!("/etc/pve/lxc/{v}.conf: does not exist"),
+                    format!(
+                        "containers here: {}",
+                        if others.is_empty() {
+                            "none".into()
+                        } else {
+                            others.join(", ")
+                        }
+                    ),
+                ],
+                Fix::Command(
+                    "pct list   # then pass the right --vmid, or create it with llmctl provision"
+                        .into(),
+                ),
+            )]
+        }
+    }
+}
+
+fn ct(f: &HostFacts) -> Option<(u32, &LxcConfig)> {
+    let v = f.vmid?;
+    Some((v, f.configs.get(&v)?))
+}
+
+pub fn check_container_config(f: &HostFacts) -> Vec<Finding> {
+    let Some((v, cfg)) = ct(f) else {
+        return ct_skip(
+            &["ct.locked", "ct.config-invalid", "ct.pending-changes"],
+            "no container",
+        );
+    };
+    let mut out = Vec::new();
+    match cfg.lock() {
+        Some(lock) => out.push(Finding::problem(
+            "ct.locked",
+            Severity::Fail,
+            format!(
+                "container {v} is locked ({lock}): pct set / start refuse until it is unlocked"
+            ),
+            vec![format!("/etc/pve/lxc/{v}.conf: lock: {lock}")],
+            Fix::Command(format!(
+                "pct unlock {v}   # only after making sure no {lock} task is still running"
+            )),
+        )),
+        None => out.push(Finding::ok(
+            "ct.locked",
+            format!("container {v} is not locked"),
+        )),
+    }
+    let mut bad: Vec<String> = cfg
+        .unparsed
+        .iter()
+        .map(|(n, l)| format!("line {n}: {l}"))
+        .collect();
+    bad.extend(cfg.live.device_errors());
+    if bad.is_empty() {
+        out.push(Finding::ok(
+            "ct.config-invalid",
+            format!("/etc/pve/lxc/{v}.conf parses"),
+        ));
+    } else {
+        out.push(Finding::problem(
+            "ct.config-invalid",
+            Severity::Fail,
+            format!("/etc/pve/lxc/{v}.conf has lines Proxmox rejects"),
+            bad,
+            Fix::Command(format!(
+                "pct config {v}   # then correct the lines above with pct set {v} ..."
+            )),
+        ));
+    }
+    match &cfg.pending {
+        Some(p) if !p.options.is_empty() || !p.raw.is_empty() => out.push(Finding::problem(
+            "ct.pending-changes",
+            Severity::Warn,
+            format!("container {v} has pending changes that apply only at its next start"),
+            p.options
+                .iter()
+                .chain(p.raw.iter())
+                .map(|(k, val)| format!("[pve:pending] {k}: {val}"))
+                .collect(),
+            Fix::Command(format!("pct reboot {v}")),
+        )),
+        _ => out.push(Finding::ok(
+            "ct.pending-changes",
+            "no pending config changes",
+        )),
+    }
+    out
+}
+
+/// Device paths the container needs: every GPU node the host has (at least nvidia0), nvidiactl, and uvm.
+fn required_device_paths(f: &HostFacts) -> Vec<String> {
+    let mut gpus: Vec<String> = f
+        .dev_nodes
+        .iter()
+        .filter(|n| is_gpu_node(&n.path))
+        .map(|n| n.path.clone())
+        .collect();
+    if gpus.is_empty() {
+        gpus.push("/dev/nvidia0".into());
+    }
+    gpus.push("/dev/nvidiactl".into());
+    gpus.extend(UVM_NODES.iter().map(|s| s.to_string()));
+    gpus
+}
+
+pub fn check_devices_configured(f: &HostFacts) -> Vec<Finding> {
+    const ID: &str = "ct.devices-missing";
+    let Some((v, cfg)) = ct(f) else {
+        return ct_skip(&[ID], "no container");
+    };
+    let devn: Vec<String> = cfg.devices().into_iter().map(|(_, d)| d.path).collect();
+    let mounts = cfg.live.mount_entry_sources();
+    let missing: Vec<String> = required_device_paths(f)
+        .into_iter()
+        .filter(|p| !devn.contains(p) && !mounts.contains(&p.as_str()))
+        .collect();
+    if missing.is_empty() {
+        return vec![Finding::ok(
+            ID,
+            format!("container {v} has every NVIDIA device passed through"),
+        )];
+    }
+    let mut ev: Vec<String> = missing
+        .iter()
+        .map(|p| {
+            let snaps = cfg.snapshots_with_device(p);
+            if snaps.is_empty() {
+                format!("{p}: no devN entry in the live config")
+            } else {
+                format!(
+                    "{p}: only in snapshot section [{}], which is not the live config (lines after the first [section] header never apply)",
+                    snaps.join("], [")
+                )
+            }
+        })
+        .collect();
+    ev.extend(
+        cfg.devices()
+            .iter()
+            .map(|(i, d)| format!("live dev{i}: {}", d.render())),
+    );
+    let gid = cfg.devices().iter().find_map(|(_, d)| d.gid);
+    let paths: Vec<&str> = missing.iter().map(String::as_str).collect();
+    let argv = lxc::pct_set_device_args(cfg, v, &paths, gid);
+    vec![Finding::problem(
+        ID,
+        Severity::Fail,
+        format!("container {v} is missing NVIDIA device passthrough entries"),
+        ev,
+        Fix::Command(format!("{} && pct reboot {v}", shell::join(&argv))),
+    )]
+}
+
+pub fn check_cgroup_majors(f: &HostFacts) -> Vec<Finding> {
+    const ID: &str = "ct.cgroup-major-mismatch";
+    let Some((v, cfg)) = ct(f) else {
+        return ct_skip(&[ID], "no container");
+    };
+    let rules = cfg.live.cgroup_allows();
+    if rules.is_empty() {
+        return vec![Finding::ok(
+            ID,
+            "no hand-written lxc.cgroup2.devices.allow lines (devN handles majors)",
+        )];
+    }
+    let devn: Vec<String> = cfg.devices().into_iter().map(|(_, d)| d.path).collect();
+    let nvidia_nodes: Vec<&system::DevNode> = f
+        .dev_nodes
+        .iter()
+        .filter(|n| n.kind == 'c' && n.path.starts_with("/dev/nvidia"))
+        .collect();
+    let node_majors: Vec<u32> = nvidia_nodes.iter().filter_map(|n| n.major).collect();
+    let mut ev = Vec::new();
+    // Nodes passed by bind mount (not devN) need an allow rule for their real major:minor.
+    let mounts = cfg.live.mount_entry_sources();
+    for n in nvidia_nodes
+        .iter()
+        .filter(|n| mounts.contains(&n.path.as_str()) && !devn.contains(&n.path))
+    {
+        if let (Some(ma), Some(mi)) = (n.major, n.minor)
+            && !rules.iter().any(|r| r.allows_char(ma, mi))
+        {
+            ev.push(format!(
+                "{} is {ma}:{mi} but no lxc.cgroup2.devices.allow line allows major {ma}",
+                n.path
+            ));
+        }
+    }
+    // Allow rules naming a major that no NVIDIA node has and no other driver owns (the stale uvm-major trap).
+    let known_other: Vec<u32> = f
+        .proc_devices
+        .iter()
+        .filter(|(name, _)| !name.starts_with("nvidia"))
+        .map(|(_, m)| *m)
+        .collect();
+    for r in &rules {
+        if let Some(ma) = r.major
+            && r.kind == 'c'
+            && !node_majors.contains(&ma)
+            && !known_other.contains(&ma)
+        {
+            ev.push(format!(
+                "lxc.cgroup2.devices.allow: {} → no device has major {ma}",
+                r.text
+            ));
+        }
+    }
+    if ev.is_empty() {
+        return vec![Finding::ok(
+            ID,
+            "hand-written lxc.cgroup2.devices.allow majors match the devices",
+        )];
+    }
+    ev.extend(nvidia_nodes.iter().map(|n| format!("ls -l: {}", n.line)));
+    let paths: Vec<String> = required_device_paths(f)
+        .into_iter()
+        .filter(|p| !devn.contains(p))
+        .collect();
+    let fix = if paths.is_empty() {
+        Fix::Command(format!(
+            "pct config {v}   # then delete the stale lxc.cgroup2.devices.allow lines: devN entries allow their own majors"
+        ))
+    } else {
+        let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+        Fix::Command(format!(
+            "{}   # devN entries allow the real majors at every start; then remove the lxc.cgroup2/lxc.mount.entry lines for these devices",
+            shell::join(&lxc::pct_set_device_args(cfg, v, &refs, None))
+        ))
+    };
+    vec![Finding::problem(
+        ID,
+        Severity::Fail,
+        format!(
+            "container {v} allows device majors by hand that do not match the real devices (the nvidia-uvm major is dynamic)"
+        ),
+        ev,
+        fix,
+    )]
+}
+
+// ---- container: state --------------------------------------------------------------------------------------
+
+fn resolv_immutable(f: &HostFacts) -> Option<&(String, String)> {
+    f.container
+        .as_ref()?
+        .resolv_attr
+        .as_ref()
+        .filter(|(flags, _)| system::is_immutable(flags))
+}
+
+pub fn check_resolv(f: &HostFacts) -> Vec<Finding> {
+    const ID: &str = "ct.resolv-immutable";
+    let (Some(v), Some(c)) = (f.vmid, f.container.as_ref()) else {
+        return ct_skip(&[ID], "no container");
+    };
+    let Some((flags, path)) = resolv_immutable(f) else {
+        return vec![Finding::ok(
+            ID,
+            "the container's /etc/resolv.conf is not immutable",
+        )];
+    };
+    let mut ev = vec![format!("lsattr: {flags} {path}")];
+    let fix = if c.status == CtStatus::Running {
+        ev.push("the next pct start will fail: close (rename) atomic file '/etc/resolv.conf' failed: Operation not permitted".into());
+        format!(
+            "pct exec {v} -- chattr -i /etc/resolv.conf && pct exec {v} -- touch /etc/.pve-ignore.resolv.conf"
+        )
+    } else {
+        ev.push(format!(
+            "container {v} is stopped and will not start: Proxmox's pre-start hook fails with `close (rename) atomic file '/etc/resolv.conf' failed: Operation not permitted`"
+        ));
+        format!(
+            "pct mount {v} && chattr -i /var/lib/lxc/{v}/rootfs/etc/resolv.conf && touch /var/lib/lxc/{v}/rootfs/etc/.pve-ignore.resolv.conf && pct unmount {v} && pct start {v}"
+        )
+    };
+    vec![Finding::problem(
+        ID,
+        Severity::Fail,
+        "the container's /etc/resolv.conf is immutable (chattr +i): Proxmox cannot rewrite it at start, so the container does not start. Pin DNS with /etc/.pve-ignore.resolv.conf instead",
+        ev,
+        Fix::Command(fix),
+    )]
+}
+
+/// Live devN paths under /dev/nvidia that do not exist on the host.
+fn missing_host_nodes(f: &HostFacts) -> Vec<String> {
+    let Some((_, cfg)) = ct(f) else {
+        return Vec::new();
+    };
+    cfg.devices()
+        .into_iter()
+        .map(|(_, d)| d.path)
+        .filter(|p| p.starts_with("/dev/nvidia") && node(f, p).is_none())
+        .collect()
+}
+
+/// Whether a host check reports why those nodes are missing: no module at all (driver/dkms/nouveau/secure boot
+/// checks), or the standard nodes that `dev.uvm-missing` / `dev.nodes-missing` cover.
+fn host_explains_missing_nodes(f: &HostFacts) -> bool {
+    f.module.is_none()
+        || missing_host_nodes(f).iter().all(|p| {
+            UVM_NODES.contains(&p.as_str())
+                || p == "/dev/nvidiactl"
+                || (is_gpu_node(p) && !f.dev_nodes.iter().any(|n| is_gpu_node(&n.path)))
+        })
+}
+
+pub fn check_running(f: &HostFacts) -> Vec<Finding> {
+    const ID: &str = "ct.not-running";
+    let (Some(v), Some(c)) = (f.vmid, f.container.as_ref()) else {
+        return ct_skip(&[ID], "no container");
+    };
+    match &c.status {
+        CtStatus::Running => vec![Finding::ok(ID, format!("container {v} is running"))],
+        // The immutable resolv.conf is why it does not start: reported there, with the fix that starts it.
+        CtStatus::Stopped if resolv_immutable(f).is_some() => vec![Finding::skip(
+            ID,
+            format!("container {v} is stopped; see ct.resolv-immutable"),
+        )],
+        // A devN node missing on the host makes `pct start` die (`Device ... does not exist`); the host check
+        // that explains the missing node is the one to act on.
+        CtStatus::Stopped if !missing_host_nodes(f).is_empty() && host_explains_missing_nodes(f) => {
+            vec![Finding::skip(
+                ID,
+                format!(
+                    "container {v} is stopped and cannot start while {} is missing on the host (reported above)",
+                    missing_host_nodes(f).join(", ")
+                ),
+            )]
+        }
+        CtStatus::Stopped => vec![Finding::problem(
+            ID,
+            Severity::Fail,
+            format!("container {v} is stopped (its GPU, llama-server and proxy were not checked)"),
+            std::iter::once(format!("pct status {v}: status: stopped"))
+                .chain(missing_host_nodes(f).iter().map(|p| {
+                    format!("devN {p} does not exist on the host: pct start fails with `Device {p} does not exist`")
+                }))
+                .collect(),
+            Fix::Command(format!("pct start {v}")),
+        )],
+        CtStatus::Unknown(said) => vec![Finding::problem(
+            ID,
+            Severity::Fail,
+            format!("cannot tell whether container {v} runs"),
+            vec![format!("pct status {v}: {said}")],
+            Fix::Command(format!("pct status {v}")),
+        )],
+    }
+}
+
+fn inside(f: &HostFacts) -> Option<(u32, &super::facts::InsideFacts)> {
+    let c = f.container.as_ref()?;
+    Some((c.vmid, c.inside.as_ref()?))
+}
+
+pub fn check_ct_libs(f: &HostFacts) -> Vec<Finding> {
+    const ID: &str = "ct.libs-mismatch";
+    let Some((v, ins)) = inside(f) else {
+        return ct_skip(&[ID, "ct.libs-not-pinned"], "container not running");
+    };
+    let Some(m) = &f.module else {
+        return ct_skip(
+            &[ID, "ct.libs-not-pinned"],
+            "no NVIDIA module loaded on the host",
+        );
+    };
+    let want = format!("{}{NVIDIA_REPO_REVISION}", m.version);
+    let mut ev = Vec::new();
+    for name in LIB_PACKAGES {
+        match ins
+            .packages
+            .iter()
+            .find(|p| p.name == *name && p.installed())
+        {
+            Some(p) if p.version == want => {}
+            Some(p) => ev.push(format!(
+                "CT {v}: {name} {} ≠ {want} (host module {})",
+                p.version, m.version
+            )),
+            None => ev.push(format!("CT {v}: {name} is not installed (want {want})")),
+        }
+    }
+    if ev.is_empty() {
+        let unheld: Vec<&str> = LIB_PACKAGES
+            .iter()
+            .copied()
+            .filter(|n| {
+                !ins.holds.iter().any(|h| h == n)
+                    && !ins.packages.iter().any(|p| p.name == *n && p.held())
+            })
+            .collect();
+        let pinned = if unheld.is_empty() {
+            Finding::ok(
+                "ct.libs-not-pinned",
+                "the container's NVIDIA libraries are held",
+            )
+        } else {
+            let mut argv = vec!["pct", "exec", "", "--", "apt-mark", "hold"];
+            let vs = v.to_string();
+            argv[2] = &vs;
+            argv.extend(unheld.iter());
+            Finding::problem(
+                "ct.libs-not-pinned",
+                Severity::Warn,
+                format!(
+                    "container {v}'s NVIDIA libraries are not held: an apt upgrade inside it would break NVML"
+                ),
+                unheld
+                    .iter()
+                    .map(|n| format!("CT {v}: {n}: not held"))
+                    .collect(),
+                Fix::Command(shell::join(&argv)),
+            )
+        };
+        return vec![
+            Finding::ok(
+                ID,
+                format!("container {v}'s NVIDIA libraries are {want}, matching the host module"),
+            ),
+            pinned,
+        ];
+    }
+    if let Some(SmiReport::Mismatch { .. }) = &ins.smi {
+        ev.extend(
+            ins.smi_lines
+                .iter()
+                .map(|l| format!("CT {v} nvidia-smi: {l}")),
+        );
+    }
+    let mut argv: Vec<String> = [
+        "pct",
+        "exec",
+        &v.to_string(),
+        "--",
+        "apt-get",
+        "install",
+        "-y",
+        "--no-install-recommends",
+        "--allow-downgrades",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    argv.extend(LIB_PACKAGES.iter().map(|n| format!("{n}={want}")));
+    let mut hold: Vec<String> = ["pct", "exec", &v.to_string(), "--", "apt-mark", "hold"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    hold.extend(LIB_PACKAGES.iter().map(|s| s.to_string()));
+    vec![
+        Finding::problem(
+            ID,
+            Severity::Fail,
+            format!(
+                "container {v}'s NVIDIA libraries do not match the host module {}: NVML fails with `Driver/library version mismatch`",
+                m.version
+            ),
+            ev,
+            Fix::Command(format!("{} && {}", shell::join(&argv), shell::join(&hold))),
+        ),
+        Finding::skip("ct.libs-not-pinned", "libraries do not match yet"),
+    ]
+}
+
+pub fn check_gpu_visible(f: &HostFacts) -> Vec<Finding> {
+    const ID: &str = "ct.gpu-not-visible";
+    let Some((v, ins)) = inside(f) else {
+        return ct_skip(&[ID], "container not running");
+    };
+    let host_ok = matches!(f.smi, Some(SmiReport::Ok { .. }));
+    let blocked = !host_ok
+        || check_devices_configured(f)
+            .iter()
+            .any(|x| x.severity.is_problem())
+        || check_ct_libs(f)
+            .iter()
+            .any(|x| x.id == "ct.libs-mismatch" && x.severity.is_problem())
+        || check_cgroup_majors(f)
+            .iter()
+            .any(|x| x.severity.is_problem());
+    if blocked {
+        return vec![Finding::skip(
+            ID,
+            "a cause upstream (host driver, devices, libraries) is reported above",
+        )];
+    }
+    let has_node = ins
+        .dev_nodes
+        .iter()
+        .any(|n| is_gpu_node(&n.path) && n.kind == 'c');
+    match (&ins.smi, has_node) {
+        (Some(SmiReport::Ok { driver_version, .. }), true) => {
+            vec![Finding::ok(
+                ID,
+                format!("nvidia-smi works inside container {v} (driver {driver_version})"),
+            )]
+        }
+        _ => {
+            let mut ev: Vec<String> = ins
+                .smi_lines
+                .iter()
+                .take(3)
+                .map(|l| format!("CT {v} nvidia-smi: {l}"))
+                .collect();
+            if !has_node {
+                ev.push(format!(
+                    "CT {v}: no /dev/nvidiaN device node inside the container"
+                ));
+            }
+            vec![Finding::problem(
+                ID,
+                Severity::Fail,
+                format!(
+                    "the GPU is not usable inside container {v} although host, devices and libraries look right"
+                ),
+                ev,
+                Fix::Command(format!(
+                    "pct reboot {v}   # devN changes need a container restart"
+                )),
+            )]
+        }
+    }
+}
+
+// ---- container: llama.cpp and services ---------------------------------------------------------------------
+
+pub fn check_llama_build(f: &HostFacts) -> Vec<Finding> {
+    let ids = ["llama.not-installed", "llama.not-cuda", "llama.cuda-arch"];
+    let Some((v, ins)) = inside(f) else {
+        return ct_skip(&ids, "container not running");
+    };
+    let Some(unit) = &ins.llama_unit else {
+        let mut out = vec![Finding::problem(
+            "llama.not-installed",
+            Severity::Fail,
+            format!("container {v} has no {LLAMA_UNIT}.service with an ExecStart"),
+            vec![format!(
+                "CT {v}: /etc/systemd/system/{LLAMA_UNIT}.service: not found"
+            )],
+            Fix::Provision("llama"),
+        )];
+        out.extend(ct_skip(&ids[1..], "llama-server not installed"));
+        return out;
+    };
+    let mut out = vec![Finding::ok(
+        "llama.not-installed",
+        format!("{LLAMA_UNIT}.service runs {}", unit.argv[0]),
+    )];
+    let Some(cache) = &ins.cmake else {
+        out.push(Finding::problem(
+            "llama.not-cuda",
+            Severity::Fail,
+            "cannot find the llama.cpp build's CMakeCache.txt: was it built here?",
+            vec![format!(
+                "CT {v}: {}: not readable",
+                ins.cmake_path
+                    .clone()
+                    .unwrap_or_else(|| "CMakeCache.txt".into())
+            )],
+            Fix::Provision("llama"),
+        ));
+        out.push(Finding::skip("llama.cuda-arch", "no CMakeCache.txt"));
+        return out;
+    };
+    let cuda = cache.get("GGML_CUDA").map(String::as_str);
+    if !matches!(cuda, Some("ON" | "on" | "1" | "TRUE" | "true" | "YES")) {
+        out.push(Finding::problem(
+            "llama.not-cuda",
+            Severity::Fail,
+            "llama.cpp was built without CUDA: everything runs on the CPU",
+            vec![format!(
+                "{}: GGML_CUDA={}",
+                ins.cmake_path.clone().unwrap_or_default(),
+                cuda.unwrap_or("(unset)")
+            )],
+            Fix::Provision("llama"),
+        ));
+        out.push(Finding::skip("llama.cuda-arch", "not a CUDA build"));
+        return out;
+    }
+    out.push(Finding::ok(
+        "llama.not-cuda",
+        "llama.cpp is built with CUDA",
+    ));
+    out.push(arch_finding(
+        f,
+        cache.get("CMAKE_CUDA_ARCHITECTURES").map(String::as_str),
+        ins.cmake_path.as_deref(),
+    ));
+    out
+}
+
+fn arch_finding(f: &HostFacts, value: Option<&str>, path: Option<&str>) -> Finding {
+    const ID: &str = "llama.cuda-arch";
+    let Some(value) = value else {
+        return Finding::ok(
+            ID,
+            "CMAKE_CUDA_ARCHITECTURES unset: llama.cpp's default list",
+        );
+    };
+    if f.gpus.is_empty() {
+        return Finding::skip(ID, "no GPU reported by nvidia-smi --query-gpu on the host");
+    }
+    let archs = llama::parse_cuda_architectures(value);
+    let mut worst = Severity::Ok;
+    let mut ev = vec![format!(
+        "{}: CMAKE_CUDA_ARCHITECTURES={value}",
+        path.unwrap_or("CMakeCache.txt")
+    )];
+    let mut wanted: Vec<String> = Vec::new();
+    for g in &f.gpus {
+        let Some(arch) = g.cuda_arch() else { continue };
+        if !wanted.contains(&arch.to_string()) {
+            wanted.push(arch.to_string());
+        }
+        match llama::arch_fit(&archs, arch) {
+            ArchFit::Exact | ArchFit::Unknown => {}
+            ArchFit::PtxOnly => {
+                worst = worst.max(Severity::Warn);
+                ev.push(format!("{} (compute capability {}): only PTX of an older arch, JIT-compiled at every start", g.name, g.compute_cap));
+            }
+            ArchFit::None => {
+                worst = Severity::Fail;
+                ev.push(format!(
+                    "{} (compute capability {}): no code for arch {arch} → `no kernel image is available for execution on the device`",
+                    g.name, g.compute_cap
+                ));
+            }
+        }
+    }
+    if worst == Severity::Ok {
+        return Finding::ok(
+            ID,
+            format!("llama.cpp is built for the GPUs' arch ({value})"),
+        );
+    }
+    Finding::problem(
+        ID,
+        worst,
+        format!(
+            "llama.cpp was built for CUDA arch {value}, not the GPU's {}",
+            wanted.join(";")
+        ),
+        ev,
+        Fix::Provision("llama"),
+    )
+}
+
+/// Claude Code's system prompt and tools take ~20-24k tokens; below 32768 the first request already overflows.
+pub const MIN_CONTEXT: u64 = 32768;
+
+pub fn check_llama_context(f: &HostFacts) -> Vec<Finding> {
+    const ID: &str = "llama.context-small";
+    let Some((v, ins)) = inside(f) else {
+        return ct_skip(&[ID], "container not running");
+    };
+    let Some(unit) = &ins.llama_unit else {
+        return ct_skip(&[ID], "llama-server not installed");
+    };
+    let slots = unit.parallel.unwrap_or(1).max(1);
+    match unit.ctx_size {
+        Some(c) if c / slots >= MIN_CONTEXT => vec![Finding::ok(
+            ID,
+            format!("context {c} tokens per {} slot(s)", slots),
+        )],
+        Some(c) => vec![Finding::problem(
+            ID,
+            Severity::Fail,
+            format!(
+                "llama-server's context is {} tokens per slot, below {MIN_CONTEXT}: Claude Code's system prompt and tools (~20-24k tokens) overflow it (exceed_context_size_error)",
+                c / slots
+            ),
+            vec![format!(
+                "CT {v} {LLAMA_UNIT}.service ExecStart: -c {c}{}",
+                if slots > 1 {
+                    format!(" -np {slots}")
+                } else {
+                    String::new()
+                }
+            )],
+            Fix::Provision("llama-service"),
+        )],
+        None => vec![Finding::problem(
+            ID,
+            Severity::Warn,
+            format!(
+                "llama-server has no -c: it uses the model's training context, which may be below {MIN_CONTEXT}"
+            ),
+            vec![format!(
+                "CT {v} {LLAMA_UNIT}.service ExecStart: no -c/--ctx-size"
+            )],
+            Fix::Provision("llama-service"),
+        )],
+    }
+}
+
+pub fn check_services(f: &HostFacts) -> Vec<Finding> {
+    let Some((v, ins)) = inside(f) else {
+        return ct_skip(
+            &["svc.llama-server-down", "svc.proxy-down"],
+            "container not running",
+        );
+    };
+    let mut out = Vec::new();
+    for (id, unit) in [
+        ("svc.llama-server-down", LLAMA_UNIT),
+        ("svc.proxy-down", PROXY_UNIT),
+    ] {
+        let state = ins.services.get(unit).map_or("unknown", String::as_str);
+        if state == "active" {
+            out.push(Finding::ok(id, format!("{unit} is active")));
+        } else {
+            out.push(Finding::problem(
+                id,
+                Severity::Fail,
+                format!("{unit} is not running in container {v}"),
+                vec![format!("CT {v}: systemctl is-active {unit}: {state}")],
+                Fix::Command(format!("pct exec {v} -- systemctl restart {unit} && pct exec {v} -- journalctl -u {unit} -n 30 --no-pager")),
+            ));
+        }
+    }
+    match &ins.proxy_unit_exec {
+        Some(exec) if exec.contains("litellm") => out.push(Finding::problem(
+            "svc.proxy-litellm",
+            Severity::Warn,
+            "the proxy unit runs LiteLLM, which can hang Claude Code requests silently (LiteLLM 1.83 ResponsesAPIResponse validation)",
+            vec![format!("CT {v} {PROXY_UNIT}.service ExecStart={exec}")],
+            Fix::Provision("proxy-service"),
+        )),
+        _ => out.push(Finding::ok("svc.proxy-litellm", "the proxy is not LiteLLM")),
+    }
+    out
+}
+
+#[cfg(test)]
+#[path = "checks_tests.rs"]
+mod tests;

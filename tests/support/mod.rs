@@ -1,0 +1,151 @@
+//! Shared test harness: a simulated Proxmox host (fixtures/sim/simhost) with a real sshd in its own network
+//! namespace. `SimHost::start("healthy")` brings one up from `fixtures/scenarios/healthy.toml`; dropping it
+//! tears everything down. Needs root, iproute2, openssh-server and /usr/bin/python3 >= 3.11: without them
+//! the start fails with simhost's message saying what is missing (never a silent skip).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use llmctl::transport::{SshOptions, SshTransport};
+
+/// Sim host numbers 1-99 belong to this harness; cargo runs test binaries one after another, so a counter
+/// per binary is unique among the tests running at the same time. (tests/doctor_scenarios.rs uses 199-249.)
+static NEXT: AtomicU32 = AtomicU32::new(1);
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn simhost_script() -> PathBuf {
+    repo().join("fixtures/sim/simhost")
+}
+
+pub struct SimHost {
+    pub n: u32,
+    pub addr: String,
+    pub target: String,
+    pub key: PathBuf,
+    pub known_hosts: PathBuf,
+    pub known_hosts_line: String,
+    pub host_key_pub: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl SimHost {
+    /// Starts `fixtures/scenarios/<name>.toml`.
+    pub fn start(name: &str) -> SimHost {
+        Self::start_file(&repo().join(format!("fixtures/scenarios/{name}.toml")))
+    }
+
+    /// Starts any scenario file (e.g. one a test writes to a temp dir with `base = "..."` beside a copy).
+    pub fn start_file(scenario: &Path) -> SimHost {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(n < 100, "too many sim hosts in one test binary");
+        Self::start_n(scenario, n)
+    }
+
+    pub fn start_n(scenario: &Path, n: u32) -> SimHost {
+        let out = Command::new("bash")
+            .arg(simhost_script())
+            .arg("up")
+            .arg(scenario)
+            .arg(n.to_string())
+            .output()
+            .expect("cannot run bash fixtures/sim/simhost");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "cannot start the simulated Proxmox host {} from {} (needs root, ip netns, openssh-server, \
+             python3 >= 3.11):\n{stdout}{}",
+            n,
+            scenario.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let get = |k: &str| -> String {
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .unwrap_or_else(|| panic!("simhost up printed no {k}= line:\n{stdout}"))
+                .to_string()
+        };
+        SimHost {
+            n,
+            addr: get("SIM_ADDR"),
+            target: get("SIM_TARGET"),
+            key: get("SIM_KEY").into(),
+            known_hosts: get("SIM_KNOWN_HOSTS").into(),
+            known_hosts_line: get("SIM_KNOWN_HOSTS_LINE"),
+            host_key_pub: get("SIM_HOST_KEY_PUB").into(),
+            dir: get("SIM_DIR").into(),
+        }
+    }
+
+    /// `root@10.213.<n>.2`
+    pub fn ssh_target(&self) -> &str {
+        &self.target
+    }
+
+    pub fn key_path(&self) -> &Path {
+        &self.key
+    }
+
+    pub fn known_hosts_path(&self) -> &Path {
+        &self.known_hosts
+    }
+
+    /// Options that use only this sim's key and known_hosts (no agent, no ~/.ssh).
+    pub fn ssh_options(&self) -> SshOptions {
+        SshOptions {
+            known_hosts: Some(self.known_hosts.clone()),
+            ssh_config: Some(PathBuf::from("/nonexistent/llmctl-test-ssh-config")),
+            identity_files: vec![self.key.clone()],
+            default_identities: false,
+            use_agent: false,
+            agent_socket: None,
+            accept_new_host_key: false,
+            ..SshOptions::default()
+        }
+    }
+
+    pub fn connect(&self) -> SshTransport {
+        SshTransport::connect(&self.target, &self.ssh_options())
+            .unwrap_or_else(|e| panic!("cannot connect to the sim host {}: {e:#}", self.target))
+    }
+
+    /// Runs a command inside the sim host's namespaces without SSH (to check what SSH did).
+    pub fn exec(&self, argv: &[&str]) -> std::process::Output {
+        Command::new("bash")
+            .arg(simhost_script())
+            .arg("exec")
+            .arg(self.n.to_string())
+            .args(argv)
+            .output()
+            .expect("simhost exec")
+    }
+
+    /// The fingerprint `ssh-keygen -lf` gives for the sim's host key (an independent check of ours).
+    pub fn host_key_fingerprint(&self) -> String {
+        let out = Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(&self.host_key_pub)
+            .output()
+            .expect("ssh-keygen");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .expect("ssh-keygen -lf prints bits, fingerprint, comment")
+            .to_string()
+    }
+}
+
+impl Drop for SimHost {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(simhost_script())
+            .arg("down")
+            .arg(self.n.to_string())
+            .output();
+    }
+}
