@@ -76,7 +76,7 @@ impl SimHost {
             target: get("SIM_TARGET"),
             key: get("SIM_KEY").into(),
             known_hosts: get("SIM_KNOWN_HOSTS").into(),
-            known_hosts_line: get("SIM_KNOWN_HOSTS_LINE"),
+            known_hosts_line: get("SIM_KNOWN_HOSTS_LINE").trim_matches('\'').to_string(),
             host_key_pub: get("SIM_HOST_KEY_PUB").into(),
             dir: get("SIM_DIR").into(),
         }
