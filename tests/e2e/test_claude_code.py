@@ -1,0 +1,119 @@
+"""The real Claude Code binary ($LLMCTL_CLAUDE_BIN) through the target to a real llama-server.
+
+Claude Code runs offline: telemetry and non-essential traffic off, a fresh HOME, the key from ANTHROPIC_API_KEY.
+Its first request is large (system prompt, agent list, tools), and CPU prefill takes minutes, hence the long
+timeouts; the llama-servers are shared across these tests so later requests hit llama.cpp's prompt cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from stack import StackError, http_json, require_env
+
+RUN_TIMEOUT_S = 900  # one Claude Code run: ~20k-token CPU prefill on 2 shared cores, plus generation
+
+
+@pytest.fixture(scope="session")
+def claude_bin() -> str:
+    try:
+        return require_env("LLMCTL_CLAUDE_BIN")["LLMCTL_CLAUDE_BIN"]
+    except StackError as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+def run_claude(claude_bin: str, target, role: str, tmp: Path, args: list[str]) -> subprocess.CompletedProcess:
+    try:
+        url, key = target.endpoint(role)
+    except StackError as e:
+        pytest.fail(str(e), pytrace=False)
+    home = tmp / "home"
+    home.mkdir(exist_ok=True)
+    work = tmp / "proj"
+    work.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_"))}
+    env.update({
+        "HOME": str(home),
+        "ANTHROPIC_BASE_URL": url,
+        "ANTHROPIC_API_KEY": key or "no-key-needed",
+        "DISABLE_TELEMETRY": "1",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "DISABLE_AUTOUPDATER": "1",
+    })
+    try:
+        return subprocess.run([claude_bin, *args], cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"claude {' '.join(args)} did not finish within {RUN_TIMEOUT_S}s; stderr: {e.stderr!r:.2000}",
+                    pytrace=False)
+
+
+def ndjson(out: str) -> list[dict]:
+    lines = []
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            lines.append(json.loads(line))
+    return lines
+
+
+def result_of(lines: list[dict]) -> dict:
+    results = [entry for entry in lines if entry.get("type") == "result"]
+    assert results, f"no result line in Claude Code's stream-json output: {[entry.get('type') for entry in lines]}"
+    return results[-1]
+
+
+def test_print_mode_says_something(claude_bin, target, tmp_path):
+    p = run_claude(claude_bin, target, "text", tmp_path, ["-p", "Say hello"])
+    assert p.returncode == 0, f"claude -p exited {p.returncode}; stdout {p.stdout[-1500:]!r}; stderr {p.stderr[-1500:]!r}"
+    assert p.stdout.strip(), f"claude -p printed nothing; stderr {p.stderr[-1500:]!r}"
+    print(f"claude -p 'Say hello' printed: {p.stdout.strip()[:300]!r}")
+
+
+def test_second_prompt_reuses_prefix_cache(claude_bin, target, tmp_path):
+    # A different prompt changes Claude Code's x-anthropic-billing-header system line (its hash suffix varies by
+    # prompt). If that line reached the model unchanged, llama.cpp could reuse nothing after it; the proxy keeps
+    # the rest of the prefix byte-stable, so most of this request is served from the cache of the previous test.
+    p = run_claude(claude_bin, target, "text", tmp_path,
+                   ["-p", "Say goodbye", "--output-format", "stream-json", "--verbose"])
+    assert p.returncode == 0, f"claude exited {p.returncode}; stderr {p.stderr[-1500:]!r}"
+    res = result_of(ndjson(p.stdout))
+    assert res.get("subtype") == "success" and not res.get("is_error"), res
+    usage = res.get("usage", {})
+    cached = usage.get("cache_read_input_tokens") or 0
+    total = cached + (usage.get("input_tokens") or 0) + (usage.get("cache_creation_input_tokens") or 0)
+    print(f"second Claude Code prompt: {cached} of {total} input tokens read from llama.cpp's prompt cache")
+    assert total > 0 and cached > total / 2, f"prompt cache barely used: {cached} cached of {total} ({usage})"
+
+
+def test_tool_round_trip(claude_bin, target, tmp_path):
+    # Only the Read tool is offered (--tools), so a tiny model that calls a tool can only call that one; the Gemma
+    # template server decodes greedily. The model is real: if it does not call Read, this test fails and says so.
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "notes.txt").write_text("FIRST LINE: the quick brown fox\nsecond line\n")
+    p = run_claude(claude_bin, target, "tools", tmp_path, [
+        "-p", "Use the Read tool to read the file notes.txt, then tell me its first line.",
+        "--tools", "Read", "--allowedTools", "Read", "--output-format", "stream-json", "--verbose",
+    ])
+    lines = ndjson(p.stdout)
+    assert p.returncode == 0, f"claude exited {p.returncode}; stderr {p.stderr[-1500:]!r}; lines {lines[-2:]}"
+    uses = [b for entry in lines if entry.get("type") == "assistant"
+            for b in entry["message"].get("content", []) if b.get("type") == "tool_use"]
+    results = [b for entry in lines if entry.get("type") == "user"
+               for b in (entry["message"].get("content") or []) if isinstance(b, dict) and b.get("type") == "tool_result"]
+    res = result_of(lines)
+    print(f"tool round trip: tool_use {[(u['name'], u.get('input')) for u in uses]}, "
+          f"{len(results)} tool_result(s), num_turns {res.get('num_turns')}, usage {res.get('usage')}")
+    assert uses, f"the model called no tool (it answered {res.get('result')!r:.300})"
+    assert uses[0]["name"] == "Read", uses[0]
+    assert results and results[0].get("tool_use_id") == uses[0]["id"], results
+    assert res.get("num_turns", 0) >= 2, res
+    up = target.upstream("tools")
+    status, slots = http_json("GET", f"{up}/slots")
+    if status == 200:
+        print(f"tools llama-server slots after the run: {[(s.get('id'), s.get('n_ctx')) for s in slots]}")
