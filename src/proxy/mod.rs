@@ -1,5 +1,13 @@
 //! `llmctl serve-proxy`: the Anthropic Messages API in front of an OpenAI Chat Completions server.
 
+// Translation (pure code).
+pub mod accumulate;
+pub mod anthropic;
+pub mod openai;
+pub mod schema;
+pub mod stream;
+pub mod translate;
+
 use anyhow::Result;
 use clap::Args;
 
