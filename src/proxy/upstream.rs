@@ -266,9 +266,8 @@ async fn read_capped(mut resp: reqwest::Response) -> Result<Bytes, reqwest::Erro
         Ok::<(), reqwest::Error>(())
     };
     // An error body that never ends must not hang the request.
-    match tokio::time::timeout(SMALL_CALL_TIMEOUT, read).await {
-        Ok(r) => r?,
-        Err(_) => {}
+    if let Ok(r) = tokio::time::timeout(SMALL_CALL_TIMEOUT, read).await {
+        r?;
     }
     Ok(Bytes::from(out))
 }
