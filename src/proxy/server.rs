@@ -752,6 +752,15 @@ struct StreamState {
     finished: bool,
 }
 
+impl Drop for StreamState {
+    fn drop(&mut self) {
+        // A client that hung up: still log the tokens the upstream reported so far.
+        if !self.finished {
+            self.pump.record(&mut self.tracker);
+        }
+    }
+}
+
 fn stream_response(ping_interval: Duration, mut pump: Pump, tracker: Tracker) -> Response {
     let first = encode(&pump.start());
     let state = StreamState {
