@@ -24,8 +24,10 @@ pub struct ChatRequest {
     pub top_k: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chat_template_kwargs: Option<ChatTemplateKwargs>,
+    /// llama.cpp's reasoning budget (`server-common.cpp` reads `reasoning_budget_tokens`, with
+    /// `thinking_budget_tokens` as an alias); applies when the template has thinking tags.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub thinking_budget_tokens: Option<u64>,
+    pub reasoning_budget_tokens: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stream: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]

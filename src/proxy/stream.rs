@@ -256,6 +256,18 @@ impl StreamTranslator {
 
     /// One parsed upstream `data:` JSON object (not "[DONE]"). Returns the events to send.
     pub fn on_chunk(&mut self, chunk: &Value) -> Vec<Event> {
+        // llama.cpp (and vLLM) report a failure after the 200 as a `data: {"error": {...}}` line.
+        if let Some(err) = chunk.get("error") {
+            let message = err
+                .get("message")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| err.to_string());
+            return self.fail(
+                "api_error",
+                &format!("upstream error mid-stream: {message}"),
+            );
+        }
         let chunk = match ChatChunk::deserialize(chunk) {
             Ok(c) => c,
             Err(e) => {

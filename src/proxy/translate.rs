@@ -283,7 +283,7 @@ impl Conversion {
             top_p: None,
             top_k: None,
             chat_template_kwargs: kwargs,
-            thinking_budget_tokens: budget,
+            reasoning_budget_tokens: budget,
             stream: None,
             stream_options: None,
             return_progress: None,
@@ -849,3 +849,6 @@ fn resolve_tool_choice(
         forced_tool,
     })
 }
+
+#[cfg(test)]
+mod tests;
