@@ -8,8 +8,10 @@ setup.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,7 +28,13 @@ STACK_VARS = ("LLMCTL_LLAMA_SERVER", "LLMCTL_LLAMA_TEMPLATES", "LLMCTL_TEST_MODE
 # Long enough for a cold start of llama-server on 2 busy cores; a server that is not up by then is broken.
 START_DEADLINE_S = 180
 # A client model name that is not the upstream's: the response must echo it.
-CLIENT_MODEL = "claude-sonnet-4-5"
+CLIENT_MODEL = "claude-opus-4-8"  # what Claude Code 2.1.197 sends by default
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: if the test harness dies (killed, crashed), the kernel stops the server too."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class StackError(RuntimeError):
@@ -177,7 +185,7 @@ class Stack:
         log = self.dir / f"{name}.log"
         with open(log, "wb") as out:
             popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         proc = Proc(name, popen, log, url)
         self.procs.append(proc)
         deadline = time.monotonic() + START_DEADLINE_S
@@ -204,6 +212,10 @@ class Stack:
                 proc.popen.kill()
                 proc.popen.wait()
         self.procs.clear()
+        if not os.environ.get("LLMCTL_E2E_KEEP"):
+            shutil.rmtree(self.dir, ignore_errors=True)
+        else:
+            print(f"server logs kept in {self.dir}")
 
 
 class Target:

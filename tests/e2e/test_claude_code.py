@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from stack import StackError, http_json, require_env
+from stack import StackError, require_env
 
 RUN_TIMEOUT_S = 900  # one Claude Code run: ~20k-token CPU prefill on 2 shared cores, plus generation
 
@@ -91,13 +91,31 @@ def test_second_prompt_reuses_prefix_cache(claude_bin, target, tmp_path):
     assert total > 0 and cached > total / 2, f"prompt cache barely used: {cached} cached of {total} ({usage})"
 
 
+def tool_example(path: str) -> str:
+    """A system prompt holding one example exchange in the Gemma 4 template's own syntax.
+
+    A 135M model does not decide to use tools; what it does well is copy. After `<|turn>model` it copies what
+    followed `<|turn>model` in the example (a Read call, then `<|im_end|>`, SmolLM2's end-of-turn token, which
+    llama-server parses as a special token in the prompt); after the real tool response it copies what followed
+    `<tool_response|>` ("Done." and end of turn). The call itself is real: produced by the model, parsed by
+    llama-server's Gemma 4 tool-call parser, translated by the proxy, run by Claude Code.
+    """
+    return (
+        "Example:\n<|turn>user\nRead the notes.<turn|>\n<|turn>model\n"
+        f'<|tool_call>call:Read{{file_path:<|"|>{path}<|"|>}}<tool_call|><|im_end|>\n'
+        '<|tool_response>response:Read{value:<|"|>the notes<|"|>}<tool_response|>Done.<|im_end|>'
+    )
+
+
 def test_tool_round_trip(claude_bin, target, tmp_path):
-    # Only the Read tool is offered (--tools), so a tiny model that calls a tool can only call that one; the Gemma
-    # template server decodes greedily. The model is real: if it does not call Read, this test fails and says so.
+    # Only the Read tool is offered (--tools), on the Gemma-template llama-server (real tool-call parsing, greedy
+    # decoding); see tool_example for how the prompt leads the tiny model to call it. If the model does not call
+    # Read, this test fails and says what it answered instead.
     (tmp_path / "proj").mkdir()
-    (tmp_path / "proj" / "notes.txt").write_text("FIRST LINE: the quick brown fox\nsecond line\n")
+    notes = tmp_path / "proj" / "notes.txt"
+    notes.write_text("FIRST LINE: the quick brown fox\nsecond line\n")
     p = run_claude(claude_bin, target, "tools", tmp_path, [
-        "-p", "Use the Read tool to read the file notes.txt, then tell me its first line.",
+        "-p", "Read the notes.", "--system-prompt", tool_example(str(notes)),
         "--tools", "Read", "--allowedTools", "Read", "--output-format", "stream-json", "--verbose",
     ])
     lines = ndjson(p.stdout)
@@ -107,13 +125,11 @@ def test_tool_round_trip(claude_bin, target, tmp_path):
     results = [b for entry in lines if entry.get("type") == "user"
                for b in (entry["message"].get("content") or []) if isinstance(b, dict) and b.get("type") == "tool_result"]
     res = result_of(lines)
-    print(f"tool round trip: tool_use {[(u['name'], u.get('input')) for u in uses]}, "
-          f"{len(results)} tool_result(s), num_turns {res.get('num_turns')}, usage {res.get('usage')}")
+    print(f"tool round trip: tool_use {[(u['name'], u.get('input')) for u in uses]}; tool_result is_error "
+          f"{[r.get('is_error', False) for r in results]}; num_turns {res.get('num_turns')}; "
+          f"final text {res.get('result')!r:.200}; usage {res.get('usage')}")
     assert uses, f"the model called no tool (it answered {res.get('result')!r:.300})"
-    assert uses[0]["name"] == "Read", uses[0]
-    assert results and results[0].get("tool_use_id") == uses[0]["id"], results
-    assert res.get("num_turns", 0) >= 2, res
-    up = target.upstream("tools")
-    status, slots = http_json("GET", f"{up}/slots")
-    if status == 200:
-        print(f"tools llama-server slots after the run: {[(s.get('id'), s.get('n_ctx')) for s in slots]}")
+    assert uses[0]["name"] == "Read" and isinstance(uses[0].get("input"), dict), uses[0]
+    assert results and results[0].get("tool_use_id") == uses[0]["id"], f"no tool_result for {uses[0]['id']}: {results}"
+    assert res.get("subtype") == "success" and not res.get("is_error"), res
+    assert res.get("num_turns", 0) >= 2, f"no model turn after the tool result: {res}"
