@@ -261,7 +261,10 @@ const GOOD_STREAM: &str = concat!(
 impl Mock {
     /// Runs on its own thread and runtime, so it works from sync and async tests alike.
     fn start(mode: Mode) -> Mock {
-        let port = port();
+        Self::start_on(port(), mode)
+    }
+
+    fn start_on(port: u16, mode: Mode) -> Mock {
         let std_listener =
             std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind mock upstream");
         std_listener.set_nonblocking(true).unwrap();
@@ -866,6 +869,60 @@ fn sigterm_shuts_down_cleanly() {
         proxy.log_text()
     );
     assert!(proxy.log_text().contains("shutting down"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_started_after_the_proxy_is_found_on_the_next_request() {
+    let upstream_port = port();
+    let proxy = Proxy::start(&format!("http://127.0.0.1:{upstream_port}"), &[], &[]);
+    let url = format!("{}/v1/messages", proxy.url);
+    assert_eq!(post(&url, &hello(false), &[]).await.0, 529);
+    let mock = Mock::start_on(upstream_port, Mode::Good);
+    let (status, msg) = post(&url, &hello(false), &[]).await;
+    assert_eq!(status, 200, "{msg}");
+    assert_eq!(mock.chat_requests()[0].1["model"], "mock-model");
+}
+
+#[test]
+fn sigterm_lets_an_in_flight_stream_finish() {
+    let mock = Mock::start(Mode::SlowPrefill(2000));
+    let mut proxy = Proxy::start(&mock.url, &["--shutdown-grace", "30"], &[]);
+    let url = format!("{}/v1/messages", proxy.url);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (status, events) = rt.block_on(async {
+        let resp = client().post(&url).json(&hello(true)).send().await.unwrap();
+        // The stream has started (headers are in); now ask the proxy to stop.
+        let pid = proxy.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let status = resp.status().as_u16();
+        (status, sse_events(&resp.text().await.unwrap()))
+    });
+    assert_eq!(status, 200);
+    assert_eq!(
+        names(&events).last(),
+        Some(&"message_stop"),
+        "{:?}",
+        names(&events)
+    );
+    assert_eq!(text_of(&events), "Hi there");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(s) = proxy.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve-proxy still running after its stream ended"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "{exit}:\n{}", proxy.log_text());
 }
 
 #[test]

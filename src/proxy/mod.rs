@@ -120,6 +120,8 @@ pub fn run(global: &GlobalArgs, args: Box<ServeProxyArgs>) -> Result<Outcome> {
 }
 
 async fn serve(settings: Settings) -> Result<()> {
+    // Before listening: a SIGTERM that arrives as soon as the port is open must already mean "shut down".
+    let stop_signal = shutdown_signal()?;
     let upstream = upstream::Upstream::new(
         &settings.upstream,
         settings.upstream_api_key.as_ref().map(|k| k.value.as_str()),
@@ -156,7 +158,7 @@ async fn serve(settings: Settings) -> Result<()> {
     let mut server = std::pin::pin!(server.into_future());
     tokio::select! {
         r = &mut server => return r.context("the proxy server failed"),
-        () = shutdown_signal() => {}
+        () = stop_signal => {}
     }
     let _ = stop_tx.send(true);
     let in_flight = state.metrics.in_flight();
@@ -171,23 +173,24 @@ async fn serve(settings: Settings) -> Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// SIGTERM or SIGINT. The handlers are registered when this is called, not when it is first awaited.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
             }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
+        })
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }
