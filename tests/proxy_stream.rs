@@ -677,3 +677,147 @@ fn sse_encoding_matches_anthropic_wire_format() {
     assert_eq!(data["message"]["content"], json!([]));
     assert_eq!(data["message"]["stop_reason"], Value::Null);
 }
+
+// ---------------------------------------------------------------- randomized orderings
+
+/// xorshift64*: a tiny deterministic generator, so failures reproduce from the seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Random interleavings of reasoning, text and up to three tool calls (ids and names arriving
+/// with or after the first fragment, fragments of different calls interleaved): every stream is
+/// grammatical, the text arrives unchanged and every call gets exactly its own arguments.
+#[test]
+fn random_interleavings_keep_the_grammar_and_the_content() {
+    let args = [
+        r#"{"file_path": "/a/b.txt", "limit": 5}"#,
+        r#"{"command": "ls -la | grep \"x\"", "timeout": 30}"#,
+        r#"{"q": ["é", {"n": null}], "deep": {"k": true}}"#,
+    ];
+    for seed in 1..=3000u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let ncalls = rng.below(4) as usize;
+        // Split each call's arguments into fragments (on char boundaries).
+        let mut frags: Vec<Vec<String>> = Vec::new();
+        for a in args.iter().take(ncalls) {
+            let chars: Vec<char> = a.chars().collect();
+            let mut parts = Vec::new();
+            let mut i = 0;
+            while i < chars.len() {
+                let n = 1 + rng.below(8) as usize;
+                let end = (i + n).min(chars.len());
+                parts.push(chars[i..end].iter().collect::<String>());
+                i = end;
+            }
+            frags.push(parts);
+        }
+        let mut next_frag = vec![0usize; ncalls];
+        let mut named = vec![false; ncalls];
+        let mut chunks = Vec::new();
+        let mut text = String::new();
+        loop {
+            let pending: Vec<usize> = (0..ncalls)
+                .filter(|&c| !named[c] || next_frag[c] < frags[c].len())
+                .collect();
+            let r = rng.below(10);
+            if pending.is_empty() && r < 2 {
+                break;
+            }
+            match r {
+                0 | 1 if !pending.is_empty() || rng.below(3) == 0 => {
+                    let w = ["hello", " ", "\n", "wörld", ""][rng.below(5) as usize];
+                    text.push_str(w);
+                    chunks.push(chunk(json!({"content": w})));
+                }
+                2 => {
+                    let w = ["hmm", " ", "\n\n", "so"][rng.below(4) as usize];
+                    chunks.push(chunk(json!({"reasoning_content": w})));
+                }
+                _ if !pending.is_empty() => {
+                    let c = pending[rng.below(pending.len() as u64) as usize];
+                    let name_now = !named[c] && rng.below(2) == 0;
+                    let frag = if next_frag[c] < frags[c].len() && (named[c] || rng.below(2) == 0) {
+                        next_frag[c] += 1;
+                        frags[c][next_frag[c] - 1].clone()
+                    } else {
+                        String::new()
+                    };
+                    if name_now {
+                        named[c] = true;
+                        chunks.push(tool_delta(
+                            c as u32,
+                            Some(&format!("call_{c}")),
+                            Some(&format!("tool_{c}")),
+                            &frag,
+                        ));
+                    } else {
+                        chunks.push(tool_delta(c as u32, None, None, &frag));
+                    }
+                }
+                _ => {}
+            }
+            if chunks.len() > 400 {
+                break;
+            }
+        }
+        chunks.push(finish_chunk(if ncalls > 0 { "tool_calls" } else { "stop" }));
+        let with_stop = seed % 3 == 0;
+        let ctx = ResponseContext {
+            stop_sequences: if with_stop {
+                vec!["wör".into()]
+            } else {
+                vec![]
+            },
+            ..ctx()
+        };
+        let (events, t) = run(ctx, &chunks);
+        assert_valid_anthropic_stream(&events);
+        if with_stop && let Some(at) = text.find("wör") {
+            assert!(t.is_done(), "seed {seed}");
+            assert_eq!(text_of(&events), text[..at], "seed {seed}");
+            assert_eq!(message_delta(&events).0, "stop_sequence");
+            continue;
+        }
+        assert_eq!(text_of(&events), text, "seed {seed}");
+        let msg = accumulate(&events);
+        let tools: Vec<&Value> = msg["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["type"] == "tool_use")
+            .collect();
+        // Blocks come in the order the upstream first mentioned each call.
+        let mut appearance: Vec<usize> = Vec::new();
+        for c in &chunks {
+            if let Some(i) = c["choices"][0]["delta"]["tool_calls"][0]["index"].as_u64() {
+                if !appearance.contains(&(i as usize)) {
+                    appearance.push(i as usize);
+                }
+            }
+        }
+        let complete: Vec<usize> = appearance
+            .into_iter()
+            .filter(|&c| named[c] && next_frag[c] == frags[c].len())
+            .collect();
+        assert_eq!(tools.len(), complete.len(), "seed {seed}: {chunks:?}");
+        for (block, &c) in tools.iter().zip(&complete) {
+            assert_eq!(block["id"], format!("call_{c}"), "seed {seed}");
+            let expected: Value = serde_json::from_str(args[c]).unwrap();
+            assert_eq!(block["input"], expected, "seed {seed}: {chunks:?}");
+        }
+        if ncalls > 0 && !complete.is_empty() {
+            assert_eq!(msg["stop_reason"], "tool_use", "seed {seed}");
+        }
+    }
+}

@@ -179,6 +179,12 @@ enum CallState {
 }
 
 #[derive(Debug)]
+enum Deferred {
+    Text(String),
+    Reasoning(String),
+}
+
+#[derive(Debug)]
 struct Call {
     upstream_index: u32,
     id: Option<String>,
@@ -210,6 +216,9 @@ pub struct StreamTranslator {
     held_text: String,
     /// Reasoning seen so far that is only whitespace: not worth a thinking block (yet).
     pending_thinking: String,
+    /// Text and reasoning that arrived while a tool call's arguments were still incomplete: its
+    /// block cannot be closed yet (no fragment may be lost), so they wait until it can.
+    deferred: Vec<Deferred>,
     calls: Vec<Call>,
     tool_blocks: usize,
     finish_reason: Option<String>,
@@ -228,6 +237,7 @@ impl StreamTranslator {
             open: Open::None,
             held_text: String::new(),
             pending_thinking: String::new(),
+            deferred: Vec::new(),
             calls: Vec::new(),
             tool_blocks: 0,
             finish_reason: None,
@@ -286,16 +296,27 @@ impl StreamTranslator {
             if let Some(delta) = choice.delta {
                 let reasoning = delta.reasoning_content.or(delta.reasoning);
                 if let Some(r) = reasoning.filter(|r| !r.is_empty()) {
-                    self.on_reasoning(&r, &mut out);
+                    if self.open_call_incomplete() {
+                        self.deferred.push(Deferred::Reasoning(r));
+                    } else {
+                        self.on_reasoning(&r, &mut out);
+                    }
                 }
                 if let Some(t) = delta.content.filter(|t| !t.is_empty()) {
-                    self.on_text(&t, &mut out);
-                    if self.is_done() {
-                        return out;
+                    if self.open_call_incomplete() {
+                        self.deferred.push(Deferred::Text(t));
+                    } else {
+                        self.on_text(&t, &mut out);
+                        if self.is_done() {
+                            return out;
+                        }
                     }
                 }
                 for call in delta.tool_calls.unwrap_or_default() {
                     self.on_tool_call(call, &mut out);
+                    if self.is_done() {
+                        return out;
+                    }
                 }
             }
             if let Some(reason) = choice.finish_reason {
@@ -318,10 +339,16 @@ impl StreamTranslator {
             return out;
         }
         self.ensure_started(&mut out);
+        if matches!(self.open, Open::Tool(..)) {
+            self.close_open(&mut out);
+        }
+        self.replay_deferred(&mut out);
         self.flush_held_text(&mut out);
         self.pending_thinking.clear();
         self.close_open(&mut out);
-        self.flush_pending_calls(&mut out);
+        if !self.is_done() {
+            self.flush_pending_calls(&mut out);
+        }
         self.finished = true;
         out.push(Event::MessageDelta {
             stop_reason: self.stop_reason_now().to_string(),
@@ -571,6 +598,26 @@ impl StreamTranslator {
         self.pump_calls(out);
     }
 
+    /// A tool block is open and its arguments are not complete JSON yet.
+    fn open_call_incomplete(&self) -> bool {
+        match self.open {
+            Open::Tool(_, c) => !is_complete_json(&self.calls[c].args),
+            _ => false,
+        }
+    }
+
+    fn replay_deferred(&mut self, out: &mut Vec<Event>) {
+        for d in std::mem::take(&mut self.deferred) {
+            if self.is_done() {
+                break;
+            }
+            match d {
+                Deferred::Text(t) => self.on_text(&t, out),
+                Deferred::Reasoning(r) => self.on_reasoning(&r, out),
+            }
+        }
+    }
+
     /// The upstream's `tool_calls[].index`; servers that omit it are keyed by id, else by the
     /// latest call.
     fn call_key(&self, d: &ToolCallDelta) -> u32 {
@@ -608,9 +655,14 @@ impl StreamTranslator {
                     });
                     call.sent = call.args.len();
                 }
-                let others_waiting = self.calls.iter().any(|o| o.state == CallState::Pending);
+                let others_waiting = !self.deferred.is_empty()
+                    || self.calls.iter().any(|o| o.state == CallState::Pending);
                 if others_waiting && is_complete_json(&self.calls[c].args) {
                     self.close_open(out);
+                    self.replay_deferred(out);
+                    if self.is_done() {
+                        return;
+                    }
                     continue;
                 }
                 return;
