@@ -1186,10 +1186,29 @@ async fn real_llama_server_end_to_end() {
         slots_go_idle(&llama.url, Duration::from_secs(5)).await,
         "llama-server kept generating after the client disconnected"
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The same without streaming: the proxy is still waiting for the whole answer when the client leaves.
+    let mut long_json = long.clone();
+    long_json["stream"] = json!(false);
+    let pending = tokio::spawn(client().post(&msgs).json(&long_json).send());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !slot_busy(&llama.url).await {
+        assert!(
+            Instant::now() < deadline,
+            "llama-server never started the non-streaming request"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pending.abort();
     assert!(
-        proxy.log_text().contains("client_disconnected"),
-        "{}",
-        proxy.log_text()
+        slots_go_idle(&llama.url, Duration::from_secs(5)).await,
+        "llama-server kept generating after a non-streaming client disconnected"
     );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = proxy.log_text();
+    let gone: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("client_disconnected"))
+        .collect();
+    assert_eq!(gone.len(), 2, "{log}");
+    assert!(gone.iter().all(|l| l.contains("status=499")), "{log}");
 }

@@ -122,6 +122,8 @@ async fn authenticate(State(st): State<Shared>, req: Request, next: Next) -> Res
 // Per-request accounting: one log line and one metrics record, whichever way the request ends (including a
 // client that disconnects mid-stream, when only Drop runs).
 
+const CLIENT_CLOSED: u16 = 499;
+
 struct Tracker {
     st: Shared,
     method: String,
@@ -179,6 +181,10 @@ impl Tracker {
 impl Drop for Tracker {
     fn drop(&mut self) {
         let duration = self.start.elapsed();
+        if !self.completed {
+            // The client hung up before the answer ended: nginx's "client closed request".
+            self.status = CLIENT_CLOSED;
+        }
         self.st.metrics.request_finished(&RequestRecord {
             status: self.status,
             error_type: self.error_type,
