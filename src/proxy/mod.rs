@@ -152,6 +152,10 @@ async fn serve(settings: Settings) -> Result<()> {
     let app = server::router(state.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stopped = stop_rx.clone();
+    // No Nagle delay: an SSE event is a small write that must leave at once, not wait for the client's ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = stopped.wait_for(|s| *s).await;
     });
