@@ -821,3 +821,20 @@ fn random_interleavings_keep_the_grammar_and_the_content() {
         }
     }
 }
+
+#[test]
+fn arguments_sent_as_a_json_object_are_accepted() {
+    let chunks = [
+        chunk(
+            json!({"tool_calls": [{"index": 0, "id": "c1", "type": "function",
+            "function": {"name": "T", "arguments": {"a": [1, "x"]}}}]}),
+        ),
+        finish_chunk("tool_calls"),
+    ];
+    let (events, _) = run(ctx(), &chunks);
+    assert_valid_anthropic_stream(&events);
+    assert_eq!(
+        accumulate(&events)["content"][0]["input"],
+        json!({"a": [1, "x"]})
+    );
+}

@@ -168,8 +168,17 @@ pub struct ToolCallDelta {
 pub struct FunctionDelta {
     #[serde(default)]
     pub name: Option<String>,
-    #[serde(default)]
+    /// A JSON string fragment per the spec; some servers send a whole JSON object instead.
+    #[serde(default, deserialize_with = "string_or_json")]
     pub arguments: Option<String>,
+}
+
+fn string_or_json<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Option::<Value>::deserialize(d)? {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s),
+        Some(other) => Some(other.to_string()),
+    })
 }
 
 #[derive(Debug, Default, Deserialize)]
