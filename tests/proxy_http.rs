@@ -18,12 +18,21 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 // -----------------------------------------------------------------------------------------------------------
 // Harness
 
-static NEXT_PORT: AtomicU16 = AtomicU16::new(18153);
+/// Ports 18153-18199 are ours (18152 is the test llama-server's). Handed out in turn, wrapping around and
+/// skipping any that something still holds.
+const FIRST_PORT: u16 = 18153;
+const LAST_PORT: u16 = 18199;
+static NEXT_PORT: AtomicU16 = AtomicU16::new(FIRST_PORT);
 
 fn port() -> u16 {
-    let p = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
-    assert!(p < 18200, "test ports exhausted (18150-18199)");
-    p
+    for _ in 0..=(LAST_PORT - FIRST_PORT) * 2 {
+        let n = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+        let p = FIRST_PORT + (n - FIRST_PORT) % (LAST_PORT - FIRST_PORT + 1);
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free port in {FIRST_PORT}-{LAST_PORT}");
 }
 
 /// A running `llmctl serve-proxy`; killed on drop.
@@ -226,6 +235,8 @@ enum Mode {
     Garbage,
     /// 200 headers at once, then silence for a while, then a good stream: a long prefill.
     SlowPrefill(u64),
+    /// 200 with a JSON completion: a server that ignores `stream: true`.
+    JsonInsteadOfStream,
 }
 
 #[derive(Default)]
@@ -422,6 +433,11 @@ async fn serve_one(
             sock.write_all(sse_head.as_bytes()).await?;
             sock.write_all(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: <<<not json>>>\n\n").await
         }
+        Mode::JsonInsteadOfStream => {
+            let b = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}]}"#;
+            sock.write_all(reply("200 OK", "application/json", b).as_bytes())
+                .await
+        }
         Mode::SlowPrefill(ms) => {
             sock.write_all(sse_head.as_bytes()).await?;
             sock.flush().await?;
@@ -587,6 +603,17 @@ async fn garbage_from_the_upstream_is_an_error_event() {
             .contains("not JSON"),
         "{data}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_that_does_not_stream_is_a_clear_502() {
+    let mock = Mock::start(Mode::JsonInsteadOfStream);
+    let proxy = Proxy::start(&mock.url, &[], &[]);
+    let (status, v) = post(&format!("{}/v1/messages", proxy.url), &hello(true), &[]).await;
+    assert_eq!(status, 502, "{v}");
+    let (t, m) = anthropic_error(&v);
+    assert_eq!(t, "api_error");
+    assert!(m.contains("instead of an event stream"), "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

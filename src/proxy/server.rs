@@ -548,6 +548,18 @@ async fn messages(State(st): State<Shared>, headers: HeaderMap, body: Body) -> R
         Ok(r) => r,
         Err(e) => return t.error(e.to_proxy_error(st.upstream.base())),
     };
+    if let Some(ct) = resp.headers().get(header::CONTENT_TYPE)
+        && !ct.as_bytes().windows(12).any(|w| w == b"event-stream")
+    {
+        let ct = String::from_utf8_lossy(ct.as_bytes()).into_owned();
+        return t.error(ProxyError::new(
+            ErrorType::Api,
+            format!(
+                "upstream {} answered {ct} instead of an event stream; it must support \"stream\": true",
+                st.upstream.base()
+            ),
+        ));
+    }
     let pump = Pump::new(&st, resp, StreamTranslator::new(translated.ctx));
     if translated.client_stream {
         stream_response(st.settings.ping_interval, pump, t)
