@@ -838,3 +838,69 @@ fn arguments_sent_as_a_json_object_are_accepted() {
         json!({"a": [1, "x"]})
     );
 }
+
+#[test]
+fn sse_bytes_equal_the_reference_json_for_every_event_kind() {
+    let events = [
+        Event::MessageStart {
+            id: "msg_\"q".into(),
+            model: "claude-x".into(),
+        },
+        Event::Ping,
+        Event::ContentBlockStart {
+            index: 0,
+            block: BlockKind::Text,
+        },
+        Event::ContentBlockStart {
+            index: 1,
+            block: BlockKind::Thinking,
+        },
+        Event::ContentBlockStart {
+            index: 2,
+            block: BlockKind::ToolUse {
+                id: "c1".into(),
+                name: "Read".into(),
+            },
+        },
+        Event::ContentBlockDelta {
+            index: 0,
+            delta: Delta::Text("a\n\u{1F600}\"".into()),
+        },
+        Event::ContentBlockDelta {
+            index: 1,
+            delta: Delta::Thinking("t".into()),
+        },
+        Event::ContentBlockDelta {
+            index: 1,
+            delta: Delta::Signature("s".into()),
+        },
+        Event::ContentBlockDelta {
+            index: 2,
+            delta: Delta::InputJson("{\"a\":".into()),
+        },
+        Event::ContentBlockStop { index: 2 },
+        Event::MessageDelta {
+            stop_reason: "stop_sequence".into(),
+            stop_sequence: Some("END".into()),
+            usage: llmctl::proxy::stream::Usage {
+                input_tokens: 5,
+                output_tokens: 7,
+                cache_read_input_tokens: 3,
+            },
+        },
+        Event::MessageDelta {
+            stop_reason: "end_turn".into(),
+            stop_sequence: None,
+            usage: Default::default(),
+        },
+        Event::MessageStop,
+        Event::Error {
+            error_type: "api_error".into(),
+            message: "boom".into(),
+        },
+    ];
+    for e in &events {
+        let expected = format!("event: {}\ndata: {}\n\n", e.name(), e.data());
+        assert_eq!(std::str::from_utf8(&e.to_sse()).unwrap(), expected);
+    }
+}

@@ -83,7 +83,9 @@ impl Event {
         }
     }
 
-    /// The event's `data:` JSON, exactly as Anthropic sends it.
+    /// The event's `data:` JSON, exactly as Anthropic sends it. This is the readable reference;
+    /// `to_sse` writes the same bytes through borrowed structs without building a `Value` (a test
+    /// checks both agree).
     pub fn data(&self) -> Value {
         match self {
             Event::MessageStart { id, model } => json!({
@@ -143,10 +145,195 @@ impl Event {
         out.extend_from_slice(b"event: ");
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b"\ndata: ");
-        // Writing a Value into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut out, &self.data());
+        // Serializing strings and integers into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut out, &wire::Data::from(self));
         out.extend_from_slice(b"\n\n");
         Bytes::from(out)
+    }
+}
+
+/// Borrowed mirror of `Event::data()` for serializing without intermediate allocations.
+mod wire {
+    use serde::Serialize;
+
+    use super::{BlockKind, Delta, Event, Usage};
+
+    #[derive(Serialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    pub(super) enum Data<'a> {
+        MessageStart {
+            message: Message<'a>,
+        },
+        ContentBlockStart {
+            index: usize,
+            content_block: Block<'a>,
+        },
+        ContentBlockDelta {
+            index: usize,
+            delta: DeltaData<'a>,
+        },
+        ContentBlockStop {
+            index: usize,
+        },
+        MessageDelta {
+            delta: Stop<'a>,
+            usage: UsageData,
+        },
+        MessageStop,
+        Ping,
+        Error {
+            error: ErrorData<'a>,
+        },
+    }
+
+    #[derive(Serialize)]
+    pub(super) struct Message<'a> {
+        id: &'a str,
+        #[serde(rename = "type")]
+        kind: &'static str,
+        role: &'static str,
+        model: &'a str,
+        content: [(); 0],
+        stop_reason: Option<&'a str>,
+        stop_sequence: Option<&'a str>,
+        usage: UsageData,
+    }
+
+    #[derive(Serialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    pub(super) enum Block<'a> {
+        Text {
+            text: &'static str,
+        },
+        Thinking {
+            thinking: &'static str,
+            signature: &'static str,
+        },
+        ToolUse {
+            id: &'a str,
+            name: &'a str,
+            input: EmptyObject,
+        },
+    }
+
+    pub(super) struct EmptyObject;
+
+    impl Serialize for EmptyObject {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeMap;
+            s.serialize_map(Some(0))?.end()
+        }
+    }
+
+    // The variant names are the wire's `type` values.
+    #[allow(clippy::enum_variant_names)]
+    #[derive(Serialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    pub(super) enum DeltaData<'a> {
+        TextDelta { text: &'a str },
+        ThinkingDelta { thinking: &'a str },
+        SignatureDelta { signature: &'a str },
+        InputJsonDelta { partial_json: &'a str },
+    }
+
+    #[derive(Serialize)]
+    pub(super) struct Stop<'a> {
+        stop_reason: &'a str,
+        stop_sequence: Option<&'a str>,
+    }
+
+    #[derive(Serialize)]
+    pub(super) struct UsageData {
+        input_tokens: u64,
+        cache_creation_input_tokens: u64,
+        cache_read_input_tokens: u64,
+        output_tokens: u64,
+    }
+
+    impl From<&Usage> for UsageData {
+        fn from(u: &Usage) -> Self {
+            UsageData {
+                input_tokens: u.input_tokens,
+                cache_creation_input_tokens: 0,
+                cache_read_input_tokens: u.cache_read_input_tokens,
+                output_tokens: u.output_tokens,
+            }
+        }
+    }
+
+    #[derive(Serialize)]
+    pub(super) struct ErrorData<'a> {
+        #[serde(rename = "type")]
+        kind: &'a str,
+        message: &'a str,
+    }
+
+    impl<'a> From<&'a Event> for Data<'a> {
+        fn from(e: &'a Event) -> Self {
+            match e {
+                Event::MessageStart { id, model } => Data::MessageStart {
+                    message: Message {
+                        id,
+                        kind: "message",
+                        role: "assistant",
+                        model,
+                        content: [],
+                        stop_reason: None,
+                        stop_sequence: None,
+                        usage: UsageData::from(&Usage::default()),
+                    },
+                },
+                Event::ContentBlockStart { index, block } => Data::ContentBlockStart {
+                    index: *index,
+                    content_block: match block {
+                        BlockKind::Text => Block::Text { text: "" },
+                        BlockKind::Thinking => Block::Thinking {
+                            thinking: "",
+                            signature: "",
+                        },
+                        BlockKind::ToolUse { id, name } => Block::ToolUse {
+                            id,
+                            name,
+                            input: EmptyObject,
+                        },
+                    },
+                },
+                Event::ContentBlockDelta { index, delta } => Data::ContentBlockDelta {
+                    index: *index,
+                    delta: match delta {
+                        Delta::Text(text) => DeltaData::TextDelta { text },
+                        Delta::Thinking(thinking) => DeltaData::ThinkingDelta { thinking },
+                        Delta::Signature(signature) => DeltaData::SignatureDelta { signature },
+                        Delta::InputJson(partial_json) => {
+                            DeltaData::InputJsonDelta { partial_json }
+                        }
+                    },
+                },
+                Event::ContentBlockStop { index } => Data::ContentBlockStop { index: *index },
+                Event::MessageDelta {
+                    stop_reason,
+                    stop_sequence,
+                    usage,
+                } => Data::MessageDelta {
+                    delta: Stop {
+                        stop_reason,
+                        stop_sequence: stop_sequence.as_deref(),
+                    },
+                    usage: UsageData::from(usage),
+                },
+                Event::MessageStop => Data::MessageStop,
+                Event::Ping => Data::Ping,
+                Event::Error {
+                    error_type,
+                    message,
+                } => Data::Error {
+                    error: ErrorData {
+                        kind: error_type,
+                        message,
+                    },
+                },
+            }
+        }
     }
 }
 
