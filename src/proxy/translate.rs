@@ -673,6 +673,7 @@ fn convert_user(
     }
     // Stable sort: results for the same call keep their order.
     tool_msgs.sort_by_key(|(pos, _)| *pos);
+    let had_tool_results = !tool_msgs.is_empty();
     out.extend(tool_msgs.into_iter().map(|(_, m)| m));
     let mut all = UserParts::default();
     for url in moved_images {
@@ -683,6 +684,13 @@ fn convert_user(
             ContentPart::Text { text } => all.text(&text),
             img => all.parts.push(img),
         }
+    }
+    if all.is_empty() && !had_tool_results && !matches!(out.last(), Some(ChatMessage::User { .. }))
+    {
+        // Keep the turn (empty) rather than break the user/assistant alternation.
+        out.push(ChatMessage::User {
+            content: UserContent::Text(String::new()),
+        });
     }
     push_user(out, all);
     Ok(())

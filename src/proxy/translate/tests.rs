@@ -559,3 +559,13 @@ fn thinking_maps_to_llama_cpp_knobs() {
         (None, None)
     );
 }
+
+#[test]
+fn a_user_turn_with_nothing_translatable_stays_as_an_empty_turn() {
+    let m = msgs(json!([
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": [{"type": "redacted_thinking", "data": "x"}]}
+    ]));
+    assert_eq!(m[2], json!({"role": "user", "content": ""}));
+}
