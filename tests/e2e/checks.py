@@ -130,9 +130,12 @@ def stream_event_grammar(t: Target) -> None:
 
 @check
 def stream_usage(t: Target) -> None:
+    # message_start may go out before the upstream has counted the prompt (the issue asks for it as soon as the
+    # upstream accepts), so the real input count may arrive in message_delta's usage, which clients merge.
     s = validate(raw_stream(t, "text", body()), require_ping=False)
-    assert s["message_start"]["usage"]["input_tokens"] > 0, f"message_start usage {s['message_start']['usage']}"
-    assert s["usage"]["output_tokens"] > 0, f"message_delta usage {s['usage']}"
+    start, final = s["message_start"]["usage"], s["usage"]
+    assert max(start.get("input_tokens") or 0, final.get("input_tokens") or 0) > 0, f"no input count: {start}, {final}"
+    assert final["output_tokens"] > 0, f"message_delta usage {final}"
 
 
 @check
@@ -484,25 +487,26 @@ def poll(cond: Callable[[], bool], within_s: float) -> bool:
 
 @check
 def disconnect_cancels_generation(t: Target) -> None:
-    # The tools server (Gemma template) seldom ends a turn by itself, and the prompt is long: once the slot is busy,
-    # only a cancellation can make it idle again within seconds.
+    # The tools server (Gemma template) seldom ends a turn by itself and max_tokens is large: once tokens flow, only
+    # a cancellation can make the slot idle again within seconds. The client leaves after the first text delta,
+    # i.e. during generation (a prompt still in prefill is only abandoned at llama.cpp's next batch boundary).
     up = t.upstream("tools")
     assert poll(lambda: not slots_busy(up), 120), "the tools llama-server is still busy from an earlier request"
     url, key = t.endpoint("tools")
-    story = "The farmer walked to the barn and counted the animals one by one. " * 200
+    story = "The farmer walked to the barn and counted the animals one by one. " * 20
     b = body(messages=[{"role": "user", "content": story + "\nContinue the story at length."}], max_tokens=4000,
              temperature=0.7)
     b = {k: v for k, v in b.items() if k != "extra_body"} | b.get("extra_body", {})
     with httpx2.Client(timeout=TIMEOUT) as http:
         with http.stream("POST", f"{url}/v1/messages", json={**b, "stream": True}, headers=headers(key)) as r:
             assert r.status_code == 200, r.status_code
-            got = 0
+            names = []
             for line in r.iter_lines():
                 if line.startswith("event:"):
-                    got += 1
-                    if got == 2:
+                    names.append(line.split(":", 1)[1].strip())
+                    if names[-1] == "content_block_delta":
                         break
-            assert got == 2, "stream ended before two events"
-            assert poll(lambda: slots_busy(up), 30), "the upstream slot never got busy: nothing to cancel"
+            assert names and names[-1] == "content_block_delta", f"stream ended before any delta: {names}"
+            assert poll(lambda: slots_busy(up), 30), "the upstream slot is not busy: the turn ended by itself"
     # The client is gone (response closed, connection closed).
     assert poll(lambda: not slots_busy(up), 10), "llama-server is still generating 10 s after the client disconnected"
