@@ -27,6 +27,13 @@ def claude_bin() -> str:
         pytest.fail(str(e), pytrace=False)
 
 
+@pytest.fixture(scope="session")
+def cc_dir(tmp_path_factory) -> Path:
+    """One HOME and working directory for the Claude Code runs that share a llama-server: Claude Code writes the
+    working directory into its system prompt, so a different one would change the prompt prefix."""
+    return tmp_path_factory.mktemp("claude-code")
+
+
 def run_claude(claude_bin: str, target, role: str, tmp: Path, args: list[str]) -> subprocess.CompletedProcess:
     try:
         url, key = target.endpoint(role)
@@ -68,18 +75,18 @@ def result_of(lines: list[dict]) -> dict:
     return results[-1]
 
 
-def test_print_mode_says_something(claude_bin, target, tmp_path):
-    p = run_claude(claude_bin, target, "text", tmp_path, ["-p", "Say hello"])
+def test_print_mode_says_something(claude_bin, target, cc_dir):
+    p = run_claude(claude_bin, target, "text", cc_dir, ["-p", "Say hello"])
     assert p.returncode == 0, f"claude -p exited {p.returncode}; stdout {p.stdout[-1500:]!r}; stderr {p.stderr[-1500:]!r}"
     assert p.stdout.strip(), f"claude -p printed nothing; stderr {p.stderr[-1500:]!r}"
     print(f"claude -p 'Say hello' printed: {p.stdout.strip()[:300]!r}")
 
 
-def test_second_prompt_reuses_prefix_cache(claude_bin, target, tmp_path):
+def test_second_prompt_reuses_prefix_cache(claude_bin, target, cc_dir):
     # A different prompt changes Claude Code's x-anthropic-billing-header system line (its hash suffix varies by
     # prompt). If that line reached the model unchanged, llama.cpp could reuse nothing after it; the proxy keeps
     # the rest of the prefix byte-stable, so most of this request is served from the cache of the previous test.
-    p = run_claude(claude_bin, target, "text", tmp_path,
+    p = run_claude(claude_bin, target, "text", cc_dir,
                    ["-p", "Say goodbye", "--output-format", "stream-json", "--verbose"])
     assert p.returncode == 0, f"claude exited {p.returncode}; stderr {p.stderr[-1500:]!r}"
     res = result_of(ndjson(p.stdout))
@@ -111,7 +118,7 @@ def test_tool_round_trip(claude_bin, target, tmp_path):
     # Only the Read tool is offered (--tools), on the Gemma-template llama-server (real tool-call parsing, greedy
     # decoding); see tool_example for how the prompt leads the tiny model to call it. If the model does not call
     # Read, this test fails and says what it answered instead.
-    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj").mkdir(exist_ok=True)
     notes = tmp_path / "proj" / "notes.txt"
     notes.write_text("FIRST LINE: the quick brown fox\nsecond line\n")
     p = run_claude(claude_bin, target, "tools", tmp_path, [
