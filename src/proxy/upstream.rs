@@ -86,7 +86,9 @@ impl Upstream {
         let client = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
             .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(60))
+            // llama-server closes idle keep-alive connections after 5 s; dropping ours first avoids sending
+            // a request down a connection the server is closing at that moment (a spurious failure).
+            .pool_idle_timeout(Duration::from_secs(4))
             // The upstream is named explicitly: HTTP(S)_PROXY variables meant for the internet must not
             // reroute it.
             .no_proxy()
