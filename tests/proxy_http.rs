@@ -1239,3 +1239,111 @@ async fn real_llama_server_end_to_end() {
     assert_eq!(gone.len(), 2, "{log}");
     assert!(gone.iter().all(|l| l.contains("status=499")), "{log}");
 }
+
+// -----------------------------------------------------------------------------------------------------------
+// `llmctl client-config`: the settings that point clients at the proxy (the binary, end to end)
+
+fn client_config(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_llmctl"));
+    cmd.arg("client-config")
+        .args(args)
+        .env_remove("LLMCTL_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run llmctl client-config")
+}
+
+#[test]
+fn client_config_writes_claude_settings_keeping_other_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().to_str().unwrap();
+    let settings = dir.path().join(".claude").join("settings.json");
+    std::fs::create_dir_all(settings.parent().unwrap()).unwrap();
+    std::fs::write(&settings, r#"{"theme":"dark","env":{"KEEP":"me"}}"#).unwrap();
+    let out = client_config(
+        &[
+            "claude",
+            "--proxy-url",
+            "http://127.0.0.1:4000",
+            "--api-key-env",
+            "MY_KEY",
+            "--write",
+        ],
+        &[("HOME", home), ("MY_KEY", "sk-from-env")],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&std::fs::read(&settings).unwrap()).unwrap();
+    assert_eq!(v["theme"], "dark");
+    assert_eq!(v["env"]["KEEP"], "me");
+    assert_eq!(v["env"]["ANTHROPIC_BASE_URL"], "http://127.0.0.1:4000");
+    assert_eq!(v["env"]["ANTHROPIC_AUTH_TOKEN"], "sk-from-env");
+    assert_eq!(v["env"]["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"], "1");
+    let backups = std::fs::read_dir(settings.parent().unwrap())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("settings.json.bak.")
+        })
+        .count();
+    assert_eq!(backups, 1);
+    // The key reached the file through the environment; the printed summary does not repeat it.
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("sk-from-env"));
+}
+
+#[test]
+fn client_config_refuses_a_file_that_is_not_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("models.json");
+    std::fs::write(&file, "{ broken").unwrap();
+    let out = client_config(
+        &[
+            "pi",
+            "--model",
+            "m.gguf",
+            "--write",
+            "--file",
+            file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not valid JSON") && err.contains("left unchanged"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "{ broken");
+}
+
+#[test]
+fn client_config_prints_the_pi_provider_without_writing() {
+    let out = client_config(
+        &[
+            "pi",
+            "--llama-url",
+            "http://10.0.0.3:11434",
+            "--model",
+            "g.gguf",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let p = &v["providers"]["llama-local"];
+    assert_eq!(p["baseUrl"], "http://10.0.0.3:11434/v1");
+    assert_eq!(p["compat"]["supportsDeveloperRole"], false);
+    assert_eq!(p["compat"]["supportsReasoningEffort"], false);
+    assert_eq!(p["models"][0]["id"], "g.gguf");
+}
