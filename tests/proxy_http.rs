@@ -237,6 +237,10 @@ enum Mode {
     SlowPrefill(u64),
     /// 200 with a JSON completion: a server that ignores `stream: true`.
     JsonInsteadOfStream,
+    /// 200, one chunk, then silence with the connection open.
+    HangMidStream,
+    /// 503 as llama-server answers while it loads its model.
+    Loading,
 }
 
 #[derive(Default)]
@@ -433,6 +437,22 @@ async fn serve_one(
             sock.write_all(sse_head.as_bytes()).await?;
             sock.write_all(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: <<<not json>>>\n\n").await
         }
+        Mode::HangMidStream => {
+            sock.write_all(sse_head.as_bytes()).await?;
+            sock.write_all(
+                b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+            )
+            .await?;
+            sock.flush().await?;
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok(())
+        }
+        Mode::Loading => {
+            let b =
+                r#"{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}}"#;
+            sock.write_all(reply("503 Service Unavailable", "application/json", b).as_bytes())
+                .await
+        }
         Mode::JsonInsteadOfStream => {
             let b = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}]}"#;
             sock.write_all(reply("200 OK", "application/json", b).as_bytes())
@@ -532,6 +552,33 @@ async fn upstream_that_never_answers_hits_the_first_byte_timeout() {
         m.contains(&mock.url) && m.contains("first_byte_timeout"),
         "{m}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_silent_mid_stream_ends_with_a_timeout_error_event() {
+    let mock = Mock::start(Mode::HangMidStream);
+    let proxy = Proxy::start(
+        &mock.url,
+        &["--first-byte-timeout", "1", "--ping-interval", "0.3"],
+        &[],
+    );
+    let (status, events) = stream(&format!("{}/v1/messages", proxy.url), &hello(true)).await;
+    assert_eq!(status, 200);
+    let (last, data) = events.last().unwrap();
+    assert_eq!(last, "error", "{:?}", names(&events));
+    assert_eq!(data["error"]["type"], "timeout_error");
+    assert_eq!(text_of(&events), "Hi");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_loading_its_model_is_529() {
+    let mock = Mock::start(Mode::Loading);
+    let proxy = Proxy::start(&mock.url, &[], &[]);
+    let (status, v) = post(&format!("{}/v1/messages", proxy.url), &hello(false), &[]).await;
+    assert_eq!(status, 529, "{v}");
+    let (t, m) = anthropic_error(&v);
+    assert_eq!(t, "overloaded_error");
+    assert!(m.contains("Loading model") && m.contains(&mock.url), "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
