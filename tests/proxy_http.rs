@@ -532,6 +532,15 @@ async fn refused_upstream_is_529_naming_the_url() {
             format!("upstream {dead} is not reachable: connection refused")
         );
     }
+    // A request that is itself invalid is still a 400: the client's problem comes first.
+    let (status, v) = post(
+        &format!("{}/v1/messages", proxy.url),
+        &json!({"model": "x", "max_tokens": 5}),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(anthropic_error(&v).0, "invalid_request_error");
     // The proxy itself stays healthy, and says the upstream is not.
     let (status, body) = get(&format!("{}/health", proxy.url), &[]).await;
     assert_eq!(status, 200);

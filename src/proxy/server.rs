@@ -417,12 +417,26 @@ fn peek_model(body: &[u8]) -> Result<String, ProxyError> {
 }
 
 /// Translation options for this request: the model map first, else the upstream's own model.
-async fn options_for(st: &Shared, client_model: &str) -> Result<TranslateOptions, ProxyError> {
-    let served = st
-        .upstream
-        .served()
-        .await
-        .map_err(|e| e.to_proxy_error(st.upstream.base()))?;
+/// When the upstream cannot be asked (it is down before its model was ever discovered), a request that is
+/// itself invalid still gets its 400: the client has something to fix either way, and that comes first.
+async fn options_for(
+    st: &Shared,
+    client_model: &str,
+    body: &[u8],
+) -> Result<TranslateOptions, ProxyError> {
+    let served = match st.upstream.served().await {
+        Ok(s) => s,
+        Err(e) => {
+            let probe = TranslateOptions {
+                upstream_model: String::new(),
+                llama_cpp: false,
+            };
+            if let Err(bad) = translate_for_count(body, &probe) {
+                return Err(ProxyError::invalid_request(bad.message));
+            }
+            return Err(e.to_proxy_error(st.upstream.base()));
+        }
+    };
     let upstream_model = match st.settings.model_map.resolve(client_model) {
         Some(m) => m.to_string(),
         None => served.model.to_string(),
@@ -455,7 +469,7 @@ async fn count(
 ) -> Result<u64, ProxyError> {
     let bytes = read_body(headers, body, st.settings.max_body_bytes).await?;
     t.client_model = peek_model(&bytes)?;
-    let opts = options_for(st, &t.client_model).await?;
+    let opts = options_for(st, &t.client_model, &bytes).await?;
     t.upstream_model = opts.upstream_model.clone();
     let chat =
         translate_for_count(&bytes, &opts).map_err(|e| ProxyError::invalid_request(e.message))?;
@@ -521,7 +535,7 @@ async fn messages(State(st): State<Shared>, headers: HeaderMap, body: Body) -> R
         Ok(m) => t.client_model = m,
         Err(e) => return t.error(e),
     }
-    let opts = match options_for(&st, &t.client_model).await {
+    let opts = match options_for(&st, &t.client_model, &bytes).await {
         Ok(o) => o,
         Err(e) => return t.error(e),
     };
