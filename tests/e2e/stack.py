@@ -127,6 +127,9 @@ class Stack:
                ~20k-token first prompt fits.
         tools: same model with the Gemma 4 template: real tool calls, `tool_choice: required` grammar. Greedy by
                default (`--temp 0`) so that runs are repeatable.
+        claude: like text, for Claude Code's long max_tokens: SmolLM2's end-of-turn token (id 2, `<|im_end|>`) gets
+               a +3 logit bias, a sampling setting that keeps its free-form replies short on a CPU (unbiased, it
+               can ramble for thousands of tokens).
         small: a 512-token context, to provoke "prompt is too long".
         keyed: llama-server's own API-key check (only the llama.cpp-native target uses it).
         """
@@ -135,6 +138,7 @@ class Stack:
         big = ["-c", "32768", "-np", "1", "--override-kv", "llama.context_length=int:32768"]
         args = {
             "text": big,
+            "claude": big + ["--logit-bias", "2+3"],
             "tools": big
             + ["--jinja", "--chat-template-file", f"{self.env['LLMCTL_LLAMA_TEMPLATES']}/google-gemma-4-31B-it.jinja"]
             + ["--temp", "0", "--seed", "42"],
@@ -244,6 +248,8 @@ class LlmctlTarget(Target):
             return self.stack.proxy(self.stack.dead_url()), None
         if role in ("text", "auth"):
             return self.stack.proxy(self.stack.llama("text"), self.KEY), self.KEY
+        if role == "claude":
+            return self.stack.proxy(self.stack.llama("claude"), self.KEY), self.KEY
         return self.stack.proxy(self.stack.llama(role)), None
 
 

@@ -76,25 +76,29 @@ def result_of(lines: list[dict]) -> dict:
 
 
 def test_print_mode_says_something(claude_bin, target, cc_dir):
-    p = run_claude(claude_bin, target, "text", cc_dir, ["-p", "Say hello"])
+    p = run_claude(claude_bin, target, "claude", cc_dir, ["-p", "Say hello"])
     assert p.returncode == 0, f"claude -p exited {p.returncode}; stdout {p.stdout[-1500:]!r}; stderr {p.stderr[-1500:]!r}"
     assert p.stdout.strip(), f"claude -p printed nothing; stderr {p.stderr[-1500:]!r}"
     print(f"claude -p 'Say hello' printed: {p.stdout.strip()[:300]!r}")
 
 
 def test_second_prompt_reuses_prefix_cache(claude_bin, target, cc_dir):
-    # A different prompt changes Claude Code's x-anthropic-billing-header system line (its hash suffix varies by
-    # prompt). If that line reached the model unchanged, llama.cpp could reuse nothing after it; the proxy keeps
-    # the rest of the prefix byte-stable, so most of this request is served from the cache of the previous test.
-    p = run_claude(claude_bin, target, "text", cc_dir,
-                   ["-p", "Say goodbye", "--output-format", "stream-json", "--verbose"])
-    assert p.returncode == 0, f"claude exited {p.returncode}; stderr {p.stderr[-1500:]!r}"
-    res = result_of(ndjson(p.stdout))
-    assert res.get("subtype") == "success" and not res.get("is_error"), res
-    usage = res.get("usage", {})
+    # Two prompts in the same mode and directory: a different prompt changes Claude Code's
+    # x-anthropic-billing-header system line (its hash suffix varies by prompt). If that line reached the model
+    # unchanged, llama.cpp could reuse almost nothing; the proxy keeps the rest of the prefix byte-stable, so most
+    # of the second request is served from llama.cpp's prompt cache.
+    usages = []
+    for prompt in ("Say goodbye", "Say thanks"):
+        p = run_claude(claude_bin, target, "claude", cc_dir, ["-p", prompt, "--output-format", "stream-json", "--verbose"])
+        assert p.returncode == 0, f"claude exited {p.returncode}; stderr {p.stderr[-1500:]!r}"
+        res = result_of(ndjson(p.stdout))
+        assert res.get("subtype") == "success" and not res.get("is_error"), res
+        usages.append(res.get("usage", {}))
+    usage = usages[-1]
     cached = usage.get("cache_read_input_tokens") or 0
     total = cached + (usage.get("input_tokens") or 0) + (usage.get("cache_creation_input_tokens") or 0)
-    print(f"second Claude Code prompt: {cached} of {total} input tokens read from llama.cpp's prompt cache")
+    print(f"Claude Code prompt after a different one: {cached} of {total} input tokens read from llama.cpp's "
+          f"prompt cache (first: {usages[0]})")
     assert total > 0 and cached > total / 2, f"prompt cache barely used: {cached} cached of {total} ({usage})"
 
 
