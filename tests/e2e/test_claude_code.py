@@ -84,9 +84,8 @@ def test_print_mode_says_something(claude_bin, target, cc_dir):
 
 def test_second_prompt_reuses_prefix_cache(claude_bin, target, cc_dir):
     # Two prompts in the same mode and directory: a different prompt changes Claude Code's
-    # x-anthropic-billing-header system line (its hash suffix varies by prompt). If that line reached the model
-    # unchanged, llama.cpp could reuse almost nothing; the proxy keeps the rest of the prefix byte-stable, so most
-    # of the second request is served from llama.cpp's prompt cache.
+    # x-anthropic-billing-header system line (its hash suffix varies by prompt), the very first line of the prompt.
+    # If it reached the model unchanged, llama.cpp could reuse almost nothing of the previous run.
     usages = []
     for prompt in ("Say goodbye", "Say thanks"):
         p = run_claude(claude_bin, target, "claude", cc_dir, ["-p", prompt, "--output-format", "stream-json", "--verbose"])
@@ -99,7 +98,10 @@ def test_second_prompt_reuses_prefix_cache(claude_bin, target, cc_dir):
     total = cached + (usage.get("input_tokens") or 0) + (usage.get("cache_creation_input_tokens") or 0)
     print(f"Claude Code prompt after a different one: {cached} of {total} input tokens read from llama.cpp's "
           f"prompt cache (first: {usages[0]})")
-    assert total > 0 and cached > total / 2, f"prompt cache barely used: {cached} cached of {total} ({usage})"
+    # Claude Code puts the user's text before its agent/skill list, so two conversations share only what precedes
+    # it: the system prompt (~1.5k tokens in 2.1.197), which starts with the billing line. Unstripped, that line
+    # would leave ~0 tokens reusable.
+    assert cached >= 1000, f"the system prompt was not reused from llama.cpp's cache: {cached} of {total} ({usage})"
 
 
 def tool_example(path: str) -> str:
