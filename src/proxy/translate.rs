@@ -78,6 +78,12 @@ const MOVED_IMAGE_NOTE: &str = "[image attached in the next message]";
 
 pub fn translate_request(body: &[u8], opts: &TranslateOptions) -> Result<Translated, RequestError> {
     let req = parse_request(body)?;
+    // Required by the Messages API (count_tokens does not take it, so parse_request cannot insist).
+    match req.max_tokens {
+        None => return Err(RequestError::at("max_tokens", "field required")),
+        Some(0) => return Err(RequestError::at("max_tokens", "must be at least 1")),
+        Some(_) => {}
+    }
     let conv = Conversion::new(&req, opts)?;
     let client_stream = req.stream.unwrap_or(false);
     let stop_sequences: Vec<String> = req
@@ -184,6 +190,24 @@ fn parse_request(body: &[u8]) -> Result<MessagesRequest, RequestError> {
         ));
     }
     Ok(req)
+}
+
+/// One message, with errors that name the message's own field (`messages.2.role: ...`).
+fn message_at(value: &Value, path: &str) -> Result<Message, RequestError> {
+    let Some(obj) = value.as_object() else {
+        return Err(RequestError::at(
+            path,
+            "must be an object with role and content",
+        ));
+    };
+    let get = |name: &str| {
+        obj.get(name)
+            .ok_or_else(|| RequestError::at(&format!("{path}.{name}"), "field required"))
+    };
+    Ok(Message {
+        role: field(get("role")?, &format!("{path}.role"))?,
+        content: get("content")?.clone(),
+    })
 }
 
 fn field<T: DeserializeOwned>(v: &Value, path: &str) -> Result<T, RequestError> {
@@ -509,7 +533,7 @@ fn search_result_text(
 fn convert_messages(raw: &[Value], out: &mut Vec<ChatMessage>) -> Result<(), RequestError> {
     for (i, value) in raw.iter().enumerate() {
         let path = format!("messages.{i}");
-        let msg: Message = field(value, &path)?;
+        let msg = message_at(value, &path)?;
         match msg.role {
             Role::System => {
                 let text = system_message_text(&msg.content, &path)?;

@@ -12,12 +12,21 @@ fn opts() -> TranslateOptions {
     }
 }
 
+/// The Messages API requires `max_tokens`; tests about other fields get one when they leave it out.
+fn with_max_tokens(mut body: Value) -> Value {
+    if let Some(obj) = body.as_object_mut() {
+        obj.entry("max_tokens").or_insert(json!(100));
+    }
+    body
+}
+
 fn tr(body: Value) -> Translated {
-    translate_request(body.to_string().as_bytes(), &opts()).unwrap_or_else(|e| panic!("{e}"))
+    translate_request(with_max_tokens(body).to_string().as_bytes(), &opts())
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn err(body: Value) -> String {
-    match translate_request(body.to_string().as_bytes(), &opts()) {
+    match translate_request(with_max_tokens(body).to_string().as_bytes(), &opts()) {
         Ok(t) => panic!("expected an error, got {}", t.body),
         Err(e) => e.message,
     }
@@ -197,7 +206,7 @@ fn unknown_top_level_fields_are_ignored() {
     assert_eq!(
         t.body,
         json!({"model": "local-model", "messages": [{"role": "user", "content": "hi"}],
-            "stream": true, "stream_options": {"include_usage": true}, "return_progress": true})
+            "max_tokens": 100, "stream": true, "stream_options": {"include_usage": true}, "return_progress": true})
     );
     assert!(!t.client_stream);
 }
@@ -399,7 +408,10 @@ fn bad_requests_name_the_field() {
     );
     assert!(e.starts_with("temperature: invalid type"), "{e}");
     let e = err(json!({"model": "m", "messages": [{"role": "robot", "content": "x"}]}));
-    assert!(e.starts_with("messages.0: unknown variant `robot`"), "{e}");
+    assert!(
+        e.starts_with("messages.0.role: unknown variant `robot`"),
+        "{e}"
+    );
     let e =
         err(json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "text"}]}]}));
     assert!(
@@ -533,7 +545,7 @@ fn thinking_maps_to_llama_cpp_knobs() {
             upstream_model: "u".into(),
             llama_cpp,
         };
-        let b = translate_request(body.to_string().as_bytes(), &o)
+        let b = translate_request(with_max_tokens(body).to_string().as_bytes(), &o)
             .unwrap()
             .body;
         (
@@ -568,4 +580,38 @@ fn a_user_turn_with_nothing_translatable_stays_as_an_empty_turn() {
         {"role": "user", "content": [{"type": "redacted_thinking", "data": "x"}]}
     ]));
     assert_eq!(m[2], json!({"role": "user", "content": ""}));
+}
+
+#[test]
+fn max_tokens_is_required_for_messages_but_not_for_count_tokens() {
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let direct = |b: &Value| {
+        translate_request(b.to_string().as_bytes(), &opts())
+            .map(|_| ())
+            .unwrap_err()
+            .message
+    };
+    assert_eq!(direct(&body), "max_tokens: field required");
+    assert!(translate_for_count(body.to_string().as_bytes(), &opts()).is_ok());
+    let mut zero = body.clone();
+    zero["max_tokens"] = json!(0);
+    assert_eq!(direct(&zero), "max_tokens: must be at least 1");
+}
+
+#[test]
+fn a_bad_message_names_its_field() {
+    let bad = |m: Value| err(json!({"model": "m", "messages": [m]}));
+    let e = bad(json!({"role": "bot", "content": "hi"}));
+    assert!(
+        e.starts_with("messages.0.role: unknown variant `bot`"),
+        "{e}"
+    );
+    assert_eq!(
+        bad(json!({"role": "user"})),
+        "messages.0.content: field required"
+    );
+    assert_eq!(
+        bad(json!("hi")),
+        "messages.0: must be an object with role and content"
+    );
 }
