@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# The test command: prepares the real test stack (cached), then runs every test.
+# The test command (README, CI): prepares the real test stack (cached), builds llmctl, runs every Rust test, then
+# the end-to-end suite: the official Anthropic SDK and the real Claude Code binary through `llmctl serve-proxy` to
+# real llama-servers with a real model. Nothing is skipped; a missing component is a failure that says what to do.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(bash scripts/test-stack.sh)"
-cargo test --all-targets
+cargo build
+cargo test
+# -rP: print what passing end-to-end tests report (prompt-cache figures, what Claude Code printed).
+"$LLMCTL_TEST_VENV/bin/pytest" -v -rP -p no:cacheprovider tests/e2e

@@ -39,7 +39,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the Anthropic Messages API in front of an OpenAI-compatible server (llama-server, vLLM, Ollama...).
-    ServeProxy(crate::proxy::ServeProxyArgs),
+    ServeProxy(Box<crate::proxy::ServeProxyArgs>),
     /// Print or write the client settings for Claude Code or pi.
     ClientConfig(crate::client_config::ClientConfigArgs),
     /// Find what is broken on a Proxmox host and its GPU container, and say how to fix it.

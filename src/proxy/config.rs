@@ -1,0 +1,474 @@
+//! The proxy's settings: the `[proxy]` section of llmctl.toml, overridden by flags and environment variables,
+//! resolved once at startup into [`Settings`]. Resolution is a pure function of its inputs so the precedence
+//! rules are tested without touching the process environment.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:4000";
+pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:11434";
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+pub const DEFAULT_PING_INTERVAL_SECS: f64 = 5.0;
+pub const DEFAULT_CONNECT_TIMEOUT_SECS: f64 = 5.0;
+/// CPU prefill of Claude Code's ~20k-token first prompt takes minutes: the first byte may be slow.
+pub const DEFAULT_FIRST_BYTE_TIMEOUT_SECS: f64 = 600.0;
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: f64 = 10.0;
+
+pub const ENV_API_KEY: &str = "LLMCTL_PROXY_API_KEY";
+pub const ENV_UPSTREAM_API_KEY: &str = "LLMCTL_UPSTREAM_API_KEY";
+
+/// `[proxy]` in llmctl.toml. Keys are never stored here, only the paths of files holding them.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    pub listen: Option<String>,
+    pub upstream: Option<String>,
+    pub api_key_file: Option<PathBuf>,
+    pub upstream_api_key_file: Option<PathBuf>,
+    pub model: Option<String>,
+    pub max_body_bytes: Option<usize>,
+    pub ping_interval_secs: Option<f64>,
+    pub connect_timeout_secs: Option<f64>,
+    pub first_byte_timeout_secs: Option<f64>,
+    pub shutdown_grace_secs: Option<f64>,
+    /// Client model name prefix → upstream model, e.g. `"claude-haiku" = "small-model"`.
+    #[serde(default)]
+    pub models: BTreeMap<String, String>,
+}
+
+/// The flag values that matter for resolution (a copy of `ServeProxyArgs` without clap).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub upstream: Option<String>,
+    pub api_key: Option<String>,
+    pub api_key_file: Option<PathBuf>,
+    pub upstream_api_key: Option<String>,
+    pub upstream_api_key_file: Option<PathBuf>,
+    pub model: Option<String>,
+    pub max_body_bytes: Option<usize>,
+    pub ping_interval_secs: Option<f64>,
+    pub connect_timeout_secs: Option<f64>,
+    pub first_byte_timeout_secs: Option<f64>,
+    pub shutdown_grace_secs: Option<f64>,
+}
+
+/// Where a secret came from; only for the startup log line, never the value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretSource {
+    CommandLine,
+    Environment,
+    File,
+}
+
+#[derive(Clone, PartialEq)]
+pub struct Secret {
+    pub value: String,
+    pub source: SecretSource,
+}
+
+// Hand-written so a `{:?}` of the settings can never print a key.
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret(<redacted>, from {:?})", self.source)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    /// Base URL without a trailing slash, e.g. `http://127.0.0.1:11434`.
+    pub upstream: String,
+    pub api_key: Option<Secret>,
+    pub upstream_api_key: Option<Secret>,
+    pub model: Option<String>,
+    pub model_map: ModelMap,
+    pub max_body_bytes: usize,
+    pub ping_interval: Duration,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+/// Client model name → upstream model by longest matching prefix.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelMap {
+    /// Longest prefix first, so `claude-haiku-4` wins over `claude-haiku`.
+    entries: Vec<(String, String)>,
+}
+
+impl ModelMap {
+    pub fn new(map: &BTreeMap<String, String>) -> Self {
+        let mut entries: Vec<(String, String)> =
+            map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        entries.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        ModelMap { entries }
+    }
+
+    /// The upstream model for `client_model`, or `None` for "the default upstream model".
+    pub fn resolve(&self, client_model: &str) -> Option<&str> {
+        self.entries
+            .iter()
+            .find(|(prefix, _)| client_model.starts_with(prefix.as_str()))
+            .map(|(_, upstream)| upstream.as_str())
+    }
+
+    /// The mapped client names (the keys), for `GET /v1/models`.
+    pub fn client_names(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|(k, _)| k.as_str())
+    }
+}
+
+/// Flags and environment over the file; `env` and `read_secret` are the only I/O, injected for tests.
+pub fn resolve(
+    flags: &Overrides,
+    file: &ProxyConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+    read_secret: &dyn Fn(&Path) -> Result<String>,
+) -> Result<Settings> {
+    let listen_text = flags
+        .listen
+        .as_deref()
+        .or(file.listen.as_deref())
+        .unwrap_or(DEFAULT_LISTEN);
+    let listen: SocketAddr = listen_text.parse().with_context(|| {
+        format!("invalid listen address {listen_text:?}: expected IP:PORT, e.g. 127.0.0.1:4000")
+    })?;
+    let upstream = normalize_upstream(
+        flags
+            .upstream
+            .as_deref()
+            .or(file.upstream.as_deref())
+            .unwrap_or(DEFAULT_UPSTREAM),
+    )?;
+    let api_key = secret(
+        flags.api_key.as_deref(),
+        flags.api_key_file.as_deref(),
+        env(ENV_API_KEY),
+        file.api_key_file.as_deref(),
+        read_secret,
+        "--api-key",
+    )?;
+    let upstream_api_key = secret(
+        flags.upstream_api_key.as_deref(),
+        flags.upstream_api_key_file.as_deref(),
+        env(ENV_UPSTREAM_API_KEY),
+        file.upstream_api_key_file.as_deref(),
+        read_secret,
+        "--upstream-api-key",
+    )?;
+    let model = flags
+        .model
+        .clone()
+        .or_else(|| file.model.clone())
+        .filter(|m| !m.trim().is_empty());
+    let max_body_bytes = flags
+        .max_body_bytes
+        .or(file.max_body_bytes)
+        .unwrap_or(DEFAULT_MAX_BODY_BYTES);
+    if max_body_bytes == 0 {
+        bail!("max_body_bytes must be greater than 0");
+    }
+    Ok(Settings {
+        listen,
+        upstream,
+        api_key,
+        upstream_api_key,
+        model,
+        model_map: ModelMap::new(&file.models),
+        max_body_bytes,
+        ping_interval: seconds(
+            "ping_interval_secs",
+            flags.ping_interval_secs.or(file.ping_interval_secs),
+            DEFAULT_PING_INTERVAL_SECS,
+        )?,
+        connect_timeout: seconds(
+            "connect_timeout_secs",
+            flags.connect_timeout_secs.or(file.connect_timeout_secs),
+            DEFAULT_CONNECT_TIMEOUT_SECS,
+        )?,
+        first_byte_timeout: seconds(
+            "first_byte_timeout_secs",
+            flags
+                .first_byte_timeout_secs
+                .or(file.first_byte_timeout_secs),
+            DEFAULT_FIRST_BYTE_TIMEOUT_SECS,
+        )?,
+        shutdown_grace: seconds(
+            "shutdown_grace_secs",
+            flags.shutdown_grace_secs.or(file.shutdown_grace_secs),
+            DEFAULT_SHUTDOWN_GRACE_SECS,
+        )?,
+    })
+}
+
+fn seconds(name: &str, value: Option<f64>, default: f64) -> Result<Duration> {
+    let v = value.unwrap_or(default);
+    if !v.is_finite() || v <= 0.0 || v > 86_400.0 {
+        bail!("{name} must be a number of seconds between 0 and 86400, got {v}");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn normalize_upstream(url: &str) -> Result<String> {
+    let trimmed = url.trim().trim_end_matches('/');
+    let trimmed = trimmed.strip_suffix("/v1").unwrap_or(trimmed);
+    let rest = trimmed
+        .strip_prefix("http://")
+        .or_else(|| trimmed.strip_prefix("https://"));
+    match rest {
+        Some(host) if !host.is_empty() && !host.contains(char::is_whitespace) => {
+            Ok(trimmed.to_string())
+        }
+        _ => bail!(
+            "invalid upstream URL {url:?}: expected http://HOST:PORT (the OpenAI-compatible server, without /v1)"
+        ),
+    }
+}
+
+fn secret(
+    flag: Option<&str>,
+    flag_file: Option<&Path>,
+    env_value: Option<String>,
+    file_path: Option<&Path>,
+    read_secret: &dyn Fn(&Path) -> Result<String>,
+    flag_name: &str,
+) -> Result<Option<Secret>> {
+    let (value, source) = if let Some(v) = flag {
+        (v.to_string(), SecretSource::CommandLine)
+    } else if let Some(p) = flag_file {
+        (read_secret(p)?, SecretSource::File)
+    } else if let Some(v) = env_value {
+        (v, SecretSource::Environment)
+    } else if let Some(p) = file_path {
+        (read_secret(p)?, SecretSource::File)
+    } else {
+        return Ok(None);
+    };
+    let value = value.trim().to_string();
+    if value.is_empty() {
+        bail!("the key given for {flag_name} is empty");
+    }
+    Ok(Some(Secret { value, source }))
+}
+
+/// Reads a key file: the first line, trimmed. Refuses a file others can read, as ssh does with its keys.
+pub fn read_secret_file(path: &Path) -> Result<String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path)
+            .with_context(|| format!("cannot read key file {}", path.display()))?;
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            bail!(
+                "key file {} is readable by other users (mode {:o}); run: chmod 600 {}",
+                path.display(),
+                mode & 0o777,
+                path.display()
+            );
+        }
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read key file {}", path.display()))?;
+    Ok(text.lines().next().unwrap_or("").trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn no_files(p: &Path) -> Result<String> {
+        bail!("unexpected read of {}", p.display())
+    }
+
+    fn file_from_toml(text: &str) -> ProxyConfig {
+        crate::config::ConfigFile::parse(text, None)
+            .unwrap()
+            .section::<ProxyConfig>("proxy")
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn defaults_when_nothing_is_set() {
+        let s = resolve(
+            &Overrides::default(),
+            &ProxyConfig::default(),
+            &no_env,
+            &no_files,
+        )
+        .unwrap();
+        assert_eq!(s.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(s.upstream, DEFAULT_UPSTREAM);
+        assert_eq!(s.api_key, None);
+        assert_eq!(s.max_body_bytes, 32 * 1024 * 1024);
+        assert_eq!(s.ping_interval, Duration::from_secs(5));
+        assert_eq!(s.first_byte_timeout, Duration::from_secs(600));
+        assert_eq!(s.connect_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn flags_override_the_file_and_the_file_overrides_defaults() {
+        let file = file_from_toml(
+            r#"
+            [proxy]
+            listen = "127.0.0.1:5000"
+            upstream = "http://10.0.0.2:8080/v1/"
+            model = "from-file"
+            ping_interval_secs = 2.5
+            max_body_bytes = 1000
+            [proxy.models]
+            "claude-haiku" = "small"
+            "#,
+        );
+        let from_file = resolve(&Overrides::default(), &file, &no_env, &no_files).unwrap();
+        assert_eq!(from_file.listen.to_string(), "127.0.0.1:5000");
+        assert_eq!(from_file.upstream, "http://10.0.0.2:8080");
+        assert_eq!(from_file.model.as_deref(), Some("from-file"));
+        assert_eq!(from_file.ping_interval, Duration::from_millis(2500));
+        assert_eq!(from_file.max_body_bytes, 1000);
+
+        let flags = Overrides {
+            listen: Some("127.0.0.1:6000".into()),
+            model: Some("from-flag".into()),
+            max_body_bytes: Some(5),
+            ..Default::default()
+        };
+        let s = resolve(&flags, &file, &no_env, &no_files).unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:6000");
+        assert_eq!(s.model.as_deref(), Some("from-flag"));
+        assert_eq!(s.max_body_bytes, 5);
+        // Not overridden: still the file's.
+        assert_eq!(s.upstream, "http://10.0.0.2:8080");
+        assert_eq!(
+            s.model_map.resolve("claude-haiku-4-5-20251001"),
+            Some("small")
+        );
+    }
+
+    #[test]
+    fn secrets_flag_then_flag_file_then_env_then_config_file() {
+        let file = ProxyConfig {
+            api_key_file: Some("/cfg.key".into()),
+            ..Default::default()
+        };
+        let env = |k: &str| (k == ENV_API_KEY).then(|| "from-env".to_string());
+        let read = |p: &Path| Ok(format!("from-{}", p.display()));
+        let s = resolve(&Overrides::default(), &file, &env, &read).unwrap();
+        assert_eq!(s.api_key.as_ref().unwrap().value, "from-env");
+        assert_eq!(s.api_key.unwrap().source, SecretSource::Environment);
+
+        let s = resolve(&Overrides::default(), &file, &no_env, &read).unwrap();
+        assert_eq!(s.api_key.unwrap().value, "from-/cfg.key");
+
+        let flags = Overrides {
+            api_key_file: Some("/flag.key".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            resolve(&flags, &file, &env, &read)
+                .unwrap()
+                .api_key
+                .unwrap()
+                .value,
+            "from-/flag.key"
+        );
+
+        let flags = Overrides {
+            api_key: Some(" k1 ".into()),
+            ..Default::default()
+        };
+        let s = resolve(&flags, &file, &env, &read).unwrap();
+        assert_eq!(s.api_key.clone().unwrap().value, "k1");
+        assert_eq!(s.api_key.clone().unwrap().source, SecretSource::CommandLine);
+        // Debug output never shows the key.
+        assert!(!format!("{s:?}").contains("k1"));
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        let bad = |o: Overrides| {
+            resolve(&o, &ProxyConfig::default(), &no_env, &no_files)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            bad(Overrides {
+                listen: Some("localhost".into()),
+                ..Default::default()
+            })
+            .contains("invalid listen address")
+        );
+        assert!(
+            bad(Overrides {
+                upstream: Some("127.0.0.1:8080".into()),
+                ..Default::default()
+            })
+            .contains("expected http://HOST:PORT")
+        );
+        assert!(
+            bad(Overrides {
+                ping_interval_secs: Some(0.0),
+                ..Default::default()
+            })
+            .contains("ping_interval_secs")
+        );
+        assert!(
+            bad(Overrides {
+                api_key: Some("  ".into()),
+                ..Default::default()
+            })
+            .contains("empty")
+        );
+    }
+
+    #[test]
+    fn unknown_keys_in_the_section_are_rejected_with_the_file_name() {
+        let err = crate::config::ConfigFile::parse("[proxy]\napi_key = \"x\"\n", None)
+            .unwrap()
+            .section::<ProxyConfig>("proxy")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[proxy]") && err.contains("api_key"), "{err}");
+    }
+
+    #[test]
+    fn model_map_longest_prefix_wins() {
+        let mut m = BTreeMap::new();
+        m.insert("claude-haiku".to_string(), "small".to_string());
+        m.insert("claude-haiku-4-5".to_string(), "tiny".to_string());
+        m.insert("claude".to_string(), "big".to_string());
+        let map = ModelMap::new(&m);
+        assert_eq!(map.resolve("claude-haiku-4-5-20251001"), Some("tiny"));
+        assert_eq!(map.resolve("claude-haiku-3"), Some("small"));
+        assert_eq!(map.resolve("claude-opus-4-8"), Some("big"));
+        assert_eq!(map.resolve("gpt-4"), None);
+    }
+
+    #[test]
+    fn key_file_readable_by_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k");
+        std::fs::write(&p, "secret\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(
+            read_secret_file(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("chmod 600")
+        );
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_secret_file(&p).unwrap(), "secret");
+    }
+}

@@ -1,0 +1,307 @@
+//! The OpenAI-compatible server behind the proxy: one shared HTTP client (keep-alive pool), the model it
+//! serves (discovered from `GET /v1/models` unless configured), and every failure classified so the client
+//! gets the right Anthropic error: unreachable → 529, slow first byte → 504, a refusal → its status mapped.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::http::HeaderValue;
+use bytes::Bytes;
+use reqwest::header;
+use serde_json::Value;
+
+use super::error::{ErrorType, ProxyError, from_upstream_status};
+
+/// Largest error body read from the upstream: enough for any JSON error, not a runaway stream.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+/// Small calls (models, health, template, tokenize) must not wait as long as a generation may.
+const SMALL_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// No TCP connection: refused, no route, DNS, connect timeout.
+    Unreachable(String),
+    /// Connected, but no response headers within the first-byte timeout.
+    Timeout(Duration),
+    /// A non-2xx answer.
+    Status(u16, Bytes),
+    /// The connection broke or the answer was not what an OpenAI-compatible server sends.
+    Broken(String),
+}
+
+impl UpstreamError {
+    pub fn to_proxy_error(&self, upstream: &str) -> ProxyError {
+        match self {
+            UpstreamError::Unreachable(reason) => ProxyError::new(
+                ErrorType::Overloaded,
+                format!("upstream {upstream} is not reachable: {reason}"),
+            ),
+            UpstreamError::Timeout(after) => ProxyError::new(
+                ErrorType::Timeout,
+                format!(
+                    "upstream {upstream} sent no response within {}s (first_byte_timeout_secs)",
+                    after.as_secs_f64()
+                ),
+            ),
+            UpstreamError::Status(status, body) => from_upstream_status(*status, body, upstream),
+            UpstreamError::Broken(reason) => ProxyError::new(
+                ErrorType::Api,
+                format!("upstream {upstream} failed: {reason}"),
+            ),
+        }
+    }
+}
+
+/// The model the upstream serves, and whether it is llama.cpp (which takes extra knobs).
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub model: Arc<str>,
+    pub llama_cpp: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamModel {
+    pub id: String,
+    pub created: Option<i64>,
+}
+
+pub struct Upstream {
+    client: reqwest::Client,
+    base: String,
+    chat_url: String,
+    auth: Option<HeaderValue>,
+    first_byte_timeout: Duration,
+    fixed_model: Option<Arc<str>>,
+    discovered: RwLock<Option<Served>>,
+}
+
+impl Upstream {
+    pub fn new(
+        base: &str,
+        api_key: Option<&str>,
+        model: Option<&str>,
+        connect_timeout: Duration,
+        first_byte_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            // llama-server closes idle keep-alive connections after 5 s; dropping ours first avoids sending
+            // a request down a connection the server is closing at that moment (a spurious failure).
+            .pool_idle_timeout(Duration::from_secs(4))
+            // The upstream is named explicitly: HTTP(S)_PROXY variables meant for the internet must not
+            // reroute it.
+            .no_proxy()
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?;
+        let auth = match api_key {
+            Some(k) => {
+                let mut v = HeaderValue::from_str(&format!("Bearer {k}")).map_err(|_| {
+                    anyhow::anyhow!(
+                        "the upstream API key contains characters not allowed in an HTTP header"
+                    )
+                })?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
+        Ok(Upstream {
+            client,
+            base: base.to_string(),
+            chat_url: format!("{base}/v1/chat/completions"),
+            auth,
+            first_byte_timeout,
+            fixed_model: model.map(Arc::from),
+            discovered: RwLock::new(None),
+        })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        let mut rb = self.client.request(method, url);
+        if let Some(a) = &self.auth {
+            rb = rb.header(header::AUTHORIZATION, a.clone());
+        }
+        rb
+    }
+
+    /// Starts a streaming chat completion. Returns once the upstream sent its response headers with a 2xx
+    /// status; the body is the event stream.
+    pub async fn start_chat(&self, body: Vec<u8>) -> Result<reqwest::Response, UpstreamError> {
+        let send = self
+            .request(reqwest::Method::POST, &self.chat_url)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "text/event-stream")
+            .body(body)
+            .send();
+        let resp = match tokio::time::timeout(self.first_byte_timeout, send).await {
+            Err(_) => return Err(UpstreamError::Timeout(self.first_byte_timeout)),
+            Ok(r) => r.map_err(classify)?,
+        };
+        check_status(resp).await
+    }
+
+    /// `GET /v1/models`: the ids the upstream serves, and whether it is llama.cpp.
+    pub async fn list_models(&self) -> Result<(Vec<UpstreamModel>, bool), UpstreamError> {
+        let v = self.get_json("/v1/models").await?;
+        let data = v
+            .get("data")
+            .and_then(Value::as_array)
+            .ok_or_else(|| UpstreamError::Broken("GET /v1/models has no \"data\" list".into()))?;
+        let mut llama_cpp = false;
+        let models = data
+            .iter()
+            .filter_map(|m| {
+                if m.get("owned_by").and_then(Value::as_str) == Some("llamacpp") {
+                    llama_cpp = true;
+                }
+                Some(UpstreamModel {
+                    id: m.get("id")?.as_str()?.to_string(),
+                    created: m.get("created").and_then(Value::as_i64),
+                })
+            })
+            .collect();
+        Ok((models, llama_cpp))
+    }
+
+    /// The model to send, discovering it on first use (and again on later requests while discovery fails,
+    /// so a proxy started before its upstream recovers by itself).
+    pub async fn served(&self) -> Result<Served, UpstreamError> {
+        if let Ok(guard) = self.discovered.read()
+            && let Some(s) = guard.as_ref()
+        {
+            return Ok(s.clone());
+        }
+        let discovered = self.list_models().await;
+        let served = match (&self.fixed_model, discovered) {
+            (Some(m), Ok((_, llama_cpp))) => Served {
+                model: m.clone(),
+                llama_cpp,
+            },
+            // A configured model works with any server, even one whose /v1/models is broken.
+            (Some(m), Err(UpstreamError::Status(..) | UpstreamError::Broken(_))) => {
+                return Ok(Served {
+                    model: m.clone(),
+                    llama_cpp: false,
+                });
+            }
+            (Some(_), Err(e)) => return Err(e),
+            (None, Ok((models, llama_cpp))) => {
+                let first = models.into_iter().next().ok_or_else(|| {
+                    UpstreamError::Broken(
+                        "GET /v1/models lists no model; start the server with a model or pass --model".into(),
+                    )
+                })?;
+                Served {
+                    model: Arc::from(first.id),
+                    llama_cpp,
+                }
+            }
+            (None, Err(e)) => return Err(e),
+        };
+        if let Ok(mut guard) = self.discovered.write() {
+            *guard = Some(served.clone());
+        }
+        Ok(served)
+    }
+
+    /// The upstream's own health: llama-server's `GET /health` (200 ready, 503 loading); for servers
+    /// without it, `GET /v1/models`.
+    pub async fn health(&self) -> Result<(), UpstreamError> {
+        match self.get_json("/health").await {
+            Ok(_) => Ok(()),
+            Err(UpstreamError::Status(404, _)) => self.list_models().await.map(|_| ()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> Result<Value, UpstreamError> {
+        let url = format!("{}{path}", self.base);
+        let send = self
+            .request(reqwest::Method::POST, &url)
+            .json(body)
+            .timeout(SMALL_CALL_TIMEOUT)
+            .send();
+        read_json(send.await.map_err(classify)?).await
+    }
+
+    async fn get_json(&self, path: &str) -> Result<Value, UpstreamError> {
+        let url = format!("{}{path}", self.base);
+        let send = self
+            .request(reqwest::Method::GET, &url)
+            .timeout(SMALL_CALL_TIMEOUT)
+            .send();
+        read_json(send.await.map_err(classify)?).await
+    }
+}
+
+async fn check_status(resp: reqwest::Response) -> Result<reqwest::Response, UpstreamError> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let body = read_capped(resp).await.unwrap_or_default();
+    Err(UpstreamError::Status(status.as_u16(), body))
+}
+
+async fn read_json(resp: reqwest::Response) -> Result<Value, UpstreamError> {
+    let resp = check_status(resp).await?;
+    let body = resp.bytes().await.map_err(classify)?;
+    serde_json::from_slice(&body)
+        .map_err(|e| UpstreamError::Broken(format!("answered with invalid JSON: {e}")))
+}
+
+async fn read_capped(mut resp: reqwest::Response) -> Result<Bytes, reqwest::Error> {
+    let mut out = Vec::new();
+    let read = async {
+        while let Some(chunk) = resp.chunk().await? {
+            let room = MAX_ERROR_BODY.saturating_sub(out.len());
+            out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if out.len() >= MAX_ERROR_BODY {
+                break;
+            }
+        }
+        Ok::<(), reqwest::Error>(())
+    };
+    // An error body that never ends must not hang the request.
+    if let Ok(r) = tokio::time::timeout(SMALL_CALL_TIMEOUT, read).await {
+        r?;
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Turns a reqwest failure into one of our classes, with a short human reason.
+pub fn classify(e: reqwest::Error) -> UpstreamError {
+    if e.is_connect() {
+        return UpstreamError::Unreachable(root_reason(&e));
+    }
+    if e.is_timeout() {
+        return UpstreamError::Broken("timed out".into());
+    }
+    UpstreamError::Broken(root_reason(&e))
+}
+
+/// The innermost cause, worded for people: "connection refused" rather than a chain of wrappers.
+pub fn root_reason(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause: &(dyn std::error::Error + 'static) = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+        match io.kind() {
+            std::io::ErrorKind::ConnectionRefused => return "connection refused".into(),
+            std::io::ErrorKind::ConnectionReset => return "connection reset".into(),
+            std::io::ErrorKind::TimedOut => return "connect timed out".into(),
+            _ => {}
+        }
+    }
+    let text = cause.to_string();
+    if text.contains("timed out") {
+        return "connect timed out".into();
+    }
+    text
+}

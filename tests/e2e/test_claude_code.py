@@ -1,0 +1,148 @@
+"""The real Claude Code binary ($LLMCTL_CLAUDE_BIN) through the target to a real llama-server.
+
+Claude Code runs offline: telemetry and non-essential traffic off, a fresh HOME, the key from ANTHROPIC_API_KEY.
+Its first request is large (system prompt, agent list, tools), and CPU prefill takes minutes, hence the long
+timeouts; the llama-servers are shared across these tests so later requests hit llama.cpp's prompt cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from stack import StackError, require_env
+
+RUN_TIMEOUT_S = 900  # one Claude Code run: ~20k-token CPU prefill on 2 shared cores, plus generation
+
+
+@pytest.fixture(scope="session")
+def claude_bin() -> str:
+    try:
+        return require_env("LLMCTL_CLAUDE_BIN")["LLMCTL_CLAUDE_BIN"]
+    except StackError as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def cc_dir(tmp_path_factory) -> Path:
+    """One HOME and working directory for the Claude Code runs that share a llama-server: Claude Code writes the
+    working directory into its system prompt, so a different one would change the prompt prefix."""
+    return tmp_path_factory.mktemp("claude-code")
+
+
+def run_claude(claude_bin: str, target, role: str, tmp: Path, args: list[str]) -> subprocess.CompletedProcess:
+    try:
+        url, key = target.endpoint(role)
+    except StackError as e:
+        pytest.fail(str(e), pytrace=False)
+    home = tmp / "home"
+    home.mkdir(exist_ok=True)
+    work = tmp / "proj"
+    work.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_"))}
+    env.update({
+        "HOME": str(home),
+        "ANTHROPIC_BASE_URL": url,
+        "ANTHROPIC_API_KEY": key or "no-key-needed",
+        "DISABLE_TELEMETRY": "1",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "DISABLE_AUTOUPDATER": "1",
+    })
+    try:
+        return subprocess.run([claude_bin, *args], cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"claude {' '.join(args)} did not finish within {RUN_TIMEOUT_S}s; stderr: {e.stderr!r:.2000}",
+                    pytrace=False)
+
+
+def ndjson(out: str) -> list[dict]:
+    lines = []
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            lines.append(json.loads(line))
+    return lines
+
+
+def result_of(lines: list[dict]) -> dict:
+    results = [entry for entry in lines if entry.get("type") == "result"]
+    assert results, f"no result line in Claude Code's stream-json output: {[entry.get('type') for entry in lines]}"
+    return results[-1]
+
+
+def test_print_mode_says_something(claude_bin, target, cc_dir):
+    p = run_claude(claude_bin, target, "claude", cc_dir, ["-p", "Say hello"])
+    assert p.returncode == 0, f"claude -p exited {p.returncode}; stdout {p.stdout[-1500:]!r}; stderr {p.stderr[-1500:]!r}"
+    assert p.stdout.strip(), f"claude -p printed nothing; stderr {p.stderr[-1500:]!r}"
+    print(f"claude -p 'Say hello' printed: {p.stdout.strip()[:300]!r}")
+
+
+def test_second_prompt_reuses_prefix_cache(claude_bin, target, cc_dir):
+    # Two prompts in the same mode and directory: a different prompt changes Claude Code's
+    # x-anthropic-billing-header system line (its hash suffix varies by prompt), the very first line of the prompt.
+    # If it reached the model unchanged, llama.cpp could reuse almost nothing of the previous run.
+    usages = []
+    for prompt in ("Say goodbye", "Say thanks"):
+        p = run_claude(claude_bin, target, "claude", cc_dir, ["-p", prompt, "--output-format", "stream-json", "--verbose"])
+        assert p.returncode == 0, f"claude exited {p.returncode}; stderr {p.stderr[-1500:]!r}"
+        res = result_of(ndjson(p.stdout))
+        assert res.get("subtype") == "success" and not res.get("is_error"), res
+        usages.append(res.get("usage", {}))
+    usage = usages[-1]
+    cached = usage.get("cache_read_input_tokens") or 0
+    total = cached + (usage.get("input_tokens") or 0) + (usage.get("cache_creation_input_tokens") or 0)
+    print(f"Claude Code prompt after a different one: {cached} of {total} input tokens read from llama.cpp's "
+          f"prompt cache (first: {usages[0]})")
+    # Claude Code puts the user's text before its agent/skill list, so two conversations share only what precedes
+    # it: the system prompt (~1.5k tokens in 2.1.197), which starts with the billing line. Unstripped, that line
+    # would leave ~0 tokens reusable.
+    assert cached >= 1000, f"the system prompt was not reused from llama.cpp's cache: {cached} of {total} ({usage})"
+
+
+def tool_example(path: str) -> str:
+    """A system prompt holding one example exchange in the Gemma 4 template's own syntax.
+
+    A 135M model does not decide to use tools; what it does well is copy. After `<|turn>model` it copies what
+    followed `<|turn>model` in the example (a Read call, then `<|im_end|>`, SmolLM2's end-of-turn token, which
+    llama-server parses as a special token in the prompt); after the real tool response it copies what followed
+    `<tool_response|>` ("Done." and end of turn). The call itself is real: produced by the model, parsed by
+    llama-server's Gemma 4 tool-call parser, translated by the proxy, run by Claude Code.
+    """
+    return (
+        "Example:\n<|turn>user\nRead the notes.<turn|>\n<|turn>model\n"
+        f'<|tool_call>call:Read{{file_path:<|"|>{path}<|"|>}}<tool_call|><|im_end|>\n'
+        '<|tool_response>response:Read{value:<|"|>the notes<|"|>}<tool_response|>Done.<|im_end|>'
+    )
+
+
+def test_tool_round_trip(claude_bin, target, tmp_path):
+    # Only the Read tool is offered (--tools), on the Gemma-template llama-server (real tool-call parsing, greedy
+    # decoding); see tool_example for how the prompt leads the tiny model to call it. If the model does not call
+    # Read, this test fails and says what it answered instead.
+    (tmp_path / "proj").mkdir(exist_ok=True)
+    notes = tmp_path / "proj" / "notes.txt"
+    notes.write_text("FIRST LINE: the quick brown fox\nsecond line\n")
+    p = run_claude(claude_bin, target, "tools", tmp_path, [
+        "-p", "Read the notes.", "--system-prompt", tool_example(str(notes)),
+        "--tools", "Read", "--allowedTools", "Read", "--output-format", "stream-json", "--verbose",
+    ])
+    lines = ndjson(p.stdout)
+    assert p.returncode == 0, f"claude exited {p.returncode}; stderr {p.stderr[-1500:]!r}; lines {lines[-2:]}"
+    uses = [b for entry in lines if entry.get("type") == "assistant"
+            for b in entry["message"].get("content", []) if b.get("type") == "tool_use"]
+    results = [b for entry in lines if entry.get("type") == "user"
+               for b in (entry["message"].get("content") or []) if isinstance(b, dict) and b.get("type") == "tool_result"]
+    res = result_of(lines)
+    print(f"tool round trip: tool_use {[(u['name'], u.get('input')) for u in uses]}; tool_result is_error "
+          f"{[r.get('is_error', False) for r in results]}; num_turns {res.get('num_turns')}; "
+          f"final text {res.get('result')!r:.200}; usage {res.get('usage')}")
+    assert uses, f"the model called no tool (it answered {res.get('result')!r:.300})"
+    assert uses[0]["name"] == "Read" and isinstance(uses[0].get("input"), dict), uses[0]
+    assert results and results[0].get("tool_use_id") == uses[0]["id"], f"no tool_result for {uses[0]['id']}: {results}"
+    assert res.get("subtype") == "success" and not res.get("is_error"), res
+    assert res.get("num_turns", 0) >= 2, f"no model turn after the tool result: {res}"

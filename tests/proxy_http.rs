@@ -1,0 +1,1405 @@
+//! Black-box tests of `llmctl serve-proxy`: the real binary, spawned, against (a) a real llama-server with a
+//! real model and (b) tiny in-test upstreams that misbehave on purpose, one way each.
+//!
+//! The real-server test needs LLMCTL_LLAMA_SERVER and LLMCTL_TEST_MODEL (`eval "$(bash scripts/test-stack.sh)"`)
+//! and fails, saying so, when they are missing. Ports: 18150-18199.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+// -----------------------------------------------------------------------------------------------------------
+// Harness
+
+/// Ports 18153-18199 are ours (18152 is the test llama-server's). Handed out in turn, wrapping around and
+/// skipping any that something still holds.
+const FIRST_PORT: u16 = 18153;
+const LAST_PORT: u16 = 18199;
+static NEXT_PORT: AtomicU16 = AtomicU16::new(FIRST_PORT);
+
+fn port() -> u16 {
+    for _ in 0..=(LAST_PORT - FIRST_PORT) * 2 {
+        let n = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+        let p = FIRST_PORT + (n - FIRST_PORT) % (LAST_PORT - FIRST_PORT + 1);
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free port in {FIRST_PORT}-{LAST_PORT}");
+}
+
+/// A running `llmctl serve-proxy`; killed on drop.
+struct Proxy {
+    child: Child,
+    url: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    fn start(upstream: &str, extra: &[&str], env: &[(&str, &str)]) -> Proxy {
+        Self::start_in(tempfile::tempdir().unwrap(), upstream, extra, env)
+    }
+
+    fn start_in(
+        dir: tempfile::TempDir,
+        upstream: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proxy {
+        let port = port();
+        let url = format!("http://127.0.0.1:{port}");
+        let log = dir.path().join("proxy.log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_llmctl"));
+        cmd.current_dir(dir.path())
+            .args([
+                "serve-proxy",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--upstream",
+                upstream,
+            ])
+            .args(extra)
+            .env_remove("LLMCTL_PROXY_API_KEY")
+            .env_remove("LLMCTL_UPSTREAM_API_KEY")
+            .env_remove("LLMCTL_CONFIG")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn llmctl");
+        let mut p = Proxy {
+            child,
+            url,
+            log,
+            _dir: dir,
+        };
+        p.wait_ready();
+        p
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "serve-proxy exited at start with {status}:\n{}",
+                    self.log_text()
+                );
+            }
+            if TcpStream::connect(self.url.trim_start_matches("http://")).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "serve-proxy did not listen within 30s:\n{}",
+            self.log_text()
+        );
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+async fn post(url: &str, body: &Value, headers: &[(&str, &str)]) -> (u16, Value) {
+    let mut rb = client().post(url).json(body);
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    let resp = rb.send().await.expect("request to the proxy");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+    (status, v)
+}
+
+async fn get(url: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut rb = client().get(url);
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    let resp = rb.send().await.expect("request to the proxy");
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+/// Asserts Anthropic's error shape and returns `(type, message)`.
+fn anthropic_error(v: &Value) -> (String, String) {
+    assert_eq!(v["type"], "error", "not an Anthropic error: {v}");
+    let t = v["error"]["type"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error.type: {v}"));
+    let m = v["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error.message: {v}"));
+    (t.to_string(), m.to_string())
+}
+
+/// Parses a whole SSE body into `(event name, data JSON)` pairs.
+fn sse_events(text: &str) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for block in text.split("\n\n").filter(|b| !b.trim().is_empty()) {
+        let mut name = String::new();
+        let mut data = String::new();
+        for line in block.lines() {
+            if let Some(n) = line.strip_prefix("event: ") {
+                name = n.to_string();
+            } else if let Some(d) = line.strip_prefix("data: ") {
+                data.push_str(d);
+            }
+        }
+        let v: Value =
+            serde_json::from_str(&data).unwrap_or_else(|_| panic!("bad data in {block:?}"));
+        assert_eq!(
+            v["type"],
+            name.as_str(),
+            "event name and data type differ in {block:?}"
+        );
+        out.push((name, v));
+    }
+    out
+}
+
+async fn stream(url: &str, body: &Value) -> (u16, Vec<(String, Value)>) {
+    let resp = client().post(url).json(body).send().await.unwrap();
+    let status = resp.status().as_u16();
+    if status == 200 {
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    }
+    let text = resp.text().await.unwrap();
+    if status != 200 {
+        return (
+            status,
+            vec![("http_error".into(), serde_json::from_str(&text).unwrap())],
+        );
+    }
+    (status, sse_events(&text))
+}
+
+fn names(events: &[(String, Value)]) -> Vec<&str> {
+    events.iter().map(|(n, _)| n.as_str()).collect()
+}
+
+fn text_of(events: &[(String, Value)]) -> String {
+    events
+        .iter()
+        .filter(|(n, v)| n == "content_block_delta" && v["delta"]["type"] == "text_delta")
+        .map(|(_, v)| v["delta"]["text"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn hello(stream: bool) -> Value {
+    json!({"model": "claude-sonnet-5", "max_tokens": 16, "stream": stream,
+           "messages": [{"role": "user", "content": "Say hello."}]})
+}
+
+// -----------------------------------------------------------------------------------------------------------
+// A misbehaving upstream: answers GET /v1/models normally, and POST /v1/chat/completions the one wrong way
+// it was built for. Records what it received.
+
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    /// 200, a well-formed stream "Hi there" + [DONE].
+    Good,
+    /// Accepts the request, never answers.
+    HangBeforeHeaders,
+    /// 500 with an HTML page.
+    Status500,
+    /// llama.cpp's context overflow.
+    ContextOverflow,
+    /// 200, one chunk, then the connection closes.
+    DieMidStream,
+    /// 200, then a data line that is not JSON.
+    Garbage,
+    /// 200 headers at once, then silence for a while, then a good stream: a long prefill.
+    SlowPrefill(u64),
+    /// 200 with a JSON completion: a server that ignores `stream: true`.
+    JsonInsteadOfStream,
+    /// 200, one chunk, then silence with the connection open.
+    HangMidStream,
+    /// 503 as llama-server answers while it loads its model.
+    Loading,
+}
+
+#[derive(Default)]
+struct Seen {
+    /// (method, path, authorization header, body)
+    requests: Vec<(String, String, Option<String>, Vec<u8>)>,
+}
+
+struct Mock {
+    url: String,
+    seen: Arc<Mutex<Seen>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Mock {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+const GOOD_STREAM: &str = concat!(
+    "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":null}}]}\n\n",
+    "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+    ": keep-alive comment\n\n",
+    "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" there\"}}]}\n\n",
+    "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+    "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":2,\"total_tokens\":14}}\n\n",
+    "data: [DONE]\n\n",
+);
+
+impl Mock {
+    /// Runs on its own thread and runtime, so it works from sync and async tests alike.
+    fn start(mode: Mode) -> Mock {
+        Self::start_on(port(), mode)
+    }
+
+    fn start_on(port: u16, mode: Mode) -> Mock {
+        let std_listener =
+            std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind mock upstream");
+        std_listener.set_nonblocking(true).unwrap();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let seen2 = seen.clone();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+                loop {
+                    tokio::select! {
+                        _ = &mut stopped => return,
+                        accepted = listener.accept() => {
+                            let Ok((sock, _)) = accepted else { return };
+                            let seen = seen2.clone();
+                            tokio::spawn(async move {
+                                let _ = serve_one(sock, mode, seen).await;
+                            });
+                        }
+                    }
+                }
+            });
+        });
+        Mock {
+            url: format!("http://127.0.0.1:{port}"),
+            seen,
+            stop: Some(stop),
+        }
+    }
+
+    fn chat_requests(&self) -> Vec<(Option<String>, Value)> {
+        self.seen
+            .lock()
+            .unwrap()
+            .requests
+            .iter()
+            .filter(|r| r.1 == "/v1/chat/completions")
+            .map(|r| (r.2.clone(), serde_json::from_slice(&r.3).unwrap()))
+            .collect()
+    }
+}
+
+async fn serve_one(
+    mut sock: tokio::net::TcpStream,
+    mode: Mode,
+    seen: Arc<Mutex<Seen>>,
+) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    let header_end = loop {
+        let mut chunk = [0u8; 4096];
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..header_end]).to_string();
+    let mut lines = head.lines();
+    let mut first = lines.next().unwrap_or("").split(' ');
+    let method = first.next().unwrap_or("").to_string();
+    let path = first.next().unwrap_or("").to_string();
+    let mut len = 0usize;
+    let mut auth = None;
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+            if k.eq_ignore_ascii_case("authorization") {
+                auth = Some(v.trim().to_string());
+            }
+        }
+    }
+    while buf.len() < header_end + len {
+        let mut chunk = [0u8; 4096];
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = buf[header_end..].to_vec();
+    seen.lock()
+        .unwrap()
+        .requests
+        .push((method.clone(), path.clone(), auth, body));
+
+    let reply = |status: &str, ctype: &str, body: &str| {
+        format!(
+            "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let sse_head =
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n";
+    if path == "/v1/models" {
+        let b = r#"{"object":"list","data":[{"id":"mock-model","object":"model","owned_by":"mock","created":1700000000}]}"#;
+        return sock
+            .write_all(reply("200 OK", "application/json", b).as_bytes())
+            .await;
+    }
+    if path == "/health" {
+        return sock
+            .write_all(reply("200 OK", "application/json", r#"{"status":"ok"}"#).as_bytes())
+            .await;
+    }
+    if path != "/v1/chat/completions" {
+        return sock
+            .write_all(reply("404 Not Found", "text/plain", "File Not Found").as_bytes())
+            .await;
+    }
+    match mode {
+        Mode::Good => {
+            sock.write_all(sse_head.as_bytes()).await?;
+            sock.write_all(GOOD_STREAM.as_bytes()).await
+        }
+        Mode::HangBeforeHeaders => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok(())
+        }
+        Mode::Status500 => {
+            sock.write_all(
+                reply(
+                    "500 Internal Server Error",
+                    "text/html",
+                    "<html>mock exploded</html>",
+                )
+                .as_bytes(),
+            )
+            .await
+        }
+        Mode::ContextOverflow => {
+            let b = r#"{"error":{"code":400,"message":"request (5031 tokens) exceeds the available context size (4096 tokens), try increasing it","type":"exceed_context_size_error","n_prompt_tokens":5031,"n_ctx":4096}}"#;
+            sock.write_all(reply("400 Bad Request", "application/json", b).as_bytes())
+                .await
+        }
+        Mode::DieMidStream => {
+            sock.write_all(sse_head.as_bytes()).await?;
+            sock.write_all(
+                b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+            )
+            .await?;
+            sock.flush().await?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(()) // dropping the socket closes the connection without [DONE]
+        }
+        Mode::Garbage => {
+            sock.write_all(sse_head.as_bytes()).await?;
+            sock.write_all(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: <<<not json>>>\n\n").await
+        }
+        Mode::HangMidStream => {
+            sock.write_all(sse_head.as_bytes()).await?;
+            sock.write_all(
+                b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+            )
+            .await?;
+            sock.flush().await?;
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok(())
+        }
+        Mode::Loading => {
+            let b =
+                r#"{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}}"#;
+            sock.write_all(reply("503 Service Unavailable", "application/json", b).as_bytes())
+                .await
+        }
+        Mode::JsonInsteadOfStream => {
+            let b = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}]}"#;
+            sock.write_all(reply("200 OK", "application/json", b).as_bytes())
+                .await
+        }
+        Mode::SlowPrefill(ms) => {
+            sock.write_all(sse_head.as_bytes()).await?;
+            sock.flush().await?;
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            sock.write_all(GOOD_STREAM.as_bytes()).await
+        }
+    }
+}
+
+/// A port in our range where nothing listens.
+fn dead_upstream() -> String {
+    format!("http://127.0.0.1:{}", port())
+}
+
+// -----------------------------------------------------------------------------------------------------------
+// (b) Error paths and HTTP behaviour against misbehaving upstreams
+
+#[tokio::test(flavor = "multi_thread")]
+async fn good_mock_streams_and_folds_the_same_message() {
+    let mock = Mock::start(Mode::Good);
+    let proxy = Proxy::start(&mock.url, &[], &[]);
+    let url = format!("{}/v1/messages?beta=true", proxy.url);
+    let (status, events) = stream(&url, &hello(true)).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        names(&events),
+        [
+            "message_start",
+            "ping",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ]
+    );
+    assert_eq!(text_of(&events), "Hi there");
+    assert_eq!(events[0].1["message"]["model"], "claude-sonnet-5");
+    assert_eq!(events[6].1["usage"]["output_tokens"], 2);
+
+    let (status, msg) = post(&url, &hello(false), &[]).await;
+    assert_eq!(status, 200, "{msg}");
+    assert_eq!(msg["content"][0]["text"], "Hi there");
+    assert_eq!(msg["stop_reason"], "end_turn");
+    assert_eq!(msg["model"], "claude-sonnet-5");
+    // The upstream got its own model and a streaming request, whatever the client asked.
+    let reqs = mock.chat_requests();
+    assert_eq!(reqs.len(), 2);
+    for (_, body) in &reqs {
+        assert_eq!(body["model"], "mock-model");
+        assert_eq!(body["stream"], true);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_upstream_is_529_naming_the_url() {
+    let dead = dead_upstream();
+    let proxy = Proxy::start(&dead, &[], &[]);
+    for stream_flag in [false, true] {
+        let (status, v) = post(
+            &format!("{}/v1/messages", proxy.url),
+            &hello(stream_flag),
+            &[],
+        )
+        .await;
+        assert_eq!(status, 529, "{v}");
+        let (t, m) = anthropic_error(&v);
+        assert_eq!(t, "overloaded_error");
+        assert_eq!(
+            m,
+            format!("upstream {dead} is not reachable: connection refused")
+        );
+    }
+    // A request that is itself invalid is still a 400: the client's problem comes first.
+    let (status, v) = post(
+        &format!("{}/v1/messages", proxy.url),
+        &json!({"model": "x", "max_tokens": 5}),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(anthropic_error(&v).0, "invalid_request_error");
+    // The proxy itself stays healthy, and says the upstream is not.
+    let (status, body) = get(&format!("{}/health", proxy.url), &[]).await;
+    assert_eq!(status, 200);
+    let h: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(h["status"], "degraded");
+    assert_eq!(h["upstream"]["status"], "unreachable");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_that_never_answers_hits_the_first_byte_timeout() {
+    let mock = Mock::start(Mode::HangBeforeHeaders);
+    let proxy = Proxy::start(&mock.url, &["--first-byte-timeout", "1"], &[]);
+    let (status, v) = post(&format!("{}/v1/messages", proxy.url), &hello(true), &[]).await;
+    assert_eq!(status, 504, "{v}");
+    let (t, m) = anthropic_error(&v);
+    assert_eq!(t, "timeout_error");
+    assert!(
+        m.contains(&mock.url) && m.contains("first_byte_timeout"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_silent_mid_stream_ends_with_a_timeout_error_event() {
+    let mock = Mock::start(Mode::HangMidStream);
+    let proxy = Proxy::start(
+        &mock.url,
+        &["--first-byte-timeout", "1", "--ping-interval", "0.3"],
+        &[],
+    );
+    let (status, events) = stream(&format!("{}/v1/messages", proxy.url), &hello(true)).await;
+    assert_eq!(status, 200);
+    let (last, data) = events.last().unwrap();
+    assert_eq!(last, "error", "{:?}", names(&events));
+    assert_eq!(data["error"]["type"], "timeout_error");
+    assert_eq!(text_of(&events), "Hi");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_loading_its_model_is_529() {
+    let mock = Mock::start(Mode::Loading);
+    let proxy = Proxy::start(&mock.url, &[], &[]);
+    let (status, v) = post(&format!("{}/v1/messages", proxy.url), &hello(false), &[]).await;
+    assert_eq!(status, 529, "{v}");
+    let (t, m) = anthropic_error(&v);
+    assert_eq!(t, "overloaded_error");
+    assert!(m.contains("Loading model") && m.contains(&mock.url), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_500_is_502_api_error() {
+    let mock = Mock::start(Mode::Status500);
+    let proxy = Proxy::start(&mock.url, &[], &[]);
+    let (status, v) = post(&format!("{}/v1/messages", proxy.url), &hello(true), &[]).await;
+    assert_eq!(status, 502, "{v}");
+    let (t, m) = anthropic_error(&v);
+    assert_eq!(t, "api_error");
+    assert!(
+        m.contains(&mock.url) && m.contains("500") && m.contains("mock exploded"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn context_overflow_becomes_prompt_is_too_long() {
+    let mock = Mock::start(Mode::ContextOverflow);
+    let proxy = Proxy::start(&mock.url, &[], &[]);
+    let (status, v) = post(&format!("{}/v1/messages", proxy.url), &hello(true), &[]).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(
+        anthropic_error(&v),
+        (
+            "invalid_request_error".to_string(),
+            "prompt is too long: 5031 tokens > 4096 maximum".to_string()
+        )
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_dying_mid_stream_ends_with_an_error_event() {
+    let mock = Mock::start(Mode::DieMidStream);
+    let proxy = Proxy::start(&mock.url, &[], &[]);
+    let url = format!("{}/v1/messages", proxy.url);
+    let (status, events) = stream(&url, &hello(true)).await;
+    assert_eq!(status, 200);
+    let (last, data) = events.last().unwrap();
+    assert_eq!(last, "error", "{:?}", names(&events));
+    assert_eq!(data["error"]["type"], "api_error");
+    assert!(
+        data["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("before it finished"),
+        "{data}"
+    );
+    assert_eq!(names(&events).iter().filter(|n| **n == "error").count(), 1);
+    assert!(!names(&events).contains(&"message_stop"));
+    // Without a stream there is nothing sent yet: a plain 502.
+    let (status, v) = post(&url, &hello(false), &[]).await;
+    assert_eq!(status, 502, "{v}");
+    assert_eq!(anthropic_error(&v).0, "api_error");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_from_the_upstream_is_an_error_event() {
+    let mock = Mock::start(Mode::Garbage);
+    let proxy = Proxy::start(&mock.url, &[], &[]);
+    let (status, events) = stream(&format!("{}/v1/messages", proxy.url), &hello(true)).await;
+    assert_eq!(status, 200);
+    let (last, data) = events.last().unwrap();
+    assert_eq!(last, "error");
+    assert!(
+        data["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not JSON"),
+        "{data}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_that_does_not_stream_is_a_clear_502() {
+    let mock = Mock::start(Mode::JsonInsteadOfStream);
+    let proxy = Proxy::start(&mock.url, &[], &[]);
+    let (status, v) = post(&format!("{}/v1/messages", proxy.url), &hello(true), &[]).await;
+    assert_eq!(status, 502, "{v}");
+    let (t, m) = anthropic_error(&v);
+    assert_eq!(t, "api_error");
+    assert!(m.contains("instead of an event stream"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pings_flow_while_the_upstream_is_silent() {
+    let mock = Mock::start(Mode::SlowPrefill(1500));
+    let proxy = Proxy::start(&mock.url, &["--ping-interval", "0.2"], &[]);
+    let (status, events) = stream(&format!("{}/v1/messages", proxy.url), &hello(true)).await;
+    assert_eq!(status, 200);
+    let n = names(&events);
+    let first_block = n.iter().position(|e| *e == "content_block_start").unwrap();
+    assert_eq!(n[0], "message_start");
+    // message_start's own ping, then at least one more sent during the silence.
+    assert!(
+        n[1..first_block].iter().all(|e| *e == "ping") && first_block >= 3,
+        "{n:?}"
+    );
+    assert_eq!(text_of(&events), "Hi there");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_are_400_naming_the_problem() {
+    let mock = Mock::start(Mode::Good);
+    let proxy = Proxy::start(&mock.url, &[], &[]);
+    let url = format!("{}/v1/messages", proxy.url);
+    let resp = client()
+        .post(&url)
+        .header("content-type", "application/json")
+        .body("{\"model\": \"x\", ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let v: Value = resp.json().await.unwrap();
+    let (t, m) = anthropic_error(&v);
+    assert_eq!(t, "invalid_request_error");
+    assert!(m.contains("JSON"), "{m}");
+
+    let (status, v) = post(&url, &json!({"model": "x", "max_tokens": 5}), &[]).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(anthropic_error(&v).1.contains("messages"), "{v}");
+    assert!(
+        mock.chat_requests().is_empty(),
+        "bad requests must not reach the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn body_over_the_limit_is_413() {
+    let mock = Mock::start(Mode::Good);
+    let proxy = Proxy::start(&mock.url, &["--max-body-bytes", "1000"], &[]);
+    let mut big = hello(false);
+    big["messages"][0]["content"] = json!("x".repeat(2000));
+    let (status, v) = post(&format!("{}/v1/messages", proxy.url), &big, &[]).await;
+    assert_eq!(status, 413, "{v}");
+    assert_eq!(anthropic_error(&v).0, "request_too_large");
+    // Under the limit: fine.
+    let (status, _) = post(&format!("{}/v1/messages", proxy.url), &hello(false), &[]).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_paths_are_404_in_anthropic_shape() {
+    let mock = Mock::start(Mode::Good);
+    let proxy = Proxy::start(&mock.url, &[], &[]);
+    let (status, body) = get(&format!("{}/v1/complete", proxy.url), &[]).await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        anthropic_error(&serde_json::from_str(&body).unwrap()).0,
+        "not_found_error"
+    );
+    // A known path with the wrong method too.
+    let (status, body) = get(&format!("{}/v1/messages", proxy.url), &[]).await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        anthropic_error(&serde_json::from_str(&body).unwrap()).0,
+        "not_found_error"
+    );
+    // HEAD / and GET / answer 200 (Claude Code's startup probe).
+    let head = client().head(&proxy.url).send().await.unwrap();
+    assert_eq!(head.status().as_u16(), 200);
+    assert_eq!(get(&format!("{}/", proxy.url), &[]).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_key_is_required_except_for_health_and_root() {
+    let mock = Mock::start(Mode::Good);
+    let proxy = Proxy::start(&mock.url, &[], &[("LLMCTL_PROXY_API_KEY", "sk-right")]);
+    let url = format!("{}/v1/messages", proxy.url);
+    for headers in [
+        vec![],
+        vec![("x-api-key", "sk-wrong")],
+        vec![("authorization", "Bearer sk-wrong")],
+    ] {
+        let (status, v) = post(&url, &hello(false), &headers).await;
+        assert_eq!(status, 401, "{headers:?}: {v}");
+        assert_eq!(anthropic_error(&v).0, "authentication_error");
+    }
+    for headers in [
+        vec![("x-api-key", "sk-right")],
+        vec![("authorization", "Bearer sk-right")],
+    ] {
+        let (status, v) = post(&url, &hello(false), &headers).await;
+        assert_eq!(status, 200, "{headers:?}: {v}");
+    }
+    assert_eq!(get(&format!("{}/health", proxy.url), &[]).await.0, 200);
+    assert_eq!(
+        client()
+            .head(&proxy.url)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(get(&format!("{}/metrics", proxy.url), &[]).await.0, 401);
+    assert_eq!(get(&format!("{}/v1/models", proxy.url), &[]).await.0, 401);
+    assert_eq!(
+        get(
+            &format!("{}/metrics", proxy.url),
+            &[("x-api-key", "sk-right")]
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(get(&format!("{}/nope", proxy.url), &[]).await.0, 401);
+    // The key never shows up in the log.
+    assert!(
+        !proxy.log_text().contains("sk-right"),
+        "{}",
+        proxy.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_key_on_the_command_line_works_but_warns() {
+    let mock = Mock::start(Mode::Good);
+    let proxy = Proxy::start(&mock.url, &["--api-key", "sk-argv"], &[]);
+    let (status, _) = post(
+        &format!("{}/v1/messages", proxy.url),
+        &hello(false),
+        &[("x-api-key", "sk-argv")],
+    )
+    .await;
+    assert_eq!(status, 200);
+    let log = proxy.log_text();
+    assert!(
+        log.contains("--api-key puts the key in the command line"),
+        "{log}"
+    );
+    assert!(!log.contains("sk-argv"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_key_goes_as_bearer_and_the_model_map_applies() {
+    let mock = Mock::start(Mode::Good);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("llmctl.toml"),
+        "[proxy]\nping_interval_secs = 2\n[proxy.models]\n\"claude-haiku\" = \"small-model\"\n",
+    )
+    .unwrap();
+    let proxy = Proxy::start_in(
+        dir,
+        &mock.url,
+        &[],
+        &[("LLMCTL_UPSTREAM_API_KEY", "up-secret")],
+    );
+    let url = format!("{}/v1/messages", proxy.url);
+    let mut haiku = hello(false);
+    haiku["model"] = json!("claude-haiku-4-5-20251001");
+    assert_eq!(post(&url, &haiku, &[]).await.0, 200);
+    assert_eq!(post(&url, &hello(false), &[]).await.0, 200);
+    let reqs = mock.chat_requests();
+    assert_eq!(reqs[0].0.as_deref(), Some("Bearer up-secret"));
+    assert_eq!(reqs[0].1["model"], "small-model");
+    assert_eq!(reqs[1].1["model"], "mock-model");
+    // /v1/models lists the upstream's model and the mapped family.
+    let (status, body) = get(&format!("{}/v1/models", proxy.url), &[]).await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["mock-model", "claude-haiku"]);
+    assert_eq!(v["data"][0]["type"], "model");
+    assert_eq!(v["data"][0]["created_at"], "2023-11-14T22:13:20Z");
+    assert_eq!(v["has_more"], false);
+    assert_eq!(v["first_id"], "mock-model");
+    assert_eq!(v["last_id"], "claude-haiku");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn count_tokens_falls_back_to_an_estimate_without_a_tokenizer_endpoint() {
+    let mock = Mock::start(Mode::Good);
+    let proxy = Proxy::start(&mock.url, &[], &[]);
+    let (status, v) = post(
+        &format!("{}/v1/messages/count_tokens?beta=true", proxy.url),
+        &hello(false),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let n = v["input_tokens"].as_u64().unwrap();
+    assert!(n > 0, "{v}");
+    assert!(
+        proxy.log_text().contains("estimate"),
+        "{}",
+        proxy.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_requests_tokens_and_errors() {
+    let mock = Mock::start(Mode::Good);
+    let proxy = Proxy::start(&mock.url, &[], &[]);
+    let url = format!("{}/v1/messages", proxy.url);
+    assert_eq!(post(&url, &hello(false), &[]).await.0, 200);
+    assert_eq!(stream(&url, &hello(true)).await.0, 200);
+    assert_eq!(post(&url, &json!({"model": "x"}), &[]).await.0, 400);
+    let (status, text) = get(&format!("{}/metrics", proxy.url), &[]).await;
+    assert_eq!(status, 200);
+    for line in [
+        "llmctl_proxy_requests_total{status=\"200\"} 2",
+        "llmctl_proxy_requests_total{status=\"400\"} 1",
+        "llmctl_proxy_errors_total{type=\"invalid_request_error\"} 1",
+        "llmctl_proxy_tokens_total{kind=\"output\"} 4",
+        "llmctl_proxy_time_to_first_token_seconds_count 2",
+        "llmctl_proxy_overhead_seconds_count 3",
+        "llmctl_proxy_in_flight_requests 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+    // One log line per request, with the fields that matter.
+    let log = proxy.log_text();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(" request ")).collect();
+    assert_eq!(lines.len(), 3, "{log}");
+    assert!(
+        lines[0].contains("status=200")
+            && lines[0].contains("output_tokens=2")
+            && lines[0].contains("ttft_ms="),
+        "{}",
+        lines[0]
+    );
+}
+
+#[test]
+fn sigterm_shuts_down_cleanly() {
+    let mock = Mock::start(Mode::Good);
+    let mut proxy = Proxy::start(&mock.url, &[], &[]);
+    let pid = proxy.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = proxy.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve-proxy still running 20s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        status.success(),
+        "exit status {status}:\n{}",
+        proxy.log_text()
+    );
+    assert!(proxy.log_text().contains("shutting down"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_started_after_the_proxy_is_found_on_the_next_request() {
+    let upstream_port = port();
+    let proxy = Proxy::start(&format!("http://127.0.0.1:{upstream_port}"), &[], &[]);
+    let url = format!("{}/v1/messages", proxy.url);
+    assert_eq!(post(&url, &hello(false), &[]).await.0, 529);
+    let mock = Mock::start_on(upstream_port, Mode::Good);
+    let (status, msg) = post(&url, &hello(false), &[]).await;
+    assert_eq!(status, 200, "{msg}");
+    assert_eq!(mock.chat_requests()[0].1["model"], "mock-model");
+}
+
+#[test]
+fn sigterm_lets_an_in_flight_stream_finish() {
+    let mock = Mock::start(Mode::SlowPrefill(2000));
+    let mut proxy = Proxy::start(&mock.url, &["--shutdown-grace", "30"], &[]);
+    let url = format!("{}/v1/messages", proxy.url);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (status, events) = rt.block_on(async {
+        let resp = client().post(&url).json(&hello(true)).send().await.unwrap();
+        // The stream has started (headers are in); now ask the proxy to stop.
+        let pid = proxy.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let status = resp.status().as_u16();
+        (status, sse_events(&resp.text().await.unwrap()))
+    });
+    assert_eq!(status, 200);
+    assert_eq!(
+        names(&events).last(),
+        Some(&"message_stop"),
+        "{:?}",
+        names(&events)
+    );
+    assert_eq!(text_of(&events), "Hi there");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(s) = proxy.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve-proxy still running after its stream ended"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "{exit}:\n{}", proxy.log_text());
+}
+
+#[test]
+fn json_log_format_gives_one_json_object_per_line() {
+    let mock = Mock::start(Mode::Good);
+    let proxy = Proxy::start(&mock.url, &["--log-format", "json"], &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        assert_eq!(
+            post(&format!("{}/v1/messages", proxy.url), &hello(false), &[])
+                .await
+                .0,
+            200
+        )
+    });
+    let log = proxy.log_text();
+    let req: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .filter(|v| v["message"] == "request")
+        .collect();
+    assert_eq!(req.len(), 1, "{log}");
+    assert_eq!(req[0]["status"], 200);
+    assert_eq!(req[0]["model"], "claude-sonnet-5");
+    assert_eq!(req[0]["upstream_model"], "mock-model");
+    assert_eq!(req[0]["input_tokens"], 12);
+    assert_eq!(req[0]["stop_reason"], "end_turn");
+}
+
+// -----------------------------------------------------------------------------------------------------------
+// (a) Against a real llama-server with a real model
+
+struct Llama {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Llama {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn required_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: this test needs the real test stack. Run `eval \"$(bash scripts/test-stack.sh)\"` first \
+             (it builds llama-server and fetches the test model once, cached in /var/cache/llmctl-test)."
+        )
+    })
+}
+
+fn start_llama() -> Llama {
+    let server = required_env("LLMCTL_LLAMA_SERVER");
+    let model = required_env("LLMCTL_TEST_MODEL");
+    let port = 18152;
+    let child = Command::new(&server)
+        .args([
+            "-m",
+            &model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "-c",
+            "4096",
+            "-np",
+            "1",
+        ])
+        .args(["--temp", "0", "--seed", "42", "--no-webui"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {server}: {e}"));
+    let mut llama = Llama {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(Some(s)) = llama.child.try_wait() {
+            panic!("llama-server exited at start with {s} (is port {port} free?)");
+        }
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::Write;
+            let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
+            let mut line = String::new();
+            let _ = BufReader::new(&mut s).read_line(&mut line);
+            if line.contains(" 200 ") {
+                return llama;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "llama-server not ready after 120s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+async fn slot_busy(llama: &str) -> bool {
+    let slots: Value = client()
+        .get(format!("{llama}/slots"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    slots
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["is_processing"] == true)
+}
+
+/// Polls /slots until no slot is processing; false if still busy at the deadline.
+async fn slots_go_idle(llama: &str, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if !slot_busy(llama).await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn real_llama_server_end_to_end() {
+    let llama = start_llama();
+    let proxy = Proxy::start(&llama.url, &[], &[]);
+    let msgs = format!("{}/v1/messages?beta=true", proxy.url);
+
+    // Streaming text: Anthropic's grammar, real text, real usage.
+    let (status, events) = stream(&msgs, &hello(true)).await;
+    assert_eq!(status, 200, "{events:?}");
+    let n = names(&events);
+    assert_eq!(&n[..2], ["message_start", "ping"]);
+    assert_eq!(&n[n.len() - 2..], ["message_delta", "message_stop"]);
+    assert!(!text_of(&events).trim().is_empty());
+    let usage = &events[events.len() - 2].1["usage"];
+    assert!(
+        usage["input_tokens"].as_u64().unwrap()
+            + usage["cache_read_input_tokens"].as_u64().unwrap()
+            > 5
+    );
+    assert!(usage["output_tokens"].as_u64().unwrap() > 0);
+
+    // Non-streaming text.
+    let (status, msg) = post(&msgs, &hello(false), &[]).await;
+    assert_eq!(status, 200, "{msg}");
+    assert_eq!(msg["type"], "message");
+    assert_eq!(msg["content"][0]["type"], "text");
+    assert!(["end_turn", "max_tokens"].contains(&msg["stop_reason"].as_str().unwrap()));
+
+    // count_tokens is exact: the same as llama-server's own template + tokenizer on the translated request,
+    // and the same as llama-server's native Anthropic count for a request both translate alike.
+    let req = json!({"model": "claude-opus-4-8", "max_tokens": 100, "system": "You are terse.",
+                     "messages": [{"role": "user", "content": "Count these tokens, please."},
+                                  {"role": "assistant", "content": "Sure."},
+                                  {"role": "user", "content": "Thanks! Now once more."}]});
+    let (status, counted) = post(
+        &format!("{}/v1/messages/count_tokens", proxy.url),
+        &req,
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{counted}");
+    let ours = counted["input_tokens"].as_u64().unwrap();
+    let opts = llmctl::proxy::translate::TranslateOptions {
+        upstream_model: "x".into(),
+        llama_cpp: true,
+    };
+    let chat =
+        llmctl::proxy::translate::translate_for_count(req.to_string().as_bytes(), &opts).unwrap();
+    let (_, rendered) = post(&format!("{}/apply-template", llama.url), &chat, &[]).await;
+    let (_, tokens) = post(
+        &format!("{}/tokenize", llama.url),
+        &json!({"content": rendered["prompt"], "add_special": true, "parse_special": true}),
+        &[],
+    )
+    .await;
+    assert_eq!(ours, tokens["tokens"].as_array().unwrap().len() as u64);
+    let (_, native) = post(
+        &format!("{}/v1/messages/count_tokens", llama.url),
+        &req,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        ours,
+        native["input_tokens"].as_u64().unwrap(),
+        "native: {native}"
+    );
+
+    // Models and health.
+    let (status, body) = get(&format!("{}/v1/models", proxy.url), &[]).await;
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&body).unwrap();
+    let (_, upstream_models) = get(&format!("{}/v1/models", llama.url), &[]).await;
+    let upstream_models: Value = serde_json::from_str(&upstream_models).unwrap();
+    assert_eq!(models["data"][0]["id"], upstream_models["data"][0]["id"]);
+    assert_eq!(
+        models["data"][0]["display_name"],
+        "SmolLM2-135M-Instruct.Q4_1.gguf"
+    );
+    let (status, body) = get(&format!("{}/health", proxy.url), &[]).await;
+    assert_eq!(status, 200);
+    let h: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(h["status"], "ok");
+    assert_eq!(h["upstream"]["status"], "ok");
+
+    // Stop sequence: take a word the model writes at temperature 0, then ask again with it as a stop sequence.
+    let story = json!({"model": "claude-x", "max_tokens": 40, "temperature": 0.0,
+                       "messages": [{"role": "user", "content": "Tell me a story about a cat."}]});
+    let (_, full) = post(&msgs, &story, &[]).await;
+    let full_text = full["content"][0]["text"].as_str().unwrap().to_string();
+    let words: Vec<&str> = full_text.split_whitespace().collect();
+    assert!(
+        words.len() >= 6,
+        "model wrote too little to test stop sequences: {full_text:?}"
+    );
+    let stop_word = words[4].to_string();
+    let mut stopped = story.clone();
+    stopped["max_tokens"] = json!(2000);
+    stopped["stop_sequences"] = json!([stop_word]);
+    stopped["stream"] = json!(true);
+    let (_, events) = stream(&msgs, &stopped).await;
+    let delta = &events.iter().find(|(n, _)| n == "message_delta").unwrap().1;
+    assert_eq!(delta["delta"]["stop_reason"], "stop_sequence", "{events:?}");
+    assert_eq!(delta["delta"]["stop_sequence"], stop_word.as_str());
+    let got = text_of(&events);
+    assert!(
+        full_text.starts_with(&got) && !got.contains(&stop_word),
+        "{got:?} vs {full_text:?}"
+    );
+    // The proxy hung up on the upstream at the stop sequence: its slot is free long before 2000 tokens.
+    assert!(
+        slots_go_idle(&llama.url, Duration::from_secs(5)).await,
+        "llama-server still generating after the stop sequence"
+    );
+
+    // Disconnect: read a few events of a long generation, hang up, and the slot goes idle.
+    let long = json!({"model": "claude-x", "max_tokens": 3000, "stream": true,
+                      "messages": [{"role": "user", "content": "Write a very long story about a dragon."}]});
+    let mut resp = client().post(&msgs).json(&long).send().await.unwrap();
+    let mut seen = String::new();
+    while !seen.contains("content_block_delta") {
+        let chunk = resp.chunk().await.unwrap().expect("stream ended early");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(
+        slot_busy(&llama.url).await,
+        "llama-server should be generating now"
+    );
+    drop(resp);
+    assert!(
+        slots_go_idle(&llama.url, Duration::from_secs(5)).await,
+        "llama-server kept generating after the client disconnected"
+    );
+    // The same without streaming: the proxy is still waiting for the whole answer when the client leaves.
+    let mut long_json = long.clone();
+    long_json["stream"] = json!(false);
+    let pending = tokio::spawn(client().post(&msgs).json(&long_json).send());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !slot_busy(&llama.url).await {
+        assert!(
+            Instant::now() < deadline,
+            "llama-server never started the non-streaming request"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pending.abort();
+    assert!(
+        slots_go_idle(&llama.url, Duration::from_secs(5)).await,
+        "llama-server kept generating after a non-streaming client disconnected"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = proxy.log_text();
+    let gone: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("client_disconnected"))
+        .collect();
+    assert_eq!(gone.len(), 2, "{log}");
+    assert!(gone.iter().all(|l| l.contains("status=499")), "{log}");
+}
+
+// -----------------------------------------------------------------------------------------------------------
+// `llmctl client-config`: the settings that point clients at the proxy (the binary, end to end)
+
+fn client_config(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_llmctl"));
+    cmd.arg("client-config")
+        .args(args)
+        .env_remove("LLMCTL_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run llmctl client-config")
+}
+
+#[test]
+fn client_config_writes_claude_settings_keeping_other_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().to_str().unwrap();
+    let settings = dir.path().join(".claude").join("settings.json");
+    std::fs::create_dir_all(settings.parent().unwrap()).unwrap();
+    std::fs::write(&settings, r#"{"theme":"dark","env":{"KEEP":"me"}}"#).unwrap();
+    let out = client_config(
+        &[
+            "claude",
+            "--proxy-url",
+            "http://127.0.0.1:4000",
+            "--api-key-env",
+            "MY_KEY",
+            "--write",
+        ],
+        &[("HOME", home), ("MY_KEY", "sk-from-env")],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&std::fs::read(&settings).unwrap()).unwrap();
+    assert_eq!(v["theme"], "dark");
+    assert_eq!(v["env"]["KEEP"], "me");
+    assert_eq!(v["env"]["ANTHROPIC_BASE_URL"], "http://127.0.0.1:4000");
+    assert_eq!(v["env"]["ANTHROPIC_AUTH_TOKEN"], "sk-from-env");
+    assert_eq!(v["env"]["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"], "1");
+    let backups = std::fs::read_dir(settings.parent().unwrap())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("settings.json.bak.")
+        })
+        .count();
+    assert_eq!(backups, 1);
+    // The key reached the file through the environment; the printed summary does not repeat it.
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("sk-from-env"));
+}
+
+#[test]
+fn client_config_refuses_a_file_that_is_not_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("models.json");
+    std::fs::write(&file, "{ broken").unwrap();
+    let out = client_config(
+        &[
+            "pi",
+            "--model",
+            "m.gguf",
+            "--write",
+            "--file",
+            file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not valid JSON") && err.contains("left unchanged"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "{ broken");
+}
+
+#[test]
+fn client_config_prints_the_pi_provider_without_writing() {
+    let out = client_config(
+        &[
+            "pi",
+            "--llama-url",
+            "http://10.0.0.3:11434",
+            "--model",
+            "g.gguf",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let p = &v["providers"]["llama-local"];
+    assert_eq!(p["baseUrl"], "http://10.0.0.3:11434/v1");
+    assert_eq!(p["compat"]["supportsDeveloperRole"], false);
+    assert_eq!(p["compat"]["supportsReasoningEffort"], false);
+    assert_eq!(p["models"][0]["id"], "g.gguf");
+}
