@@ -323,7 +323,7 @@ fn readable_errors_and_the_text_report_against_a_sim_host() {
     let cfg = tmp.path().join("llmctl.toml");
     std::fs::write(
         &cfg,
-        format!("[host]\naddress = \"{}\"\nvmid = 999\n", sim.ssh_target()),
+        format!("[host]\ntarget = \"{}\"\nvmid = 999\n", sim.ssh_target()),
     )
     .unwrap();
     let o = llmctl(&[

@@ -23,7 +23,7 @@ use checks::{Finding, Severity};
 #[derive(Debug, Clone, Args)]
 pub struct DoctorArgs {
     /// The Proxmox host: `local` (run on the host itself), `user@host[:port]`, or a ~/.ssh/config alias
-    /// [default: [host] address in llmctl.toml]
+    /// [default: [host] target in llmctl.toml]
     #[arg(long, value_name = "HOST")]
     pub host: Option<String>,
     /// The GPU container [default: [host] vmid in llmctl.toml, else the only container with NVIDIA devices]
@@ -46,7 +46,7 @@ pub struct DoctorArgs {
 /// The `[host]` section of llmctl.toml, as far as doctor reads it.
 #[derive(Debug, Clone, Default, Deserialize)]
 struct HostSection {
-    address: Option<String>,
+    target: Option<String>,
     vmid: Option<u32>,
 }
 
@@ -100,8 +100,8 @@ pub fn outcome(findings: &[Finding]) -> Outcome {
 pub fn run(global: &GlobalArgs, args: DoctorArgs) -> Result<Outcome> {
     let config = ConfigFile::load(global.config.as_deref())?;
     let section: HostSection = config.section("host")?.unwrap_or_default();
-    let host = args.host.clone().or(section.address).context(
-        "no host given: pass --host user@host (or --host local on the Proxmox host itself), or set [host] address in llmctl.toml",
+    let host = args.host.clone().or(section.target).context(
+        "no host given: pass --host user@host (or --host local on the Proxmox host itself), or set [host] target in llmctl.toml",
     )?;
     let vmid = args.vmid.or(section.vmid);
     let options = SshOptions {
