@@ -50,4 +50,7 @@ pub enum Command {
     Init(crate::provision::InitArgs),
     /// Inspect GGUF models, download them, and plan GPU offload.
     Model(crate::model::ModelArgs),
+    /// Health and smoke checks provision runs inside the container.
+    #[command(hide = true)]
+    Probe(crate::provision::probe::ProbeArgs),
 }

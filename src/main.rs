@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         Command::Provision(args) => llmctl::provision::run(&cli.global, args),
         Command::Init(args) => llmctl::provision::init(&cli.global, args),
         Command::Model(args) => llmctl::model::run(&cli.global, args),
+        Command::Probe(args) => llmctl::provision::probe::run(args),
     };
     match result {
         Ok(outcome) => outcome.exit_code(),

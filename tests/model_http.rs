@@ -151,7 +151,7 @@ fn fast_retries() -> RetryPolicy {
 fn request(url: String, hash: String, dest: &Path) -> FetchRequest {
     FetchRequest {
         url,
-        sha256: hash,
+        sha256: Some(hash),
         dest: dest.to_path_buf(),
     }
 }

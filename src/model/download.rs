@@ -17,8 +17,9 @@ use super::source::parse_content_range;
 #[derive(Debug, Clone)]
 pub struct FetchRequest {
     pub url: String,
-    /// Expected sha256, 64 hex digits (any case).
-    pub sha256: String,
+    /// Expected sha256, 64 hex digits (any case). `None`: not verified (a source archive without a published
+    /// hash); the download is still resumable and atomic, and an existing `dest` counts as complete.
+    pub sha256: Option<String>,
     pub dest: PathBuf,
 }
 
@@ -225,10 +226,22 @@ pub async fn fetch(
     policy: &RetryPolicy,
     progress: &dyn Progress,
 ) -> Result<FetchOutcome, FetchError> {
-    let expected = normalize_hash(&req.sha256)?;
-    if req.dest.is_file() {
+    let expected = match &req.sha256 {
+        Some(h) => Some(normalize_hash(h)?),
+        None => None,
+    };
+    if req.dest.is_file() && expected.is_none() {
+        progress.note(&format!(
+            "{} is already present (no sha256 given to verify it)",
+            req.dest.display()
+        ));
+        return Ok(FetchOutcome::AlreadyPresent);
+    }
+    if let Some(expected) = &expected
+        && req.dest.is_file()
+    {
         let (hasher, _) = hash_file_async(req.dest.clone()).await?;
-        if hex(&hasher.finalize()) == expected {
+        if hex(&hasher.finalize()) == *expected {
             progress.note(&format!(
                 "{} is already present (sha256 verified)",
                 req.dest.display()
@@ -288,7 +301,9 @@ pub async fn fetch(
     progress.finish();
 
     let actual = hex(&partial.hasher.clone().finalize());
-    if actual != expected {
+    if let Some(expected) = expected
+        && actual != expected
+    {
         drop(partial);
         let _ = fs::remove_file(&partial_path);
         return Err(FetchError::Mismatch {

@@ -57,9 +57,10 @@ pub struct InspectArgs {
 pub struct FetchArgs {
     /// An http(s) URL, or owner/repo[@revision]/file.gguf on Hugging Face
     pub url: String,
-    /// The file's expected SHA-256 (64 hex digits).
+    /// The file's expected SHA-256 (64 hex digits). Without it the file is not verified (and an existing
+    /// DEST counts as complete).
     #[arg(long, value_name = "HEX")]
-    pub sha256: String,
+    pub sha256: Option<String>,
     /// Where the file goes; `<dest>.partial` holds it while downloading.
     #[arg(long, value_name = "PATH")]
     pub dest: PathBuf,
@@ -146,6 +147,11 @@ pub fn run(_global: &GlobalArgs, args: ModelArgs) -> Result<Outcome> {
         }
         ModelCommand::Fetch(a) => {
             let url = Source::parse_remote(&a.url)?;
+            let verified = if a.sha256.is_some() {
+                "sha256 verified"
+            } else {
+                "not verified (no --sha256)"
+            };
             let req = FetchRequest {
                 url,
                 sha256: a.sha256,
@@ -164,18 +170,16 @@ pub fn run(_global: &GlobalArgs, args: ModelArgs) -> Result<Outcome> {
             let outcome =
                 runtime.block_on(download::fetch(&client, &req, &policy, progress.as_ref()))?;
             match outcome {
-                FetchOutcome::AlreadyPresent => writeln!(
-                    out,
-                    "{}: already present, sha256 verified",
-                    req.dest.display()
-                )?,
+                FetchOutcome::AlreadyPresent => {
+                    writeln!(out, "{}: already present, {verified}", req.dest.display())?
+                }
                 FetchOutcome::Downloaded {
                     bytes,
                     resumed_from,
                     ..
                 } => writeln!(
                     out,
-                    "{}: {bytes} bytes, sha256 verified{}",
+                    "{}: {bytes} bytes, {verified}{}",
                     req.dest.display(),
                     if resumed_from > 0 {
                         format!(" (resumed from byte {resumed_from})")

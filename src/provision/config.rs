@@ -75,6 +75,10 @@ pub struct LlamaCppSection {
     pub repo: String,
     pub git_ref: String,
     pub install_dir: String,
+    /// The source archive to build; `{ref}` is replaced by `git_ref`. Empty: GitHub's archive of `repo` at `git_ref`.
+    pub archive_url: String,
+    /// The archive's sha256, checked when given.
+    pub archive_sha256: String,
 }
 
 impl Default for LlamaCppSection {
@@ -83,6 +87,23 @@ impl Default for LlamaCppSection {
             repo: "https://github.com/ggml-org/llama.cpp".into(),
             git_ref: "b11434".into(),
             install_dir: "/opt/llama.cpp".into(),
+            archive_url: String::new(),
+            archive_sha256: String::new(),
+        }
+    }
+}
+
+impl LlamaCppSection {
+    /// The URL of the source archive the container downloads and builds.
+    pub fn archive_url(&self) -> String {
+        if self.archive_url.is_empty() {
+            format!(
+                "{}/archive/{}.tar.gz",
+                self.repo.trim_end_matches('/').trim_end_matches(".git"),
+                self.git_ref
+            )
+        } else {
+            self.archive_url.replace("{ref}", &self.git_ref)
         }
     }
 }
@@ -308,6 +329,19 @@ impl ProvisionConfig {
         }
         if !self.model.sha256.is_empty() && !is_sha256(&self.model.sha256) {
             err("[model].sha256", "must be 64 hexadecimal characters".into());
+        }
+        if !self.llama_cpp.archive_sha256.is_empty() && !is_sha256(&self.llama_cpp.archive_sha256) {
+            err(
+                "[llama_cpp].archive_sha256",
+                "must be 64 hexadecimal characters (or left out)".into(),
+            );
+        }
+        let archive = self.llama_cpp.archive_url();
+        if !(archive.starts_with("https://") || archive.starts_with("http://")) {
+            err(
+                "[llama_cpp].archive_url",
+                format!("{archive:?} must be an http(s) URL of a .tar.gz source archive"),
+            );
         }
         if !self.model.dest.starts_with('/') || !self.model.dest.ends_with(".gguf") {
             err(

@@ -1,24 +1,65 @@
 //! `llmctl provision` and `llmctl init`: the whole stack on a Proxmox host, idempotently, with a plan.
 
 pub mod config;
+pub mod ct;
+pub mod ctx;
 pub mod diff;
+pub mod host;
+pub mod probe;
+pub mod progress;
 pub mod step;
 pub mod units;
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::cli::GlobalArgs;
 use crate::outcome::Outcome;
+use crate::transport::Cmd;
+use crate::transport::ssh::SshOptions;
+use ctx::Ctx;
+use step::{Mode, Step, StepOutcome};
 
 /// The commented configuration `llmctl init` writes: the seed guide's setup.
 pub const INIT_TEMPLATE: &str = include_str!("../../templates/llmctl.toml");
 
 #[derive(Debug, Clone, Args)]
-pub struct ProvisionArgs {}
+pub struct ProvisionArgs {
+    /// Show every step and exactly what it would change (commands, file diffs); change nothing.
+    #[arg(long, conflicts_with = "check")]
+    pub plan: bool,
+    /// Change nothing; exit 1 if anything would change (for cron and CI), 0 when the host is as configured.
+    #[arg(long)]
+    pub check: bool,
+    /// Only these steps (comma-separated ids, see --plan; `driver` also takes repo, dkms and module along).
+    #[arg(long, value_name = "STEPS", value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Do not ask for confirmation before changing the host.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// When a driver change needs a reboot, reboot the host, wait for it, and carry on.
+    #[arg(long)]
+    pub reboot: bool,
+    /// The Proxmox host [default: [host] target in llmctl.toml]
+    #[arg(long, value_name = "HOST")]
+    pub host: Option<String>,
+    /// Record the host's key in known_hosts when it is not there yet (a changed key is always refused).
+    #[arg(long)]
+    pub accept_new_host_key: bool,
+    /// SSH private key to try (after ssh-agent and ~/.ssh/config's IdentityFile). Repeatable.
+    #[arg(long, value_name = "PATH")]
+    pub identity: Vec<PathBuf>,
+    /// known_hosts file [default: ~/.ssh/known_hosts]
+    #[arg(long, value_name = "PATH")]
+    pub known_hosts: Option<PathBuf>,
+    /// The llmctl binary to install in the container [default: this one]
+    #[arg(long, value_name = "PATH")]
+    pub llmctl_binary: Option<PathBuf>,
+}
 
 #[derive(Debug, Clone, Args)]
 pub struct InitArgs {
@@ -33,11 +74,250 @@ pub struct InitArgs {
     pub stdout: bool,
 }
 
-pub fn run(global: &GlobalArgs, _args: ProvisionArgs) -> Result<Outcome> {
-    // Validate what we can today so a user learns about a bad llmctl.toml early.
+/// Every step, in the order they run: the host first, then the container.
+pub fn all_steps() -> Vec<&'static dyn Step<Ctx>> {
+    vec![
+        &host::Inventory,
+        &ct::Create,
+        &host::Headers,
+        &host::Nouveau,
+        &host::HostRepo,
+        &host::Driver,
+        &host::Dkms,
+        &host::Module,
+        &host::DevicesAtBoot,
+        &ct::Devices,
+        &ct::Start,
+        &ct::CtRepo,
+        &ct::CtLibs,
+        &ct::Cuda,
+        &ct::LlmctlBinary,
+        &ct::Llama,
+        &ct::Model,
+        &ct::LLAMA_SERVICE,
+        &ct::PROXY_SERVICE,
+    ]
+}
+
+/// The steps `--only` names, in run order; the read-only inventory always runs first. `driver` brings the steps
+/// a working driver needs along (repository, DKMS, the loaded module).
+pub fn select_steps(
+    all: Vec<&'static dyn Step<Ctx>>,
+    only: &[String],
+) -> Result<Vec<&'static dyn Step<Ctx>>> {
+    if only.is_empty() {
+        return Ok(all);
+    }
+    let mut wanted: Vec<String> = vec!["inventory".into()];
+    for name in only {
+        let name = name.trim();
+        match name {
+            "driver" => wanted.extend(["repo", "driver", "dkms", "module"].map(String::from)),
+            n if all.iter().any(|s| s.id() == n) => wanted.push(n.to_string()),
+            n => bail!(
+                "--only {n}: no such step; the steps are {}",
+                all.iter().map(|s| s.id()).collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
+    Ok(all
+        .into_iter()
+        .filter(|s| wanted.iter().any(|w| w == s.id()))
+        .collect())
+}
+
+pub fn run(global: &GlobalArgs, args: ProvisionArgs) -> Result<Outcome> {
     let file = crate::config::ConfigFile::load(global.config.as_deref())?;
-    config::ProvisionConfig::from_file(&file)?;
-    anyhow::bail!("provision is not available in this build yet; `llmctl doctor` diagnoses a host")
+    let mut cfg = config::ProvisionConfig::from_file(&file)?;
+    if let Some(h) = &args.host {
+        cfg.host.target = h.clone();
+    }
+    let config_path = file.path.as_deref().map_or_else(
+        || crate::config::DEFAULT_PATH.to_string(),
+        |p| p.display().to_string(),
+    );
+    let steps = select_steps(all_steps(), &args.only)?;
+    let options = SshOptions {
+        known_hosts: args.known_hosts.clone(),
+        identity_files: args.identity.clone(),
+        accept_new_host_key: args.accept_new_host_key,
+        ..SshOptions::default()
+    };
+    let target = cfg.host.target.clone();
+    let connect: ctx::Connector = Box::new(move || crate::transport::connect(&target, &options));
+    let binary = match &args.llmctl_binary {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().context("cannot find this llmctl binary to install it")?,
+    };
+    let live = std::sync::Arc::new(progress::Live::new(global.quiet));
+    let mut ctx = Ctx::new(connect, cfg, config_path.clone(), binary, live)?;
+    ctx.allow_reboot = args.reboot;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "llmctl provision: {}, CT {} ({config_path})\n",
+        ctx.host().describe(),
+        ctx.vmid()
+    )?;
+
+    // Always check everything first and show it: the plan is what the user agrees to.
+    let planned = execute(&steps, &mut ctx, Mode::Plan, &mut out)?;
+    let changes = step::changes(&planned);
+    let refused = planned.iter().any(|o| matches!(o, StepOutcome::Refused(_)));
+    writeln!(
+        out,
+        "\n{} of {} steps would change something{}",
+        changes,
+        planned.len(),
+        if refused {
+            "; some are refused (see above)"
+        } else {
+            ""
+        }
+    )?;
+    if args.plan {
+        return Ok(Outcome::Success);
+    }
+    if args.check {
+        return Ok(if changes == 0 && !refused {
+            Outcome::Success
+        } else {
+            Outcome::ProblemsFound
+        });
+    }
+    if changes > 0 && !args.yes {
+        confirm(changes)?;
+    }
+    let applied = if changes > 0 {
+        writeln!(out, "\napplying:\n")?;
+        execute(&steps, &mut ctx, Mode::Apply, &mut out)?
+    } else {
+        planned
+    };
+    if let Some(StepOutcome::Refused(why)) = applied
+        .iter()
+        .find(|o| matches!(o, StepOutcome::Refused(_)))
+    {
+        writeln!(out, "\nstopped: {why}")?;
+        return Ok(Outcome::ProblemsFound);
+    }
+    let changed = step::changes(&applied);
+    if args.only.is_empty() {
+        smoke_test(&ctx, &mut out)?;
+    }
+    writeln!(
+        out,
+        "\ndone: {changed} step(s) changed, {} already as configured",
+        applied.len() - changed
+    )?;
+    Ok(Outcome::Success)
+}
+
+/// Runs the steps, printing one line per step (and the actions a change takes) as each finishes.
+fn execute(
+    steps: &[&'static dyn Step<Ctx>],
+    ctx: &mut Ctx,
+    mode: Mode,
+    out: &mut dyn Write,
+) -> Result<Vec<StepOutcome>> {
+    let total = steps.len();
+    let live = ctx.live.clone();
+    let mut report_err: Option<std::io::Error> = None;
+    let steps: Vec<&dyn Step<Ctx>> = steps.to_vec();
+    let outcomes = step::run(
+        &steps,
+        ctx,
+        mode,
+        |i, s| {
+            if mode == Mode::Apply {
+                live.step_started(i + 1, total, s.id(), s.title());
+            }
+        },
+        |s, o| {
+            live.step_finished();
+            if let Err(e) = write!(out, "{}", render_outcome(s.id(), s.title(), o)) {
+                report_err.get_or_insert(e);
+            }
+        },
+    );
+    live.step_finished();
+    if let Some(e) = report_err {
+        return Err(e.into());
+    }
+    outcomes
+}
+
+/// One step's lines in the report.
+pub fn render_outcome(id: &str, title: &str, outcome: &StepOutcome) -> String {
+    let (tag, detail, actions) = match outcome {
+        StepOutcome::AlreadyDone(why) => ("ok", why.clone(), &[][..]),
+        StepOutcome::Planned(a) => ("change", title.to_string(), &a[..]),
+        StepOutcome::Applied(a) => ("changed", title.to_string(), &a[..]),
+        StepOutcome::Refused(why) => ("REFUSED", why.clone(), &[][..]),
+    };
+    let mut s = format!("  {tag:<8} {id:<16} {detail}\n");
+    for a in actions {
+        for (i, line) in a.render().lines().enumerate() {
+            let indent = if i == 0 {
+                "             "
+            } else {
+                "               "
+            };
+            s.push_str(&format!("{indent}{line}\n"));
+        }
+    }
+    s
+}
+
+fn confirm(changes: usize) -> Result<()> {
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "{changes} step(s) would change the host and there is no terminal to confirm on: review the plan \
+             above (`llmctl provision --plan`) and run again with --yes"
+        );
+    }
+    eprint!("apply these changes? [y/N] ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if !matches!(answer.trim(), "y" | "Y" | "yes") {
+        bail!("nothing was changed");
+    }
+    Ok(())
+}
+
+/// One message through the proxy, from inside the container: the stack works end to end.
+fn smoke_test(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
+    let port = ctx
+        .cfg
+        .proxy
+        .listen
+        .rsplit_once(':')
+        .map_or("4000", |(_, p)| p)
+        .to_string();
+    let mut argv = vec![
+        units::LLMCTL_BIN.to_string(),
+        "probe".into(),
+        "--message".into(),
+        format!("http://127.0.0.1:{port}"),
+    ];
+    if let Some(k) = &ctx.cfg.proxy.api_key_file {
+        argv.push("--api-key-file".into());
+        argv.push(k.clone());
+    }
+    use crate::transport::Transport as _;
+    let o = ctx
+        .ct()
+        .run(&Cmd::new(argv.clone()).timeout(Duration::from_secs(660)))?;
+    if !o.success() {
+        bail!(
+            "smoke test failed: one message through the proxy in CT {} did not come back: {}{}",
+            ctx.vmid(),
+            o.stderr.trim(),
+            o.stdout.trim()
+        );
+    }
+    writeln!(out, "\nsmoke test: {}", o.stdout.trim())?;
+    Ok(())
 }
 
 pub fn init(_global: &GlobalArgs, args: InitArgs) -> Result<Outcome> {

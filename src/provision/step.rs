@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::transport::Cmd;
 
@@ -39,6 +39,11 @@ pub enum Action {
         new: String,
         mode: u32,
     },
+    /// A change that is not one command: a download, a reboot and the wait for it, a secret written unseen.
+    Note {
+        on: Target,
+        text: String,
+    },
 }
 
 impl Action {
@@ -60,6 +65,7 @@ impl Action {
                 let diff = super::diff::unified(path, old.as_deref().unwrap_or(""), new, 3);
                 format!("{header}\n{}", diff.trim_end())
             }
+            Action::Note { on, text } => format!("[{on}] {text}"),
         }
     }
 }
@@ -101,23 +107,33 @@ pub enum Mode {
     Apply,
 }
 
-/// Runs `steps` in order. A refused step stops the run (later steps depend on earlier ones); a step that is still
-/// not done after its apply is an error naming it, so a run never reports success on a host that did not converge.
+/// Runs `steps` in order. In apply mode a refused step stops the run (later steps depend on earlier ones); a plan
+/// goes on, so it shows everything at once. A step that is still not done after its apply is an error naming it,
+/// so a run never reports success on a host that did not converge. `started` is told before each step.
 pub fn run<C>(
     steps: &[&dyn Step<C>],
     ctx: &mut C,
     mode: Mode,
+    mut started: impl FnMut(usize, &dyn Step<C>),
     mut report: impl FnMut(&dyn Step<C>, &StepOutcome),
 ) -> Result<Vec<StepOutcome>> {
     let mut outcomes = Vec::with_capacity(steps.len());
-    for step in steps {
-        let outcome = match step.check(ctx)? {
+    for (i, step) in steps.iter().enumerate() {
+        started(i, *step);
+        let checked = step
+            .check(ctx)
+            .with_context(|| format!("step {} could not check the host", step.id()))?;
+        let outcome = match checked {
             Check::Done(why) => StepOutcome::AlreadyDone(why),
             Check::Refused(why) => StepOutcome::Refused(why),
             Check::Changes(actions) if mode == Mode::Plan => StepOutcome::Planned(actions),
             Check::Changes(actions) => {
-                step.apply(ctx, &actions)?;
-                match step.check(ctx)? {
+                step.apply(ctx, &actions)
+                    .with_context(|| format!("step {} failed", step.id()))?;
+                match step
+                    .check(ctx)
+                    .with_context(|| format!("step {} could not verify its result", step.id()))?
+                {
                     Check::Done(_) => StepOutcome::Applied(actions),
                     Check::Changes(left) => bail!(
                         "step {} did not converge: after applying it, it still wants to: {}",
@@ -136,7 +152,7 @@ pub fn run<C>(
         report(*step, &outcome);
         let refused = matches!(outcome, StepOutcome::Refused(_));
         outcomes.push(outcome);
-        if refused {
+        if refused && mode == Mode::Apply {
             break;
         }
     }
@@ -203,15 +219,15 @@ mod tests {
             value: 1,
             applies: 0,
         };
-        let planned = run(&[&step], &mut ctx, Mode::Plan, |_, _| {}).unwrap();
+        let planned = run(&[&step], &mut ctx, Mode::Plan, |_, _| {}, |_, _| {}).unwrap();
         assert!(matches!(&planned[0], StepOutcome::Planned(a) if a.len() == 1));
         assert_eq!((ctx.value, ctx.applies), (1, 0));
 
-        let applied = run(&[&step], &mut ctx, Mode::Apply, |_, _| {}).unwrap();
+        let applied = run(&[&step], &mut ctx, Mode::Apply, |_, _| {}, |_, _| {}).unwrap();
         assert_eq!(changes(&applied), 1);
         assert_eq!((ctx.value, ctx.applies), (7, 1));
 
-        let again = run(&[&step], &mut ctx, Mode::Apply, |_, _| {}).unwrap();
+        let again = run(&[&step], &mut ctx, Mode::Apply, |_, _| {}, |_, _| {}).unwrap();
         assert_eq!(changes(&again), 0);
         assert_eq!(ctx.applies, 1);
     }
@@ -226,7 +242,7 @@ mod tests {
             value: 1,
             applies: 0,
         };
-        let err = run(&[&step], &mut ctx, Mode::Apply, |_, _| {})
+        let err = run(&[&step], &mut ctx, Mode::Apply, |_, _| {}, |_, _| {})
             .unwrap_err()
             .to_string();
         assert!(

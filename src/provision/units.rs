@@ -78,7 +78,9 @@ pub fn llama_server_argv(cfg: &ProvisionConfig, offload: Offload) -> Vec<String>
     // Claude Code sends tools; llama.cpp parses tool calls only with its Jinja chat templates.
     argv.push("--jinja".into());
     if !s.mmap {
-        argv.push("--no-mmap".into());
+        // Since b8xxx llama.cpp spells --no-mmap as a load mode; the pinned ref decides the flag.
+        argv.push("--load-mode".into());
+        argv.push("none".into());
     }
     argv.extend(s.extra_args.iter().cloned());
     argv

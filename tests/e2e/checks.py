@@ -93,6 +93,15 @@ def tool_uses(msg) -> list:
     return [b for b in msg.content if b.type == "tool_use"]
 
 
+def assert_tool_stop(stop_reason: str, output_tokens: int, max_tokens: int) -> None:
+    """A forced tool call ends with `tool_use`, unless the model's arguments ran into max_tokens: then `max_tokens`
+    is the right answer (Anthropic's too), and only then. The 135M test model sometimes writes arguments forever."""
+    if stop_reason == "max_tokens":
+        assert output_tokens >= max_tokens, f"max_tokens after {output_tokens} of {max_tokens} tokens"
+        return
+    assert stop_reason == "tool_use", stop_reason
+
+
 # --- text ----------------------------------------------------------------------------------------------------------
 @check
 def text_message(t: Target) -> None:
@@ -205,7 +214,7 @@ def tool_choice_named(t: Target) -> None:
     assert len(uses) == 1, f"want exactly one tool_use block (parallel use disabled): {m.content}"
     assert all(u.name == "get_time" for u in uses), [u.name for u in uses]
     assert all(isinstance(u.input, dict) and u.id for u in uses), uses
-    assert m.stop_reason == "tool_use", m.stop_reason
+    assert_tool_stop(m.stop_reason, m.usage.output_tokens, 128)
 
 
 @check
@@ -214,7 +223,7 @@ def tool_choice_any(t: Target) -> None:
                                                   tool_choice={"type": "any", "disable_parallel_tool_use": True}))
     uses = tool_uses(m)
     assert len(uses) == 1 and uses[0].name in ("get_weather", "get_time"), m.content
-    assert m.stop_reason == "tool_use", m.stop_reason
+    assert_tool_stop(m.stop_reason, m.usage.output_tokens, 128)
 
 
 @check
@@ -234,7 +243,7 @@ def tool_named_stream(t: Target) -> None:
     uses = tool_uses(final)
     assert uses and all(u.name == "get_weather" and isinstance(u.input, dict) for u in uses), final.content
     summary = validate(raw_stream(t, "tools", b), require_ping=False)
-    assert summary["stop_reason"] == "tool_use", summary["stop_reason"]
+    assert_tool_stop(summary["stop_reason"], summary["usage"]["output_tokens"], 128)
     assert [bl["name"] for bl in summary["blocks"] if bl["type"] == "tool_use"], summary["blocks"]
 
 

@@ -1,0 +1,1188 @@
+//! The container's steps: created when missing, GPU devices passed in (`devN`), running and able to start
+//! again, NVIDIA's repository for its own Debian release, user-space libraries at exactly the host's driver
+//! version, the CUDA toolkit the driver supports, the llmctl binary, llama.cpp built for the GPUs' architecture,
+//! the model, and the two services.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use super::ctx::Ctx;
+use super::host::{apt, keyring_actions, repo_list_path, run_action, run_actions, suite_of};
+use super::step::{Action, Check, Step, Target};
+use super::units;
+use crate::doctor::facts::{CtStatus, HostFacts, InsideFacts};
+use crate::pve::lxc::{self, LxcConfig};
+use crate::transport::Cmd;
+
+/// The user-space packages a container needs: no kernel module, no DKMS.
+pub const CT_LIB_PACKAGES: &[&str] = &["nvidia-driver-cuda", "libcuda1", "libnvidia-ml1"];
+/// What must never be installed inside a container (it would try to build a kernel module there).
+pub const CT_FORBIDDEN: &[&str] = &["nvidia-kernel-*", "*-dkms", "firmware-nvidia-gsp"];
+const BUILD_TIMEOUT: Duration = Duration::from_secs(3 * 3600);
+const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(12 * 3600);
+pub const BUILD_DEPS: &[&str] = &["build-essential", "cmake", "git", "ca-certificates"];
+
+fn ct(ctx: &Ctx) -> Target {
+    Target::Container(ctx.vmid())
+}
+
+fn run_on(on: Target, argv: &[&str]) -> Action {
+    Action::Run {
+        on,
+        cmd: Cmd::new(argv.iter().copied()),
+    }
+}
+
+/// The container's inside facts, or the plan's placeholder when it is not running yet (apply mode never gets
+/// here without a running container: the `start` step comes first).
+fn inside<'a>(
+    f: &'a HostFacts,
+    what: &str,
+    vmid: u32,
+) -> std::result::Result<&'a InsideFacts, Check> {
+    match f.container.as_ref().and_then(|c| c.inside.as_ref()) {
+        Some(i) => Ok(i),
+        None => Err(Check::Changes(vec![Action::Note {
+            on: Target::Container(vmid),
+            text: format!("{what} (once the container runs)"),
+        }])),
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ create
+
+pub struct Create;
+
+impl Step<Ctx> for Create {
+    fn id(&self) -> &'static str {
+        "container"
+    }
+    fn title(&self) -> &'static str {
+        "the container exists"
+    }
+    fn check(&self, ctx: &mut Ctx) -> Result<Check> {
+        let vmid = ctx.vmid();
+        let argv = create_argv(&ctx.cfg, vmid);
+        let f = ctx.facts()?;
+        if let Some(c) = f.configs.get(&vmid) {
+            return Ok(Check::Done(format!(
+                "CT {vmid} exists ({})",
+                c.get("hostname").unwrap_or("no hostname")
+            )));
+        }
+        Ok(Check::Changes(vec![Action::Run {
+            on: Target::Host,
+            cmd: Cmd::new(argv).timeout(Duration::from_secs(1800)),
+        }]))
+    }
+    fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
+        run_actions(ctx, actions)
+    }
+}
+
+/// `pct create` as the guide's 103.conf: Debian template, cores, memory, disk, nesting, network.
+pub fn create_argv(cfg: &super::config::ProvisionConfig, vmid: u32) -> Vec<String> {
+    let c = &cfg.container;
+    let mut argv: Vec<String> = vec![
+        "pct".into(),
+        "create".into(),
+        vmid.to_string(),
+        c.template.clone(),
+    ];
+    for (k, v) in [
+        ("hostname", c.hostname.clone()),
+        ("cores", c.cores.to_string()),
+        ("memory", c.memory_mib.to_string()),
+        ("swap", c.swap_mib.to_string()),
+        ("rootfs", format!("{}:{}", c.storage, c.disk_gib)),
+        ("net0", c.net0.clone()),
+        ("features", "nesting=1".into()),
+        ("unprivileged", u8::from(c.unprivileged).to_string()),
+        ("onboot", u8::from(c.onboot).to_string()),
+        ("ostype", "debian".into()),
+    ] {
+        argv.push(format!("--{k}"));
+        argv.push(v);
+    }
+    argv
+}
+
+// ------------------------------------------------------------------------------------------------ devices
+
+pub struct Devices;
+
+/// Debian's `video` group (base-passwd, fixed gid 44): the group the devices get inside the container.
+pub const VIDEO_GID: u32 = 44;
+
+impl Step<Ctx> for Devices {
+    fn id(&self) -> &'static str {
+        "devices"
+    }
+    fn title(&self) -> &'static str {
+        "GPU device nodes passed into the container (devN entries)"
+    }
+    fn check(&self, ctx: &mut Ctx) -> Result<Check> {
+        let vmid = ctx.vmid();
+        let f = ctx.facts()?;
+        if !f.configs.contains_key(&vmid) {
+            return Ok(Check::Changes(vec![Action::Note {
+                on: Target::Host,
+                text: format!("add devN entries for the GPU to CT {vmid} once it exists"),
+            }]));
+        };
+        let running = matches!(
+            f.container.as_ref().map(|c| &c.status),
+            Some(CtStatus::Running)
+        );
+        let text = ctx
+            .host()
+            .read_file(&format!("/etc/pve/lxc/{vmid}.conf"))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())?;
+        let f = ctx.facts()?;
+        let cfg = f
+            .configs
+            .get(&vmid)
+            .context("the container's config vanished")?;
+        Ok(devices_check(f, cfg, &text, vmid, running))
+    }
+    fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
+        let vmid = ctx.vmid();
+        // The config is copied outside /etc/pve first (pmxcfs would replicate a copy inside it).
+        let conf = format!("/etc/pve/lxc/{vmid}.conf");
+        let data = ctx.host().read_file(&conf)?;
+        let backup = format!(
+            "{}/{}/host/etc/pve/lxc/{vmid}.conf",
+            super::ctx::BACKUP_DIR,
+            ctx.stamp
+        );
+        let dir = backup
+            .rsplit_once('/')
+            .map(|(d, _)| d.to_string())
+            .unwrap_or_default();
+        ctx.host_ok(Cmd::new(["mkdir", "-p", "-m", "0700", "--", &dir]))?;
+        ctx.host().write_file(&backup, &data, 0o600)?;
+        run_actions(ctx, actions)
+    }
+}
+
+/// The device nodes a container needs: every `/dev/nvidiaN` the host has, the control node, and uvm.
+pub fn wanted_devices(f: &HostFacts) -> Vec<String> {
+    let mut gpus: Vec<String> = f
+        .dev_nodes
+        .iter()
+        .filter(|n| {
+            n.path
+                .strip_prefix("/dev/nvidia")
+                .is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(|n| n.path.clone())
+        .collect();
+    if gpus.is_empty() {
+        gpus.push("/dev/nvidia0".into());
+    }
+    gpus.sort();
+    gpus.extend(["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"].map(String::from));
+    gpus
+}
+
+pub fn devices_check(
+    f: &HostFacts,
+    cfg: &LxcConfig,
+    text: &str,
+    vmid: u32,
+    running: bool,
+) -> Check {
+    // A lock means a backup, snapshot or migration holds the container: changing it now is unsafe.
+    if let Some(lock) = cfg.lock() {
+        return Check::Refused(format!(
+            "CT {vmid} is locked ({lock}): Proxmox refuses changes while a {lock} task holds it. Wait for it to \
+             finish, or if none runs (`ps aux | grep -E 'vzdump|pct'`), `pct unlock {vmid}`; then run again"
+        ));
+    }
+    // Hand-written legacy passthrough (lxc.cgroup2 majors + bind mounts) is replaced by devN entries, which
+    // Proxmox keeps right at every start (the uvm major is dynamic).
+    let other_majors: Vec<u32> = f
+        .proc_devices
+        .iter()
+        .filter(|(name, _)| !name.starts_with("nvidia"))
+        .map(|(_, m)| *m)
+        .collect();
+    let (stripped, removed) = strip_legacy_passthrough(text, &other_majors);
+    let have: Vec<String> = cfg.devices().into_iter().map(|(_, d)| d.path).collect();
+    let missing: Vec<String> = wanted_devices(f)
+        .into_iter()
+        .filter(|p| !have.contains(p))
+        .collect();
+    // devN nodes appear inside at container start: one started before the host had them needs a restart.
+    let inside_nodes: Vec<&str> = f
+        .container
+        .as_ref()
+        .and_then(|c| c.inside.as_ref())
+        .map(|i| i.dev_nodes.iter().map(|n| n.path.as_str()).collect())
+        .unwrap_or_default();
+    let stale = running && have.iter().any(|p| !inside_nodes.contains(&p.as_str()));
+    if missing.is_empty() && removed.is_empty() {
+        if stale {
+            return Check::Changes(vec![run_on(
+                Target::Host,
+                &["pct", "reboot", &vmid.to_string()],
+            )]);
+        }
+        return Check::Done(format!("{} passed in", have.join(", ")));
+    }
+    let mut actions = Vec::new();
+    if !removed.is_empty() {
+        actions.push(Action::WriteFile {
+            on: Target::Host,
+            path: format!("/etc/pve/lxc/{vmid}.conf"),
+            old: Some(text.to_string()),
+            new: stripped,
+            mode: 0o640,
+        });
+    }
+    if missing.is_empty() {
+        if running {
+            actions.push(run_on(Target::Host, &["pct", "reboot", &vmid.to_string()]));
+        }
+        return Check::Changes(actions);
+    }
+    // Keep the group the existing entries use; else the container's `video` group.
+    let gid = cfg
+        .devices()
+        .into_iter()
+        .find_map(|(_, d)| d.gid)
+        .unwrap_or(VIDEO_GID);
+    let paths: Vec<&str> = missing.iter().map(String::as_str).collect();
+    actions.push(Action::Run {
+        on: Target::Host,
+        cmd: Cmd::new(lxc::pct_set_device_args(cfg, vmid, &paths, Some(gid))),
+    });
+    if running {
+        // New devN entries take effect at the next start.
+        actions.push(run_on(Target::Host, &["pct", "reboot", &vmid.to_string()]));
+    }
+    Check::Changes(actions)
+}
+
+/// Removes, from the live section only (snapshots are history), the `lxc.mount.entry` lines that bind
+/// `/dev/nvidia*` and the `lxc.cgroup2.devices.allow` lines for character majors no other driver owns (NVIDIA's
+/// 195, the dynamic uvm major, and stale ones). Returns the new text and the removed lines.
+pub fn strip_legacy_passthrough(text: &str, other_majors: &[u32]) -> (String, Vec<String>) {
+    let mut out = String::with_capacity(text.len());
+    let mut removed = Vec::new();
+    let mut live = true;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim();
+        if t.starts_with('[') && t.ends_with(']') {
+            live = false;
+        }
+        let drop = live
+            && match t.split_once(':').map(|(k, v)| (k.trim(), v.trim())) {
+                Some(("lxc.mount.entry", v)) => v.starts_with("/dev/nvidia"),
+                Some(("lxc.cgroup2.devices.allow", v)) => {
+                    lxc::CgroupRule::parse(v).is_some_and(|r| {
+                        r.kind == 'c' && r.major.is_some_and(|m| !other_majors.contains(&m))
+                    })
+                }
+                _ => false,
+            };
+        if drop {
+            removed.push(t.to_string());
+        } else {
+            out.push_str(line);
+        }
+    }
+    (out, removed)
+}
+
+// ------------------------------------------------------------------------------------------------ start
+
+pub struct Start;
+
+impl Step<Ctx> for Start {
+    fn id(&self) -> &'static str {
+        "start"
+    }
+    fn title(&self) -> &'static str {
+        "the container runs, and can start again (no immutable resolv.conf)"
+    }
+    fn check(&self, ctx: &mut Ctx) -> Result<Check> {
+        let vmid = ctx.vmid();
+        let f = ctx.facts()?;
+        let Some(c) = f.container.as_ref() else {
+            return Ok(Check::Changes(vec![run_on(
+                Target::Host,
+                &["pct", "start", &vmid.to_string()],
+            )]));
+        };
+        let immutable = c
+            .resolv_attr
+            .as_ref()
+            .is_some_and(|(flags, _)| flags.contains('i'));
+        let v = vmid.to_string();
+        let mut actions = Vec::new();
+        match (&c.status, immutable) {
+            (CtStatus::Running, false) => {
+                return Ok(Check::Done(format!("CT {vmid} is running")));
+            }
+            (CtStatus::Running, true) => {
+                // Keep the user's DNS: Proxmox leaves resolv.conf alone when this marker exists.
+                actions.push(run_on(ct(ctx), &["chattr", "-i", "/etc/resolv.conf"]));
+                actions.push(run_on(ct(ctx), &["touch", "/etc/.pve-ignore.resolv.conf"]));
+            }
+            (_, true) => {
+                let root = format!("/var/lib/lxc/{vmid}/rootfs");
+                actions.push(run_on(Target::Host, &["pct", "mount", &v]));
+                actions.push(run_on(
+                    Target::Host,
+                    &["chattr", "-i", &format!("{root}/etc/resolv.conf")],
+                ));
+                actions.push(run_on(
+                    Target::Host,
+                    &["touch", &format!("{root}/etc/.pve-ignore.resolv.conf")],
+                ));
+                actions.push(run_on(Target::Host, &["pct", "unmount", &v]));
+                actions.push(run_on(Target::Host, &["pct", "start", &v]));
+            }
+            (_, false) => actions.push(run_on(Target::Host, &["pct", "start", &v])),
+        }
+        Ok(Check::Changes(actions))
+    }
+    fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
+        run_actions(ctx, actions)
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ ct repo
+
+pub struct CtRepo;
+
+impl Step<Ctx> for CtRepo {
+    fn id(&self) -> &'static str {
+        "ct-repo"
+    }
+    fn title(&self) -> &'static str {
+        "NVIDIA's apt repository for the container's own Debian release"
+    }
+    fn check(&self, ctx: &mut Ctx) -> Result<Check> {
+        let vmid = ctx.vmid();
+        let f = ctx.facts()?;
+        let inside = match inside(f, "add NVIDIA's repository", vmid) {
+            Ok(i) => i,
+            Err(c) => return Ok(c),
+        };
+        let suite = suite_of(inside.os_release.get("VERSION_ID").map(String::as_str))
+            .context("the container runs a Debian release NVIDIA's repository has no packages for (12 and 13 only)")?;
+        let list = repo_list_path(&suite);
+        let keyring = ctx
+            .ct_probe(&["dpkg-query", "-W", "-f", "${Status}", "cuda-keyring"])?
+            .is_some_and(|s| s.contains("installed"));
+        let listed = ctx.ct_probe(&["cat", &list])?;
+        if keyring
+            && listed
+                .as_deref()
+                .is_some_and(|t| t.contains(&format!("/{suite}/")))
+        {
+            return Ok(Check::Done(format!("cuda-keyring installed, {list}")));
+        }
+        Ok(Check::Changes(keyring_actions(
+            Target::Container(vmid),
+            &suite,
+        )))
+    }
+    fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
+        run_actions(ctx, actions)
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ ct libs
+
+pub struct CtLibs;
+
+impl Step<Ctx> for CtLibs {
+    fn id(&self) -> &'static str {
+        "ct-libs"
+    }
+    fn title(&self) -> &'static str {
+        "user-space driver libraries in the container at exactly the host's version, held"
+    }
+    fn check(&self, ctx: &mut Ctx) -> Result<Check> {
+        let vmid = ctx.vmid();
+        let version = ctx.cfg.driver.version.clone();
+        let f = ctx.facts()?;
+        let inside = match inside(f, "install the driver's user-space libraries", vmid) {
+            Ok(i) => i,
+            Err(c) => return Ok(c),
+        };
+        Ok(ct_libs_check(inside, &version, vmid))
+    }
+    fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
+        let version = ctx.cfg.driver.version.clone();
+        for a in actions {
+            if let Action::Run { cmd, .. } = a
+                && cmd.argv.iter().any(|x| x == "-s")
+            {
+                let out = ctx.ct_ok(cmd.clone())?;
+                if let Err(why) =
+                    super::host::simulation_pins_exactly(&out.stdout, &version, CT_FORBIDDEN)
+                {
+                    bail!(
+                        "refused: {why}. A container must get the user-space libraries only (the host owns the \
+                         kernel module); nothing was installed"
+                    );
+                }
+                continue;
+            }
+            run_action(ctx, a)?;
+        }
+        ctx.invalidate();
+        Ok(())
+    }
+}
+
+pub fn ct_libs_check(inside: &InsideFacts, version: &str, vmid: u32) -> Check {
+    let want = format!("{version}-1");
+    let pkg = |n: &str| inside.packages.iter().find(|p| p.name == n);
+    let wrong: Vec<&str> = CT_LIB_PACKAGES
+        .iter()
+        .copied()
+        .filter(|n| !pkg(n).is_some_and(|p| p.installed() && p.version == want))
+        .collect();
+    let unheld: Vec<&str> = CT_LIB_PACKAGES
+        .iter()
+        .copied()
+        .filter(|n| !pkg(n).is_some_and(|p| p.held()))
+        .collect();
+    if wrong.is_empty() && unheld.is_empty() {
+        return Check::Done(format!("{} at {want}, held", CT_LIB_PACKAGES.join(", ")));
+    }
+    let on = Target::Container(vmid);
+    let mut actions = Vec::new();
+    let to_unhold: Vec<&str> = CT_LIB_PACKAGES
+        .iter()
+        .copied()
+        .filter(|n| pkg(n).is_some_and(|p| p.held() && p.version != want))
+        .collect();
+    if !to_unhold.is_empty() {
+        let mut argv = vec!["apt-mark", "unhold"];
+        argv.extend(&to_unhold);
+        actions.push(run_on(on.clone(), &argv));
+    }
+    if !wrong.is_empty() {
+        let exact: Vec<String> = CT_LIB_PACKAGES
+            .iter()
+            .map(|n| format!("{n}={want}"))
+            .collect();
+        let mut sim = vec![
+            "-s",
+            "install",
+            "--no-install-recommends",
+            "--allow-downgrades",
+        ];
+        sim.extend(exact.iter().map(String::as_str));
+        actions.push(Action::Run {
+            on: on.clone(),
+            cmd: apt(&sim),
+        });
+        let mut install = vec![
+            "install",
+            "-y",
+            "--no-install-recommends",
+            "--allow-downgrades",
+            "--allow-change-held-packages",
+        ];
+        install.extend(exact.iter().map(String::as_str));
+        actions.push(Action::Run {
+            on: on.clone(),
+            cmd: apt(&install),
+        });
+    }
+    let mut hold = vec!["apt-mark", "hold"];
+    hold.extend(CT_LIB_PACKAGES);
+    actions.push(run_on(on, &hold));
+    Check::Changes(actions)
+}
+
+// ------------------------------------------------------------------------------------------------ cuda
+
+pub struct Cuda;
+
+impl Step<Ctx> for Cuda {
+    fn id(&self) -> &'static str {
+        "cuda"
+    }
+    fn title(&self) -> &'static str {
+        "the CUDA toolkit the driver supports, in the container"
+    }
+    fn check(&self, ctx: &mut Ctx) -> Result<Check> {
+        let vmid = ctx.vmid();
+        let version = ctx.cfg.driver.version.clone();
+        let f = ctx.facts()?;
+        if let Err(c) = inside(f, "install the CUDA toolkit", vmid) {
+            return Ok(c);
+        }
+        let cuda = cuda_version(f, &version)?;
+        let pkg = cuda_package(&cuda);
+        let nvcc = nvcc_path(&cuda);
+        let installed = ctx
+            .ct_probe(&["dpkg-query", "-W", "-f", "${Status}", &pkg])?
+            .is_some_and(|s| s.contains(" installed"));
+        let works = ctx
+            .ct_probe(&[&nvcc, "--version"])?
+            .is_some_and(|o| o.contains(&format!("release {cuda}")));
+        if installed && works {
+            return Ok(Check::Done(format!("{pkg} installed, {nvcc} works")));
+        }
+        Ok(Check::Changes(vec![Action::Run {
+            on: Target::Container(vmid),
+            cmd: apt(&["install", "-y", "--no-install-recommends", &pkg]),
+        }]))
+    }
+    fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
+        run_actions(ctx, actions)
+    }
+}
+
+/// The newest CUDA the driver supports: what the host's `nvidia-smi` says (`CUDA Version: 13.2`), else NVIDIA's
+/// table of driver branches.
+pub fn cuda_version(f: &HostFacts, driver: &str) -> Result<String> {
+    if let Some(crate::pve::nvidia::SmiReport::Ok {
+        cuda_version: Some(v),
+        driver_version,
+    }) = &f.smi
+        && driver_version == driver
+    {
+        return Ok(v.clone());
+    }
+    let branch: u32 = driver
+        .split('.')
+        .next()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(0);
+    let v = match branch {
+        595.. => "13.2",
+        590..=594 => "13.1",
+        580..=589 => "13.0",
+        575..=579 => "12.9",
+        570..=574 => "12.8",
+        565..=569 => "12.7",
+        560..=564 => "12.6",
+        550..=559 => "12.4",
+        535..=549 => "12.2",
+        _ => bail!("driver {driver} is older than llmctl supports (535 or newer)"),
+    };
+    Ok(v.to_string())
+}
+
+/// `13.2` → `cuda-toolkit-13-2`: the versioned meta-package (never `cuda`, which pulls a driver in).
+pub fn cuda_package(cuda: &str) -> String {
+    format!("cuda-toolkit-{}", cuda.replace('.', "-"))
+}
+
+pub fn nvcc_path(cuda: &str) -> String {
+    format!("/usr/local/cuda-{cuda}/bin/nvcc")
+}
+
+// ------------------------------------------------------------------------------------------------ llmctl
+
+pub struct LlmctlBinary;
+
+impl Step<Ctx> for LlmctlBinary {
+    fn id(&self) -> &'static str {
+        "llmctl"
+    }
+    fn title(&self) -> &'static str {
+        "this llmctl binary installed in the container (serve-proxy, downloads)"
+    }
+    fn check(&self, ctx: &mut Ctx) -> Result<Check> {
+        let vmid = ctx.vmid();
+        let f = ctx.facts()?;
+        if let Err(c) = inside(f, "install llmctl", vmid) {
+            return Ok(c);
+        }
+        let local = sha256_file(&ctx.llmctl_binary)?;
+        let remote = ctx
+            .ct_probe(&["sha256sum", units::LLMCTL_BIN])?
+            .and_then(|o| o.split_whitespace().next().map(str::to_string));
+        if remote.as_deref() == Some(local.as_str()) {
+            return Ok(Check::Done(format!(
+                "{} is this build (sha256 {})",
+                units::LLMCTL_BIN,
+                &local[..12]
+            )));
+        }
+        Ok(Check::Changes(vec![Action::Note {
+            on: Target::Container(vmid),
+            text: format!(
+                "install {} as {} (sha256 {}), then restart llmctl-proxy if it runs",
+                ctx.llmctl_binary.display(),
+                units::LLMCTL_BIN,
+                &local[..12]
+            ),
+        }]))
+    }
+    fn apply(&self, ctx: &mut Ctx, _: &[Action]) -> Result<()> {
+        let data = std::fs::read(&ctx.llmctl_binary)
+            .with_context(|| format!("cannot read {}", ctx.llmctl_binary.display()))?;
+        ctx.live
+            .note(&format!("copying {} MB", data.len() / 1_000_000));
+        ctx.write_ct_file(units::LLMCTL_BIN, &data, 0o755)?;
+        ctx.ct_ok(Cmd::new(["systemctl", "try-restart", "llmctl-proxy"]))?;
+        Ok(())
+    }
+}
+
+pub fn sha256_file(path: &std::path::Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(format!("{:x}", h.finalize()))
+}
+
+// ------------------------------------------------------------------------------------------------ llama.cpp
+
+pub struct Llama;
+
+/// Written beside the build after a successful one: what was built, so a changed ref or arch rebuilds.
+pub fn build_stamp(archive_url: &str, archs: &str, cuda: &str) -> String {
+    format!("source={archive_url}\ncuda_architectures={archs}\ncuda={cuda}\n")
+}
+
+impl Step<Ctx> for Llama {
+    fn id(&self) -> &'static str {
+        "llama"
+    }
+    fn title(&self) -> &'static str {
+        "llama.cpp at the pinned ref, built with CUDA for the GPUs' architecture"
+    }
+    fn check(&self, ctx: &mut Ctx) -> Result<Check> {
+        let vmid = ctx.vmid();
+        let driver = ctx.cfg.driver.version.clone();
+        let dir = ctx
+            .cfg
+            .llama_cpp
+            .install_dir
+            .trim_end_matches('/')
+            .to_string();
+        let url = ctx.cfg.llama_cpp.archive_url();
+        let f = ctx.facts()?;
+        if let Err(c) = inside(f, "build llama.cpp", vmid) {
+            return Ok(c);
+        }
+        if f.gpus.is_empty() && f.module.is_none() {
+            // Planning before the driver runs: the architecture is read from the GPU once it does.
+            return Ok(Check::Changes(vec![Action::Note {
+                on: Target::Container(vmid),
+                text: format!(
+                    "build llama.cpp from {url} with CUDA for the GPUs' architecture (read from nvidia-smi once \
+                     the driver runs)"
+                ),
+            }]));
+        }
+        let archs = cuda_architectures(f)?;
+        let cuda = cuda_version(f, &driver)?;
+        let want = build_stamp(&url, &archs, &cuda);
+        let stamp = ctx.ct_probe(&["cat", &format!("{dir}/.llmctl-build")])?;
+        let server = format!("{dir}/build/bin/llama-server");
+        let ldd = ctx.ct_probe(&["ldd", &server])?;
+        let linked = ldd.as_deref().is_some_and(|o| !o.contains("not found"));
+        if stamp.as_deref() == Some(want.as_str()) && linked {
+            return Ok(Check::Done(format!(
+                "{server} built from {url} for CUDA architectures {archs}; ldd finds every library"
+            )));
+        }
+        Ok(Check::Changes(llama_actions(
+            &ctx.cfg, vmid, &url, &archs, &cuda,
+        )))
+    }
+    fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
+        let driver = ctx.cfg.driver.version.clone();
+        let dir = ctx
+            .cfg
+            .llama_cpp
+            .install_dir
+            .trim_end_matches('/')
+            .to_string();
+        let url = ctx.cfg.llama_cpp.archive_url();
+        let f = ctx.facts()?;
+        let archs = cuda_architectures(f)?;
+        let cuda = cuda_version(f, &driver)?;
+        for a in actions {
+            match a {
+                Action::Note { .. } => {}
+                other => run_action(ctx, other)?,
+            }
+        }
+        let server = format!("{dir}/build/bin/llama-server");
+        let ldd = ctx.ct_ok(Cmd::new(["ldd", &server]))?;
+        if let Some(line) = ldd.stdout.lines().find(|l| l.contains("not found")) {
+            bail!(
+                "the build links a library the container lacks: {}",
+                line.trim()
+            );
+        }
+        ctx.write_ct_file(
+            &format!("{dir}/.llmctl-build"),
+            build_stamp(&url, &archs, &cuda).as_bytes(),
+            0o644,
+        )?;
+        // A running server keeps the old binary until it restarts.
+        ctx.ct_ok(Cmd::new(["systemctl", "try-restart", "llama-server"]))?;
+        Ok(())
+    }
+}
+
+/// `CMAKE_CUDA_ARCHITECTURES` from the GPUs themselves: compute capability 8.9 → `89`, deduplicated, sorted.
+pub fn cuda_architectures(f: &HostFacts) -> Result<String> {
+    let mut archs: Vec<u32> = f.gpus.iter().filter_map(|g| g.cuda_arch()).collect();
+    archs.sort_unstable();
+    archs.dedup();
+    if archs.is_empty() {
+        bail!(
+            "no GPU's compute capability is known (`nvidia-smi --query-gpu=compute_cap` on the host printed \
+             none): the driver must work on the host before llama.cpp can be built for the GPU"
+        );
+    }
+    Ok(archs
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(";"))
+}
+
+pub fn llama_actions(
+    cfg: &super::config::ProvisionConfig,
+    vmid: u32,
+    url: &str,
+    archs: &str,
+    cuda: &str,
+) -> Vec<Action> {
+    let on = Target::Container(vmid);
+    let dir = cfg.llama_cpp.install_dir.trim_end_matches('/');
+    let tarball = format!("{dir}/source.tar.gz");
+    let (src, tmp, build) = (
+        format!("{dir}/src"),
+        format!("{dir}/src.tmp"),
+        format!("{dir}/build"),
+    );
+    let mut install = vec!["install", "-y", "--no-install-recommends"];
+    install.extend(BUILD_DEPS);
+    let mut fetch: Vec<String> = vec![
+        units::LLMCTL_BIN.into(),
+        "model".into(),
+        "fetch".into(),
+        url.into(),
+        "--dest".into(),
+        tarball.clone(),
+    ];
+    if !cfg.llama_cpp.archive_sha256.is_empty() {
+        fetch.push("--sha256".into());
+        fetch.push(cfg.llama_cpp.archive_sha256.clone());
+    }
+    let jobs = cfg.container.cores.max(1).to_string();
+    vec![
+        Action::Run {
+            on: on.clone(),
+            cmd: apt(&install),
+        },
+        run_on(on.clone(), &["mkdir", "-p", dir]),
+        Action::Run {
+            on: on.clone(),
+            cmd: Cmd::new(fetch).timeout(DOWNLOAD_TIMEOUT),
+        },
+        // Unpacked beside, then swapped in: an interrupted unpack never leaves a half source tree in place.
+        run_on(on.clone(), &["rm", "-rf", &tmp]),
+        run_on(on.clone(), &["mkdir", "-p", &tmp]),
+        run_on(
+            on.clone(),
+            &["tar", "-xzf", &tarball, "-C", &tmp, "--strip-components=1"],
+        ),
+        run_on(on.clone(), &["rm", "-rf", &src, &build]),
+        run_on(on.clone(), &["mv", &tmp, &src]),
+        Action::Run {
+            on: on.clone(),
+            cmd: Cmd::new([
+                "cmake".to_string(),
+                "-S".into(),
+                src.clone(),
+                "-B".into(),
+                build.clone(),
+                "-DGGML_CUDA=ON".into(),
+                format!("-DCMAKE_CUDA_ARCHITECTURES={archs}"),
+                format!("-DCMAKE_CUDA_COMPILER={}", nvcc_path(cuda)),
+                "-DLLAMA_CURL=OFF".into(),
+                "-DBUILD_SHARED_LIBS=OFF".into(),
+                "-DCMAKE_BUILD_TYPE=Release".into(),
+            ])
+            .timeout(BUILD_TIMEOUT),
+        },
+        Action::Run {
+            on,
+            cmd: Cmd::new([
+                "cmake",
+                "--build",
+                &build,
+                "--target",
+                "llama-server",
+                "-j",
+                &jobs,
+            ])
+            .timeout(BUILD_TIMEOUT),
+        },
+    ]
+}
+
+// ------------------------------------------------------------------------------------------------ model
+
+pub struct Model;
+
+impl Step<Ctx> for Model {
+    fn id(&self) -> &'static str {
+        "model"
+    }
+    fn title(&self) -> &'static str {
+        "the model file downloaded and its sha256 verified"
+    }
+    fn check(&self, ctx: &mut Ctx) -> Result<Check> {
+        let vmid = ctx.vmid();
+        let m = ctx.cfg.model.clone();
+        let f = ctx.facts()?;
+        if let Err(c) = inside(f, "download the model", vmid) {
+            return Ok(c);
+        }
+        if m.sha256.is_empty() {
+            return Ok(Check::Refused(format!(
+                "[model].sha256 is empty in {}: provision verifies the model before it is used. Copy the file's \
+                 SHA-256 from its download page (on Hugging Face: the file's page, \"SHA256\") or run `sha256sum` \
+                 on a copy you trust, and set it",
+                ctx.config_path
+            )));
+        }
+        let marker = ctx.ct_probe(&["cat", &verified_marker(&m.dest)])?;
+        let stat = ctx.ct_probe(&["stat", "-c", "%s %Y", &m.dest])?;
+        if let (Some(marker), Some(stat)) = (marker, stat)
+            && marker == marker_text(&m.sha256, stat.trim())
+        {
+            return Ok(Check::Done(format!(
+                "{} verified (sha256 {})",
+                m.dest,
+                &m.sha256[..12]
+            )));
+        }
+        Ok(Check::Changes(vec![Action::Run {
+            on: Target::Container(vmid),
+            cmd: model_fetch_cmd(&m),
+        }]))
+    }
+    fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
+        let dest = ctx.cfg.model.dest.clone();
+        let sha = ctx.cfg.model.sha256.clone();
+        if let Some((dir, _)) = dest.rsplit_once('/') {
+            ctx.ct_ok(Cmd::new(["mkdir", "-p", "--", dir]))?;
+        }
+        run_actions(ctx, actions)?;
+        // fetch verified the whole file; remember it by size and mtime so a later check need not re-hash 16 GB.
+        let stat = ctx.ct_ok(Cmd::new(["stat", "-c", "%s %Y", &dest]))?;
+        ctx.write_ct_file(
+            &verified_marker(&dest),
+            marker_text(&sha, stat.stdout.trim()).as_bytes(),
+            0o644,
+        )
+    }
+}
+
+pub fn verified_marker(dest: &str) -> String {
+    format!("{dest}.llmctl-verified")
+}
+
+pub fn marker_text(sha256: &str, size_mtime: &str) -> String {
+    format!(
+        "sha256={} size_mtime={size_mtime}\n",
+        sha256.to_ascii_lowercase()
+    )
+}
+
+pub fn model_fetch_cmd(m: &super::config::ModelSection) -> Cmd {
+    Cmd::new([
+        units::LLMCTL_BIN,
+        "model",
+        "fetch",
+        &m.source,
+        "--sha256",
+        &m.sha256,
+        "--dest",
+        &m.dest,
+    ])
+    .timeout(DOWNLOAD_TIMEOUT)
+}
+
+// ------------------------------------------------------------------------------------------------ services
+
+/// One systemd unit: its file rendered, enabled, active, and answering its health endpoint.
+pub struct Service {
+    pub id: &'static str,
+    pub title: &'static str,
+    pub unit: &'static str,
+    pub path: &'static str,
+}
+
+pub const LLAMA_SERVICE: Service = Service {
+    id: "llama-service",
+    title: "llama-server's systemd unit rendered, enabled, running and healthy",
+    unit: "llama-server",
+    path: units::LLAMA_SERVER_UNIT_PATH,
+};
+
+pub const PROXY_SERVICE: Service = Service {
+    id: "proxy-service",
+    title: "llmctl serve-proxy's systemd unit and API key, enabled, running and healthy",
+    unit: "llmctl-proxy",
+    path: units::PROXY_UNIT_PATH,
+};
+
+impl Service {
+    fn render(&self, ctx: &Ctx) -> Result<String> {
+        if self.unit == "llama-server" {
+            units::render_llama_server_unit(
+                &ctx.cfg,
+                units::Offload::from_config(&ctx.cfg),
+                &ctx.config_path,
+            )
+        } else {
+            units::render_proxy_unit(&ctx.cfg, &ctx.config_path)
+        }
+    }
+
+    fn health_url(&self, ctx: &Ctx) -> String {
+        if self.unit == "llama-server" {
+            format!("http://127.0.0.1:{}/health", ctx.cfg.server.port)
+        } else {
+            let port = ctx
+                .cfg
+                .proxy
+                .listen
+                .rsplit_once(':')
+                .map_or("4000", |(_, p)| p)
+                .to_string();
+            format!("http://127.0.0.1:{port}/health")
+        }
+    }
+}
+
+impl Service {
+    /// Waits for the health endpoint (loading a large model takes minutes; the unit allows 15), but gives up at
+    /// once when systemd has restarted the service twice: a crash loop never turns healthy, and its journal says why.
+    fn wait_healthy(&self, ctx: &Ctx) -> Result<()> {
+        let url = self.health_url(ctx);
+        let restarts = |ctx: &Ctx| -> Result<u64> {
+            Ok(ctx
+                .ct_probe(&["systemctl", "show", "-p", "NRestarts", "--value", self.unit])?
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0))
+        };
+        let first = restarts(ctx)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(900);
+        loop {
+            let healthy = ctx
+                .ct_probe(&[units::LLMCTL_BIN, "probe", "--health", &url, "--wait", "5"])?
+                .is_some();
+            if healthy {
+                return Ok(());
+            }
+            let crashed = restarts(ctx)? >= first + 2;
+            let failed = ctx
+                .ct_probe(&["systemctl", "is-failed", self.unit])?
+                .is_some();
+            if crashed || failed || std::time::Instant::now() > deadline {
+                let journal = ctx
+                    .ct_probe(&["journalctl", "-u", self.unit, "-n", "12", "--no-pager"])?
+                    .unwrap_or_default();
+                let why = if crashed {
+                    "it keeps exiting and systemd keeps restarting it"
+                } else if failed {
+                    "systemd says it failed"
+                } else {
+                    "it did not answer within 15 minutes"
+                };
+                bail!(
+                    "{} did not become healthy at {url}: {why}. Last lines of its journal:\n{}",
+                    self.unit,
+                    journal.trim_end()
+                );
+            }
+            ctx.live.note(&format!("waiting for {url}"));
+        }
+    }
+}
+
+impl Step<Ctx> for Service {
+    fn id(&self) -> &'static str {
+        self.id
+    }
+    fn title(&self) -> &'static str {
+        self.title
+    }
+    fn check(&self, ctx: &mut Ctx) -> Result<Check> {
+        let vmid = ctx.vmid();
+        let on = Target::Container(vmid);
+        {
+            let f = ctx.facts()?;
+            if let Err(c) = inside(f, &format!("install and start {}", self.unit), vmid) {
+                return Ok(c);
+            }
+        }
+        let new = self.render(ctx)?;
+        let old = ctx.ct_probe(&["cat", self.path])?;
+        let mut actions = Vec::new();
+        if self.unit == "llmctl-proxy"
+            && let Some(key_file) = ctx.cfg.proxy.api_key_file.clone()
+        {
+            let mode = ctx.ct_probe(&["stat", "-c", "%a %s", &key_file])?;
+            let ok = mode.as_deref().is_some_and(|m| {
+                let mut w = m.split_whitespace();
+                w.next() == Some("600") && w.next().is_some_and(|s| s != "0")
+            });
+            if !ok {
+                actions.push(Action::Note {
+                    on: on.clone(),
+                    text: format!(
+                        "write a new random API key to {key_file} (mode 0600, root only)"
+                    ),
+                });
+            }
+        }
+        let changed = old.as_deref() != Some(new.as_str());
+        if changed {
+            actions.push(Action::WriteFile {
+                on: on.clone(),
+                path: self.path.into(),
+                old: old.clone(),
+                new,
+                mode: 0o644,
+            });
+            actions.push(run_on(on.clone(), &["systemctl", "daemon-reload"]));
+        }
+        let enabled = ctx
+            .ct_probe(&["systemctl", "is-enabled", self.unit])?
+            .is_some();
+        if !enabled {
+            actions.push(run_on(on.clone(), &["systemctl", "enable", self.unit]));
+        }
+        let active = ctx
+            .ct_probe(&["systemctl", "is-active", self.unit])?
+            .is_some();
+        let healthy = active
+            && ctx
+                .ct_probe(&[
+                    units::LLMCTL_BIN,
+                    "probe",
+                    "--health",
+                    &self.health_url(ctx),
+                    "--wait",
+                    "0",
+                ])?
+                .is_some();
+        if changed || !actions.is_empty() || !healthy {
+            actions.push(run_on(on.clone(), &["systemctl", "restart", self.unit]));
+            actions.push(Action::Note {
+                on,
+                text: format!("wait until {} answers 200", self.health_url(ctx)),
+            });
+            return Ok(Check::Changes(actions));
+        }
+        Ok(Check::Done(format!(
+            "{} matches the configuration, enabled, active, {} answers",
+            self.path,
+            self.health_url(ctx)
+        )))
+    }
+    fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
+        for a in actions {
+            match a {
+                Action::Note { text, .. } if text.starts_with("write a new random API key") => {
+                    let key_file = ctx.cfg.proxy.api_key_file.clone().context("no key file")?;
+                    let key = new_api_key()?;
+                    ctx.write_ct_file(&key_file, format!("{key}\n").as_bytes(), 0o600)?;
+                }
+                Action::Note { text, .. } if text.starts_with("wait until") => {
+                    self.wait_healthy(ctx)?;
+                }
+                other => run_action(ctx, other)?,
+            }
+        }
+        ctx.invalidate();
+        Ok(())
+    }
+}
+
+/// 32 random bytes from the OS, hex: the proxy's API key.
+pub fn new_api_key() -> Result<String> {
+    use std::io::Read;
+    let mut buf = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .context("cannot read /dev/urandom for a new API key")?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pve::nvidia::Gpu;
+
+    fn gpu(cc: &str) -> Gpu {
+        Gpu {
+            name: "x".into(),
+            driver_version: "595.71.05".into(),
+            compute_cap: cc.into(),
+            memory_total_mib: None,
+            memory_used_mib: None,
+        }
+    }
+
+    #[test]
+    fn cuda_architectures_come_from_the_gpus_deduplicated() {
+        let mut f = HostFacts {
+            gpus: vec![gpu("8.9"), gpu("8.6"), gpu("8.9")],
+            ..HostFacts::default()
+        };
+        assert_eq!(cuda_architectures(&f).unwrap(), "86;89");
+        f.gpus.clear();
+        assert!(
+            cuda_architectures(&f)
+                .unwrap_err()
+                .to_string()
+                .contains("compute capability")
+        );
+    }
+
+    #[test]
+    fn cuda_follows_the_driver_branch() {
+        let f = HostFacts::default();
+        assert_eq!(cuda_version(&f, "595.71.05").unwrap(), "13.2");
+        assert_eq!(cuda_version(&f, "550.163.01").unwrap(), "12.4");
+        assert_eq!(cuda_package("13.2"), "cuda-toolkit-13-2");
+        assert!(cuda_version(&f, "470.1").is_err());
+    }
+
+    #[test]
+    fn legacy_passthrough_lines_are_stripped_from_the_live_section_only() {
+        let text = "arch: amd64\nlxc.cgroup2.devices.allow: c 195:* rwm\nlxc.cgroup2.devices.allow: c 508:* rwm\nlxc.cgroup2.devices.allow: c 226:* rwm\nlxc.mount.entry: /dev/nvidia0 dev/nvidia0 none bind,optional,create=file\nlxc.mount.entry: /dev/dri dev/dri none bind,optional,create=dir\n\n[snap]\nlxc.cgroup2.devices.allow: c 195:* rwm\n";
+        let (out, removed) = strip_legacy_passthrough(text, &[226, 1, 5]);
+        assert_eq!(
+            out,
+            "arch: amd64\nlxc.cgroup2.devices.allow: c 226:* rwm\nlxc.mount.entry: /dev/dri dev/dri none bind,optional,create=dir\n\n[snap]\nlxc.cgroup2.devices.allow: c 195:* rwm\n"
+        );
+        assert_eq!(removed.len(), 3);
+    }
+
+    #[test]
+    fn api_keys_are_random_hex() {
+        let (a, b) = (new_api_key().unwrap(), new_api_key().unwrap());
+        assert_eq!(a.len(), 64);
+        assert_ne!(a, b);
+    }
+}

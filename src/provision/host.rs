@@ -1,0 +1,827 @@
+//! The host's steps: inventory, kernel headers, nouveau, NVIDIA's repository, the pinned driver, DKMS, the loaded
+//! module (and the reboot it may need), and the device nodes at boot. Each `check` only reads; the pure
+//! functions at the bottom decide, so they are unit-tested on facts.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use super::ctx::{Ctx, HOST_CACHE_DIR};
+use super::step::{Action, Check, Step, Target};
+use crate::doctor::facts::HostFacts;
+use crate::pve::dkms::DkmsState;
+use crate::transport::Cmd;
+
+const APT_TIMEOUT: Duration = Duration::from_secs(3600);
+pub const NOUVEAU_CONF: &str = "/etc/modprobe.d/blacklist-nouveau.conf";
+pub const NOUVEAU_TEXT: &str = "# Written by llmctl: nouveau must not take the GPU the NVIDIA driver needs.\nblacklist nouveau\noptions nouveau modeset=0\n";
+pub const MODULES_LOAD_CONF: &str = "/etc/modules-load.d/nvidia.conf";
+pub const MODULES_LOAD_TEXT: &str = "# Written by llmctl: load the NVIDIA modules at boot, uvm included (CUDA needs /dev/nvidia-uvm).\nnvidia\nnvidia_uvm\n";
+pub const UDEV_RULE: &str = "/etc/udev/rules.d/70-nvidia.rules";
+/// Creates the device nodes as soon as the modules load, so containers with devN entries can start at boot.
+pub const UDEV_TEXT: &str = "# Written by llmctl: create /dev/nvidia* (uvm included) when the modules load.\nKERNEL==\"nvidia\", RUN+=\"/bin/bash -c '/usr/bin/nvidia-smi -L'\"\nKERNEL==\"nvidia_uvm\", RUN+=\"/bin/bash -c '/usr/bin/nvidia-modprobe -c0 -u'\"\n";
+
+pub fn apt(args: &[&str]) -> Cmd {
+    let mut argv = vec!["env", "DEBIAN_FRONTEND=noninteractive", "apt-get"];
+    argv.extend_from_slice(args);
+    Cmd::new(argv).timeout(APT_TIMEOUT)
+}
+
+fn run(on: Target, argv: &[&str]) -> Action {
+    Action::Run {
+        on,
+        cmd: Cmd::new(argv.iter().copied()),
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ inventory
+
+pub struct Inventory;
+
+impl Step<Ctx> for Inventory {
+    fn id(&self) -> &'static str {
+        "inventory"
+    }
+    fn title(&self) -> &'static str {
+        "the host is a Proxmox VE host llmctl can provision"
+    }
+    fn check(&self, ctx: &mut Ctx) -> Result<Check> {
+        let f = ctx.facts()?;
+        Ok(inventory_check(f))
+    }
+    fn apply(&self, _: &mut Ctx, _: &[Action]) -> Result<()> {
+        Ok(())
+    }
+}
+
+pub fn inventory_check(f: &HostFacts) -> Check {
+    let Some(pve) = &f.pve else {
+        return Check::Refused(format!("{} is not a Proxmox VE host", f.target));
+    };
+    let Some(suite) = debian_suite(f) else {
+        return Check::Refused(format!(
+            "the host runs Debian {:?}: NVIDIA's repository has packages for Debian 12 and 13 (Proxmox VE 8 and 9)",
+            f.os_release
+                .get("VERSION_ID")
+                .map(String::as_str)
+                .unwrap_or("unknown")
+        ));
+    };
+    if f.secure_boot == Some(true) {
+        return Check::Refused(
+            "Secure Boot is enabled: the DKMS-built NVIDIA module must be signed with a key enrolled in MOK. \
+             Enroll DKMS's key (`mokutil --import /var/lib/dkms/mok.pub`, reboot, confirm in the MOK manager) or \
+             disable Secure Boot, then run provision again"
+                .into(),
+        );
+    }
+    Check::Done(format!(
+        "Proxmox VE {}, kernel {}, {suite}, {} GPU(s) visible to the driver",
+        pve.version,
+        f.kernel,
+        f.gpus.len()
+    ))
+}
+
+/// NVIDIA's repository name for the host's Debian release: `debian12`, `debian13`.
+pub fn debian_suite(f: &HostFacts) -> Option<String> {
+    suite_of(f.os_release.get("VERSION_ID").map(String::as_str))
+}
+
+pub fn suite_of(version_id: Option<&str>) -> Option<String> {
+    match version_id?.trim_matches('"') {
+        v @ ("12" | "13") => Some(format!("debian{v}")),
+        _ => None,
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ headers
+
+pub struct Headers;
+
+impl Step<Ctx> for Headers {
+    fn id(&self) -> &'static str {
+        "headers"
+    }
+    fn title(&self) -> &'static str {
+        "kernel headers for every installed kernel (DKMS builds against them)"
+    }
+    fn check(&self, ctx: &mut Ctx) -> Result<Check> {
+        Ok(headers_check(ctx.facts()?))
+    }
+    fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
+        run_actions(ctx, actions)
+    }
+}
+
+pub fn headers_check(f: &HostFacts) -> Check {
+    let prefix = if f.pve.as_ref().is_some_and(|p| p.major < 8) {
+        "pve-headers-"
+    } else {
+        "proxmox-headers-"
+    };
+    let missing: Vec<String> = f
+        .installed_kernels
+        .iter()
+        .filter(|k| crate::pve::system::is_pve_kernel(k))
+        .filter(|k| {
+            !f.kernels_with_build_dir.contains(k)
+                && !f
+                    .package(&format!("{prefix}{k}"))
+                    .is_some_and(|p| p.installed())
+        })
+        .map(|k| format!("{prefix}{k}"))
+        .collect();
+    if missing.is_empty() {
+        return Check::Done(format!(
+            "headers present for {}",
+            f.installed_kernels.join(", ")
+        ));
+    }
+    let mut args = vec!["install", "-y"];
+    args.extend(missing.iter().map(String::as_str));
+    Check::Changes(vec![Action::Run {
+        on: Target::Host,
+        cmd: apt(&args),
+    }])
+}
+
+// ------------------------------------------------------------------------------------------------ nouveau
+
+pub struct Nouveau;
+
+impl Step<Ctx> for Nouveau {
+    fn id(&self) -> &'static str {
+        "nouveau"
+    }
+    fn title(&self) -> &'static str {
+        "nouveau blacklisted"
+    }
+    fn check(&self, ctx: &mut Ctx) -> Result<Check> {
+        let f = ctx.facts()?;
+        if nouveau_blacklisted(&f.modprobe_nouveau) {
+            return Ok(Check::Done("blacklisted in modprobe.d".into()));
+        }
+        let old = ctx
+            .host()
+            .read_file(NOUVEAU_CONF)
+            .ok()
+            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        Ok(Check::Changes(vec![
+            Action::WriteFile {
+                on: Target::Host,
+                path: NOUVEAU_CONF.into(),
+                old,
+                new: NOUVEAU_TEXT.into(),
+                mode: 0o644,
+            },
+            run(Target::Host, &["update-initramfs", "-u", "-k", "all"]),
+        ]))
+    }
+    fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
+        run_actions(ctx, actions)
+    }
+}
+
+/// `grep -rsH nouveau` lines (`file:line`): an uncommented `blacklist nouveau` anywhere counts.
+pub fn nouveau_blacklisted(lines: &[String]) -> bool {
+    lines.iter().any(|l| {
+        let text = l.split_once(':').map_or(l.as_str(), |(_, t)| t).trim();
+        let mut words = text.split_whitespace();
+        words.next() == Some("blacklist") && words.next() == Some("nouveau")
+    })
+}
+
+// ------------------------------------------------------------------------------------------------ repo
+
+/// NVIDIA's keyring package for a Debian release: it installs the key and the repository's sources file.
+pub fn keyring_url(suite: &str) -> String {
+    format!(
+        "https://developer.download.nvidia.com/compute/cuda/repos/{suite}/x86_64/cuda-keyring_1.1-1_all.deb"
+    )
+}
+
+pub fn repo_list_path(suite: &str) -> String {
+    format!("/etc/apt/sources.list.d/cuda-{suite}-x86_64.list")
+}
+
+pub struct HostRepo;
+
+impl Step<Ctx> for HostRepo {
+    fn id(&self) -> &'static str {
+        "repo"
+    }
+    fn title(&self) -> &'static str {
+        "NVIDIA's apt repository for the host's Debian release"
+    }
+    fn check(&self, ctx: &mut Ctx) -> Result<Check> {
+        let f = ctx.facts()?;
+        let suite = debian_suite(f).context("unknown Debian release")?;
+        let keyring = f.package("cuda-keyring").is_some_and(|p| p.installed());
+        let list = repo_list_path(&suite);
+        let listed = ctx.host_probe(&["cat", &list])?;
+        if keyring
+            && listed
+                .as_deref()
+                .is_some_and(|t| t.contains(&format!("/{suite}/")))
+        {
+            return Ok(Check::Done(format!("cuda-keyring installed, {list}")));
+        }
+        Ok(Check::Changes(keyring_actions(Target::Host, &suite)))
+    }
+    fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
+        run_actions(ctx, actions)
+    }
+}
+
+/// Download NVIDIA's keyring package on the host, install it (on the host, or pushed into the container), and
+/// refresh the package lists.
+pub fn keyring_actions(on: Target, suite: &str) -> Vec<Action> {
+    let deb = format!("{HOST_CACHE_DIR}/{suite}/cuda-keyring_1.1-1_all.deb");
+    let dir = format!("{HOST_CACHE_DIR}/{suite}");
+    let url = keyring_url(suite);
+    let mut actions = vec![
+        run(Target::Host, &["mkdir", "-p", &dir]),
+        run(Target::Host, &["curl", "-fsSL", "-o", &deb, &url]),
+    ];
+    match on {
+        Target::Host => actions.push(run(Target::Host, &["dpkg", "-i", &deb])),
+        Target::Container(vmid) => {
+            let v = vmid.to_string();
+            actions.push(run(
+                Target::Host,
+                &["pct", "push", &v, &deb, "/root/cuda-keyring_1.1-1_all.deb"],
+            ));
+            actions.push(run(
+                on.clone(),
+                &["dpkg", "-i", "/root/cuda-keyring_1.1-1_all.deb"],
+            ));
+        }
+    }
+    actions.push(Action::Run {
+        on,
+        cmd: apt(&["update"]),
+    });
+    actions
+}
+
+// ------------------------------------------------------------------------------------------------ driver
+
+/// The host's driver packages at one exact version: the DKMS module and the user-space libraries, so the
+/// libraries can never move away from the module.
+pub fn host_driver_packages(open: bool) -> Vec<&'static str> {
+    vec![
+        if open {
+            "nvidia-kernel-open-dkms"
+        } else {
+            "nvidia-kernel-dkms"
+        },
+        "nvidia-driver-cuda",
+        "libcuda1",
+        "libnvidia-ml1",
+        "nvidia-persistenced",
+        "nvidia-modprobe",
+    ]
+}
+
+pub struct Driver;
+
+impl Step<Ctx> for Driver {
+    fn id(&self) -> &'static str {
+        "driver"
+    }
+    fn title(&self) -> &'static str {
+        "the NVIDIA driver at exactly the configured version, pinned and held"
+    }
+    fn check(&self, ctx: &mut Ctx) -> Result<Check> {
+        let version = ctx.cfg.driver.version.clone();
+        let open = ctx.cfg.driver.flavor == super::config::DriverFlavor::Open;
+        Ok(driver_check(ctx.facts()?, &version, open))
+    }
+    fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
+        let version = ctx.cfg.driver.version.clone();
+        let open = ctx.cfg.driver.flavor == super::config::DriverFlavor::Open;
+        for a in actions {
+            if let Action::Run { cmd, .. } = a
+                && cmd.argv.iter().any(|x| x == "-s")
+            {
+                // The simulation: prove apt would install exactly this version of every NVIDIA package.
+                let out = ctx.host_ok(cmd.clone())?;
+                if let Err(why) = simulation_pins_exactly(&out.stdout, &version, &[]) {
+                    bail!(
+                        "refused: {why}. apt would not install exactly {version}; nothing was installed. Check \
+                         `apt-cache madison nvidia-driver-cuda` and the pinning package"
+                    );
+                }
+                continue;
+            }
+            run_action(ctx, a)?;
+        }
+        let _ = open;
+        ctx.invalidate();
+        Ok(())
+    }
+}
+
+pub fn driver_check(f: &HostFacts, version: &str, open: bool) -> Check {
+    let want = format!("{version}-1");
+    let pkgs = host_driver_packages(open);
+    let branch = version.split('.').next().unwrap_or(version);
+    let pinning = format!("nvidia-driver-pinning-{branch}");
+    let wrong: Vec<&str> = pkgs
+        .iter()
+        .copied()
+        .filter(|n| {
+            !f.package(n)
+                .is_some_and(|p| p.installed() && p.version == want)
+        })
+        .collect();
+    let unheld: Vec<&str> = pkgs
+        .iter()
+        .copied()
+        .filter(|n| !f.package(n).is_some_and(|p| p.held()))
+        .collect();
+    let other_pinning: Vec<String> = f
+        .packages
+        .iter()
+        .filter(|p| {
+            p.installed() && p.name.starts_with("nvidia-driver-pinning-") && p.name != pinning
+        })
+        .map(|p| p.name.clone())
+        .collect();
+    let pinned = f.package(&pinning).is_some_and(|p| p.installed());
+    // The other flavour's module package would fight this one for the same module.
+    let other_flavour = if open {
+        "nvidia-kernel-dkms"
+    } else {
+        "nvidia-kernel-open-dkms"
+    };
+    let conflicting = f.package(other_flavour).is_some_and(|p| p.installed());
+    if wrong.is_empty() && unheld.is_empty() && other_pinning.is_empty() && pinned && !conflicting {
+        return Check::Done(format!(
+            "{} at {want}, held; {pinning} installed",
+            pkgs.join(", ")
+        ));
+    }
+    let mut actions = Vec::new();
+    let mut remove: Vec<String> = other_pinning;
+    if conflicting {
+        remove.push(other_flavour.to_string());
+    }
+    // A held package at another version must be released first (lockstep upgrades and downgrades).
+    let to_unhold: Vec<&str> = pkgs
+        .iter()
+        .copied()
+        .filter(|n| f.package(n).is_some_and(|p| p.held() && p.version != want))
+        .collect();
+    if !to_unhold.is_empty() {
+        let mut argv = vec!["apt-mark", "unhold"];
+        argv.extend(&to_unhold);
+        actions.push(run(Target::Host, &argv));
+    }
+    if !remove.is_empty() {
+        let mut args = vec!["remove", "-y"];
+        args.extend(remove.iter().map(String::as_str));
+        actions.push(Action::Run {
+            on: Target::Host,
+            cmd: apt(&args),
+        });
+    }
+    if !pinned {
+        // NVIDIA: install the pinning package before the driver.
+        actions.push(Action::Run {
+            on: Target::Host,
+            cmd: apt(&["install", "-y", &pinning]),
+        });
+    }
+    let exact: Vec<String> = pkgs.iter().map(|n| format!("{n}={want}")).collect();
+    if !wrong.is_empty() {
+        let mut sim = vec![
+            "-s",
+            "install",
+            "--no-install-recommends",
+            "--allow-downgrades",
+        ];
+        sim.extend(exact.iter().map(String::as_str));
+        actions.push(Action::Run {
+            on: Target::Host,
+            cmd: apt(&sim),
+        });
+        let mut install = vec![
+            "install",
+            "-y",
+            "--no-install-recommends",
+            "--allow-downgrades",
+            "--allow-change-held-packages",
+        ];
+        install.extend(exact.iter().map(String::as_str));
+        actions.push(Action::Run {
+            on: Target::Host,
+            cmd: apt(&install),
+        });
+    }
+    let mut hold = vec!["apt-mark", "hold"];
+    hold.extend(&pkgs);
+    actions.push(run(Target::Host, &hold));
+    Check::Changes(actions)
+}
+
+/// Reads `apt-get -s install` output: every NVIDIA package it would install must be at exactly `<version>-1`,
+/// and none may match `forbidden` (kernel module packages inside a container).
+pub fn simulation_pins_exactly(
+    out: &str,
+    version: &str,
+    forbidden: &[&str],
+) -> std::result::Result<(), String> {
+    let want = format!("{version}-1");
+    let mut seen = 0;
+    for line in out.lines() {
+        let Some(rest) = line.strip_prefix("Inst ") else {
+            continue;
+        };
+        seen += 1;
+        let name = rest.split_whitespace().next().unwrap_or("");
+        // `Inst name [old] (new origin [arch])`: the new version is the first word after '('.
+        let new = rest
+            .split_once('(')
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .unwrap_or("");
+        if forbidden.iter().any(|p| glob_match(p, name)) {
+            return Err(format!(
+                "the installation would pull in {name} {new}, a kernel module package"
+            ));
+        }
+        let nvidia = name.starts_with("nvidia-")
+            || name.starts_with("libnvidia-")
+            || name.starts_with("libcuda")
+            || name.starts_with("firmware-nvidia");
+        if nvidia && !name.starts_with("nvidia-driver-pinning-") && new != want {
+            return Err(format!("the simulation installs {name} {new}, not {want}"));
+        }
+    }
+    if seen == 0 {
+        return Err("the simulation installs nothing".into());
+    }
+    Ok(())
+}
+
+fn glob_match(pattern: &str, name: &str) -> bool {
+    match (pattern.strip_prefix('*'), pattern.strip_suffix('*')) {
+        (Some(suffix), _) => name.ends_with(suffix),
+        (_, Some(prefix)) => name.starts_with(prefix),
+        _ => name == pattern,
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ dkms
+
+pub struct Dkms;
+
+impl Step<Ctx> for Dkms {
+    fn id(&self) -> &'static str {
+        "dkms"
+    }
+    fn title(&self) -> &'static str {
+        "the NVIDIA module built and installed by DKMS for the running kernel"
+    }
+    fn check(&self, ctx: &mut Ctx) -> Result<Check> {
+        let version = ctx.cfg.driver.version.clone();
+        Ok(dkms_check(ctx.facts()?, &version))
+    }
+    fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
+        let version = ctx.cfg.driver.version.clone();
+        for a in actions {
+            if let Err(e) = run_action(ctx, a) {
+                let branch: u32 = version
+                    .split('.')
+                    .next()
+                    .and_then(|b| b.parse().ok())
+                    .unwrap_or(0);
+                let hint = if branch < 570 {
+                    format!(
+                        " Driver {version} is probably too old for kernel {}: choose a newer driver in \
+                         llmctl.toml, or boot an older kernel and pin it (`proxmox-boot-tool kernel pin`)",
+                        ctx.facts().map(|f| f.kernel.clone()).unwrap_or_default()
+                    )
+                } else {
+                    String::new()
+                };
+                return Err(e.context(format!(
+                    "DKMS could not build the NVIDIA module.{hint} (the build log is in /var/lib/dkms/nvidia/{version}/build/make.log)"
+                )));
+            }
+        }
+        ctx.invalidate();
+        Ok(())
+    }
+}
+
+pub fn dkms_check(f: &HostFacts, version: &str) -> Check {
+    let installed_for = |k: &str| {
+        f.dkms.iter().any(|e| {
+            e.is_nvidia()
+                && e.version == version
+                && e.kernel.as_deref() == Some(k)
+                && e.state == DkmsState::Installed
+        })
+    };
+    // Every kernel that has headers: the running one now, the others so a reboot into them keeps the driver.
+    let kernels: Vec<&String> = f
+        .installed_kernels
+        .iter()
+        .filter(|k| f.kernels_with_build_dir.contains(k) || **k == f.kernel)
+        .collect();
+    let missing: Vec<&String> = kernels
+        .iter()
+        .copied()
+        .filter(|k| !installed_for(k))
+        .collect();
+    if missing.is_empty() {
+        return Check::Done(format!(
+            "nvidia/{version} installed for {}",
+            kernels
+                .iter()
+                .map(|k| k.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    Check::Changes(
+        missing
+            .iter()
+            .map(|k| Action::Run {
+                on: Target::Host,
+                cmd: Cmd::new([
+                    "dkms",
+                    "install",
+                    "-m",
+                    "nvidia",
+                    "-v",
+                    version,
+                    "-k",
+                    k.as_str(),
+                ])
+                .timeout(Duration::from_secs(1800)),
+            })
+            .collect(),
+    )
+}
+
+// ------------------------------------------------------------------------------------------------ module
+
+pub struct Module;
+
+impl Step<Ctx> for Module {
+    fn id(&self) -> &'static str {
+        "module"
+    }
+    fn title(&self) -> &'static str {
+        "the loaded kernel module is the installed driver"
+    }
+    fn check(&self, ctx: &mut Ctx) -> Result<Check> {
+        let version = ctx.cfg.driver.version.clone();
+        let allow = ctx.allow_reboot;
+        Ok(module_check(ctx.facts()?, &version, allow))
+    }
+    fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
+        for a in actions {
+            match a {
+                Action::Note { text, .. } if text.starts_with("reboot") => reboot_and_wait(ctx)?,
+                other => run_action(ctx, other)?,
+            }
+        }
+        ctx.invalidate();
+        Ok(())
+    }
+}
+
+pub fn module_check(f: &HostFacts, version: &str, allow_reboot: bool) -> Check {
+    let loaded = f.module.as_ref().map(|m| m.version.clone());
+    if loaded.as_deref() == Some(version) {
+        return Check::Done(format!("NVIDIA module {version} loaded"));
+    }
+    let nouveau = f.has_module("nouveau");
+    let why = match (&loaded, nouveau) {
+        (Some(old), _) => Some(format!(
+            "the running kernel has NVIDIA module {old} loaded and the installed driver is {version}"
+        )),
+        (None, true) => {
+            Some("nouveau has the GPU; the blacklist takes effect at the next boot".to_string())
+        }
+        (None, false) => None,
+    };
+    match why {
+        None => Check::Changes(vec![
+            run(Target::Host, &["modprobe", "nvidia"]),
+            run(Target::Host, &["modprobe", "nvidia_uvm"]),
+            run(Target::Host, &["nvidia-modprobe", "-c0", "-u"]),
+        ]),
+        Some(why) if allow_reboot => Check::Changes(vec![Action::Note {
+            on: Target::Host,
+            text: format!("reboot the host ({why}), wait for it, and go on"),
+        }]),
+        Some(why) => Check::Refused(format!(
+            "a reboot is needed: {why}. Containers with onboot: 1 start again by themselves. Reboot the host \
+             (`reboot`) and run provision again, or run it with --reboot to do both"
+        )),
+    }
+}
+
+/// Reboots the host and waits until it answers again with a new boot id (the old connection dies with it).
+fn reboot_and_wait(ctx: &mut Ctx) -> Result<()> {
+    const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+    let before = ctx
+        .host_probe(&["cat", BOOT_ID])?
+        .context("cannot read the host's boot id")?;
+    ctx.live.note("rebooting the host");
+    // The connection may drop before `reboot` returns: that is expected, not an error.
+    let _ = ctx
+        .host()
+        .run(&Cmd::new(["systemctl", "reboot"]).timeout(Duration::from_secs(30)))
+        .ok()
+        .filter(|o| o.success())
+        .or_else(|| {
+            ctx.host()
+                .run(&Cmd::new(["reboot"]).timeout(Duration::from_secs(30)))
+                .ok()
+        });
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        std::thread::sleep(Duration::from_secs(2));
+        let now = ctx
+            .host_probe(&["cat", BOOT_ID])
+            .ok()
+            .flatten()
+            .or_else(|| {
+                ctx.reconnect()
+                    .ok()
+                    .and_then(|_| ctx.host_probe(&["cat", BOOT_ID]).ok().flatten())
+            });
+        if let Some(now) = now
+            && now.trim() != before.trim()
+        {
+            ctx.live.note("the host is back");
+            ctx.invalidate();
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the host did not come back within 15 minutes of the reboot; check its console, then run provision again"
+            );
+        }
+        ctx.live.note("waiting for the host to come back");
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ devices-at-boot
+
+pub struct DevicesAtBoot;
+
+impl Step<Ctx> for DevicesAtBoot {
+    fn id(&self) -> &'static str {
+        "devices-at-boot"
+    }
+    fn title(&self) -> &'static str {
+        "/dev/nvidia* (uvm included) present now and after every boot"
+    }
+    fn check(&self, ctx: &mut Ctx) -> Result<Check> {
+        let modules_load = read_text(ctx, MODULES_LOAD_CONF);
+        let udev = read_text(ctx, UDEV_RULE);
+        Ok(devices_at_boot_check(ctx.facts()?, modules_load, udev))
+    }
+    fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
+        run_actions(ctx, actions)
+    }
+}
+
+fn read_text(ctx: &Ctx, path: &str) -> Option<String> {
+    ctx.host()
+        .read_file(path)
+        .ok()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+pub fn devices_at_boot_check(
+    f: &HostFacts,
+    modules_load: Option<String>,
+    udev: Option<String>,
+) -> Check {
+    let mut actions = Vec::new();
+    let loads_uvm = f
+        .modules_load
+        .iter()
+        .any(|l| l.split_once(':').map_or(l.as_str(), |(_, t)| t).trim() == "nvidia_uvm");
+    if !loads_uvm {
+        actions.push(Action::WriteFile {
+            on: Target::Host,
+            path: MODULES_LOAD_CONF.into(),
+            old: modules_load,
+            new: MODULES_LOAD_TEXT.into(),
+            mode: 0o644,
+        });
+    }
+    let has_rule = f.udev_rules.iter().any(|l| l.contains("nvidia-modprobe"));
+    if !has_rule {
+        actions.push(Action::WriteFile {
+            on: Target::Host,
+            path: UDEV_RULE.into(),
+            old: udev,
+            new: UDEV_TEXT.into(),
+            mode: 0o644,
+        });
+    }
+    let node = |p: &str| f.dev_nodes.iter().any(|n| n.path == p && n.kind == 'c');
+    let uvm_now = node("/dev/nvidia-uvm") && node("/dev/nvidia-uvm-tools");
+    if f.module.is_some() && !uvm_now {
+        actions.push(run(Target::Host, &["modprobe", "nvidia_uvm"]));
+        actions.push(run(Target::Host, &["nvidia-modprobe", "-c0", "-u"]));
+    }
+    if actions.is_empty() {
+        Check::Done(
+            "nvidia_uvm loads at boot, the udev rule creates its nodes, and they exist".into(),
+        )
+    } else {
+        Check::Changes(actions)
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ shared
+
+pub fn run_actions(ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
+    for a in actions {
+        run_action(ctx, a)?;
+    }
+    ctx.invalidate();
+    Ok(())
+}
+
+/// Applies one planned action exactly as the plan showed it.
+pub fn run_action(ctx: &mut Ctx, action: &Action) -> Result<()> {
+    match action {
+        Action::Run {
+            on: Target::Host,
+            cmd,
+        } => {
+            ctx.host_ok(cmd.clone())?;
+        }
+        Action::Run {
+            on: Target::Container(_),
+            cmd,
+        } => {
+            ctx.ct_ok(cmd.clone())?;
+        }
+        Action::WriteFile {
+            on: Target::Host,
+            path,
+            new,
+            mode,
+            ..
+        } => ctx.write_host_file(path, new.as_bytes(), *mode)?,
+        Action::WriteFile {
+            on: Target::Container(_),
+            path,
+            new,
+            mode,
+            ..
+        } => ctx.write_ct_file(path, new.as_bytes(), *mode)?,
+        Action::Note { text, .. } => bail!("internal: no code applies the action `{text}`"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nouveau_blacklist_lines() {
+        assert!(nouveau_blacklisted(&[
+            "/etc/modprobe.d/blacklist-nouveau.conf:blacklist nouveau".into()
+        ]));
+        assert!(!nouveau_blacklisted(&[
+            "/etc/modprobe.d/x.conf:# blacklist nouveau".into(),
+            "/etc/modprobe.d/x.conf:options nouveau modeset=0".into()
+        ]));
+    }
+
+    #[test]
+    fn the_apt_simulation_must_install_exactly_the_version() {
+        let ok = "Inst nvidia-kernel-open-dkms (595.71.05-1 cuda-debian13-x86_64 [amd64])\nInst libcuda1 [590.48.01-1] (595.71.05-1 cuda-debian13-x86_64 [amd64])\nInst dkms (3.2.2-1 Debian:13 [all])\nConf libcuda1 (595.71.05-1 cuda-debian13-x86_64 [amd64])\n";
+        assert_eq!(simulation_pins_exactly(ok, "595.71.05", &[]), Ok(()));
+        let drift = "Inst libcuda1 (595.71.05-1 x [amd64])\nInst libnvidia-gpucomp (600.10.01-1 x [amd64])\n";
+        let err = simulation_pins_exactly(drift, "595.71.05", &[]).unwrap_err();
+        assert!(err.contains("libnvidia-gpucomp 600.10.01-1"), "{err}");
+        let kernel = "Inst nvidia-kernel-open-dkms (595.71.05-1 x [amd64])\n";
+        let err = simulation_pins_exactly(kernel, "595.71.05", &["nvidia-kernel-*", "*-dkms"])
+            .unwrap_err();
+        assert!(err.contains("kernel module package"), "{err}");
+        assert!(simulation_pins_exactly("0 upgraded\n", "595.71.05", &[]).is_err());
+    }
+
+    #[test]
+    fn suites() {
+        assert_eq!(suite_of(Some("13")).as_deref(), Some("debian13"));
+        assert_eq!(suite_of(Some("\"12\"")).as_deref(), Some("debian12"));
+        assert_eq!(suite_of(Some("11")), None);
+    }
+}

@@ -1,0 +1,532 @@
+//! `llmctl provision` end to end against the simulated Proxmox host (real sshd, real files, real processes):
+//! fresh host → provisioned → `doctor` healthy → a second run changes nothing; lockstep driver upgrades with a
+//! reboot; broken scenarios repaired or refused; a run killed mid-step completes when run again; the plan.
+//!
+//! The container runs the real CPU llama-server of the test stack (the simulated CUDA build installs it) with the
+//! real SmolLM2 model, downloaded by the llmctl binary that provision installed in the container, and the real
+//! `llmctl serve-proxy`; the final smoke test sends a message through both. Needs the test stack
+//! (`eval "$(bash scripts/test-stack.sh)"`): LLMCTL_LLAMA_SERVER and LLMCTL_TEST_MODEL.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
+
+use support::SimHost;
+
+/// Provision runs are heavy on 2 cores (a real llama-server per host): one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn llmctl() -> &'static str {
+    env!("CARGO_BIN_EXE_llmctl")
+}
+
+fn stack_var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: run the tests through scripts/test.sh (it prepares the test stack)"
+        )
+    })
+}
+
+/// A minimal static file server on the test side of the sim's veth (the container reaches it over the sim's
+/// network): what a model host and GitHub's archive endpoint are to a real container.
+struct FileServer {
+    port: u16,
+}
+
+impl FileServer {
+    fn start(addr: &str, dir: PathBuf) -> FileServer {
+        let listener = TcpListener::bind((addr, 0)).expect("bind the file server");
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let dir = dir.clone();
+                std::thread::spawn(move || serve(conn, &dir));
+            }
+        });
+        FileServer { port }
+    }
+}
+
+fn serve(mut conn: TcpStream, dir: &Path) {
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut request = String::new();
+    if reader.read_line(&mut request).is_err() {
+        return;
+    }
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+    }
+    let path = request.split_whitespace().nth(1).unwrap_or("/");
+    let file = dir.join(path.trim_start_matches('/'));
+    match std::fs::read(&file) {
+        Ok(data) if !path.contains("..") => {
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
+                data.len()
+            );
+            let _ = conn.write_all(&data);
+        }
+        _ => {
+            let _ = write!(
+                conn,
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    }
+}
+
+fn sha256_hex(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// A sim host, the files its container downloads, and an llmctl.toml pointing at both.
+struct Bed {
+    sim: SimHost,
+    _files: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+const MODEL_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+impl Bed {
+    fn new(scenario: &str) -> Bed {
+        Self::with_version(scenario, "595.71.05")
+    }
+
+    fn with_version(scenario: &str, version: &str) -> Bed {
+        // The simulated CUDA build installs the test stack's real CPU llama-server.
+        // SAFETY: set before any thread of this test reads the environment; every test sets the same value.
+        unsafe { std::env::set_var("LLMCTL_SIM_LLAMA_SERVER", stack_var("LLMCTL_LLAMA_SERVER")) };
+        let sim = SimHost::start(scenario);
+        let test_side = sim
+            .addr
+            .rsplit_once('.')
+            .map(|(net, _)| format!("{net}.1"))
+            .unwrap();
+        let files = tempfile::tempdir().unwrap();
+        let model = PathBuf::from(stack_var("LLMCTL_TEST_MODEL"));
+        std::fs::copy(&model, files.path().join(MODEL_NAME)).unwrap();
+        // A source archive shaped like GitHub's (one top folder); the simulated CUDA build only needs CMakeLists.txt.
+        let src = files.path().join("llama.cpp-b11434");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(
+            src.join("CMakeLists.txt"),
+            "cmake_minimum_required(VERSION 3.14)\nproject(llama.cpp)\n",
+        )
+        .unwrap();
+        let st = Command::new("tar")
+            .args(["-czf", "llama.cpp-b11434.tar.gz", "llama.cpp-b11434"])
+            .current_dir(files.path())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let server = FileServer::start(&test_side, files.path().to_path_buf());
+        let base = format!("http://{test_side}:{}", server.port);
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("llmctl.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[host]
+target = "{target}"
+vmid = 103
+
+[container]
+cores = 2
+memory_mib = 4096
+
+[driver]
+version = "{version}"
+
+[llama_cpp]
+git_ref = "b11434"
+archive_url = "{base}/llama.cpp-{{ref}}.tar.gz"
+
+[model]
+source = "{base}/{MODEL_NAME}"
+sha256 = "{sha}"
+dest = "/models/smollm2.gguf"
+
+[server]
+context = 32768
+threads = 2
+cache_type_k = "f16"
+cache_type_v = "f16"
+port = 8080
+
+[proxy]
+listen = "0.0.0.0:4000"
+"#,
+                target = sim.target,
+                sha = sha256_hex(&model),
+            ),
+        )
+        .unwrap();
+        Bed {
+            sim,
+            _files: files,
+            dir,
+            config,
+        }
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![
+            "--identity".into(),
+            self.sim.key.display().to_string(),
+            "--known-hosts".into(),
+            self.sim.known_hosts.display().to_string(),
+        ]
+    }
+
+    fn llmctl(&self, cmd: &str, extra: &[&str]) -> Output {
+        let mut c = Command::new(llmctl());
+        c.arg("--config").arg(&self.config).arg(cmd);
+        c.args(self.args()).args(extra).stdin(Stdio::null());
+        c.output().expect("run llmctl")
+    }
+
+    fn provision(&self, extra: &[&str]) -> Output {
+        self.llmctl("provision", extra)
+    }
+
+    fn doctor(&self) -> Output {
+        self.llmctl("doctor", &[])
+    }
+
+    fn set_version(&self, version: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let re = regex::Regex::new(r#"version = "[0-9.]+""#).unwrap();
+        std::fs::write(
+            &self.config,
+            re.replace(&text, format!("version = \"{version}\""))
+                .as_ref(),
+        )
+        .unwrap();
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn assert_ok(o: &Output, what: &str) {
+    assert!(o.status.success(), "{what} failed:\n{}", text(o));
+}
+
+fn assert_healthy(bed: &Bed) {
+    let d = bed.doctor();
+    assert_eq!(
+        d.status.code(),
+        Some(0),
+        "doctor after provision:\n{}",
+        text(&d)
+    );
+    assert!(stdout(&d).contains("\nhealthy"), "{}", text(&d));
+}
+
+#[test]
+fn fresh_host_is_provisioned_and_a_second_run_changes_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let bed = Bed::new("fresh");
+    let before = bed.doctor();
+    assert_eq!(
+        before.status.code(),
+        Some(1),
+        "a fresh host has problems:\n{}",
+        text(&before)
+    );
+
+    let check = bed.provision(&["--check"]);
+    assert_eq!(
+        check.status.code(),
+        Some(1),
+        "--check on a fresh host:\n{}",
+        text(&check)
+    );
+
+    let first = bed.provision(&["--yes"]);
+    assert_ok(&first, "provision of a fresh host");
+    let out = stdout(&first);
+    assert!(out.contains("smoke test: reply"), "{}", text(&first));
+    assert!(out.contains("changed  driver"), "{}", text(&first));
+    assert_healthy(&bed);
+
+    let second = bed.provision(&["--yes"]);
+    assert_ok(&second, "second provision");
+    let out = stdout(&second);
+    assert!(
+        out.contains("0 of 19 steps would change something"),
+        "{}",
+        text(&second)
+    );
+    assert!(out.contains("done: 0 step(s) changed"), "{}", text(&second));
+    let check = bed.provision(&["--check"]);
+    assert_eq!(
+        check.status.code(),
+        Some(0),
+        "--check after provision:\n{}",
+        text(&check)
+    );
+
+    // Nothing secret in the rendered unit, and the key file is root-only.
+    let unit = bed.sim.exec(&[
+        "pct",
+        "exec",
+        "103",
+        "--",
+        "cat",
+        "/etc/systemd/system/llmctl-proxy.service",
+    ]);
+    let unit = String::from_utf8_lossy(&unit.stdout);
+    let key = bed.sim.exec(&[
+        "pct",
+        "exec",
+        "103",
+        "--",
+        "cat",
+        "/etc/llmctl/proxy-api-key",
+    ]);
+    let key = String::from_utf8_lossy(&key.stdout).trim().to_string();
+    assert_eq!(key.len(), 64, "a 256-bit hex key");
+    assert!(
+        !unit.contains(&key),
+        "the key must not be in the unit:\n{unit}"
+    );
+    let mode = bed.sim.exec(&[
+        "pct",
+        "exec",
+        "103",
+        "--",
+        "stat",
+        "-c",
+        "%a",
+        "/etc/llmctl/proxy-api-key",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&mode.stdout).trim(), "600");
+    assert!(
+        !text(&first).contains(&key),
+        "the key must never be printed"
+    );
+}
+
+#[test]
+fn plan_shows_everything_and_changes_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let bed = Bed::new("fresh");
+    let state = |bed: &Bed| std::fs::read_to_string(bed.sim.dir.join("state.json")).unwrap();
+    let before = state(&bed);
+    let plan = bed.provision(&["--plan"]);
+    assert_ok(&plan, "provision --plan");
+    assert_eq!(before, state(&bed), "--plan must not change the host");
+    let out = stdout(&plan);
+    let redacted = redact(&out, &bed);
+    insta::assert_snapshot!("provision_plan_fresh", redacted);
+}
+
+/// Names that differ per run (addresses, ports, temp dirs, this build's sha256) become placeholders.
+fn redact(out: &str, bed: &Bed) -> String {
+    let test_side = bed
+        .sim
+        .addr
+        .rsplit_once('.')
+        .map(|(n, _)| format!("{n}.1"))
+        .unwrap();
+    let mut s = out
+        .replace(&bed.sim.addr, "SIM_HOST")
+        .replace(&test_side, "TEST_SIDE")
+        .replace(&bed.config.display().to_string(), "CONFIG")
+        .replace(&bed.dir.path().display().to_string(), "TMP")
+        .replace(llmctl(), "LLMCTL_BIN");
+    let port = regex::Regex::new(r"TEST_SIDE:\d+").unwrap();
+    s = port.replace_all(&s, "TEST_SIDE:PORT").into_owned();
+    let sha = regex::Regex::new(r"sha256 [0-9a-f]{12}").unwrap();
+    s = sha.replace_all(&s, "sha256 SHA").into_owned();
+    let stamp = regex::Regex::new(r"llmctl-backup/\d{8}-\d{6}").unwrap();
+    stamp.replace_all(&s, "llmctl-backup/STAMP").into_owned()
+}
+
+#[test]
+fn a_driver_change_moves_host_and_container_together_with_a_reboot() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let bed = Bed::new("fresh");
+    assert_ok(&bed.provision(&["--yes"]), "first provision");
+
+    bed.set_version("590.48.01");
+    let stop = bed.provision(&["--yes"]);
+    assert_eq!(
+        stop.status.code(),
+        Some(1),
+        "a module change without --reboot stops:\n{}",
+        text(&stop)
+    );
+    assert!(
+        stdout(&stop).contains("a reboot is needed"),
+        "{}",
+        text(&stop)
+    );
+
+    let go = bed.provision(&["--yes", "--reboot"]);
+    assert_ok(&go, "provision --reboot");
+    assert_healthy(&bed);
+    let libs = bed.sim.exec(&[
+        "pct",
+        "exec",
+        "103",
+        "--",
+        "dpkg-query",
+        "-W",
+        "-f",
+        "${Version}\n",
+        "libcuda1",
+        "libnvidia-ml1",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&libs.stdout),
+        "590.48.01-1\n590.48.01-1\n"
+    );
+    let smi = bed.sim.exec(&[
+        "nvidia-smi",
+        "--query-gpu=driver_version",
+        "--format=csv,noheader",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&smi.stdout).trim(), "590.48.01");
+}
+
+#[test]
+fn a_run_killed_mid_step_completes_when_run_again() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let bed = Bed::new("fresh");
+    let mut child = Command::new(llmctl())
+        .arg("--config")
+        .arg(&bed.config)
+        .arg("provision")
+        .arg("--yes")
+        .args(bed.args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill it in the middle of the container's library installation (after the host's driver went in).
+    let mut err = child.stderr.take().unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = err.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if seen.contains("ct-libs:") && seen[seen.find("ct-libs:").unwrap()..].contains("$ ") {
+            child.kill().unwrap();
+            break;
+        }
+    }
+    let _ = child.wait();
+    assert!(
+        seen.contains("ct-libs:"),
+        "the run never reached ct-libs:\n{seen}"
+    );
+    let again = bed.provision(&["--yes"]);
+    assert_ok(&again, "the run after the interrupted one");
+    assert!(
+        stdout(&again).contains("smoke test: reply"),
+        "{}",
+        text(&again)
+    );
+    assert_healthy(&bed);
+}
+
+/// Broken host states from the doctor's scenarios: provision repairs them, or refuses with the reason.
+#[test]
+fn broken_scenarios_are_repaired() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for scenario in [
+        "container-libs-mismatch",
+        "resolv-immutable",
+        "uvm-missing",
+        "devn-in-snapshot-only",
+        "headers-missing",
+        "services-down",
+        "small-context",
+        "wrong-cuda-arch",
+    ] {
+        let bed = Bed::new(scenario);
+        let run = bed.provision(&["--yes"]);
+        assert_ok(&run, &format!("provision of scenario {scenario}"));
+        let d = bed.doctor();
+        assert_eq!(
+            d.status.code(),
+            Some(0),
+            "{scenario}: doctor after provision:\n{}\n{}",
+            text(&d),
+            text(&run)
+        );
+    }
+}
+
+#[test]
+fn states_that_need_a_reboot_are_repaired_with_reboot() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for scenario in [
+        "nouveau-loaded",
+        "host-libs-upgraded-old-module",
+        "dkms-not-built",
+    ] {
+        let bed = Bed::new(scenario);
+        let run = bed.provision(&["--yes", "--reboot"]);
+        assert_ok(&run, &format!("provision --reboot of scenario {scenario}"));
+        let d = bed.doctor();
+        assert_eq!(
+            d.status.code(),
+            Some(0),
+            "{scenario}: doctor after provision:\n{}\n{}",
+            text(&d),
+            text(&run)
+        );
+    }
+}
+
+#[test]
+fn a_locked_container_is_refused_with_the_reason() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let bed = Bed::new("config-locked");
+    let conf_before = bed.sim.exec(&["cat", "/etc/pve/lxc/103.conf"]).stdout;
+    let run = bed.provision(&["--yes"]);
+    assert_eq!(run.status.code(), Some(1), "{}", text(&run));
+    assert!(
+        stdout(&run).contains("is locked (backup)"),
+        "{}",
+        text(&run)
+    );
+    assert!(stdout(&run).contains("pct unlock 103"), "{}", text(&run));
+    assert_eq!(
+        bed.sim.exec(&["cat", "/etc/pve/lxc/103.conf"]).stdout,
+        conf_before
+    );
+}
