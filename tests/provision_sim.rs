@@ -209,6 +209,16 @@ listen = "0.0.0.0:4000"
         self.llmctl("doctor", &[])
     }
 
+    /// Adds a line to the `[container]` section.
+    fn container_option(&self, line: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        std::fs::write(
+            &self.config,
+            text.replace("[container]\n", &format!("[container]\n{line}\n")),
+        )
+        .unwrap();
+    }
+
     fn set_version(&self, version: &str) {
         let text = std::fs::read_to_string(&self.config).unwrap();
         let re = regex::Regex::new(r#"version = "[0-9.]+""#).unwrap();
@@ -364,7 +374,7 @@ fn redact(out: &str, bed: &Bed) -> String {
         .replace(llmctl(), "LLMCTL_BIN");
     let port = regex::Regex::new(r"TEST_SIDE:\d+").unwrap();
     s = port.replace_all(&s, "TEST_SIDE:PORT").into_owned();
-    let sha = regex::Regex::new(r"sha256 [0-9a-f]{12}").unwrap();
+    let sha = regex::Regex::new(r"sha256 [0-9a-f]{12,64}").unwrap();
     s = sha.replace_all(&s, "sha256 SHA").into_owned();
     let stamp = regex::Regex::new(r"llmctl-backup/\d{8}-\d{6}").unwrap();
     stamp.replace_all(&s, "llmctl-backup/STAMP").into_owned()
@@ -529,4 +539,30 @@ fn a_locked_container_is_refused_with_the_reason() {
         bed.sim.exec(&["cat", "/etc/pve/lxc/103.conf"]).stdout,
         conf_before
     );
+}
+
+#[test]
+fn a_missing_container_is_created_unprivileged_and_provisioned() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let bed = Bed::new("no-container");
+    bed.container_option("unprivileged = true");
+    let run = bed.provision(&["--yes"]);
+    assert_ok(&run, "provision of a host without the container");
+    assert!(
+        stdout(&run).contains("changed  container"),
+        "{}",
+        text(&run)
+    );
+    assert!(stdout(&run).contains("smoke test: reply"), "{}", text(&run));
+    let conf = bed.sim.exec(&["cat", "/etc/pve/lxc/103.conf"]);
+    let conf = String::from_utf8_lossy(&conf.stdout);
+    for line in [
+        "unprivileged: 1",
+        "features: nesting=1",
+        "dev0: /dev/nvidia0,gid=44",
+        "dev3: /dev/nvidia-uvm-tools,gid=44",
+    ] {
+        assert!(conf.contains(line), "{line:?} missing from:\n{conf}");
+    }
+    assert_healthy(&bed);
 }

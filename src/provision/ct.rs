@@ -672,7 +672,7 @@ impl Step<Ctx> for Llama {
         if let Err(c) = inside(f, "build llama.cpp", vmid) {
             return Ok(c);
         }
-        if f.gpus.is_empty() && f.module.is_none() {
+        if f.gpus.is_empty() {
             // Planning before the driver runs: the architecture is read from the GPU once it does.
             return Ok(Check::Changes(vec![Action::Note {
                 on: Target::Container(vmid),

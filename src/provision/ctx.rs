@@ -134,6 +134,13 @@ impl Ctx {
     pub fn write_host_file(&self, path: &str, data: &[u8], mode: u32) -> Result<()> {
         let backup = format!("{BACKUP_DIR}/{}/host{path}", self.stamp);
         backup_then(self.host.as_ref(), path, &backup)?;
+        if let Some((dir, _)) = path.rsplit_once('/')
+            && !dir.is_empty()
+        {
+            let cmd = Cmd::new(["mkdir", "-p", "--", dir]);
+            let out = self.host.run(&cmd)?;
+            ensure_ok(&format!("on {}", self.host.describe()), &cmd, out)?;
+        }
         self.host.write_file(path, data, mode)
     }
 
