@@ -477,6 +477,8 @@ fn a_run_killed_mid_step_completes_when_run_again() {
 fn broken_scenarios_are_repaired() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     for scenario in [
+        "bare",
+        "cgroup-major-mismatch",
         "container-libs-mismatch",
         "resolv-immutable",
         "uvm-missing",
@@ -565,4 +567,51 @@ fn a_missing_container_is_created_unprivileged_and_provisioned() {
         assert!(conf.contains(line), "{line:?} missing from:\n{conf}");
     }
     assert_healthy(&bed);
+}
+
+#[test]
+fn a_host_that_is_not_proxmox_is_a_readable_error() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let bed = Bed::new("not-proxmox");
+    let run = bed.provision(&["--yes"]);
+    assert_eq!(run.status.code(), Some(2), "{}", text(&run));
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("is not a Proxmox VE host"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_offload_is_planned_from_the_model_and_the_gpu() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let bed = Bed::new("fresh");
+    assert_ok(&bed.provision(&["--yes"]), "provision");
+    let unit = bed.sim.exec(&[
+        "pct",
+        "exec",
+        "103",
+        "--",
+        "cat",
+        "/etc/systemd/system/llama-server.service",
+    ]);
+    let unit = String::from_utf8_lossy(&unit.stdout);
+    // SmolLM2-135M (30 layers) fits a 24 GB RTX 4090 entirely: every layer and the output on the GPU.
+    assert!(unit.contains(" -ngl 31 "), "{unit}");
+    // A GPU and container too small for the configured context: refused with the planner's reason.
+    let text_cfg = std::fs::read_to_string(&bed.config).unwrap();
+    std::fs::write(
+        &bed.config,
+        text_cfg.replace("memory_mib = 4096", "memory_mib = 300"),
+    )
+    .unwrap();
+    bed.sim.exec(&[
+        "sh",
+        "-c",
+        "sed -i 's/\"memory_mib\": 24564/\"memory_mib\": 200/' /run/llmctl-sim/*/state.json",
+    ]);
+    let run = bed.provision(&["--yes"]);
+    assert_eq!(run.status.code(), Some(1), "{}", text(&run));
+    assert!(stdout(&run).contains("does not fit"), "{}", text(&run));
 }

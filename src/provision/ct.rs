@@ -13,7 +13,7 @@ use super::step::{Action, Check, Step, Target};
 use super::units;
 use crate::doctor::facts::{CtStatus, HostFacts, InsideFacts};
 use crate::pve::lxc::{self, LxcConfig};
-use crate::transport::Cmd;
+use crate::transport::{Cmd, Transport as _};
 
 /// The user-space packages a container needs: no kernel module, no DKMS.
 pub const CT_LIB_PACKAGES: &[&str] = &["nvidia-driver-cuda", "libcuda1", "libnvidia-ml1"];
@@ -944,13 +944,9 @@ pub const PROXY_SERVICE: Service = Service {
 };
 
 impl Service {
-    fn render(&self, ctx: &Ctx) -> Result<String> {
+    fn render(&self, ctx: &Ctx, offload: units::Offload) -> Result<String> {
         if self.unit == "llama-server" {
-            units::render_llama_server_unit(
-                &ctx.cfg,
-                units::Offload::from_config(&ctx.cfg),
-                &ctx.config_path,
-            )
+            units::render_llama_server_unit(&ctx.cfg, offload, &ctx.config_path)
         } else {
             units::render_proxy_unit(&ctx.cfg, &ctx.config_path)
         }
@@ -973,6 +969,50 @@ impl Service {
 }
 
 impl Service {
+    /// llama-server's offload. `gpu_layers = "auto"`: planned from the model file (its GGUF header, in the
+    /// container) and the GPUs' real memory with `llmctl model plan`; a context that cannot fit is refused with the
+    /// planner's reason. Before the model is there (a plan on a fresh host) llama-server's own `auto` stands in.
+    fn offload(&self, ctx: &mut Ctx) -> Result<std::result::Result<units::Offload, Check>> {
+        let fixed = units::Offload::from_config(&ctx.cfg);
+        if self.unit != "llama-server"
+            || ctx.cfg.server.gpu_layers != super::config::GpuLayers::Auto
+        {
+            return Ok(Ok(fixed));
+        }
+        let vram: u64 = ctx
+            .facts()?
+            .gpus
+            .iter()
+            .filter_map(|g| g.memory_total_mib)
+            .sum();
+        if vram == 0 {
+            return Ok(Ok(fixed));
+        }
+        let s = ctx.cfg.server.clone();
+        let present = ctx
+            .ct_probe(&["test", "-f", &ctx.cfg.model.dest])?
+            .is_some();
+        if !present {
+            return Ok(Ok(fixed));
+        }
+        let cache = match s.cache_type_k.as_str() {
+            c @ ("f16" | "q8_0" | "q4_0") => c.to_string(),
+            _ => "q8_0".to_string(),
+        };
+        let argv = plan_argv(&ctx.cfg, vram, &cache);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let out = ctx
+            .ct()
+            .run(&Cmd::new(argv).timeout(Duration::from_secs(120)))?;
+        if !out.success() {
+            return Ok(Err(Check::Refused(format!(
+                "the offload planner refuses this setup: {}",
+                out.stderr.trim().trim_start_matches("error: ")
+            ))));
+        }
+        Ok(Ok(offload_from_plan(&out.stdout)?))
+    }
+
     /// Waits for the health endpoint (loading a large model takes minutes; the unit allows 15), but gives up at
     /// once when systemd has restarted the service twice: a crash loop never turns healthy, and its journal says why.
     fn wait_healthy(&self, ctx: &Ctx) -> Result<()> {
@@ -1034,7 +1074,11 @@ impl Step<Ctx> for Service {
                 return Ok(c);
             }
         }
-        let new = self.render(ctx)?;
+        let offload = match self.offload(ctx)? {
+            Ok(o) => o,
+            Err(refused) => return Ok(refused),
+        };
+        let new = self.render(ctx, offload)?;
         let old = ctx.ct_probe(&["cat", self.path])?;
         let mut actions = Vec::new();
         if self.unit == "llmctl-proxy"
@@ -1118,6 +1162,43 @@ impl Step<Ctx> for Service {
     }
 }
 
+/// `llmctl model plan` for the configured model, context, cache and batch on `vram_mib` of GPU memory, with the
+/// container's memory as the RAM budget.
+pub fn plan_argv(cfg: &super::config::ProvisionConfig, vram_mib: u64, cache: &str) -> Vec<String> {
+    vec![
+        units::LLMCTL_BIN.into(),
+        "model".into(),
+        "plan".into(),
+        cfg.model.dest.clone(),
+        "--vram".into(),
+        vram_mib.to_string(),
+        "--ram".into(),
+        cfg.container.memory_mib.to_string(),
+        "--ctx".into(),
+        cfg.server.context.to_string(),
+        "--cache-type".into(),
+        cache.into(),
+        "--ubatch".into(),
+        cfg.server.ubatch.to_string(),
+        "--json".into(),
+    ]
+}
+
+/// The chosen offload of `llmctl model plan --json`.
+pub fn offload_from_plan(json: &str) -> Result<units::Offload> {
+    let v: serde_json::Value =
+        serde_json::from_str(json).context("llmctl model plan printed no JSON")?;
+    let chosen = &v["chosen"];
+    let ngl = chosen["ngl"]
+        .as_u64()
+        .context("llmctl model plan: no chosen.ngl")?;
+    let moe = chosen["n_cpu_moe"].as_u64().unwrap_or(0);
+    Ok(units::Offload {
+        gpu_layers: units::GpuLayersArg::Count(u32::try_from(ngl).unwrap_or(u32::MAX)),
+        n_cpu_moe: (moe > 0).then(|| u32::try_from(moe).unwrap_or(u32::MAX)),
+    })
+}
+
 /// 32 random bytes from the OS, hex: the proxy's API key.
 pub fn new_api_key() -> Result<String> {
     use std::io::Read;
@@ -1177,6 +1258,19 @@ mod tests {
             "arch: amd64\nlxc.cgroup2.devices.allow: c 226:* rwm\nlxc.mount.entry: /dev/dri dev/dri none bind,optional,create=dir\n\n[snap]\nlxc.cgroup2.devices.allow: c 195:* rwm\n"
         );
         assert_eq!(removed.len(), 3);
+    }
+
+    #[test]
+    fn the_planner_decides_the_offload() {
+        let o = offload_from_plan(
+            r#"{"chosen":{"strategy":{"kind":"experts_on_cpu"},"ngl":31,"n_cpu_moe":18}}"#,
+        )
+        .unwrap();
+        assert_eq!(o.gpu_layers, units::GpuLayersArg::Count(31));
+        assert_eq!(o.n_cpu_moe, Some(18));
+        let o = offload_from_plan(r#"{"chosen":{"ngl":12,"n_cpu_moe":0}}"#).unwrap();
+        assert_eq!(o.n_cpu_moe, None);
+        assert!(offload_from_plan("not json").is_err());
     }
 
     #[test]

@@ -380,6 +380,53 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_selects_steps_in_run_order_with_the_inventory_first() {
+        let ids = |only: &[&str]| -> Vec<&'static str> {
+            let only: Vec<String> = only.iter().map(|s| s.to_string()).collect();
+            select_steps(all_steps(), &only)
+                .unwrap()
+                .iter()
+                .map(|s| s.id())
+                .collect()
+        };
+        assert_eq!(ids(&[]).len(), 19);
+        assert_eq!(
+            ids(&["llama-service", "nouveau"]),
+            ["inventory", "nouveau", "llama-service"]
+        );
+        assert_eq!(
+            ids(&["driver"]),
+            ["inventory", "repo", "driver", "dkms", "module"]
+        );
+        let err = match select_steps(all_steps(), &["drivers".to_string()]) {
+            Ok(_) => panic!("an unknown step must be an error"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("--only drivers: no such step") && err.contains("devices-at-boot"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn step_ids_are_unique_and_doctor_names_only_real_steps() {
+        let ids: Vec<&str> = all_steps().iter().map(|s| s.id()).collect();
+        let mut sorted = ids.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), ids.len());
+        let doctor = include_str!("../doctor/checks.rs");
+        for (i, _) in doctor.match_indices("Fix::Provision(\"") {
+            let rest = &doctor[i + "Fix::Provision(\"".len()..];
+            let name = &rest[..rest.find('"').unwrap()];
+            assert!(
+                name == "driver" || ids.contains(&name),
+                "doctor names unknown step {name}"
+            );
+        }
+    }
+
+    #[test]
     fn init_refuses_to_overwrite_and_backs_up_with_force() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("llmctl.toml");

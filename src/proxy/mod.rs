@@ -111,15 +111,29 @@ pub fn run(global: &GlobalArgs, args: Box<ServeProxyArgs>) -> Result<Outcome> {
             );
         }
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // The main thread accepts connections and handles signals; each connection is then served entirely by
+    // one of `threads` serving threads, each with its own single-threaded runtime and upstream client. A
+    // request's every step (client socket, translation, upstream socket) stays on one thread: no cross-thread
+    // wake-up per read or write, which is what a work-stealing runtime pays on each hop.
+    let threads = serving_threads();
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(settings))?;
+    runtime.block_on(serve(settings, threads))?;
     Ok(Outcome::Success)
 }
 
-async fn serve(settings: Settings) -> Result<()> {
+/// One serving thread per CPU, or TOKIO_WORKER_THREADS (the variable tokio's own runtime reads).
+fn serving_threads() -> usize {
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+async fn serve(settings: Settings, threads: usize) -> Result<()> {
     // Before listening: a SIGTERM that arrives as soon as the port is open must already mean "shut down".
     let stop_signal = shutdown_signal()?;
     let upstream = upstream::Upstream::new(
@@ -128,6 +142,7 @@ async fn serve(settings: Settings) -> Result<()> {
         settings.model.as_deref(),
         settings.connect_timeout,
         settings.first_byte_timeout,
+        threads,
     )?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
@@ -151,30 +166,160 @@ async fn serve(settings: Settings) -> Result<()> {
     }
     let app = server::router(state.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut stopped = stop_rx.clone();
-    // No Nagle delay: an SSE event is a small write that must leave at once, not wait for the client's ACK.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = stopped.wait_for(|s| *s).await;
-    });
-    let mut server = std::pin::pin!(server.into_future());
-    tokio::select! {
-        r = &mut server => return r.context("the proxy server failed"),
-        () = stop_signal => {}
+    let local = listener.local_addr()?;
+    let mut pool = ServingThreads::start(threads, local, &app, &stop_rx)?;
+    let mut stop_signal = std::pin::pin!(stop_signal);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => pool.hand_over(tcp),
+                Err(e) => accept_error(e).await,
+            },
+            failed = pool.any_ended() => return failed,
+            () = &mut stop_signal => break,
+        }
     }
+    drop(listener);
     let _ = stop_tx.send(true);
     let in_flight = state.metrics.in_flight();
     tracing::info!(in_flight, grace_secs = grace.as_secs_f64(), "shutting down");
-    match tokio::time::timeout(grace, &mut server).await {
-        Ok(r) => r.context("the proxy server failed")?,
+    match tokio::time::timeout(grace, pool.all_ended()).await {
+        Ok(r) => r?,
         Err(_) => tracing::warn!(
             in_flight = state.metrics.in_flight(),
             "in-flight requests did not finish within the grace period; closing them"
         ),
     }
     Ok(())
+}
+
+/// A connection the listener could not accept: one that the client already gave up is skipped; anything
+/// else (out of file descriptors) is logged and retried a second later, as axum's own listener does.
+async fn accept_error(e: std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!("accept failed: {e}; retrying in 1s");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+}
+
+/// The serving threads: each runs axum on a single-threaded runtime, fed accepted connections through a
+/// channel, round robin.
+struct ServingThreads {
+    feeds: Vec<tokio::sync::mpsc::UnboundedSender<std::net::TcpStream>>,
+    next: usize,
+    ended: tokio::task::JoinSet<Result<()>>,
+}
+
+impl ServingThreads {
+    fn start(
+        threads: usize,
+        local: std::net::SocketAddr,
+        app: &axum::Router,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Self> {
+        let mut feeds = Vec::with_capacity(threads);
+        let mut ended = tokio::task::JoinSet::new();
+        for index in 0..threads {
+            let (feed, connections) = tokio::sync::mpsc::unbounded_channel();
+            let (done, finished) = tokio::sync::oneshot::channel();
+            let (app, mut stop) = (app.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name(format!("serve-{index}"))
+                .spawn(move || {
+                    upstream::set_serving_thread(index);
+                    let served = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .context("cannot start the async runtime")
+                        .and_then(|rt| {
+                            rt.block_on(async move {
+                                let listener = Handed { connections, local };
+                                axum::serve(listener, app)
+                                    .with_graceful_shutdown(async move {
+                                        let _ = stop.wait_for(|s| *s).await;
+                                    })
+                                    .await
+                                    .context("the proxy server failed")
+                            })
+                        });
+                    let _ = done.send(served);
+                })
+                .context("cannot start a serving thread")?;
+            feeds.push(feed);
+            ended.spawn(async move {
+                finished
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a serving thread panicked")))
+            });
+        }
+        Ok(ServingThreads {
+            feeds,
+            next: 0,
+            ended,
+        })
+    }
+
+    fn hand_over(&mut self, tcp: tokio::net::TcpStream) {
+        // No Nagle delay: an SSE event is a small write that must leave at once, not wait for the client's
+        // ACK.
+        let _ = tcp.set_nodelay(true);
+        // Deregistered from this thread's poller; the serving thread registers it with its own.
+        let Ok(tcp) = tcp.into_std() else { return };
+        let feed = &self.feeds[self.next];
+        self.next = (self.next + 1) % self.feeds.len();
+        let _ = feed.send(tcp);
+    }
+
+    /// Resolves only if a serving thread stopped before shutdown: that is a failure.
+    async fn any_ended(&mut self) -> Result<()> {
+        match self.ended.join_next().await {
+            Some(Ok(Err(e))) => Err(e),
+            Some(_) => Err(anyhow::anyhow!("a serving thread stopped unexpectedly")),
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn all_ended(&mut self) -> Result<()> {
+        while let Some(r) = self.ended.join_next().await {
+            r.context("a serving thread panicked")??;
+        }
+        Ok(())
+    }
+}
+
+/// The listener a serving thread's axum sees: the connections the accepting thread hands over.
+struct Handed {
+    connections: tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>,
+    local: std::net::SocketAddr,
+}
+
+impl axum::serve::Listener for Handed {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Some(tcp) = self.connections.recv().await else {
+                // The accepting thread is gone: only shutdown is left, which stops this server.
+                return std::future::pending().await;
+            };
+            let peer = tcp.peer_addr();
+            match (tokio::net::TcpStream::from_std(tcp), peer) {
+                (Ok(tcp), Ok(peer)) => return (tcp, peer),
+                // The client hung up in between, or the socket could not be registered: drop it.
+                _ => continue,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
 }
 
 /// SIGTERM or SIGINT. The handlers are registered when this is called, not when it is first awaited.

@@ -2,6 +2,7 @@
 //! serves (discovered from `GET /v1/models` unless configured), and every failure classified so the client
 //! gets the right Anthropic error: unreachable → 529, slow first byte → 504, a refusal → its status mapped.
 
+use std::cell::Cell;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -66,34 +67,65 @@ pub struct UpstreamModel {
 }
 
 pub struct Upstream {
-    client: reqwest::Client,
+    /// One HTTP client (and so one keep-alive pool) per serving thread, plus one for every other thread: a
+    /// request then reuses a connection driven by its own thread, never one whose I/O another thread polls
+    /// (a cross-thread wake-up on every read and write). See [`set_serving_thread`].
+    clients: Vec<reqwest::Client>,
     base: String,
     chat_url: String,
+    /// `chat_url` parsed once: reqwest would otherwise parse (and IDNA-map) the string on every request.
+    /// `None` when it does not parse; each request then reports that, as before.
+    chat_url_parsed: Option<reqwest::Url>,
     auth: Option<HeaderValue>,
     first_byte_timeout: Duration,
     fixed_model: Option<Arc<str>>,
     discovered: RwLock<Option<Served>>,
 }
 
+thread_local! {
+    static SERVING_THREAD: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Marks the current thread as serving thread `index` (0-based, below the `threads` given to
+/// [`Upstream::new`]): its requests use their own client.
+pub fn set_serving_thread(index: usize) {
+    SERVING_THREAD.with(|c| c.set(Some(index)));
+}
+
 impl Upstream {
+    /// `threads`: how many serving threads will call [`set_serving_thread`] (0 when none do).
     pub fn new(
         base: &str,
         api_key: Option<&str>,
         model: Option<&str>,
         connect_timeout: Duration,
         first_byte_timeout: Duration,
+        threads: usize,
     ) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(connect_timeout)
-            .tcp_nodelay(true)
-            // llama-server closes idle keep-alive connections after 5 s; dropping ours first avoids sending
-            // a request down a connection the server is closing at that moment (a spurious failure).
-            .pool_idle_timeout(Duration::from_secs(4))
-            // The upstream is named explicitly: HTTP(S)_PROXY variables meant for the internet must not
-            // reroute it.
-            .no_proxy()
+        // What reqwest's default native-tls backend would build for each client (system roots, SNI, ALPN
+        // h2 + http/1.1), built once: loading the CA store costs ~0.1 s and ~1 MB per copy.
+        let tls = native_tls::TlsConnector::builder()
+            .request_alpns(&["h2", "http/1.1"])
             .build()
-            .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("cannot set up TLS for the upstream: {e}"))?;
+        let build = || {
+            reqwest::Client::builder()
+                .tls_backend_preconfigured(tls.clone())
+                .connect_timeout(connect_timeout)
+                .tcp_nodelay(true)
+                // llama-server closes idle keep-alive connections after 5 s; dropping ours first avoids
+                // sending a request down a connection the server is closing at that moment (a spurious
+                // failure).
+                .pool_idle_timeout(Duration::from_secs(4))
+                // The upstream is named explicitly: HTTP(S)_PROXY variables meant for the internet must not
+                // reroute it.
+                .no_proxy()
+                .build()
+                .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))
+        };
+        let clients = (0..=threads)
+            .map(|_| build())
+            .collect::<anyhow::Result<_>>()?;
         let auth = match api_key {
             Some(k) => {
                 let mut v = HeaderValue::from_str(&format!("Bearer {k}")).map_err(|_| {
@@ -106,10 +138,13 @@ impl Upstream {
             }
             None => None,
         };
+        let chat_url = format!("{base}/v1/chat/completions");
+        let chat_url_parsed = reqwest::Url::parse(&chat_url).ok();
         Ok(Upstream {
-            client,
+            clients,
             base: base.to_string(),
-            chat_url: format!("{base}/v1/chat/completions"),
+            chat_url,
+            chat_url_parsed,
             auth,
             first_byte_timeout,
             fixed_model: model.map(Arc::from),
@@ -117,12 +152,23 @@ impl Upstream {
         })
     }
 
+    /// This thread's client: its own on a serving thread, the shared last one elsewhere.
+    fn client(&self) -> &reqwest::Client {
+        let last = self.clients.len() - 1;
+        let i = SERVING_THREAD.with(Cell::get).map_or(last, |i| i.min(last));
+        &self.clients[i]
+    }
+
     pub fn base(&self) -> &str {
         &self.base
     }
 
-    fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
-        let mut rb = self.client.request(method, url);
+    fn request<U: reqwest::IntoUrl>(
+        &self,
+        method: reqwest::Method,
+        url: U,
+    ) -> reqwest::RequestBuilder {
+        let mut rb = self.client().request(method, url);
         if let Some(a) = &self.auth {
             rb = rb.header(header::AUTHORIZATION, a.clone());
         }
@@ -132,8 +178,11 @@ impl Upstream {
     /// Starts a streaming chat completion. Returns once the upstream sent its response headers with a 2xx
     /// status; the body is the event stream.
     pub async fn start_chat(&self, body: Vec<u8>) -> Result<reqwest::Response, UpstreamError> {
-        let send = self
-            .request(reqwest::Method::POST, &self.chat_url)
+        let rb = match &self.chat_url_parsed {
+            Some(url) => self.request(reqwest::Method::POST, url.clone()),
+            None => self.request(reqwest::Method::POST, self.chat_url.as_str()),
+        };
+        let send = rb
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::ACCEPT, "text/event-stream")
             .body(body)
