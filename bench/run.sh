@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # The one command behind docs/performance.md: installs the peers (bench/peers.sh) and the real test stack
-# (scripts/test-stack.sh), builds the proxy benchmark, then runs it inside a private network namespace with
-# only loopback, so that no peer (LiteLLM fetches a price list, claude-code-router checks for updates) can send
-# anything off the machine; and in its own PID namespace, so every signal the bench sends stays among the
-# processes it started. Set LLMCTL_BIN to an llmctl binary to include llmctl (its serve-proxy arguments in
-# LLMCTL_PROXY_ARGS); BENCH_SECS, BENCH_ONLY, BENCH_OUT as described in bench/proxy/main.rs.
+# (scripts/test-stack.sh), builds llmctl in release mode and the proxy benchmark, then runs it inside a private
+# network namespace with only loopback, so that no peer (LiteLLM fetches a price list, claude-code-router checks
+# for updates) can send anything off the machine; and in its own PID namespace, so every signal the bench sends
+# stays among the processes it started. llmctl is measured from target/release/llmctl unless LLMCTL_BIN names
+# another binary (its serve-proxy arguments in LLMCTL_PROXY_ARGS); BENCH_SECS, BENCH_ONLY, BENCH_OUT as
+# described in bench/proxy/main.rs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(bash bench/peers.sh)"
 eval "$(bash scripts/test-stack.sh)"
+if [ -z "${LLMCTL_BIN:-}" ]; then
+  cargo build --release --bin llmctl
+  LLMCTL_BIN=$PWD/target/release/llmctl
+fi
+export LLMCTL_BIN
 cargo bench --bench proxy --no-run
 if [ "$(id -u)" = 0 ] && command -v unshare >/dev/null && command -v ip >/dev/null; then
   exec unshare --net --pid --fork --mount-proc bash -c 'ip link set lo up && exec cargo bench --offline --bench proxy'

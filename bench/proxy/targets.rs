@@ -159,14 +159,36 @@ pub fn llmctl(bin: &Path, port: u16, upstream: SocketAddr) -> Result<Proc> {
 }
 
 /// LiteLLM's proxy with one model routed to the upstream as an OpenAI-compatible provider; clients use its
-/// Anthropic `/v1/messages` endpoint. No database, no master key, one worker, no network beyond loopback.
+/// Anthropic `/v1/messages` endpoint. No database, no network beyond loopback, and the settings of LiteLLM's
+/// production guide (docs.litellm.ai/docs/proxy/prod): debug logging off, JSON logs, LITELLM_LOG=ERROR,
+/// request_timeout 600, one worker per CPU. Retries, cooldowns and allowed_fails keep their defaults.
+///
+/// `use_chat_completions_url_for_anthropic_messages`: LiteLLM translates /v1/messages for an `openai/` deployment
+/// into the OpenAI *Responses* API (`POST {api_base}/responses`), which llama-server-style upstreams (and the
+/// bench's) do not serve: every request failed with 404, and its router then put the only deployment in cooldown
+/// ("No deployments available"). This documented opt-out sends them to /v1/chat/completions, as the other proxies
+/// do (litellm/llms/anthropic/pass_through/messages/handler.py, `_should_route_to_responses_api`).
 pub fn litellm(bin: &Path, version: &str, port: u16, upstream: SocketAddr) -> Result<Proc> {
     let dir = tempfile::tempdir()?;
-    let config = format!(
-        "model_list:\n  - model_name: bench\n    litellm_params:\n      model: openai/bench\n      api_base: http://{upstream}/v1\n      api_key: {key}\nlitellm_settings:\n  drop_params: true\n  telemetry: false\n",
-        key = crate::env::API_KEY
-    );
+    let config = [
+        "model_list:".to_string(),
+        "  - model_name: bench".into(),
+        "    litellm_params:".into(),
+        "      model: openai/bench".into(),
+        format!("      api_base: http://{upstream}/v1"),
+        format!("      api_key: {}", crate::env::API_KEY),
+        "litellm_settings:".into(),
+        "  drop_params: true".into(),
+        "  telemetry: false".into(),
+        "  set_verbose: false".into(),
+        "  json_logs: true".into(),
+        "  request_timeout: 600".into(),
+        "  use_chat_completions_url_for_anthropic_messages: true".into(),
+        String::new(),
+    ]
+    .join("\n");
     std::fs::write(dir.path().join("config.yaml"), config)?;
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut cmd = Command::new(bin);
     cmd.args([
         "--config",
@@ -176,7 +198,7 @@ pub fn litellm(bin: &Path, version: &str, port: u16, upstream: SocketAddr) -> Re
         "--port",
         &port.to_string(),
         "--num_workers",
-        "1",
+        &workers.to_string(),
     ])
     // It would otherwise fetch its model price list from GitHub at startup.
     .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
