@@ -130,6 +130,15 @@ pub struct ChatChunk {
     /// llama.cpp's per-chunk timing block (`cache_n`, `prompt_n`, `predicted_n`).
     #[serde(default)]
     pub timings: Option<Timings>,
+    /// A failure reported after the 200 (`data: {"error": {...}}`), as sent: `Some(Null)` for
+    /// `"error": null`, `None` only when the member is absent.
+    #[serde(default, deserialize_with = "present")]
+    pub error: Option<Value>,
+}
+
+/// Any value, `null` included, as `Some`: tells a member that is present from one that is absent.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 #[derive(Debug, Default, Deserialize)]

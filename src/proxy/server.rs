@@ -23,6 +23,7 @@ use super::accumulate::MessageAccumulator;
 use super::config::Settings;
 use super::error::{ErrorType, ProxyError, from_upstream_stream_error};
 use super::metrics::{Metrics, RequestRecord};
+use super::openai::ChatChunk;
 use super::sse::SseParser;
 use super::stream::{Event, StreamTranslator, Usage};
 use super::translate::{TranslateOptions, translate_for_count, translate_request};
@@ -707,6 +708,17 @@ impl Pump {
             self.end();
             return;
         }
+        // Straight into the typed chunk, the common case. What that cannot take (not JSON, an unexpected
+        // shape) goes the general way below, which tells those apart.
+        if let Ok(chunk) = serde_json::from_str::<ChatChunk>(data) {
+            if let Some(err) = &chunk.error {
+                let e = from_upstream_stream_error(err, &self.upstream_url);
+                return self.fail(e, out);
+            }
+            out.extend(self.translator.on_parsed(chunk));
+            self.end_if_stopped(out);
+            return;
+        }
         let chunk: Value = match serde_json::from_str(data) {
             Ok(v) => v,
             Err(e) => {
@@ -725,6 +737,10 @@ impl Pump {
             return self.fail(e, out);
         }
         out.extend(self.translator.on_chunk(&chunk));
+        self.end_if_stopped(out);
+    }
+
+    fn end_if_stopped(&mut self, out: &mut Vec<Event>) {
         if self.translator.is_done() {
             // A stop sequence matched: finish now and hang up, which stops the upstream's generation.
             out.extend(self.translator.finish());

@@ -5,6 +5,29 @@
 //! arrive in one chunk from some servers) but never unbounded: a line longer than `max_line_bytes` is an
 //! error rather than a way to exhaust memory.
 
+/// Index of the first `\n` or `\r` in `buf[from..]`, eight bytes at a time: event lines are long (a chunk's
+/// JSON), so this scan is most of the parser's work.
+fn find_line_break(buf: &[u8], from: usize) -> Option<usize> {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    // Bit 7 of each byte of the result is set where `word` had a zero byte, exact up to the first one.
+    let zero_bytes = |word: u64| word.wrapping_sub(ONES) & !word & HIGHS;
+    let mut i = from;
+    while let Some(eight) = buf.get(i..i + 8) {
+        let word = u64::from_le_bytes(eight.try_into().expect("eight bytes"));
+        let found = zero_bytes(word ^ (ONES * u64::from(b'\n')))
+            | zero_bytes(word ^ (ONES * u64::from(b'\r')));
+        if found != 0 {
+            return Some(i + found.trailing_zeros() as usize / 8);
+        }
+        i += 8;
+    }
+    buf[i.min(buf.len())..]
+        .iter()
+        .position(|&b| b == b'\n' || b == b'\r')
+        .map(|p| i + p)
+}
+
 /// One dispatched event: its `event:` name (none for the default "message" type) and its joined `data:` lines.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SseEvent {
@@ -65,37 +88,39 @@ impl SseParser {
                 chunk = rest;
             }
         }
-        self.buf.extend_from_slice(chunk);
+        // The buffer is taken out while its lines are handled, so they are read in place (no copy per line).
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.extend_from_slice(chunk);
         let mut start = 0;
-        let mut i = self.scanned.max(start);
-        while i < self.buf.len() {
-            let b = self.buf[i];
-            if b == b'\n' || b == b'\r' {
-                let line_end = i;
-                let mut next = i + 1;
-                if b == b'\r' {
-                    if next < self.buf.len() {
-                        if self.buf[next] == b'\n' {
-                            next += 1;
-                        }
-                    } else {
-                        self.pending_cr = true;
+        let mut i = self.scanned;
+        let mut failed = None;
+        while let Some(line_end) = find_line_break(&buf, i) {
+            let mut next = line_end + 1;
+            if buf[line_end] == b'\r' {
+                if next < buf.len() {
+                    if buf[next] == b'\n' {
+                        next += 1;
                     }
+                } else {
+                    self.pending_cr = true;
                 }
-                let line = std::str::from_utf8(&self.buf[start..line_end])
-                    .map_err(|_| SseError::InvalidUtf8)?
-                    .to_owned();
-                if let Some(ev) = self.on_line(&line) {
-                    events.push(ev);
-                }
-                start = next;
-                i = next;
-            } else {
-                i += 1;
             }
+            let Ok(line) = std::str::from_utf8(&buf[start..line_end]) else {
+                failed = Some(SseError::InvalidUtf8);
+                break;
+            };
+            if let Some(ev) = self.on_line(line) {
+                events.push(ev);
+            }
+            start = next;
+            i = next;
         }
-        self.buf.drain(..start);
+        buf.drain(..start);
+        self.buf = buf;
         self.scanned = self.buf.len();
+        if let Some(e) = failed {
+            return Err(e);
+        }
         if self.buf.len() > self.max_line_bytes {
             return Err(SseError::LineTooLong(self.max_line_bytes));
         }
@@ -170,6 +195,27 @@ mod tests {
 
     const STREAM: &str =
         "data: {\"a\":1}\n\n: keep-alive\n\nevent: error\ndata: {\"b\":\"é€\"}\n\ndata: [DONE]\n\n";
+
+    #[test]
+    fn line_breaks_are_found_at_every_offset() {
+        for len in 0..40 {
+            for at in 0..len {
+                for brk in [b'\n', b'\r'] {
+                    let mut buf = vec![b'x'; len];
+                    buf[at] = brk;
+                    for from in 0..=at {
+                        assert_eq!(find_line_break(&buf, from), Some(at), "{len} {at} {from}");
+                    }
+                    assert_eq!(find_line_break(&buf, at + 1), None);
+                }
+            }
+            assert_eq!(
+                find_line_break(&vec![0x8a; len], 0),
+                None,
+                "high bytes are not line breaks"
+            );
+        }
+    }
 
     #[test]
     fn whole_stream_in_one_chunk() {

@@ -455,23 +455,23 @@ impl StreamTranslator {
     pub fn on_chunk(&mut self, chunk: &Value) -> Vec<Event> {
         // llama.cpp (and vLLM) report a failure after the 200 as a `data: {"error": {...}}` line.
         if let Some(err) = chunk.get("error") {
-            let message = err
-                .get("message")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .unwrap_or_else(|| err.to_string());
-            return self.fail(
-                "api_error",
-                &format!("upstream error mid-stream: {message}"),
-            );
+            return self.upstream_error(err);
         }
-        let chunk = match ChatChunk::deserialize(chunk) {
-            Ok(c) => c,
+        match ChatChunk::deserialize(chunk) {
+            Ok(c) => self.on_parsed(c),
             Err(e) => {
                 tracing::warn!(error = %e, "ignoring an upstream chunk of unexpected shape");
-                return Vec::new();
+                Vec::new()
             }
-        };
+        }
+    }
+
+    /// The same for a chunk deserialized straight from the upstream's text (no `Value` in between, which
+    /// is most of the cost of a chunk).
+    pub fn on_parsed(&mut self, chunk: ChatChunk) -> Vec<Event> {
+        if let Some(err) = &chunk.error {
+            return self.upstream_error(err);
+        }
         self.take_usage(&chunk);
         let mut out = Vec::new();
         if self.finished || self.failed || self.is_done() {
@@ -511,6 +511,18 @@ impl StreamTranslator {
             }
         }
         out
+    }
+
+    fn upstream_error(&mut self, err: &Value) -> Vec<Event> {
+        let message = err
+            .get("message")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| err.to_string());
+        self.fail(
+            "api_error",
+            &format!("upstream error mid-stream: {message}"),
+        )
     }
 
     /// True once a stop sequence was matched: the server stops reading and drops the upstream.

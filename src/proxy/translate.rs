@@ -243,11 +243,13 @@ fn new_message_id() -> String {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
+    // The pid never changes: asked once, not in a system call per request.
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!(
         "msg_llmctl_{:016x}{:08x}{:04x}",
         nanos,
-        std::process::id(),
+        PID.get_or_init(std::process::id),
         n & 0xffff
     )
 }
