@@ -3,11 +3,14 @@
 use std::path::PathBuf;
 
 pub const UPSTREAM_ROLE_ENV: &str = "LLMCTL_BENCH_UPSTREAM_ADDR";
+/// `LISTEN UPSTREAM`: the bench re-executed as the pass-through proxy (bench/proxy/passthru.rs).
+pub const PASSTHRU_ROLE_ENV: &str = "LLMCTL_BENCH_PASSTHRU_ADDRS";
 
 /// The key every endpoint is given and every request carries (LiteLLM demands a strong master key).
 pub const API_KEY: &str = "sk-bench-4f6c2a9e8b1d7035c4e2a18f9b6d0c37";
 
 pub const PORT_UPSTREAM: u16 = 18400;
+pub const PORT_PASSTHRU: u16 = 18405;
 pub const PORT_LLMCTL: u16 = 18410;
 pub const PORT_LITELLM: u16 = 18420;
 pub const PORT_CCR: u16 = 18430;

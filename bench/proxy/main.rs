@@ -16,6 +16,7 @@ mod cache;
 mod env;
 mod load;
 mod native;
+mod passthru;
 mod report;
 mod stats;
 mod suite;
@@ -30,8 +31,8 @@ use anyhow::Result;
 
 use report::Column;
 
-use env::{PORT_CCR, PORT_LITELLM, PORT_LLMCTL, PORT_UPSTREAM};
-pub use env::{PORT_LLAMA, PORT_LLMCTL_LLAMA, UPSTREAM_ROLE_ENV, env_path};
+pub use env::{PASSTHRU_ROLE_ENV, PORT_LLAMA, PORT_LLMCTL_LLAMA, UPSTREAM_ROLE_ENV, env_path};
+use env::{PORT_CCR, PORT_LITELLM, PORT_LLMCTL, PORT_PASSTHRU, PORT_UPSTREAM};
 
 fn main() -> ExitCode {
     // The bench binary is also the instant upstream: it re-executes itself in that role.
@@ -47,6 +48,23 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         };
+    }
+    // ... or the pass-through floor.
+    if let Ok(addrs) = std::env::var(PASSTHRU_ROLE_ENV) {
+        let parsed = addrs
+            .split_once(' ')
+            .and_then(|(l, u)| Some((l.parse().ok()?, u.parse().ok()?)));
+        let result = match parsed {
+            Some((listen, upstream)) => passthru::serve(listen, upstream),
+            None => Err(anyhow::anyhow!(
+                "{PASSTHRU_ROLE_ENV}={addrs:?}: expected LISTEN UPSTREAM"
+            )),
+        };
+        if let Err(e) = result {
+            eprintln!("bench pass-through: {e:#}");
+            return ExitCode::from(2);
+        }
+        return ExitCode::SUCCESS;
     }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -129,6 +147,14 @@ async fn run() -> Result<()> {
             result: Ok(suite::run(&up, &settings, false).await),
         });
 
+        cols.push(
+            measure(
+                targets::passthru(PORT_PASSTHRU, up_addr),
+                Duration::from_secs(10),
+                &settings,
+            )
+            .await,
+        );
         cols.push(match env_path("LLMCTL_BIN") {
             Some(bin) => {
                 measure(
@@ -184,7 +210,12 @@ async fn run() -> Result<()> {
         };
         if let (Some(l), Some(d)) = (by("llmctl"), by("direct")) {
             doc.push_str("\n### llmctl against the issue's targets\n\n");
-            doc.push_str(&report::targets(l, d, by("claude-code-router")));
+            doc.push_str(&report::targets(
+                l,
+                d,
+                by("claude-code-router"),
+                by("pass-through"),
+            ));
         }
     }
     if wanted("native") {

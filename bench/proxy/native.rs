@@ -19,15 +19,9 @@ struct Figures {
 async fn figures(name: &str, ep: &Endpoint, n: usize) -> Figures {
     // Sequential requests with the same short prompt: llama-server reuses its cache, so the model's own work
     // is a handful of tokens and the endpoint's cost is what differs.
-    let mut lat = vec![];
-    let mut errors = String::new();
-    for _ in 0..n {
-        let r = load::nonstream(ep, 1, None, Duration::from_millis(1)).await;
-        lat.extend(r.latencies_us);
-        if let Some(e) = r.first_error {
-            errors = e;
-        }
-    }
+    let r = load::sequential(ep, n).await;
+    let mut errors = r.first_error.unwrap_or_default();
+    let lat = r.latencies_us;
     let s = load::streams(ep, 1, 0, 0, Duration::ZERO, Some(n)).await;
     if let Some(e) = s.first_error {
         errors = e;
@@ -61,7 +55,7 @@ pub async fn run() -> String {
     let n: usize = std::env::var("BENCH_NATIVE_N")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+        .unwrap_or(40);
     let mut server = match targets::llama_server(&bin, &model, PORT_LLAMA, &["-c", "4096"]) {
         Ok(s) => s,
         Err(e) => return format!("Not measured: {e:#}\n"),

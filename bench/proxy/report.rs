@@ -204,64 +204,100 @@ pub fn table(cols: &[Column]) -> String {
     out
 }
 
-/// The targets, checked for llmctl against direct and claude-code-router.
-pub fn targets(llmctl: &Measured, direct: &Measured, ccr: Option<&Measured>) -> String {
-    let mut out = String::from("| target | measured | met |\n|---|---|---|\n");
-    let mut line = |t: &str, m: String, ok: Option<bool>| {
+/// The targets, checked for llmctl against direct and claude-code-router; next to each, what the
+/// pass-through floor (a proxy that does nothing) measured, where it applies.
+pub fn targets(
+    llmctl: &Measured,
+    direct: &Measured,
+    ccr: Option<&Measured>,
+    floor: Option<&Measured>,
+) -> String {
+    let mut out =
+        String::from("| target | llmctl | met | pass-through floor |\n|---|---|---|---|\n");
+    let mut line = |t: &str, m: String, ok: Option<bool>, f: String| {
         let v = ok.map_or("n/a", |b| if b { "yes" } else { "**no**" });
-        let _ = writeln!(out, "| {t} | {m} | {v} |");
+        let _ = writeln!(out, "| {t} | {m} | {v} | {f} |");
     };
     let first = |m: &Measured| m.fixed_rate.first().and_then(|(_, n)| n.lat);
+    let floor_added = |pick: &dyn Fn(&Measured) -> Option<Summary>, p99: bool| match (
+        floor.and_then(pick),
+        pick(direct),
+    ) {
+        (Some(f), Some(d)) => us(if p99 { f.p99 - d.p99 } else { f.p50 - d.p50 }),
+        _ => "—".into(),
+    };
     match (first(llmctl), first(direct)) {
         (Some(l), Some(d)) => {
             line(
                 "≤ 0.1 ms added p50, 1 conn",
                 us(l.p50 - d.p50),
                 Some(l.p50 - d.p50 <= 100.0),
+                floor_added(&first, false),
             );
             line(
                 "≤ 1 ms added p99, 1 conn",
                 us(l.p99 - d.p99),
                 Some(l.p99 - d.p99 <= 1000.0),
+                floor_added(&first, true),
             );
         }
-        _ => line("added latency, 1 conn", "—".into(), None),
+        _ => line("added latency, 1 conn", "—".into(), None, "—".into()),
     }
     match ccr {
         Some(c) if c.max_8.rate > 0.0 => {
             let x = llmctl.max_8.rate / c.max_8.rate;
             line(
                 "≥ 5× claude-code-router throughput, 8 conns",
-                format!("{x:.1}×"),
+                format!(
+                    "{x:.1}× ({:.0}/s vs {:.0}/s)",
+                    llmctl.max_8.rate, c.max_8.rate
+                ),
                 Some(x >= 5.0),
+                floor.map_or("—".into(), |f| format!("{:.0}/s", f.max_8.rate)),
             );
         }
         _ => line(
             "≥ 5× claude-code-router throughput, 8 conns",
             "claude-code-router not measured".into(),
             None,
+            "—".into(),
         ),
     }
+    let paced = |m: &Measured| m.paced.event_delay;
     match (llmctl.paced.event_delay, direct.paced.event_delay) {
         (Some(l), Some(d)) => line(
             "< 0.2 ms added per streamed event, p99",
             us(l.p99 - d.p99),
             Some(l.p99 - d.p99 < 200.0),
+            floor_added(&paced, true),
         ),
-        _ => line("< 0.2 ms added per streamed event, p99", "—".into(), None),
+        _ => line(
+            "< 0.2 ms added per streamed event, p99",
+            "—".into(),
+            None,
+            "—".into(),
+        ),
     }
+    let first_byte = |m: &Measured| m.stream_1.first_byte;
     match (llmctl.stream_1.first_byte, direct.stream_1.first_byte) {
         (Some(l), Some(d)) => line(
             "stream first byte within 1 ms of upstream's (p50)",
             us(l.p50 - d.p50),
             Some(l.p50 - d.p50 <= 1000.0),
+            floor_added(&first_byte, false),
         ),
-        _ => line("stream first byte within 1 ms", "—".into(), None),
+        _ => line(
+            "stream first byte within 1 ms",
+            "—".into(),
+            None,
+            "—".into(),
+        ),
     }
     line(
         "< 30 MB RSS idle",
         mib(llmctl.rss_idle_kib),
         Some(llmctl.rss_idle_kib > 0 && llmctl.rss_idle_kib < 30 * 1024),
+        floor.map_or("—".into(), |f| mib(f.rss_idle_kib)),
     );
     line(
         "< 100 MB RSS with 256 concurrent streams",
@@ -271,6 +307,7 @@ pub fn targets(llmctl: &Measured, direct: &Measured, ccr: Option<&Measured>) -> 
                 && llmctl.rss_peak_kib < 100 * 1024
                 && llmctl.streams_256.streams == 256,
         ),
+        floor.map_or("—".into(), |f| mib(f.rss_peak_kib)),
     );
     out
 }

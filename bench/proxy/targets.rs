@@ -122,6 +122,31 @@ pub fn upstream(port: u16) -> Result<Proc> {
     })
 }
 
+/// The pass-through floor (bench/proxy/passthru.rs): the bench re-executed in that role. It speaks OpenAI
+/// on both sides, so it is measured with direct access's requests.
+pub fn passthru(port: u16, upstream: SocketAddr) -> Result<Proc> {
+    let dir = tempfile::tempdir()?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.env(
+        crate::PASSTHRU_ROLE_ENV,
+        format!("{} {upstream}", addr(port)),
+    );
+    let (child, log) = spawn(cmd, dir.path())?;
+    Ok(Proc {
+        name: "pass-through floor".into(),
+        version: "(hyper, no translation)".into(),
+        endpoint: Endpoint {
+            addr: addr(port),
+            api: Api::OpenAi,
+            model: "bench".into(),
+            max_tokens: 24,
+        },
+        child,
+        log,
+        _dir: dir,
+    })
+}
+
 /// llmctl serve-proxy; its arguments come from LLMCTL_PROXY_ARGS ({listen} and {upstream} are filled in)
 /// because the command line is owned by the proxy's authors, not by the bench.
 pub fn llmctl(bin: &Path, port: u16, upstream: SocketAddr) -> Result<Proc> {
@@ -275,6 +300,13 @@ pub fn llama_server(bin: &Path, model: &Path, port: u16, extra: &[&str]) -> Resu
             "--port",
             &port.to_string(),
             "-np",
+            "1",
+            // One thread each for generation and prompt: with its default (one per core) it busy-waits
+            // against the load generator and the proxy for the same two cores, and a 4-token answer then
+            // takes anywhere from 0.1 to 8 s. Its speed is not what is measured; its steadiness is needed.
+            "-t",
+            "1",
+            "-tb",
             "1",
             "--metrics",
         ])

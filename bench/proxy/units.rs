@@ -14,4 +14,4 @@ mod targets;
 #[path = "upstream.rs"]
 mod upstream;
 
-pub use env::{PORT_LLAMA, PORT_LLMCTL_LLAMA, UPSTREAM_ROLE_ENV, env_path};
+pub use env::{PASSTHRU_ROLE_ENV, PORT_LLAMA, PORT_LLMCTL_LLAMA, UPSTREAM_ROLE_ENV, env_path};
