@@ -117,6 +117,99 @@ impl MessageAccumulator {
     }
 }
 
+impl MessageAccumulator {
+    /// `finish()` serialized, byte for byte, without building the `Value` first (the answer's JSON is
+    /// written straight from the blocks).
+    pub fn finish_bytes(self) -> Vec<u8> {
+        let content: Vec<wire::Block> = self
+            .blocks
+            .iter()
+            .map(|b| match b {
+                Block::Text(text) => wire::Block::Text { text },
+                Block::Thinking {
+                    thinking,
+                    signature,
+                } => wire::Block::Thinking {
+                    thinking,
+                    signature,
+                },
+                Block::ToolUse { id, name, json } => wire::Block::ToolUse {
+                    id,
+                    name,
+                    input: parse_input(name, json),
+                },
+            })
+            .collect();
+        let message = wire::Message {
+            id: &self.id,
+            kind: "message",
+            role: "assistant",
+            model: &self.model,
+            content,
+            stop_reason: self.stop_reason.as_deref(),
+            stop_sequence: self.stop_sequence.as_deref(),
+            usage: wire::Usage::from(&self.usage),
+        };
+        // Strings, integers and parsed JSON serialize into a Vec without failing.
+        serde_json::to_vec(&message).unwrap_or_default()
+    }
+}
+
+/// Borrowed mirror of `finish()`'s JSON, field for field in the same order.
+mod wire {
+    use serde::Serialize;
+    use serde_json::Value;
+
+    #[derive(Serialize)]
+    pub struct Message<'a> {
+        pub id: &'a str,
+        #[serde(rename = "type")]
+        pub kind: &'static str,
+        pub role: &'static str,
+        pub model: &'a str,
+        pub content: Vec<Block<'a>>,
+        pub stop_reason: Option<&'a str>,
+        pub stop_sequence: Option<&'a str>,
+        pub usage: Usage,
+    }
+
+    #[derive(Serialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    pub enum Block<'a> {
+        Text {
+            text: &'a str,
+        },
+        Thinking {
+            thinking: &'a str,
+            signature: &'a str,
+        },
+        ToolUse {
+            id: &'a str,
+            name: &'a str,
+            input: Value,
+        },
+    }
+
+    #[derive(Serialize)]
+    pub struct Usage {
+        input_tokens: u64,
+        cache_creation_input_tokens: u64,
+        cache_read_input_tokens: u64,
+        output_tokens: u64,
+    }
+
+    impl From<&super::Usage> for Usage {
+        fn from(u: &super::Usage) -> Self {
+            Usage {
+                input_tokens: u.input_tokens,
+                cache_creation_input_tokens: 0,
+                cache_read_input_tokens: u.cache_read_input_tokens,
+                output_tokens: u.output_tokens,
+            }
+        }
+    }
+}
+
 fn parse_input(name: &str, json: &str) -> Value {
     match serde_json::from_str::<Value>(json) {
         Ok(v @ Value::Object(_)) => v,
@@ -125,6 +218,80 @@ fn parse_input(name: &str, json: &str) -> Value {
                 tracing::warn!(tool = %name, arguments = %json, "tool input is not a JSON object; using {{}}");
             }
             Value::Object(Map::new())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fold(events: &[Event]) -> MessageAccumulator {
+        let mut acc = MessageAccumulator::new();
+        for e in events {
+            acc.push(e);
+        }
+        acc
+    }
+
+    #[test]
+    fn finish_bytes_is_finish_serialized() {
+        let start = Event::MessageStart {
+            id: "msg_1".into(),
+            model: "claude-x".into(),
+        };
+        let end = |stop_sequence: Option<&str>| Event::MessageDelta {
+            stop_reason: "tool_use".into(),
+            stop_sequence: stop_sequence.map(str::to_owned),
+            usage: Usage {
+                input_tokens: 7,
+                output_tokens: 3,
+                cache_read_input_tokens: 5,
+            },
+        };
+        let delta = |index, delta| Event::ContentBlockDelta { index, delta };
+        let cases: Vec<Vec<Event>> = vec![
+            vec![start.clone()],
+            vec![
+                start.clone(),
+                Event::ContentBlockStart {
+                    index: 0,
+                    block: BlockKind::Thinking,
+                },
+                delta(0, Delta::Thinking("hm \"quoted\" \u{e9}".into())),
+                delta(0, Delta::Signature("sig".into())),
+                Event::ContentBlockStart {
+                    index: 1,
+                    block: BlockKind::Text,
+                },
+                delta(1, Delta::Text("Hi\n".into())),
+                Event::ContentBlockStart {
+                    index: 2,
+                    block: BlockKind::ToolUse {
+                        id: "toolu_1".into(),
+                        name: "Read".into(),
+                    },
+                },
+                delta(2, Delta::InputJson(r#"{"b":1,"a":[true,null]}"#.into())),
+                Event::ContentBlockStart {
+                    index: 3,
+                    block: BlockKind::ToolUse {
+                        id: "toolu_2".into(),
+                        name: "Bash".into(),
+                    },
+                },
+                delta(3, Delta::InputJson("[1]".into())),
+                end(Some("STOP")),
+            ],
+            vec![start, end(None)],
+        ];
+        for events in cases {
+            let value = serde_json::to_vec(&fold(&events).finish()).unwrap();
+            let bytes = fold(&events).finish_bytes();
+            assert_eq!(
+                String::from_utf8(bytes).unwrap(),
+                String::from_utf8(value).unwrap()
+            );
         }
     }
 }

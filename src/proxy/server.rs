@@ -890,7 +890,12 @@ async fn json_response(mut pump: Pump, mut t: Tracker) -> Response {
         return t.error(e);
     }
     t.ok();
-    axum::Json(acc.finish()).into_response()
+    let mut res = Response::new(Body::from(acc.finish_bytes()));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
 }
 
 #[cfg(test)]
