@@ -178,15 +178,34 @@ impl Upstream {
     /// Starts a streaming chat completion. Returns once the upstream sent its response headers with a 2xx
     /// status; the body is the event stream.
     pub async fn start_chat(&self, body: Vec<u8>) -> Result<reqwest::Response, UpstreamError> {
-        let rb = match &self.chat_url_parsed {
-            Some(url) => self.request(reqwest::Method::POST, url.clone()),
-            None => self.request(reqwest::Method::POST, self.chat_url.as_str()),
+        let body = Bytes::from(body);
+        let send = async {
+            let mut tries = 1;
+            loop {
+                let rb = match &self.chat_url_parsed {
+                    Some(url) => self.request(reqwest::Method::POST, url.clone()),
+                    None => self.request(reqwest::Method::POST, self.chat_url.as_str()),
+                };
+                let sent = rb
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .header(header::ACCEPT, "text/event-stream")
+                    .body(body.clone())
+                    .send()
+                    .await;
+                match sent {
+                    // llama-server closes the connection after every streamed answer, without saying so in
+                    // its headers: a request that goes out on that connection before its close is seen finds
+                    // it closed, and the upstream never saw it. It goes again, on a new connection.
+                    Err(e) if tries < STALE_CONNECTION_TRIES && closed_before_answer(&e) => {
+                        tracing::debug!(
+                            "upstream closed a kept-alive connection before answering; sending again"
+                        );
+                        tries += 1;
+                    }
+                    other => return other,
+                }
+            }
         };
-        let send = rb
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::ACCEPT, "text/event-stream")
-            .body(body)
-            .send();
         let resp = match tokio::time::timeout(self.first_byte_timeout, send).await {
             Err(_) => return Err(UpstreamError::Timeout(self.first_byte_timeout)),
             Ok(r) => r.map_err(classify)?,
@@ -323,6 +342,20 @@ async fn read_capped(mut resp: reqwest::Response) -> Result<Bytes, reqwest::Erro
     Ok(Bytes::from(out))
 }
 
+/// Attempts at a chat request whose connection turns out to be closed already (one per pooled connection that
+/// can be stale, then one on a new connection).
+const STALE_CONNECTION_TRIES: u32 = 3;
+
+/// The connection closed (or was reset) before any answer, on a request that did connect: the mark of a
+/// kept-alive connection the server had already closed.
+fn closed_before_answer(e: &reqwest::Error) -> bool {
+    if e.is_connect() || e.is_timeout() || e.is_status() || e.is_body() || e.is_decode() {
+        return false;
+    }
+    let reason = root_reason(e);
+    reason == "connection closed before message completed" || reason == "connection reset"
+}
+
 /// Turns a reqwest failure into one of our classes, with a short human reason.
 pub fn classify(e: reqwest::Error) -> UpstreamError {
     if e.is_connect() {
@@ -353,4 +386,85 @@ pub fn root_reason(e: &(dyn std::error::Error + 'static)) -> String {
         return "connect timed out".into();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Answers each request on a connection with a complete event stream and then closes that connection
+    /// without a `Connection: close` header, as llama-server does after a streamed answer.
+    async fn closing_upstream() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = served.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    // Headers, then the body by its Content-Length.
+                    let body_len = loop {
+                        let n = sock.read(&mut buf).await.unwrap();
+                        if n == 0 {
+                            return;
+                        }
+                        req.extend_from_slice(&buf[..n]);
+                        let text = String::from_utf8_lossy(&req).to_lowercase();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let len = text
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            break end + 4 + len;
+                        }
+                    };
+                    while req.len() < body_len {
+                        let n = sock.read(&mut buf).await.unwrap();
+                        if n == 0 {
+                            return;
+                        }
+                        req.extend_from_slice(&buf[..n]);
+                    }
+                    let event = "data: [DONE]\n\n";
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{event}\r\n0\r\n\r\n",
+                        event.len()
+                    );
+                    sock.write_all(answer.as_bytes()).await.unwrap();
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    // The close comes a moment after the answer, when the client may already reuse it.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                });
+            }
+        });
+        (url, served)
+    }
+
+    #[tokio::test]
+    async fn a_request_on_a_connection_the_upstream_closed_goes_again() {
+        let (url, served) = closing_upstream().await;
+        let up = Upstream::new(
+            &url,
+            None,
+            Some("m"),
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+            0,
+        )
+        .unwrap();
+        for i in 0..5 {
+            let resp = up
+                .start_chat(br#"{"stream":true}"#.to_vec())
+                .await
+                .unwrap_or_else(|e| panic!("request {i}: {}", e.to_proxy_error(&url).message));
+            assert_eq!(resp.bytes().await.unwrap(), "data: [DONE]\n\n");
+        }
+        assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 5);
+    }
 }
