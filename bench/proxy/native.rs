@@ -20,12 +20,19 @@ async fn figures(name: &str, ep: &Endpoint, n: usize) -> Figures {
     // Sequential requests with the same short prompt: llama-server reuses its cache, so the model's own work
     // is a handful of tokens and the endpoint's cost is what differs.
     let r = load::sequential(ep, n).await;
-    let mut errors = r.first_error.unwrap_or_default();
-    let lat = r.latencies_us;
     let s = load::streams(ep, 1, 0, 0, Duration::ZERO, Some(n)).await;
-    if let Some(e) = s.first_error {
-        errors = e;
+    let mut errors = vec![];
+    for (what, count, first) in [
+        ("non-stream", r.errors, r.first_error),
+        ("stream", s.errors, s.first_error),
+    ] {
+        if let Some(e) = first.filter(|_| count > 0) {
+            let e: String = e.chars().take(300).collect();
+            errors.push(format!("{count} of {n} {what} requests failed, first: {e}"));
+        }
     }
+    let errors = errors.join("; ").replace('|', "/").replace('\n', " ");
+    let lat = r.latencies_us;
     Figures {
         name: name.into(),
         nonstream: stats::summarize(lat),
@@ -99,10 +106,7 @@ pub async fn run() -> String {
         let err = if r.errors.is_empty() {
             String::new()
         } else {
-            format!(
-                " (error: {})",
-                r.errors.chars().take(100).collect::<String>()
-            )
+            format!(" ({})", r.errors)
         };
         out.push_str(&format!(
             "| {}{err} | {} | {} | {} |\n",
