@@ -122,27 +122,37 @@ def tool_example(path: str) -> str:
 
 def test_tool_round_trip(claude_bin, target, tmp_path):
     # Only the Read tool is offered (--tools), on the Gemma-template llama-server (real tool-call parsing, greedy
-    # decoding); see tool_example for how the prompt leads the tiny model to call it. If the model does not call
-    # Read, this test fails and says what it answered instead.
-    (tmp_path / "proj").mkdir(exist_ok=True)
-    notes = tmp_path / "proj" / "notes.txt"
-    notes.write_text("FIRST LINE: the quick brown fox\nsecond line\n")
-    p = run_claude(claude_bin, target, "tools", tmp_path, [
-        "-p", "Read the notes.", "--system-prompt", tool_example(str(notes)),
-        "--tools", "Read", "--allowedTools", "Read", "--output-format", "stream-json", "--verbose",
-    ])
-    lines = ndjson(p.stdout)
-    assert p.returncode == 0, f"claude exited {p.returncode}; stderr {p.stderr[-1500:]!r}; lines {lines[-2:]}"
-    uses = [b for entry in lines if entry.get("type") == "assistant"
-            for b in entry["message"].get("content", []) if b.get("type") == "tool_use"]
-    results = [b for entry in lines if entry.get("type") == "user"
-               for b in (entry["message"].get("content") or []) if isinstance(b, dict) and b.get("type") == "tool_result"]
-    res = result_of(lines)
-    print(f"tool round trip: tool_use {[(u['name'], u.get('input')) for u in uses]}; tool_result is_error "
-          f"{[r.get('is_error', False) for r in results]}; num_turns {res.get('num_turns')}; "
-          f"final text {res.get('result')!r:.200}; usage {res.get('usage')}")
-    assert uses, f"the model called no tool (it answered {res.get('result')!r:.300})"
-    assert uses[0]["name"] == "Read" and isinstance(uses[0].get("input"), dict), uses[0]
-    assert results and results[0].get("tool_use_id") == uses[0]["id"], f"no tool_result for {uses[0]['id']}: {results}"
-    assert res.get("subtype") == "success" and not res.get("is_error"), res
-    assert res.get("num_turns", 0) >= 2, f"no model turn after the tool result: {res}"
+    # decoding); see tool_example for how the prompt leads the tiny model to call it. The 135M model sometimes
+    # writes a made-up tool response instead of the call (prompt-cache state changes its numerics): up to three
+    # runs, and the first that calls a tool must complete the whole round trip. A proxy that broke tool calls fails
+    # all three; the message says what the model answered each time.
+    answers = []
+    for attempt in range(3):
+        work = tmp_path / f"run{attempt}"
+        (work / "proj").mkdir(parents=True, exist_ok=True)
+        notes = work / "proj" / "notes.txt"
+        notes.write_text("FIRST LINE: the quick brown fox\nsecond line\n")
+        p = run_claude(claude_bin, target, "tools", work, [
+            "-p", "Read the notes.", "--system-prompt", tool_example(str(notes)),
+            "--tools", "Read", "--allowedTools", "Read", "--output-format", "stream-json", "--verbose",
+        ])
+        lines = ndjson(p.stdout)
+        assert p.returncode == 0, f"claude exited {p.returncode}; stderr {p.stderr[-1500:]!r}; lines {lines[-2:]}"
+        uses = [b for entry in lines if entry.get("type") == "assistant"
+                for b in entry["message"].get("content", []) if b.get("type") == "tool_use"]
+        results = [b for entry in lines if entry.get("type") == "user"
+                   for b in (entry["message"].get("content") or [])
+                   if isinstance(b, dict) and b.get("type") == "tool_result"]
+        res = result_of(lines)
+        print(f"tool round trip (run {attempt + 1}): tool_use {[(u['name'], u.get('input')) for u in uses]}; "
+              f"tool_result is_error {[r.get('is_error', False) for r in results]}; num_turns "
+              f"{res.get('num_turns')}; final text {res.get('result')!r:.200}; usage {res.get('usage')}")
+        if not uses:
+            answers.append(f"{res.get('result')!r:.300}")
+            continue
+        assert uses[0]["name"] == "Read" and isinstance(uses[0].get("input"), dict), uses[0]
+        assert results and results[0].get("tool_use_id") == uses[0]["id"], f"no tool_result for {uses[0]['id']}: {results}"
+        assert res.get("subtype") == "success" and not res.get("is_error"), res
+        assert res.get("num_turns", 0) >= 2, f"no model turn after the tool result: {res}"
+        return
+    raise AssertionError(f"the model called no tool in 3 runs; it answered: {answers}")
