@@ -203,6 +203,16 @@ impl Default for ProxyUnitSection {
     }
 }
 
+impl ProxyUnitSection {
+    /// The port the proxy listens on, which the container's own health checks and smoke test dial on 127.0.0.1.
+    /// `listen` is validated as an address; 4000 is serve-proxy's default.
+    pub fn port(&self) -> u16 {
+        self.listen
+            .parse::<std::net::SocketAddr>()
+            .map_or(4000, |a| a.port())
+    }
+}
+
 /// Everything `llmctl provision` needs, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProvisionConfig {

@@ -419,25 +419,12 @@ impl Step<Ctx> for CtLibs {
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
         let version = ctx.cfg.driver.version.clone();
-        for a in actions {
-            if let Action::Run { cmd, .. } = a
-                && cmd.argv.iter().any(|x| x == "-s")
-            {
-                let out = ctx.ct_ok(cmd.clone())?;
-                if let Err(why) =
-                    super::host::simulation_pins_exactly(&out.stdout, &version, CT_FORBIDDEN)
-                {
-                    bail!(
-                        "refused: {why}. A container must get the user-space libraries only (the host owns the \
-                         kernel module); nothing was installed"
-                    );
-                }
-                continue;
-            }
-            run_action(ctx, a)?;
-        }
-        ctx.invalidate();
-        Ok(())
+        super::host::apply_proven(ctx, actions, &version, CT_FORBIDDEN, |why| {
+            format!(
+                "refused: {why}. A container must get the user-space libraries only (the host owns the kernel \
+                 module); nothing was installed"
+            )
+        })
     }
 }
 
@@ -956,14 +943,7 @@ impl Service {
         if self.unit == "llama-server" {
             format!("http://127.0.0.1:{}/health", ctx.cfg.server.port)
         } else {
-            let port = ctx
-                .cfg
-                .proxy
-                .listen
-                .rsplit_once(':')
-                .map_or("4000", |(_, p)| p)
-                .to_string();
-            format!("http://127.0.0.1:{port}/health")
+            format!("http://127.0.0.1:{}/health", ctx.cfg.proxy.port())
         }
     }
 }

@@ -300,27 +300,42 @@ impl Step<Ctx> for Driver {
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
         let version = ctx.cfg.driver.version.clone();
-        let open = ctx.cfg.driver.flavor == super::config::DriverFlavor::Open;
-        for a in actions {
-            if let Action::Run { cmd, .. } = a
-                && cmd.argv.iter().any(|x| x == "-s")
-            {
-                // The simulation: prove apt would install exactly this version of every NVIDIA package.
-                let out = ctx.host_ok(cmd.clone())?;
-                if let Err(why) = simulation_pins_exactly(&out.stdout, &version, &[]) {
-                    bail!(
-                        "refused: {why}. apt would not install exactly {version}; nothing was installed. Check \
-                         `apt-cache madison nvidia-driver-cuda` and the pinning package"
-                    );
-                }
-                continue;
-            }
-            run_action(ctx, a)?;
-        }
-        let _ = open;
-        ctx.invalidate();
-        Ok(())
+        apply_proven(ctx, actions, &version, &[], |why| {
+            format!(
+                "refused: {why}. apt would not install exactly {version}; nothing was installed. Check \
+                 `apt-cache madison nvidia-driver-cuda` and the pinning package"
+            )
+        })
     }
+}
+
+/// Applies a package step's actions, where each `apt-get -s` action is the proof: its `Inst` lines must show
+/// exactly `<version>-1` for every NVIDIA package and none matching `forbidden`, else nothing more runs and the
+/// error is `refusal(why)`. Used by the host's driver step and the container's library step alike.
+pub fn apply_proven(
+    ctx: &mut Ctx,
+    actions: &[Action],
+    version: &str,
+    forbidden: &[&str],
+    refusal: impl Fn(&str) -> String,
+) -> Result<()> {
+    for a in actions {
+        if let Action::Run { on, cmd } = a
+            && cmd.argv.iter().any(|x| x == "-s")
+        {
+            let out = match on {
+                Target::Host => ctx.host_ok(cmd.clone())?,
+                Target::Container(_) => ctx.ct_ok(cmd.clone())?,
+            };
+            if let Err(why) = simulation_pins_exactly(&out.stdout, version, forbidden) {
+                bail!("{}", refusal(&why));
+            }
+            continue;
+        }
+        run_action(ctx, a)?;
+    }
+    ctx.invalidate();
+    Ok(())
 }
 
 pub fn driver_check(f: &HostFacts, version: &str, open: bool) -> Check {

@@ -287,13 +287,7 @@ fn confirm(changes: usize) -> Result<()> {
 
 /// One message through the proxy, from inside the container: the stack works end to end.
 fn smoke_test(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
-    let port = ctx
-        .cfg
-        .proxy
-        .listen
-        .rsplit_once(':')
-        .map_or("4000", |(_, p)| p)
-        .to_string();
+    let port = ctx.cfg.proxy.port();
     let mut argv = vec![
         units::LLMCTL_BIN.to_string(),
         "probe".into(),
