@@ -105,25 +105,31 @@ def test_second_prompt_reuses_prefix_cache(claude_bin, target, cc_dir):
 
 
 def tool_example(path: str) -> str:
-    """A system prompt holding one example exchange in the Gemma 4 template's own syntax.
+    """A system prompt holding two example exchanges in the Gemma 4 template's own syntax.
 
     A 135M model does not decide to use tools; what it does well is copy. After `<|turn>model` it copies what
-    followed `<|turn>model` in the example (a Read call, then `<|im_end|>`, SmolLM2's end-of-turn token, which
+    followed `<|turn>model` in the examples (a Read call, then `<|im_end|>`, SmolLM2's end-of-turn token, which
     llama-server parses as a special token in the prompt); after the real tool response it copies what followed
     `<tool_response|>` ("Done." and end of turn). The call itself is real: produced by the model, parsed by
     llama-server's Gemma 4 tool-call parser, translated by the proxy, run by Claude Code.
+
+    Why two: Claude Code puts today's date in the user turn, and with one example the greedy first token flipped
+    between `<|tool_call>` and `<|tool_response>` with the date and the path (19 of 40 dates called the tool, measured
+    with llama-server's /completion on the rendered prompt); with the exchange twice, 40 of 40 did, and 20 of 20
+    second turns began with "Done.".
     """
-    return (
-        "Example:\n<|turn>user\nRead the notes.<turn|>\n<|turn>model\n"
+    one = (
+        "<|turn>user\nRead the notes.<turn|>\n<|turn>model\n"
         f'<|tool_call>call:Read{{file_path:<|"|>{path}<|"|>}}<tool_call|><|im_end|>\n'
         '<|tool_response>response:Read{value:<|"|>the notes<|"|>}<tool_response|>Done.<|im_end|>'
     )
+    return "Examples:\n" + "\n".join([one, one])
 
 
 def test_tool_round_trip(claude_bin, target, tmp_path):
     # Only the Read tool is offered (--tools), on the Gemma-template llama-server (real tool-call parsing, greedy
-    # decoding); see tool_example for how the prompt leads the tiny model to call it. The 135M model sometimes
-    # writes a made-up tool response instead of the call (prompt-cache state changes its numerics): up to three
+    # decoding); see tool_example for how the prompt leads the tiny model to call it. A 135M model may still write
+    # a made-up tool response instead of the call on some prompt (the date and path are part of it): up to three
     # runs, and the first that calls a tool must complete the whole round trip. A proxy that broke tool calls fails
     # all three; the message says what the model answered each time.
     answers = []
