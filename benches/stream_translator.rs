@@ -1,72 +1,123 @@
-//! Criterion benchmark of the proxy's stream translator (OpenAI chunks in, Anthropic SSE events out), in
-//! chunks/s, to catch regressions: one recorded llama-server stream (bench/recorded/chat-stream.sse) with
-//! its text chunks repeated to 256, translated and serialized end to end.
+//! Criterion benchmark of the proxy's streaming hot path, to catch regressions: upstream OpenAI SSE bytes in,
+//! Anthropic SSE bytes out, through the same pieces serve-proxy uses per event (the SSE parser, the typed chunk
+//! parse, the stream translator, the event encoder). Throughput is in upstream events/s.
 //!
-//! Not in this branch's [[bench]] list: `llmctl::proxy::stream` lands with branch `proxy`. On merge add to
-//! Cargo.toml:
-//!   [dev-dependencies] criterion = { version = "0.7", default-features = false, features = ["cargo_bench_support"] }
-//!   [[bench]] name = "stream_translator"  harness = false
-//! and run `cargo bench --bench stream_translator`.
+//! Inputs are real llama-server streams recorded for the proxy's tests and benchmark:
+//! - text: bench/recorded/chat-stream.sse with its text chunks repeated to 256 (a long answer);
+//! - tool call: fixtures/streams/tool-single-length.sse (one Read call whose arguments arrive in fragments).
+//!
+//! `cargo bench --bench stream_translator`; criterion compares with the previous run kept in target/criterion.
 
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use llmctl::proxy::stream::{ResponseContext, StreamTranslator};
-use serde_json::Value;
+use llmctl::proxy::openai::ChatChunk;
+use llmctl::proxy::sse::SseParser;
+use llmctl::proxy::stream::StreamTranslator;
+use llmctl::proxy::translate::ResponseContext;
 
 const TEXT_CHUNKS: usize = 256;
 
-/// The recorded chunks: role chunk, text chunks cycled to TEXT_CHUNKS, finish chunk (`[DONE]` is not JSON).
-fn recorded_chunks() -> Vec<Value> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/bench/recorded/chat-stream.sse"
-    );
-    let sse = std::fs::read_to_string(path)
-        .expect("bench/recorded/chat-stream.sse is part of the repository");
-    let all: Vec<Value> = sse
-        .split("\n\n")
-        .filter_map(|e| e.strip_prefix("data: "))
-        .filter_map(|d| serde_json::from_str(d).ok())
-        .collect();
-    let is_text = |v: &Value| {
-        v["choices"][0]["delta"]["content"]
-            .as_str()
-            .is_some_and(|s| !s.is_empty())
-    };
-    let head: Vec<Value> = all.iter().take_while(|v| !is_text(v)).cloned().collect();
-    let text: Vec<Value> = all.iter().filter(|v| is_text(v)).cloned().collect();
-    let tail: Vec<Value> = all.iter().skip(head.len() + text.len()).cloned().collect();
-    head.into_iter()
-        .chain(text.iter().cycle().take(TEXT_CHUNKS).cloned())
-        .chain(tail)
+fn read(rel: &str) -> String {
+    let path = format!("{}/{rel}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{path} is part of the repository: {e}"))
+}
+
+/// The `data:` payloads of a recorded stream, `[DONE]` included.
+fn events(sse: &str) -> Vec<&str> {
+    sse.split("\n\n")
+        .filter_map(|e| e.trim().strip_prefix("data: "))
         .collect()
 }
 
-fn translate_stream(c: &mut Criterion) {
-    let chunks = recorded_chunks();
-    let mut group = c.benchmark_group("stream_translator");
-    group.throughput(Throughput::Elements(chunks.len() as u64));
-    group.bench_function("recorded_stream_256_text_chunks", |b| {
-        b.iter(|| {
-            let mut t = StreamTranslator::new(ResponseContext::default());
-            let mut bytes = 0usize;
-            for e in t.start() {
-                bytes += e.to_sse().len();
-            }
-            for chunk in &chunks {
-                for e in t.on_chunk(black_box(chunk)) {
-                    bytes += e.to_sse().len();
-                }
-            }
-            for e in t.finish() {
-                bytes += e.to_sse().len();
-            }
-            black_box(bytes)
-        })
+/// The recorded text stream with its text chunks cycled to TEXT_CHUNKS, as the bytes an upstream sends.
+fn long_text_stream() -> Vec<u8> {
+    let sse = read("bench/recorded/chat-stream.sse");
+    let all = events(&sse);
+    let is_text =
+        |d: &&str| d.contains(r#""delta":{"content":""#) && !d.contains(r#""content":"""#);
+    let head: Vec<&str> = all.iter().copied().take_while(|d| !is_text(d)).collect();
+    let text: Vec<&str> = all.iter().copied().filter(is_text).collect();
+    assert!(!text.is_empty(), "the recorded stream has text chunks");
+    let tail = all.iter().copied().skip(head.len() + text.len());
+    let picked: Vec<&str> = head
+        .iter()
+        .copied()
+        .chain(text.iter().copied().cycle().take(TEXT_CHUNKS))
+        .chain(tail)
+        .collect();
+    to_wire(&picked)
+}
+
+fn to_wire(data: &[&str]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for d in data {
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(d.as_bytes());
+        out.extend_from_slice(b"\n\n");
+    }
+    out
+}
+
+/// One stream end to end, the upstream's bytes arriving one event per read as llama-server writes them.
+/// Returns the bytes sent to the client, so nothing can be optimized away.
+fn translate(reads: &[&[u8]]) -> usize {
+    let mut parser = SseParser::default();
+    let mut t = StreamTranslator::new(ResponseContext {
+        client_model: "claude-sonnet-4-5".into(),
+        message_id: "msg_bench".into(),
+        ..ResponseContext::default()
     });
+    let mut sent = 0usize;
+    for e in t.start() {
+        sent += e.to_sse().len();
+    }
+    for read in reads {
+        for ev in parser
+            .push(black_box(read))
+            .expect("recorded streams are valid SSE")
+        {
+            if ev.data == "[DONE]" {
+                for e in t.finish() {
+                    sent += e.to_sse().len();
+                }
+                continue;
+            }
+            let chunk: ChatChunk = serde_json::from_str(&ev.data).expect("recorded chunks parse");
+            for e in t.on_parsed(chunk) {
+                sent += e.to_sse().len();
+            }
+        }
+    }
+    sent
+}
+
+fn split_reads(wire: &[u8]) -> Vec<&[u8]> {
+    let mut reads = Vec::new();
+    let mut rest = wire;
+    while let Some(p) = rest.windows(2).position(|w| w == b"\n\n") {
+        reads.push(&rest[..p + 2]);
+        rest = &rest[p + 2..];
+    }
+    reads
+}
+
+fn bench_stream(c: &mut Criterion, name: &str, wire: &[u8]) {
+    let reads = split_reads(wire);
+    // Fails loudly if a translator change made the recorded stream produce nothing.
+    assert!(translate(&reads) > 0, "{name}: no client bytes");
+    let mut group = c.benchmark_group("stream_translator");
+    group.throughput(Throughput::Elements(reads.len() as u64));
+    group.bench_function(name, |b| b.iter(|| black_box(translate(&reads))));
     group.finish();
 }
 
-criterion_group!(benches, translate_stream);
+fn streams(c: &mut Criterion) {
+    bench_stream(c, "text_256_chunks", &long_text_stream());
+    let tool = read("fixtures/streams/tool-single-length.sse");
+    bench_stream(c, "tool_call_recorded", &to_wire(&events(&tool)));
+}
+
+criterion_group!(benches, streams);
 criterion_main!(benches);
