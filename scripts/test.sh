@@ -7,5 +7,7 @@ cd "$(dirname "$0")/.."
 eval "$(bash scripts/test-stack.sh)"
 cargo build
 cargo test
+# Criterion's test mode: each stream_translator benchmark runs once, so the benchmark itself cannot rot.
+cargo test --bench stream_translator
 # -rP: print what passing end-to-end tests report (prompt-cache figures, what Claude Code printed).
 "$LLMCTL_TEST_VENV/bin/pytest" -v -rP -p no:cacheprovider tests/e2e
