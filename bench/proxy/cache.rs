@@ -1,30 +1,30 @@
-//! Prompt-cache reuse: a multi-turn conversation shaped like Claude Code's (claude-code-traffic.md) replayed
-//! into a real llama-server, through llmctl and through llama-server's native /v1/messages, printing per turn
-//! how much of the prompt llama-server took from its cache.
+//! Prompt-cache reuse: a multi-turn Claude Code conversation replayed into a real llama-server, through llmctl
+//! and through llama-server's native /v1/messages, printing per turn how much of the prompt llama-server took
+//! from its cache.
 //!
-//! Trimmed to run in a couple of minutes on CPU: a ~2 KB system prompt instead of ~6 KB, two short tools
-//! (Read, Bash) instead of 24 (~64 KB), and max_tokens 8.
+//! The conversation starts from a real request: the real Claude Code binary ($LLMCTL_CLAUDE_BIN) is run once
+//! against a recorder that keeps its first request (system prompt, all its tools, the user turn with its
+//! reminders, metadata) and answers it; the later turns append tool calls, tool results and a new prompt to it,
+//! as Claude Code does, with its per-request billing line and moving cache_control breakpoint.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
 use crate::load;
 use crate::{PORT_LLAMA, PORT_LLMCTL_LLAMA, env_path, targets};
 
-const SYSTEM_PROMPT: &str = "\nYou are an interactive agent that helps users with software engineering tasks. \
-Use the instructions below and the tools available to you to assist the user.\n\n\
-# Doing tasks\nThe user will primarily request you to perform software engineering tasks: solving bugs, adding \
-functionality, refactoring code, explaining code. Read the relevant files before changing them. Prefer editing \
-existing files to creating new ones. Keep answers short and direct; do not add explanations the user did not ask \
-for. When you run a command that changes the system, say what it does first.\n\n\
-# Tone and style\nBe concise. Use Github-flavored markdown. Only use emojis if the user asks for them. Output text \
-to communicate with the user; everything outside tool use is shown to the user.\n\n\
-# Tool usage policy\nWhen several independent pieces of information are needed, call the tools in parallel. Use \
-the Read tool to read files instead of cat, head or tail. Use Bash for commands that need a shell.\n\n\
-# Environment\nWorking directory: /home/dev/proj\nIs directory a git repo: yes\nPlatform: linux\n\
-OS Version: Linux 6.1.0-18-amd64\n";
+/// Where the recorder listens while Claude Code runs (the bench's port range).
+const PORT_RECORDER: u16 = 18460;
+/// The first prompt, which the later turns answer (a Read of notes.txt, then a Bash line count).
+const FIRST_PROMPT: &str = "read the file notes.txt and tell me its first line";
+const BILLING_PREFIX: &str = "x-anthropic-billing-header:";
 
 fn billing(turn: usize) -> Value {
     // Claude Code changes this line on every request (cc_version suffix and cch= hash): a proxy that forwards
@@ -32,64 +32,146 @@ fn billing(turn: usize) -> Value {
     let hexes = ["0df", "e12", "7a3", "b41"];
     let cch = ["5f1a2", "0c9e7", "a83d1", "44b0f"];
     json!({"type": "text", "text": format!(
-        "x-anthropic-billing-header: cc_version=2.1.197.{}; cc_entrypoint=sdk-cli; cch={};",
+        "{BILLING_PREFIX} cc_version=2.1.197.{}; cc_entrypoint=sdk-cli; cch={};",
         hexes[turn % 4], cch[turn % 4])})
 }
 
-fn tools() -> Value {
-    let schema = |props: Value, req: &str| {
-        json!({"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
-               "properties": props, "required": [req], "additionalProperties": false})
-    };
-    json!([
-        {"name": "Read", "description": "Reads a file from the local filesystem. The file_path must be absolute.",
-         "input_schema": schema(json!({"file_path": {"description": "The absolute path to the file to read", "type": "string"}}), "file_path")},
-        {"name": "Bash", "description": "Executes a bash command and returns its output.",
-         "input_schema": schema(json!({"command": {"description": "The command to execute", "type": "string"}}), "command")}
-    ])
-}
-
-/// The request body of turn `t` (0-based): each turn appends to the previous one's messages, as the client does,
-/// and moves the cache_control breakpoint to the newest user block.
-pub fn turn_body(t: usize) -> Value {
-    let reminder = "<system-reminder>\nAs you answer the user's questions, you can use the following context:\n\
-# currentDate\nToday's date is 2026-11-25.\n\n      IMPORTANT: this context may or may not be relevant to your tasks.\n</system-reminder>\n\n";
-    let mut messages = vec![
-        json!({"role": "user", "content": [{"type": "text", "text": reminder},
-                                           {"type": "text", "text": "read the file notes.txt and tell me its first line"}]}),
-        json!({"role": "system", "content": "Available agent types for the Agent tool:\n- general-purpose: researches \
-complex questions and runs multi-step tasks.\n\nThe following skills are available for use with the Skill tool:\n- review: reviews a change."}),
-    ];
-    let later = [
+/// What follows the recorded first request, two messages per turn.
+fn later_messages(proj: &str) -> [Value; 6] {
+    [
         json!({"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_01", "name": "Read",
-                "input": {"file_path": "/home/dev/proj/notes.txt"}}]}),
+                "input": {"file_path": format!("{proj}/notes.txt")}}]}),
         json!({"role": "user", "content": [{"tool_use_id": "toolu_01", "type": "tool_result",
                 "content": "1\tFIRST LINE: the quick brown fox\n2\tsecond line\n3\tthird line\n4\t"}]}),
         json!({"role": "assistant", "content": [{"type": "text", "text": "The first line is: FIRST LINE: the quick brown fox"}]}),
         json!({"role": "user", "content": [{"type": "text", "text": "now count the lines of notes.txt"}]}),
         json!({"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_02", "name": "Bash",
-                "input": {"command": "wc -l /home/dev/proj/notes.txt"}}]}),
+                "input": {"command": format!("wc -l {proj}/notes.txt")}}]}),
         json!({"role": "user", "content": [{"tool_use_id": "toolu_02", "type": "tool_result",
-                "content": "4 /home/dev/proj/notes.txt"}]}),
-    ];
-    messages.extend(later.iter().take(2 * t).cloned());
+                "content": format!("4 {proj}/notes.txt")}]}),
+    ]
+}
+
+/// The request body of turn `t` (0-based) on top of the recorded first request: each turn appends to the
+/// previous one's messages, as the client does, moves the cache_control breakpoint to the newest user block and
+/// rewrites the billing line. Answers are kept short (max_tokens 8, no stream): only the prompt is measured.
+pub fn turn_body(t: usize, recorded: &Value, proj: &str) -> Value {
+    let mut body = recorded.clone();
+    let mut messages = recorded["messages"].as_array().cloned().unwrap_or_default();
+    messages.extend(later_messages(proj).into_iter().take(2 * t));
+    for block in messages
+        .iter_mut()
+        .filter_map(|m| m["content"].as_array_mut())
+        .flatten()
+    {
+        if let Some(b) = block.as_object_mut() {
+            b.remove("cache_control");
+        }
+    }
     // The breakpoint sits on the last block of the last user message only.
     if let Some(last) = messages.iter_mut().rev().find(|m| m["role"] == "user")
         && let Some(block) = last["content"].as_array_mut().and_then(|b| b.last_mut())
     {
         block["cache_control"] = json!({"type": "ephemeral"});
     }
-    json!({
-        "model": "claude-opus-4-8",
-        "messages": messages,
-        "system": [billing(t),
-                   {"type": "text", "text": "You are a Claude agent, built on Anthropic's Claude Agent SDK.", "cache_control": {"type": "ephemeral"}},
-                   {"type": "text", "text": SYSTEM_PROMPT, "cache_control": {"type": "ephemeral"}}],
-        "tools": tools(),
-        "metadata": {"user_id": "{\"device_id\":\"0000\",\"account_uuid\":\"\",\"session_id\":\"bench\"}"},
-        "max_tokens": 8,
-        "stream": false
-    })
+    body["messages"] = Value::Array(messages);
+    if let Some(first) = body["system"].as_array_mut().and_then(|s| s.first_mut())
+        && first["text"]
+            .as_str()
+            .is_some_and(|t| t.starts_with(BILLING_PREFIX))
+    {
+        *first = billing(t);
+    }
+    body["max_tokens"] = json!(8);
+    body["stream"] = json!(false);
+    body
+}
+
+/// A complete, minimal Messages API answer: Claude Code then ends its run normally.
+const RECORDER_SSE: &str = concat!(
+    "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_rec\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude\",\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":1,\"output_tokens\":1}}}\n\n",
+    "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+    "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"ok\"}}\n\n",
+    "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+    "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":1}}\n\n",
+    "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+);
+
+async fn recorder_answer(
+    req: Request<Incoming>,
+    keep: tokio::sync::mpsc::UnboundedSender<Value>,
+) -> Result<Response<Full<bytes::Bytes>>, hyper::Error> {
+    let is_messages = req.method() == hyper::Method::POST && req.uri().path() == "/v1/messages";
+    let body = req.into_body().collect().await?.to_bytes();
+    if !is_messages {
+        return Ok(Response::new(Full::default()));
+    }
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    // The conversation's request is the one with the tools (a quota or title request has none).
+    if v["tools"].as_array().is_some_and(|t| !t.is_empty()) {
+        let _ = keep.send(v);
+    }
+    Ok(Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Full::new(bytes::Bytes::from_static(
+            RECORDER_SSE.as_bytes(),
+        )))
+        .expect("static response parts are valid"))
+}
+
+/// Runs Claude Code once in `proj` against a recorder and returns its first full request.
+async fn record_claude_code(bin: &Path, home: &Path, proj: &Path) -> Result<Value, String> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", PORT_RECORDER))
+        .await
+        .map_err(|e| format!("recorder: binding port {PORT_RECORDER}: {e}"))?;
+    let (keep, mut kept) = tokio::sync::mpsc::unbounded_channel();
+    let server = tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let keep = keep.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| recorder_answer(req, keep.clone()));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(sock), svc)
+                    .await;
+            });
+        }
+    });
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.args(["-p", FIRST_PROMPT])
+        .current_dir(proj)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("ANTHROPIC_") || k.starts_with("CLAUDE_") {
+            cmd.env_remove(k.as_ref());
+        }
+    }
+    cmd.env("HOME", home)
+        .env(
+            "ANTHROPIC_BASE_URL",
+            format!("http://127.0.0.1:{PORT_RECORDER}"),
+        )
+        .env("ANTHROPIC_API_KEY", crate::env::API_KEY)
+        .env("DISABLE_TELEMETRY", "1")
+        .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+        .env("DISABLE_AUTOUPDATER", "1");
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+    let got = tokio::time::timeout(Duration::from_secs(120), kept.recv()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    let _ = child.kill().await;
+    server.abort();
+    match got {
+        Ok(Some(v)) => Ok(v),
+        _ => Err(format!(
+            "{} sent no request with tools within 120 s",
+            bin.display()
+        )),
+    }
 }
 
 pub const TURNS: usize = 4;
@@ -112,14 +194,14 @@ struct Turn {
 /// Replays the conversation to `target` (an Anthropic endpoint) while reading llama-server's own counters:
 /// prompt tokens evaluated per turn come from llama-server's /metrics, so they do not depend on what the
 /// endpoint reports in `usage`.
-async fn replay(target: SocketAddr, llama: SocketAddr) -> Vec<Turn> {
+async fn replay(target: SocketAddr, llama: SocketAddr, recorded: &Value, proj: &str) -> Vec<Turn> {
     let mut out = vec![];
     for t in 0..TURNS {
         let before = load::get_text(llama, "/metrics")
             .await
             .ok()
             .and_then(|m| prompt_tokens_total(&m));
-        let resp = load::post_json(target, "/v1/messages", &turn_body(t)).await;
+        let resp = load::post_json(target, "/v1/messages", &turn_body(t, recorded, proj)).await;
         let after = load::get_text(llama, "/metrics")
             .await
             .ok()
@@ -167,13 +249,13 @@ fn cell(t: &Turn, prev: Option<&Turn>) -> String {
             // from the cache; the rest of this prompt is the turn's new messages, which no cache can hold.
             let kept = match prev.and_then(|p| p.total).filter(|&p| p > 0) {
                 Some(p) => format!(
-                    "; previous prompt reused: {:.0}%",
+                    "; previous prompt reused: {:.1}%",
                     100.0 * cached.min(p) as f64 / p as f64
                 ),
                 None => String::new(),
             };
             format!(
-                "{cached}/{total} = {:.0}% (usage cache_read: {reported}{kept})",
+                "{cached}/{total} = {:.1}% (usage cache_read: {reported}{kept})",
                 100.0 * cached as f64 / total as f64
             )
         }
@@ -200,12 +282,57 @@ pub async fn run() -> String {
     let Some(templates) = env_path("LLMCTL_LLAMA_TEMPLATES") else {
         return "Not measured: LLMCTL_LLAMA_TEMPLATES is not set (`eval \"$(bash scripts/test-stack.sh)\"`).\n".into();
     };
+    let Some(claude) = env_path("LLMCTL_CLAUDE_BIN") else {
+        return "Not measured: LLMCTL_CLAUDE_BIN is not set (`eval \"$(bash scripts/test-stack.sh)\"`).\n".into();
+    };
+    let dir = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => return format!("Not measured: no temporary directory: {e}\n"),
+    };
+    let (home, proj) = (dir.path().join("home"), dir.path().join("proj"));
+    let made = std::fs::create_dir_all(&home)
+        .and_then(|()| std::fs::create_dir_all(&proj))
+        .and_then(|()| {
+            std::fs::write(
+                proj.join("notes.txt"),
+                "FIRST LINE: the quick brown fox\nsecond line\nthird line\n",
+            )
+        });
+    if let Err(e) = made {
+        return format!("Not measured: cannot prepare Claude Code's directory: {e}\n");
+    }
+    eprintln!("cache: recording Claude Code's first request");
+    let recorded = match record_claude_code(&claude, &home, &proj).await {
+        Ok(v) => v,
+        Err(e) => return format!("Not measured: {e}\n"),
+    };
+    let proj = proj.to_string_lossy().into_owned();
+    let request_kb = serde_json::to_vec(&recorded).map_or(0, |b| b.len()) / 1024;
+    let n_tools = recorded["tools"].as_array().map_or(0, Vec::len);
+    let version = std::process::Command::new(&claude)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            // "2.1.197 (Claude Code)"
+            let out = String::from_utf8_lossy(&o.stdout).into_owned();
+            out.split_whitespace().next().map(str::to_owned)
+        })
+        .unwrap_or_default();
     let template = templates.join("google-gemma-4-31B-it.jinja");
     let template = template.to_string_lossy().into_owned();
-    // The Gemma 4 template renders tools, tool calls and tool results; SmolLM2's own template has none.
+    // The Gemma 4 template renders tools, tool calls and tool results; SmolLM2's own template has none. One slot
+    // of 32768 tokens holds Claude Code's whole prompt (the model's own training context is 8192). Two threads:
+    // only token counts are measured here, and the native endpoint prefills the whole prompt every turn.
     let extra = [
         "-c",
-        "8192",
+        "32768",
+        "--override-kv",
+        "llama.context_length=int:32768",
+        "-t",
+        "2",
+        "-tb",
+        "2",
         "--jinja",
         "--chat-template-file",
         template.as_str(),
@@ -216,7 +343,7 @@ pub async fn run() -> String {
     columns.push((
         "llama-server native /v1/messages".into(),
         match fresh_server(&extra).await {
-            Ok(p) => Ok(replay(p.endpoint.addr, p.endpoint.addr).await),
+            Ok(p) => Ok(replay(p.endpoint.addr, p.endpoint.addr, &recorded, &proj).await),
             Err(e) => Err(e),
         },
     ));
@@ -230,7 +357,7 @@ pub async fn run() -> String {
                     Err(e) => Err(format!("{e:#}")),
                     Ok(()) => {
                         eprintln!("cache: replay through llmctl");
-                        Ok(replay(p.endpoint.addr, server.endpoint.addr).await)
+                        Ok(replay(p.endpoint.addr, server.endpoint.addr, &recorded, &proj).await)
                     }
                 },
             },
@@ -238,17 +365,17 @@ pub async fn run() -> String {
     };
     columns.push(("llmctl serve-proxy → llama-server".into(), llmctl));
 
-    let mut out = String::from(
-        "Four turns (prompt, Read tool_use/tool_result, text answer + new prompt, Bash tool_use/tool_result), each \
-         resending the whole conversation like Claude Code, with its changing billing line (`cc_version=….xxx; \
-         cch=…`) as system block 0, the role-`system` message and the moving cache_control breakpoint. Trimmed for \
-         CPU: short system prompt, 2 tools, max_tokens 8; a fresh llama-server (Gemma 4 template, -c 8192) per column. \
-         Cell = prompt tokens llama-server took from its cache / prompt tokens (evaluated tokens from its /metrics; \
-         prompt size from the response's usage); \"previous prompt reused\" = the part of the previous turn's prompt \
-         (all of which the client sends again) that came from the cache. Turn 1 has nothing cached by construction; \
-         the client leaves every earlier part unchanged except the billing line, which it rewrites each turn. The \
-         trimming makes each turn's new messages (40-95 tokens here) 5-12% of the prompt; in a real Claude Code \
-         conversation (a 76 KB request with 24 tools, roughly 19k tokens) they are under 1%.\n\n| turn |",
+    let mut out = format!(
+        "Claude Code {version}'s real first request, recorded from the binary ({request_kb} KB: its system prompt, \
+         {n_tools} tools, the user turn with its reminders), then three more turns (Read tool_use/tool_result, text \
+         answer + new prompt, Bash tool_use/tool_result), each resending the whole conversation like Claude Code, \
+         with its billing line (`cc_version=….xxx; cch=…`, system block 0) rewritten every turn and the \
+         cache_control breakpoint moved to the newest user block; max_tokens 8; a fresh llama-server (Gemma 4 \
+         template, one 32768-token slot) per column. Cell = prompt tokens llama-server took from its cache / prompt \
+         tokens (evaluated tokens from its /metrics; prompt size from the response's usage); \"previous prompt \
+         reused\" = the part of the previous turn's prompt (all of which the client sends again) that came from the \
+         cache. Turn 1 has nothing cached by construction; the client leaves every earlier part unchanged except \
+         the billing line.\n\n| turn |"
     );
     for (name, _) in &columns {
         out.push_str(&format!(" {name} |"));
@@ -283,15 +410,39 @@ mod tests {
 
     #[test]
     fn turns_grow_and_move_the_breakpoint() {
-        let t0 = turn_body(0);
-        let t3 = turn_body(3);
-        assert_eq!(t0["messages"].as_array().unwrap().len(), 2);
-        assert_eq!(t3["messages"].as_array().unwrap().len(), 8);
+        // Shaped like a recorded Claude Code request: billing line first, a breakpoint on the user's text.
+        let recorded = json!({
+            "model": "claude-opus-4-8", "max_tokens": 32000, "stream": true,
+            "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197.abc; cch=00000;"},
+                       {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
+            "tools": [{"name": "Read", "input_schema": {"type": "object"}}],
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "<system-reminder>x</system-reminder>"},
+                {"type": "text", "text": FIRST_PROMPT, "cache_control": {"type": "ephemeral"}}]}]
+        });
+        let t0 = turn_body(0, &recorded, "/p");
+        let t3 = turn_body(3, &recorded, "/p");
+        assert_eq!(t0["messages"].as_array().unwrap().len(), 1);
+        assert_eq!(t3["messages"].as_array().unwrap().len(), 7);
+        assert_eq!(
+            (t3["max_tokens"].clone(), t3["stream"].clone()),
+            (json!(8), json!(false))
+        );
         assert_ne!(
             t0["system"][0], t3["system"][0],
             "the billing line changes every turn"
         );
-        assert_eq!(t0["system"][2], t3["system"][2]);
+        assert!(
+            t3["system"][0]["text"]
+                .as_str()
+                .unwrap()
+                .starts_with(BILLING_PREFIX)
+        );
+        assert_eq!(t0["system"][1], t3["system"][1]);
+        assert_eq!(
+            t3["messages"][1]["content"][0]["input"]["file_path"],
+            "/p/notes.txt"
+        );
         let marked: Vec<_> = t3["messages"]
             .as_array()
             .unwrap()
