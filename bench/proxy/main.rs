@@ -128,7 +128,7 @@ request can take (per request 2 epoll_wait, 2 recvfrom, 2 writev: one wait and o
 request and the upstream's answer, one write to each), so there is no wake-up or copy left to remove. Its time is \
 CPU: 46% in the kernel's TCP path; the rest spread over hyper and reqwest (server and client side), serde parsing \
 of the ~16 upstream stream events and the translation, no function above 1%. At 500 requests/s the same proxy \
-adds well under half as much (see above): at 100/s the machine idles between requests, so each one runs on cold caches. What \
+adds less (see above): at 100/s the machine idles between requests, so each one runs on cold caches. What \
 would close the rest of the gap to the pass-through floor: a bare hyper client instead of reqwest (the design \
 card's HTTP client), and a non-streamed upstream request for non-streaming clients. The latter was built and \
 measured (p50 added 308 µs -> 210 µs in one run on a loaded machine) and not kept: llama-server does not stop \
