@@ -489,6 +489,8 @@ fn broken_scenarios_are_repaired() {
         "wrong-cuda-arch",
     ] {
         let bed = Bed::new(scenario);
+        let conf = "/etc/pve/lxc/103.conf";
+        let before = bed.sim.exec(&["cat", conf]).stdout;
         let run = bed.provision(&["--yes"]);
         assert_ok(&run, &format!("provision of scenario {scenario}"));
         let d = bed.doctor();
@@ -499,6 +501,29 @@ fn broken_scenarios_are_repaired() {
             text(&d),
             text(&run)
         );
+        // Nothing is lost: a config the run changed (devN entries, legacy lines removed) has one backup,
+        // holding it as it was before the run.
+        if bed.sim.exec(&["cat", conf]).stdout != before {
+            let backups = bed.sim.exec(&[
+                "sh",
+                "-c",
+                "ls /root/llmctl-backup/*/host/etc/pve/lxc/103.conf && cat /root/llmctl-backup/*/host/etc/pve/lxc/103.conf",
+            ]);
+            let listed = String::from_utf8_lossy(&backups.stdout);
+            assert_eq!(
+                listed.lines().next().map(|l| l.ends_with(".conf")),
+                Some(true),
+                "{scenario}: no backup of {conf}: {}",
+                String::from_utf8_lossy(&backups.stderr)
+            );
+            let (first, rest) = listed.split_once('\n').unwrap_or_default();
+            assert!(first.ends_with("103.conf"), "{scenario}: {listed}");
+            assert_eq!(
+                rest.as_bytes(),
+                &before[..],
+                "{scenario}: the backup of {conf} is not the config as it was before the run"
+            );
+        }
     }
 }
 

@@ -147,21 +147,9 @@ impl Step<Ctx> for Devices {
         Ok(devices_check(f, cfg, &text, vmid, running))
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
-        let vmid = ctx.vmid();
-        // The config is copied outside /etc/pve first (pmxcfs would replicate a copy inside it).
-        let conf = format!("/etc/pve/lxc/{vmid}.conf");
-        let data = ctx.host().read_file(&conf)?;
-        let backup = format!(
-            "{}/{}/host/etc/pve/lxc/{vmid}.conf",
-            super::ctx::BACKUP_DIR,
-            ctx.stamp
-        );
-        let dir = backup
-            .rsplit_once('/')
-            .map(|(d, _)| d.to_string())
-            .unwrap_or_default();
-        ctx.host_ok(Cmd::new(["mkdir", "-p", "-m", "0700", "--", &dir]))?;
-        ctx.host().write_file(&backup, &data, 0o600)?;
+        // `pct set` rewrites the config itself: back it up first, outside /etc/pve (pmxcfs would
+        // replicate a copy kept inside it).
+        ctx.backup_host_file(&format!("/etc/pve/lxc/{}.conf", ctx.vmid()))?;
         run_actions(ctx, actions)
     }
 }

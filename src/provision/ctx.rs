@@ -132,8 +132,7 @@ impl Ctx {
 
     /// Writes a host file atomically, after copying the old one (if any) to the run's backup folder.
     pub fn write_host_file(&self, path: &str, data: &[u8], mode: u32) -> Result<()> {
-        let backup = format!("{BACKUP_DIR}/{}/host{path}", self.stamp);
-        backup_then(self.host.as_ref(), path, &backup)?;
+        self.backup_host_file(path)?;
         if let Some((dir, _)) = path.rsplit_once('/')
             && !dir.is_empty()
         {
@@ -142,6 +141,13 @@ impl Ctx {
             ensure_ok(&format!("on {}", self.host.describe()), &cmd, out)?;
         }
         self.host.write_file(path, data, mode)
+    }
+
+    /// Backs a host file up before it changes, for changes made by a command rather than by
+    /// [`Self::write_host_file`] (`pct set` rewriting a container's config).
+    pub fn backup_host_file(&self, path: &str) -> Result<()> {
+        let backup = format!("{BACKUP_DIR}/{}/host{path}", self.stamp);
+        backup_then(self.host.as_ref(), path, &backup)
     }
 
     /// Writes a container file atomically (`pct push` to a temp name, then `mv`), after a backup in the
@@ -165,9 +171,11 @@ impl Ctx {
 }
 
 /// Copies `path` to `backup` when it exists (cp -a keeps mode and owner), creating the backup's folder.
+/// Copies `path` to `backup` unless this run already backed it up: a file changed twice in one run
+/// keeps the backup of how it was before the run, not of the run's own first change.
 fn backup_then(t: &dyn Transport, path: &str, backup: &str) -> Result<()> {
     let exists = t.run(&Cmd::new(["test", "-e", path]))?.success();
-    if !exists {
+    if !exists || t.run(&Cmd::new(["test", "-e", backup]))?.success() {
         return Ok(());
     }
     let dir = backup.rsplit_once('/').map(|(d, _)| d).unwrap_or("/");
