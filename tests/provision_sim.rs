@@ -504,23 +504,21 @@ fn broken_scenarios_are_repaired() {
         // Nothing is lost: a config the run changed (devN entries, legacy lines removed) has one backup,
         // holding it as it was before the run.
         if bed.sim.exec(&["cat", conf]).stdout != before {
-            let backups = bed.sim.exec(&[
+            let listed = bed.sim.exec(&[
                 "sh",
                 "-c",
-                "ls /root/llmctl-backup/*/host/etc/pve/lxc/103.conf && cat /root/llmctl-backup/*/host/etc/pve/lxc/103.conf",
+                "ls -d /root/llmctl-backup/*/host/etc/pve/lxc/103.conf",
             ]);
-            let listed = String::from_utf8_lossy(&backups.stdout);
+            let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+            let backups: Vec<&str> = listed.lines().collect();
             assert_eq!(
-                listed.lines().next().map(|l| l.ends_with(".conf")),
-                Some(true),
-                "{scenario}: no backup of {conf}: {}",
-                String::from_utf8_lossy(&backups.stderr)
+                backups.len(),
+                1,
+                "{scenario}: backups of {conf}: {backups:?}"
             );
-            let (first, rest) = listed.split_once('\n').unwrap_or_default();
-            assert!(first.ends_with("103.conf"), "{scenario}: {listed}");
             assert_eq!(
-                rest.as_bytes(),
-                &before[..],
+                bed.sim.exec(&["cat", backups[0]]).stdout,
+                before,
                 "{scenario}: the backup of {conf} is not the config as it was before the run"
             );
         }

@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 
 use super::config::ProvisionConfig;
 use super::progress::Live;
+use super::step::Target;
 use crate::doctor::facts::{self, HostFacts};
 use crate::transport::{Cmd, Container, Output, Stream, Transport};
 
@@ -114,6 +115,14 @@ impl Ctx {
         ensure_ok(&format!("in CT {}", self.vmid()), &cmd, out)
     }
 
+    /// [`Self::host_ok`] or [`Self::ct_ok`], by where a planned action runs.
+    pub fn run_ok(&self, on: &Target, cmd: Cmd) -> Result<Output> {
+        match on {
+            Target::Host => self.host_ok(cmd),
+            Target::Container(_) => self.ct_ok(cmd),
+        }
+    }
+
     /// Quiet probe inside the container: stdout when it exits 0, `None` otherwise.
     pub fn ct_probe(&self, argv: &[&str]) -> Result<Option<String>> {
         let out = self
@@ -170,9 +179,9 @@ impl Ctx {
     }
 }
 
-/// Copies `path` to `backup` when it exists (cp -a keeps mode and owner), creating the backup's folder.
-/// Copies `path` to `backup` unless this run already backed it up: a file changed twice in one run
-/// keeps the backup of how it was before the run, not of the run's own first change.
+/// Copies `path` to `backup` when it exists (cp -a keeps mode and owner), creating the backup's folder;
+/// unless this run already backed it up: a file changed twice in one run keeps the backup of how it was
+/// before the run, not of the run's own first change.
 fn backup_then(t: &dyn Transport, path: &str, backup: &str) -> Result<()> {
     let exists = t.run(&Cmd::new(["test", "-e", path]))?.success();
     if !exists || t.run(&Cmd::new(["test", "-e", backup]))?.success() {

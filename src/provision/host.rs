@@ -323,10 +323,7 @@ pub fn apply_proven(
         if let Action::Run { on, cmd } = a
             && cmd.argv.iter().any(|x| x == "-s")
         {
-            let out = match on {
-                Target::Host => ctx.host_ok(cmd.clone())?,
-                Target::Container(_) => ctx.ct_ok(cmd.clone())?,
-            };
+            let out = ctx.run_ok(on, cmd.clone())?;
             if let Err(why) = simulation_pins_exactly(&out.stdout, version, forbidden) {
                 bail!("{}", refusal(&why));
             }
@@ -773,17 +770,8 @@ pub fn run_actions(ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
 /// Applies one planned action exactly as the plan showed it.
 pub fn run_action(ctx: &mut Ctx, action: &Action) -> Result<()> {
     match action {
-        Action::Run {
-            on: Target::Host,
-            cmd,
-        } => {
-            ctx.host_ok(cmd.clone())?;
-        }
-        Action::Run {
-            on: Target::Container(_),
-            cmd,
-        } => {
-            ctx.ct_ok(cmd.clone())?;
+        Action::Run { on, cmd } => {
+            ctx.run_ok(on, cmd.clone())?;
         }
         Action::WriteFile {
             on: Target::Host,
