@@ -31,8 +31,8 @@ fn events(sse: &str) -> Vec<&str> {
         .collect()
 }
 
-/// The recorded text stream with its text chunks cycled to TEXT_CHUNKS, as the bytes an upstream sends.
-fn long_text_stream() -> Vec<u8> {
+/// The recorded text stream with its text chunks cycled to TEXT_CHUNKS, one read per event.
+fn long_text_stream() -> Vec<Vec<u8>> {
     let sse = read("bench/recorded/chat-stream.sse");
     let all = events(&sse);
     let is_text =
@@ -47,22 +47,19 @@ fn long_text_stream() -> Vec<u8> {
         .chain(text.iter().copied().cycle().take(TEXT_CHUNKS))
         .chain(tail)
         .collect();
-    to_wire(&picked)
+    to_reads(&picked)
 }
 
-fn to_wire(data: &[&str]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for d in data {
-        out.extend_from_slice(b"data: ");
-        out.extend_from_slice(d.as_bytes());
-        out.extend_from_slice(b"\n\n");
-    }
-    out
+/// Each event as the bytes of one read, as llama-server writes them: `data: …` and a blank line.
+fn to_reads(data: &[&str]) -> Vec<Vec<u8>> {
+    data.iter()
+        .map(|d| format!("data: {d}\n\n").into_bytes())
+        .collect()
 }
 
 /// One stream end to end, the upstream's bytes arriving one event per read as llama-server writes them.
 /// Returns the bytes sent to the client, so nothing can be optimized away.
-fn translate(reads: &[&[u8]]) -> usize {
+fn translate(reads: &[Vec<u8>]) -> usize {
     let mut parser = SseParser::default();
     let mut t = StreamTranslator::new(ResponseContext {
         client_model: "claude-sonnet-4-5".into(),
@@ -93,30 +90,19 @@ fn translate(reads: &[&[u8]]) -> usize {
     sent
 }
 
-fn split_reads(wire: &[u8]) -> Vec<&[u8]> {
-    let mut reads = Vec::new();
-    let mut rest = wire;
-    while let Some(p) = rest.windows(2).position(|w| w == b"\n\n") {
-        reads.push(&rest[..p + 2]);
-        rest = &rest[p + 2..];
-    }
-    reads
-}
-
-fn bench_stream(c: &mut Criterion, name: &str, wire: &[u8]) {
-    let reads = split_reads(wire);
+fn bench_stream(c: &mut Criterion, name: &str, reads: &[Vec<u8>]) {
     // Fails loudly if a translator change made the recorded stream produce nothing.
-    assert!(translate(&reads) > 0, "{name}: no client bytes");
+    assert!(translate(reads) > 0, "{name}: no client bytes");
     let mut group = c.benchmark_group("stream_translator");
     group.throughput(Throughput::Elements(reads.len() as u64));
-    group.bench_function(name, |b| b.iter(|| black_box(translate(&reads))));
+    group.bench_function(name, |b| b.iter(|| black_box(translate(reads))));
     group.finish();
 }
 
 fn streams(c: &mut Criterion) {
     bench_stream(c, "text_256_chunks", &long_text_stream());
     let tool = read("fixtures/streams/tool-single-length.sse");
-    bench_stream(c, "tool_call_recorded", &to_wire(&events(&tool)));
+    bench_stream(c, "tool_call_recorded", &to_reads(&events(&tool)));
 }
 
 criterion_group!(benches, streams);

@@ -57,7 +57,10 @@ fn later_messages(proj: &str) -> [Value; 6] {
 /// rewrites the billing line. Answers are kept short (max_tokens 8, no stream): only the prompt is measured.
 pub fn turn_body(t: usize, recorded: &Value, proj: &str) -> Value {
     let mut body = recorded.clone();
-    let mut messages = recorded["messages"].as_array().cloned().unwrap_or_default();
+    let mut messages = match body["messages"].take() {
+        Value::Array(m) => m,
+        _ => Vec::new(),
+    };
     messages.extend(later_messages(proj).into_iter().take(2 * t));
     for block in messages
         .iter_mut()

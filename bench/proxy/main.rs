@@ -5,8 +5,9 @@
 //!
 //! Environment: LLMCTL_BIN (llmctl binary; its serve-proxy arguments in LLMCTL_PROXY_ARGS), BENCH_LITELLM_BIN /
 //! BENCH_CCR_BIN (+ _VERSION) from bench/peers.sh, LLMCTL_LLAMA_SERVER / LLMCTL_TEST_MODEL / LLMCTL_LLAMA_TEMPLATES
-//! / LLMCTL_CLAUDE_BIN (the cache section records Claude Code's first request) from scripts/test-stack.sh, BENCH_SECS (seconds per measurement, default 5), BENCH_ONLY (comma list of
-//! sections: proxies, native, cache), BENCH_OUT (report path, default docs/performance.md).
+//! / LLMCTL_CLAUDE_BIN (the cache section records Claude Code's first request) from scripts/test-stack.sh,
+//! BENCH_SECS (seconds per measurement, default 5), BENCH_ONLY (comma list of sections: proxies, native, cache),
+//! BENCH_OUT (report path, default docs/performance.md).
 
 // Cargo builds a harness-less bench with cfg(test) on: the modules' unit tests compile here without running;
 // they run through the `bench_units` test target (bench/proxy/units.rs).
