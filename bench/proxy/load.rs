@@ -157,7 +157,7 @@ impl RunResult {
         self.first_error.get_or_insert(e);
     }
 
-    fn merge(parts: Vec<RunResult>, elapsed: Duration) -> RunResult {
+    pub fn merge(parts: Vec<RunResult>, elapsed: Duration) -> RunResult {
         let mut out = RunResult {
             elapsed,
             ..Default::default()

@@ -90,26 +90,42 @@ fn wanted(section: &str) -> bool {
     std::env::var("BENCH_ONLY").map_or(true, |v| v.split(',').any(|s| s.trim() == section))
 }
 
-async fn measure(p: Result<targets::Proc>, ready_timeout: Duration, s: &suite::Settings) -> Column {
-    let mut p = match p {
-        Ok(p) => p,
-        Err(e) => {
-            return Column {
-                name: "?".into(),
-                version: String::new(),
-                result: Err(format!("{e:#}")),
-            };
-        }
-    };
+/// Starts `p` and waits until it answers; the column that says why not otherwise.
+async fn start(p: Result<targets::Proc>, ready_timeout: Duration) -> Result<targets::Proc, Column> {
+    let mut p = p.map_err(|e| Column {
+        name: "?".into(),
+        version: String::new(),
+        result: Err(format!("{e:#}")),
+    })?;
     eprintln!("starting {} {}", p.name, p.version);
-    let result = match targets::wait_ready(&mut p, ready_timeout).await {
-        Ok(()) => Ok(suite::run(&p, s, true).await),
-        Err(e) => Err(format!("{e:#}")),
-    };
+    match targets::wait_ready(&mut p, ready_timeout).await {
+        Ok(()) => Ok(p),
+        Err(e) => Err(Column {
+            name: p.name.clone(),
+            version: p.version.clone(),
+            result: Err(format!("{e:#}")),
+        }),
+    }
+}
+
+async fn measured(
+    p: &targets::Proc,
+    s: &suite::Settings,
+    fixed: Option<Vec<(f64, suite::NonStream)>>,
+) -> Column {
+    eprintln!("measuring {} {}", p.name, p.version);
     Column {
         name: p.name.clone(),
         version: p.version.clone(),
-        result,
+        result: Ok(suite::run(p, s, true, fixed).await),
+    }
+}
+
+/// Starts `p`, measures it alone, and stops it.
+async fn measure(p: Result<targets::Proc>, ready_timeout: Duration, s: &suite::Settings) -> Column {
+    match start(p, ready_timeout).await {
+        Ok(p) => measured(&p, s, None).await,
+        Err(col) => col,
     }
 }
 
@@ -153,37 +169,50 @@ async fn run() -> Result<()> {
     if wanted("proxies") {
         let mut up = targets::upstream(PORT_UPSTREAM)?;
         let up_addr = up.endpoint.addr;
-        let mut cols = vec![];
-        eprintln!("measuring direct access to the instant upstream");
         targets::wait_ready(&mut up, Duration::from_secs(10)).await?;
-        cols.push(Column {
-            name: up.name.clone(),
-            version: up.version.clone(),
-            result: Ok(suite::run(&up, &settings, false).await),
-        });
-
-        cols.push(
-            measure(
-                targets::passthru(PORT_PASSTHRU, up_addr),
-                Duration::from_secs(10),
-                &settings,
-            )
-            .await,
-        );
-        cols.push(match env_path("LLMCTL_BIN") {
+        // Direct access, the pass-through floor and llmctl run side by side: their fixed-rate figures are
+        // taken in turns (suite::fixed_rates_interleaved), the rest one after the other.
+        let passthru = start(
+            targets::passthru(PORT_PASSTHRU, up_addr),
+            Duration::from_secs(10),
+        )
+        .await;
+        let llmctl = match env_path("LLMCTL_BIN") {
             Some(bin) => {
-                measure(
+                start(
                     targets::llmctl(&bin, PORT_LLMCTL, up_addr),
                     Duration::from_secs(20),
-                    &settings,
                 )
                 .await
             }
-            None => not_measured(
+            None => Err(not_measured(
                 "llmctl serve-proxy",
                 "LLMCTL_BIN is not set (path to an llmctl binary built with serve-proxy)",
-            ),
+            )),
+        };
+        let mut side_by_side = vec![&up];
+        side_by_side.extend(passthru.as_ref().ok());
+        side_by_side.extend(llmctl.as_ref().ok());
+        let mut fixed = suite::fixed_rates_interleaved(&side_by_side, &settings)
+            .await
+            .into_iter();
+        let mut cols = vec![];
+        eprintln!("measuring direct access to the instant upstream");
+        cols.push(Column {
+            name: up.name.clone(),
+            version: up.version.clone(),
+            result: Ok(suite::run(&up, &settings, false, fixed.next()).await),
         });
+        for p in [passthru, llmctl] {
+            cols.push(match p {
+                Ok(p) => {
+                    let col = measured(&p, &settings, fixed.next()).await;
+                    drop(p);
+                    col
+                }
+                Err(col) => col,
+            });
+        }
         cols.push(match env_path("BENCH_LITELLM_BIN") {
             Some(bin) => {
                 let v = std::env::var("BENCH_LITELLM_VERSION").unwrap_or_default();
@@ -330,7 +359,9 @@ fn method(s: &suite::Settings) -> String {
          - **Fixed rates** ({rates}): open loop on one connection; latency is measured from each request's *scheduled* \
            send time, so a stalled server is charged for the requests queued behind it (no coordinated omission); the \
            generator wakes 3 ms early and yields until the slot, so its own timer's lateness is not charged. Added \
-           latency = through the proxy minus direct at the same rate, at p50 and p99.\n\
+           latency = through the proxy minus direct at the same rate, at p50 and p99. Direct, the pass-through \
+           floor and llmctl are measured in turns, one second each, the order rotating every round, so that the \
+           three see the same moments of the machine; the peers, whose added latency is in milliseconds, alone.\n\
          - **Pass-through floor**: this bench re-executed as a one-thread hyper proxy that forwards each request and \
            streams the answer back untouched (no parsing, no translation), one upstream connection per client \
            connection. What it adds over direct is what any separate proxy process costs here (two more socket hops \

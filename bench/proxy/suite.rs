@@ -77,12 +77,57 @@ pub struct Measured {
     pub rss_peak_kib: u64,
 }
 
-pub async fn run(p: &Proc, s: &Settings, measure_process: bool) -> Measured {
-    let ep = &p.endpoint;
-    let dur = s.dur();
-    // Warm-up: connection set-up, lazy imports and JITs of the peers are not what is measured.
+/// Warm-up: connection set-up, lazy imports and JITs of the peers are not what is measured.
+async fn warm_up(ep: &load::Endpoint, s: &Settings) {
     load::nonstream(ep, 1, None, Duration::from_secs(1)).await;
     load::streams(ep, 1, s.fast_chunks, 0, Duration::from_secs(1), None).await;
+}
+
+/// The fixed-rate runs of several endpoints taken in turns, one second each, the order rotating every round,
+/// until each has had `s.secs` at every rate. Tens of microseconds apart, the figures of direct access, the
+/// pass-through floor and llmctl are only comparable when each saw the same moments of the machine: run one
+/// after the other, a minute apart, they drifted by more than the differences measured (a direct p50 of
+/// 140 µs in one run, 192 µs in the next).
+pub async fn fixed_rates_interleaved(procs: &[&Proc], s: &Settings) -> Vec<Vec<(f64, NonStream)>> {
+    for p in procs {
+        warm_up(&p.endpoint, s).await;
+    }
+    let rounds = (s.secs.round() as usize).max(1);
+    let round = Duration::from_secs_f64(s.secs / rounds as f64);
+    let mut out: Vec<Vec<(f64, NonStream)>> = procs.iter().map(|_| vec![]).collect();
+    for &r in &s.rates {
+        let names: Vec<&str> = procs.iter().map(|p| p.name.as_str()).collect();
+        eprintln!(
+            "  non-streaming at {r} requests/s, 1 connection, {rounds} rounds of {:.1} s in turns: {}",
+            round.as_secs_f64(),
+            names.join(", ")
+        );
+        let mut parts: Vec<Vec<RunResult>> = procs.iter().map(|_| vec![]).collect();
+        for i in 0..rounds {
+            for k in 0..procs.len() {
+                let j = (i + k) % procs.len();
+                parts[j].push(load::nonstream(&procs[j].endpoint, 1, Some(r), round).await);
+            }
+        }
+        for (o, p) in out.iter_mut().zip(parts) {
+            let elapsed = p.iter().map(|x| x.elapsed).sum();
+            o.push((r, RunResult::merge(p, elapsed).into()));
+        }
+    }
+    out
+}
+
+/// Measures everything against `p`; the fixed-rate runs too unless `fixed` brings them (from
+/// [`fixed_rates_interleaved`]).
+pub async fn run(
+    p: &Proc,
+    s: &Settings,
+    measure_process: bool,
+    fixed: Option<Vec<(f64, NonStream)>>,
+) -> Measured {
+    let ep = &p.endpoint;
+    let dur = s.dur();
+    warm_up(ep, s).await;
     let pids = if measure_process {
         p.measured_pids()
     } else {
@@ -90,14 +135,20 @@ pub async fn run(p: &Proc, s: &Settings, measure_process: bool) -> Measured {
     };
     let rss_idle_kib = stats::status_kib(&pids, "VmRSS:");
 
-    let mut fixed_rate = vec![];
-    for &r in &s.rates {
-        eprintln!(
-            "  [{}] non-streaming at {r} requests/s, 1 connection",
-            p.name
-        );
-        fixed_rate.push((r, load::nonstream(ep, 1, Some(r), dur).await.into()));
-    }
+    let fixed_rate = match fixed {
+        Some(f) => f,
+        None => {
+            let mut f = vec![];
+            for &r in &s.rates {
+                eprintln!(
+                    "  [{}] non-streaming at {r} requests/s, 1 connection",
+                    p.name
+                );
+                f.push((r, load::nonstream(ep, 1, Some(r), dur).await.into()));
+            }
+            f
+        }
+    };
     eprintln!("  [{}] non-streaming, max throughput", p.name);
     let max_1 = load::nonstream(ep, 1, None, dur).await.into();
     let max_8 = load::nonstream(ep, 8, None, dur).await.into();

@@ -3,7 +3,6 @@
 //! the upstream is silent) or folded into one JSON message for `stream: false`.
 
 use std::collections::VecDeque;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +13,9 @@ use axum::http::{HeaderMap, HeaderValue, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use futures_util::{Stream, StreamExt};
+use futures_util::StreamExt;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -27,7 +28,7 @@ use super::openai::ChatChunk;
 use super::sse::SseParser;
 use super::stream::{Event, StreamTranslator, Usage};
 use super::translate::{TranslateOptions, translate_for_count, translate_request};
-use super::upstream::{Upstream, UpstreamError, classify};
+use super::upstream::{Upstream, UpstreamError};
 
 pub struct AppState {
     pub settings: Settings,
@@ -201,12 +202,58 @@ impl Drop for Tracker {
             (true, Some(_)) => "error",
             (true, None) => "ok",
         };
+        let line = RequestLine {
+            method: std::mem::take(&mut self.method),
+            path: std::mem::take(&mut self.path),
+            status: self.status,
+            outcome,
+            client_model: std::mem::take(&mut self.client_model),
+            upstream_model: std::mem::take(&mut self.upstream_model),
+            streamed: self.streamed,
+            usage: self.usage,
+            ttft: self.ttft,
+            duration,
+            upstream_wait: self.upstream_wait,
+            stop_reason: self.stop_reason.take(),
+            error_type: self.error_type,
+            error: self.error_message.take(),
+        };
+        // The line is written once the answer is out: formatting it and the write(2) to stderr cost ~10 µs,
+        // which a non-streamed answer would otherwise wait for (its Tracker is dropped before hyper writes
+        // it). On a serving thread the spawned task runs when the connection's task yields, after its write.
+        // The line is written when dropped, so a task a shutting-down runtime drops unrun still writes it.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            drop(rt.spawn(async move { drop(line) }));
+        }
+    }
+}
+
+/// What the per-request log line says, owned so it can be written after the answer; written when dropped.
+struct RequestLine {
+    method: String,
+    path: String,
+    status: u16,
+    outcome: &'static str,
+    client_model: String,
+    upstream_model: String,
+    streamed: bool,
+    usage: Usage,
+    ttft: Option<Duration>,
+    duration: Duration,
+    upstream_wait: Duration,
+    stop_reason: Option<String>,
+    error_type: Option<&'static str>,
+    error: Option<String>,
+}
+
+impl Drop for RequestLine {
+    fn drop(&mut self) {
         let ms = |d: Duration| (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
         tracing::info!(
             method = %self.method,
             path = %self.path,
             status = self.status,
-            outcome,
+            outcome = self.outcome,
             model = %self.client_model,
             upstream_model = %self.upstream_model,
             stream = self.streamed,
@@ -214,11 +261,11 @@ impl Drop for Tracker {
             output_tokens = self.usage.output_tokens,
             cache_read_input_tokens = self.usage.cache_read_input_tokens,
             ttft_ms = self.ttft.map(ms),
-            duration_ms = ms(duration),
-            overhead_ms = ms(duration.saturating_sub(self.upstream_wait)),
+            duration_ms = ms(self.duration),
+            overhead_ms = ms(self.duration.saturating_sub(self.upstream_wait)),
             stop_reason = self.stop_reason.as_deref(),
             error_type = self.error_type,
-            error = self.error_message.as_deref(),
+            error = self.error.as_deref(),
             "request"
         );
     }
@@ -583,13 +630,11 @@ async fn messages(State(st): State<Shared>, headers: HeaderMap, body: Body) -> R
     }
 }
 
-type UpstreamBody = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
-
 /// Drives the upstream's event stream through the translator. Every await in `next` is on the upstream's
 /// byte stream alone, so cancelling `next` (for a ping) loses nothing.
 struct Pump {
     upstream_url: String,
-    body: Option<UpstreamBody>,
+    body: Option<Incoming>,
     parser: SseParser,
     translator: StreamTranslator,
     idle_timeout: Duration,
@@ -600,11 +645,15 @@ struct Pump {
 }
 
 impl Pump {
-    fn new(st: &Shared, resp: reqwest::Response, translator: StreamTranslator) -> Self {
+    fn new(
+        st: &Shared,
+        resp: axum::http::Response<Incoming>,
+        translator: StreamTranslator,
+    ) -> Self {
         let idle_timeout = st.settings.first_byte_timeout;
         Pump {
             upstream_url: st.upstream.base().to_string(),
-            body: Some(Box::pin(resp.bytes_stream())),
+            body: Some(resp.into_body()),
             parser: SseParser::default(),
             translator,
             idle_timeout,
@@ -627,7 +676,7 @@ impl Pump {
                 self.done = true;
                 break;
             };
-            let item = match tokio::time::timeout_at(self.deadline, body.next()).await {
+            let item = match tokio::time::timeout_at(self.deadline, body.frame()).await {
                 Ok(item) => item,
                 Err(_) => {
                     let e = ProxyError::new(
@@ -644,19 +693,18 @@ impl Pump {
             };
             self.deadline = tokio::time::Instant::now() + self.idle_timeout;
             match item {
-                Some(Ok(chunk)) => self.on_bytes(&chunk, &mut out),
+                Some(Ok(frame)) => {
+                    // Trailers carry no events.
+                    if let Some(chunk) = frame.data_ref() {
+                        self.on_bytes(chunk, &mut out);
+                    }
+                }
                 Some(Err(e)) => {
                     let reason = super::upstream::root_reason(&e);
-                    let e = classify(e);
-                    let msg = match e {
-                        UpstreamError::Unreachable(_) | UpstreamError::Broken(_) => {
-                            format!(
-                                "upstream {} broke off the stream: {reason}",
-                                self.upstream_url
-                            )
-                        }
-                        _ => format!("upstream {} failed mid-stream: {reason}", self.upstream_url),
-                    };
+                    let msg = format!(
+                        "upstream {} broke off the stream: {reason}",
+                        self.upstream_url
+                    );
                     self.fail(ProxyError::new(ErrorType::Api, msg), &mut out);
                 }
                 None => {

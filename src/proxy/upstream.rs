@@ -6,8 +6,14 @@ use std::cell::Cell;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use axum::http::HeaderValue;
+use axum::http::{HeaderValue, Request, Response, Uri};
 use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_tls::HttpsConnector;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use reqwest::header;
 use serde_json::Value;
 
@@ -17,6 +23,12 @@ use super::error::{ErrorType, ProxyError, from_upstream_status};
 const MAX_ERROR_BODY: usize = 64 * 1024;
 /// Small calls (models, health, template, tokenize) must not wait as long as a generation may.
 const SMALL_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// llama-server closes idle keep-alive connections after 5 s; dropping ours first avoids sending a request
+/// down a connection the server is closing at that moment (a spurious failure).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// The client chat requests go out on: hyper's pooled HTTP/1.1 client, plain or TLS.
+type ChatClient = HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 #[derive(Debug)]
 pub enum UpstreamError {
@@ -67,19 +79,23 @@ pub struct UpstreamModel {
 }
 
 pub struct Upstream {
-    /// One HTTP client (and so one keep-alive pool) per serving thread, plus one for every other thread: a
-    /// request then reuses a connection driven by its own thread, never one whose I/O another thread polls
-    /// (a cross-thread wake-up on every read and write). See [`set_serving_thread`].
-    clients: Vec<reqwest::Client>,
+    /// One client (and so one keep-alive pool) per serving thread, plus one for every other thread: a request
+    /// then reuses a connection driven by its own thread, never one whose I/O another thread polls (a
+    /// cross-thread wake-up on every read and write). See [`set_serving_thread`]. `chat` carries the chat
+    /// completions, the hot path; `small` (reqwest) everything else.
+    clients: Vec<Clients>,
     base: String,
-    chat_url: String,
-    /// `chat_url` parsed once: reqwest would otherwise parse (and IDNA-map) the string on every request.
-    /// `None` when it does not parse; each request then reports that, as before.
-    chat_url_parsed: Option<reqwest::Url>,
+    /// `{base}/v1/chat/completions`, parsed once.
+    chat_uri: Uri,
     auth: Option<HeaderValue>,
     first_byte_timeout: Duration,
     fixed_model: Option<Arc<str>>,
     discovered: RwLock<Option<Served>>,
+}
+
+struct Clients {
+    chat: ChatClient,
+    small: reqwest::Client,
 }
 
 thread_local! {
@@ -102,26 +118,35 @@ impl Upstream {
         first_byte_timeout: Duration,
         threads: usize,
     ) -> anyhow::Result<Self> {
-        // What reqwest's default native-tls backend would build for each client (system roots, SNI, ALPN
-        // h2 + http/1.1), built once: loading the CA store costs ~0.1 s and ~1 MB per copy.
+        // Built once for every client (system roots, SNI): loading the CA store costs ~0.1 s and ~1 MB per copy.
+        // HTTP/1.1 only, for reqwest too: the chat client speaks nothing else, and an upstream that chose h2
+        // over ALPN would refuse it.
         let tls = native_tls::TlsConnector::builder()
-            .request_alpns(&["h2", "http/1.1"])
+            .request_alpns(&["http/1.1"])
             .build()
             .map_err(|e| anyhow::anyhow!("cannot set up TLS for the upstream: {e}"))?;
-        let build = || {
-            reqwest::Client::builder()
+        let build = || -> anyhow::Result<Clients> {
+            let small = reqwest::Client::builder()
                 .tls_backend_preconfigured(tls.clone())
                 .connect_timeout(connect_timeout)
                 .tcp_nodelay(true)
-                // llama-server closes idle keep-alive connections after 5 s; dropping ours first avoids
-                // sending a request down a connection the server is closing at that moment (a spurious
-                // failure).
-                .pool_idle_timeout(Duration::from_secs(4))
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
                 // The upstream is named explicitly: HTTP(S)_PROXY variables meant for the internet must not
-                // reroute it.
+                // reroute it (the chat client never reads them).
                 .no_proxy()
                 .build()
-                .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))
+                .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?;
+            let mut http = HttpConnector::new();
+            http.enforce_http(false);
+            http.set_nodelay(true);
+            http.set_connect_timeout(Some(connect_timeout));
+            let https =
+                HttpsConnector::from((http, tokio_native_tls::TlsConnector::from(tls.clone())));
+            let chat = HyperClient::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                .build(https);
+            Ok(Clients { chat, small })
         };
         let clients = (0..=threads)
             .map(|_| build())
@@ -139,12 +164,18 @@ impl Upstream {
             None => None,
         };
         let chat_url = format!("{base}/v1/chat/completions");
-        let chat_url_parsed = reqwest::Url::parse(&chat_url).ok();
+        let chat_uri = chat_url.parse::<Uri>().ok().filter(|u| {
+            matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some()
+        });
+        let chat_uri = chat_uri.ok_or_else(|| {
+            anyhow::anyhow!(
+                "the upstream URL {base:?} is not an http:// or https:// URL; give one like http://127.0.0.1:8080"
+            )
+        })?;
         Ok(Upstream {
             clients,
             base: base.to_string(),
-            chat_url,
-            chat_url_parsed,
+            chat_uri,
             auth,
             first_byte_timeout,
             fixed_model: model.map(Arc::from),
@@ -152,8 +183,8 @@ impl Upstream {
         })
     }
 
-    /// This thread's client: its own on a serving thread, the shared last one elsewhere.
-    fn client(&self) -> &reqwest::Client {
+    /// This thread's clients: its own on a serving thread, the shared last ones elsewhere.
+    fn clients(&self) -> &Clients {
         let last = self.clients.len() - 1;
         let i = SERVING_THREAD.with(Cell::get).map_or(last, |i| i.min(last));
         &self.clients[i]
@@ -168,7 +199,7 @@ impl Upstream {
         method: reqwest::Method,
         url: U,
     ) -> reqwest::RequestBuilder {
-        let mut rb = self.client().request(method, url);
+        let mut rb = self.clients().small.request(method, url);
         if let Some(a) = &self.auth {
             rb = rb.header(header::AUTHORIZATION, a.clone());
         }
@@ -177,22 +208,23 @@ impl Upstream {
 
     /// Starts a streaming chat completion. Returns once the upstream sent its response headers with a 2xx
     /// status; the body is the event stream.
-    pub async fn start_chat(&self, body: Vec<u8>) -> Result<reqwest::Response, UpstreamError> {
+    pub async fn start_chat(&self, body: Vec<u8>) -> Result<Response<Incoming>, UpstreamError> {
         let body = Bytes::from(body);
+        let chat = &self.clients().chat;
         let send = async {
             let mut tries = 1;
             loop {
-                let rb = match &self.chat_url_parsed {
-                    Some(url) => self.request(reqwest::Method::POST, url.clone()),
-                    None => self.request(reqwest::Method::POST, self.chat_url.as_str()),
-                };
-                let sent = rb
+                let mut req = Request::post(self.chat_uri.clone())
                     .header(header::CONTENT_TYPE, "application/json")
-                    .header(header::ACCEPT, "text/event-stream")
-                    .body(body.clone())
-                    .send()
-                    .await;
-                match sent {
+                    .header(header::ACCEPT, "text/event-stream");
+                if let Some(a) = &self.auth {
+                    req = req.header(header::AUTHORIZATION, a.clone());
+                }
+                let req = req
+                    .body(Full::new(body.clone()))
+                    .map_err(|e| UpstreamError::Broken(format!("cannot build the request: {e}")))?;
+                match chat.request(req).await {
+                    Ok(resp) => return Ok(resp),
                     // llama-server closes the connection after every streamed answer, without saying so in
                     // its headers: a request that goes out on that connection before its close is seen finds
                     // it closed, and the upstream never saw it. It goes again, on a new connection.
@@ -202,15 +234,23 @@ impl Upstream {
                         );
                         tries += 1;
                     }
-                    other => return other,
+                    Err(e) if e.is_connect() => {
+                        return Err(UpstreamError::Unreachable(root_reason(&e)));
+                    }
+                    Err(e) => return Err(UpstreamError::Broken(root_reason(&e))),
                 }
             }
         };
         let resp = match tokio::time::timeout(self.first_byte_timeout, send).await {
             Err(_) => return Err(UpstreamError::Timeout(self.first_byte_timeout)),
-            Ok(r) => r.map_err(classify)?,
+            Ok(r) => r?,
         };
-        check_status(resp).await
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let body = read_capped_body(resp.into_body()).await;
+        Err(UpstreamError::Status(status, body))
     }
 
     /// `GET /v1/models`: the ids the upstream serves, and whether it is llama.cpp.
@@ -327,9 +367,7 @@ async fn read_capped(mut resp: reqwest::Response) -> Result<Bytes, reqwest::Erro
     let mut out = Vec::new();
     let read = async {
         while let Some(chunk) = resp.chunk().await? {
-            let room = MAX_ERROR_BODY.saturating_sub(out.len());
-            out.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            if out.len() >= MAX_ERROR_BODY {
+            if cap_into(&mut out, &chunk) {
                 break;
             }
         }
@@ -342,14 +380,38 @@ async fn read_capped(mut resp: reqwest::Response) -> Result<Bytes, reqwest::Erro
     Ok(Bytes::from(out))
 }
 
+/// A chat request's error body, as much of it as arrives within the cap and the time limit.
+async fn read_capped_body(mut body: Incoming) -> Bytes {
+    let mut out = Vec::new();
+    let read = async {
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Some(chunk) = frame.data_ref()
+                && cap_into(&mut out, chunk)
+            {
+                break;
+            }
+        }
+    };
+    // An error body that never ends must not hang the request.
+    let _ = tokio::time::timeout(SMALL_CALL_TIMEOUT, read).await;
+    Bytes::from(out)
+}
+
+/// Appends what fits under [`MAX_ERROR_BODY`]; true once full.
+fn cap_into(out: &mut Vec<u8>, chunk: &[u8]) -> bool {
+    let room = MAX_ERROR_BODY.saturating_sub(out.len());
+    out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    out.len() >= MAX_ERROR_BODY
+}
+
 /// Attempts at a chat request whose connection turns out to be closed already (one per pooled connection that
 /// can be stale, then one on a new connection).
 const STALE_CONNECTION_TRIES: u32 = 3;
 
 /// The connection closed (or was reset) before any answer, on a request that did connect: the mark of a
 /// kept-alive connection the server had already closed.
-fn closed_before_answer(e: &reqwest::Error) -> bool {
-    if e.is_connect() || e.is_timeout() || e.is_status() || e.is_body() || e.is_decode() {
+fn closed_before_answer(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() {
         return false;
     }
     let reason = root_reason(e);
@@ -463,7 +525,8 @@ mod tests {
                 .start_chat(br#"{"stream":true}"#.to_vec())
                 .await
                 .unwrap_or_else(|e| panic!("request {i}: {}", e.to_proxy_error(&url).message));
-            assert_eq!(resp.bytes().await.unwrap(), "data: [DONE]\n\n");
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "data: [DONE]\n\n");
         }
         assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 5);
     }
