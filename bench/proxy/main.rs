@@ -138,18 +138,22 @@ fn not_measured(name: &str, why: &str) -> Column {
 }
 
 /// What profiling found about the added p50 at 100 requests/s, the one target the proxy has missed in every run
-/// so far. Written from a profiling session, not measured by this run: the date says when.
-const P50_PROFILE: &str = "\nThe p50 target at 100 requests/s, profiled on 2026-11-29 (perf record and strace -c on \
-serve-proxy, one connection, closed loop, 1000 requests): the proxy already makes the fewest system calls a \
-request can take (per request 2 epoll_wait, 2 recvfrom, 2 writev: one wait and one read each for the client's \
-request and the upstream's answer, one write to each), so there is no wake-up or copy left to remove. Its time is \
-CPU: 46% in the kernel's TCP path; the rest spread over hyper and reqwest (server and client side), serde parsing \
-of the ~16 upstream stream events and the translation, no function above 1%. At 500 requests/s the same proxy \
-adds less (see above): at 100/s the machine idles between requests, so each one runs on cold caches. What \
-would close the rest of the gap to the pass-through floor: a bare hyper client instead of reqwest (the design \
-card's HTTP client), and a non-streamed upstream request for non-streaming clients. The latter was built and \
-measured (p50 added 308 µs -> 210 µs in one run on a loaded machine) and not kept: llama-server does not stop \
-generating for a non-streaming request whose client left (docs/proxy.md).\n";
+/// so far. Written from profiling sessions, not measured by this run: the date says when.
+const P50_PROFILE: &str = "\nThe p50 target at 100 requests/s, profiled on 2026-11-29 (`bash bench/profile.sh`: perf \
+record with DWARF call graphs of serve-proxy under one closed-loop connection, drawn as \
+[docs/perf/serve-proxy-nonstream.svg](perf/serve-proxy-nonstream.svg); strace -c at 100 requests/s): a request \
+already takes the fewest system calls it can (2 epoll_wait, 2 recvfrom, 2 writev, plus the log line's write), so \
+there is no wake-up or copy left to remove. Of serve-proxy's CPU, 21-34% is inside the two writev calls, where the \
+kernel carries the bytes through loopback TCP and wakes the reader; parsing and translating the ~16 upstream \
+events takes ~10%, the log line ~6%, the request translation ~5%, hyper's request and response parsing ~4% each, \
+malloc and free ~6%. Two fixes came out of it: chat requests go out on hyper's pooled client instead of reqwest \
+(CPU per request 150 -> 133 µs, closed loop), and the log line is written after the answer instead of before it \
+(~8 µs off the answer's path). What is left is mostly what the pass-through floor pays too: at 100 requests/s the \
+2-CPU VM halts its idle CPUs between requests, each process on the path wakes from idle, and the proxy's work \
+runs on cold caches (the same request costs ~220 µs end to end in a closed loop and 467-652 µs at 100/s in that day's runs). A \
+non-streamed upstream request for non-streaming clients was also built and measured (p50 added 308 -> 210 µs in \
+one run) and not kept: llama-server does not stop generating for a non-streaming request whose client left \
+(docs/proxy.md).\n";
 
 async fn run() -> Result<()> {
     let secs: f64 = std::env::var("BENCH_SECS")
