@@ -148,9 +148,11 @@ kernel carries the bytes through loopback TCP and wakes the reader; parsing and 
 events takes ~10%, the log line ~6%, the request translation ~5%, hyper's request and response parsing ~4% each, \
 malloc and free ~6%. Two fixes came out of it: chat requests go out on hyper's pooled client instead of reqwest \
 (CPU per request 150 -> 133 µs, closed loop), and the log line is written after the answer instead of before it \
-(~8 µs off the answer's path). What is left is mostly what the pass-through floor pays too: at 100 requests/s the \
-2-CPU VM halts its idle CPUs between requests, each process on the path wakes from idle, and the proxy's work \
-runs on cold caches (the same request costs ~220 µs end to end in a closed loop and 467-652 µs at 100/s in that day's runs). A \
+(~8 µs off the answer's path). What is left: the pass-through floor, which does nothing but forward, adds a third to a half \
+of what llmctl adds at 100 requests/s (the targets table); the rest is the proxy's own work, ~110 µs per request \
+more than the floor's in a closed loop on one connection (p50 220 µs against 111 µs), which at 100 requests/s, \
+with the VM's CPUs halting between requests and the work running on cold caches, costs about twice that: 203 µs \
+over the floor in the run of 2026-11-29 19:50 UTC (554 µs end to end; 467-652 µs in that day's other runs). A \
 non-streamed upstream request for non-streaming clients was also built and measured (p50 added 308 -> 210 µs in \
 one run) and not kept: llama-server does not stop generating for a non-streaming request whose client left \
 (docs/proxy.md).\n";
