@@ -209,13 +209,10 @@ async fn run() -> Result<()> {
             version: up.version.clone(),
             result: Ok(suite::run(&up, &settings, false, fixed.next()).await),
         });
+        // Each process is stopped (dropped) once measured, before the next one is.
         for p in [passthru, llmctl] {
             cols.push(match p {
-                Ok(p) => {
-                    let col = measured(&p, &settings, fixed.next()).await;
-                    drop(p);
-                    col
-                }
+                Ok(p) => measured(&p, &settings, fixed.next()).await,
                 Err(col) => col,
             });
         }

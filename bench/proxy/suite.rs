@@ -94,9 +94,9 @@ pub async fn fixed_rates_interleaved(procs: &[&Proc], s: &Settings) -> Vec<Vec<(
     }
     let rounds = (s.secs.round() as usize).max(1);
     let round = Duration::from_secs_f64(s.secs / rounds as f64);
+    let names: Vec<&str> = procs.iter().map(|p| p.name.as_str()).collect();
     let mut out: Vec<Vec<(f64, NonStream)>> = procs.iter().map(|_| vec![]).collect();
     for &r in &s.rates {
-        let names: Vec<&str> = procs.iter().map(|p| p.name.as_str()).collect();
         eprintln!(
             "  non-streaming at {r} requests/s, 1 connection, {rounds} rounds of {:.1} s in turns: {}",
             round.as_secs_f64(),

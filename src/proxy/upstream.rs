@@ -245,12 +245,7 @@ impl Upstream {
             Err(_) => return Err(UpstreamError::Timeout(self.first_byte_timeout)),
             Ok(r) => r?,
         };
-        if resp.status().is_success() {
-            return Ok(resp);
-        }
-        let status = resp.status().as_u16();
-        let body = read_capped_body(resp.into_body()).await;
-        Err(UpstreamError::Status(status, body))
+        check_status(resp).await
     }
 
     /// `GET /v1/models`: the ids the upstream serves, and whether it is llama.cpp.
@@ -347,61 +342,56 @@ impl Upstream {
     }
 }
 
-async fn check_status(resp: reqwest::Response) -> Result<reqwest::Response, UpstreamError> {
+/// The answer when its status is 2xx; otherwise the status with the start of its error body.
+async fn check_status<B>(resp: Response<B>) -> Result<Response<B>, UpstreamError>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
     let status = resp.status();
     if status.is_success() {
         return Ok(resp);
     }
-    let body = read_capped(resp).await.unwrap_or_default();
+    let body = read_capped(resp.into_body()).await;
     Err(UpstreamError::Status(status.as_u16(), body))
 }
 
 async fn read_json(resp: reqwest::Response) -> Result<Value, UpstreamError> {
-    let resp = check_status(resp).await?;
-    let body = resp.bytes().await.map_err(classify)?;
+    let resp = check_status(Response::from(resp)).await?;
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(classify)?
+        .to_bytes();
     serde_json::from_slice(&body)
         .map_err(|e| UpstreamError::Broken(format!("answered with invalid JSON: {e}")))
 }
 
-async fn read_capped(mut resp: reqwest::Response) -> Result<Bytes, reqwest::Error> {
+/// An error body: up to [`MAX_ERROR_BODY`] bytes of what arrives within the time limit, nothing when the
+/// connection breaks in the middle of it.
+async fn read_capped<B>(mut body: B) -> Bytes
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
     let mut out = Vec::new();
     let read = async {
-        while let Some(chunk) = resp.chunk().await? {
-            if cap_into(&mut out, &chunk) {
-                break;
-            }
-        }
-        Ok::<(), reqwest::Error>(())
-    };
-    // An error body that never ends must not hang the request.
-    if let Ok(r) = tokio::time::timeout(SMALL_CALL_TIMEOUT, read).await {
-        r?;
-    }
-    Ok(Bytes::from(out))
-}
-
-/// A chat request's error body, as much of it as arrives within the cap and the time limit.
-async fn read_capped_body(mut body: Incoming) -> Bytes {
-    let mut out = Vec::new();
-    let read = async {
-        while let Some(Ok(frame)) = body.frame().await {
-            if let Some(chunk) = frame.data_ref()
-                && cap_into(&mut out, chunk)
-            {
-                break;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                out.clear();
+                return;
+            };
+            if let Some(chunk) = frame.data_ref() {
+                let room = MAX_ERROR_BODY.saturating_sub(out.len());
+                out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                if out.len() >= MAX_ERROR_BODY {
+                    return;
+                }
             }
         }
     };
     // An error body that never ends must not hang the request.
     let _ = tokio::time::timeout(SMALL_CALL_TIMEOUT, read).await;
     Bytes::from(out)
-}
-
-/// Appends what fits under [`MAX_ERROR_BODY`]; true once full.
-fn cap_into(out: &mut Vec<u8>, chunk: &[u8]) -> bool {
-    let room = MAX_ERROR_BODY.saturating_sub(out.len());
-    out.extend_from_slice(&chunk[..chunk.len().min(room)]);
-    out.len() >= MAX_ERROR_BODY
 }
 
 /// Attempts at a chat request whose connection turns out to be closed already (one per pooled connection that
