@@ -111,6 +111,19 @@ impl Proxy {
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The log once `ready` holds for it, or as it is after 5 s: serve-proxy writes a request's line just after
+    /// the answer is sent, so a client can see the answer a moment before the line is in the file.
+    fn log_text_when(&self, ready: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = self.log_text();
+            if ready(&text) || Instant::now() >= deadline {
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 impl Drop for Proxy {
@@ -797,12 +810,10 @@ async fn api_key_is_required_except_for_health_and_root() {
         200
     );
     assert_eq!(get(&format!("{}/nope", proxy.url), &[]).await.0, 401);
-    // The key never shows up in the log.
-    assert!(
-        !proxy.log_text().contains("sk-right"),
-        "{}",
-        proxy.log_text()
-    );
+    // The key never shows up in the log (read once the refused request's line is in).
+    let log = proxy.log_text_when(|t| t.contains("status=401"));
+    assert!(log.contains("status=401"), "{log}");
+    assert!(!log.contains("sk-right"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -911,7 +922,7 @@ async fn metrics_count_requests_tokens_and_errors() {
         );
     }
     // One log line per request, with the fields that matter.
-    let log = proxy.log_text();
+    let log = proxy.log_text_when(|t| t.lines().filter(|l| l.contains(" request ")).count() >= 3);
     let lines: Vec<&str> = log.lines().filter(|l| l.contains(" request ")).collect();
     assert_eq!(lines.len(), 3, "{log}");
     assert!(
@@ -1021,7 +1032,7 @@ fn json_log_format_gives_one_json_object_per_line() {
             200
         )
     });
-    let log = proxy.log_text();
+    let log = proxy.log_text_when(|t| t.contains(r#""message":"request""#));
     let req: Vec<Value> = log
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
