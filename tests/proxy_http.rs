@@ -1335,6 +1335,8 @@ fn client_config_writes_claude_settings_keeping_other_keys() {
             "http://127.0.0.1:4000",
             "--api-key-env",
             "MY_KEY",
+            "--context",
+            "32768",
             "--write",
         ],
         &[("HOME", home), ("MY_KEY", "sk-from-env")],
@@ -1350,6 +1352,7 @@ fn client_config_writes_claude_settings_keeping_other_keys() {
     assert_eq!(v["env"]["ANTHROPIC_BASE_URL"], "http://127.0.0.1:4000");
     assert_eq!(v["env"]["ANTHROPIC_AUTH_TOKEN"], "sk-from-env");
     assert_eq!(v["env"]["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"], "1");
+    assert_eq!(v["env"]["CLAUDE_CODE_AUTO_COMPACT_WINDOW"], "32768");
     let backups = std::fs::read_dir(settings.parent().unwrap())
         .unwrap()
         .filter(|e| {
@@ -1366,6 +1369,49 @@ fn client_config_writes_claude_settings_keeping_other_keys() {
 }
 
 #[test]
+fn client_config_writes_codex_config_under_codex_home() {
+    let dir = tempfile::tempdir().unwrap();
+    let codex_home = dir.path().join("codex");
+    std::fs::create_dir_all(&codex_home).unwrap();
+    let file = codex_home.join("config.toml");
+    std::fs::write(&file, "# mine\napproval_policy = \"never\"\n").unwrap();
+    let out = client_config(
+        &[
+            "codex",
+            "--proxy-url",
+            "http://127.0.0.1:4000",
+            "--api-key-env",
+            "LLMCTL_API_KEY",
+            "--model",
+            "local-model",
+            "--context",
+            "32768",
+            "--write",
+        ],
+        &[
+            ("HOME", dir.path().to_str().unwrap()),
+            ("CODEX_HOME", codex_home.to_str().unwrap()),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        text.starts_with("# mine\napproval_policy = \"never\"\n"),
+        "{text}"
+    );
+    assert!(text.contains("[model_providers.llmctl]"), "{text}");
+    assert!(text.contains("env_key = \"LLMCTL_API_KEY\""), "{text}");
+    assert!(text.contains("model_context_window = 32768"), "{text}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("previous version"), "{stdout}");
+    assert!(stdout.contains("$LLMCTL_API_KEY"), "{stdout}");
+}
+
+#[test]
 fn client_config_refuses_a_file_that_is_not_json() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("models.json");
@@ -1375,6 +1421,8 @@ fn client_config_refuses_a_file_that_is_not_json() {
             "pi",
             "--model",
             "m.gguf",
+            "--context",
+            "8192",
             "--write",
             "--file",
             file.to_str().unwrap(),
@@ -1399,6 +1447,8 @@ fn client_config_prints_the_pi_provider_without_writing() {
             "http://10.0.0.3:11434",
             "--model",
             "g.gguf",
+            "--context",
+            "8192",
         ],
         &[],
     );
