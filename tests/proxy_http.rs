@@ -1088,6 +1088,8 @@ fn start_llama() -> Llama {
             "1",
         ])
         .args(["--temp", "0", "--seed", "42", "--no-webui"])
+        // On CPUs with AMX this build's repacked AMX matmul segfaults while loading the model.
+        .arg("--no-repack")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
