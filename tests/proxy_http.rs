@@ -250,6 +250,8 @@ enum Mode {
     SlowPrefill(u64),
     /// 200 with a JSON completion: a server that ignores `stream: true`.
     JsonInsteadOfStream,
+    /// 200 with a plain-text body: neither a stream nor a chat completion.
+    TextInsteadOfStream,
     /// 200, one chunk, then silence with the connection open.
     HangMidStream,
     /// 503 as llama-server answers while it loads its model.
@@ -467,8 +469,12 @@ async fn serve_one(
                 .await
         }
         Mode::JsonInsteadOfStream => {
-            let b = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}]}"#;
-            sock.write_all(reply("200 OK", "application/json", b).as_bytes())
+            let b = r#"{"id":"chatcmpl-1","object":"chat.completion","model":"mock-model","choices":[{"index":0,"message":{"role":"assistant","content":"Hi there"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":2,"total_tokens":14}}"#;
+            sock.write_all(reply("200 OK", "application/json; charset=utf-8", b).as_bytes())
+                .await
+        }
+        Mode::TextInsteadOfStream => {
+            sock.write_all(reply("200 OK", "text/plain", "hello").as_bytes())
                 .await
         }
         Mode::SlowPrefill(ms) => {
@@ -675,8 +681,27 @@ async fn garbage_from_the_upstream_is_an_error_event() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn upstream_that_does_not_stream_is_a_clear_502() {
+async fn an_upstream_that_ignores_stream_is_read_as_one_chunk() {
     let mock = Mock::start(Mode::JsonInsteadOfStream);
+    let proxy = Proxy::start(&mock.url, &[], &[]);
+    let url = format!("{}/v1/messages", proxy.url);
+    let (status, events) = stream(&url, &hello(true)).await;
+    assert_eq!(status, 200);
+    assert_eq!(text_of(&events), "Hi there");
+    let n = names(&events);
+    assert_eq!(n.last(), Some(&"message_stop"), "{n:?}");
+    let (_, delta) = events.iter().find(|(e, _)| e == "message_delta").unwrap();
+    assert_eq!(delta["delta"]["stop_reason"], "end_turn");
+    assert_eq!(delta["usage"]["output_tokens"], 2);
+    let (status, v) = post(&url, &hello(false), &[]).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["content"][0]["text"], "Hi there");
+    assert_eq!(v["usage"]["input_tokens"], 12);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_that_answers_neither_stream_nor_json_is_a_clear_502() {
+    let mock = Mock::start(Mode::TextInsteadOfStream);
     let proxy = Proxy::start(&mock.url, &[], &[]);
     let (status, v) = post(&format!("{}/v1/messages", proxy.url), &hello(true), &[]).await;
     assert_eq!(status, 502, "{v}");

@@ -610,19 +610,27 @@ async fn messages(State(st): State<Shared>, headers: HeaderMap, body: Body) -> R
         Ok(r) => r,
         Err(e) => return t.error(e.to_proxy_error(st.upstream.base())),
     };
+    let mut whole_json = false;
     if let Some(ct) = resp.headers().get(header::CONTENT_TYPE)
         && !ct.as_bytes().windows(12).any(|w| w == b"event-stream")
     {
-        let ct = String::from_utf8_lossy(ct.as_bytes()).into_owned();
-        return t.error(ProxyError::new(
-            ErrorType::Api,
-            format!(
-                "upstream {} answered {ct} instead of an event stream; it must support \"stream\": true",
-                st.upstream.base()
-            ),
-        ));
+        // Some OpenAI-compatible servers ignore "stream" and answer one chat.completion: read it as one chunk.
+        whole_json = ct.as_bytes().windows(4).any(|w| w == b"json");
+        if !whole_json {
+            let ct = String::from_utf8_lossy(ct.as_bytes()).into_owned();
+            return t.error(ProxyError::new(
+                ErrorType::Api,
+                format!(
+                    "upstream {} answered {ct} instead of an event stream; it must support \"stream\": true",
+                    st.upstream.base()
+                ),
+            ));
+        }
     }
-    let pump = Pump::new(&st, resp, StreamTranslator::new(translated.ctx));
+    let mut pump = Pump::new(&st, resp, StreamTranslator::new(translated.ctx));
+    if whole_json {
+        pump.whole_json = Some(Vec::new());
+    }
     if translated.client_stream {
         stream_response(st.settings.ping_interval, pump, t)
     } else {
@@ -642,7 +650,12 @@ struct Pump {
     /// The failure sent as an `error` event, kept for the non-streaming answer's status.
     failure: Option<ProxyError>,
     done: bool,
+    /// The upstream answered one JSON body instead of a stream: collected here, translated at its end.
+    whole_json: Option<Vec<u8>>,
 }
+
+/// The most of a non-streamed upstream answer that is collected before it is read as one chunk.
+const MAX_WHOLE_JSON_BYTES: usize = 32 << 20;
 
 impl Pump {
     fn new(
@@ -660,6 +673,7 @@ impl Pump {
             deadline: tokio::time::Instant::now() + idle_timeout,
             failure: None,
             done: false,
+            whole_json: None,
         }
     }
 
@@ -696,7 +710,20 @@ impl Pump {
                 Some(Ok(frame)) => {
                     // Trailers carry no events.
                     if let Some(chunk) = frame.data_ref() {
-                        self.on_bytes(chunk, &mut out);
+                        match self.whole_json.as_mut() {
+                            Some(buf) if buf.len() + chunk.len() > MAX_WHOLE_JSON_BYTES => {
+                                let e = ProxyError::new(
+                                    ErrorType::Api,
+                                    format!(
+                                        "upstream {} answered a JSON body over {MAX_WHOLE_JSON_BYTES} bytes instead of a stream",
+                                        self.upstream_url
+                                    ),
+                                );
+                                self.fail(e, &mut out);
+                            }
+                            Some(buf) => buf.extend_from_slice(chunk),
+                            None => self.on_bytes(chunk, &mut out),
+                        }
                     }
                 }
                 Some(Err(e)) => {
@@ -706,6 +733,10 @@ impl Pump {
                         self.upstream_url
                     );
                     self.fail(ProxyError::new(ErrorType::Api, msg), &mut out);
+                }
+                None if self.whole_json.is_some() => {
+                    let buf = self.whole_json.take().unwrap_or_default();
+                    self.on_whole_json(&buf, &mut out);
                 }
                 None => {
                     if let Some(ev) = self.parser.finish() {
@@ -786,6 +817,37 @@ impl Pump {
         }
         out.extend(self.translator.on_chunk(&chunk));
         self.end_if_stopped(out);
+    }
+
+    /// A whole `chat.completion` body, fed to the translator as the chunks a stream would have carried.
+    fn on_whole_json(&mut self, body: &[u8], out: &mut Vec<Event>) {
+        let parsed: Option<Value> = serde_json::from_slice(body).ok();
+        if let Some(err) = parsed.as_ref().and_then(|v| v.get("error")) {
+            let e = from_upstream_stream_error(err, &self.upstream_url);
+            return self.fail(e, out);
+        }
+        let Some(chunks) = parsed
+            .as_ref()
+            .and_then(super::whole_body::completion_chunks)
+        else {
+            let e = ProxyError::new(
+                ErrorType::Api,
+                format!(
+                    "upstream {} answered a JSON body that is neither an event stream nor a chat completion",
+                    self.upstream_url
+                ),
+            );
+            return self.fail(e, out);
+        };
+        for chunk in chunks {
+            if self.done {
+                return;
+            }
+            self.on_data(&chunk.to_string(), out);
+        }
+        if !self.done {
+            self.on_data("[DONE]", out);
+        }
     }
 
     fn end_if_stopped(&mut self, out: &mut Vec<Event>) {
