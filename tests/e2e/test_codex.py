@@ -207,8 +207,14 @@ def run_tool_task(codex_bin, routes, tmp_path, cmd: str, extra: list[str]):
         work.mkdir(parents=True, exist_ok=True)
         (work / "notes.txt").write_text(NOTES)
         before = len(rec.chats())
+        # The examples go in twice: as developer_instructions (Codex puts them in its second developer message,
+        # far from the end of a ~7k-token prompt) and right before the task in the prompt itself. Measured on
+        # the Codex 0.171.0 prompt rendered by this llama-server: with the system copy alone the model wrote a
+        # made-up <|tool_response>; with both it called exec_command with the exact command, the patch included,
+        # and after the real output answered in text.
+        example = exec_example(cmd)
         p, events = run_codex(codex_bin, home, work, [
-            "-c", f"developer_instructions={json.dumps(exec_example(cmd))}", *extra, "Do the task.",
+            "-c", f"developer_instructions={json.dumps(example)}", *extra, f"{example}\n\nDo the task.",
         ])
         chats = rec.chats()[before:]
         # A command Codex ran, or a patch it took from exec_command and applied itself.
