@@ -178,17 +178,15 @@ enum Edit {
 }
 
 fn default_file(client: Client) -> Result<PathBuf> {
-    let home = std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .context("HOME is not set: pass --file PATH")?;
-    let home = PathBuf::from(home);
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    // Codex keeps everything under $CODEX_HOME when it is set.
+    if let (Client::Codex, Some(dir)) = (client, var("CODEX_HOME")) {
+        return Ok(PathBuf::from(dir).join("config.toml"));
+    }
+    let home = PathBuf::from(var("HOME").context("HOME is not set: pass --file PATH")?);
     Ok(match client {
         Client::Claude => home.join(".claude").join("settings.json"),
-        // Codex keeps everything under $CODEX_HOME when it is set.
-        Client::Codex => match std::env::var_os("CODEX_HOME").filter(|h| !h.is_empty()) {
-            Some(dir) => PathBuf::from(dir).join("config.toml"),
-            None => home.join(".codex").join("config.toml"),
-        },
+        Client::Codex => home.join(".codex").join("config.toml"),
         Client::Pi => home.join(".pi").join("agent").join("models.json"),
     })
 }
