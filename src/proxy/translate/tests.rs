@@ -748,3 +748,48 @@ fn tool_choice_naming_a_deferred_tool_loads_it() {
                       "messages": [{"role": "user", "content": "grep"}]}));
     assert_eq!(tool_names(&t.body).last().unwrap(), "mcp__docs__grep");
 }
+
+/// Claude Code 2.1.332's first `-p "Say hello"` request behind a custom base URL, as the binary sent it
+/// (captured 2026-12-03 with a recorder; long texts cut, ids replaced): system-role message after the
+/// prompt, adaptive thinking, `output_config`, `context_management`, `ToolSearch` and a deferred
+/// `DeferredToolPlaceholder`.
+#[test]
+fn claude_code_2_1_332_request_translates() {
+    let body: Value =
+        serde_json::from_str(include_str!("claude-code-2.1.332-request.json")).unwrap();
+    let t = tr(body);
+    let names = tool_names(&t.body);
+    assert_eq!(names.len(), 11, "{names:?}");
+    assert!(names.contains(&"ToolSearch".to_string()), "{names:?}");
+    assert!(
+        !names.contains(&"DeferredToolPlaceholder".to_string()),
+        "{names:?}"
+    );
+    let m = t.body["messages"].as_array().unwrap();
+    // The billing line is gone from the system prompt; the trailing system message is a reminder in place.
+    assert_eq!(m[0]["role"], "system");
+    assert!(
+        !m[0]["content"]
+            .as_str()
+            .unwrap()
+            .contains("x-anthropic-billing-header")
+    );
+    let last = m.last().unwrap();
+    assert_eq!(last["role"], "user");
+    let text = last["content"].as_str().unwrap();
+    assert!(text.contains("<system-reminder>\n# Environment"), "{last}");
+    assert!(
+        text.find("Say hello") < text.find("# Environment"),
+        "{last}"
+    );
+    assert_eq!(t.body["chat_template_kwargs"]["enable_thinking"], true);
+    for k in [
+        "output_config",
+        "context_management",
+        "metadata",
+        "defer_loading",
+        "cache_control",
+    ] {
+        assert!(!t.body.to_string().contains(k), "{k} leaked upstream");
+    }
+}
