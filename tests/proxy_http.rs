@@ -248,6 +248,8 @@ enum Mode {
     Garbage,
     /// 200 headers at once, then silence for a while, then a good stream: a long prefill.
     SlowPrefill(u64),
+    /// As llama-server with return_progress: the prompt's size at once, then a long prefill, then the answer.
+    ProgressThenSlowPrefill(u64),
     /// 200 with a JSON completion: a server that ignores `stream: true`.
     JsonInsteadOfStream,
     /// 200 with a plain-text body: neither a stream nor a chat completion.
@@ -479,6 +481,13 @@ async fn serve_one(
         }
         Mode::SlowPrefill(ms) => {
             sock.write_all(sse_head.as_bytes()).await?;
+            sock.flush().await?;
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            sock.write_all(GOOD_STREAM.as_bytes()).await
+        }
+        Mode::ProgressThenSlowPrefill(ms) => {
+            sock.write_all(sse_head.as_bytes()).await?;
+            sock.write_all(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":null}}],\"prompt_progress\":{\"total\":1531,\"cache\":24,\"processed\":24,\"time_ms\":0}}\n\n").await?;
             sock.flush().await?;
             tokio::time::sleep(Duration::from_millis(ms)).await;
             sock.write_all(GOOD_STREAM.as_bytes()).await
@@ -725,6 +734,39 @@ async fn pings_flow_while_the_upstream_is_silent() {
         "{n:?}"
     );
     assert_eq!(text_of(&events), "Hi there");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn message_start_carries_the_prompt_size_before_the_prefill_ends() {
+    let mock = Mock::start(Mode::ProgressThenSlowPrefill(1500));
+    let proxy = Proxy::start(&mock.url, &["--ping-interval", "0.2"], &[]);
+    let t0 = std::time::Instant::now();
+    let mut resp = client()
+        .post(format!("{}/v1/messages", proxy.url))
+        .json(&hello(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut first = Vec::new();
+    while !first.windows(2).any(|w| w == b"\n\n") {
+        first.extend_from_slice(&resp.chunk().await.unwrap().unwrap());
+    }
+    // Well inside the 1.5 s prefill: from the upstream's first progress chunk, not from the end of it.
+    assert!(
+        t0.elapsed() < Duration::from_millis(1200),
+        "{:?}",
+        t0.elapsed()
+    );
+    let text = String::from_utf8_lossy(&first);
+    assert!(text.starts_with("event: message_start\n"), "{text}");
+    let data: Value =
+        serde_json::from_str(text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap()).unwrap();
+    assert_eq!(data["message"]["usage"]["input_tokens"], 1507, "{data}");
+    assert_eq!(
+        data["message"]["usage"]["cache_read_input_tokens"], 24,
+        "{data}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

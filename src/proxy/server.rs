@@ -654,6 +654,9 @@ struct Pump {
     whole_json: Option<Vec<u8>>,
 }
 
+/// How long message_start waits for the upstream's prompt size before it goes out without it.
+const MESSAGE_START_GRACE: Duration = Duration::from_secs(1);
+
 /// The most of a non-streamed upstream answer that is collected before it is read as one chunk.
 const MAX_WHOLE_JSON_BYTES: usize = 32 << 20;
 
@@ -677,7 +680,7 @@ impl Pump {
         }
     }
 
-    /// The events to send first: message_start and a ping, right as the upstream accepted the request.
+    /// message_start and a ping, if the upstream's first chunk has not already sent them.
     fn start(&mut self) -> Vec<Event> {
         self.translator.start()
     }
@@ -919,14 +922,18 @@ impl Drop for StreamState {
     }
 }
 
-fn stream_response(ping_interval: Duration, mut pump: Pump, tracker: Tracker) -> Response {
-    let first = encode(&pump.start());
+fn stream_response(ping_interval: Duration, pump: Pump, tracker: Tracker) -> Response {
+    // message_start waits for the upstream's first chunk, which from llama.cpp is the prompt's size right
+    // after tokenizing (so message_start can carry input_tokens), but never longer than MESSAGE_START_GRACE:
+    // the first "ping" tick sends it (with the ping) when the upstream is still silent, e.g. queued.
+    let grace = ping_interval.min(MESSAGE_START_GRACE);
+    let now = tokio::time::Instant::now();
     let state = StreamState {
         pump,
         tracker,
-        pending: VecDeque::from([first]),
+        pending: VecDeque::new(),
         ping_interval,
-        last_sent: tokio::time::Instant::now(),
+        last_sent: now.checked_sub(ping_interval - grace).unwrap_or(now),
         finished: false,
     };
     let stream = futures_util::stream::unfold(state, |mut s| async move {
@@ -946,8 +953,17 @@ fn stream_response(ping_interval: Duration, mut pump: Pump, tracker: Tracker) ->
         s.tracker.upstream_wait += waited.elapsed();
         s.last_sent = tokio::time::Instant::now();
         match events {
-            // No event for a whole interval (a long prefill): a ping keeps the client's idle timer happy.
-            None => Some((Ok(Event::Ping.to_sse()), s)),
+            // No event for a whole interval (a long prefill): a ping keeps the client's idle timer happy,
+            // after message_start if that was still held back.
+            None => {
+                let start = s.pump.start();
+                let bytes = if start.is_empty() {
+                    Event::Ping.to_sse()
+                } else {
+                    encode(&start)
+                };
+                Some((Ok(bytes), s))
+            }
             Some(events) if events.is_empty() => {
                 s.finished = true;
                 s.pump.record(&mut s.tracker);
