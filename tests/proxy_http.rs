@@ -248,8 +248,12 @@ enum Mode {
     Garbage,
     /// 200 headers at once, then silence for a while, then a good stream: a long prefill.
     SlowPrefill(u64),
+    /// As llama-server with return_progress: the prompt's size at once, then a long prefill, then the answer.
+    ProgressThenSlowPrefill(u64),
     /// 200 with a JSON completion: a server that ignores `stream: true`.
     JsonInsteadOfStream,
+    /// 200 with a plain-text body: neither a stream nor a chat completion.
+    TextInsteadOfStream,
     /// 200, one chunk, then silence with the connection open.
     HangMidStream,
     /// 503 as llama-server answers while it loads its model.
@@ -467,12 +471,23 @@ async fn serve_one(
                 .await
         }
         Mode::JsonInsteadOfStream => {
-            let b = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}]}"#;
-            sock.write_all(reply("200 OK", "application/json", b).as_bytes())
+            let b = r#"{"id":"chatcmpl-1","object":"chat.completion","model":"mock-model","choices":[{"index":0,"message":{"role":"assistant","content":"Hi there"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":2,"total_tokens":14}}"#;
+            sock.write_all(reply("200 OK", "application/json; charset=utf-8", b).as_bytes())
+                .await
+        }
+        Mode::TextInsteadOfStream => {
+            sock.write_all(reply("200 OK", "text/plain", "hello").as_bytes())
                 .await
         }
         Mode::SlowPrefill(ms) => {
             sock.write_all(sse_head.as_bytes()).await?;
+            sock.flush().await?;
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            sock.write_all(GOOD_STREAM.as_bytes()).await
+        }
+        Mode::ProgressThenSlowPrefill(ms) => {
+            sock.write_all(sse_head.as_bytes()).await?;
+            sock.write_all(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":null}}],\"prompt_progress\":{\"total\":1531,\"cache\":24,\"processed\":24,\"time_ms\":0}}\n\n").await?;
             sock.flush().await?;
             tokio::time::sleep(Duration::from_millis(ms)).await;
             sock.write_all(GOOD_STREAM.as_bytes()).await
@@ -675,8 +690,27 @@ async fn garbage_from_the_upstream_is_an_error_event() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn upstream_that_does_not_stream_is_a_clear_502() {
+async fn an_upstream_that_ignores_stream_is_read_as_one_chunk() {
     let mock = Mock::start(Mode::JsonInsteadOfStream);
+    let proxy = Proxy::start(&mock.url, &[], &[]);
+    let url = format!("{}/v1/messages", proxy.url);
+    let (status, events) = stream(&url, &hello(true)).await;
+    assert_eq!(status, 200);
+    assert_eq!(text_of(&events), "Hi there");
+    let n = names(&events);
+    assert_eq!(n.last(), Some(&"message_stop"), "{n:?}");
+    let (_, delta) = events.iter().find(|(e, _)| e == "message_delta").unwrap();
+    assert_eq!(delta["delta"]["stop_reason"], "end_turn");
+    assert_eq!(delta["usage"]["output_tokens"], 2);
+    let (status, v) = post(&url, &hello(false), &[]).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["content"][0]["text"], "Hi there");
+    assert_eq!(v["usage"]["input_tokens"], 12);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_that_answers_neither_stream_nor_json_is_a_clear_502() {
+    let mock = Mock::start(Mode::TextInsteadOfStream);
     let proxy = Proxy::start(&mock.url, &[], &[]);
     let (status, v) = post(&format!("{}/v1/messages", proxy.url), &hello(true), &[]).await;
     assert_eq!(status, 502, "{v}");
@@ -700,6 +734,39 @@ async fn pings_flow_while_the_upstream_is_silent() {
         "{n:?}"
     );
     assert_eq!(text_of(&events), "Hi there");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn message_start_carries_the_prompt_size_before_the_prefill_ends() {
+    let mock = Mock::start(Mode::ProgressThenSlowPrefill(1500));
+    let proxy = Proxy::start(&mock.url, &["--ping-interval", "0.2"], &[]);
+    let t0 = std::time::Instant::now();
+    let mut resp = client()
+        .post(format!("{}/v1/messages", proxy.url))
+        .json(&hello(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut first = Vec::new();
+    while !first.windows(2).any(|w| w == b"\n\n") {
+        first.extend_from_slice(&resp.chunk().await.unwrap().unwrap());
+    }
+    // Well inside the 1.5 s prefill: from the upstream's first progress chunk, not from the end of it.
+    assert!(
+        t0.elapsed() < Duration::from_millis(1200),
+        "{:?}",
+        t0.elapsed()
+    );
+    let text = String::from_utf8_lossy(&first);
+    assert!(text.starts_with("event: message_start\n"), "{text}");
+    let data: Value =
+        serde_json::from_str(text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap()).unwrap();
+    assert_eq!(data["message"]["usage"]["input_tokens"], 1507, "{data}");
+    assert_eq!(
+        data["message"]["usage"]["cache_read_input_tokens"], 24,
+        "{data}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1088,6 +1155,8 @@ fn start_llama() -> Llama {
             "1",
         ])
         .args(["--temp", "0", "--seed", "42", "--no-webui"])
+        // On CPUs with AMX this build's repacked AMX matmul segfaults while loading the model.
+        .arg("--no-repack")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -1335,6 +1404,8 @@ fn client_config_writes_claude_settings_keeping_other_keys() {
             "http://127.0.0.1:4000",
             "--api-key-env",
             "MY_KEY",
+            "--context",
+            "32768",
             "--write",
         ],
         &[("HOME", home), ("MY_KEY", "sk-from-env")],
@@ -1350,6 +1421,7 @@ fn client_config_writes_claude_settings_keeping_other_keys() {
     assert_eq!(v["env"]["ANTHROPIC_BASE_URL"], "http://127.0.0.1:4000");
     assert_eq!(v["env"]["ANTHROPIC_AUTH_TOKEN"], "sk-from-env");
     assert_eq!(v["env"]["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"], "1");
+    assert_eq!(v["env"]["CLAUDE_CODE_AUTO_COMPACT_WINDOW"], "32768");
     let backups = std::fs::read_dir(settings.parent().unwrap())
         .unwrap()
         .filter(|e| {
@@ -1366,6 +1438,49 @@ fn client_config_writes_claude_settings_keeping_other_keys() {
 }
 
 #[test]
+fn client_config_writes_codex_config_under_codex_home() {
+    let dir = tempfile::tempdir().unwrap();
+    let codex_home = dir.path().join("codex");
+    std::fs::create_dir_all(&codex_home).unwrap();
+    let file = codex_home.join("config.toml");
+    std::fs::write(&file, "# mine\napproval_policy = \"never\"\n").unwrap();
+    let out = client_config(
+        &[
+            "codex",
+            "--proxy-url",
+            "http://127.0.0.1:4000",
+            "--api-key-env",
+            "LLMCTL_API_KEY",
+            "--model",
+            "local-model",
+            "--context",
+            "32768",
+            "--write",
+        ],
+        &[
+            ("HOME", dir.path().to_str().unwrap()),
+            ("CODEX_HOME", codex_home.to_str().unwrap()),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        text.starts_with("# mine\napproval_policy = \"never\"\n"),
+        "{text}"
+    );
+    assert!(text.contains("[model_providers.llmctl]"), "{text}");
+    assert!(text.contains("env_key = \"LLMCTL_API_KEY\""), "{text}");
+    assert!(text.contains("model_context_window = 32768"), "{text}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("previous version"), "{stdout}");
+    assert!(stdout.contains("$LLMCTL_API_KEY"), "{stdout}");
+}
+
+#[test]
 fn client_config_refuses_a_file_that_is_not_json() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("models.json");
@@ -1375,6 +1490,8 @@ fn client_config_refuses_a_file_that_is_not_json() {
             "pi",
             "--model",
             "m.gguf",
+            "--context",
+            "8192",
             "--write",
             "--file",
             file.to_str().unwrap(),
@@ -1399,6 +1516,8 @@ fn client_config_prints_the_pi_provider_without_writing() {
             "http://10.0.0.3:11434",
             "--model",
             "g.gguf",
+            "--context",
+            "8192",
         ],
         &[],
     );

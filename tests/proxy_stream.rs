@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use llmctl::proxy::accumulate::MessageAccumulator;
-use llmctl::proxy::stream::{BlockKind, Delta, Event, SIGNATURE_PREFIX, StreamTranslator};
+use llmctl::proxy::stream::{BlockKind, Delta, Event, SIGNATURE_PREFIX, StreamTranslator, Usage};
 use llmctl::proxy::translate::ResponseContext;
 use serde_json::{Value, json};
 
@@ -671,6 +671,7 @@ fn sse_encoding_matches_anthropic_wire_format() {
     let start = Event::MessageStart {
         id: "msg_1".into(),
         model: "m".into(),
+        usage: Default::default(),
     };
     let data = start.data();
     assert_eq!(data["message"]["type"], "message");
@@ -845,6 +846,11 @@ fn sse_bytes_equal_the_reference_json_for_every_event_kind() {
         Event::MessageStart {
             id: "msg_\"q".into(),
             model: "claude-x".into(),
+            usage: Usage {
+                input_tokens: 1507,
+                output_tokens: 0,
+                cache_read_input_tokens: 24,
+            },
         },
         Event::Ping,
         Event::ContentBlockStart {
@@ -903,4 +909,72 @@ fn sse_bytes_equal_the_reference_json_for_every_event_kind() {
         let expected = format!("event: {}\ndata: {}\n\n", e.name(), e.data());
         assert_eq!(std::str::from_utf8(&e.to_sse()).unwrap(), expected);
     }
+}
+
+#[test]
+fn message_start_carries_the_prompt_size_from_the_first_prompt_progress() {
+    // As llama-server 11434 streams with return_progress: the first progress chunk comes right after
+    // tokenizing (processed = cache, time_ms 0), here 10.5 s before the first token.
+    let chunks = [
+        json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": null}}],
+               "prompt_progress": {"total": 1531, "cache": 24, "processed": 24, "time_ms": 0}}),
+        json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": null}}],
+               "prompt_progress": {"total": 1531, "cache": 24, "processed": 1531, "time_ms": 10520}}),
+        json!({"choices": [{"index": 0, "delta": {"content": "Hi"}}]}),
+        json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        json!({"choices": [], "usage": {"completion_tokens": 1, "prompt_tokens": 1531,
+               "prompt_tokens_details": {"cached_tokens": 24}}}),
+    ];
+    // The server does not call start() first any more: the first chunk starts the message.
+    let mut t = StreamTranslator::new(ctx());
+    let first = t.on_chunk(&chunks[0]);
+    let Some(Event::MessageStart { usage, .. }) = first.first() else {
+        panic!("the first progress chunk must open the message: {first:?}");
+    };
+    assert_eq!(
+        *usage,
+        Usage {
+            input_tokens: 1507,
+            output_tokens: 0,
+            cache_read_input_tokens: 24
+        }
+    );
+    assert_eq!(first.get(1), Some(&Event::Ping));
+    assert_eq!(
+        first[0].data()["message"]["usage"]["input_tokens"],
+        json!(1507)
+    );
+    let mut events = first;
+    for c in &chunks[1..] {
+        events.extend(t.on_chunk(c));
+    }
+    events.extend(t.finish());
+    assert_valid_anthropic_stream(&events);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::MessageStart { .. }))
+            .count(),
+        1
+    );
+    // Without progress (another upstream, or start() before any chunk) the counts stay 0 until message_delta.
+    let mut t = StreamTranslator::new(ctx());
+    let Some(Event::MessageStart { usage, .. }) = t.start().first().cloned() else {
+        panic!()
+    };
+    assert_eq!(usage, Usage::default());
+}
+
+#[test]
+fn a_failure_before_any_chunk_still_opens_the_message() {
+    let mut t = StreamTranslator::new(ctx());
+    let events = t.fail("timeout_error", "upstream sent nothing");
+    assert!(
+        matches!(events.first(), Some(Event::MessageStart { .. })),
+        "{events:?}"
+    );
+    assert!(
+        matches!(events.last(), Some(Event::Error { .. })),
+        "{events:?}"
+    );
 }

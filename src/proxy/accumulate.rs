@@ -37,7 +37,7 @@ impl MessageAccumulator {
 
     pub fn push(&mut self, e: &Event) {
         match e {
-            Event::MessageStart { id, model } => {
+            Event::MessageStart { id, model, .. } => {
                 self.id = id.clone();
                 self.model = model.clone();
             }
@@ -239,6 +239,7 @@ mod tests {
         let start = Event::MessageStart {
             id: "msg_1".into(),
             model: "claude-x".into(),
+            usage: Default::default(),
         };
         let end = |stop_sequence: Option<&str>| Event::MessageDelta {
             stop_reason: "tool_use".into(),

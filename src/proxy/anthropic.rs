@@ -87,6 +87,10 @@ pub const KNOWN_BLOCK_TYPES: &[&str] = &[
     "mcp_tool_use",
     "mcp_tool_result",
     "container_upload",
+    // Tool search (beta advanced-tool-use-2025-11-20 / mid-conversation-tool-changes-2026-07-01).
+    "tool_reference",
+    "tool_search_tool_result",
+    "tool_addition",
 ];
 
 #[derive(Debug, Deserialize)]
@@ -136,6 +140,13 @@ pub enum ContentBlock {
     McpToolUse {},
     McpToolResult {},
     ContainerUpload {},
+    /// Names a deferred tool whose definition the model may now use (Claude Code's ToolSearch result).
+    ToolReference {
+        tool_name: String,
+    },
+    /// Anthropic's server-side tool search result; its references are read by `translate.rs`.
+    ToolSearchToolResult {},
+    ToolAddition {},
 }
 
 #[derive(Debug, Deserialize)]
@@ -199,6 +210,9 @@ pub struct Tool {
     pub description: Option<String>,
     #[serde(default)]
     pub input_schema: Option<Value>,
+    /// Tool search: the definition is withheld from the model until a `tool_reference` names it.
+    #[serde(default)]
+    pub defer_loading: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -15,6 +15,7 @@ pub mod openai;
 pub mod schema;
 pub mod stream;
 pub mod translate;
+pub mod whole_body;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -130,6 +130,9 @@ pub struct ChatChunk {
     /// llama.cpp's per-chunk timing block (`cache_n`, `prompt_n`, `predicted_n`).
     #[serde(default)]
     pub timings: Option<Timings>,
+    /// llama.cpp (`return_progress`): prefill progress; the first one comes right after tokenizing.
+    #[serde(default)]
+    pub prompt_progress: Option<PromptProgress>,
     /// A failure reported after the 200 (`data: {"error": {...}}`), as sent: `Some(Null)` for
     /// `"error": null`, `None` only when the member is absent.
     #[serde(default, deserialize_with = "present")]
@@ -188,6 +191,16 @@ fn string_or_json<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Strin
         Some(Value::String(s)) => Some(s),
         Some(other) => Some(other.to_string()),
     })
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct PromptProgress {
+    /// Prompt tokens in all.
+    #[serde(default)]
+    pub total: Option<u64>,
+    /// Of those, reused from the slot's prompt cache.
+    #[serde(default)]
+    pub cache: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -610,19 +610,27 @@ async fn messages(State(st): State<Shared>, headers: HeaderMap, body: Body) -> R
         Ok(r) => r,
         Err(e) => return t.error(e.to_proxy_error(st.upstream.base())),
     };
+    let mut whole_json = false;
     if let Some(ct) = resp.headers().get(header::CONTENT_TYPE)
         && !ct.as_bytes().windows(12).any(|w| w == b"event-stream")
     {
-        let ct = String::from_utf8_lossy(ct.as_bytes()).into_owned();
-        return t.error(ProxyError::new(
-            ErrorType::Api,
-            format!(
-                "upstream {} answered {ct} instead of an event stream; it must support \"stream\": true",
-                st.upstream.base()
-            ),
-        ));
+        // Some OpenAI-compatible servers ignore "stream" and answer one chat.completion: read it as one chunk.
+        whole_json = ct.as_bytes().windows(4).any(|w| w == b"json");
+        if !whole_json {
+            let ct = String::from_utf8_lossy(ct.as_bytes()).into_owned();
+            return t.error(ProxyError::new(
+                ErrorType::Api,
+                format!(
+                    "upstream {} answered {ct} instead of an event stream; it must support \"stream\": true",
+                    st.upstream.base()
+                ),
+            ));
+        }
     }
-    let pump = Pump::new(&st, resp, StreamTranslator::new(translated.ctx));
+    let mut pump = Pump::new(&st, resp, StreamTranslator::new(translated.ctx));
+    if whole_json {
+        pump.whole_json = Some(Vec::new());
+    }
     if translated.client_stream {
         stream_response(st.settings.ping_interval, pump, t)
     } else {
@@ -642,7 +650,15 @@ struct Pump {
     /// The failure sent as an `error` event, kept for the non-streaming answer's status.
     failure: Option<ProxyError>,
     done: bool,
+    /// The upstream answered one JSON body instead of a stream: collected here, translated at its end.
+    whole_json: Option<Vec<u8>>,
 }
+
+/// How long message_start waits for the upstream's prompt size before it goes out without it.
+const MESSAGE_START_GRACE: Duration = Duration::from_secs(1);
+
+/// The most of a non-streamed upstream answer that is collected before it is read as one chunk.
+const MAX_WHOLE_JSON_BYTES: usize = 32 << 20;
 
 impl Pump {
     fn new(
@@ -660,10 +676,11 @@ impl Pump {
             deadline: tokio::time::Instant::now() + idle_timeout,
             failure: None,
             done: false,
+            whole_json: None,
         }
     }
 
-    /// The events to send first: message_start and a ping, right as the upstream accepted the request.
+    /// message_start and a ping, if the upstream's first chunk has not already sent them.
     fn start(&mut self) -> Vec<Event> {
         self.translator.start()
     }
@@ -696,7 +713,20 @@ impl Pump {
                 Some(Ok(frame)) => {
                     // Trailers carry no events.
                     if let Some(chunk) = frame.data_ref() {
-                        self.on_bytes(chunk, &mut out);
+                        match self.whole_json.as_mut() {
+                            Some(buf) if buf.len() + chunk.len() > MAX_WHOLE_JSON_BYTES => {
+                                let e = ProxyError::new(
+                                    ErrorType::Api,
+                                    format!(
+                                        "upstream {} answered a JSON body over {MAX_WHOLE_JSON_BYTES} bytes instead of a stream",
+                                        self.upstream_url
+                                    ),
+                                );
+                                self.fail(e, &mut out);
+                            }
+                            Some(buf) => buf.extend_from_slice(chunk),
+                            None => self.on_bytes(chunk, &mut out),
+                        }
                     }
                 }
                 Some(Err(e)) => {
@@ -706,6 +736,10 @@ impl Pump {
                         self.upstream_url
                     );
                     self.fail(ProxyError::new(ErrorType::Api, msg), &mut out);
+                }
+                None if self.whole_json.is_some() => {
+                    let buf = self.whole_json.take().unwrap_or_default();
+                    self.on_whole_json(&buf, &mut out);
                 }
                 None => {
                     if let Some(ev) = self.parser.finish() {
@@ -788,6 +822,37 @@ impl Pump {
         self.end_if_stopped(out);
     }
 
+    /// A whole `chat.completion` body, fed to the translator as the chunks a stream would have carried.
+    fn on_whole_json(&mut self, body: &[u8], out: &mut Vec<Event>) {
+        let parsed: Option<Value> = serde_json::from_slice(body).ok();
+        if let Some(err) = parsed.as_ref().and_then(|v| v.get("error")) {
+            let e = from_upstream_stream_error(err, &self.upstream_url);
+            return self.fail(e, out);
+        }
+        let Some(chunks) = parsed
+            .as_ref()
+            .and_then(super::whole_body::completion_chunks)
+        else {
+            let e = ProxyError::new(
+                ErrorType::Api,
+                format!(
+                    "upstream {} answered a JSON body that is neither an event stream nor a chat completion",
+                    self.upstream_url
+                ),
+            );
+            return self.fail(e, out);
+        };
+        for chunk in chunks {
+            if self.done {
+                return;
+            }
+            self.on_data(&chunk.to_string(), out);
+        }
+        if !self.done {
+            self.on_data("[DONE]", out);
+        }
+    }
+
     fn end_if_stopped(&mut self, out: &mut Vec<Event>) {
         if self.translator.is_done() {
             // A stop sequence matched: finish now and hang up, which stops the upstream's generation.
@@ -857,14 +922,18 @@ impl Drop for StreamState {
     }
 }
 
-fn stream_response(ping_interval: Duration, mut pump: Pump, tracker: Tracker) -> Response {
-    let first = encode(&pump.start());
+fn stream_response(ping_interval: Duration, pump: Pump, tracker: Tracker) -> Response {
+    // message_start waits for the upstream's first chunk, which from llama.cpp is the prompt's size right
+    // after tokenizing (so message_start can carry input_tokens), but never longer than MESSAGE_START_GRACE:
+    // the first "ping" tick sends it (with the ping) when the upstream is still silent, e.g. queued.
+    let grace = ping_interval.min(MESSAGE_START_GRACE);
+    let now = tokio::time::Instant::now();
     let state = StreamState {
         pump,
         tracker,
-        pending: VecDeque::from([first]),
+        pending: VecDeque::new(),
         ping_interval,
-        last_sent: tokio::time::Instant::now(),
+        last_sent: now.checked_sub(ping_interval - grace).unwrap_or(now),
         finished: false,
     };
     let stream = futures_util::stream::unfold(state, |mut s| async move {
@@ -884,8 +953,17 @@ fn stream_response(ping_interval: Duration, mut pump: Pump, tracker: Tracker) ->
         s.tracker.upstream_wait += waited.elapsed();
         s.last_sent = tokio::time::Instant::now();
         match events {
-            // No event for a whole interval (a long prefill): a ping keeps the client's idle timer happy.
-            None => Some((Ok(Event::Ping.to_sse()), s)),
+            // No event for a whole interval (a long prefill): a ping keeps the client's idle timer happy,
+            // after message_start if that was still held back.
+            None => {
+                let start = s.pump.start();
+                let bytes = if start.is_empty() {
+                    Event::Ping.to_sse()
+                } else {
+                    encode(&start)
+                };
+                Some((Ok(bytes), s))
+            }
             Some(events) if events.is_empty() => {
                 s.finished = true;
                 s.pump.record(&mut s.tracker);

@@ -44,6 +44,8 @@ pub enum Event {
     MessageStart {
         id: String,
         model: String,
+        /// The prompt's tokens when already known (llama.cpp's first prompt_progress); output is 0.
+        usage: Usage,
     },
     ContentBlockStart {
         index: usize,
@@ -88,12 +90,12 @@ impl Event {
     /// checks both agree).
     pub fn data(&self) -> Value {
         match self {
-            Event::MessageStart { id, model } => json!({
+            Event::MessageStart { id, model, usage } => json!({
                 "type": "message_start",
                 "message": {
                     "id": id, "type": "message", "role": "assistant", "model": model,
                     "content": [], "stop_reason": null, "stop_sequence": null,
-                    "usage": usage_json(&Usage::default()),
+                    "usage": usage_json(usage),
                 }
             }),
             Event::ContentBlockStart { index, block } => {
@@ -271,7 +273,7 @@ mod wire {
     impl<'a> From<&'a Event> for Data<'a> {
         fn from(e: &'a Event) -> Self {
             match e {
-                Event::MessageStart { id, model } => Data::MessageStart {
+                Event::MessageStart { id, model, usage } => Data::MessageStart {
                     message: Message {
                         id,
                         kind: "message",
@@ -280,7 +282,7 @@ mod wire {
                         content: [],
                         stop_reason: None,
                         stop_sequence: None,
-                        usage: UsageData::from(&Usage::default()),
+                        usage: UsageData::from(usage),
                     },
                 },
                 Event::ContentBlockStart { index, block } => Data::ContentBlockStart {
@@ -390,6 +392,9 @@ struct UsageSources {
     timing_prompt: Option<u64>,
     timing_cache: Option<u64>,
     timing_predicted: Option<u64>,
+    /// From llama.cpp's first prompt_progress: known before any token, for message_start.
+    progress_total: Option<u64>,
+    progress_cache: Option<u64>,
 }
 
 pub struct StreamTranslator {
@@ -443,9 +448,16 @@ impl StreamTranslator {
     fn ensure_started(&mut self, out: &mut Vec<Event>) {
         if !self.started {
             self.started = true;
+            let prompt = self.usage.progress_total.unwrap_or(0);
+            let cached = self.usage.progress_cache.unwrap_or(0).min(prompt);
             out.push(Event::MessageStart {
                 id: self.ctx.message_id.clone(),
                 model: self.ctx.client_model.clone(),
+                usage: Usage {
+                    input_tokens: prompt - cached,
+                    output_tokens: 0,
+                    cache_read_input_tokens: cached,
+                },
             });
             out.push(Event::Ping);
         }
@@ -564,10 +576,14 @@ impl StreamTranslator {
             return Vec::new();
         }
         self.failed = true;
-        vec![Event::Error {
+        // A stream still holding back message_start (waiting for the prompt's size) opens with it.
+        let mut out = Vec::new();
+        self.ensure_started(&mut out);
+        out.push(Event::Error {
             error_type: error_type.to_string(),
             message: message.to_string(),
-        }]
+        });
+        out
     }
 
     pub fn usage(&self) -> Usage {
@@ -618,6 +634,12 @@ impl StreamTranslator {
             {
                 self.usage.cached_tokens = Some(c);
             }
+        }
+        if let Some(p) = &chunk.prompt_progress
+            && self.usage.progress_total.is_none()
+        {
+            self.usage.progress_total = p.total;
+            self.usage.progress_cache = p.cache;
         }
         if let Some(t) = &chunk.timings {
             self.usage.timing_prompt = t.prompt_n.or(self.usage.timing_prompt);

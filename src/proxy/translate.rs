@@ -271,7 +271,13 @@ impl Conversion {
             messages.push(ChatMessage::System { content: system });
         }
         convert_messages(&req.messages, &mut messages)?;
-        let (tools, dropped) = convert_tools(req.tools.as_deref())?;
+        let mut referenced = referenced_tools(&req.messages);
+        if let Some(ToolChoice::Tool { name, .. }) = &req.tool_choice
+            && !referenced.contains(name)
+        {
+            referenced.push(name.clone());
+        }
+        let (tools, dropped) = convert_tools(req.tools.as_deref(), &referenced)?;
         let choice = resolve_tool_choice(req.tool_choice.as_ref(), tools, &dropped)?;
         let thinking = req.thinking.as_ref().map(|t| match t {
             Thinking::Enabled { budget_tokens } => (true, *budget_tokens),
@@ -494,6 +500,10 @@ fn tool_result_text(
                         &mut text,
                         &search_result_text(&source, title.as_deref(), &content),
                     ),
+                    ContentBlock::ToolReference { tool_name } => {
+                        push_text(&mut text, &tool_loaded_text(&tool_name))
+                    }
+                    ContentBlock::ToolSearchToolResult {} | ContentBlock::ToolAddition {} => {}
                     _ => {
                         return Err(RequestError::at(
                             &format!("{bpath}.type"),
@@ -662,6 +672,7 @@ fn convert_user(
                 title,
                 content,
             } => parts.text(&search_result_text(&source, title.as_deref(), &content)),
+            ContentBlock::ToolReference { tool_name } => parts.text(&tool_loaded_text(&tool_name)),
             ContentBlock::ToolResult {
                 tool_use_id,
                 content,
@@ -753,7 +764,8 @@ fn convert_assistant(
             | ContentBlock::BashCodeExecutionToolResult {}
             | ContentBlock::TextEditorCodeExecutionToolResult {}
             | ContentBlock::McpToolUse {}
-            | ContentBlock::McpToolResult {} => {}
+            | ContentBlock::McpToolResult {}
+            | ContentBlock::ToolSearchToolResult {} => {}
             _ => {
                 return Err(RequestError::at(
                     &format!("{bpath}.type"),
@@ -790,12 +802,68 @@ fn convert_assistant(
     Ok(())
 }
 
+/// What the model reads where a `tool_reference` block was: the tool's definition itself is in the
+/// upstream's tool list from this request on.
+fn tool_loaded_text(name: &str) -> String {
+    format!("Tool {name} is loaded and can be called now.")
+}
+
+/// Deferred tools the conversation has loaded, in the order it first names them: `tool_reference` blocks
+/// (top level or inside a `tool_result`, Claude Code's ToolSearch) and server tool-search results. The
+/// history only grows, so this order, and with it the upstream tool list, is the same on every later turn.
+fn referenced_tools(messages: &[Value]) -> Vec<String> {
+    fn visit(block: &Value, out: &mut Vec<String>) {
+        let mut add = |name: Option<&str>| {
+            if let Some(n) = name
+                && !out.iter().any(|o| o == n)
+            {
+                out.push(n.to_string());
+            }
+        };
+        match block.get("type").and_then(Value::as_str) {
+            Some("tool_reference") => add(block.get("tool_name").and_then(Value::as_str)),
+            Some("tool_search_tool_result") => {
+                let refs = block
+                    .pointer("/content/tool_references")
+                    .and_then(Value::as_array);
+                for r in refs.into_iter().flatten() {
+                    add(r.get("tool_name").and_then(Value::as_str));
+                }
+            }
+            Some("tool_result") => {
+                if let Some(Value::Array(inner)) = block.get("content") {
+                    inner.iter().for_each(|b| visit(b, out));
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for m in messages {
+        if let Some(Value::Array(blocks)) = m.get("content") {
+            blocks.iter().for_each(|b| visit(b, &mut out));
+        }
+    }
+    out
+}
+
 /// Tools that survive translation: client tools with an input schema. Server tools (a `type`
 /// other than "custom": web_search_*, bash_*, text_editor_*, code_execution_*, web_fetch_*...)
 /// run on Anthropic's side and cannot be offered to another model.
+///
+/// Deferred tools (`defer_loading: true`) stay out until `referenced` (the conversation's
+/// `tool_reference`s) names them, and then come after every other tool, in the order they were
+/// loaded: the templates render tools at the head of the prompt, so a loaded tool appended last leaves
+/// the system prompt and the earlier tools byte-identical and llama.cpp's cached prefix reusable up to
+/// that point. Placeholders that are never referenced (Claude Code's `DeferredToolPlaceholder`) are never
+/// offered.
 /// Returns the function tools and the names of the dropped server tools.
-fn convert_tools(raw: Option<&[Value]>) -> Result<(Vec<FunctionTool>, Vec<String>), RequestError> {
+fn convert_tools(
+    raw: Option<&[Value]>,
+    referenced: &[String],
+) -> Result<(Vec<FunctionTool>, Vec<String>), RequestError> {
     let mut tools = Vec::new();
+    let mut deferred = Vec::new();
     let mut dropped = Vec::new();
     for (i, value) in raw.unwrap_or_default().iter().enumerate() {
         let path = format!("tools.{i}");
@@ -812,14 +880,30 @@ fn convert_tools(raw: Option<&[Value]>) -> Result<(Vec<FunctionTool>, Vec<String
                 "field required",
             ));
         };
-        tools.push(FunctionTool {
+        let function = FunctionTool {
             kind: "function",
             function: FunctionDef {
                 name: tool.name,
                 description: tool.description,
                 parameters: clean_input_schema(schema),
             },
-        });
+        };
+        if tool.defer_loading == Some(true) {
+            deferred.push(function);
+        } else {
+            tools.push(function);
+        }
+    }
+    for name in referenced {
+        if let Some(pos) = deferred.iter().position(|t| t.function.name == *name) {
+            tools.push(deferred.remove(pos));
+        }
+    }
+    if !deferred.is_empty() {
+        tracing::debug!(
+            count = deferred.len(),
+            "deferred tools not loaded yet: not offered"
+        );
     }
     Ok((tools, dropped))
 }

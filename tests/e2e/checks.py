@@ -145,6 +145,12 @@ def stream_usage(t: Target) -> None:
     start, final = s["message_start"]["usage"], s["usage"]
     assert max(start.get("input_tokens") or 0, final.get("input_tokens") or 0) > 0, f"no input count: {start}, {final}"
     assert final["output_tokens"] > 0, f"message_delta usage {final}"
+    if t.name == "llmctl serve-proxy":
+        # llmctl asks llama-server for prompt progress, whose first report (right after tokenizing) gives
+        # message_start the prompt's size: the same count message_delta reports at the end.
+        got = (start.get("input_tokens") or 0) + (start.get("cache_read_input_tokens") or 0)
+        want = (final.get("input_tokens") or 0) + (final.get("cache_read_input_tokens") or 0)
+        assert got == want > 0, f"message_start usage {start} vs message_delta usage {final}"
 
 
 @check

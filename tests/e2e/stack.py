@@ -155,8 +155,10 @@ class Stack:
             args = args + ["--api-key-file", str(key_file)]
             self.keys["keyed"] = key
         port = free_port()
+        # --no-repack: on CPUs with AMX, this build's AMX repacked matmul segfaults while loading the model
+        # (ggml_backend_amx_mul_mat, seen 2026-12-03); plain CPU kernels work everywhere.
         cmd = [self.env["LLMCTL_LLAMA_SERVER"], "-m", self.env["LLMCTL_TEST_MODEL"], "--host", "127.0.0.1",
-               "--port", str(port), "--no-webui", *args]
+               "--port", str(port), "--no-webui", "--no-repack", *args]
         url = f"http://127.0.0.1:{port}"
         self._start(f"llama-{role}", cmd, url, os.environ.copy())
         self._llamas[role] = url

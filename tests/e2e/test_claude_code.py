@@ -162,3 +162,38 @@ def test_tool_round_trip(claude_bin, target, tmp_path):
         assert res.get("num_turns", 0) >= 2, f"no model turn after the tool result: {res}"
         return
     raise AssertionError(f"the model called no tool in 3 runs; it answered: {answers}")
+
+
+def test_settings_written_by_client_config(claude_bin, target, stack, tmp_path):
+    # Claude Code configured by nothing but the settings.json `llmctl client-config claude --write` made: no
+    # ANTHROPIC_* in its environment. The file held a stale ANTHROPIC_API_KEY (which Claude Code would send
+    # instead, and the keyed proxy would answer 401) and an apiKeyHelper; client-config must remove both.
+    if target.name != "llmctl serve-proxy":
+        pytest.skip("client-config points Claude Code at llmctl serve-proxy")
+    url, key = target.endpoint("claude")
+    home = tmp_path / "home"
+    (home / ".claude").mkdir(parents=True)
+    settings = home / ".claude" / "settings.json"
+    settings.write_text(json.dumps({"apiKeyHelper": "/bin/false", "env": {"ANTHROPIC_API_KEY": "sk-stale"}}))
+    from stack import llmctl_bin
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_"))}
+    env.update({"HOME": str(home), "LLMCTL_E2E_PROXY_KEY": key})
+    cfg = subprocess.run([str(llmctl_bin()), "client-config", "claude", "--proxy-url", url, "--llama-url",
+                          stack.llama("claude"), "--api-key-env", "LLMCTL_E2E_PROXY_KEY", "--model", "local",
+                          "--write"], env=env, capture_output=True, text=True, timeout=60)
+    assert cfg.returncode == 0, cfg.stderr
+    assert "removed env.ANTHROPIC_API_KEY" in cfg.stdout and "removed apiKeyHelper" in cfg.stdout, cfg.stdout
+    written = json.loads(settings.read_text())["env"]
+    assert written["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == "32768", written  # the claude llama-server's slot
+    assert "ANTHROPIC_API_KEY" not in written, written
+    env.pop("LLMCTL_E2E_PROXY_KEY")
+    work = tmp_path / "proj"
+    work.mkdir()
+    try:
+        p = subprocess.run([claude_bin, "-p", "Say hello"], cwd=work, env=env, stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"claude -p did not finish within {RUN_TIMEOUT_S}s; stderr: {e.stderr!r:.2000}", pytrace=False)
+    assert p.returncode == 0, f"claude -p exited {p.returncode}; stdout {p.stdout[-1500:]!r}; stderr {p.stderr[-1500:]!r}"
+    assert p.stdout.strip(), f"claude -p printed nothing; stderr {p.stderr[-1500:]!r}"
+    print(f"claude -p through client-config's settings printed: {p.stdout.strip()[:200]!r}")

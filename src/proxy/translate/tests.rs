@@ -615,3 +615,181 @@ fn a_bad_message_names_its_field() {
         "messages.0: must be an object with role and content"
     );
 }
+
+// ------------------------------------------------------------------ deferred tools (tool search)
+
+/// The tool list of Claude Code 2.1.332 behind a custom base URL (captured 2026-12-03, schemas cut
+/// short): client tools, its ToolSearch tool, and a `defer_loading` placeholder it asks never to call;
+/// here also one deferred MCP tool.
+fn deferred_tools() -> Value {
+    let schema = json!({"type": "object", "properties": {"q": {"type": "string"}}});
+    json!([
+        {"name": "Bash", "description": "Runs a command", "input_schema": schema},
+        {"name": "ToolSearch", "description": "Fetches full schema definitions for deferred tools",
+         "input_schema": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}},
+        {"name": "DeferredToolPlaceholder",
+         "description": "Reserved placeholder that keeps deferred tool loading active; never call this tool.",
+         "input_schema": {"type": "object", "properties": {}}, "defer_loading": true},
+        {"name": "mcp__docs__grep", "description": "Greps the docs", "input_schema": schema,
+         "defer_loading": true, "cache_control": {"type": "ephemeral"}},
+        {"name": "Write", "description": "Writes a file", "input_schema": schema}
+    ])
+}
+
+fn tool_names(body: &Value) -> Vec<String> {
+    body["tools"]
+        .as_array()
+        .map(|ts| {
+            ts.iter()
+                .map(|t| t["function"]["name"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn search_turns() -> Value {
+    json!([
+        {"role": "user", "content": "Grep the docs for retries."},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "ToolSearch",
+                                           "input": {"query": "select:mcp__docs__grep"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                      "content": [{"type": "tool_reference", "tool_name": "mcp__docs__grep"}]}]}
+    ])
+}
+
+#[test]
+fn deferred_tools_stay_out_until_referenced() {
+    let first = tr(json!({"model": "m", "tools": deferred_tools(),
+                          "messages": [{"role": "user", "content": "Grep the docs for retries."}]}));
+    assert_eq!(tool_names(&first.body), ["Bash", "ToolSearch", "Write"]);
+    assert!(!first.body.to_string().contains("defer_loading"));
+    assert!(!first.body.to_string().contains("cache_control"));
+}
+
+#[test]
+fn a_referenced_deferred_tool_is_appended_after_the_others() {
+    let t = tr(json!({"model": "m", "tools": deferred_tools(), "messages": search_turns()}));
+    // Appended last: the tool list of the earlier turn stays a prefix of this one.
+    assert_eq!(
+        tool_names(&t.body),
+        ["Bash", "ToolSearch", "Write", "mcp__docs__grep"]
+    );
+    let grep = &t.body["tools"][3]["function"];
+    assert_eq!(grep["description"], "Greps the docs");
+    assert!(grep.get("defer_loading").is_none());
+    // The tool_reference reaches the model as a short line in the tool result.
+    let m = &t.body["messages"];
+    let tool_msg = m
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["role"] == "tool")
+        .unwrap();
+    assert_eq!(
+        tool_msg["content"],
+        "Tool mcp__docs__grep is loaded and can be called now."
+    );
+}
+
+#[test]
+fn loading_a_tool_leaves_the_earlier_messages_and_tools_byte_identical() {
+    let before = tr(json!({"model": "m", "tools": deferred_tools(),
+                           "messages": search_turns().as_array().unwrap()[..2]}));
+    let after = tr(json!({"model": "m", "tools": deferred_tools(), "messages": search_turns()}));
+    let (b, a) = (&before.body, &after.body);
+    assert_eq!(
+        b["messages"].as_array().unwrap()[..],
+        a["messages"].as_array().unwrap()[..2]
+    );
+    let (bt, at) = (
+        b["tools"].as_array().unwrap(),
+        a["tools"].as_array().unwrap(),
+    );
+    assert_eq!(bt[..], at[..bt.len()]);
+    // And the order of loaded tools is stable on later turns.
+    let mut more = search_turns();
+    more.as_array_mut().unwrap().extend([
+        json!({"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_2", "name": "mcp__docs__grep", "input": {"q": "retries"}}]}),
+        json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_2", "content": "docs/x.md: retries"}]}),
+    ]);
+    let later = tr(json!({"model": "m", "tools": deferred_tools(), "messages": more}));
+    assert_eq!(later.body["tools"], a["tools"]);
+}
+
+#[test]
+fn other_tool_search_blocks_are_accepted_and_their_references_load_tools() {
+    let t = tr(
+        json!({"model": "m", "tools": deferred_tools(), "messages": [
+            {"role": "user", "content": [
+                {"type": "text", "text": "go"},
+                {"type": "tool_addition", "tools": [{"name": "Write"}]}]},
+            {"role": "assistant", "content": [
+                {"type": "server_tool_use", "id": "srvtoolu_1", "name": "tool_search_tool_regex", "input": {"query": "grep"}},
+                {"type": "tool_search_tool_result", "tool_use_id": "srvtoolu_1", "content": {
+                    "type": "tool_search_tool_search_result",
+                    "tool_references": [{"type": "tool_reference", "tool_name": "mcp__docs__grep"}]}},
+                {"type": "text", "text": "Found it."}]},
+            {"role": "user", "content": [{"type": "tool_reference", "tool_name": "mcp__docs__grep"}, {"type": "text", "text": "use it"}]}
+        ]}),
+    );
+    assert_eq!(tool_names(&t.body).last().unwrap(), "mcp__docs__grep");
+    let text = t.body["messages"].to_string();
+    assert!(text.contains("Found it."), "{text}");
+    assert!(
+        !text.contains("tool_addition") && !text.contains("srvtoolu_1"),
+        "{text}"
+    );
+}
+
+#[test]
+fn tool_choice_naming_a_deferred_tool_loads_it() {
+    let t = tr(json!({"model": "m", "tools": deferred_tools(),
+                      "tool_choice": {"type": "tool", "name": "mcp__docs__grep"},
+                      "messages": [{"role": "user", "content": "grep"}]}));
+    assert_eq!(tool_names(&t.body).last().unwrap(), "mcp__docs__grep");
+}
+
+/// Claude Code 2.1.332's first `-p "Say hello"` request behind a custom base URL, as the binary sent it
+/// (captured 2026-12-03 with a recorder; long texts cut, ids replaced): system-role message after the
+/// prompt, adaptive thinking, `output_config`, `context_management`, `ToolSearch` and a deferred
+/// `DeferredToolPlaceholder`.
+#[test]
+fn claude_code_2_1_332_request_translates() {
+    let body: Value =
+        serde_json::from_str(include_str!("claude-code-2.1.332-request.json")).unwrap();
+    let t = tr(body);
+    let names = tool_names(&t.body);
+    assert_eq!(names.len(), 11, "{names:?}");
+    assert!(names.contains(&"ToolSearch".to_string()), "{names:?}");
+    assert!(
+        !names.contains(&"DeferredToolPlaceholder".to_string()),
+        "{names:?}"
+    );
+    let m = t.body["messages"].as_array().unwrap();
+    // The billing line is gone from the system prompt; the trailing system message is a reminder in place.
+    assert_eq!(m[0]["role"], "system");
+    assert!(
+        !m[0]["content"]
+            .as_str()
+            .unwrap()
+            .contains("x-anthropic-billing-header")
+    );
+    let last = m.last().unwrap();
+    assert_eq!(last["role"], "user");
+    let text = last["content"].as_str().unwrap();
+    assert!(text.contains("<system-reminder>\n# Environment"), "{last}");
+    assert!(
+        text.find("Say hello") < text.find("# Environment"),
+        "{last}"
+    );
+    assert_eq!(t.body["chat_template_kwargs"]["enable_thinking"], true);
+    for k in [
+        "output_config",
+        "context_management",
+        "metadata",
+        "defer_loading",
+        "cache_control",
+    ] {
+        assert!(!t.body.to_string().contains(k), "{k} leaked upstream");
+    }
+}
