@@ -7,6 +7,7 @@ pub mod cli;
 pub mod client_config;
 pub mod config;
 pub mod doctor;
+pub mod gpu;
 pub mod logging;
 pub mod model;
 pub mod outcome;
