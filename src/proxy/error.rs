@@ -89,6 +89,101 @@ impl ProxyError {
     }
 }
 
+/// Which API's error shape a client reads: the front door it came through (or, for shared endpoints such as
+/// `/v1/models`, the headers it sent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dialect {
+    #[default]
+    Anthropic,
+    OpenAi,
+}
+
+impl Dialect {
+    /// `/v1/responses` is OpenAI's; elsewhere a client that sends `anthropic-version` (every Anthropic SDK,
+    /// Claude Code) is Anthropic's, one that sends only `Authorization: Bearer` is OpenAI's, and the rest
+    /// (curl) get Anthropic's shape, as before the OpenAI front door existed.
+    pub fn of(path: &str, headers: &axum::http::HeaderMap) -> Self {
+        if path.starts_with("/v1/responses") {
+            return Dialect::OpenAi;
+        }
+        if headers.contains_key("anthropic-version") || headers.contains_key("x-api-key") {
+            return Dialect::Anthropic;
+        }
+        match headers.get(header::AUTHORIZATION) {
+            Some(v)
+                if v.as_bytes().len() > 7 && v.as_bytes()[..7].eq_ignore_ascii_case(b"bearer ") =>
+            {
+                Dialect::OpenAi
+            }
+            _ => Dialect::Anthropic,
+        }
+    }
+}
+
+impl ErrorType {
+    /// OpenAI's `(type, code)` for this error.
+    fn openai(self) -> (&'static str, Option<&'static str>) {
+        match self {
+            ErrorType::InvalidRequest => ("invalid_request_error", None),
+            ErrorType::Authentication => ("invalid_request_error", Some("invalid_api_key")),
+            ErrorType::NotFound => ("invalid_request_error", Some("not_found")),
+            ErrorType::RequestTooLarge => ("invalid_request_error", Some("request_too_large")),
+            ErrorType::RateLimit => ("rate_limit_error", Some("rate_limit_exceeded")),
+            ErrorType::Api => ("server_error", Some("upstream_error")),
+            ErrorType::Timeout => ("server_error", Some("timeout")),
+            ErrorType::Overloaded => ("server_error", Some("server_overloaded")),
+        }
+    }
+
+    /// OpenAI's status: as Anthropic's, but 503 where Anthropic has its own 529.
+    fn openai_status(self) -> StatusCode {
+        match self {
+            ErrorType::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            other => other.status(),
+        }
+    }
+}
+
+impl ProxyError {
+    /// `{"error":{"message","type","param","code"}}`. A request error's message starts with the JSON path it
+    /// is about (`input[3].call_id: field required`): that path is also the `param`.
+    pub fn openai_body(&self) -> Value {
+        let (kind, mut code) = self.kind.openai();
+        if self.message.starts_with("prompt is too long") {
+            code = Some("context_length_exceeded");
+        }
+        let param = (self.kind == ErrorType::InvalidRequest)
+            .then(|| request_path(&self.message))
+            .flatten();
+        json!({"error": {"message": self.message, "type": kind, "param": param, "code": code}})
+    }
+
+    pub fn into_response_for(self, dialect: Dialect) -> Response {
+        match dialect {
+            Dialect::Anthropic => self.into_response(),
+            Dialect::OpenAi => {
+                let body = Bytes::from(self.openai_body().to_string());
+                let mut res = (self.kind.openai_status(), body).into_response();
+                res.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                res
+            }
+        }
+    }
+}
+
+/// The JSON path a request error's message starts with, if it does (`tools[2].name: …`).
+fn request_path(message: &str) -> Option<&str> {
+    let (head, _) = message.split_once(": ")?;
+    let ok = !head.is_empty()
+        && head
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '[' | ']'));
+    ok.then_some(head)
+}
+
 impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         let body = Bytes::from(self.body().to_string());
@@ -284,6 +379,39 @@ mod tests {
         let q = quote(body.as_bytes());
         assert!(q.len() <= MAX_QUOTED + '…'.len_utf8());
         assert!(q.ends_with('…'));
+    }
+
+    #[test]
+    fn openai_shape_names_the_param_and_the_context_overflow() {
+        let e = ProxyError::invalid_request("input[3].call_id: field required");
+        assert_eq!(
+            e.openai_body(),
+            json!({"error":{"message":"input[3].call_id: field required","type":"invalid_request_error",
+                            "param":"input[3].call_id","code":null}})
+        );
+        let e = ProxyError::prompt_too_long(9000, 8192);
+        assert_eq!(e.openai_body()["error"]["code"], "context_length_exceeded");
+        assert_eq!(e.openai_body()["error"]["param"], Value::Null);
+        let e = ProxyError::new(ErrorType::Overloaded, "loading");
+        assert_eq!(
+            e.into_response_for(Dialect::OpenAi).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let e = ProxyError::new(ErrorType::Authentication, "missing API key: send it");
+        assert_eq!(e.openai_body()["error"]["code"], "invalid_api_key");
+        assert_eq!(e.openai_body()["error"]["param"], Value::Null);
+    }
+
+    #[test]
+    fn dialect_follows_the_path_then_the_headers() {
+        use axum::http::HeaderMap;
+        let mut h = HeaderMap::new();
+        assert_eq!(Dialect::of("/v1/models", &h), Dialect::Anthropic);
+        assert_eq!(Dialect::of("/v1/responses", &h), Dialect::OpenAi);
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k"));
+        assert_eq!(Dialect::of("/v1/models", &h), Dialect::OpenAi);
+        h.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
+        assert_eq!(Dialect::of("/v1/models", &h), Dialect::Anthropic);
     }
 
     #[test]

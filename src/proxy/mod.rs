@@ -1,9 +1,22 @@
-//! `llmctl serve-proxy`: the Anthropic Messages API in front of an OpenAI Chat Completions server.
+//! `llmctl serve-proxy`: the Anthropic Messages API and the OpenAI Responses API in front of an OpenAI Chat
+//! Completions server.
+//!
+//! Front doors → pipeline → upstream:
+//! - front doors: `messages` (Anthropic, decoded by `translate`, encoded by `stream::Event`'s wire form) and
+//!   `responses` (OpenAI, `responses::decode` / `responses::encode`), routed and authenticated by `server`;
+//! - pipeline: each decoder yields one `openai::ChatRequest`; `pump` drives the upstream's stream through
+//!   `stream::StreamTranslator` into one internal event stream, which the front door's encoder writes out;
+//!   `accounting` logs and counts every request whichever way it ends;
+//! - upstream: `upstream` (the pooled HTTP client), `sse` (the event-stream parser), `whole_body`.
 
 // Serving (HTTP, upstream, errors, metrics).
+pub mod accounting;
 pub mod config;
 pub mod error;
+pub mod messages;
 pub mod metrics;
+pub mod pump;
+pub mod responses;
 pub mod server;
 pub mod sse;
 pub mod upstream;

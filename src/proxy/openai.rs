@@ -28,6 +28,9 @@ pub struct ChatRequest {
     /// `thinking_budget_tokens` as an alias); applies when the template has thinking tags.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_budget_tokens: Option<u64>,
+    /// Structured output (`text.format` of the Responses API): `{"type":"json_schema","json_schema":{…}}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stream: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -54,7 +54,7 @@ pub struct RequestError {
 }
 
 impl RequestError {
-    fn at(path: &str, message: impl std::fmt::Display) -> Self {
+    pub(crate) fn at(path: &str, message: impl std::fmt::Display) -> Self {
         RequestError {
             message: format!("{path}: {message}"),
         }
@@ -237,7 +237,7 @@ fn parse_block(v: &Value, path: &str) -> Result<ContentBlock, RequestError> {
     }
 }
 
-fn new_message_id() -> String {
+pub(crate) fn new_message_id() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -316,6 +316,7 @@ impl Conversion {
             top_k: None,
             chat_template_kwargs: kwargs,
             reasoning_budget_tokens: budget,
+            response_format: None,
             stream: None,
             stream_options: None,
             return_progress: None,
@@ -341,7 +342,7 @@ fn system_prompt(system: Option<&System>) -> Option<String> {
 
 /// Joins two texts with a "\n" unless the first already ends a line (Claude Code's
 /// `<system-reminder>` blocks end in "\n\n"), so blocks never run together mid-word.
-fn push_text(acc: &mut String, text: &str) {
+pub(crate) fn push_text(acc: &mut String, text: &str) {
     if !acc.is_empty() && !acc.ends_with('\n') && !text.is_empty() {
         acc.push('\n');
     }
@@ -350,12 +351,12 @@ fn push_text(acc: &mut String, text: &str) {
 
 /// Builds the user parts of one turn: consecutive texts merged, images kept as image parts.
 #[derive(Default)]
-struct UserParts {
+pub(crate) struct UserParts {
     parts: Vec<ContentPart>,
 }
 
 impl UserParts {
-    fn text(&mut self, text: &str) {
+    pub(crate) fn text(&mut self, text: &str) {
         if text.is_empty() {
             return;
         }
@@ -367,7 +368,7 @@ impl UserParts {
             });
         }
     }
-    fn image(&mut self, url: String) {
+    pub(crate) fn image(&mut self, url: String) {
         self.parts.push(ContentPart::ImageUrl {
             image_url: ImageUrl { url },
         });
@@ -611,7 +612,7 @@ fn content_blocks(content: &Value, path: &str) -> Result<Vec<ContentBlock>, Requ
 }
 
 /// Appends user parts, merging into a directly preceding user message.
-fn push_user(out: &mut Vec<ChatMessage>, parts: UserParts) {
+pub(crate) fn push_user(out: &mut Vec<ChatMessage>, parts: UserParts) {
     if parts.is_empty() {
         return;
     }

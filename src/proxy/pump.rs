@@ -1,0 +1,506 @@
+//! The stream driver: one `Pump` reads the upstream's chat-completions stream through the stream translator
+//! into the pipeline's events, and one of two answer paths hands them to the client through its front door's
+//! encoder: as SSE (with keep-alives while the upstream is silent), or folded into one JSON body for
+//! `stream: false`. The server, the benches and the tests all drive streams through this.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderValue, header};
+use axum::response::Response;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde_json::Value;
+
+use super::accounting::Tracker;
+use super::accumulate::MessageAccumulator;
+use super::error::{ErrorType, ProxyError, from_upstream_stream_error};
+use super::openai::ChatChunk;
+use super::responses::ResponsesEncoder;
+use super::server::Shared;
+use super::sse::SseParser;
+use super::stream::{Event, StreamTranslator};
+
+/// A front door's streaming encoder: the pipeline's events → that protocol's SSE bytes.
+pub trait SseEncoder: Send + 'static {
+    fn encode(&mut self, events: &[Event]) -> Bytes;
+    /// What to send when nothing happened for a ping interval, once the stream has started.
+    fn keepalive(&mut self) -> Bytes;
+}
+
+/// A front door's non-streaming encoder: the events folded into one JSON body.
+pub trait JsonEncoder: Send {
+    fn push(&mut self, e: &Event);
+    fn finish(self) -> Vec<u8>;
+}
+
+/// Anthropic Messages SSE: each event is its own wire form; the keep-alive is Anthropic's `ping` event.
+pub struct AnthropicSse;
+
+impl SseEncoder for AnthropicSse {
+    fn encode(&mut self, events: &[Event]) -> Bytes {
+        if let [one] = events {
+            return one.to_sse();
+        }
+        let mut buf = Vec::with_capacity(events.len() * 128);
+        for e in events {
+            buf.extend_from_slice(&e.to_sse());
+        }
+        Bytes::from(buf)
+    }
+
+    fn keepalive(&mut self) -> Bytes {
+        Event::Ping.to_sse()
+    }
+}
+
+impl JsonEncoder for MessageAccumulator {
+    fn push(&mut self, e: &Event) {
+        MessageAccumulator::push(self, e);
+    }
+    fn finish(self) -> Vec<u8> {
+        self.finish_bytes()
+    }
+}
+
+impl SseEncoder for ResponsesEncoder {
+    fn encode(&mut self, events: &[Event]) -> Bytes {
+        ResponsesEncoder::encode(self, events)
+    }
+    fn keepalive(&mut self) -> Bytes {
+        ResponsesEncoder::keepalive(self)
+    }
+}
+
+impl JsonEncoder for ResponsesEncoder {
+    fn push(&mut self, e: &Event) {
+        ResponsesEncoder::push(self, e);
+    }
+    fn finish(self) -> Vec<u8> {
+        self.finish_json()
+    }
+}
+
+/// Sends the chat request (already serialized) upstream and opens a pump on its answer. Errors are what the
+/// client should see: the upstream unreachable, its non-2xx answer mapped, or a body that is not a stream.
+pub(crate) async fn open(
+    st: &Shared,
+    t: &mut Tracker,
+    body: Vec<u8>,
+    translator: StreamTranslator,
+) -> Result<Pump, ProxyError> {
+    let waited = Instant::now();
+    let started = st.upstream.start_chat(body).await;
+    t.upstream_wait += waited.elapsed();
+    let resp = started.map_err(|e| e.to_proxy_error(st.upstream.base()))?;
+    let mut whole_json = false;
+    if let Some(ct) = resp.headers().get(header::CONTENT_TYPE)
+        && !ct.as_bytes().windows(12).any(|w| w == b"event-stream")
+    {
+        // Some OpenAI-compatible servers ignore "stream" and answer one chat.completion: read it as one chunk.
+        whole_json = ct.as_bytes().windows(4).any(|w| w == b"json");
+        if !whole_json {
+            let ct = String::from_utf8_lossy(ct.as_bytes()).into_owned();
+            return Err(ProxyError::new(
+                ErrorType::Api,
+                format!(
+                    "upstream {} answered {ct} instead of an event stream; it must support \"stream\": true",
+                    st.upstream.base()
+                ),
+            ));
+        }
+    }
+    let mut pump = Pump::new(
+        st.upstream.base(),
+        st.settings.first_byte_timeout,
+        resp.into_body(),
+        translator,
+    );
+    if whole_json {
+        pump.whole_json = Some(Vec::new());
+    }
+    Ok(pump)
+}
+
+/// Drives the upstream's event stream through the translator. Every await in `next` is on the upstream's
+/// byte stream alone, so cancelling `next` (for a ping) loses nothing.
+pub struct Pump {
+    upstream_url: String,
+    body: Option<Incoming>,
+    parser: SseParser,
+    translator: StreamTranslator,
+    idle_timeout: Duration,
+    deadline: tokio::time::Instant,
+    /// The failure sent as an `error` event, kept for the non-streaming answer's status.
+    failure: Option<ProxyError>,
+    pub done: bool,
+    /// The upstream answered one JSON body instead of a stream: collected here, translated at its end.
+    whole_json: Option<Vec<u8>>,
+}
+
+/// How long message_start waits for the upstream's prompt size before it goes out without it.
+const MESSAGE_START_GRACE: Duration = Duration::from_secs(1);
+
+/// The most of a non-streamed upstream answer that is collected before it is read as one chunk.
+const MAX_WHOLE_JSON_BYTES: usize = 32 << 20;
+
+impl Pump {
+    pub fn new(
+        upstream_url: &str,
+        idle_timeout: Duration,
+        body: Incoming,
+        translator: StreamTranslator,
+    ) -> Self {
+        Pump {
+            upstream_url: upstream_url.to_string(),
+            body: Some(body),
+            parser: SseParser::default(),
+            translator,
+            idle_timeout,
+            deadline: tokio::time::Instant::now() + idle_timeout,
+            failure: None,
+            done: false,
+            whole_json: None,
+        }
+    }
+
+    /// message_start and a ping, if the upstream's first chunk has not already sent them.
+    pub fn start(&mut self) -> Vec<Event> {
+        self.translator.start()
+    }
+
+    /// The next batch of events; empty once the stream is over.
+    pub async fn next(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        while out.is_empty() && !self.done {
+            let Some(body) = self.body.as_mut() else {
+                self.done = true;
+                break;
+            };
+            let item = match tokio::time::timeout_at(self.deadline, body.frame()).await {
+                Ok(item) => item,
+                Err(_) => {
+                    let e = ProxyError::new(
+                        ErrorType::Timeout,
+                        format!(
+                            "upstream {} sent nothing for {}s (first_byte_timeout_secs)",
+                            self.upstream_url,
+                            self.idle_timeout.as_secs_f64()
+                        ),
+                    );
+                    self.fail(e, &mut out);
+                    break;
+                }
+            };
+            self.deadline = tokio::time::Instant::now() + self.idle_timeout;
+            match item {
+                Some(Ok(frame)) => {
+                    // Trailers carry no events.
+                    if let Some(chunk) = frame.data_ref() {
+                        match self.whole_json.as_mut() {
+                            Some(buf) if buf.len() + chunk.len() > MAX_WHOLE_JSON_BYTES => {
+                                let e = ProxyError::new(
+                                    ErrorType::Api,
+                                    format!(
+                                        "upstream {} answered a JSON body over {MAX_WHOLE_JSON_BYTES} bytes instead of a stream",
+                                        self.upstream_url
+                                    ),
+                                );
+                                self.fail(e, &mut out);
+                            }
+                            Some(buf) => buf.extend_from_slice(chunk),
+                            None => self.on_bytes(chunk, &mut out),
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    let reason = super::upstream::root_reason(&e);
+                    let msg = format!(
+                        "upstream {} broke off the stream: {reason}",
+                        self.upstream_url
+                    );
+                    self.fail(ProxyError::new(ErrorType::Api, msg), &mut out);
+                }
+                None if self.whole_json.is_some() => {
+                    let buf = self.whole_json.take().unwrap_or_default();
+                    self.on_whole_json(&buf, &mut out);
+                }
+                None => {
+                    if let Some(ev) = self.parser.finish() {
+                        self.on_data(&ev.data, &mut out);
+                    }
+                    if !self.done {
+                        let e = ProxyError::new(
+                            ErrorType::Api,
+                            format!(
+                                "upstream {} closed the stream before it finished (no [DONE])",
+                                self.upstream_url
+                            ),
+                        );
+                        self.fail(e, &mut out);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn on_bytes(&mut self, chunk: &[u8], out: &mut Vec<Event>) {
+        match self.parser.push(chunk) {
+            Ok(events) => {
+                for ev in events {
+                    if self.done {
+                        break;
+                    }
+                    self.on_data(&ev.data, out);
+                }
+            }
+            Err(e) => {
+                let e = ProxyError::new(
+                    ErrorType::Api,
+                    format!(
+                        "upstream {} sent a broken event stream: {e}",
+                        self.upstream_url
+                    ),
+                );
+                self.fail(e, out);
+            }
+        }
+    }
+
+    fn on_data(&mut self, data: &str, out: &mut Vec<Event>) {
+        if data == "[DONE]" {
+            out.extend(self.translator.finish());
+            self.end();
+            return;
+        }
+        // Straight into the typed chunk, the common case. What that cannot take (not JSON, an unexpected
+        // shape) goes the general way below, which tells those apart.
+        if let Ok(chunk) = serde_json::from_str::<ChatChunk>(data) {
+            if let Some(err) = &chunk.error {
+                let e = from_upstream_stream_error(err, &self.upstream_url);
+                return self.fail(e, out);
+            }
+            out.extend(self.translator.on_parsed(chunk));
+            self.end_if_stopped(out);
+            return;
+        }
+        let chunk: Value = match serde_json::from_str(data) {
+            Ok(v) => v,
+            Err(e) => {
+                let e = ProxyError::new(
+                    ErrorType::Api,
+                    format!(
+                        "upstream {} sent an event that is not JSON: {e}",
+                        self.upstream_url
+                    ),
+                );
+                return self.fail(e, out);
+            }
+        };
+        if let Some(err) = chunk.get("error") {
+            let e = from_upstream_stream_error(err, &self.upstream_url);
+            return self.fail(e, out);
+        }
+        out.extend(self.translator.on_chunk(&chunk));
+        self.end_if_stopped(out);
+    }
+
+    /// A whole `chat.completion` body, fed to the translator as the chunks a stream would have carried.
+    fn on_whole_json(&mut self, body: &[u8], out: &mut Vec<Event>) {
+        let parsed: Option<Value> = serde_json::from_slice(body).ok();
+        if let Some(err) = parsed.as_ref().and_then(|v| v.get("error")) {
+            let e = from_upstream_stream_error(err, &self.upstream_url);
+            return self.fail(e, out);
+        }
+        let Some(chunks) = parsed
+            .as_ref()
+            .and_then(super::whole_body::completion_chunks)
+        else {
+            let e = ProxyError::new(
+                ErrorType::Api,
+                format!(
+                    "upstream {} answered a JSON body that is neither an event stream nor a chat completion",
+                    self.upstream_url
+                ),
+            );
+            return self.fail(e, out);
+        };
+        for chunk in chunks {
+            if self.done {
+                return;
+            }
+            self.on_data(&chunk.to_string(), out);
+        }
+        if !self.done {
+            self.on_data("[DONE]", out);
+        }
+    }
+
+    fn end_if_stopped(&mut self, out: &mut Vec<Event>) {
+        if self.translator.is_done() {
+            // A stop sequence matched: finish now and hang up, which stops the upstream's generation.
+            out.extend(self.translator.finish());
+            self.end();
+        }
+    }
+
+    fn fail(&mut self, e: ProxyError, out: &mut Vec<Event>) {
+        out.extend(self.translator.fail(e.kind.as_str(), &e.message));
+        self.failure = Some(e);
+        self.end();
+    }
+
+    /// Drops the upstream response: its connection closes, and llama-server cancels the generation.
+    fn end(&mut self) {
+        self.done = true;
+        self.body = None;
+    }
+
+    pub fn record(&self, t: &mut Tracker) {
+        t.usage = self.translator.usage();
+        t.stop_reason = self.translator.stop_reason().map(str::to_owned);
+        if let Some(e) = &self.failure {
+            t.error_type = Some(e.kind.as_str());
+            t.error_message = Some(e.message.clone());
+        }
+    }
+}
+
+fn note_first_token(t: &mut Tracker, events: &[Event]) {
+    if t.ttft.is_none()
+        && events
+            .iter()
+            .any(|e| matches!(e, Event::ContentBlockDelta { .. }))
+    {
+        t.ttft = Some(t.start.elapsed());
+    }
+}
+
+struct StreamState<E: SseEncoder> {
+    pump: Pump,
+    encoder: E,
+    tracker: Tracker,
+    pending: VecDeque<Bytes>,
+    ping_interval: Duration,
+    last_sent: tokio::time::Instant,
+    finished: bool,
+}
+
+impl<E: SseEncoder> Drop for StreamState<E> {
+    fn drop(&mut self) {
+        // A client that hung up: still log the tokens the upstream reported so far.
+        if !self.finished {
+            self.pump.record(&mut self.tracker);
+        }
+    }
+}
+
+pub fn stream_response<E: SseEncoder>(
+    ping_interval: Duration,
+    pump: Pump,
+    tracker: Tracker,
+    encoder: E,
+) -> Response {
+    // message_start waits for the upstream's first chunk, which from llama.cpp is the prompt's size right
+    // after tokenizing (so message_start can carry input_tokens), but never longer than MESSAGE_START_GRACE:
+    // the first "ping" tick sends it (with the ping) when the upstream is still silent, e.g. queued.
+    let grace = ping_interval.min(MESSAGE_START_GRACE);
+    let now = tokio::time::Instant::now();
+    let state = StreamState {
+        pump,
+        encoder,
+        tracker,
+        pending: VecDeque::new(),
+        ping_interval,
+        last_sent: now.checked_sub(ping_interval - grace).unwrap_or(now),
+        finished: false,
+    };
+    let stream = futures_util::stream::unfold(state, |mut s| async move {
+        if let Some(b) = s.pending.pop_front() {
+            s.last_sent = tokio::time::Instant::now();
+            return Some((Ok::<Bytes, std::convert::Infallible>(b), s));
+        }
+        if s.finished {
+            return None;
+        }
+        let waited = Instant::now();
+        let ping_at = s.last_sent + s.ping_interval;
+        let events = tokio::select! {
+            ev = s.pump.next() => Some(ev),
+            () = tokio::time::sleep_until(ping_at) => None,
+        };
+        s.tracker.upstream_wait += waited.elapsed();
+        s.last_sent = tokio::time::Instant::now();
+        match events {
+            // No event for a whole interval (a long prefill): a ping keeps the client's idle timer happy,
+            // after message_start if that was still held back.
+            None => {
+                let start = s.pump.start();
+                let bytes = if start.is_empty() {
+                    s.encoder.keepalive()
+                } else {
+                    s.encoder.encode(&start)
+                };
+                Some((Ok(bytes), s))
+            }
+            Some(events) if events.is_empty() => {
+                s.finished = true;
+                s.pump.record(&mut s.tracker);
+                s.tracker.ok();
+                None
+            }
+            Some(events) => {
+                note_first_token(&mut s.tracker, &events);
+                if s.pump.done {
+                    s.finished = true;
+                    s.pump.record(&mut s.tracker);
+                    s.tracker.ok();
+                }
+                let bytes = s.encoder.encode(&events);
+                Some((Ok(bytes), s))
+            }
+        }
+    });
+    let mut res = Response::new(Body::from_stream(stream));
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Tells any reverse proxy in front (nginx) not to buffer the stream.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    res
+}
+
+/// `stream: false`: the same events, folded into one body by the front door's encoder.
+pub async fn json_response<E: JsonEncoder>(mut pump: Pump, mut t: Tracker, mut acc: E) -> Response {
+    for e in pump.start() {
+        acc.push(&e);
+    }
+    loop {
+        let waited = Instant::now();
+        let events = pump.next().await;
+        t.upstream_wait += waited.elapsed();
+        if events.is_empty() {
+            break;
+        }
+        note_first_token(&mut t, &events);
+        for e in &events {
+            acc.push(e);
+        }
+    }
+    pump.record(&mut t);
+    if let Some(e) = pump.failure.take() {
+        return t.error(e);
+    }
+    t.ok();
+    let mut res = Response::new(Body::from(acc.finish()));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
+}

@@ -1,0 +1,633 @@
+//! The pipeline's event stream → OpenAI Responses: the SSE events of a streamed response, or the one response
+//! object of `stream: false`.
+//!
+//! The stream translator already guarantees one block at a time, each started before its deltas and stopped
+//! before the next starts, and one end (or one error). This maps that onto OpenAI's item lifecycle, which Codex
+//! enforces: `response.created`, `response.in_progress`, per item `output_item.added` (+ `content_part.added`
+//! for a message), its deltas, its `.done` events, `output_item.done`; then exactly one of `response.completed`,
+//! `response.incomplete` or `response.failed`, and nothing after it. Every event carries `sequence_number`.
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+
+use super::decode::{ClientTool, REASONING_PREFIX, ResponseMeta};
+use crate::proxy::stream::{BlockKind, Delta, Event, Usage};
+
+/// The item being streamed.
+enum Open {
+    None,
+    Message {
+        id: String,
+        text: String,
+    },
+    Reasoning {
+        id: String,
+        text: String,
+    },
+    Function {
+        id: String,
+        call_id: String,
+        name: String,
+        namespace: Option<String>,
+        arguments: String,
+    },
+    /// A freeform tool's call: its arguments (`{"input": "…"}`) are collected and unwrapped at the end, so
+    /// the client sees its raw input once, in one delta.
+    Custom {
+        id: String,
+        call_id: String,
+        name: String,
+        arguments: String,
+    },
+}
+
+pub struct ResponsesEncoder {
+    meta: ResponseMeta,
+    seq: u64,
+    started: bool,
+    /// A terminal event was written: nothing follows.
+    ended: bool,
+    /// The last thing written was a `response.in_progress`: a ping right after it adds nothing.
+    progress_last: bool,
+    open: Open,
+    output_index: usize,
+    /// Completed items, for the final response object.
+    output: Vec<Value>,
+    stop_reason: Option<String>,
+    usage: Usage,
+    /// A failure: `(code, message)`.
+    error: Option<(String, String)>,
+}
+
+impl ResponsesEncoder {
+    pub fn new(meta: ResponseMeta) -> Self {
+        ResponsesEncoder {
+            meta,
+            seq: 0,
+            started: false,
+            ended: false,
+            progress_last: false,
+            open: Open::None,
+            output_index: 0,
+            output: Vec::new(),
+            stop_reason: None,
+            usage: Usage::default(),
+            error: None,
+        }
+    }
+
+    /// The SSE bytes for a batch of pipeline events.
+    pub fn encode(&mut self, events: &[Event]) -> Bytes {
+        let mut out = Vec::with_capacity(events.len() * 192);
+        for e in events {
+            self.event(e, &mut out);
+        }
+        Bytes::from(out)
+    }
+
+    /// Nothing happened for a ping interval (a long prefill): a repeated `response.in_progress`, a real event,
+    /// because Codex's idle timer counts parsed events and not SSE comments.
+    pub fn keepalive(&mut self) -> Bytes {
+        let mut out = Vec::new();
+        if self.started && !self.ended {
+            self.in_progress(&mut out);
+        }
+        Bytes::from(out)
+    }
+
+    /// Non-streaming: feed every event, then take the response object.
+    pub fn push(&mut self, e: &Event) {
+        let mut sink = Vec::new();
+        self.event(e, &mut sink);
+    }
+
+    /// The failure the stream ended with, as `(code, message)`.
+    pub fn failure(&self) -> Option<(&str, &str)> {
+        self.error.as_ref().map(|(c, m)| (c.as_str(), m.as_str()))
+    }
+
+    /// The whole response object (`stream: false`), once the events are pushed.
+    pub fn finish_json(&self) -> Vec<u8> {
+        let status = self.status();
+        serde_json::to_vec(&self.response(status, true)).unwrap_or_default()
+    }
+
+    fn status(&self) -> &'static str {
+        if self.error.is_some() {
+            "failed"
+        } else if !self.ended {
+            "in_progress"
+        } else if self.stop_reason.as_deref() == Some("max_tokens") {
+            "incomplete"
+        } else {
+            "completed"
+        }
+    }
+
+    fn event(&mut self, e: &Event, out: &mut Vec<u8>) {
+        if self.ended {
+            return;
+        }
+        match e {
+            Event::MessageStart { .. } => {
+                if !self.started {
+                    self.started = true;
+                    let response = self.response("in_progress", false);
+                    self.write(out, "response.created", |m| {
+                        m.insert("response".into(), response);
+                    });
+                    self.in_progress(out);
+                }
+            }
+            Event::Ping => {
+                if self.started && !self.progress_last {
+                    self.in_progress(out);
+                }
+            }
+            Event::ContentBlockStart { block, .. } => self.open_item(block, out),
+            Event::ContentBlockDelta { delta, .. } => self.delta(delta, out),
+            Event::ContentBlockStop { .. } => self.close_item(out),
+            Event::MessageDelta {
+                stop_reason, usage, ..
+            } => {
+                self.stop_reason = Some(stop_reason.clone());
+                self.usage = *usage;
+            }
+            Event::MessageStop => {
+                self.close_item(out);
+                self.ended = true;
+                let status = self.status();
+                let name = if status == "incomplete" {
+                    "response.incomplete"
+                } else {
+                    "response.completed"
+                };
+                let response = self.response(status, true);
+                self.write(out, name, |m| {
+                    m.insert("response".into(), response);
+                });
+            }
+            Event::Error {
+                error_type,
+                message,
+            } => {
+                // An item still open is not complete: it is not part of the output.
+                self.open = Open::None;
+                self.error = Some((error_code(error_type, message).to_string(), message.clone()));
+                self.ended = true;
+                let response = self.response("failed", true);
+                self.write(out, "response.failed", |m| {
+                    m.insert("response".into(), response);
+                });
+            }
+        }
+    }
+
+    fn in_progress(&mut self, out: &mut Vec<u8>) {
+        let response = self.response("in_progress", false);
+        self.write(out, "response.in_progress", |m| {
+            m.insert("response".into(), response);
+        });
+        self.progress_last = true;
+    }
+
+    fn item_id(&self, prefix: &str) -> String {
+        // Unique per response and per item: the response id's tail, then the item's index.
+        let tail = self.meta.id.strip_prefix("resp_").unwrap_or(&self.meta.id);
+        format!("{prefix}_{tail}_{}", self.output_index)
+    }
+
+    fn open_item(&mut self, block: &BlockKind, out: &mut Vec<u8>) {
+        self.close_item(out);
+        let index = self.output_index;
+        match block {
+            BlockKind::Text => {
+                let id = self.item_id("msg");
+                let item = json!({"id": id, "type": "message", "status": "in_progress",
+                                  "content": [], "role": "assistant"});
+                self.write(out, "response.output_item.added", |m| {
+                    m.insert("output_index".into(), index.into());
+                    m.insert("item".into(), item);
+                });
+                self.write(out, "response.content_part.added", |m| {
+                    m.insert("item_id".into(), id.clone().into());
+                    m.insert("output_index".into(), index.into());
+                    m.insert("content_index".into(), 0.into());
+                    m.insert("part".into(), output_text(""));
+                });
+                self.open = Open::Message {
+                    id,
+                    text: String::new(),
+                };
+            }
+            BlockKind::Thinking => {
+                let id = self.item_id("rs");
+                let item =
+                    json!({"id": id, "type": "reasoning", "status": "in_progress", "summary": []});
+                self.write(out, "response.output_item.added", |m| {
+                    m.insert("output_index".into(), index.into());
+                    m.insert("item".into(), item);
+                });
+                self.write(out, "response.reasoning_summary_part.added", |m| {
+                    m.insert("item_id".into(), id.clone().into());
+                    m.insert("output_index".into(), index.into());
+                    m.insert("summary_index".into(), 0.into());
+                    m.insert("part".into(), json!({"type": "summary_text", "text": ""}));
+                });
+                self.open = Open::Reasoning {
+                    id,
+                    text: String::new(),
+                };
+            }
+            BlockKind::ToolUse { id: call_id, name } => {
+                let client = self.meta.tools.get(name).cloned();
+                match client {
+                    Some(ClientTool::Custom { name }) => {
+                        let id = self.item_id("ctc");
+                        let item = json!({"id": id, "type": "custom_tool_call",
+                                          "status": "in_progress", "call_id": call_id,
+                                          "name": name, "input": ""});
+                        self.write(out, "response.output_item.added", |m| {
+                            m.insert("output_index".into(), index.into());
+                            m.insert("item".into(), item);
+                        });
+                        self.open = Open::Custom {
+                            id,
+                            call_id: call_id.clone(),
+                            name,
+                            arguments: String::new(),
+                        };
+                    }
+                    other => {
+                        let (namespace, name) = match other {
+                            Some(ClientTool::Function { namespace, name }) => (namespace, name),
+                            // A name the client never offered (the model made it up): as it is.
+                            _ => (None, name.clone()),
+                        };
+                        let id = self.item_id("fc");
+                        let item = function_item(
+                            &id,
+                            call_id,
+                            &name,
+                            namespace.as_deref(),
+                            "",
+                            "in_progress",
+                        );
+                        self.write(out, "response.output_item.added", |m| {
+                            m.insert("output_index".into(), index.into());
+                            m.insert("item".into(), item);
+                        });
+                        self.open = Open::Function {
+                            id,
+                            call_id: call_id.clone(),
+                            name,
+                            namespace,
+                            arguments: String::new(),
+                        };
+                    }
+                }
+            }
+        }
+    }
+
+    fn delta(&mut self, delta: &Delta, out: &mut Vec<u8>) {
+        let index = self.output_index;
+        let seq = self.seq;
+        let wrote = match (&mut self.open, delta) {
+            (Open::Message { id, text }, Delta::Text(t)) => {
+                text.push_str(t);
+                write_delta(
+                    out,
+                    "response.output_text.delta",
+                    seq,
+                    id,
+                    index,
+                    Some(("content_index", 0)),
+                    t,
+                );
+                true
+            }
+            (Open::Reasoning { id, text }, Delta::Thinking(t)) => {
+                text.push_str(t);
+                write_delta(
+                    out,
+                    "response.reasoning_summary_text.delta",
+                    seq,
+                    id,
+                    index,
+                    Some(("summary_index", 0)),
+                    t,
+                );
+                true
+            }
+            (Open::Function { id, arguments, .. }, Delta::InputJson(j)) => {
+                arguments.push_str(j);
+                write_delta(
+                    out,
+                    "response.function_call_arguments.delta",
+                    seq,
+                    id,
+                    index,
+                    None,
+                    j,
+                );
+                true
+            }
+            (Open::Custom { arguments, .. }, Delta::InputJson(j)) => {
+                arguments.push_str(j);
+                false
+            }
+            // Signatures are Anthropic's; nothing else can reach an item of another kind.
+            _ => false,
+        };
+        if wrote {
+            self.seq += 1;
+            self.progress_last = false;
+        }
+    }
+
+    fn close_item(&mut self, out: &mut Vec<u8>) {
+        let index = self.output_index;
+        let item = match std::mem::replace(&mut self.open, Open::None) {
+            Open::None => return,
+            Open::Message { id, text } => {
+                self.write(out, "response.output_text.done", |m| {
+                    m.insert("item_id".into(), id.clone().into());
+                    m.insert("output_index".into(), index.into());
+                    m.insert("content_index".into(), 0.into());
+                    m.insert("text".into(), text.clone().into());
+                    m.insert("logprobs".into(), json!([]));
+                });
+                self.write(out, "response.content_part.done", |m| {
+                    m.insert("item_id".into(), id.clone().into());
+                    m.insert("output_index".into(), index.into());
+                    m.insert("content_index".into(), 0.into());
+                    m.insert("part".into(), output_text(&text));
+                });
+                json!({"id": id, "type": "message", "status": "completed",
+                       "content": [output_text(&text)], "role": "assistant"})
+            }
+            Open::Reasoning { id, text } => {
+                self.write(out, "response.reasoning_summary_text.done", |m| {
+                    m.insert("item_id".into(), id.clone().into());
+                    m.insert("output_index".into(), index.into());
+                    m.insert("summary_index".into(), 0.into());
+                    m.insert("text".into(), text.clone().into());
+                });
+                let part = json!({"type": "summary_text", "text": text});
+                self.write(out, "response.reasoning_summary_part.done", |m| {
+                    m.insert("item_id".into(), id.clone().into());
+                    m.insert("output_index".into(), index.into());
+                    m.insert("summary_index".into(), 0.into());
+                    m.insert("part".into(), part.clone());
+                });
+                let mut item = json!({"id": id, "type": "reasoning", "status": "completed", "summary": [part]});
+                if self.meta.include_encrypted {
+                    // Not encrypted: llmctl's own reasoning text, marked, so the next turn gives it back.
+                    item["encrypted_content"] = format!("{REASONING_PREFIX}{text}").into();
+                }
+                item
+            }
+            Open::Function {
+                id,
+                call_id,
+                name,
+                namespace,
+                arguments,
+            } => {
+                self.write(out, "response.function_call_arguments.done", |m| {
+                    m.insert("item_id".into(), id.clone().into());
+                    m.insert("output_index".into(), index.into());
+                    m.insert("arguments".into(), arguments.clone().into());
+                });
+                function_item(
+                    &id,
+                    &call_id,
+                    &name,
+                    namespace.as_deref(),
+                    &arguments,
+                    "completed",
+                )
+            }
+            Open::Custom {
+                id,
+                call_id,
+                name,
+                arguments,
+            } => {
+                let input = custom_input(&arguments);
+                self.write(out, "response.custom_tool_call_input.delta", |m| {
+                    m.insert("item_id".into(), id.clone().into());
+                    m.insert("output_index".into(), index.into());
+                    m.insert("delta".into(), input.clone().into());
+                });
+                self.write(out, "response.custom_tool_call_input.done", |m| {
+                    m.insert("item_id".into(), id.clone().into());
+                    m.insert("output_index".into(), index.into());
+                    m.insert("input".into(), input.clone().into());
+                });
+                json!({"id": id, "type": "custom_tool_call", "status": "completed",
+                       "call_id": call_id, "name": name, "input": input})
+            }
+        };
+        self.write(out, "response.output_item.done", |m| {
+            m.insert("output_index".into(), index.into());
+            m.insert("item".into(), item.clone());
+        });
+        self.output.push(item);
+        self.output_index += 1;
+    }
+
+    /// Writes one event: `event: <name>`, `data: {"type":<name>,"sequence_number":n,…}`.
+    fn write(&mut self, out: &mut Vec<u8>, name: &str, fill: impl FnOnce(&mut Map<String, Value>)) {
+        let mut m = Map::new();
+        m.insert("type".into(), name.into());
+        m.insert("sequence_number".into(), self.seq.into());
+        fill(&mut m);
+        self.seq += 1;
+        self.progress_last = false;
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"\ndata: ");
+        // Serializing a Map into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, &m);
+        out.extend_from_slice(b"\n\n");
+    }
+
+    /// The response object in `status`, with the output and usage once they are final.
+    fn response(&self, status: &str, last: bool) -> Value {
+        let mut r = Map::new();
+        r.insert("id".into(), self.meta.id.clone().into());
+        r.insert("object".into(), "response".into());
+        r.insert("created_at".into(), self.meta.created_at.into());
+        r.insert("status".into(), status.into());
+        r.insert("background".into(), false.into());
+        let error = match &self.error {
+            Some((code, message)) => json!({"code": code, "message": message}),
+            None => Value::Null,
+        };
+        r.insert("error".into(), error);
+        let incomplete = if status == "incomplete" {
+            json!({"reason": "max_output_tokens"})
+        } else {
+            Value::Null
+        };
+        r.insert("incomplete_details".into(), incomplete);
+        r.insert("model".into(), self.meta.model.clone().into());
+        r.insert(
+            "output".into(),
+            if last {
+                Value::Array(self.output.clone())
+            } else {
+                json!([])
+            },
+        );
+        for (k, v) in &self.meta.echo {
+            r.insert(k.clone(), v.clone());
+        }
+        for (k, default) in [
+            ("parallel_tool_calls", json!(true)),
+            ("tool_choice", json!("auto")),
+            ("instructions", Value::Null),
+            ("temperature", Value::Null),
+            ("top_p", Value::Null),
+            ("metadata", json!({})),
+        ] {
+            r.entry(k).or_insert(default);
+        }
+        // Tools are not echoed: Codex's are ~19 KB, sent on every event otherwise.
+        r.insert("tools".into(), json!([]));
+        r.insert("store".into(), false.into());
+        r.insert("previous_response_id".into(), Value::Null);
+        let usage = if last && self.error.is_none() {
+            usage_json(&self.usage)
+        } else {
+            Value::Null
+        };
+        r.insert("usage".into(), usage);
+        Value::Object(r)
+    }
+}
+
+/// Delta events are most of a stream: written through a borrowed struct, not a map.
+#[allow(clippy::too_many_arguments)]
+fn write_delta(
+    out: &mut Vec<u8>,
+    name: &str,
+    seq: u64,
+    item_id: &str,
+    output_index: usize,
+    index: Option<(&'static str, usize)>,
+    delta: &str,
+) {
+    #[derive(Serialize)]
+    struct D<'a> {
+        #[serde(rename = "type")]
+        kind: &'a str,
+        sequence_number: u64,
+        item_id: &'a str,
+        output_index: usize,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        content_index: Option<usize>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        summary_index: Option<usize>,
+        delta: &'a str,
+    }
+    let (content_index, summary_index) = match index {
+        Some(("content_index", i)) => (Some(i), None),
+        Some((_, i)) => (None, Some(i)),
+        None => (None, None),
+    };
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    let _ = serde_json::to_writer(
+        &mut *out,
+        &D {
+            kind: name,
+            sequence_number: seq,
+            item_id,
+            output_index,
+            content_index,
+            summary_index,
+            delta,
+        },
+    );
+    out.extend_from_slice(b"\n\n");
+}
+
+fn output_text(text: &str) -> Value {
+    json!({"type": "output_text", "text": text, "annotations": []})
+}
+
+fn function_item(
+    id: &str,
+    call_id: &str,
+    name: &str,
+    namespace: Option<&str>,
+    arguments: &str,
+    status: &str,
+) -> Value {
+    let mut item = json!({"id": id, "type": "function_call", "status": status,
+                          "arguments": arguments, "call_id": call_id, "name": name});
+    if let Some(ns) = namespace {
+        item["namespace"] = ns.into();
+    }
+    item
+}
+
+/// A freeform tool's raw input from the arguments the model gave the one-string function it was offered:
+/// the `input` string, or the only string whatever the model named its key, or the arguments as they are.
+pub fn custom_input(arguments: &str) -> String {
+    match serde_json::from_str::<Value>(arguments) {
+        Ok(Value::Object(m)) => {
+            if let Some(Value::String(s)) = m.get("input") {
+                return s.clone();
+            }
+            let strings: Vec<&String> = m
+                .values()
+                .filter_map(|v| match v {
+                    Value::String(s) => Some(s),
+                    _ => None,
+                })
+                .collect();
+            match strings.as_slice() {
+                [one] if m.len() == 1 => (*one).clone(),
+                _ => arguments.to_string(),
+            }
+        }
+        Ok(Value::String(s)) => s,
+        _ => arguments.to_string(),
+    }
+}
+
+/// OpenAI's usage: `input_tokens` counts the cached ones too, `cached_tokens` is that subset.
+pub fn usage_json(u: &Usage) -> Value {
+    let input = u.input_tokens + u.cache_read_input_tokens;
+    json!({
+        "input_tokens": input,
+        "input_tokens_details": {"cached_tokens": u.cache_read_input_tokens},
+        "output_tokens": u.output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": input + u.output_tokens,
+    })
+}
+
+/// The `response.error.code` for a pipeline error. Codex keys on these: `context_length_exceeded` is fatal
+/// (it compacts), `rate_limit_exceeded` is retried after the delay the message names, anything else is retried.
+pub fn error_code(error_type: &str, message: &str) -> &'static str {
+    if message.contains("prompt is too long") {
+        return "context_length_exceeded";
+    }
+    match error_type {
+        "rate_limit_error" | "overloaded_error" => "rate_limit_exceeded",
+        "invalid_request_error" => "invalid_request_error",
+        "timeout_error" => "timeout",
+        _ => "server_error",
+    }
+}
+
+#[cfg(test)]
+#[path = "encode_tests.rs"]
+mod tests;
