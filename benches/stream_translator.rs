@@ -1,6 +1,7 @@
 //! Criterion benchmark of the proxy's streaming hot path, to catch regressions: upstream OpenAI SSE bytes in,
-//! Anthropic SSE bytes out, through the same pieces serve-proxy uses per event (the SSE parser, the typed chunk
-//! parse, the stream translator, the event encoder). Throughput is in upstream events/s.
+//! client SSE bytes out, through serve-proxy's own stream driver (`Pump`, fed one read at a time: the SSE parser,
+//! the typed chunk parse, the stream translator) and each front door's encoder (Anthropic Messages, OpenAI
+//! Responses), so the two protocols' costs compare in one run. Throughput is in upstream events/s.
 //!
 //! Inputs are real llama-server streams recorded for the proxy's tests and benchmark:
 //! - text: bench/recorded/chat-stream.sse with its text chunks repeated to 256 (a long answer);
@@ -11,8 +12,8 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use llmctl::proxy::openai::ChatChunk;
-use llmctl::proxy::sse::SseParser;
+use llmctl::proxy::pump::{AnthropicSse, Pump, SseEncoder};
+use llmctl::proxy::responses::{ResponseMeta, ResponsesEncoder};
 use llmctl::proxy::stream::StreamTranslator;
 use llmctl::proxy::translate::ResponseContext;
 
@@ -57,45 +58,49 @@ fn to_reads(data: &[&str]) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// One stream end to end, the upstream's bytes arriving one event per read as llama-server writes them.
-/// Returns the bytes sent to the client, so nothing can be optimized away.
-fn translate(reads: &[Vec<u8>]) -> usize {
-    let mut parser = SseParser::default();
-    let mut t = StreamTranslator::new(ResponseContext {
-        client_model: "claude-sonnet-4-5".into(),
-        message_id: "msg_bench".into(),
-        ..ResponseContext::default()
-    });
-    let mut sent = 0usize;
-    for e in t.start() {
-        sent += e.to_sse().len();
-    }
+/// One stream end to end, the upstream's bytes arriving one event per read as llama-server writes them, out
+/// through `enc`. Returns the bytes sent to the client, so nothing can be optimized away.
+fn translate<E: SseEncoder>(reads: &[Vec<u8>], mut enc: E) -> usize {
+    let mut p = Pump::detached(
+        "http://bench",
+        StreamTranslator::new(ResponseContext {
+            client_model: "claude-sonnet-4-5".into(),
+            message_id: "msg_bench".into(),
+            ..ResponseContext::default()
+        }),
+    );
+    let mut sent = enc.encode(&p.start()).len();
     for read in reads {
-        for ev in parser
-            .push(black_box(read))
-            .expect("recorded streams are valid SSE")
-        {
-            if ev.data == "[DONE]" {
-                for e in t.finish() {
-                    sent += e.to_sse().len();
-                }
-                continue;
-            }
-            let chunk: ChatChunk = serde_json::from_str(&ev.data).expect("recorded chunks parse");
-            for e in t.on_parsed(chunk) {
-                sent += e.to_sse().len();
-            }
-        }
+        sent += enc.encode(&p.feed(black_box(read))).len();
     }
+    sent += enc.encode(&p.feed_end()).len();
+    assert!(p.failure().is_none(), "recorded streams end cleanly");
     sent
 }
 
+fn responses() -> ResponsesEncoder {
+    ResponsesEncoder::new(ResponseMeta {
+        id: "resp_bench".into(),
+        model: "local-model".into(),
+        ..ResponseMeta::default()
+    })
+}
+
 fn bench_stream(c: &mut Criterion, name: &str, reads: &[Vec<u8>]) {
-    // Fails loudly if a translator change made the recorded stream produce nothing.
-    assert!(translate(reads) > 0, "{name}: no client bytes");
+    // Fails loudly if a change made the recorded stream produce nothing.
+    assert!(
+        translate(reads, AnthropicSse) > 0,
+        "{name}: no client bytes"
+    );
+    assert!(translate(reads, responses()) > 0, "{name}: no client bytes");
     let mut group = c.benchmark_group("stream_translator");
     group.throughput(Throughput::Elements(reads.len() as u64));
-    group.bench_function(name, |b| b.iter(|| black_box(translate(reads))));
+    group.bench_function(format!("{name}/messages"), |b| {
+        b.iter(|| black_box(translate(reads, AnthropicSse)))
+    });
+    group.bench_function(format!("{name}/responses"), |b| {
+        b.iter(|| black_box(translate(reads, responses())))
+    });
     group.finish();
 }
 

@@ -40,7 +40,7 @@ pub enum LogFormat {
 pub enum Command {
     /// Serve the Anthropic Messages API in front of an OpenAI-compatible server (llama-server, vLLM, Ollama...).
     ServeProxy(Box<crate::proxy::ServeProxyArgs>),
-    /// Print or write the client settings for Claude Code or pi.
+    /// Print or write the client settings for Claude Code, Codex CLI or pi.
     ClientConfig(crate::client_config::ClientConfigArgs),
     /// Find what is broken on a Proxmox host and its GPU container, and say how to fix it.
     Doctor(crate::doctor::DoctorArgs),

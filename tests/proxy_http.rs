@@ -1533,3 +1533,214 @@ fn client_config_prints_the_pi_provider_without_writing() {
     assert_eq!(p["compat"]["supportsReasoningEffort"], false);
     assert_eq!(p["models"][0]["id"], "g.gguf");
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// POST /v1/responses: the OpenAI front door on the same pipeline.
+
+fn responses_hello(stream: bool) -> Value {
+    json!({"model": "local-model", "stream": stream, "input": "Say hi", "store": false,
+           "include": ["reasoning.encrypted_content"], "prompt_cache_key": "s-1",
+           "tools": [{"type": "web_search"}]})
+}
+
+/// Asserts OpenAI's error shape and returns `(type, code, message)`.
+fn openai_error(v: &Value) -> (String, Value, String) {
+    let e = &v["error"];
+    assert!(v.get("type").is_none(), "an Anthropic-shaped error: {v}");
+    let t = e["type"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error.type: {v}"));
+    let m = e["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error.message: {v}"));
+    assert!(e.get("param").is_some() && e.get("code").is_some(), "{v}");
+    (t.to_string(), e["code"].clone(), m.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn responses_stream_and_fold_the_same_answer() {
+    let mock = Mock::start(Mode::Good);
+    let proxy = Proxy::start(&mock.url, &[], &[]);
+    let url = format!("{}/v1/responses", proxy.url);
+    let (status, events) = stream(&url, &responses_hello(true)).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        names(&events),
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed",
+        ]
+    );
+    for (i, (_, v)) in events.iter().enumerate() {
+        assert_eq!(v["sequence_number"], i);
+    }
+    let done = &events.last().unwrap().1["response"];
+    assert_eq!(done["output"][0]["content"][0]["text"], "Hi there");
+    assert_eq!(done["model"], "local-model");
+    assert_eq!(done["usage"]["input_tokens"], 12);
+    assert_eq!(done["usage"]["total_tokens"], 14);
+
+    let (status, r) = post(&url, &responses_hello(false), &[]).await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["object"], "response");
+    assert_eq!(r["status"], "completed");
+    assert_eq!(r["output"][0]["content"][0]["text"], "Hi there");
+    // The upstream got a plain streaming chat request: nothing of the Responses-only fields.
+    let reqs = mock.chat_requests();
+    assert_eq!(reqs.len(), 2);
+    for (_, body) in &reqs {
+        assert_eq!(body["model"], "mock-model");
+        assert_eq!(body["stream"], true);
+        assert_eq!(
+            body["messages"],
+            json!([{"role": "user", "content": "Say hi"}])
+        );
+        for k in ["store", "include", "prompt_cache_key", "input", "tools"] {
+            assert!(body.get(k).is_none(), "{k} forwarded: {body}");
+        }
+    }
+    let log = proxy.log_text_when(|t| t.matches("path=/v1/responses").count() >= 2);
+    assert_eq!(log.matches("path=/v1/responses").count(), 2, "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn responses_keep_alives_are_in_progress_events() {
+    let mock = Mock::start(Mode::SlowPrefill(1500));
+    let proxy = Proxy::start(&mock.url, &["--ping-interval", "0.2"], &[]);
+    let (status, events) = stream(
+        &format!("{}/v1/responses", proxy.url),
+        &responses_hello(true),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let n = names(&events);
+    let first_item = n
+        .iter()
+        .position(|e| *e == "response.output_item.added")
+        .unwrap();
+    assert_eq!(n[0], "response.created");
+    assert!(
+        n[1..first_item]
+            .iter()
+            .all(|e| *e == "response.in_progress")
+            && first_item >= 3,
+        "{n:?}"
+    );
+    assert_eq!(*n.last().unwrap(), "response.completed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn responses_errors_are_in_openai_shape() {
+    let mock = Mock::start(Mode::ContextOverflow);
+    let proxy = Proxy::start(&mock.url, &[], &[]);
+    let url = format!("{}/v1/responses", proxy.url);
+    let (status, v) = post(&url, &responses_hello(true), &[]).await;
+    assert_eq!(status, 400, "{v}");
+    let (t, code, m) = openai_error(&v);
+    assert_eq!(
+        (t.as_str(), code),
+        ("invalid_request_error", json!("context_length_exceeded"))
+    );
+    assert_eq!(m, "prompt is too long: 5031 tokens > 4096 maximum");
+    // A bad request names the JSON path in the message and in param.
+    let (status, v) = post(
+        &url,
+        &json!({"model": "m", "input": [{"type": "function_call_output"}]}),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "input[0].call_id", "{v}");
+    let (status, v) = post(
+        &url,
+        &json!({"model": "m", "input": "x", "previous_response_id": "resp_1"}),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "previous_response_id");
+    // The upstream gone: OpenAI's shape, 502, naming the URL.
+    let down = Proxy::start(&dead_upstream(), &[], &[]);
+    let (status, v) = post(
+        &format!("{}/v1/responses", down.url),
+        &responses_hello(false),
+        &[],
+    )
+    .await;
+    assert!(status >= 500, "{status} {v}");
+    openai_error(&v);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn responses_failure_mid_stream_is_response_failed() {
+    let mock = Mock::start(Mode::DieMidStream);
+    let proxy = Proxy::start(&mock.url, &[], &[]);
+    let url = format!("{}/v1/responses", proxy.url);
+    let (status, events) = stream(&url, &responses_hello(true)).await;
+    assert_eq!(status, 200);
+    let (last, data) = events.last().unwrap();
+    assert_eq!(last, "response.failed", "{:?}", names(&events));
+    assert_eq!(data["response"]["status"], "failed");
+    assert_eq!(data["response"]["error"]["code"], "server_error");
+    assert!(!names(&events).contains(&"response.completed"));
+    let (status, v) = post(&url, &responses_hello(false), &[]).await;
+    assert_eq!(status, 502, "{v}");
+    openai_error(&v);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openai_clients_get_openai_shapes_and_bearer_auth() {
+    let mock = Mock::start(Mode::Good);
+    let proxy = Proxy::start(&mock.url, &[], &[("LLMCTL_PROXY_API_KEY", "sk-right")]);
+    let url = format!("{}/v1/responses", proxy.url);
+    let (status, v) = post(
+        &url,
+        &responses_hello(false),
+        &[("authorization", "Bearer sk-wrong")],
+    )
+    .await;
+    assert_eq!(status, 401, "{v}");
+    assert_eq!(openai_error(&v).1, "invalid_api_key");
+    let (status, v) = post(
+        &url,
+        &responses_hello(false),
+        &[("authorization", "Bearer sk-right")],
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    // GET /v1/models: OpenAI's list for a Bearer-only client, Anthropic's for one that says anthropic-version.
+    let models = format!("{}/v1/models", proxy.url);
+    let (status, text) = get(&models, &[("authorization", "Bearer sk-right")]).await;
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["object"], "list", "{v}");
+    assert_eq!(v["data"][0]["object"], "model");
+    assert!(
+        v["data"][0]["created"].is_i64() && v["data"][0]["owned_by"].is_string(),
+        "{v}"
+    );
+    let (status, text) = get(
+        &models,
+        &[
+            ("authorization", "Bearer sk-right"),
+            ("anthropic-version", "2023-06-01"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["data"][0]["type"], "model", "{v}");
+    assert!(v.get("has_more").is_some());
+    // An OpenAI client without the key gets OpenAI's 401 on shared endpoints too.
+    let (status, text) = get(&models, &[("authorization", "Bearer nope")]).await;
+    assert_eq!(status, 401);
+    openai_error(&serde_json::from_str(&text).unwrap());
+}

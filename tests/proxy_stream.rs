@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use llmctl::proxy::accumulate::MessageAccumulator;
+use llmctl::proxy::pump::Pump;
 use llmctl::proxy::stream::{BlockKind, Delta, Event, SIGNATURE_PREFIX, StreamTranslator, Usage};
 use llmctl::proxy::translate::ResponseContext;
 use serde_json::{Value, json};
@@ -34,18 +35,17 @@ fn load_fixture(name: &str) -> Vec<Value> {
         .collect()
 }
 
-/// Runs a whole stream the way the server does: start, chunks until done, finish.
+/// Runs a whole stream through the server's own stream driver: the chunks as the upstream's SSE bytes, one
+/// read each, then `[DONE]` and the end of the body.
 fn run(ctx: ResponseContext, chunks: &[Value]) -> (Vec<Event>, StreamTranslator) {
-    let mut t = StreamTranslator::new(ctx);
-    let mut events = t.start();
+    let mut p = Pump::detached("http://upstream", StreamTranslator::new(ctx));
+    let mut events = p.start();
     for c in chunks {
-        events.extend(t.on_chunk(c));
-        if t.is_done() {
-            break;
-        }
+        events.extend(p.feed(format!("data: {c}\n\n").as_bytes()));
     }
-    events.extend(t.finish());
-    (events, t)
+    events.extend(p.feed(b"data: [DONE]\n\n"));
+    events.extend(p.feed_end());
+    (events, p.into_translator())
 }
 
 fn accumulate(events: &[Event]) -> Value {

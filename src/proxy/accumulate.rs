@@ -148,7 +148,7 @@ impl MessageAccumulator {
             content,
             stop_reason: self.stop_reason.as_deref(),
             stop_sequence: self.stop_sequence.as_deref(),
-            usage: wire::Usage::from(&self.usage),
+            usage: self.usage,
         };
         // Strings, integers and parsed JSON serialize into a Vec without failing.
         serde_json::to_vec(&message).unwrap_or_default()
@@ -170,7 +170,7 @@ mod wire {
         pub content: Vec<Block<'a>>,
         pub stop_reason: Option<&'a str>,
         pub stop_sequence: Option<&'a str>,
-        pub usage: Usage,
+        pub usage: super::Usage,
     }
 
     #[derive(Serialize)]
@@ -188,25 +188,6 @@ mod wire {
             name: &'a str,
             input: Value,
         },
-    }
-
-    #[derive(Serialize)]
-    pub struct Usage {
-        input_tokens: u64,
-        cache_creation_input_tokens: u64,
-        cache_read_input_tokens: u64,
-        output_tokens: u64,
-    }
-
-    impl From<&super::Usage> for Usage {
-        fn from(u: &super::Usage) -> Self {
-            Usage {
-                input_tokens: u.input_tokens,
-                cache_creation_input_tokens: 0,
-                cache_read_input_tokens: u.cache_read_input_tokens,
-                output_tokens: u.output_tokens,
-            }
-        }
     }
 }
 

@@ -99,12 +99,15 @@ pub enum Dialect {
 }
 
 impl Dialect {
-    /// `/v1/responses` is OpenAI's; elsewhere a client that sends `anthropic-version` (every Anthropic SDK,
+    /// `/v1/responses` is OpenAI's, `/v1/messages` Anthropic's; elsewhere a client that sends `anthropic-version` (every Anthropic SDK,
     /// Claude Code) is Anthropic's, one that sends only `Authorization: Bearer` is OpenAI's, and the rest
     /// (curl) get Anthropic's shape, as before the OpenAI front door existed.
     pub fn of(path: &str, headers: &axum::http::HeaderMap) -> Self {
         if path.starts_with("/v1/responses") {
             return Dialect::OpenAi;
+        }
+        if path.starts_with("/v1/messages") {
+            return Dialect::Anthropic;
         }
         if headers.contains_key("anthropic-version") || headers.contains_key("x-api-key") {
             return Dialect::Anthropic;
@@ -410,6 +413,7 @@ mod tests {
         assert_eq!(Dialect::of("/v1/responses", &h), Dialect::OpenAi);
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k"));
         assert_eq!(Dialect::of("/v1/models", &h), Dialect::OpenAi);
+        assert_eq!(Dialect::of("/v1/messages", &h), Dialect::Anthropic);
         h.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
         assert_eq!(Dialect::of("/v1/models", &h), Dialect::Anthropic);
     }

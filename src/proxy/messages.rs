@@ -13,9 +13,9 @@ use super::accounting::Tracker;
 use super::accumulate::MessageAccumulator;
 use super::error::{ErrorType, ProxyError};
 use super::pump::{self, AnthropicSse};
-use super::server::{Shared, options_for, peek_model, read_body};
+use super::server::{Shared, options_for, read_body};
 use super::stream::StreamTranslator;
-use super::translate::{RequestError, TranslateOptions, translate_for_count, translate_request};
+use super::translate::{TranslateOptions, count_object, parse_body, translate_object};
 use super::upstream::{Upstream, UpstreamError};
 
 // ---------------------------------------------------------------------------------------------------------
@@ -43,11 +43,14 @@ async fn count(
     body: Body,
 ) -> Result<u64, ProxyError> {
     let bytes = read_body(headers, body, st.settings.max_body_bytes).await?;
-    t.client_model = peek_model(&bytes)?;
-    let opts = options_for(st, &t.client_model, &bytes, valid).await?;
+    let req = parse_body(&bytes).map_err(|e| ProxyError::invalid_request(e.message))?;
+    drop(bytes);
+    if let Some(Value::String(m)) = req.get("model") {
+        t.client_model = m.clone();
+    }
+    let opts = options_for(st, &t.client_model, |o| count_object(&req, o).map(drop)).await?;
     t.upstream_model = opts.upstream_model.clone();
-    let chat =
-        translate_for_count(&bytes, &opts).map_err(|e| ProxyError::invalid_request(e.message))?;
+    let chat = count_object(&req, &opts).map_err(|e| ProxyError::invalid_request(e.message))?;
     let base = st.upstream.base();
     let waited = Instant::now();
     let result = exact_count(&st.upstream, &chat).await;
@@ -66,11 +69,6 @@ async fn count(
         }
         Err(e) => Err(e.to_proxy_error(base)),
     }
-}
-
-/// Whether the request is valid at all, for when the upstream is down (a bad request still gets its 400).
-fn valid(body: &[u8], opts: &TranslateOptions) -> Result<(), RequestError> {
-    translate_for_count(body, opts).map(drop)
 }
 
 /// llama-server renders the prompt with the model's own chat template, then tokenizes it exactly as a
@@ -111,22 +109,28 @@ pub(crate) async fn messages(State(st): State<Shared>, headers: HeaderMap, body:
         Ok(b) => b,
         Err(e) => return t.error(e),
     };
-    match peek_model(&bytes) {
-        Ok(m) => t.client_model = m,
-        Err(e) => return t.error(e),
+    // Parsed once: the model picks the upstream's options, then the same object is translated.
+    let req = match parse_body(&bytes) {
+        Ok(r) => r,
+        Err(e) => return t.error(ProxyError::invalid_request(e.message)),
+    };
+    drop(bytes);
+    if let Some(Value::String(m)) = req.get("model") {
+        t.client_model = m.clone();
     }
-    let opts = match options_for(&st, &t.client_model, &bytes, valid).await {
+    let check = |o: &TranslateOptions| count_object(&req, o).map(drop);
+    let opts = match options_for(&st, &t.client_model, check).await {
         Ok(o) => o,
         Err(e) => return t.error(e),
     };
     t.upstream_model = opts.upstream_model.clone();
-    let translated = match translate_request(&bytes, &opts) {
+    let translated = match translate_object(&req, &opts) {
         Ok(tr) => tr,
         Err(e) => return t.error(ProxyError::invalid_request(e.message)),
     };
-    drop(bytes);
+    drop(req);
     t.streamed = translated.client_stream;
-    let body = match serde_json::to_vec(&translated.body) {
+    let body = match serde_json::to_vec(&translated.chat) {
         Ok(b) => b,
         Err(e) => {
             return t.error(ProxyError::new(

@@ -118,7 +118,7 @@ pub(crate) async fn open(
         translator,
     );
     if whole_json {
-        pump.whole_json = Some(Vec::new());
+        pump.expect_whole_json();
     }
     Ok(pump)
 }
@@ -134,7 +134,7 @@ pub struct Pump {
     deadline: tokio::time::Instant,
     /// The failure sent as an `error` event, kept for the non-streaming answer's status.
     failure: Option<ProxyError>,
-    pub done: bool,
+    done: bool,
     /// The upstream answered one JSON body instead of a stream: collected here, translated at its end.
     whole_json: Option<Vec<u8>>,
 }
@@ -198,20 +198,7 @@ impl Pump {
                 Some(Ok(frame)) => {
                     // Trailers carry no events.
                     if let Some(chunk) = frame.data_ref() {
-                        match self.whole_json.as_mut() {
-                            Some(buf) if buf.len() + chunk.len() > MAX_WHOLE_JSON_BYTES => {
-                                let e = ProxyError::new(
-                                    ErrorType::Api,
-                                    format!(
-                                        "upstream {} answered a JSON body over {MAX_WHOLE_JSON_BYTES} bytes instead of a stream",
-                                        self.upstream_url
-                                    ),
-                                );
-                                self.fail(e, &mut out);
-                            }
-                            Some(buf) => buf.extend_from_slice(chunk),
-                            None => self.on_bytes(chunk, &mut out),
-                        }
+                        self.on_frame(chunk, &mut out);
                     }
                 }
                 Some(Err(e)) => {
@@ -222,28 +209,100 @@ impl Pump {
                     );
                     self.fail(ProxyError::new(ErrorType::Api, msg), &mut out);
                 }
-                None if self.whole_json.is_some() => {
-                    let buf = self.whole_json.take().unwrap_or_default();
-                    self.on_whole_json(&buf, &mut out);
-                }
-                None => {
-                    if let Some(ev) = self.parser.finish() {
-                        self.on_data(&ev.data, &mut out);
-                    }
-                    if !self.done {
-                        let e = ProxyError::new(
-                            ErrorType::Api,
-                            format!(
-                                "upstream {} closed the stream before it finished (no [DONE])",
-                                self.upstream_url
-                            ),
-                        );
-                        self.fail(e, &mut out);
-                    }
-                }
+                None => self.on_end(&mut out),
             }
         }
         out
+    }
+
+    /// A pump with no upstream connection, fed by hand with `feed` and `feed_end`: the benches and tests drive
+    /// recorded streams through exactly the code the server runs per chunk.
+    pub fn detached(upstream_url: &str, translator: StreamTranslator) -> Self {
+        Pump {
+            upstream_url: upstream_url.to_string(),
+            body: None,
+            parser: SseParser::default(),
+            translator,
+            idle_timeout: Duration::MAX,
+            deadline: tokio::time::Instant::now(),
+            failure: None,
+            done: false,
+            whole_json: None,
+        }
+    }
+
+    /// The events for one chunk of the upstream's body (what one read gives).
+    pub fn feed(&mut self, chunk: &[u8]) -> Vec<Event> {
+        let mut out = Vec::new();
+        if !self.done {
+            self.on_frame(chunk, &mut out);
+        }
+        out
+    }
+
+    /// The upstream's body ended.
+    pub fn feed_end(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        if !self.done {
+            self.on_end(&mut out);
+        }
+        out
+    }
+
+    /// Reads the upstream answered as one JSON body (it ignored `stream`), not as an event stream.
+    pub fn expect_whole_json(&mut self) {
+        self.whole_json = Some(Vec::new());
+    }
+
+    fn on_frame(&mut self, chunk: &[u8], out: &mut Vec<Event>) {
+        match self.whole_json.as_mut() {
+            Some(buf) if buf.len() + chunk.len() > MAX_WHOLE_JSON_BYTES => {
+                let e = ProxyError::new(
+                    ErrorType::Api,
+                    format!(
+                        "upstream {} answered a JSON body over {MAX_WHOLE_JSON_BYTES} bytes instead of a stream",
+                        self.upstream_url
+                    ),
+                );
+                self.fail(e, out);
+            }
+            Some(buf) => buf.extend_from_slice(chunk),
+            None => self.on_bytes(chunk, out),
+        }
+    }
+
+    fn on_end(&mut self, out: &mut Vec<Event>) {
+        if let Some(buf) = self.whole_json.take() {
+            return self.on_whole_json(&buf, out);
+        }
+        if let Some(ev) = self.parser.finish() {
+            self.on_data(&ev.data, out);
+        }
+        if !self.done {
+            let e = ProxyError::new(
+                ErrorType::Api,
+                format!(
+                    "upstream {} closed the stream before it finished (no [DONE])",
+                    self.upstream_url
+                ),
+            );
+            self.fail(e, out);
+        }
+    }
+
+    /// The translator, once the stream is over (its usage and stop reason).
+    pub fn into_translator(self) -> StreamTranslator {
+        self.translator
+    }
+
+    /// The stream is over (ended, stopped or failed).
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// The failure the stream ended with, if it did.
+    pub fn failure(&self) -> Option<&ProxyError> {
+        self.failure.as_ref()
     }
 
     fn on_bytes(&mut self, chunk: &[u8], out: &mut Vec<Event>) {
@@ -453,7 +512,7 @@ pub fn stream_response<E: SseEncoder>(
             }
             Some(events) => {
                 note_first_token(&mut s.tracker, &events);
-                if s.pump.done {
+                if s.pump.is_done() {
                     s.finished = true;
                     s.pump.record(&mut s.tracker);
                     s.tracker.ok();

@@ -13,7 +13,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::StreamExt;
-use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -345,30 +344,13 @@ pub(crate) async fn read_body(
     Ok(Bytes::from(buf))
 }
 
-/// The `model` field alone, before full translation: it picks the upstream model. Invalid JSON is
-/// reported here, naming the position.
-pub(crate) fn peek_model(body: &[u8]) -> Result<String, ProxyError> {
-    #[derive(Deserialize)]
-    struct Peek {
-        model: Option<Value>,
-    }
-    let peek: Peek = serde_json::from_slice(body)
-        .map_err(|e| ProxyError::invalid_request(format!("request body is not valid JSON: {e}")))?;
-    match peek.model {
-        Some(Value::String(s)) => Ok(s),
-        // Missing or mistyped: translation reports it with the field's name.
-        _ => Ok(String::new()),
-    }
-}
-
 /// Translation options for this request: the model map first, else the upstream's own model.
 /// When the upstream cannot be asked (it is down before its model was ever discovered), a request that is
 /// itself invalid still gets its 400: the client has something to fix either way, and that comes first.
 pub(crate) async fn options_for(
     st: &Shared,
     client_model: &str,
-    body: &[u8],
-    check: impl Fn(&[u8], &TranslateOptions) -> Result<(), RequestError>,
+    check: impl FnOnce(&TranslateOptions) -> Result<(), RequestError>,
 ) -> Result<TranslateOptions, ProxyError> {
     let served = match st.upstream.served().await {
         Ok(s) => s,
@@ -377,7 +359,7 @@ pub(crate) async fn options_for(
                 upstream_model: String::new(),
                 llama_cpp: false,
             };
-            if let Err(bad) = check(body, &probe) {
+            if let Err(bad) = check(&probe) {
                 return Err(ProxyError::invalid_request(bad.message));
             }
             return Err(e.to_proxy_error(st.upstream.base()));
@@ -396,7 +378,6 @@ pub(crate) async fn options_for(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::StatusCode;
 
     #[test]
     fn presented_key_reads_both_headers() {
@@ -445,14 +426,5 @@ mod tests {
         assert!(is_open(&Method::GET, "/health"));
         assert!(!is_open(&Method::POST, "/"));
         assert!(!is_open(&Method::GET, "/metrics"));
-    }
-
-    #[test]
-    fn peek_model_reports_invalid_json() {
-        assert_eq!(peek_model(br#"{"model":"m","x":1}"#).unwrap(), "m");
-        assert_eq!(peek_model(br#"{"messages":[]}"#).unwrap(), "");
-        let e = peek_model(b"{not json").unwrap_err();
-        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
-        assert!(e.message.contains("not valid JSON"), "{}", e.message);
     }
 }

@@ -39,6 +39,20 @@ pub struct Usage {
     pub cache_read_input_tokens: u64,
 }
 
+/// Anthropic's usage block, the one serializer of it (message_start, message_delta, the folded message).
+impl serde::Serialize for Usage {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut u = s.serialize_struct("Usage", 4)?;
+        u.serialize_field("input_tokens", &self.input_tokens)?;
+        // llama.cpp's cache is not billed for writes: always 0.
+        u.serialize_field("cache_creation_input_tokens", &0u64)?;
+        u.serialize_field("cache_read_input_tokens", &self.cache_read_input_tokens)?;
+        u.serialize_field("output_tokens", &self.output_tokens)?;
+        u.end()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     MessageStart {
@@ -179,7 +193,7 @@ mod wire {
         },
         MessageDelta {
             delta: Stop<'a>,
-            usage: UsageData,
+            usage: Usage,
         },
         MessageStop,
         Ping,
@@ -198,7 +212,7 @@ mod wire {
         content: [(); 0],
         stop_reason: Option<&'a str>,
         stop_sequence: Option<&'a str>,
-        usage: UsageData,
+        usage: Usage,
     }
 
     #[derive(Serialize)]
@@ -245,25 +259,6 @@ mod wire {
     }
 
     #[derive(Serialize)]
-    pub(super) struct UsageData {
-        input_tokens: u64,
-        cache_creation_input_tokens: u64,
-        cache_read_input_tokens: u64,
-        output_tokens: u64,
-    }
-
-    impl From<&Usage> for UsageData {
-        fn from(u: &Usage) -> Self {
-            UsageData {
-                input_tokens: u.input_tokens,
-                cache_creation_input_tokens: 0,
-                cache_read_input_tokens: u.cache_read_input_tokens,
-                output_tokens: u.output_tokens,
-            }
-        }
-    }
-
-    #[derive(Serialize)]
     pub(super) struct ErrorData<'a> {
         #[serde(rename = "type")]
         kind: &'a str,
@@ -282,7 +277,7 @@ mod wire {
                         content: [],
                         stop_reason: None,
                         stop_sequence: None,
-                        usage: UsageData::from(usage),
+                        usage: *usage,
                     },
                 },
                 Event::ContentBlockStart { index, block } => Data::ContentBlockStart {
@@ -321,7 +316,7 @@ mod wire {
                         stop_reason,
                         stop_sequence: stop_sequence.as_deref(),
                     },
-                    usage: UsageData::from(usage),
+                    usage: *usage,
                 },
                 Event::MessageStop => Data::MessageStop,
                 Event::Ping => Data::Ping,
@@ -340,12 +335,7 @@ mod wire {
 }
 
 pub(crate) fn usage_json(u: &Usage) -> Value {
-    json!({
-        "input_tokens": u.input_tokens,
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": u.cache_read_input_tokens,
-        "output_tokens": u.output_tokens,
-    })
+    serde_json::to_value(u).unwrap_or_default()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

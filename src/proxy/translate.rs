@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::de::DeserializeOwned;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::anthropic::{
     ContentBlock, DocumentContent, DocumentSource, ImageSource, KNOWN_BLOCK_TYPES, Message,
@@ -28,8 +28,8 @@ pub struct TranslateOptions {
 }
 
 pub struct Translated {
-    /// The OpenAI /v1/chat/completions body, always streaming with usage.
-    pub body: Value,
+    /// The OpenAI /v1/chat/completions request, always streaming with usage; serialized once, when sent.
+    pub chat: ChatRequest,
     /// Whether the client asked for SSE.
     pub client_stream: bool,
     pub ctx: ResponseContext,
@@ -76,8 +76,36 @@ pub const TOOL_ERROR_PREFIX: &str = "Error: ";
 /// Stands in for images moved out of a tool result into the following user message.
 const MOVED_IMAGE_NOTE: &str = "[image attached in the next message]";
 
+impl Translated {
+    /// The upstream body as JSON (tests, debugging).
+    pub fn body(&self) -> Value {
+        to_value(&self.chat)
+    }
+}
+
 pub fn translate_request(body: &[u8], opts: &TranslateOptions) -> Result<Translated, RequestError> {
-    let req = parse_request(body)?;
+    translate_object(&parse_body(body)?, opts)
+}
+
+/// The request body as a JSON object: the one parse of the request's bytes.
+pub fn parse_body(body: &[u8]) -> Result<Map<String, Value>, RequestError> {
+    match serde_json::from_slice(body) {
+        Ok(Value::Object(obj)) => Ok(obj),
+        Ok(_) => Err(RequestError {
+            message: "request body must be a JSON object".into(),
+        }),
+        Err(e) => Err(RequestError {
+            message: format!("request body is not valid JSON: {e}"),
+        }),
+    }
+}
+
+/// Translates a parsed request body (`parse_body`).
+pub fn translate_object(
+    obj: &Map<String, Value>,
+    opts: &TranslateOptions,
+) -> Result<Translated, RequestError> {
+    let req = request_from(obj)?;
     // Required by the Messages API (count_tokens does not take it, so parse_request cannot insist).
     match req.max_tokens {
         None => return Err(RequestError::at("max_tokens", "field required")),
@@ -115,7 +143,7 @@ pub fn translate_request(body: &[u8], opts: &TranslateOptions) -> Result<Transla
         ..conv.into_chat(opts)
     };
     Ok(Translated {
-        body: to_value(&chat),
+        chat,
         client_stream,
         ctx,
     })
@@ -124,7 +152,15 @@ pub fn translate_request(body: &[u8], opts: &TranslateOptions) -> Result<Transla
 /// The same conversion without the sampling/stream fields, for exact count_tokens via the
 /// upstream's /apply-template + /tokenize.
 pub fn translate_for_count(body: &[u8], opts: &TranslateOptions) -> Result<Value, RequestError> {
-    let req = parse_request(body)?;
+    count_object(&parse_body(body)?, opts)
+}
+
+/// `translate_for_count` of a parsed request body.
+pub fn count_object(
+    obj: &Map<String, Value>,
+    opts: &TranslateOptions,
+) -> Result<Value, RequestError> {
+    let req = request_from(obj)?;
     let conv = Conversion::new(&req, opts)?;
     Ok(to_value(&conv.into_chat(opts)))
 }
@@ -134,15 +170,7 @@ fn to_value(chat: &ChatRequest) -> Value {
     serde_json::to_value(chat).unwrap_or(Value::Null)
 }
 
-fn parse_request(body: &[u8]) -> Result<MessagesRequest, RequestError> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| RequestError {
-        message: format!("request body is not valid JSON: {e}"),
-    })?;
-    let Some(obj) = v.as_object() else {
-        return Err(RequestError {
-            message: "request body must be a JSON object".into(),
-        });
-    };
+fn request_from(obj: &Map<String, Value>) -> Result<MessagesRequest, RequestError> {
     for required in ["model", "messages"] {
         if !obj.contains_key(required) {
             return Err(RequestError::at(required, "field required"));

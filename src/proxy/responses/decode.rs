@@ -107,11 +107,23 @@ const HOSTED_ITEMS: &[&str] = &[
 ];
 
 pub fn decode_request(body: &[u8], opts: &TranslateOptions) -> Result<Decoded, RequestError> {
-    let root: Value = serde_json::from_slice(body)
-        .map_err(|e| RequestError::at("body", format!("not valid JSON: {e}")))?;
-    let Value::Object(req) = root else {
-        return Err(RequestError::at("body", "must be a JSON object"));
-    };
+    decode_object(&parse_body(body)?, opts)
+}
+
+/// The request body as a JSON object: the one parse of the request's bytes.
+pub fn parse_body(body: &[u8]) -> Result<Map<String, Value>, RequestError> {
+    match serde_json::from_slice(body) {
+        Ok(Value::Object(req)) => Ok(req),
+        Ok(_) => Err(RequestError::at("body", "must be a JSON object")),
+        Err(e) => Err(RequestError::at("body", format!("not valid JSON: {e}"))),
+    }
+}
+
+/// Decodes a parsed request body (`parse_body`).
+pub fn decode_object(
+    req: &Map<String, Value>,
+    opts: &TranslateOptions,
+) -> Result<Decoded, RequestError> {
     for (field, why) in STATEFUL_FIELDS {
         if req.get(*field).is_some_and(|v| !v.is_null()) {
             return Err(RequestError::at(field, why));
@@ -128,10 +140,10 @@ pub fn decode_request(body: &[u8], opts: &TranslateOptions) -> Result<Decoded, R
         None | Some(Value::Null) => return Err(RequestError::at("model", "field required")),
         Some(_) => return Err(RequestError::at("model", "must be a string")),
     };
-    let client_stream = opt_bool(&req, "stream")?.unwrap_or(false);
+    let client_stream = opt_bool(req, "stream")?.unwrap_or(false);
     let (tools, names) = convert_tools(req.get("tools"))?;
     let choice = resolve_tool_choice(req.get("tool_choice"), tools)?;
-    let parallel = opt_bool(&req, "parallel_tool_calls")?;
+    let parallel = opt_bool(req, "parallel_tool_calls")?;
     let messages = convert_input(req.get("instructions"), req.get("input"), opts.llama_cpp)?;
     let max_tokens = match req.get("max_output_tokens") {
         None | Some(Value::Null) => None,
@@ -146,8 +158,8 @@ pub fn decode_request(body: &[u8], opts: &TranslateOptions) -> Result<Decoded, R
             }
         },
     };
-    let temperature = opt_f64(&req, "temperature")?;
-    let top_p = opt_f64(&req, "top_p")?;
+    let temperature = opt_f64(req, "temperature")?;
+    let top_p = opt_f64(req, "top_p")?;
     let (kwargs, budget) = reasoning_switch(req.get("reasoning"), opts.llama_cpp)?;
     let response_format = text_format(req.get("text"))?;
     let include_encrypted = match req.get("include") {

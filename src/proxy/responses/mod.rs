@@ -11,20 +11,17 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
+use serde_json::Value;
 
-pub use decode::{ClientTool, Decoded, ResponseMeta, decode_request};
+pub use decode::{ClientTool, Decoded, ResponseMeta, decode_object, decode_request, parse_body};
 pub use encode::ResponsesEncoder;
 
 use super::accounting::Tracker;
 use super::error::{Dialect, ErrorType, ProxyError};
 use super::pump;
-use super::server::{Shared, options_for, peek_model, read_body};
+use super::server::{Shared, options_for, read_body};
 use super::stream::StreamTranslator;
-use super::translate::{RequestError, TranslateOptions};
-
-fn valid(body: &[u8], opts: &TranslateOptions) -> Result<(), RequestError> {
-    decode_request(body, opts).map(drop)
-}
+use super::translate::TranslateOptions;
 
 pub(crate) async fn responses(
     State(st): State<Shared>,
@@ -37,20 +34,26 @@ pub(crate) async fn responses(
         Ok(b) => b,
         Err(e) => return t.error(e),
     };
-    match peek_model(&bytes) {
-        Ok(m) => t.client_model = m,
-        Err(e) => return t.error(e),
+    // Parsed once: the model picks the upstream's options, then the same object is decoded.
+    let req = match parse_body(&bytes) {
+        Ok(r) => r,
+        Err(e) => return t.error(ProxyError::invalid_request(e.message)),
+    };
+    drop(bytes);
+    if let Some(Value::String(m)) = req.get("model") {
+        t.client_model = m.clone();
     }
-    let opts = match options_for(&st, &t.client_model, &bytes, valid).await {
+    let check = |o: &TranslateOptions| decode_object(&req, o).map(drop);
+    let opts = match options_for(&st, &t.client_model, check).await {
         Ok(o) => o,
         Err(e) => return t.error(e),
     };
     t.upstream_model = opts.upstream_model.clone();
-    let decoded = match decode_request(&bytes, &opts) {
+    let decoded = match decode_object(&req, &opts) {
         Ok(d) => d,
         Err(e) => return t.error(ProxyError::invalid_request(e.message)),
     };
-    drop(bytes);
+    drop(req);
     t.streamed = decoded.client_stream;
     let body = match serde_json::to_vec(&decoded.chat) {
         Ok(b) => b,

@@ -27,13 +27,13 @@ fn tr(body: Value) -> Translated {
 
 fn err(body: Value) -> String {
     match translate_request(with_max_tokens(body).to_string().as_bytes(), &opts()) {
-        Ok(t) => panic!("expected an error, got {}", t.body),
+        Ok(t) => panic!("expected an error, got {}", t.body()),
         Err(e) => e.message,
     }
 }
 
 fn msgs(messages: Value) -> Value {
-    tr(json!({"model": "m", "max_tokens": 10, "messages": messages})).body["messages"].clone()
+    tr(json!({"model": "m", "max_tokens": 10, "messages": messages})).body()["messages"].clone()
 }
 
 // ------------------------------------------------------------------ whole requests
@@ -123,7 +123,7 @@ fn claude_code_request_snapshot() {
     assert!(t.client_stream);
     assert_eq!(t.ctx.client_model, "claude-opus-4-8");
     assert!(t.ctx.message_id.starts_with("msg_"));
-    insta::assert_json_snapshot!(t.body);
+    insta::assert_json_snapshot!(t.body());
 }
 
 #[test]
@@ -135,7 +135,7 @@ fn prompt_is_a_prefix_extension_across_turns() {
         ("a07", cc_turn3()),
     ]
     .into_iter()
-    .map(|(cch, m)| tr(claude_code_request(cch, m)).body)
+    .map(|(cch, m)| tr(claude_code_request(cch, m)).body())
     .collect();
     for pair in bodies.windows(2) {
         let (a, b) = (&pair[0], &pair[1]);
@@ -153,14 +153,18 @@ fn prompt_is_a_prefix_extension_across_turns() {
 
 #[test]
 fn same_input_gives_same_bytes() {
-    let a = tr(claude_code_request("0df", cc_turn3())).body.to_string();
-    let b = tr(claude_code_request("0df", cc_turn3())).body.to_string();
+    let a = tr(claude_code_request("0df", cc_turn3()))
+        .body()
+        .to_string();
+    let b = tr(claude_code_request("0df", cc_turn3()))
+        .body()
+        .to_string();
     assert_eq!(a, b);
 }
 
 #[test]
 fn anthropic_only_fields_are_never_forwarded() {
-    let body = tr(claude_code_request("0df", cc_turn2())).body;
+    let body = tr(claude_code_request("0df", cc_turn2())).body();
     let text = body.to_string();
     for banned in [
         "cache_control",
@@ -204,7 +208,7 @@ fn unknown_top_level_fields_are_ignored() {
         "betas": ["x"], "container": "c", "mcp_servers": [], "service_tier": "auto", "whatever": 1}),
     );
     assert_eq!(
-        t.body,
+        t.body(),
         json!({"model": "local-model", "messages": [{"role": "user", "content": "hi"}],
             "max_tokens": 100, "stream": true, "stream_options": {"include_usage": true}, "return_progress": true})
     );
@@ -215,7 +219,7 @@ fn unknown_top_level_fields_are_ignored() {
 fn count_body_has_no_sampling_or_stream_fields() {
     let body = claude_code_request("0df", cc_turn2()).to_string();
     let count = translate_for_count(body.as_bytes(), &opts()).unwrap();
-    let full = translate_request(body.as_bytes(), &opts()).unwrap().body;
+    let full = translate_request(body.as_bytes(), &opts()).unwrap().body();
     assert_eq!(count["messages"], full["messages"]);
     assert_eq!(count["tools"], full["tools"]);
     for k in ["stream", "stream_options", "max_tokens", "return_progress"] {
@@ -231,7 +235,7 @@ fn system_string_and_blocks_joined_by_newline_without_billing_line() {
         json!({"model": "m", "system": "be brief", "messages": [{"role": "user", "content": "hi"}]}),
     );
     assert_eq!(
-        t.body["messages"][0],
+        t.body()["messages"][0],
         json!({"role": "system", "content": "be brief"})
     );
     let t = tr(
@@ -240,7 +244,7 @@ fn system_string_and_blocks_joined_by_newline_without_billing_line() {
         {"type": "text", "text": "one"}, {"type": "text", "text": "two", "cache_control": {"type": "ephemeral"}}]}),
     );
     assert_eq!(
-        t.body["messages"][0],
+        t.body()["messages"][0],
         json!({"role": "system", "content": "one\ntwo"})
     );
 }
@@ -456,33 +460,34 @@ fn with_tools(tool_choice: Value) -> Translated {
 fn tools_become_functions_and_server_tools_are_dropped() {
     let t = with_tools(Value::Null);
     assert_eq!(
-        t.body["tools"],
+        t.body()["tools"],
         json!([
             {"type": "function", "function": {"name": "A", "description": "a", "parameters": {"type": "object", "properties": {"p": {"type": "string"}}}}},
             {"type": "function", "function": {"name": "B", "parameters": {"type": "object", "properties": {}}}}
         ])
     );
-    assert!(t.body.get("tool_choice").is_none());
+    assert!(t.body().get("tool_choice").is_none());
 }
 
 #[test]
 fn tool_choice_variants() {
     assert_eq!(
-        with_tools(json!({"type": "auto"})).body["tool_choice"],
+        with_tools(json!({"type": "auto"})).body()["tool_choice"],
         "auto"
     );
     assert_eq!(
-        with_tools(json!({"type": "any"})).body["tool_choice"],
+        with_tools(json!({"type": "any"})).body()["tool_choice"],
         "required"
     );
     assert_eq!(
-        with_tools(json!({"type": "none"})).body["tool_choice"],
+        with_tools(json!({"type": "none"})).body()["tool_choice"],
         "none"
     );
     let t = with_tools(json!({"type": "tool", "name": "B", "disable_parallel_tool_use": true}));
-    assert_eq!(t.body["tool_choice"], "required");
-    assert_eq!(t.body["parallel_tool_calls"], false);
-    let names: Vec<&str> = t.body["tools"]
+    assert_eq!(t.body()["tool_choice"], "required");
+    assert_eq!(t.body()["parallel_tool_calls"], false);
+    let body = t.body();
+    let names: Vec<&str> = body["tools"]
         .as_array()
         .unwrap()
         .iter()
@@ -492,28 +497,28 @@ fn tool_choice_variants() {
     assert_eq!(t.ctx.forced_tool.as_deref(), Some("B"));
     assert!(t.ctx.single_tool_call);
     let t = with_tools(json!({"type": "auto", "disable_parallel_tool_use": false}));
-    assert!(t.body.get("parallel_tool_calls").is_none());
+    assert!(t.body().get("parallel_tool_calls").is_none());
     assert!(!t.ctx.single_tool_call);
 }
 
 #[test]
 fn tool_choice_for_a_dropped_server_tool_or_with_no_tools_is_not_sent() {
     let t = with_tools(json!({"type": "tool", "name": "bash"}));
-    assert!(t.body.get("tool_choice").is_none());
-    assert_eq!(t.body["tools"].as_array().unwrap().len(), 2);
+    assert!(t.body().get("tool_choice").is_none());
+    assert_eq!(t.body()["tools"].as_array().unwrap().len(), 2);
     assert!(t.ctx.forced_tool.is_none());
     let t = tr(
         json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
         "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 8}],
         "tool_choice": {"type": "tool", "name": "web_search"}}),
     );
-    assert!(t.body.get("tools").is_none());
-    assert!(t.body.get("tool_choice").is_none());
+    assert!(t.body().get("tools").is_none());
+    assert!(t.body().get("tool_choice").is_none());
     let t = tr(
         json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [],
         "tool_choice": {"type": "any"}}),
     );
-    assert!(t.body.get("tool_choice").is_none());
+    assert!(t.body().get("tool_choice").is_none());
 }
 
 // ------------------------------------------------------------------ sampling and thinking
@@ -524,17 +529,17 @@ fn sampling_fields_and_stop_sequences() {
         json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5,
         "temperature": 0.2, "top_p": 0.9, "top_k": 40, "stop_sequences": ["END", ""], "stream": true}),
     );
-    assert_eq!(t.body["max_tokens"], 5);
-    assert_eq!(t.body["temperature"], 0.2);
-    assert_eq!(t.body["top_p"], 0.9);
-    assert_eq!(t.body["top_k"], 40);
+    assert_eq!(t.body()["max_tokens"], 5);
+    assert_eq!(t.body()["temperature"], 0.2);
+    assert_eq!(t.body()["top_p"], 0.9);
+    assert_eq!(t.body()["top_k"], 40);
     assert!(
-        t.body.get("stop").is_none(),
+        t.body().get("stop").is_none(),
         "stop sequences are matched by the proxy"
     );
     assert_eq!(t.ctx.stop_sequences, ["END"]);
-    assert_eq!(t.body["stream"], true);
-    assert_eq!(t.body["stream_options"], json!({"include_usage": true}));
+    assert_eq!(t.body()["stream"], true);
+    assert_eq!(t.body()["stream_options"], json!({"include_usage": true}));
 }
 
 #[test]
@@ -547,7 +552,7 @@ fn thinking_maps_to_llama_cpp_knobs() {
         };
         let b = translate_request(with_max_tokens(body).to_string().as_bytes(), &o)
             .unwrap()
-            .body;
+            .body();
         (
             b.get("chat_template_kwargs").cloned(),
             b.get("reasoning_budget_tokens").cloned(),
@@ -661,9 +666,9 @@ fn search_turns() -> Value {
 fn deferred_tools_stay_out_until_referenced() {
     let first = tr(json!({"model": "m", "tools": deferred_tools(),
                           "messages": [{"role": "user", "content": "Grep the docs for retries."}]}));
-    assert_eq!(tool_names(&first.body), ["Bash", "ToolSearch", "Write"]);
-    assert!(!first.body.to_string().contains("defer_loading"));
-    assert!(!first.body.to_string().contains("cache_control"));
+    assert_eq!(tool_names(&first.body()), ["Bash", "ToolSearch", "Write"]);
+    assert!(!first.body().to_string().contains("defer_loading"));
+    assert!(!first.body().to_string().contains("cache_control"));
 }
 
 #[test]
@@ -671,14 +676,14 @@ fn a_referenced_deferred_tool_is_appended_after_the_others() {
     let t = tr(json!({"model": "m", "tools": deferred_tools(), "messages": search_turns()}));
     // Appended last: the tool list of the earlier turn stays a prefix of this one.
     assert_eq!(
-        tool_names(&t.body),
+        tool_names(&t.body()),
         ["Bash", "ToolSearch", "Write", "mcp__docs__grep"]
     );
-    let grep = &t.body["tools"][3]["function"];
+    let grep = &t.body()["tools"][3]["function"];
     assert_eq!(grep["description"], "Greps the docs");
     assert!(grep.get("defer_loading").is_none());
     // The tool_reference reaches the model as a short line in the tool result.
-    let m = &t.body["messages"];
+    let m = &t.body()["messages"];
     let tool_msg = m
         .as_array()
         .unwrap()
@@ -696,7 +701,7 @@ fn loading_a_tool_leaves_the_earlier_messages_and_tools_byte_identical() {
     let before = tr(json!({"model": "m", "tools": deferred_tools(),
                            "messages": search_turns().as_array().unwrap()[..2]}));
     let after = tr(json!({"model": "m", "tools": deferred_tools(), "messages": search_turns()}));
-    let (b, a) = (&before.body, &after.body);
+    let (b, a) = (&before.body(), &after.body());
     assert_eq!(
         b["messages"].as_array().unwrap()[..],
         a["messages"].as_array().unwrap()[..2]
@@ -713,7 +718,7 @@ fn loading_a_tool_leaves_the_earlier_messages_and_tools_byte_identical() {
         json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_2", "content": "docs/x.md: retries"}]}),
     ]);
     let later = tr(json!({"model": "m", "tools": deferred_tools(), "messages": more}));
-    assert_eq!(later.body["tools"], a["tools"]);
+    assert_eq!(later.body()["tools"], a["tools"]);
 }
 
 #[test]
@@ -732,8 +737,8 @@ fn other_tool_search_blocks_are_accepted_and_their_references_load_tools() {
             {"role": "user", "content": [{"type": "tool_reference", "tool_name": "mcp__docs__grep"}, {"type": "text", "text": "use it"}]}
         ]}),
     );
-    assert_eq!(tool_names(&t.body).last().unwrap(), "mcp__docs__grep");
-    let text = t.body["messages"].to_string();
+    assert_eq!(tool_names(&t.body()).last().unwrap(), "mcp__docs__grep");
+    let text = t.body()["messages"].to_string();
     assert!(text.contains("Found it."), "{text}");
     assert!(
         !text.contains("tool_addition") && !text.contains("srvtoolu_1"),
@@ -746,7 +751,7 @@ fn tool_choice_naming_a_deferred_tool_loads_it() {
     let t = tr(json!({"model": "m", "tools": deferred_tools(),
                       "tool_choice": {"type": "tool", "name": "mcp__docs__grep"},
                       "messages": [{"role": "user", "content": "grep"}]}));
-    assert_eq!(tool_names(&t.body).last().unwrap(), "mcp__docs__grep");
+    assert_eq!(tool_names(&t.body()).last().unwrap(), "mcp__docs__grep");
 }
 
 /// Claude Code 2.1.332's first `-p "Say hello"` request behind a custom base URL, as the binary sent it
@@ -758,14 +763,15 @@ fn claude_code_2_1_332_request_translates() {
     let body: Value =
         serde_json::from_str(include_str!("claude-code-2.1.332-request.json")).unwrap();
     let t = tr(body);
-    let names = tool_names(&t.body);
+    let names = tool_names(&t.body());
     assert_eq!(names.len(), 11, "{names:?}");
     assert!(names.contains(&"ToolSearch".to_string()), "{names:?}");
     assert!(
         !names.contains(&"DeferredToolPlaceholder".to_string()),
         "{names:?}"
     );
-    let m = t.body["messages"].as_array().unwrap();
+    let body = t.body();
+    let m = body["messages"].as_array().unwrap();
     // The billing line is gone from the system prompt; the trailing system message is a reminder in place.
     assert_eq!(m[0]["role"], "system");
     assert!(
@@ -782,7 +788,7 @@ fn claude_code_2_1_332_request_translates() {
         text.find("Say hello") < text.find("# Environment"),
         "{last}"
     );
-    assert_eq!(t.body["chat_template_kwargs"]["enable_thinking"], true);
+    assert_eq!(t.body()["chat_template_kwargs"]["enable_thinking"], true);
     for k in [
         "output_config",
         "context_management",
@@ -790,6 +796,6 @@ fn claude_code_2_1_332_request_translates() {
         "defer_loading",
         "cache_control",
     ] {
-        assert!(!t.body.to_string().contains(k), "{k} leaked upstream");
+        assert!(!t.body().to_string().contains(k), "{k} leaked upstream");
     }
 }
