@@ -790,6 +790,11 @@ async fn bad_requests_are_400_naming_the_problem() {
     let (status, v) = post(&url, &json!({"model": "x", "max_tokens": 5}), &[]).await;
     assert_eq!(status, 400, "{v}");
     assert!(anthropic_error(&v).1.contains("messages"), "{v}");
+    // Not an object: said in words, not as the Rust type that failed to parse.
+    let (status, v) = post(&url, &json!([]), &[]).await;
+    assert_eq!(status, 400, "{v}");
+    let (_, m) = anthropic_error(&v);
+    assert_eq!(m, "request body must be a JSON object", "{v}");
     assert!(
         mock.chat_requests().is_empty(),
         "bad requests must not reach the upstream"
@@ -1609,6 +1614,18 @@ async fn responses_stream_and_fold_the_same_answer() {
     }
     let log = proxy.log_text_when(|t| t.matches("path=/v1/responses").count() >= 2);
     assert_eq!(log.matches("path=/v1/responses").count(), 2, "{log}");
+    // Every answer names its request id in both SDKs' headers, and the log line carries the same id.
+    let resp = client()
+        .post(&url)
+        .json(&responses_hello(false))
+        .send()
+        .await
+        .unwrap();
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(resp.headers()["request-id"], id.as_str());
+    assert!(id.starts_with("req_"), "{id}");
+    let log = proxy.log_text_when(|t| t.contains(&id));
+    assert!(log.contains(&format!("request_id={id}")), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1743,4 +1760,145 @@ async fn openai_clients_get_openai_shapes_and_bearer_auth() {
     let (status, text) = get(&models, &[("authorization", "Bearer nope")]).await;
     assert_eq!(status, 401);
     openai_error(&serde_json::from_str(&text).unwrap());
+}
+
+/// Streams still running when SIGTERM's grace period ends get their protocol's error, retryable, and a log
+/// line; not a connection cut that the client cannot tell from a network fault.
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_ends_running_answers_with_the_protocols_error() {
+    let mock = Mock::start(Mode::HangMidStream);
+    let mut proxy = Proxy::start(&mock.url, &["--shutdown-grace", "0.5"], &[]);
+    let base = proxy.url.clone();
+    let open = |path: &'static str, body: Value| {
+        let url = format!("{base}{path}");
+        tokio::spawn(async move {
+            let resp = client().post(url).json(&body).send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        })
+    };
+    let messages = open("/v1/messages", hello(true));
+    let responses = open("/v1/responses", responses_hello(true));
+    let folded = open("/v1/messages", hello(false));
+    // All three are in flight (the upstream sent "Hi" and hangs) before the signal.
+    let metrics = format!("{}/metrics", proxy.url);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, m) = get(&metrics, &[]).await;
+        if m.lines()
+            .any(|l| l.starts_with("llmctl_proxy_in_flight_requests") && l.ends_with(" 3"))
+        {
+            break; // the three answers
+        }
+        assert!(
+            Instant::now() < deadline,
+            "requests never got in flight:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = proxy.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+
+    let (status, text) = messages.await.unwrap();
+    assert_eq!(status, 200);
+    let events = sse_events(&text);
+    let (last, data) = events.last().unwrap();
+    assert_eq!(last, "error", "{:?}", names(&events));
+    assert_eq!(data["error"]["type"], "overloaded_error");
+    assert!(
+        data["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("shutting down"),
+        "{data}"
+    );
+
+    let (status, text) = responses.await.unwrap();
+    assert_eq!(status, 200);
+    let events = sse_events(&text);
+    let (last, data) = events.last().unwrap();
+    assert_eq!(last, "response.failed", "{:?}", names(&events));
+    assert_eq!(data["response"]["error"]["code"], "rate_limit_exceeded");
+    assert!(
+        data["response"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("try again in 5s")
+    );
+
+    let (status, text) = folded.await.unwrap();
+    assert_eq!(status, 529, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(anthropic_error(&v).0, "overloaded_error");
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(s) = proxy.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve-proxy still running after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "{exit}:\n{}", proxy.log_text());
+    let log = proxy.log_text();
+    assert_eq!(
+        log.matches("end of the shutdown grace period").count(),
+        3,
+        "{log}"
+    );
+    assert!(log.contains("ending them with an error"), "{log}");
+}
+
+#[test]
+fn listening_on_port_zero_logs_the_port_it_got() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("proxy.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llmctl"))
+        .current_dir(dir.path())
+        .args([
+            "serve-proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &dead_upstream(),
+        ])
+        .env_remove("LLMCTL_PROXY_API_KEY")
+        .env_remove("LLMCTL_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("serve-proxy listening") || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = text
+        .lines()
+        .find(|l| l.contains("serve-proxy listening"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let port: u16 = line
+        .split("listen=127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    assert_ne!(port, 0, "{line}");
+    // ... and it is the port the proxy answers on.
+    assert!(TcpStream::connect(("127.0.0.1", port)).is_ok() || child.try_wait().is_ok());
 }

@@ -16,6 +16,7 @@ pub struct Tracker {
     st: Shared,
     /// The error shape this client reads.
     pub dialect: Dialect,
+    pub request_id: String,
     pub method: String,
     pub path: String,
     pub start: Instant,
@@ -38,6 +39,9 @@ impl Tracker {
         Tracker {
             st: st.clone(),
             dialect: Dialect::Anthropic,
+            request_id: super::server::REQUEST_ID
+                .try_with(String::clone)
+                .unwrap_or_default(),
             method: method.to_string(),
             path: path.to_string(),
             start,
@@ -92,6 +96,7 @@ impl Drop for Tracker {
             (true, None) => "ok",
         };
         let line = RequestLine {
+            request_id: std::mem::take(&mut self.request_id),
             method: std::mem::take(&mut self.method),
             path: std::mem::take(&mut self.path),
             status: self.status,
@@ -119,6 +124,7 @@ impl Drop for Tracker {
 
 /// What the per-request log line says, owned so it can be written after the answer; written when dropped.
 struct RequestLine {
+    request_id: String,
     method: String,
     path: String,
     status: u16,
@@ -139,6 +145,7 @@ impl Drop for RequestLine {
     fn drop(&mut self) {
         let ms = |d: Duration| (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
         tracing::info!(
+            request_id = %self.request_id,
             method = %self.method,
             path = %self.path,
             status = self.status,

@@ -144,9 +144,9 @@ pub(crate) async fn messages(State(st): State<Shared>, headers: HeaderMap, body:
         Err(e) => return t.error(e),
     };
     if translated.client_stream {
-        pump::stream_response(st.settings.ping_interval, pump, t, AnthropicSse)
+        pump::stream_response(&st, pump, t, AnthropicSse)
     } else {
-        pump::json_response(pump, t, MessageAccumulator::new()).await
+        pump::json_response(&st, pump, t, MessageAccumulator::new()).await
     }
 }
 

@@ -163,8 +163,10 @@ async fn serve(settings: Settings, threads: usize) -> Result<()> {
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let grace = settings.shutdown_grace;
     let state = Arc::new(server::AppState::new(settings, upstream));
+    // The bound address, not the configured one: `--listen 127.0.0.1:0` says which port it got.
+    let bound = listener.local_addr()?;
     tracing::info!(
-        listen = %state.settings.listen,
+        listen = %bound,
         upstream = %state.settings.upstream,
         auth = state.settings.api_key.is_some(),
         "serve-proxy listening"
@@ -197,15 +199,30 @@ async fn serve(settings: Settings, threads: usize) -> Result<()> {
     let _ = stop_tx.send(true);
     let in_flight = state.metrics.in_flight();
     tracing::info!(in_flight, grace_secs = grace.as_secs_f64(), "shutting down");
-    match tokio::time::timeout(grace, pool.all_ended()).await {
-        Ok(r) => r?,
-        Err(_) => tracing::warn!(
+    if let Ok(r) = tokio::time::timeout(grace, pool.all_ended()).await {
+        return r;
+    }
+    // Still running: each answer ends with its protocol's error (an `error` event, `response.failed`, or a 529/503)
+    // and its log line, instead of a connection cut mid-stream that the client cannot tell from a network fault.
+    tracing::warn!(
+        in_flight = state.metrics.in_flight(),
+        "in-flight requests did not finish within the grace period; ending them with an error"
+    );
+    state.cut_in_flight();
+    if tokio::time::timeout(CUT_FLUSH, pool.all_ended())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
             in_flight = state.metrics.in_flight(),
-            "in-flight requests did not finish within the grace period; closing them"
-        ),
+            "connections still open after their error was sent; closing them"
+        );
     }
     Ok(())
 }
+
+/// How long answers ended at shutdown get to write their error and close.
+const CUT_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A connection the listener could not accept: one that the client already gave up is skipped; anything
 /// else (out of file descriptors) is logged and retried a second later, as axum's own listener does.

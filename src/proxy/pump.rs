@@ -139,6 +139,10 @@ pub struct Pump {
     whole_json: Option<Vec<u8>>,
 }
 
+/// What a client whose answer was still running at the end of shutdown's grace period reads. "try again in
+/// 5s" is the form Codex parses for its retry delay; Claude Code retries an overloaded error by itself.
+pub const SHUTDOWN_MESSAGE: &str = "serve-proxy is shutting down (a restart) and could not finish this answer in its grace period; please try again in 5s";
+
 /// How long message_start waits for the upstream's prompt size before it goes out without it.
 const MESSAGE_START_GRACE: Duration = Duration::from_secs(1);
 
@@ -288,6 +292,16 @@ impl Pump {
             );
             self.fail(e, out);
         }
+    }
+
+    /// Shutdown's grace period is over: the protocol's error (retryable: overloaded), then nothing.
+    pub fn cut(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        if !self.done {
+            let e = ProxyError::new(ErrorType::Overloaded, SHUTDOWN_MESSAGE);
+            self.fail(e, &mut out);
+        }
+        out
     }
 
     /// The translator, once the stream is over (its usage and stop reason).
@@ -440,6 +454,8 @@ fn note_first_token(t: &mut Tracker, events: &[Event]) {
 struct StreamState<E: SseEncoder> {
     pump: Pump,
     encoder: E,
+    /// Shutdown's grace period is over.
+    cut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
     tracker: Tracker,
     pending: VecDeque<Bytes>,
     ping_interval: Duration,
@@ -457,11 +473,12 @@ impl<E: SseEncoder> Drop for StreamState<E> {
 }
 
 pub fn stream_response<E: SseEncoder>(
-    ping_interval: Duration,
+    st: &Shared,
     pump: Pump,
     tracker: Tracker,
     encoder: E,
 ) -> Response {
+    let ping_interval = st.settings.ping_interval;
     // message_start waits for the upstream's first chunk, which from llama.cpp is the prompt's size right
     // after tokenizing (so message_start can carry input_tokens), but never longer than MESSAGE_START_GRACE:
     // the first "ping" tick sends it (with the ping) when the upstream is still silent, e.g. queued.
@@ -470,6 +487,7 @@ pub fn stream_response<E: SseEncoder>(
     let state = StreamState {
         pump,
         encoder,
+        cut: Box::pin(st.cut_signal()),
         tracker,
         pending: VecDeque::new(),
         ping_interval,
@@ -489,6 +507,10 @@ pub fn stream_response<E: SseEncoder>(
         let events = tokio::select! {
             ev = s.pump.next() => Some(ev),
             () = tokio::time::sleep_until(ping_at) => None,
+            () = &mut s.cut, if !s.pump.is_done() => {
+                tracing::warn!(path = %s.tracker.path, "a stream still running at the end of the shutdown grace period ends with an error event");
+                Some(s.pump.cut())
+            }
         };
         s.tracker.upstream_wait += waited.elapsed();
         s.last_sent = tokio::time::Instant::now();
@@ -535,13 +557,28 @@ pub fn stream_response<E: SseEncoder>(
 }
 
 /// `stream: false`: the same events, folded into one body by the front door's encoder.
-pub async fn json_response<E: JsonEncoder>(mut pump: Pump, mut t: Tracker, mut acc: E) -> Response {
+pub async fn json_response<E: JsonEncoder>(
+    st: &Shared,
+    mut pump: Pump,
+    mut t: Tracker,
+    mut acc: E,
+) -> Response {
+    let mut cut = std::pin::pin!(st.cut_signal());
+    let mut was_cut = false;
     for e in pump.start() {
         acc.push(&e);
     }
     loop {
         let waited = Instant::now();
-        let events = pump.next().await;
+        let events = tokio::select! {
+            ev = pump.next() => ev,
+            // A finished future must not be polled again.
+            () = &mut cut, if !was_cut => {
+                was_cut = true;
+                tracing::warn!(path = %t.path, "an answer still running at the end of the shutdown grace period ends with an error");
+                pump.cut()
+            }
+        };
         t.upstream_wait += waited.elapsed();
         if events.is_empty() {
             break;

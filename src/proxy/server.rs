@@ -32,6 +32,8 @@ pub struct AppState {
     pub started: Instant,
     /// SHA-256 of the client key: compared in constant time, and the key itself is not kept around.
     key_digest: Option<[u8; 32]>,
+    /// Turns true when shutdown's grace period is over: answers still running end with their protocol's error.
+    cut: tokio::sync::watch::Sender<bool>,
 }
 
 impl AppState {
@@ -46,6 +48,20 @@ impl AppState {
             metrics: Metrics::default(),
             started: Instant::now(),
             key_digest,
+            cut: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// Ends every answer still running (shutdown's grace period is over).
+    pub fn cut_in_flight(&self) {
+        self.cut.send_replace(true);
+    }
+
+    /// Resolves once `cut_in_flight` was called.
+    pub fn cut_signal(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.cut.subscribe();
+        async move {
+            let _ = rx.wait_for(|c| *c).await;
         }
     }
 }
@@ -65,6 +81,7 @@ pub fn router(state: Shared) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(middleware::from_fn(request_id))
         .with_state(state)
 }
 
@@ -93,6 +110,24 @@ fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
 /// Health probes and the bare root need no key: load balancers and Claude Code's startup `HEAD /` carry none.
 fn is_open(method: &Method, path: &str) -> bool {
     path == "/health" || (path == "/" && (method == Method::GET || method == Method::HEAD))
+}
+
+tokio::task_local! {
+    /// The id of the request being handled, for its log line (`Tracker` reads it when it is created).
+    pub(crate) static REQUEST_ID: String;
+}
+
+/// A fresh id per request, in both SDKs' headers (`request-id`, Anthropic's; `x-request-id`, OpenAI's: each SDK
+/// shows it as the error's and the response's request id) and in the request's log line, so a user's report
+/// and the proxy's log can be matched.
+async fn request_id(req: Request, next: Next) -> Response {
+    let id = super::translate::new_message_id().replacen("msg_", "req_", 1);
+    let mut res = REQUEST_ID.scope(id.clone(), next.run(req)).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        res.headers_mut().insert("request-id", v.clone());
+        res.headers_mut().insert("x-request-id", v);
+    }
+    res
 }
 
 async fn authenticate(State(st): State<Shared>, req: Request, next: Next) -> Response {

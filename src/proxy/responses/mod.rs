@@ -71,8 +71,8 @@ pub(crate) async fn responses(
     };
     let encoder = ResponsesEncoder::new(decoded.meta);
     if decoded.client_stream {
-        pump::stream_response(st.settings.ping_interval, pump, t, encoder)
+        pump::stream_response(&st, pump, t, encoder)
     } else {
-        pump::json_response(pump, t, encoder).await
+        pump::json_response(&st, pump, t, encoder).await
     }
 }
