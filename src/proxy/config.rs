@@ -39,6 +39,9 @@ pub struct ProxyConfig {
     /// Client model name prefix → upstream model, e.g. `"claude-haiku" = "small-model"`.
     #[serde(default)]
     pub models: BTreeMap<String, String>,
+    /// The file this section came from (not a key): errors about its values name it.
+    #[serde(skip)]
+    pub origin: Option<String>,
 }
 
 /// The flag values that matter for resolution (a copy of `ServeProxyArgs` without clap).
@@ -146,13 +149,18 @@ pub fn resolve(
             .or(file.upstream.as_deref())
             .unwrap_or(DEFAULT_UPSTREAM),
     )?;
+    let origin = file
+        .origin
+        .as_deref()
+        .unwrap_or(crate::config::DEFAULT_PATH);
     let api_key = secret(
         flags.api_key.as_deref(),
         flags.api_key_file.as_deref(),
         env(ENV_API_KEY),
         file.api_key_file.as_deref(),
         read_secret,
-        "--api-key",
+        ["--api-key", "--api-key-file", ENV_API_KEY, "api_key_file"],
+        origin,
     )?;
     let upstream_api_key = secret(
         flags.upstream_api_key.as_deref(),
@@ -160,7 +168,13 @@ pub fn resolve(
         env(ENV_UPSTREAM_API_KEY),
         file.upstream_api_key_file.as_deref(),
         read_secret,
-        "--upstream-api-key",
+        [
+            "--upstream-api-key",
+            "--upstream-api-key-file",
+            ENV_UPSTREAM_API_KEY,
+            "upstream_api_key_file",
+        ],
+        origin,
     )?;
     let model = flags
         .model
@@ -231,28 +245,49 @@ fn normalize_upstream(url: &str) -> Result<String> {
     }
 }
 
+/// One key from the first of: its flag, its file flag, its environment variable, its file in `[proxy]`.
+/// `names` are those four's names (flag, file flag, variable, config key); every error says which one the key
+/// came from, so a path read from a config file the user did not know was read is not a mystery.
+#[allow(clippy::too_many_arguments)]
 fn secret(
     flag: Option<&str>,
     flag_file: Option<&Path>,
     env_value: Option<String>,
     file_path: Option<&Path>,
     read_secret: &dyn Fn(&Path) -> Result<String>,
-    flag_name: &str,
+    names: [&str; 4],
+    origin: &str,
 ) -> Result<Option<Secret>> {
-    let (value, source) = if let Some(v) = flag {
-        (v.to_string(), SecretSource::CommandLine)
+    let [flag_name, file_flag, var, key] = names;
+    let from_file = |p: &Path, given: String| {
+        read_secret(p).with_context(|| format!("the key file comes from {given}"))
+    };
+    let (value, source, given) = if let Some(v) = flag {
+        (
+            v.to_string(),
+            SecretSource::CommandLine,
+            flag_name.to_string(),
+        )
     } else if let Some(p) = flag_file {
-        (read_secret(p)?, SecretSource::File)
+        let given = format!("{file_flag} {}", p.display());
+        (from_file(p, given.clone())?, SecretSource::File, given)
     } else if let Some(v) = env_value {
-        (v, SecretSource::Environment)
+        (
+            v,
+            SecretSource::Environment,
+            format!("the environment variable {var}"),
+        )
     } else if let Some(p) = file_path {
-        (read_secret(p)?, SecretSource::File)
+        let given = format!("[proxy] {key} = {:?} in {origin}", p.display().to_string());
+        (from_file(p, given.clone())?, SecretSource::File, given)
     } else {
         return Ok(None);
     };
     let value = value.trim().to_string();
     if value.is_empty() {
-        bail!("the key given for {flag_name} is empty");
+        bail!(
+            "the key from {given} is empty: put the key on its first line, or remove the setting"
+        );
     }
     Ok(Some(Secret { value, source }))
 }
@@ -353,6 +388,49 @@ mod tests {
         assert_eq!(
             s.model_map.resolve("claude-haiku-4-5-20251001"),
             Some("small")
+        );
+    }
+
+    #[test]
+    fn key_errors_name_where_the_key_came_from() {
+        let file = ProxyConfig {
+            api_key_file: Some("/etc/llmctl/proxy-api-key".into()),
+            origin: Some("./llmctl.toml".into()),
+            ..Default::default()
+        };
+        let missing =
+            |p: &Path| -> Result<String> { bail!("cannot read key file {}", p.display()) };
+        let e = resolve(&Overrides::default(), &file, &no_env, &missing).unwrap_err();
+        let text = format!("{e:#}");
+        assert!(
+            text.contains("[proxy] api_key_file = \"/etc/llmctl/proxy-api-key\" in ./llmctl.toml")
+                && text.contains("cannot read key file"),
+            "{text}"
+        );
+        let empty = |_: &Path| Ok(String::new());
+        let flags = Overrides {
+            api_key_file: Some("/k".into()),
+            ..Default::default()
+        };
+        let e = resolve(&flags, &file, &no_env, &empty)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--api-key-file /k") && e.contains("is empty"),
+            "{e}"
+        );
+        let env = |k: &str| (k == ENV_UPSTREAM_API_KEY).then(|| " ".to_string());
+        let e = resolve(
+            &Overrides::default(),
+            &ProxyConfig::default(),
+            &env,
+            &no_files,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("LLMCTL_UPSTREAM_API_KEY") && e.contains("is empty"),
+            "{e}"
         );
     }
 

@@ -105,7 +105,12 @@ impl ServeProxyArgs {
 /// Takes the arguments boxed: they are the largest of the CLI's commands.
 pub fn run(global: &GlobalArgs, args: Box<ServeProxyArgs>) -> Result<Outcome> {
     let file = ConfigFile::load(global.config.as_deref())?;
-    let section = file.section::<ProxyConfig>("proxy")?.unwrap_or_default();
+    let mut section = file.section::<ProxyConfig>("proxy")?.unwrap_or_default();
+    if let Some(path) = &file.path {
+        // Read without being named when it is ./llmctl.toml: say so, once.
+        section.origin = Some(path.display().to_string());
+        tracing::info!(config = %path.display(), "reading [proxy] settings from this file (flags and environment override them)");
+    }
     let settings = config::resolve(
         &args.overrides(),
         &section,
