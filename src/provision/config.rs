@@ -185,33 +185,12 @@ impl Default for ServerSection {
     }
 }
 
-/// The proxy settings provision needs to render its unit. `serve-proxy` reads the same `[proxy]` section with its
-/// own, larger struct; unknown keys are therefore allowed here.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct ProxyUnitSection {
-    pub listen: String,
-    pub api_key_file: Option<String>,
-}
-
-impl Default for ProxyUnitSection {
-    fn default() -> Self {
-        ProxyUnitSection {
-            listen: "0.0.0.0:4000".into(),
-            api_key_file: Some("/etc/llmctl/proxy-api-key".into()),
-        }
-    }
-}
-
-impl ProxyUnitSection {
-    /// The port the proxy listens on, which the container's own health checks and smoke test dial on 127.0.0.1.
-    /// `listen` is validated as an address; 4000 is serve-proxy's default.
-    pub fn port(&self) -> u16 {
-        self.listen
-            .parse::<std::net::SocketAddr>()
-            .map_or(4000, |a| a.port())
-    }
-}
+/// `[proxy]` is one schema, `serve-proxy`'s own (`proxy::config::ProxyConfig`): every key reaches the
+/// provisioned proxy's unit, and a typo is an error for both commands. Two keys default differently for the
+/// provisioned proxy, because it serves the LAN from a container: `listen` (all interfaces) and `api_key_file`
+/// (a key provision creates; a LAN proxy is never open).
+pub const PROVISIONED_LISTEN: &str = "0.0.0.0:4000";
+pub const PROVISIONED_KEY_FILE: &str = "/etc/llmctl/proxy-api-key";
 
 /// Everything `llmctl provision` needs, validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -222,7 +201,7 @@ pub struct ProvisionConfig {
     pub llama_cpp: LlamaCppSection,
     pub model: ModelSection,
     pub server: ServerSection,
-    pub proxy: ProxyUnitSection,
+    pub proxy: crate::proxy::config::ProxyConfig,
 }
 
 /// A value that is well-formed TOML but not acceptable; names the field and says what would be.
@@ -239,6 +218,27 @@ impl fmt::Display for FieldError {
 }
 
 impl ProvisionConfig {
+    /// The provisioned proxy's listen address.
+    pub fn proxy_listen(&self) -> &str {
+        self.proxy.listen.as_deref().unwrap_or(PROVISIONED_LISTEN)
+    }
+
+    /// The port the proxy listens on, which the container's own health checks and smoke test dial on 127.0.0.1.
+    /// `listen` is validated as an address; 4000 is serve-proxy's default.
+    pub fn proxy_port(&self) -> u16 {
+        self.proxy_listen()
+            .parse::<std::net::SocketAddr>()
+            .map_or(4000, |a| a.port())
+    }
+
+    /// The provisioned proxy's key file (in the container).
+    pub fn proxy_key_file(&self) -> Option<String> {
+        Some(self.proxy.api_key_file.as_ref().map_or_else(
+            || PROVISIONED_KEY_FILE.to_string(),
+            |p| p.display().to_string(),
+        ))
+    }
+
     /// Reads and validates the provisioning sections; every problem is reported, not only the first.
     pub fn from_file(file: &ConfigFile) -> anyhow::Result<Self> {
         let name = file.path.as_deref().map_or_else(
@@ -416,17 +416,16 @@ impl ProvisionConfig {
         if s.port == 0 {
             err("[server].port", "must be between 1 and 65535".into());
         }
-        if self.proxy.listen.parse::<std::net::SocketAddr>().is_err() {
+        if self.proxy_listen().parse::<std::net::SocketAddr>().is_err() {
             err(
                 "[proxy].listen",
                 format!(
                     "{:?} is not an address like \"0.0.0.0:4000\"",
-                    self.proxy.listen
+                    self.proxy_listen()
                 ),
             );
         } else if self
-            .proxy
-            .listen
+            .proxy_listen()
             .parse::<std::net::SocketAddr>()
             .map(|a| a.port())
             == Ok(s.port)
@@ -485,7 +484,7 @@ mod tests {
         assert_eq!(cfg.driver.flavor, DriverFlavor::Open);
         assert_eq!(cfg.server.context, 32768);
         assert_eq!(cfg.server.gpu_layers, GpuLayers::Auto);
-        assert_eq!(cfg.proxy.listen, "0.0.0.0:4000");
+        assert_eq!(cfg.proxy_listen(), "0.0.0.0:4000");
     }
 
     #[test]

@@ -921,9 +921,9 @@ pub const PROXY_SERVICE: Service = Service {
 impl Service {
     fn render(&self, ctx: &Ctx, offload: units::Offload) -> Result<String> {
         if self.unit == "llama-server" {
-            units::render_llama_server_unit(&ctx.cfg, offload, &ctx.config_path)
+            units::render_llama_server_unit(&ctx.cfg, offload)
         } else {
-            units::render_proxy_unit(&ctx.cfg, &ctx.config_path)
+            units::render_proxy_unit(&ctx.cfg)
         }
     }
 
@@ -931,7 +931,7 @@ impl Service {
         if self.unit == "llama-server" {
             format!("http://127.0.0.1:{}/health", ctx.cfg.server.port)
         } else {
-            format!("http://127.0.0.1:{}/health", ctx.cfg.proxy.port())
+            format!("http://127.0.0.1:{}/health", ctx.cfg.proxy_port())
         }
     }
 }
@@ -1050,7 +1050,7 @@ impl Step<Ctx> for Service {
         let old = ctx.ct_probe(&["cat", self.path])?;
         let mut actions = Vec::new();
         if self.unit == "llmctl-proxy"
-            && let Some(key_file) = ctx.cfg.proxy.api_key_file.clone()
+            && let Some(key_file) = ctx.cfg.proxy_key_file()
         {
             let mode = ctx.ct_probe(&["stat", "-c", "%a %s", &key_file])?;
             let ok = mode.as_deref().is_some_and(|m| {
@@ -1115,7 +1115,7 @@ impl Step<Ctx> for Service {
         for a in actions {
             match a {
                 Action::Note { text, .. } if text.starts_with("write a new random API key") => {
-                    let key_file = ctx.cfg.proxy.api_key_file.clone().context("no key file")?;
+                    let key_file = ctx.cfg.proxy_key_file().context("no key file")?;
                     let key = new_api_key()?;
                     ctx.write_ct_file(&key_file, format!("{key}\n").as_bytes(), 0o600)?;
                 }

@@ -287,14 +287,14 @@ fn confirm(changes: usize) -> Result<()> {
 
 /// One message through the proxy, from inside the container: the stack works end to end.
 fn smoke_test(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
-    let port = ctx.cfg.proxy.port();
+    let port = ctx.cfg.proxy_port();
     let mut argv = vec![
         units::LLMCTL_BIN.to_string(),
         "probe".into(),
         "--message".into(),
         format!("http://127.0.0.1:{port}"),
     ];
-    if let Some(k) = &ctx.cfg.proxy.api_key_file {
+    if let Some(k) = &ctx.cfg.proxy_key_file() {
         argv.push("--api-key-file".into());
         argv.push(k.clone());
     }

@@ -86,20 +86,55 @@ pub fn llama_server_argv(cfg: &ProvisionConfig, offload: Offload) -> Vec<String>
     argv
 }
 
-/// `llmctl serve-proxy`'s argv. The API key is not in it: the unit passes a credential file.
+/// `llmctl serve-proxy`'s argv: every `[proxy]` setting, as flags (the container has no llmctl.toml, and the
+/// unit is then all there is to read). No key is in it: the unit passes credential files. The upstream is the
+/// container's own llama-server; `[proxy].upstream` is for a serve-proxy run elsewhere.
 pub fn proxy_argv(cfg: &ProvisionConfig) -> Vec<String> {
+    let p = &cfg.proxy;
     let mut argv = vec![
         LLMCTL_BIN.to_string(),
         "serve-proxy".into(),
         "--listen".into(),
-        cfg.proxy.listen.clone(),
+        cfg.proxy_listen().to_string(),
         "--upstream".into(),
         format!("http://127.0.0.1:{}", cfg.server.port),
     ];
-    if cfg.proxy.api_key_file.is_some() {
+    if cfg.proxy_key_file().is_some() {
         argv.push("--api-key-file".into());
         // Expanded by systemd at start: the private copy LoadCredential= made of the key file.
         argv.push("${CREDENTIALS_DIRECTORY}/proxy-api-key".into());
+    }
+    if p.upstream_api_key_file.is_some() {
+        argv.push("--upstream-api-key-file".into());
+        argv.push("${CREDENTIALS_DIRECTORY}/upstream-api-key".into());
+    }
+    let mut push = |flag: &str, value: Option<String>| {
+        if let Some(v) = value {
+            argv.push(flag.to_string());
+            argv.push(v);
+        }
+    };
+    push("--model", p.model.clone());
+    push("--max-body-bytes", p.max_body_bytes.map(|n| n.to_string()));
+    push(
+        "--ping-interval",
+        p.ping_interval_secs.map(|n| n.to_string()),
+    );
+    push(
+        "--connect-timeout",
+        p.connect_timeout_secs.map(|n| n.to_string()),
+    );
+    push(
+        "--first-byte-timeout",
+        p.first_byte_timeout_secs.map(|n| n.to_string()),
+    );
+    push(
+        "--shutdown-grace",
+        p.shutdown_grace_secs.map(|n| n.to_string()),
+    );
+    for (prefix, model) in &p.models {
+        argv.push("--model-map".into());
+        argv.push(format!("{prefix}={model}"));
     }
     argv
 }
@@ -136,13 +171,10 @@ fn render(name: &str, template: &str, ctx: &tera::Context) -> Result<String> {
         .with_context(|| format!("cannot render {name}"))
 }
 
-pub fn render_llama_server_unit(
-    cfg: &ProvisionConfig,
-    offload: Offload,
-    config_path: &str,
-) -> Result<String> {
+/// The units name no config file: the same settings from another checkout or path render the same bytes, so
+/// `provision --check` from anywhere agrees with what is installed.
+pub fn render_llama_server_unit(cfg: &ProvisionConfig, offload: Offload) -> Result<String> {
     let mut ctx = tera::Context::new();
-    ctx.insert("config_path", config_path);
     ctx.insert(
         "model_file",
         cfg.model.dest.rsplit('/').next().unwrap_or(&cfg.model.dest),
@@ -154,11 +186,17 @@ pub fn render_llama_server_unit(
     render("llama-server.service", LLAMA_SERVER_UNIT, &ctx)
 }
 
-pub fn render_proxy_unit(cfg: &ProvisionConfig, config_path: &str) -> Result<String> {
+pub fn render_proxy_unit(cfg: &ProvisionConfig) -> Result<String> {
     let mut ctx = tera::Context::new();
-    ctx.insert("config_path", config_path);
     ctx.insert("exec_start", &systemd_exec_line(&proxy_argv(cfg)));
-    ctx.insert("api_key_file", &cfg.proxy.api_key_file);
+    ctx.insert("api_key_file", &cfg.proxy_key_file());
+    ctx.insert(
+        "upstream_api_key_file",
+        &cfg.proxy
+            .upstream_api_key_file
+            .as_ref()
+            .map(|p| p.display().to_string()),
+    );
     render("llmctl-proxy.service", PROXY_UNIT, &ctx)
 }
 
@@ -179,17 +217,68 @@ mod tests {
             gpu_layers: GpuLayersArg::Count(30),
             n_cpu_moe: Some(18),
         };
-        insta::assert_snapshot!(
-            render_llama_server_unit(&cfg, offload, "/root/llmctl.toml").unwrap()
-        );
+        insta::assert_snapshot!(render_llama_server_unit(&cfg, offload).unwrap());
     }
 
     #[test]
     fn proxy_unit_keeps_the_key_out_of_argv() {
         let cfg = guide_config();
-        let unit = render_proxy_unit(&cfg, "/root/llmctl.toml").unwrap();
+        let unit = render_proxy_unit(&cfg).unwrap();
         insta::assert_snapshot!(unit);
         assert!(unit.contains("LoadCredential=proxy-api-key:/etc/llmctl/proxy-api-key"));
+        assert!(!unit.contains("upstream-api-key"));
+    }
+
+    #[test]
+    fn every_proxy_setting_reaches_the_unit() {
+        let text = include_str!("../../templates/llmctl.toml").replace(
+            "[proxy]\n",
+            "[proxy]\nmodel = \"qwen\"\nmax_body_bytes = 1000\nping_interval_secs = 2.5\n\
+             connect_timeout_secs = 3\nfirst_byte_timeout_secs = 900\nshutdown_grace_secs = 30\n\
+             upstream_api_key_file = \"/etc/llmctl/upstream-key\"\n\
+             models = { \"claude-haiku\" = \"small\", \"claude-opus\" = \"big\" }\n",
+        );
+        let cfg = ProvisionConfig::from_file(&ConfigFile::parse(&text, None).unwrap()).unwrap();
+        let argv = proxy_argv(&cfg).join(" ");
+        for expected in [
+            "--model qwen",
+            "--max-body-bytes 1000",
+            "--ping-interval 2.5",
+            "--connect-timeout 3",
+            "--first-byte-timeout 900",
+            "--shutdown-grace 30",
+            "--upstream-api-key-file ${CREDENTIALS_DIRECTORY}/upstream-api-key",
+            "--model-map claude-haiku=small --model-map claude-opus=big",
+        ] {
+            assert!(argv.contains(expected), "{expected:?} missing from {argv}");
+        }
+        let unit = render_proxy_unit(&cfg).unwrap();
+        assert!(
+            unit.contains("LoadCredential=upstream-api-key:/etc/llmctl/upstream-key"),
+            "{unit}"
+        );
+        // And serve-proxy accepts exactly that command line.
+        use clap::Parser;
+        let args = crate::cli::Cli::try_parse_from(proxy_argv(&cfg));
+        assert!(args.is_ok(), "{:?}", args.err());
+    }
+
+    #[test]
+    fn units_do_not_depend_on_where_the_config_file_is() {
+        let cfg = guide_config();
+        let mut elsewhere =
+            ConfigFile::parse(include_str!("../../templates/llmctl.toml"), None).unwrap();
+        elsewhere.path = Some("/somewhere/else/llmctl.toml".into());
+        let other = ProvisionConfig::from_file(&elsewhere).unwrap();
+        assert_eq!(
+            render_proxy_unit(&cfg).unwrap(),
+            render_proxy_unit(&other).unwrap()
+        );
+        let offload = Offload::from_config(&cfg);
+        assert_eq!(
+            render_llama_server_unit(&cfg, offload).unwrap(),
+            render_llama_server_unit(&other, offload).unwrap()
+        );
     }
 
     #[test]

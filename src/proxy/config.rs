@@ -59,6 +59,8 @@ pub struct Overrides {
     pub connect_timeout_secs: Option<f64>,
     pub first_byte_timeout_secs: Option<f64>,
     pub shutdown_grace_secs: Option<f64>,
+    /// `--model-map PREFIX=MODEL`: merged over `[proxy.models]` (a flag wins for the same prefix).
+    pub models: BTreeMap<String, String>,
 }
 
 /// Where a secret came from; only for the startup log line, never the value.
@@ -194,7 +196,11 @@ pub fn resolve(
         api_key,
         upstream_api_key,
         model,
-        model_map: ModelMap::new(&file.models),
+        model_map: ModelMap::new(&{
+            let mut m = file.models.clone();
+            m.extend(flags.models.clone());
+            m
+        }),
         max_body_bytes,
         ping_interval: seconds(
             "ping_interval_secs",
@@ -518,6 +524,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("[proxy]") && err.contains("api_key"), "{err}");
+    }
+
+    #[test]
+    fn model_map_flags_merge_over_the_file() {
+        let mut file = ProxyConfig::default();
+        file.models
+            .insert("claude-haiku".into(), "file-small".into());
+        file.models.insert("claude-opus".into(), "file-big".into());
+        let mut flags = Overrides::default();
+        flags
+            .models
+            .insert("claude-haiku".into(), "flag-small".into());
+        let s = resolve(&flags, &file, &no_env, &no_files).unwrap();
+        assert_eq!(s.model_map.resolve("claude-haiku-4-5"), Some("flag-small"));
+        assert_eq!(s.model_map.resolve("claude-opus-4-8"), Some("file-big"));
     }
 
     #[test]

@@ -66,6 +66,9 @@ pub struct ServeProxyArgs {
     /// Upstream model to use [default: the first model the upstream's GET /v1/models lists]
     #[arg(long, value_name = "NAME")]
     pub model: Option<String>,
+    /// Client model names starting with PREFIX go to upstream MODEL (repeatable; over `[proxy.models]`)
+    #[arg(long = "model-map", value_name = "PREFIX=MODEL", value_parser = parse_model_map)]
+    pub model_map: Vec<(String, String)>,
     /// Largest request body accepted, in bytes [default: 33554432 (32 MiB)]
     #[arg(long, value_name = "BYTES")]
     pub max_body_bytes: Option<usize>,
@@ -83,6 +86,17 @@ pub struct ServeProxyArgs {
     pub shutdown_grace: Option<f64>,
 }
 
+fn parse_model_map(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((prefix, model)) if !prefix.trim().is_empty() && !model.trim().is_empty() => {
+            Ok((prefix.trim().to_string(), model.trim().to_string()))
+        }
+        _ => Err(format!(
+            "{s:?} is not PREFIX=MODEL, e.g. claude-haiku=qwen3-coder-small"
+        )),
+    }
+}
+
 impl ServeProxyArgs {
     fn overrides(&self) -> Overrides {
         Overrides {
@@ -98,6 +112,7 @@ impl ServeProxyArgs {
             connect_timeout_secs: self.connect_timeout,
             first_byte_timeout_secs: self.first_byte_timeout,
             shutdown_grace_secs: self.shutdown_grace,
+            models: self.model_map.iter().cloned().collect(),
         }
     }
 }
