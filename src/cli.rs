@@ -38,7 +38,7 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve the Anthropic Messages API in front of an OpenAI-compatible server (llama-server, vLLM, Ollama...).
+    /// Serve the Anthropic Messages and OpenAI Responses APIs in front of an OpenAI-compatible server (llama-server, vLLM, Ollama...).
     ServeProxy(Box<crate::proxy::ServeProxyArgs>),
     /// Print or write the client settings for Claude Code, Codex CLI or pi.
     ClientConfig(crate::client_config::ClientConfigArgs),

@@ -15,4 +15,5 @@ pub mod provision;
 pub mod proxy;
 pub mod pve;
 pub mod shell;
+pub mod term;
 pub mod transport;

@@ -18,7 +18,7 @@ pub fn init(global: &GlobalArgs) {
         .with_writer(std::io::stderr);
     let _ = match global.log_format {
         LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_ansi(crate::term::fancy_stderr())
             .with_target(false)
             .try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

@@ -55,7 +55,8 @@ struct HostSection {
 pub struct Report {
     pub host: String,
     pub vmid: Option<u32>,
-    /// `healthy`, `problems-found`, or `could-not-run` (a container that does not exist).
+    /// `healthy`, `problems-found`, or `could-not-run` (a container that does not exist; also printed, with an
+    /// `error` string and no findings, when the host cannot be reached or examined).
     pub outcome: &'static str,
     pub summary: Summary,
     pub findings: Vec<Finding>,
@@ -110,8 +111,23 @@ pub fn run(global: &GlobalArgs, args: DoctorArgs) -> Result<Outcome> {
         accept_new_host_key: args.accept_new_host_key,
         ..SshOptions::default()
     };
-    let transport = crate::transport::connect(&host, &options)?;
-    let facts = facts::gather(transport.as_ref(), vmid)?;
+    let gathered = crate::transport::connect(&host, &options)
+        .and_then(|t| facts::gather(t.as_ref(), vmid));
+    let facts = match gathered {
+        Ok(f) => f,
+        Err(e) if args.json => {
+            // A script reading stdout gets a report either way: the host could not be examined, and why.
+            let report = serde_json::json!({
+                "host": host, "vmid": vmid, "outcome": "could-not-run",
+                "error": format!("{e:#}"), "findings": [],
+            });
+            let mut stdout = std::io::stdout().lock();
+            serde_json::to_writer_pretty(&mut stdout, &report)?;
+            writeln!(stdout)?;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
     let findings = checks::run_all(&facts);
     let outcome = outcome(&findings);
     let mut stdout = std::io::stdout().lock();

@@ -162,7 +162,7 @@ pub fn run(_global: &GlobalArgs, args: ModelArgs) -> Result<Outcome> {
                 ..RetryPolicy::default()
             };
             let client = http_client()?;
-            let progress: Box<dyn Progress> = if std::io::stderr().is_terminal() {
+            let progress: Box<dyn Progress> = if crate::term::fancy_stderr() {
                 Box::new(BarProgress::new())
             } else {
                 Box::new(LineProgress::default())

@@ -241,6 +241,12 @@ impl ProvisionConfig {
 
     /// Reads and validates the provisioning sections; every problem is reported, not only the first.
     pub fn from_file(file: &ConfigFile) -> anyhow::Result<Self> {
+        if !file.exists() {
+            anyhow::bail!(
+                "no {} in this directory: `llmctl init` writes a complete, commented one; or pass --config PATH (or set LLMCTL_CONFIG)",
+                crate::config::DEFAULT_PATH
+            );
+        }
         let name = file.path.as_deref().map_or_else(
             || crate::config::DEFAULT_PATH.to_string(),
             |p| p.display().to_string(),
@@ -530,7 +536,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("in [server]") && err.contains("unknown field `contxt`"),
+            err.contains("[server]: unknown key `contxt`; did you mean `context`?"),
             "{err}"
         );
         let err = parse(&INIT.replace("gpu_layers = \"auto\"", "gpu_layers = \"most\""))
@@ -544,7 +550,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("in [driver]") && err.contains("closed"),
+            err.contains("[driver].flavor") && err.contains("closed"),
             "{err}"
         );
     }

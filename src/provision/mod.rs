@@ -63,9 +63,9 @@ pub struct ProvisionArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct InitArgs {
-    /// Where to write the file.
-    #[arg(long, default_value = crate::config::DEFAULT_PATH, value_name = "PATH")]
-    pub path: PathBuf,
+    /// Where to write the file [default: --config / LLMCTL_CONFIG when given, else ./llmctl.toml]
+    #[arg(long, value_name = "PATH")]
+    pub path: Option<PathBuf>,
     /// Replace an existing file (the old one is kept as PATH.bak).
     #[arg(long)]
     pub force: bool,
@@ -314,24 +314,39 @@ fn smoke_test(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
     Ok(())
 }
 
-pub fn init(_global: &GlobalArgs, args: InitArgs) -> Result<Outcome> {
+pub fn init(global: &GlobalArgs, args: InitArgs) -> Result<Outcome> {
     if args.stdout {
         std::io::stdout()
             .lock()
             .write_all(INIT_TEMPLATE.as_bytes())?;
         return Ok(Outcome::Success);
     }
-    write_new_file(&args.path, INIT_TEMPLATE.as_bytes(), args.force)?;
-    eprintln!(
-        "wrote {}: set [host].target and [host].vmid, then run `llmctl provision --plan`",
-        args.path.display()
-    );
+    // The file every other command will read: --config / LLMCTL_CONFIG, as they do.
+    let path = args
+        .path
+        .or_else(|| global.config.clone())
+        .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_PATH));
+    let backup = write_new_file(&path, INIT_TEMPLATE.as_bytes(), args.force)?;
+    if let Some(b) = backup {
+        eprintln!("kept the previous file as {}", b.display());
+    }
+    eprintln!("{}", init_hint(&path));
     Ok(Outcome::Success)
 }
 
+/// What to set before the first run: every value provision cannot guess, `[model].sha256` included.
+fn init_hint(path: &std::path::Path) -> String {
+    format!(
+        "wrote {}: set [host].target and [host].vmid, and [model].sha256 (the model file's checksum, which provision verifies), then run `llmctl provision --plan`",
+        path.display()
+    )
+}
+
 /// Writes `data` to `path` atomically (temp file in the same directory, fsync, rename). An existing file is an
-/// error unless `force`, and then it is kept as `<path>.bak` first: nothing a user wrote is ever lost.
-fn write_new_file(path: &std::path::Path, data: &[u8], force: bool) -> Result<()> {
+/// error unless `force`, and then it is kept first as `<path>.bak`, or `<path>.bak.1`, `.bak.2`, … when earlier
+/// backups exist: nothing a user wrote is ever lost, not even by a second `--force`. Returns the backup's path.
+fn write_new_file(path: &std::path::Path, data: &[u8], force: bool) -> Result<Option<PathBuf>> {
+    let mut kept = None;
     if path.exists() {
         if !force {
             anyhow::bail!(
@@ -340,10 +355,11 @@ fn write_new_file(path: &std::path::Path, data: &[u8], force: bool) -> Result<()
                 path.display()
             );
         }
-        let backup = PathBuf::from(format!("{}.bak", path.display()));
+        let backup = free_backup_path(path);
         std::fs::copy(path, &backup).with_context(|| {
             format!("cannot back up {} to {}", path.display(), backup.display())
         })?;
+        kept = Some(backup);
     }
     let dir = path
         .parent()
@@ -366,12 +382,63 @@ fn write_new_file(path: &std::path::Path, data: &[u8], force: bool) -> Result<()
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result.with_context(|| format!("cannot write {}", path.display()))
+    result.with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(kept)
+}
+
+/// `<path>.bak` if free, else the first free `<path>.bak.N`.
+fn free_backup_path(path: &std::path::Path) -> PathBuf {
+    let first = PathBuf::from(format!("{}.bak", path.display()));
+    if !first.exists() {
+        return first;
+    }
+    (1..)
+        .map(|n| PathBuf::from(format!("{}.bak.{n}", path.display())))
+        .find(|p| !p.exists())
+        .unwrap_or(first)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_force_keeps_both_backups() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("llmctl.toml");
+        std::fs::write(&path, "first").unwrap();
+        assert_eq!(write_new_file(&path, b"second", true).unwrap(), Some(dir.path().join("llmctl.toml.bak")));
+        assert_eq!(write_new_file(&path, b"third", true).unwrap(), Some(dir.path().join("llmctl.toml.bak.1")));
+        assert_eq!(std::fs::read_to_string(dir.path().join("llmctl.toml.bak")).unwrap(), "first");
+        assert_eq!(std::fs::read_to_string(dir.path().join("llmctl.toml.bak.1")).unwrap(), "second");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "third");
+        assert!(write_new_file(&path, b"x", false).is_err());
+    }
+
+    #[test]
+    fn the_init_hint_names_the_checksum() {
+        let hint = init_hint(std::path::Path::new("llmctl.toml"));
+        assert!(hint.contains("[model].sha256"), "{hint}");
+    }
+
+    #[test]
+    fn init_writes_where_config_points() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("site.toml");
+        let global = GlobalArgs {
+            config: Some(target.clone()),
+            verbose: 0,
+            quiet: true,
+            log_format: crate::cli::LogFormat::Text,
+        };
+        let args = InitArgs {
+            path: None,
+            force: false,
+            stdout: false,
+        };
+        init(&global, args).unwrap();
+        assert!(target.exists());
+    }
 
     #[test]
     fn only_selects_steps_in_run_order_with_the_inventory_first() {

@@ -17,7 +17,7 @@ pub struct Live {
 impl Live {
     pub fn new(quiet: bool) -> Live {
         Live {
-            tty: std::io::stderr().is_terminal(),
+            tty: crate::term::fancy_stderr(),
             quiet,
             bar: Mutex::new(None),
         }
