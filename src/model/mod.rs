@@ -83,22 +83,25 @@ pub struct PlanArgs {
     /// A .gguf file, an http(s) URL, or hf:owner/repo[@revision]/file.gguf
     pub model: String,
     /// The GPU's total memory in MiB (nvidia-smi --query-gpu=memory.total).
-    #[arg(long, value_name = "MIB")]
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=plan::MAX_VRAM_MIB))]
     pub vram: u64,
-    /// RAM llama-server may use, in MiB (the container's memory); unchecked when absent.
-    #[arg(long, value_name = "MIB")]
+    /// RAM llama-server may use, in MiB (the container's memory) [default: this machine's memory, MemTotal in
+    /// /proc/meminfo]
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=plan::MAX_RAM_MIB))]
     pub ram: Option<u64>,
-    /// Context length [default: 32768, or the model's training context if smaller]
-    #[arg(long, value_name = "N")]
+    /// Context length, at most 2147483392 (llama.cpp's 32-bit -c) and 8 times the model's training context
+    /// [default: 32768, or the model's training context if smaller]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=plan::MAX_CTX))]
     pub ctx: Option<u64>,
     /// KV cache type for K and V.
     #[arg(long, value_enum, default_value_t = CacheTypeArg::Q8_0)]
     pub cache_type: CacheTypeArg,
     /// Micro-batch size (-ub); compute buffers grow with it.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=plan::MAX_UBATCH))]
     pub ubatch: u64,
-    /// VRAM kept free for the CUDA context, in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = plan::DEFAULT_RESERVE_MIB)]
+    /// VRAM kept free for the CUDA context, in MiB (less than --vram).
+    #[arg(long, value_name = "MIB", default_value_t = plan::DEFAULT_RESERVE_MIB,
+          value_parser = clap::value_parser!(u64).range(0..=plan::MAX_VRAM_MIB - 1))]
     pub reserve: u64,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -134,11 +137,48 @@ pub fn run(_global: &GlobalArgs, args: ModelArgs) -> Result<Outcome> {
                 ubatch: a.ubatch,
                 reserve_mib: a.reserve,
             };
+            // Without --ram, this machine's memory: a plan against unlimited RAM would accept anything.
+            let (ram_mib, machine) = match a.ram {
+                Some(r) => (r, false),
+                None => {
+                    let total = std::fs::read_to_string(MEMINFO)
+                        .ok()
+                        .as_deref()
+                        .and_then(mem_total_mib)
+                        .with_context(|| {
+                            format!(
+                                "--ram is not given and this machine's memory is unknown (no MemTotal in \
+                                 {MEMINFO}); give --ram with the container's memory in MiB"
+                            )
+                        })?;
+                    (total, true)
+                }
+            };
             let hw = Hardware {
                 vram_mib: a.vram,
-                ram_mib: a.ram,
+                ram_mib: Some(ram_mib),
             };
-            let p = plan::plan(&shape, &hw, &opts)?;
+            let mut p = match plan::plan(&shape, &hw, &opts) {
+                Ok(p) => p,
+                Err(e @ plan::PlanError::DoesNotFit { .. }) if machine => anyhow::bail!(
+                    "{e} (RAM: this machine's {ram_mib} MiB, MemTotal in {MEMINFO}, as --ram was not given)"
+                ),
+                Err(e) => return Err(e.into()),
+            };
+            if machine {
+                let at = p
+                    .reasoning
+                    .iter()
+                    .position(|r| r.starts_with("budget:"))
+                    .map_or(p.reasoning.len(), |i| i + 1);
+                p.reasoning.insert(
+                    at,
+                    format!(
+                        "RAM: --ram not given, so this machine's memory is the budget (MemTotal in {MEMINFO}: \
+                         {ram_mib} MiB); give --ram with the container's memory to plan for another machine"
+                    ),
+                );
+            }
             if a.json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&p)?)?;
             } else {
@@ -191,6 +231,21 @@ pub fn run(_global: &GlobalArgs, args: ModelArgs) -> Result<Outcome> {
         }
     }
     Ok(Outcome::Success)
+}
+
+const MEMINFO: &str = "/proc/meminfo";
+
+/// `MemTotal` of a /proc/meminfo text, in MiB.
+pub fn mem_total_mib(meminfo: &str) -> Option<u64> {
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024).filter(|&m| m > 0)
 }
 
 pub fn http_client() -> Result<reqwest::Client> {
@@ -626,4 +681,18 @@ impl Progress for LineProgress {
         eprintln!("{message}");
     }
     fn finish(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_total_is_read_in_mib() {
+        let text = "MemFree:  1000 kB\nMemTotal:        65856312 kB\nSwapTotal: 0 kB\n";
+        assert_eq!(mem_total_mib(text), Some(64312));
+        assert_eq!(mem_total_mib("MemTotal: 12 MB\n"), None);
+        assert_eq!(mem_total_mib("MemTotal: 100 kB\n"), None);
+        assert_eq!(mem_total_mib(""), None);
+    }
 }
