@@ -407,3 +407,106 @@ fn without_ram_the_plan_uses_this_machines_memory_and_says_so() {
         "{err}"
     );
 }
+
+fn flag<'a>(out: &'a str, name: &str) -> &'a str {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("llama-server flags:"))
+        .unwrap_or_else(|| panic!("no flags in {out}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let i = words
+        .iter()
+        .position(|w| *w == name)
+        .unwrap_or_else(|| panic!("no {name} in {line}"));
+    words[i + 1]
+}
+
+#[test]
+fn plan_reads_server_settings_from_llmctl_toml_and_flags_override_them() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("llmctl.toml"),
+        "[server]\ncontext = 16384\nubatch = 64\ncache_type_k = \"q8_0\"\ncache_type_v = \"q4_0\"\n",
+    )
+    .unwrap();
+    let (code, out, err) = plan_cli_in(&dir, &["--vram", "8000", "--ram", "40000"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(flag(&out, "-c"), "16384", "{out}");
+    assert_eq!(flag(&out, "-ub"), "64", "{out}");
+    assert_eq!(flag(&out, "-ctk"), "q8_0", "{out}");
+    assert_eq!(flag(&out, "-ctv"), "q4_0", "{out}");
+    assert!(
+        out.contains("llmctl.toml"),
+        "the plan says where its settings came from: {out}"
+    );
+    // Flags win.
+    let (code, out, err) = plan_cli_in(
+        &dir,
+        &[
+            "--vram",
+            "8000",
+            "--ram",
+            "40000",
+            "--ctx",
+            "4096",
+            "--ubatch",
+            "256",
+            "--cache-type",
+            "f16",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(flag(&out, "-c"), "4096", "{out}");
+    assert_eq!(flag(&out, "-ub"), "256", "{out}");
+    assert_eq!(flag(&out, "-ctk"), "f16", "{out}");
+    assert_eq!(flag(&out, "-ctv"), "f16", "{out}");
+
+    // A config without [server]: provision runs llama-server with the section's defaults (q4_0, -ub 128, 32768),
+    // so the plan does too; --config names the file.
+    let other = tempfile::tempdir().unwrap();
+    let cfg = other.path().join("lab.toml");
+    std::fs::write(&cfg, "[host]\ntarget = \"local\"\nvmid = 103\n").unwrap();
+    let (code, out, err) = plan_cli_in(
+        &tempfile::tempdir().unwrap(),
+        &[
+            "--vram",
+            "8000",
+            "--ram",
+            "40000",
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(flag(&out, "-c"), "32768", "{out}");
+    assert_eq!(flag(&out, "-ub"), "128", "{out}");
+    assert_eq!(flag(&out, "-ctk"), "q4_0", "{out}");
+    assert_eq!(flag(&out, "-ctv"), "q4_0", "{out}");
+
+    // Without a config: the planner's own defaults.
+    let (code, out, err) = plan_cli(&["--vram", "8000", "--ram", "40000"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(flag(&out, "-ub"), "512", "{out}");
+    assert_eq!(flag(&out, "-ctk"), "q8_0", "{out}");
+}
+
+#[test]
+fn a_v_cache_of_another_type_is_sized_as_its_own() {
+    let s = shape_of(qwen36_27b());
+    let both = |k, v| Options {
+        ctx: Some(32768),
+        cache_type: k,
+        cache_type_v: v,
+        ..Options::default()
+    };
+    let q8 = plan::evaluate(&s, &both(CacheType::Q8_0, None), 32768, 0, 0);
+    let q4 = plan::evaluate(&s, &both(CacheType::Q4_0, None), 32768, 0, 0);
+    let mixed = plan::evaluate(
+        &s,
+        &both(CacheType::Q8_0, Some(CacheType::Q4_0)),
+        32768,
+        0,
+        0,
+    );
+    assert_eq!(mixed.ram.kv_cache * 2, q8.ram.kv_cache + q4.ram.kv_cache);
+}

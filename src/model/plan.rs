@@ -33,25 +33,50 @@ const RAM_OVERHEAD: u64 = 512 * MIB;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CacheType {
+    F32,
     F16,
+    Bf16,
     Q8_0,
+    Q5_1,
+    Q5_0,
+    Q4_1,
+    Iq4Nl,
     Q4_0,
 }
 
 impl CacheType {
+    /// Every type llama-server's `-ctk`/`-ctv` take (the list `[server].cache_type_k` is checked against).
+    pub const ALL: [CacheType; 9] = [
+        CacheType::F32,
+        CacheType::F16,
+        CacheType::Bf16,
+        CacheType::Q8_0,
+        CacheType::Q5_1,
+        CacheType::Q5_0,
+        CacheType::Q4_1,
+        CacheType::Iq4Nl,
+        CacheType::Q4_0,
+    ];
+
     pub fn ggml(self) -> GgmlType {
-        match self {
-            CacheType::F16 => GgmlType::F16,
-            CacheType::Q8_0 => GgmlType::Q8_0,
-            CacheType::Q4_0 => GgmlType::Q4_0,
-        }
+        GgmlType::from_name(self.flag()).unwrap_or(GgmlType::F16)
     }
     pub fn flag(self) -> &'static str {
         match self {
+            CacheType::F32 => "f32",
             CacheType::F16 => "f16",
+            CacheType::Bf16 => "bf16",
             CacheType::Q8_0 => "q8_0",
+            CacheType::Q5_1 => "q5_1",
+            CacheType::Q5_0 => "q5_0",
+            CacheType::Q4_1 => "q4_1",
+            CacheType::Iq4Nl => "iq4_nl",
             CacheType::Q4_0 => "q4_0",
         }
+    }
+    /// From its llama.cpp name (`q8_0`).
+    pub fn from_flag(name: &str) -> Option<CacheType> {
+        CacheType::ALL.into_iter().find(|t| t.flag() == name)
     }
 }
 
@@ -68,11 +93,20 @@ pub struct Hardware {
 pub struct Options {
     /// Context length; `None`: 32768, or the model's training context when smaller.
     pub ctx: Option<u64>,
+    /// The K cache type, and the V cache's unless `cache_type_v` says otherwise.
     pub cache_type: CacheType,
+    pub cache_type_v: Option<CacheType>,
     /// `-ub`: tokens per compute step; the compute buffers grow with it.
     pub ubatch: u64,
     /// VRAM kept free for the CUDA context and driver, MiB.
     pub reserve_mib: u64,
+}
+
+impl Options {
+    /// The V cache's type.
+    pub fn v_type(&self) -> CacheType {
+        self.cache_type_v.unwrap_or(self.cache_type)
+    }
 }
 
 impl Default for Options {
@@ -80,6 +114,7 @@ impl Default for Options {
         Options {
             ctx: None,
             cache_type: CacheType::Q8_0,
+            cache_type_v: None,
             ubatch: 512,
             reserve_mib: DEFAULT_RESERVE_MIB,
         }
@@ -143,6 +178,9 @@ pub struct Plan {
     pub model: String,
     pub ctx: u64,
     pub cache_type: CacheType,
+    /// The V cache's type when it is not `cache_type`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_type_v: Option<CacheType>,
     pub ubatch: u64,
     pub vram_mib: u64,
     pub ram_mib: Option<u64>,
@@ -193,11 +231,14 @@ fn layer_cells(layer: &LayerShape, ctx: u64, window: Option<u64>, ubatch: u64) -
 
 /// KV cache bytes of one layer: each cell holds one K row and one V row, each quantized as a row
 /// (`ggml_row_size(type, n_head_kv × head_dim)`).
-fn layer_kv_bytes(layer: &LayerShape, cells: u64, cache: CacheType) -> u64 {
+fn layer_kv_bytes(layer: &LayerShape, cells: u64, k_type: CacheType, v_type: CacheType) -> u64 {
     // Saturating: the sizes come from an untrusted header; absurd ones must not wrap into small ones.
-    let t = cache.ggml();
-    let k = t.bytes_for(layer.n_head_kv.saturating_mul(layer.head_dim_k));
-    let v = t.bytes_for(layer.n_head_kv.saturating_mul(layer.head_dim_v));
+    let k = k_type
+        .ggml()
+        .bytes_for(layer.n_head_kv.saturating_mul(layer.head_dim_k));
+    let v = v_type
+        .ggml()
+        .bytes_for(layer.n_head_kv.saturating_mul(layer.head_dim_v));
     cells.saturating_mul(k.saturating_add(v))
 }
 
@@ -221,7 +262,7 @@ impl<'a> Ctx<'a> {
             .layers
             .iter()
             .zip(&cells)
-            .map(|(l, &n)| layer_kv_bytes(l, n, opts.cache_type))
+            .map(|(l, &n)| layer_kv_bytes(l, n, opts.cache_type, opts.v_type()))
             .collect();
         Ctx {
             shape,
@@ -285,9 +326,16 @@ impl<'a> Ctx<'a> {
             if !on_gpu || !experts_on_gpu {
                 largest_cpu_tensor = largest_cpu_tensor.max(layer.largest_tensor_bytes);
             }
-            if on_gpu && self.opts.cache_type != CacheType::F16 {
+            if on_gpu
+                && (self.opts.cache_type != CacheType::F16 || self.opts.v_type() != CacheType::F16)
+            {
                 // Flash attention on CUDA converts a quantized K/V of one layer to F16 at a time.
-                fa_scratch = fa_scratch.max(layer_kv_bytes(layer, self.cells[i], CacheType::F16));
+                fa_scratch = fa_scratch.max(layer_kv_bytes(
+                    layer,
+                    self.cells[i],
+                    CacheType::F16,
+                    CacheType::F16,
+                ));
             }
         }
         let output_total = s.output_bytes.saturating_add(s.tied_output_bytes);
@@ -547,7 +595,7 @@ pub fn plan(shape: &ModelShape, hw: &Hardware, opts: &Options) -> Result<Plan, P
             "-ctk",
             opts.cache_type.flag(),
             "-ctv",
-            opts.cache_type.flag(),
+            opts.v_type().flag(),
             "-fa",
             "on",
             "-ub",
@@ -571,6 +619,7 @@ pub fn plan(shape: &ModelShape, hw: &Hardware, opts: &Options) -> Result<Plan, P
             .unwrap_or_else(|| shape.architecture.clone()),
         ctx,
         cache_type: opts.cache_type,
+        cache_type_v: Some(opts.v_type()).filter(|&v| v != opts.cache_type),
         ubatch: opts.ubatch,
         vram_mib: hw.vram_mib,
         ram_mib: hw.ram_mib,
@@ -647,13 +696,29 @@ fn describe_kv(s: &ModelShape, c: &Ctx<'_>, kv_total: u64, opts: &Options) -> St
     if shared > 0 {
         parts.push(format!("{shared} sharing another layer's KV cache"));
     }
+    let (k, v) = (opts.cache_type, opts.v_type());
+    let types = if k == v {
+        format!(
+            "{} (2 × cells × kv_heads × head_dim × {} bytes per {} elements)",
+            k.flag(),
+            k.ggml().type_size(),
+            k.ggml().block_size()
+        )
+    } else {
+        format!(
+            "{} K / {} V (cells × kv_heads × head_dim × {} bytes per {} elements for K, {} per {} for V)",
+            k.flag(),
+            v.flag(),
+            k.ggml().type_size(),
+            k.ggml().block_size(),
+            v.ggml().type_size(),
+            v.ggml().block_size()
+        )
+    };
     format!(
-        "KV cache: {} MiB for {} tokens at {} (2 × cells × kv_heads × head_dim × {} bytes per {} elements); layers: {}",
+        "KV cache: {} MiB for {} tokens at {types}; layers: {}",
         mib(kv_total),
         c.ctx,
-        opts.cache_type.flag(),
-        opts.cache_type.ggml().type_size(),
-        opts.cache_type.ggml().block_size(),
         parts.join(", ")
     )
 }
