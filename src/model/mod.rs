@@ -61,10 +61,12 @@ pub struct FetchArgs {
     /// DEST counts as complete).
     #[arg(long, value_name = "HEX")]
     pub sha256: Option<String>,
-    /// Where the file goes; `<dest>.partial` holds it while downloading.
+    /// Where the file goes: a file path, not a directory. `<dest>.partial` holds it while downloading and
+    /// `<dest>.partial.source` its URL, sha256 and size: a partial of another file is started over, not resumed.
     #[arg(long, value_name = "PATH")]
     pub dest: PathBuf,
-    /// Attempts before giving up on connection errors and 5xx answers.
+    /// Attempts before giving up on connection errors and 5xx answers (a host name that does not resolve
+    /// fails at once).
     #[arg(long, default_value_t = 8)]
     pub attempts: u32,
 }
