@@ -1,6 +1,6 @@
 //! Remote inspection (range requests) and the resumable verified download, against a small HTTP/1.1
 //! server written here on tokio so each test can misbehave on purpose: drop the connection midway,
-//! ignore `Range`, or answer 404. Ports: 127.0.0.1:18300-18349, one per test.
+//! ignore `Range`, or answer 404. Ports: 127.0.0.1:18300-18349, one per server.
 
 #[path = "model_support.rs"]
 mod support;
@@ -26,6 +26,8 @@ enum Behaviour {
 
 struct Server {
     port: u16,
+    /// What it serves; a test may swap it (the file changed upstream).
+    body: Arc<Mutex<Arc<Vec<u8>>>>,
     /// The `Range` header of each request (None: no header).
     requests: Arc<Mutex<Vec<Option<String>>>>,
     /// Bytes sent in bodies, in all.
@@ -44,7 +46,8 @@ async fn serve(
         .unwrap_or_else(|e| panic!("cannot listen on 127.0.0.1:{port}: {e}"));
     let requests = Arc::new(Mutex::new(Vec::new()));
     let sent = Arc::new(Mutex::new(0u64));
-    let (reqs, sent2) = (requests.clone(), sent.clone());
+    let current = Arc::new(Mutex::new(body));
+    let (reqs, sent2, current2) = (requests.clone(), sent.clone(), current.clone());
     tokio::spawn(async move {
         let mut first = true;
         loop {
@@ -59,6 +62,7 @@ async fn serve(
                     Ok(n) => head.extend_from_slice(&buf[..n]),
                 }
             }
+            let body = current2.lock().unwrap().clone();
             let text = String::from_utf8_lossy(&head).to_string();
             let range = text
                 .lines()
@@ -106,12 +110,16 @@ async fn serve(
     });
     Server {
         port,
+        body: current,
         requests,
         sent,
     }
 }
 
 impl Server {
+    fn set_body(&self, body: Arc<Vec<u8>>) {
+        *self.body.lock().unwrap() = body;
+    }
     fn url(&self) -> String {
         format!("http://127.0.0.1:{}/model.gguf", self.port)
     }
@@ -279,14 +287,45 @@ async fn a_wrong_sha256_leaves_no_file() {
     assert!(!download::partial_path(&dest).exists());
 }
 
+/// What a killed earlier run leaves behind: `<dest>.partial` with the first `cut` bytes (and whatever else fetch
+/// keeps beside it), from a server that drops the connection there; one attempt only.
+async fn interrupted_download(
+    port: u16,
+    body: Arc<Vec<u8>>,
+    cut: usize,
+    hash: Option<String>,
+    dest: &Path,
+) -> Server {
+    let server = serve(port, body, Behaviour::Ranges, Some(cut)).await;
+    let client = llmctl::model::http_client().unwrap();
+    let once = RetryPolicy {
+        attempts: 1,
+        ..fast_retries()
+    };
+    let req = FetchRequest {
+        url: server.url(),
+        sha256: hash,
+        dest: dest.to_path_buf(),
+    };
+    let err = download::fetch(&client, &req, &once, &Silent)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FetchError::GaveUp { .. }), "{err}");
+    assert_eq!(
+        std::fs::metadata(download::partial_path(dest))
+            .unwrap()
+            .len(),
+        cut as u64
+    );
+    server
+}
+
 #[tokio::test]
 async fn an_interrupted_run_completes_on_the_next_run() {
     let body = payload(1 << 20);
-    let server = serve(18305, body.clone(), Behaviour::Ranges, None).await;
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("m.gguf");
-    // What a killed earlier run leaves behind.
-    std::fs::write(download::partial_path(&dest), &body[..300_000]).unwrap();
+    let server = interrupted_download(18305, body.clone(), 300_000, Some(sha(&body)), &dest).await;
     let client = llmctl::model::http_client().unwrap();
     let out = download::fetch(
         &client,
@@ -305,10 +344,19 @@ async fn an_interrupted_run_completes_on_the_next_run() {
         }
     );
     assert_eq!(std::fs::read(&dest).unwrap(), *body);
-    assert_eq!(server.ranges(), vec![Some("bytes=300000-".to_string())]);
-    assert_eq!(*server.sent.lock().unwrap(), (body.len() - 300_000) as u64);
+    assert_eq!(
+        server.ranges(),
+        vec![None, Some("bytes=300000-".to_string())]
+    );
+    assert!(!download::partial_path(&dest).exists());
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "nothing but the model is left beside it"
+    );
 
     // Run again: already present, nothing requested.
+    let server = serve(18311, body.clone(), Behaviour::Ranges, None).await;
     let out = download::fetch(
         &client,
         &request(server.url(), sha(&body), &dest),
@@ -318,7 +366,162 @@ async fn an_interrupted_run_completes_on_the_next_run() {
     .await
     .unwrap();
     assert_eq!(out, FetchOutcome::AlreadyPresent);
-    assert_eq!(server.ranges().len(), 1);
+    assert_eq!(server.ranges().len(), 0);
+}
+
+#[tokio::test]
+async fn a_directory_dest_is_refused_before_downloading() {
+    let body = payload(100_000);
+    let server = serve(18308, body.clone(), Behaviour::Ranges, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = llmctl::model::http_client().unwrap();
+    for dest in [dir.path().to_path_buf(), dir.path().join("new-dir/")] {
+        let err = download::fetch(
+            &client,
+            &request(server.url(), sha(&body), &dest),
+            &fast_retries(),
+            &Silent,
+        )
+        .await
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("--dest") && msg.contains("directory") && msg.contains("model.gguf"),
+            "{msg}"
+        );
+    }
+    assert!(server.ranges().is_empty(), "nothing was downloaded");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[tokio::test]
+async fn a_partial_of_another_url_is_not_resumed() {
+    let other = payload(1 << 20)
+        .iter()
+        .map(|b| b ^ 0x5a)
+        .collect::<Vec<u8>>();
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("m.gguf");
+    interrupted_download(18309, Arc::new(other), 300_000, None, &dest).await;
+    let body = payload(1 << 20);
+    let server = serve(18310, body.clone(), Behaviour::Ranges, None).await;
+    let client = llmctl::model::http_client().unwrap();
+    let out = download::fetch(
+        &client,
+        &request(server.url(), sha(&body), &dest),
+        &fast_retries(),
+        &Silent,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        out,
+        FetchOutcome::Downloaded {
+            bytes: body.len() as u64,
+            resumed_from: 0,
+            retries: 0
+        }
+    );
+    assert_eq!(server.ranges(), vec![None]);
+    assert_eq!(std::fs::read(&dest).unwrap(), *body);
+}
+
+#[tokio::test]
+async fn a_partial_of_unknown_origin_is_not_installed_without_a_sha256() {
+    let body = payload(1 << 20);
+    let server = serve(18312, body.clone(), Behaviour::Ranges, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("m.gguf");
+    // A `.partial` with no record of where it came from (another tool, an older llmctl).
+    std::fs::write(download::partial_path(&dest), vec![7u8; 300_000]).unwrap();
+    let client = llmctl::model::http_client().unwrap();
+    let req = FetchRequest {
+        url: server.url(),
+        sha256: None,
+        dest: dest.clone(),
+    };
+    let out = download::fetch(&client, &req, &fast_retries(), &Silent)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            out,
+            FetchOutcome::Downloaded {
+                resumed_from: 0,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    assert_eq!(server.ranges(), vec![None]);
+    assert_eq!(std::fs::read(&dest).unwrap(), *body);
+}
+
+#[tokio::test]
+async fn a_partial_of_a_file_that_changed_size_restarts() {
+    let first = payload(1 << 20);
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("m.gguf");
+    let server = interrupted_download(18313, first, 300_000, None, &dest).await;
+    // The file at that URL changed upstream, to one of another size.
+    let body = Arc::new(
+        payload(2 << 20)
+            .iter()
+            .map(|b| b ^ 0x33)
+            .collect::<Vec<u8>>(),
+    );
+    server.set_body(body.clone());
+    let client = llmctl::model::http_client().unwrap();
+    let req = FetchRequest {
+        url: server.url(),
+        sha256: None,
+        dest: dest.clone(),
+    };
+    let out = download::fetch(&client, &req, &fast_retries(), &Silent)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            out,
+            FetchOutcome::Downloaded {
+                resumed_from: 0,
+                retries: 1,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    assert_eq!(
+        server.ranges(),
+        vec![None, Some("bytes=300000-".to_string()), None],
+        "the resume was tried, the new size seen, and the download restarted"
+    );
+    assert_eq!(std::fs::read(&dest).unwrap(), *body);
+}
+
+#[tokio::test]
+async fn a_host_that_does_not_resolve_fails_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("m.gguf");
+    let client = llmctl::model::http_client().unwrap();
+    // `.invalid` never resolves (RFC 6761).
+    let err = download::fetch(
+        &client,
+        &request("http://llmctl-test.invalid/m.gguf".into(), sha(b"x"), &dest),
+        &fast_retries(),
+        &Silent,
+    )
+    .await
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, FetchError::Resolve { .. })
+            && msg.contains("llmctl-test.invalid")
+            && msg.contains("resolve")
+            && !msg.contains("gave up"),
+        "{msg}"
+    );
+    assert!(!dest.exists());
 }
 
 #[tokio::test]

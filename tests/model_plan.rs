@@ -201,3 +201,312 @@ fn plan_on_the_real_smollm2_fits_entirely() {
         ]
     );
 }
+
+/// `llmctl model plan ARGS` with no llmctl.toml around (an empty working directory): exit code, stdout, stderr.
+fn plan_cli(args: &[&str]) -> (i32, String, String) {
+    plan_cli_in(&tempfile::tempdir().unwrap(), args)
+}
+
+fn plan_cli_in(dir: &tempfile::TempDir, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmctl"))
+        .args(["model", "plan"])
+        .arg(smollm2_path())
+        .args(args)
+        .current_dir(dir.path())
+        .env_remove("LLMCTL_CONFIG")
+        .output()
+        .expect("run llmctl model plan");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn huge_numbers_are_refused_by_the_planner_not_a_panic() {
+    let s = shape_of(qwen36_27b());
+    let cases: [(&str, Hardware, Options); 6] = [
+        (
+            "--ram",
+            Hardware {
+                vram_mib: 8188,
+                ram_mib: Some(17592186044416),
+            },
+            Options::default(),
+        ),
+        (
+            "--vram",
+            Hardware {
+                vram_mib: 18446744073709551,
+                ram_mib: Some(40000),
+            },
+            Options::default(),
+        ),
+        (
+            "--reserve",
+            GUIDE_GPU,
+            Options {
+                reserve_mib: u64::MAX,
+                ..Options::default()
+            },
+        ),
+        (
+            "--ctx",
+            GUIDE_GPU,
+            Options {
+                ctx: Some(u64::MAX),
+                ..Options::default()
+            },
+        ),
+        (
+            "--ctx",
+            GUIDE_GPU,
+            Options {
+                ctx: Some(100_000_000_000),
+                ..Options::default()
+            },
+        ),
+        (
+            "--ubatch",
+            GUIDE_GPU,
+            Options {
+                ubatch: u64::MAX,
+                ..Options::default()
+            },
+        ),
+    ];
+    for (flag, hw, opts) in cases {
+        let e = plan::plan(&s, &hw, &opts).unwrap_err();
+        assert!(
+            matches!(e, PlanError::BadInput(_)) && e.to_string().contains(flag),
+            "{flag}: {e}"
+        );
+    }
+}
+
+#[test]
+fn a_context_over_llama_cpps_32_bit_limit_or_far_past_training_is_refused() {
+    // No training context in the header: only the 32-bit limit applies.
+    let mut s = shape_of(qwen36_27b());
+    s.context_length = None;
+    let big = Hardware {
+        vram_mib: 80_000,
+        ram_mib: Some(60_000_000),
+    };
+    let at = |ctx| Options {
+        ctx: Some(ctx),
+        ..Options::default()
+    };
+    let e = plan::plan(&s, &big, &at(plan::MAX_CTX + 1)).unwrap_err();
+    assert!(
+        e.to_string().contains("--ctx") && e.to_string().contains("2147483392"),
+        "{e}"
+    );
+    // The largest context llama-server takes is planned (and does not fit).
+    let e = plan::plan(&s, &big, &at(plan::MAX_CTX)).unwrap_err();
+    assert!(matches!(e, PlanError::DoesNotFit { .. }), "{e}");
+    // Far past the training context is refused, not warned about.
+    let s = shape_of(qwen36_27b());
+    let train = s.context_length.unwrap();
+    let e = plan::plan(&s, &big, &at(train * 8 + 256)).unwrap_err();
+    assert!(
+        matches!(e, PlanError::BadInput(_)) && e.to_string().contains("training context"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_cli_refuses_huge_numbers_naming_the_flag_and_its_range() {
+    for args in [
+        &["--vram", "8000", "--ram", "17592186044416"][..],
+        &["--vram", "8000", "--reserve", "18446744073709551615"],
+        &["--vram", "8000", "--ctx", "18446744073709551615"],
+        &["--vram", "8000", "--ctx", "100000000000"],
+        &["--vram", "18446744073709551"],
+        &["--vram", "8000", "--ubatch", "0"],
+    ] {
+        let (code, _, err) = plan_cli(args);
+        let flag = args[args.len() - 2];
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(flag) && err.contains("..="), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn an_absurd_context_is_refused_at_once() {
+    // Before: a linear search over ~3.9 million contexts (minutes); the process timeout is only a hang guard.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_llmctl"))
+        .args(["model", "plan"])
+        .arg(smollm2_path())
+        .args(["--vram", "8000", "--ctx", "1000000000", "--ram", "100"])
+        .current_dir(tempfile::tempdir().unwrap().path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("llmctl model plan --ctx 1000000000 --ram 100 still runs after 120 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Exit 2: the command could not run (bad input).
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--ctx") && err.contains("training context"),
+        "{err}"
+    );
+}
+
+#[test]
+fn without_ram_the_plan_uses_this_machines_memory_and_says_so() {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let total_mib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        / 1024;
+    let (code, out, err) = plan_cli(&["--vram", "8000"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("MemTotal") && out.contains(&format!("{total_mib} MiB")),
+        "{out}"
+    );
+    assert!(!out.contains("not checked"), "{out}");
+    let (code, out, err) = plan_cli(&["--vram", "8000", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["ram_mib"], total_mib);
+
+    // A model without a training context at a 2-billion-token context: a KV cache of tens of TB, which no
+    // machine has, so the plan is refused (before: planned, exit 0).
+    let mut w = qwen36_27b();
+    w.kvs.retain(|(k, _)| !k.ends_with(".context_length"));
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("no-context.gguf");
+    std::fs::write(&model, w.bytes()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmctl"))
+        .args(["model", "plan"])
+        .arg(&model)
+        .args(["--vram", "8000", "--ctx", "2000000000"])
+        .current_dir(dir.path())
+        .env_remove("LLMCTL_CONFIG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("does not fit") && err.contains("this machine"),
+        "{err}"
+    );
+}
+
+fn flag<'a>(out: &'a str, name: &str) -> &'a str {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("llama-server flags:"))
+        .unwrap_or_else(|| panic!("no flags in {out}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let i = words
+        .iter()
+        .position(|w| *w == name)
+        .unwrap_or_else(|| panic!("no {name} in {line}"));
+    words[i + 1]
+}
+
+#[test]
+fn plan_reads_server_settings_from_llmctl_toml_and_flags_override_them() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("llmctl.toml"),
+        "[server]\ncontext = 16384\nubatch = 64\ncache_type_k = \"q8_0\"\ncache_type_v = \"q4_0\"\n",
+    )
+    .unwrap();
+    let (code, out, err) = plan_cli_in(&dir, &["--vram", "8000", "--ram", "40000"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(flag(&out, "-c"), "16384", "{out}");
+    assert_eq!(flag(&out, "-ub"), "64", "{out}");
+    assert_eq!(flag(&out, "-ctk"), "q8_0", "{out}");
+    assert_eq!(flag(&out, "-ctv"), "q4_0", "{out}");
+    assert!(
+        out.contains("llmctl.toml"),
+        "the plan says where its settings came from: {out}"
+    );
+    // Flags win.
+    let (code, out, err) = plan_cli_in(
+        &dir,
+        &[
+            "--vram",
+            "8000",
+            "--ram",
+            "40000",
+            "--ctx",
+            "4096",
+            "--ubatch",
+            "256",
+            "--cache-type",
+            "f16",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(flag(&out, "-c"), "4096", "{out}");
+    assert_eq!(flag(&out, "-ub"), "256", "{out}");
+    assert_eq!(flag(&out, "-ctk"), "f16", "{out}");
+    assert_eq!(flag(&out, "-ctv"), "f16", "{out}");
+
+    // A config without [server]: provision runs llama-server with the section's defaults (q4_0, -ub 128, 32768),
+    // so the plan does too; --config names the file.
+    let other = tempfile::tempdir().unwrap();
+    let cfg = other.path().join("lab.toml");
+    std::fs::write(&cfg, "[host]\ntarget = \"local\"\nvmid = 103\n").unwrap();
+    let (code, out, err) = plan_cli_in(
+        &tempfile::tempdir().unwrap(),
+        &[
+            "--vram",
+            "8000",
+            "--ram",
+            "40000",
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(flag(&out, "-c"), "32768", "{out}");
+    assert_eq!(flag(&out, "-ub"), "128", "{out}");
+    assert_eq!(flag(&out, "-ctk"), "q4_0", "{out}");
+    assert_eq!(flag(&out, "-ctv"), "q4_0", "{out}");
+
+    // Without a config: the planner's own defaults.
+    let (code, out, err) = plan_cli(&["--vram", "8000", "--ram", "40000"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(flag(&out, "-ub"), "512", "{out}");
+    assert_eq!(flag(&out, "-ctk"), "q8_0", "{out}");
+}
+
+#[test]
+fn a_v_cache_of_another_type_is_sized_as_its_own() {
+    let s = shape_of(qwen36_27b());
+    let both = |k, v| Options {
+        ctx: Some(32768),
+        cache_type: k,
+        cache_type_v: v,
+        ..Options::default()
+    };
+    let q8 = plan::evaluate(&s, &both(CacheType::Q8_0, None), 32768, 0, 0);
+    let q4 = plan::evaluate(&s, &both(CacheType::Q4_0, None), 32768, 0, 0);
+    let mixed = plan::evaluate(
+        &s,
+        &both(CacheType::Q8_0, Some(CacheType::Q4_0)),
+        32768,
+        0,
+        0,
+    );
+    assert_eq!(mixed.ram.kv_cache * 2, q8.ram.kv_cache + q4.ram.kv_cache);
+}

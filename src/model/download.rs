@@ -2,6 +2,12 @@
 //! the server proves it honoured the range: 206 + a `Content-Range` starting at N), retry connection errors
 //! and 5xx with exponential backoff, verify the sha256 of the whole file (the resumed prefix included), then
 //! fsync and rename atomically to `dest`. A partial or corrupt file never appears under `dest`.
+//!
+//! Beside the partial file, `<dest>.partial.source` records what it is a part of (URL, expected sha256, size):
+//! a partial is resumed only for the same URL and sha256, and restarted when the server's size differs from
+//! the recorded one (the file changed upstream) or when there is no record (its origin is unknown, which
+//! without a sha256 could never be caught afterwards). A `dest` that is a directory is refused before any
+//! request, and a host name that does not resolve fails at once (connection errors are retried).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -10,6 +16,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_RANGE, RANGE};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::source::parse_content_range;
@@ -81,6 +88,22 @@ pub enum FetchError {
         attempts: u32,
         last: String,
     },
+    #[error(
+        "--dest {} is a directory; give the path of the file in it, e.g. --dest {} (the name is not guessed: \
+         provision and llama-server read the model from exactly the path in [model].dest)",
+        dest.display(),
+        suggestion.display()
+    )]
+    DestIsDir { dest: PathBuf, suggestion: PathBuf },
+    #[error(
+        "cannot resolve the host name {host} of {url}: {detail}; check the URL's spelling and this machine's DNS \
+         (not retried: a name that does not resolve does not start resolving by waiting)"
+    )]
+    Resolve {
+        url: String,
+        host: String,
+        detail: String,
+    },
     #[error("{what} {}: {source}", path.display())]
     Io {
         what: &'static str,
@@ -127,6 +150,48 @@ pub fn partial_path(dest: &Path) -> PathBuf {
     let mut name = dest.file_name().unwrap_or_default().to_os_string();
     name.push(".partial");
     dest.with_file_name(name)
+}
+
+/// `<dest>.partial.source`: what the partial file is a part of.
+pub fn record_path(dest: &Path) -> PathBuf {
+    let mut name = dest.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial.source");
+    dest.with_file_name(name)
+}
+
+/// The identity of the file a `.partial` is a part of, kept beside it as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceRecord {
+    pub url: String,
+    /// The expected sha256 (lowercase), when one was given.
+    pub sha256: Option<String>,
+    /// The whole file's size, once a server said it.
+    pub size: Option<u64>,
+}
+
+fn read_record(path: &Path) -> Option<SourceRecord> {
+    serde_json::from_slice(&fs::read(path).ok()?).ok()
+}
+
+fn write_record(path: &Path, record: &SourceRecord) -> Result<(), FetchError> {
+    let json = serde_json::to_vec(record).unwrap_or_default();
+    fs::write(path, json).map_err(io_err("cannot write", path))
+}
+
+/// The last path segment of a URL (`.../resolve/main/f.gguf?download=1` → `f.gguf`), for a suggested `--dest`.
+fn url_file_name(url: &str) -> String {
+    let path = url.split(['?', '#']).next().unwrap_or_default();
+    match path.rsplit('/').next() {
+        Some(name) if !name.is_empty() && !path.ends_with("//") && path.contains('/') => {
+            name.to_string()
+        }
+        _ => "model.gguf".to_string(),
+    }
+}
+
+/// A directory, or a path written as one (`/mnt/models/`).
+fn is_directory(dest: &Path) -> bool {
+    dest.is_dir() || dest.as_os_str().to_string_lossy().ends_with('/')
 }
 
 fn normalize_hash(h: &str) -> Result<String, FetchError> {
@@ -177,26 +242,40 @@ enum Attempt {
     Fatal(FetchError),
 }
 
-/// Where the partial file stands: bytes written and their running hash.
+/// Where the partial file stands: bytes written and their running hash, and what it is a part of.
 struct Partial {
     path: PathBuf,
     file: File,
     len: u64,
     hasher: Sha256,
+    record: SourceRecord,
+    record_path: PathBuf,
+    /// Bytes of an earlier run kept in the file (0 once restarted).
+    resumed_from: u64,
 }
 
 impl Partial {
-    fn open(path: &Path, hasher: Sha256, len: u64) -> Result<Partial, FetchError> {
+    fn open(
+        path: &Path,
+        hasher: Sha256,
+        len: u64,
+        record: SourceRecord,
+        record_path: PathBuf,
+    ) -> Result<Partial, FetchError> {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .map_err(io_err("cannot write", path))?;
+        write_record(&record_path, &record)?;
         Ok(Partial {
             path: path.to_path_buf(),
             file,
             len,
             hasher,
+            record,
+            record_path,
+            resumed_from: len,
         })
     }
 
@@ -206,7 +285,24 @@ impl Partial {
             .map_err(io_err("cannot truncate", &self.path))?;
         self.len = 0;
         self.hasher = Sha256::new();
+        self.resumed_from = 0;
         Ok(())
+    }
+
+    /// The server says the whole file is `total` bytes: recorded; `Err(recorded)` when bytes are kept from a
+    /// file of another size.
+    fn learn_size(&mut self, total: u64) -> Result<Result<(), u64>, FetchError> {
+        if let Some(recorded) = self.record.size
+            && recorded != total
+            && self.len > 0
+        {
+            return Ok(Err(recorded));
+        }
+        if self.record.size != Some(total) {
+            self.record.size = Some(total);
+            write_record(&self.record_path, &self.record)?;
+        }
+        Ok(Ok(()))
     }
 
     fn write(&mut self, chunk: &[u8]) -> Result<(), FetchError> {
@@ -230,6 +326,12 @@ pub async fn fetch(
         Some(h) => Some(normalize_hash(h)?),
         None => None,
     };
+    if is_directory(&req.dest) {
+        return Err(FetchError::DestIsDir {
+            dest: req.dest.clone(),
+            suggestion: req.dest.join(url_file_name(&req.url)),
+        });
+    }
     if req.dest.is_file() && expected.is_none() {
         progress.note(&format!(
             "{} is already present (no sha256 given to verify it)",
@@ -257,19 +359,42 @@ pub async fn fetch(
         fs::create_dir_all(parent).map_err(io_err("cannot create", parent))?;
     }
     let partial_path = partial_path(&req.dest);
+    let record_path = record_path(&req.dest);
+    let mut record = SourceRecord {
+        url: req.url.clone(),
+        sha256: expected.clone(),
+        size: None,
+    };
     let (hasher, len) = if partial_path.is_file() {
-        hash_file_async(partial_path.clone()).await?
+        match read_record(&record_path) {
+            Some(r) if r.url == record.url && r.sha256 == record.sha256 => {
+                record.size = r.size;
+                hash_file_async(partial_path.clone()).await?
+            }
+            other => {
+                progress.note(&format!(
+                    "{} is {}; starting over",
+                    partial_path.display(),
+                    if other.is_some() {
+                        "a partial download of another file (another URL or sha256)"
+                    } else {
+                        "a partial download of unknown origin (no record of its URL beside it)"
+                    }
+                ));
+                fs::remove_file(&partial_path).map_err(io_err("cannot remove", &partial_path))?;
+                (Sha256::new(), 0)
+            }
+        }
     } else {
         (Sha256::new(), 0)
     };
-    let resumed_from = len;
     if len > 0 {
         progress.note(&format!(
             "resuming {} from byte {len}",
             partial_path.display()
         ));
     }
-    let mut partial = Partial::open(&partial_path, hasher, len)?;
+    let mut partial = Partial::open(&partial_path, hasher, len, record, record_path.clone())?;
 
     let mut retries = 0u32;
     let mut backoff = policy.initial_backoff;
@@ -306,6 +431,7 @@ pub async fn fetch(
     {
         drop(partial);
         let _ = fs::remove_file(&partial_path);
+        let _ = fs::remove_file(&record_path);
         return Err(FetchError::Mismatch {
             url: req.url.clone(),
             expected,
@@ -316,9 +442,10 @@ pub async fn fetch(
         .file
         .sync_all()
         .map_err(io_err("cannot sync", &partial_path))?;
-    let bytes = partial.len;
+    let (bytes, resumed_from) = (partial.len, partial.resumed_from);
     drop(partial);
     fs::rename(&partial_path, &req.dest).map_err(io_err("cannot rename into", &req.dest))?;
+    let _ = fs::remove_file(&record_path);
     // The rename is durable only once the directory entry is.
     if let Some(parent) = req.dest.parent().filter(|p| !p.as_os_str().is_empty())
         && let Ok(dir) = File::open(parent)
@@ -344,10 +471,17 @@ async fn attempt(
     if partial.len > 0 {
         request = request.header(RANGE, format!("bytes={}-", partial.len));
     }
-    let mut resp = request
-        .send()
-        .await
-        .map_err(|e| Attempt::Retry(format!("cannot reach {url}: {}", error_chain(&e))))?;
+    let mut resp = request.send().await.map_err(|e| match dns_failure(&e) {
+        Some(detail) => Attempt::Fatal(FetchError::Resolve {
+            url: url.to_string(),
+            host: reqwest::Url::parse(url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_string))
+                .unwrap_or_else(|| url.to_string()),
+            detail,
+        }),
+        None => Attempt::Retry(format!("cannot reach {url}: {}", error_chain(&e))),
+    })?;
     let status = resp.status();
     let content_range = resp
         .headers()
@@ -421,6 +555,17 @@ async fn attempt(
             t + partial.len
         }
     });
+    if let Some(t) = total
+        && let Err(recorded) = partial.learn_size(t).map_err(Attempt::Fatal)?
+    {
+        partial.restart().map_err(Attempt::Fatal)?;
+        // Nothing is kept now, so the new size is simply recorded.
+        let _ = partial.learn_size(t).map_err(Attempt::Fatal)?;
+        return Err(Attempt::Retry(format!(
+            "{url} is now {t} bytes, not the {recorded} of the partial download (the file changed upstream); \
+             restarting from byte 0"
+        )));
+    }
     progress.begin(total, partial.len);
     loop {
         match resp.chunk().await {
@@ -453,6 +598,20 @@ async fn attempt(
     }
 }
 
+/// The resolver's own message when `e` is a failure to resolve the host name (hyper-util's "dns error").
+fn dns_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur = Some(e);
+    let mut dns = false;
+    let mut last = None;
+    while let Some(err) = cur {
+        let text = err.to_string();
+        dns |= text.starts_with("dns error");
+        last = Some(text);
+        cur = err.source();
+    }
+    dns.then(|| last.unwrap_or_default())
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut parts = vec![e.to_string()];
     let mut cur = e.source();
@@ -475,6 +634,22 @@ mod tests {
         assert_eq!(
             partial_path(Path::new("/mnt/models/m.gguf")),
             PathBuf::from("/mnt/models/m.gguf.partial")
+        );
+    }
+
+    #[test]
+    fn a_directory_dest_gets_a_suggested_file_name() {
+        assert_eq!(
+            url_file_name("https://huggingface.co/o/r/resolve/main/f.gguf?download=1"),
+            "f.gguf"
+        );
+        assert_eq!(url_file_name("http://host/"), "model.gguf");
+        assert!(is_directory(Path::new("/mnt/models/")));
+        assert!(is_directory(Path::new("/")));
+        assert!(!is_directory(Path::new("/mnt/models/m.gguf")));
+        assert_eq!(
+            record_path(Path::new("/mnt/models/m.gguf")),
+            PathBuf::from("/mnt/models/m.gguf.partial.source")
         );
     }
 

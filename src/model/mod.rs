@@ -36,7 +36,7 @@ pub struct ModelArgs {
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum ModelCommand {
-    /// Read a GGUF header (local file, URL or hf:owner/repo/file) and describe the model; never reads the weights.
+    /// Read a GGUF header (local file, URL or Hugging Face owner/repo/file) and describe the model; never reads the weights.
     Inspect(InspectArgs),
     /// Download a model resumably, verify its sha256, and move it into place atomically.
     Fetch(FetchArgs),
@@ -46,7 +46,7 @@ pub enum ModelCommand {
 
 #[derive(Debug, Clone, Args)]
 pub struct InspectArgs {
-    /// A .gguf file, an http(s) URL, or hf:owner/repo[@revision]/file.gguf
+    /// A .gguf file, an http(s) URL, or owner/repo[@revision]/file.gguf on Hugging Face (hf: prefix optional)
     pub model: String,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -61,51 +61,85 @@ pub struct FetchArgs {
     /// DEST counts as complete).
     #[arg(long, value_name = "HEX")]
     pub sha256: Option<String>,
-    /// Where the file goes; `<dest>.partial` holds it while downloading.
+    /// Where the file goes: a file path, not a directory. `<dest>.partial` holds it while downloading and
+    /// `<dest>.partial.source` its URL, sha256 and size: a partial of another file is started over, not resumed.
     #[arg(long, value_name = "PATH")]
     pub dest: PathBuf,
-    /// Attempts before giving up on connection errors and 5xx answers.
+    /// Attempts before giving up on connection errors and 5xx answers (a host name that does not resolve
+    /// fails at once).
     #[arg(long, default_value_t = 8)]
     pub attempts: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CacheTypeArg {
+    F32,
     F16,
+    Bf16,
     #[value(name = "q8_0")]
     Q8_0,
+    #[value(name = "q5_1")]
+    Q5_1,
+    #[value(name = "q5_0")]
+    Q5_0,
+    #[value(name = "q4_1")]
+    Q4_1,
+    #[value(name = "iq4_nl")]
+    Iq4Nl,
     #[value(name = "q4_0")]
     Q4_0,
 }
 
+impl From<CacheTypeArg> for CacheType {
+    fn from(a: CacheTypeArg) -> CacheType {
+        match a {
+            CacheTypeArg::F32 => CacheType::F32,
+            CacheTypeArg::F16 => CacheType::F16,
+            CacheTypeArg::Bf16 => CacheType::Bf16,
+            CacheTypeArg::Q8_0 => CacheType::Q8_0,
+            CacheTypeArg::Q5_1 => CacheType::Q5_1,
+            CacheTypeArg::Q5_0 => CacheType::Q5_0,
+            CacheTypeArg::Q4_1 => CacheType::Q4_1,
+            CacheTypeArg::Iq4Nl => CacheType::Iq4Nl,
+            CacheTypeArg::Q4_0 => CacheType::Q4_0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct PlanArgs {
-    /// A .gguf file, an http(s) URL, or hf:owner/repo[@revision]/file.gguf
+    /// A .gguf file, an http(s) URL, or owner/repo[@revision]/file.gguf on Hugging Face (hf: prefix optional)
     pub model: String,
     /// The GPU's total memory in MiB (nvidia-smi --query-gpu=memory.total).
-    #[arg(long, value_name = "MIB")]
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=plan::MAX_VRAM_MIB))]
     pub vram: u64,
-    /// RAM llama-server may use, in MiB (the container's memory); unchecked when absent.
-    #[arg(long, value_name = "MIB")]
+    /// RAM llama-server may use, in MiB (the container's memory) [default: this machine's memory, MemTotal in
+    /// /proc/meminfo]
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=plan::MAX_RAM_MIB))]
     pub ram: Option<u64>,
-    /// Context length [default: 32768, or the model's training context if smaller]
-    #[arg(long, value_name = "N")]
+    /// Context length, at most 2147483392 (llama.cpp's 32-bit -c) and 8 times the model's training context
+    /// [default: [server].context of llmctl.toml when there is one; else 32768, or the model's training context
+    /// if smaller]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=plan::MAX_CTX))]
     pub ctx: Option<u64>,
-    /// KV cache type for K and V.
-    #[arg(long, value_enum, default_value_t = CacheTypeArg::Q8_0)]
-    pub cache_type: CacheTypeArg,
-    /// Micro-batch size (-ub); compute buffers grow with it.
-    #[arg(long, default_value_t = 512)]
-    pub ubatch: u64,
-    /// VRAM kept free for the CUDA context, in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = plan::DEFAULT_RESERVE_MIB)]
+    /// KV cache type for K and V [default: [server].cache_type_k/_v of llmctl.toml when there is one, as
+    /// provision runs llama-server; else q8_0]
+    #[arg(long, value_enum)]
+    pub cache_type: Option<CacheTypeArg>,
+    /// Micro-batch size (-ub); compute buffers grow with it [default: [server].ubatch of llmctl.toml when there
+    /// is one; else 512]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=plan::MAX_UBATCH))]
+    pub ubatch: Option<u64>,
+    /// VRAM kept free for the CUDA context, in MiB (less than --vram).
+    #[arg(long, value_name = "MIB", default_value_t = plan::DEFAULT_RESERVE_MIB,
+          value_parser = clap::value_parser!(u64).range(0..=plan::MAX_VRAM_MIB - 1))]
     pub reserve: u64,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
 }
 
-pub fn run(_global: &GlobalArgs, args: ModelArgs) -> Result<Outcome> {
+pub fn run(global: &GlobalArgs, args: ModelArgs) -> Result<Outcome> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -124,21 +158,52 @@ pub fn run(_global: &GlobalArgs, args: ModelArgs) -> Result<Outcome> {
         ModelCommand::Plan(a) => {
             let located = runtime.block_on(locate(&a.model))?;
             let shape = shape::from_header(&located.header)?;
-            let opts = Options {
-                ctx: a.ctx,
-                cache_type: match a.cache_type {
-                    CacheTypeArg::F16 => CacheType::F16,
-                    CacheTypeArg::Q8_0 => CacheType::Q8_0,
-                    CacheTypeArg::Q4_0 => CacheType::Q4_0,
-                },
-                ubatch: a.ubatch,
-                reserve_mib: a.reserve,
+            let (opts, settings) = plan_options(global, &a)?;
+            // Without --ram, this machine's memory: a plan against unlimited RAM would accept anything.
+            let (ram_mib, machine) = match a.ram {
+                Some(r) => (r, false),
+                None => {
+                    let total = std::fs::read_to_string(MEMINFO)
+                        .ok()
+                        .as_deref()
+                        .and_then(mem_total_mib)
+                        .with_context(|| {
+                            format!(
+                                "--ram is not given and this machine's memory is unknown (no MemTotal in \
+                                 {MEMINFO}); give --ram with the container's memory in MiB"
+                            )
+                        })?;
+                    (total, true)
+                }
             };
             let hw = Hardware {
                 vram_mib: a.vram,
-                ram_mib: a.ram,
+                ram_mib: Some(ram_mib),
             };
-            let p = plan::plan(&shape, &hw, &opts)?;
+            let mut p = match plan::plan(&shape, &hw, &opts) {
+                Ok(p) => p,
+                Err(e @ plan::PlanError::DoesNotFit { .. }) if machine => anyhow::bail!(
+                    "{e} (RAM: this machine's {ram_mib} MiB, MemTotal in {MEMINFO}, as --ram was not given)"
+                ),
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(note) = settings {
+                p.reasoning.insert(0, note);
+            }
+            if machine {
+                let at = p
+                    .reasoning
+                    .iter()
+                    .position(|r| r.starts_with("budget:"))
+                    .map_or(p.reasoning.len(), |i| i + 1);
+                p.reasoning.insert(
+                    at,
+                    format!(
+                        "RAM: --ram not given, so this machine's memory is the budget (MemTotal in {MEMINFO}: \
+                         {ram_mib} MiB); give --ram with the container's memory to plan for another machine"
+                    ),
+                );
+            }
             if a.json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&p)?)?;
             } else {
@@ -193,6 +258,76 @@ pub fn run(_global: &GlobalArgs, args: ModelArgs) -> Result<Outcome> {
     Ok(Outcome::Success)
 }
 
+/// The plan's options: the flags, else `[server]` of llmctl.toml (what provision runs llama-server with) when a
+/// config file is there, else the planner's defaults. The note says what came from the file.
+fn plan_options(global: &GlobalArgs, a: &PlanArgs) -> Result<(Options, Option<String>)> {
+    let file = crate::config::ConfigFile::load(global.config.as_deref())?;
+    let defaults = Options::default();
+    let mut opts = Options {
+        ctx: a.ctx,
+        cache_type: a.cache_type.map_or(defaults.cache_type, CacheType::from),
+        cache_type_v: None,
+        ubatch: a.ubatch.unwrap_or(defaults.ubatch),
+        reserve_mib: a.reserve,
+    };
+    let Some(path) = file.path.clone() else {
+        return Ok((opts, None));
+    };
+    // Provision runs with the section's defaults when it is absent, and so does the plan.
+    let server: crate::provision::config::ServerSection =
+        file.section("server")?.unwrap_or_default();
+    let cache = |field: &str, value: &str| {
+        CacheType::from_flag(value).with_context(|| {
+            format!(
+                "{}: [server].{field} = {value:?} is not a llama.cpp cache type; one of {}",
+                path.display(),
+                CacheType::ALL.map(CacheType::flag).join(", ")
+            )
+        })
+    };
+    let mut taken = Vec::new();
+    if a.ctx.is_none() {
+        opts.ctx = Some(u64::from(server.context));
+        taken.push(format!("context {}", server.context));
+    }
+    if a.cache_type.is_none() {
+        opts.cache_type = cache("cache_type_k", &server.cache_type_k)?;
+        let v = cache("cache_type_v", &server.cache_type_v)?;
+        opts.cache_type_v = (v != opts.cache_type).then_some(v);
+        taken.push(format!(
+            "cache {} K / {} V",
+            server.cache_type_k, server.cache_type_v
+        ));
+    }
+    if a.ubatch.is_none() {
+        opts.ubatch = u64::from(server.ubatch);
+        taken.push(format!("-ub {}", server.ubatch));
+    }
+    let note = (!taken.is_empty()).then(|| {
+        format!(
+            "settings from [server] of {} (as provision runs llama-server; flags override them): {}",
+            path.display(),
+            taken.join(", ")
+        )
+    });
+    Ok((opts, note))
+}
+
+const MEMINFO: &str = "/proc/meminfo";
+
+/// `MemTotal` of a /proc/meminfo text, in MiB.
+pub fn mem_total_mib(meminfo: &str) -> Option<u64> {
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024).filter(|&m| m > 0)
+}
+
 pub fn http_client() -> Result<reqwest::Client> {
     reqwest::Client::builder()
         .user_agent(concat!("llmctl/", env!("CARGO_PKG_VERSION")))
@@ -208,11 +343,20 @@ pub async fn locate(model: &str) -> Result<Located> {
         Source::Local(path) => {
             if !path.exists() {
                 anyhow::bail!(
-                    "{} does not exist; give a .gguf file, an http(s) URL, or hf:owner/repo/file.gguf",
+                    "{} does not exist; give a .gguf file, an http(s) URL, or owner/repo/file.gguf on Hugging Face",
                     path.display()
                 );
             }
             source::read_local(&path)
+        }
+        Source::Remote(url) if source::is_bare_hf(model) => {
+            source::read_remote(&http_client()?, &url)
+                .await
+                .with_context(|| {
+                    format!(
+                        "`{model}` is not a local file, so it was read as the Hugging Face file owner/repo/file ({url})"
+                    )
+                })
         }
         Source::Remote(url) => source::read_remote(&http_client()?, &url).await,
     }
@@ -540,11 +684,13 @@ pub fn render_inspect(r: &InspectReport) -> String {
 }
 
 pub fn render_plan(p: &plan::Plan) -> String {
+    let cache = match p.cache_type_v {
+        Some(v) => format!("{} K / {} V", p.cache_type.flag(), v.flag()),
+        None => p.cache_type.flag().to_string(),
+    };
     let mut o = format!(
-        "plan for {} ({} tokens of context, {} KV cache)\n",
-        p.model,
-        p.ctx,
-        p.cache_type.flag()
+        "plan for {} ({} tokens of context, {cache} KV cache)\n",
+        p.model, p.ctx
     );
     for r in &p.reasoning {
         o.push_str(&format!("- {r}\n"));
@@ -626,4 +772,18 @@ impl Progress for LineProgress {
         eprintln!("{message}");
     }
     fn finish(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_total_is_read_in_mib() {
+        let text = "MemFree:  1000 kB\nMemTotal:        65856312 kB\nSwapTotal: 0 kB\n";
+        assert_eq!(mem_total_mib(text), Some(64312));
+        assert_eq!(mem_total_mib("MemTotal: 12 MB\n"), None);
+        assert_eq!(mem_total_mib("MemTotal: 100 kB\n"), None);
+        assert_eq!(mem_total_mib(""), None);
+    }
 }

@@ -12,6 +12,18 @@ const MIB: u64 = 1 << 20;
 const CTX_PAD: u64 = 256;
 /// Default context: Claude Code's system prompt alone is ~24K tokens (seed guide, Part 3).
 pub const DEFAULT_CTX: u64 = 32768;
+/// The longest context llama-server takes: `-c` is a signed 32-bit number in llama.cpp (and `n_ctx` 32 bits
+/// in its API), padded to 256 cells: the largest multiple of 256 below 2^31.
+pub const MAX_CTX: u64 = (i32::MAX as u64 / CTX_PAD) * CTX_PAD;
+/// A context longer than this many times the model's training context is refused: RoPE scaling (YaRN) stretches a
+/// model 2-4×, rarely 8×; beyond that the model does not follow the text at all.
+pub const MAX_CTX_STRETCH: u64 = 8;
+/// Upper bounds of the memory flags, in MiB: far beyond any machine (16 TiB of VRAM, 64 TiB of RAM), small enough
+/// that bytes never overflow 64 bits.
+pub const MAX_VRAM_MIB: u64 = 16 << 20;
+pub const MAX_RAM_MIB: u64 = 64 << 20;
+/// `-ub` above this is not a micro-batch (llama.cpp's default is 512).
+pub const MAX_UBATCH: u64 = 65536;
 /// CUDA context, cuBLAS workspace and driver allocations that never show up as llama.cpp buffers:
 /// 300-500 MiB on current drivers; 512 keeps a margin (8192 MiB card → 7680 MiB, the guide's "~7.5 GB").
 pub const DEFAULT_RESERVE_MIB: u64 = 512;
@@ -21,25 +33,50 @@ const RAM_OVERHEAD: u64 = 512 * MIB;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CacheType {
+    F32,
     F16,
+    Bf16,
     Q8_0,
+    Q5_1,
+    Q5_0,
+    Q4_1,
+    Iq4Nl,
     Q4_0,
 }
 
 impl CacheType {
+    /// Every type llama-server's `-ctk`/`-ctv` take (the list `[server].cache_type_k` is checked against).
+    pub const ALL: [CacheType; 9] = [
+        CacheType::F32,
+        CacheType::F16,
+        CacheType::Bf16,
+        CacheType::Q8_0,
+        CacheType::Q5_1,
+        CacheType::Q5_0,
+        CacheType::Q4_1,
+        CacheType::Iq4Nl,
+        CacheType::Q4_0,
+    ];
+
     pub fn ggml(self) -> GgmlType {
-        match self {
-            CacheType::F16 => GgmlType::F16,
-            CacheType::Q8_0 => GgmlType::Q8_0,
-            CacheType::Q4_0 => GgmlType::Q4_0,
-        }
+        GgmlType::from_name(self.flag()).unwrap_or(GgmlType::F16)
     }
     pub fn flag(self) -> &'static str {
         match self {
+            CacheType::F32 => "f32",
             CacheType::F16 => "f16",
+            CacheType::Bf16 => "bf16",
             CacheType::Q8_0 => "q8_0",
+            CacheType::Q5_1 => "q5_1",
+            CacheType::Q5_0 => "q5_0",
+            CacheType::Q4_1 => "q4_1",
+            CacheType::Iq4Nl => "iq4_nl",
             CacheType::Q4_0 => "q4_0",
         }
+    }
+    /// From its llama.cpp name (`q8_0`).
+    pub fn from_flag(name: &str) -> Option<CacheType> {
+        CacheType::ALL.into_iter().find(|t| t.flag() == name)
     }
 }
 
@@ -56,11 +93,20 @@ pub struct Hardware {
 pub struct Options {
     /// Context length; `None`: 32768, or the model's training context when smaller.
     pub ctx: Option<u64>,
+    /// The K cache type, and the V cache's unless `cache_type_v` says otherwise.
     pub cache_type: CacheType,
+    pub cache_type_v: Option<CacheType>,
     /// `-ub`: tokens per compute step; the compute buffers grow with it.
     pub ubatch: u64,
     /// VRAM kept free for the CUDA context and driver, MiB.
     pub reserve_mib: u64,
+}
+
+impl Options {
+    /// The V cache's type.
+    pub fn v_type(&self) -> CacheType {
+        self.cache_type_v.unwrap_or(self.cache_type)
+    }
 }
 
 impl Default for Options {
@@ -68,6 +114,7 @@ impl Default for Options {
         Options {
             ctx: None,
             cache_type: CacheType::Q8_0,
+            cache_type_v: None,
             ubatch: 512,
             reserve_mib: DEFAULT_RESERVE_MIB,
         }
@@ -131,6 +178,9 @@ pub struct Plan {
     pub model: String,
     pub ctx: u64,
     pub cache_type: CacheType,
+    /// The V cache's type when it is not `cache_type`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_type_v: Option<CacheType>,
     pub ubatch: u64,
     pub vram_mib: u64,
     pub ram_mib: Option<u64>,
@@ -163,7 +213,7 @@ fn mib(bytes: u64) -> u64 {
 }
 
 fn pad(n: u64, to: u64) -> u64 {
-    n.div_ceil(to) * to
+    n.div_ceil(to).saturating_mul(to)
 }
 
 /// KV cells a layer keeps: the whole (padded) context, or the window plus one ubatch (llama.cpp
@@ -172,7 +222,7 @@ fn layer_cells(layer: &LayerShape, ctx: u64, window: Option<u64>, ubatch: u64) -
     match layer.kind {
         LayerKind::FullAttention => ctx,
         LayerKind::SlidingWindow => match window {
-            Some(w) => ctx.min(pad(w + ubatch, CTX_PAD)),
+            Some(w) => ctx.min(pad(w.saturating_add(ubatch), CTX_PAD)),
             None => ctx,
         },
         _ => 0,
@@ -181,11 +231,14 @@ fn layer_cells(layer: &LayerShape, ctx: u64, window: Option<u64>, ubatch: u64) -
 
 /// KV cache bytes of one layer: each cell holds one K row and one V row, each quantized as a row
 /// (`ggml_row_size(type, n_head_kv × head_dim)`).
-fn layer_kv_bytes(layer: &LayerShape, cells: u64, cache: CacheType) -> u64 {
+fn layer_kv_bytes(layer: &LayerShape, cells: u64, k_type: CacheType, v_type: CacheType) -> u64 {
     // Saturating: the sizes come from an untrusted header; absurd ones must not wrap into small ones.
-    let t = cache.ggml();
-    let k = t.bytes_for(layer.n_head_kv.saturating_mul(layer.head_dim_k));
-    let v = t.bytes_for(layer.n_head_kv.saturating_mul(layer.head_dim_v));
+    let k = k_type
+        .ggml()
+        .bytes_for(layer.n_head_kv.saturating_mul(layer.head_dim_k));
+    let v = v_type
+        .ggml()
+        .bytes_for(layer.n_head_kv.saturating_mul(layer.head_dim_v));
     cells.saturating_mul(k.saturating_add(v))
 }
 
@@ -209,7 +262,7 @@ impl<'a> Ctx<'a> {
             .layers
             .iter()
             .zip(&cells)
-            .map(|(l, &n)| layer_kv_bytes(l, n, opts.cache_type))
+            .map(|(l, &n)| layer_kv_bytes(l, n, opts.cache_type, opts.v_type()))
             .collect();
         Ctx {
             shape,
@@ -232,11 +285,11 @@ impl<'a> Ctx<'a> {
     fn place(&self, ngl: u32, n_cpu_moe: u32, strategy: Strategy) -> Placement {
         let s = self.shape;
         let n_layer = s.n_layer;
-        let first_gpu = (n_layer + 1).saturating_sub(ngl);
+        let first_gpu = n_layer.saturating_add(1).saturating_sub(ngl);
         let output_on_gpu = ngl >= 1;
         let share = self.expert_share();
         let mut vram = Usage {
-            overhead: self.opts.reserve_mib * MIB,
+            overhead: self.opts.reserve_mib.saturating_mul(MIB),
             ..Usage::default()
         };
         let mut ram = Usage {
@@ -256,7 +309,7 @@ impl<'a> Ctx<'a> {
             } else {
                 (&mut ram, &mut ram_read)
             };
-            dense_mem.weights += layer.weight_bytes;
+            dense_mem.weights = dense_mem.weights.saturating_add(layer.weight_bytes);
             dense_mem.kv_cache = dense_mem.kv_cache.saturating_add(kv);
             dense_mem.recurrent_state = dense_mem
                 .recurrent_state
@@ -264,41 +317,50 @@ impl<'a> Ctx<'a> {
             *dense_read += layer.weight_bytes as f64 + kv as f64;
             let expert_read = layer.expert_bytes as f64 * share;
             if experts_on_gpu {
-                vram.weights += layer.expert_bytes;
+                vram.weights = vram.weights.saturating_add(layer.expert_bytes);
                 vram_read += expert_read;
             } else {
-                ram.weights += layer.expert_bytes;
+                ram.weights = ram.weights.saturating_add(layer.expert_bytes);
                 ram_read += expert_read;
             }
             if !on_gpu || !experts_on_gpu {
                 largest_cpu_tensor = largest_cpu_tensor.max(layer.largest_tensor_bytes);
             }
-            if on_gpu && self.opts.cache_type != CacheType::F16 {
+            if on_gpu
+                && (self.opts.cache_type != CacheType::F16 || self.opts.v_type() != CacheType::F16)
+            {
                 // Flash attention on CUDA converts a quantized K/V of one layer to F16 at a time.
-                fa_scratch = fa_scratch.max(layer_kv_bytes(layer, self.cells[i], CacheType::F16));
+                fa_scratch = fa_scratch.max(layer_kv_bytes(
+                    layer,
+                    self.cells[i],
+                    CacheType::F16,
+                    CacheType::F16,
+                ));
             }
         }
-        let output_total = s.output_bytes + s.tied_output_bytes;
+        let output_total = s.output_bytes.saturating_add(s.tied_output_bytes);
         if output_on_gpu {
-            vram.weights += output_total;
+            vram.weights = vram.weights.saturating_add(output_total);
             vram_read += output_total as f64;
         } else {
-            ram.weights += s.output_bytes;
+            ram.weights = ram.weights.saturating_add(s.output_bytes);
             ram_read += output_total as f64;
         }
         let ub = self.opts.ubatch;
         let f32b = 4;
-        let activations = (ub * f32b).saturating_mul(
+        let activations = ub.saturating_mul(f32b).saturating_mul(
             s.n_embd
                 .saturating_mul(4)
                 .saturating_add(s.n_ff_active.saturating_mul(3)),
         );
-        let logits = (ub * f32b).saturating_mul(s.n_vocab);
-        vram.compute = activations + fa_scratch + largest_cpu_tensor;
+        let logits = ub.saturating_mul(f32b).saturating_mul(s.n_vocab);
+        vram.compute = activations
+            .saturating_add(fa_scratch)
+            .saturating_add(largest_cpu_tensor);
         if output_on_gpu {
-            vram.compute += logits;
+            vram.compute = vram.compute.saturating_add(logits);
         }
-        ram.compute = activations + if output_on_gpu { 0 } else { logits };
+        ram.compute = activations.saturating_add(if output_on_gpu { 0 } else { logits });
         Placement {
             strategy,
             ngl,
@@ -312,7 +374,10 @@ impl<'a> Ctx<'a> {
 }
 
 fn fits(p: &Placement, hw: &Hardware) -> bool {
-    p.vram.total() <= hw.vram_mib * MIB && hw.ram_mib.is_none_or(|r| p.ram.total() <= r * MIB)
+    p.vram.total() <= hw.vram_mib.saturating_mul(MIB)
+        && hw
+            .ram_mib
+            .is_none_or(|r| p.ram.total() <= r.saturating_mul(MIB))
 }
 
 /// The memory and per-token reads of one given placement (`-ngl ngl --n-cpu-moe n_cpu_moe`), e.g. to
@@ -324,8 +389,8 @@ pub fn evaluate(
     ngl: u32,
     n_cpu_moe: u32,
 ) -> Placement {
-    let c = Ctx::new(shape, opts, pad(ctx.max(1), CTX_PAD));
-    let all = shape.n_layer + 1;
+    let c = Ctx::new(shape, opts, pad(ctx.clamp(1, MAX_CTX), CTX_PAD));
+    let all = shape.n_layer.saturating_add(1);
     let ngl = ngl.min(all);
     let strategy = match (ngl, n_cpu_moe) {
         (0, _) => Strategy::CpuOnly,
@@ -341,47 +406,104 @@ pub fn fits_hardware(p: &Placement, hw: &Hardware) -> bool {
     fits(p, hw)
 }
 
-pub fn plan(shape: &ModelShape, hw: &Hardware, opts: &Options) -> Result<Plan, PlanError> {
+/// Refuses inputs outside the ranges the planner (and llama-server) can mean, naming the flag and the range.
+fn check_inputs(shape: &ModelShape, hw: &Hardware, opts: &Options) -> Result<(), PlanError> {
+    let bad = |m: String| Err(PlanError::BadInput(m));
     if hw.vram_mib == 0 {
-        return Err(PlanError::BadInput(
+        return bad(
             "--vram is 0; give the GPU's total memory in MiB (nvidia-smi --query-gpu=memory.total)"
                 .into(),
+        );
+    }
+    if hw.vram_mib > MAX_VRAM_MIB {
+        return bad(format!(
+            "--vram {} MiB is more than any GPU has; give the GPU's total memory in MiB (1..={MAX_VRAM_MIB}, \
+              nvidia-smi --query-gpu=memory.total)",
+            hw.vram_mib
         ));
     }
-    if opts.ubatch == 0 {
-        return Err(PlanError::BadInput("--ubatch must be at least 1".into()));
+    match hw.ram_mib {
+        Some(0) => return bad("--ram is 0; give the container's memory in MiB".into()),
+        Some(r) if r > MAX_RAM_MIB => {
+            return bad(format!(
+                "--ram {r} MiB is more than any machine has; give the container's memory in MiB \
+                  (1..={MAX_RAM_MIB})"
+            ));
+        }
+        _ => {}
+    }
+    if opts.reserve_mib >= hw.vram_mib {
+        return bad(format!(
+            "--reserve {} MiB leaves nothing of the {} MiB GPU; keep it below --vram (the default {} MiB covers \
+              the CUDA context)",
+            opts.reserve_mib, hw.vram_mib, DEFAULT_RESERVE_MIB
+        ));
+    }
+    if !(1..=MAX_UBATCH).contains(&opts.ubatch) {
+        return bad(format!(
+            "--ubatch {} is outside 1..={MAX_UBATCH} (llama.cpp's default is 512)",
+            opts.ubatch
+        ));
     }
     if shape.n_layer == 0 || shape.layers.is_empty() {
-        return Err(PlanError::BadInput(format!(
+        return bad(format!(
             "the model has no layers (block_count {}); it is not a complete model file",
             shape.n_layer
-        )));
+        ));
     }
+    match opts.ctx {
+        Some(0) => return bad("--ctx must be at least 1".into()),
+        Some(c) if c > MAX_CTX => {
+            return bad(format!(
+                "--ctx {c} is longer than llama-server can take: -c is a 32-bit number in llama.cpp, so the \
+                  context is 1..={MAX_CTX} tokens"
+            ));
+        }
+        Some(c) => {
+            if let Some(train) = shape.context_length.filter(|&t| t > 0)
+                && c > train.saturating_mul(MAX_CTX_STRETCH)
+            {
+                let most = train.saturating_mul(MAX_CTX_STRETCH).min(MAX_CTX);
+                return bad(format!(
+                    "--ctx {c} is more than {MAX_CTX_STRETCH} times the model's training context ({train} \
+                      tokens); no RoPE scaling stretches a model that far. Use --ctx {train} (or up to {most} \
+                     with RoPE scaling)"
+                ));
+            }
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+pub fn plan(shape: &ModelShape, hw: &Hardware, opts: &Options) -> Result<Plan, PlanError> {
+    check_inputs(shape, hw, opts)?;
     let requested = match opts.ctx {
-        Some(0) => return Err(PlanError::BadInput("--ctx must be at least 1".into())),
         Some(c) => c,
         None => shape
             .context_length
+            .filter(|&c| c > 0)
             .map_or(DEFAULT_CTX, |c| c.min(DEFAULT_CTX)),
     };
     let ctx = pad(requested, CTX_PAD);
     let build = |ctx: u64| Ctx::new(shape, opts, ctx);
     let c = build(ctx);
     let n_layer = shape.n_layer;
-    let all = n_layer + 1;
+    let all = n_layer.saturating_add(1);
 
     // Refuse a context that fits nowhere: the whole model + cache against RAM + usable VRAM.
     if let Some(ram_mib) = hw.ram_mib {
         let needed = |c: &Ctx<'_>| {
             let p = c.place(0, 0, Strategy::CpuOnly);
-            p.ram.total() + p.vram.compute
+            p.ram.total().saturating_add(p.vram.compute)
         };
-        let available = (ram_mib + hw.vram_mib.saturating_sub(opts.reserve_mib)) * MIB;
+        let available = ram_mib
+            .saturating_add(hw.vram_mib.saturating_sub(opts.reserve_mib))
+            .saturating_mul(MIB);
         if needed(&c) > available {
-            let max_ctx = (1..=ctx / CTX_PAD)
-                .rev()
-                .map(|k| k * CTX_PAD)
-                .find(|&x| needed(&build(x)) <= available);
+            let max_ctx =
+                largest_fitting(ctx / CTX_PAD, |k| needed(&build(k * CTX_PAD)) <= available)
+                    .map(|k| k * CTX_PAD);
             let advice = match max_ctx {
                 Some(m) => format!(
                     "Use --ctx {m} or less, or a smaller --cache-type (q4_0), or give the container more RAM."
@@ -473,7 +595,7 @@ pub fn plan(shape: &ModelShape, hw: &Hardware, opts: &Options) -> Result<Plan, P
             "-ctk",
             opts.cache_type.flag(),
             "-ctv",
-            opts.cache_type.flag(),
+            opts.v_type().flag(),
             "-fa",
             "on",
             "-ub",
@@ -497,6 +619,7 @@ pub fn plan(shape: &ModelShape, hw: &Hardware, opts: &Options) -> Result<Plan, P
             .unwrap_or_else(|| shape.architecture.clone()),
         ctx,
         cache_type: opts.cache_type,
+        cache_type_v: Some(opts.v_type()).filter(|&v| v != opts.cache_type),
         ubatch: opts.ubatch,
         vram_mib: hw.vram_mib,
         ram_mib: hw.ram_mib,
@@ -505,6 +628,26 @@ pub fn plan(shape: &ModelShape, hw: &Hardware, opts: &Options) -> Result<Plan, P
         reasoning,
         flags,
     })
+}
+
+/// The largest `k` in `1..=hi` for which `fits(k)` holds, where `fits` holds up to some `k` and fails beyond
+/// (more context never takes less memory).
+/// A binary search: ~log2(hi) calls, so `--ctx 1000000000` is answered at once.
+fn largest_fitting(hi: u64, mut fits: impl FnMut(u64) -> bool) -> Option<u64> {
+    if hi == 0 || !fits(1) {
+        return None;
+    }
+    // fits(lo) holds; every k above hi fails.
+    let (mut lo, mut hi) = (1, hi);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    Some(lo)
 }
 
 fn describe_model(s: &ModelShape) -> String {
@@ -523,7 +666,7 @@ fn describe_model(s: &ModelShape) -> String {
         "model: {} layers, {kind}; input embedding {} MiB (always in RAM), output {} MiB{}",
         s.n_layer,
         mib(s.input_bytes),
-        mib(s.output_bytes + s.tied_output_bytes),
+        mib(s.output_bytes.saturating_add(s.tied_output_bytes)),
         if s.tied_output_bytes > 0 {
             " (tied to the embedding: a copy goes to the GPU)"
         } else {
@@ -553,13 +696,29 @@ fn describe_kv(s: &ModelShape, c: &Ctx<'_>, kv_total: u64, opts: &Options) -> St
     if shared > 0 {
         parts.push(format!("{shared} sharing another layer's KV cache"));
     }
+    let (k, v) = (opts.cache_type, opts.v_type());
+    let types = if k == v {
+        format!(
+            "{} (2 × cells × kv_heads × head_dim × {} bytes per {} elements)",
+            k.flag(),
+            k.ggml().type_size(),
+            k.ggml().block_size()
+        )
+    } else {
+        format!(
+            "{} K / {} V (cells × kv_heads × head_dim × {} bytes per {} elements for K, {} per {} for V)",
+            k.flag(),
+            v.flag(),
+            k.ggml().type_size(),
+            k.ggml().block_size(),
+            v.ggml().type_size(),
+            v.ggml().block_size()
+        )
+    };
     format!(
-        "KV cache: {} MiB for {} tokens at {} (2 × cells × kv_heads × head_dim × {} bytes per {} elements); layers: {}",
+        "KV cache: {} MiB for {} tokens at {types}; layers: {}",
         mib(kv_total),
         c.ctx,
-        opts.cache_type.flag(),
-        opts.cache_type.ggml().type_size(),
-        opts.cache_type.ggml().block_size(),
         parts.join(", ")
     )
 }
@@ -570,7 +729,7 @@ fn describe_usage(p: &Placement) -> String {
          from RAM and {} MiB from VRAM",
         mib(p.vram.total()),
         mib(p.vram.weights),
-        mib(p.vram.kv_cache + p.vram.recurrent_state),
+        mib(p.vram.kv_cache.saturating_add(p.vram.recurrent_state)),
         mib(p.vram.compute),
         mib(p.vram.overhead),
         mib(p.ram.total()),
@@ -644,4 +803,38 @@ fn describe_choice(
         );
     }
     lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_largest_fitting_context_is_found_in_few_steps() {
+        // `--ctx 1000000000` against a budget that holds 1000 padded contexts: a linear search from the top
+        // tries ~3.9 million contexts (minutes); a binary search ~22.
+        for (hi, limit) in [
+            (1_000_000_000 / CTX_PAD, Some(1000)),
+            (1 << 23, None),
+            (5, Some(5)),
+            (1, Some(1)),
+        ] {
+            let mut calls = 0u32;
+            let found = largest_fitting(hi, |k| {
+                calls += 1;
+                limit.is_some_and(|l| k <= l)
+            });
+            assert_eq!(found, limit, "hi {hi}");
+            assert!(calls <= 64, "{calls} evaluations for hi {hi}");
+        }
+        let mut calls = 0u32;
+        assert_eq!(
+            largest_fitting(0, |_| {
+                calls += 1;
+                true
+            }),
+            None
+        );
+        assert_eq!(calls, 0);
+    }
 }

@@ -25,7 +25,8 @@ pub enum Source {
 }
 
 impl Source {
-    /// `http(s)://...` and `hf:owner/repo/file` are remote; anything else is a local path.
+    /// `http(s)://...` and `hf:owner/repo/file` are remote; so is a bare `owner/repo[@revision]/file` (the form
+    /// `init` writes and `model fetch` takes) that is not a local file. Anything else is a local path.
     pub fn parse(arg: &str) -> Result<Source> {
         if arg.starts_with("http://") || arg.starts_with("https://") {
             return Ok(Source::Remote(arg.to_string()));
@@ -35,6 +36,9 @@ impl Source {
             .or_else(|| arg.strip_prefix("hf:"))
         {
             return Ok(Source::Remote(hf_resolve_url(rest)?));
+        }
+        if is_bare_hf(arg) {
+            return Ok(Source::Remote(hf_resolve_url(arg)?));
         }
         Ok(Source::Local(PathBuf::from(arg)))
     }
@@ -46,6 +50,15 @@ impl Source {
             Source::Local(_) => hf_resolve_url(arg),
         }
     }
+}
+
+/// Whether `arg` reads as `owner/repo[@revision]/file` rather than a path: not a file or directory here, not
+/// absolute or explicitly relative (`/`, `./`, `../`, `~`), three parts or more, and valid as a Hugging Face file.
+pub fn is_bare_hf(arg: &str) -> bool {
+    !Path::new(arg).exists()
+        && !arg.starts_with(['/', '.', '~', '\\'])
+        && arg.split('/').count() >= 3
+        && hf_resolve_url(arg).is_ok()
 }
 
 /// `owner/repo[@revision]/path/to/file.gguf` → `https://huggingface.co/owner/repo/resolve/<revision|main>/path/to/file.gguf`.
@@ -230,6 +243,55 @@ mod tests {
         );
         for bad in ["a/b", "a//c.gguf", "a/b/../x", "a/@/x", "x.gguf"] {
             assert!(hf_resolve_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_bare_hugging_face_file_is_remote_unless_it_is_a_local_file() {
+        // The form `init` writes into [model].source and `model fetch` takes.
+        assert_eq!(
+            Source::parse("unsloth/gemma-4-26B-it-GGUF/gemma-4-26B-A4B-it-UD-Q4_K_XL.gguf").unwrap(),
+            Source::Remote(
+                "https://huggingface.co/unsloth/gemma-4-26B-it-GGUF/resolve/main/gemma-4-26B-A4B-it-UD-Q4_K_XL.gguf"
+                    .into()
+            )
+        );
+        assert_eq!(
+            Source::parse("owner/repo@v2/sub/f.gguf").unwrap(),
+            Source::Remote("https://huggingface.co/owner/repo/resolve/v2/sub/f.gguf".into())
+        );
+        // A file that exists (here a relative `dir/b/c.gguf`), absolute or explicitly relative paths, and
+        // two-part paths stay local.
+        let dir = tempfile::Builder::new()
+            .prefix("source-test-")
+            .tempdir_in(".")
+            .unwrap();
+        let name = dir
+            .path()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        std::fs::create_dir_all(dir.path().join("b")).unwrap();
+        std::fs::write(dir.path().join("b/c.gguf"), b"GGUF").unwrap();
+        let rel = format!("{name}/b/c.gguf");
+        assert_eq!(
+            Source::parse(&rel).unwrap(),
+            Source::Local(rel.clone().into())
+        );
+        for local in [
+            "/mnt/models/x/y.gguf",
+            "./a/b/c.gguf",
+            "../a/b/c.gguf",
+            "~/a/b.gguf",
+            "models/x.gguf",
+        ] {
+            assert_eq!(
+                Source::parse(local).unwrap(),
+                Source::Local(local.into()),
+                "{local}"
+            );
         }
     }
 
