@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the peer proxies the benchmark compares llmctl with, from their registries, into a cache outside
-# the work tree keyed by version (a second run costs nothing). Prints `export ...` lines:
+# the work tree keyed by version (a second run costs nothing), and nginx from Debian. Prints `export ...` lines:
 #   eval "$(bash bench/peers.sh)"
 # Each peer that fails to install is reported on stderr and left out (its export is absent), so the benchmark
 # table can say why instead of the whole run failing.
@@ -52,4 +52,19 @@ fi
   echo "export BENCH_CCR_BIN=$CCR_DIR/node_modules/.bin/ccr"
   echo "export BENCH_CCR_VERSION=$CCR_VERSION"
 }
+# --- nginx (Debian), the plain keep-alive reverse proxy: the floor for any separate proxy process ---
+# nginx-light has the proxy and upstream keepalive modules, which is all the bench configures. Installed only
+# when absent (apt is not idempotent-cheap: `apt-get update` alone takes seconds).
+if ! command -v nginx >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  log "installing nginx-light from Debian"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light; } >&2 \
+    || log "nginx-light could not be installed"
+fi
+if command -v nginx >/dev/null; then
+  echo "export BENCH_NGINX_BIN=$(command -v nginx)"
+  # `nginx -v` prints "nginx version: nginx/1.22.1" on stderr.
+  echo "export BENCH_NGINX_VERSION=$(nginx -v 2>&1 | sed -n 's|.*nginx/||p')"
+else
+  log "nginx is not installed (run as root with apt-get to install nginx-light)"
+fi
 exit 0

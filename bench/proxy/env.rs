@@ -11,6 +11,7 @@ pub const API_KEY: &str = "sk-bench-4f6c2a9e8b1d7035c4e2a18f9b6d0c37";
 
 pub const PORT_UPSTREAM: u16 = 18400;
 pub const PORT_PASSTHRU: u16 = 18405;
+pub const PORT_NGINX: u16 = 18407;
 pub const PORT_LLMCTL: u16 = 18410;
 pub const PORT_LITELLM: u16 = 18420;
 pub const PORT_CCR: u16 = 18430;

@@ -13,11 +13,13 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
-/// Which protocol the measured endpoint speaks: direct upstream (OpenAI) or a translating proxy (Anthropic).
+/// Which protocol the measured endpoint speaks: direct upstream (OpenAI chat completions) or a translating
+/// proxy's front door (Anthropic Messages, or OpenAI Responses).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Api {
     OpenAi,
     Anthropic,
+    Responses,
 }
 
 #[derive(Debug, Clone)]
@@ -31,17 +33,26 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    fn path(&self) -> &'static str {
+    pub fn path(&self) -> &'static str {
         match self.api {
             Api::OpenAi => "/v1/chat/completions",
             Api::Anthropic => "/v1/messages",
+            Api::Responses => "/v1/responses",
         }
     }
 
     pub fn body(&self, stream: bool, text: &str) -> Bytes {
         let max_tokens = self.max_tokens;
-        let msg = serde_json::json!([{"role": "user", "content": text}]);
-        let v = serde_json::json!({"model": self.model, "max_tokens": max_tokens, "messages": msg, "stream": stream});
+        let v = match self.api {
+            // The same text as one input string, as Codex's simplest request has it.
+            Api::Responses => serde_json::json!({
+                "model": self.model, "max_output_tokens": max_tokens, "input": text, "stream": stream
+            }),
+            Api::OpenAi | Api::Anthropic => {
+                let msg = serde_json::json!([{"role": "user", "content": text}]);
+                serde_json::json!({"model": self.model, "max_tokens": max_tokens, "messages": msg, "stream": stream})
+            }
+        };
         Bytes::from(serde_json::to_vec(&v).expect("a JSON value serializes"))
     }
 
@@ -61,6 +72,7 @@ impl Endpoint {
         match self.api {
             Api::OpenAi => find(event, b"\"delta\":{\"content\":\"").is_some(),
             Api::Anthropic => find(event, b"content_block_delta").is_some(),
+            Api::Responses => find(event, b"response.output_text.delta").is_some(),
         }
     }
 }
@@ -259,6 +271,32 @@ pub async fn nonstream(ep: &Endpoint, conns: usize, rate: Option<f64>, dur: Dura
     });
     let parts = join_all(workers).await;
     RunResult::merge(parts, t0.elapsed())
+}
+
+/// One connection, closed loop (as wrk -c1 runs): the next request goes as soon as the previous answer has
+/// been read to its end, streamed (`stream`: the recorded stream of ~16 events) or not. Latency = send to the
+/// last byte of the answer.
+pub async fn closed_loop(ep: &Endpoint, stream: bool, dur: Duration) -> RunResult {
+    let body = ep.body(stream, "Say hello in one short sentence.");
+    let mut conn = Conn::new(ep.addr);
+    // The connection (and behind a proxy, its upstream connection) is opened before the clock starts.
+    if one_nonstream(&mut conn, ep, &body).await.is_err() {
+        conn.sender = None;
+    }
+    let mut res = RunResult::default();
+    let t0 = Instant::now();
+    while t0.elapsed() < dur {
+        let sent = Instant::now();
+        match one_nonstream(&mut conn, ep, &body).await {
+            Ok(()) => res.latencies_us.push(sent.elapsed().as_secs_f64() * 1e6),
+            Err(e) => {
+                res.error(format!("{e:#}"));
+                conn.sender = None;
+            }
+        }
+    }
+    res.elapsed = t0.elapsed();
+    res
 }
 
 /// Exactly `n` non-streaming requests, one after the other on one kept-alive connection (the native
@@ -498,5 +536,27 @@ mod tests {
         };
         assert!(an.is_content_event(b"event: content_block_delta\ndata: {}"));
         assert!(!an.is_content_event(b"event: message_start\ndata: {}"));
+        let re = Endpoint {
+            api: Api::Responses,
+            ..an
+        };
+        assert!(re.is_content_event(b"event: response.output_text.delta\ndata: {}"));
+        assert!(!re.is_content_event(b"event: response.output_text.done\ndata: {}"));
+    }
+
+    #[test]
+    fn a_responses_request_carries_the_text_as_input() {
+        let re = Endpoint {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            api: Api::Responses,
+            model: "m".into(),
+            max_tokens: 24,
+        };
+        let v: serde_json::Value = serde_json::from_slice(&re.body(true, "hi @n=3")).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"model": "m", "max_output_tokens": 24, "input": "hi @n=3", "stream": true})
+        );
+        assert_eq!(re.path(), "/v1/responses");
     }
 }

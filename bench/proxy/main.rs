@@ -33,7 +33,7 @@ use anyhow::Result;
 use report::Column;
 
 pub use env::{PASSTHRU_ROLE_ENV, PORT_LLAMA, PORT_LLMCTL_LLAMA, UPSTREAM_ROLE_ENV, env_path};
-use env::{PORT_CCR, PORT_LITELLM, PORT_LLMCTL, PORT_PASSTHRU, PORT_UPSTREAM};
+use env::{PORT_CCR, PORT_LITELLM, PORT_LLMCTL, PORT_NGINX, PORT_PASSTHRU, PORT_UPSTREAM};
 
 fn main() -> ExitCode {
     // The bench binary is also the instant upstream: it re-executes itself in that role.
@@ -157,6 +157,20 @@ non-streamed upstream request for non-streaming clients was also built and measu
 one run) and not kept: llama-server does not stop generating for a non-streaming request whose client left \
 (docs/proxy.md).\n";
 
+const ONE_CONN_INTRO: &str = "What a proxy adds to one request at a time, as `wrk -t1 -c1` measures it: one kept-alive \
+connection, closed loop (the next request as soon as the previous answer has been read to its end), against the \
+instant upstream; non-streaming, and streaming the recorded answer (~16 events); latency from sending to the last \
+byte. Direct access and nginx get chat-completions requests, llmctl the same text through /v1/messages (Anthropic) \
+and /v1/responses (OpenAI Responses, `input` as one string). All rows are taken in turns of one second, the order \
+rotating every round. nginx is the floor for any separate proxy process: a plain keep-alive reverse proxy \
+(bench/proxy/targets.rs: one worker, an upstream block with `keepalive`, HTTP/1.1 with `Connection \"\"`, \
+`proxy_buffering off`, no access log).\n\n";
+
+/// Where the hand-written part of the report begins: everything from this line on in the existing report is
+/// kept as it is when the bench writes a new one.
+const HAND_WRITTEN: &str =
+    "<!-- hand-written below: kept by the bench when it regenerates this file -->";
+
 async fn run() -> Result<()> {
     let secs: f64 = std::env::var("BENCH_SECS")
         .ok()
@@ -178,6 +192,20 @@ async fn run() -> Result<()> {
         targets::wait_ready(&mut up, Duration::from_secs(10)).await?;
         // Direct access, the pass-through floor and llmctl run side by side: their fixed-rate figures are
         // taken in turns (suite::fixed_rates_interleaved), the rest one after the other.
+        let nginx = match env_path("BENCH_NGINX_BIN") {
+            Some(bin) => {
+                let v = std::env::var("BENCH_NGINX_VERSION").unwrap_or_default();
+                start(
+                    targets::nginx(&bin, &v, PORT_NGINX, up_addr),
+                    Duration::from_secs(10),
+                )
+                .await
+            }
+            None => Err(not_measured(
+                "nginx",
+                "BENCH_NGINX_BIN is not set (bench/peers.sh could not install nginx-light)",
+            )),
+        };
         let passthru = start(
             targets::passthru(PORT_PASSTHRU, up_addr),
             Duration::from_secs(10),
@@ -196,7 +224,25 @@ async fn run() -> Result<()> {
                 "LLMCTL_BIN is not set (path to an llmctl binary built with serve-proxy)",
             )),
         };
+        // One connection, closed loop: direct, nginx and llmctl's two front doors in turns.
+        let mut one = vec![(up.name.clone(), up.endpoint.clone())];
+        if let Ok(n) = &nginx {
+            one.push((n.name.clone(), n.endpoint.clone()));
+        }
+        if let Ok(p) = &passthru {
+            one.push((p.name.clone(), p.endpoint.clone()));
+        }
+        if let Ok(l) = &llmctl {
+            one.push(("llmctl POST /v1/messages".into(), l.endpoint.clone()));
+            let responses = load::Endpoint {
+                api: load::Api::Responses,
+                ..l.endpoint.clone()
+            };
+            one.push(("llmctl POST /v1/responses".into(), responses));
+        }
+        let one_conn = suite::one_conn_interleaved(&one, &settings).await;
         let mut side_by_side = vec![&up];
+        side_by_side.extend(nginx.as_ref().ok());
         side_by_side.extend(passthru.as_ref().ok());
         side_by_side.extend(llmctl.as_ref().ok());
         let mut fixed = suite::fixed_rates_interleaved(&side_by_side, &settings)
@@ -210,7 +256,7 @@ async fn run() -> Result<()> {
             result: Ok(suite::run(&up, &settings, false, fixed.next()).await),
         });
         // Each process is stopped (dropped) once measured, before the next one is.
-        for p in [passthru, llmctl] {
+        for p in [nginx, passthru, llmctl] {
             cols.push(match p {
                 Ok(p) => measured(&p, &settings, fixed.next()).await,
                 Err(col) => col,
@@ -248,7 +294,10 @@ async fn run() -> Result<()> {
         });
         drop(up);
 
-        doc.push_str("## Through each proxy, against the instant upstream\n\n");
+        doc.push_str("## One connection, closed loop, beside nginx\n\n");
+        doc.push_str(ONE_CONN_INTRO);
+        doc.push_str(&report::one_conn(&one_conn));
+        doc.push_str("\n## Through each proxy, against the instant upstream\n\n");
         doc.push_str(&report::table(&cols));
         let by = |n: &str| {
             cols.iter()
@@ -286,6 +335,13 @@ async fn run() -> Result<()> {
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    let kept = std::fs::read_to_string(&out)
+        .ok()
+        .and_then(|old| old.find(HAND_WRITTEN).map(|i| old[i..].to_owned()));
+    let full = match kept {
+        Some(kept) => format!("{full}\n{kept}"),
+        None => full,
+    };
     std::fs::write(&out, full)?;
     eprintln!("report written to {}", out.display());
     Ok(())

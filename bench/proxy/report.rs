@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use crate::stats::Summary;
-use crate::suite::{Measured, NonStream, Streams};
+use crate::suite::{Measured, NonStream, OneConn, Streams};
 
 pub struct Column {
     pub name: String,
@@ -309,5 +309,102 @@ pub fn targets(
         ),
         floor.map_or("—".into(), |f| mib(f.rss_peak_kib)),
     );
+    out
+}
+
+/// The one-connection closed-loop table: p50 / p99 of each endpoint non-streaming and streaming, what each
+/// adds over direct access (the first row) and that as a multiple of what nginx adds; then the issue's
+/// acceptance: llmctl adds at most 1.5× what nginx adds, at p50 and p99, and /v1/responses costs what
+/// /v1/messages costs.
+fn pick(r: &OneConn, stream: bool) -> &NonStream {
+    if stream { &r.stream } else { &r.nonstream }
+}
+
+pub fn one_conn(rows: &[OneConn]) -> String {
+    let Some(direct) = rows.first() else {
+        return "nothing measured\n".into();
+    };
+    let nginx = rows.iter().find(|r| r.name.starts_with("nginx"));
+    let add = |m: &NonStream, d: &NonStream| match (m.lat, d.lat) {
+        (Some(m), Some(d)) => Some((m.p50 - d.p50, m.p99 - d.p99)),
+        _ => None,
+    };
+    let added = |r: &OneConn, stream: bool| add(pick(r, stream), pick(direct, stream));
+    let ratio = |x: f64, base: f64| {
+        if base > 0.0 {
+            format!("{:.2}×", x / base)
+        } else {
+            "—".into()
+        }
+    };
+    let mut out = String::from(
+        "| endpoint | non-stream p50 / p99 | added p50 / p99 | ÷ nginx's added | stream p50 / p99 | added p50 / p99 | ÷ nginx's added |\n|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let _ = write!(out, "| {} |", r.name);
+        for stream in [false, true] {
+            let a = added(r, stream);
+            let n = nginx.and_then(|n| added(n, stream));
+            let _ = write!(
+                out,
+                " {} | {} | {} |",
+                ns_cell(pick(r, stream)),
+                a.map_or("—".into(), |(p50, p99)| format!(
+                    "{} / {}",
+                    us(p50),
+                    us(p99)
+                )),
+                match (a, n) {
+                    (Some(a), Some(n))
+                        if !r.name.starts_with("nginx") && !std::ptr::eq(r, direct) =>
+                        format!("{} / {}", ratio(a.0, n.0), ratio(a.1, n.1)),
+                    _ => "".into(),
+                }
+            );
+        }
+        out.push('\n');
+    }
+    out.push_str("\n| target (one connection, closed loop) | measured | met |\n|---|---|---|\n");
+    let mut line = |t: String, m: String, ok: Option<bool>| {
+        let v = ok.map_or("n/a", |b| if b { "yes" } else { "**no**" });
+        let _ = writeln!(out, "| {t} | {m} | {v} |");
+    };
+    for r in rows.iter().filter(|r| r.name.starts_with("llmctl")) {
+        for stream in [false, true] {
+            let kind = if stream { "streaming" } else { "non-streaming" };
+            match (added(r, stream), nginx.and_then(|n| added(n, stream))) {
+                (Some(a), Some(n)) => {
+                    for (q, x, base) in [("p50", a.0, n.0), ("p99", a.1, n.1)] {
+                        line(
+                            format!("{}, {kind}: added {q} ≤ 1.5× nginx's", r.name),
+                            format!("{} vs nginx's {} ({})", us(x), us(base), ratio(x, base)),
+                            Some(x <= 1.5 * base.max(0.0)),
+                        );
+                    }
+                }
+                _ => line(
+                    format!("{}, {kind}: added ≤ 1.5× nginx's", r.name),
+                    "nginx or llmctl not measured".into(),
+                    None,
+                ),
+            }
+        }
+    }
+    let messages = rows.iter().find(|r| r.name.contains("/v1/messages"));
+    let responses = rows.iter().find(|r| r.name.contains("/v1/responses"));
+    if let (Some(m), Some(r)) = (messages, responses) {
+        for stream in [false, true] {
+            let kind = if stream { "streaming" } else { "non-streaming" };
+            if let (Some(a), Some(b)) = (pick(m, stream).lat, pick(r, stream).lat) {
+                // "The same": within a tenth of what the proxy adds, or 10 µs, whichever is more.
+                let budget = added(m, stream).map_or(10.0, |(p50, _)| (p50 / 10.0).max(10.0));
+                line(
+                    format!("/v1/responses costs what /v1/messages costs, {kind} (p50)"),
+                    format!("{} vs {} ({:+.0} µs)", us(b.p50), us(a.p50), b.p50 - a.p50),
+                    Some(b.p50 - a.p50 <= budget),
+                );
+            }
+        }
+    }
     out
 }

@@ -185,3 +185,59 @@ pub async fn run(
         rss_peak_kib,
     }
 }
+
+/// One row of the one-connection closed-loop table: an endpoint (a front door, for llmctl) measured
+/// non-streaming and streaming.
+pub struct OneConn {
+    pub name: String,
+    pub nonstream: NonStream,
+    pub stream: NonStream,
+}
+
+/// The wrk-like figures (bench/profile.sh, the measurement): one connection, closed loop, each
+/// endpoint non-streaming and streaming, taken in turns of one second, the order rotating every round, as
+/// [`fixed_rates_interleaved`] does and for the same reason (tens of microseconds apart, only figures taken
+/// over the same moments of the machine compare).
+pub async fn one_conn_interleaved(
+    endpoints: &[(String, load::Endpoint)],
+    s: &Settings,
+) -> Vec<OneConn> {
+    let variants: Vec<(&load::Endpoint, bool)> = endpoints
+        .iter()
+        .flat_map(|(_, ep)| [(ep, false), (ep, true)])
+        .collect();
+    for (ep, stream) in &variants {
+        load::closed_loop(ep, *stream, Duration::from_millis(300)).await;
+    }
+    let rounds = (s.secs.round() as usize).max(1);
+    let round = Duration::from_secs_f64(s.secs / rounds as f64);
+    eprintln!(
+        "  one connection, closed loop, {rounds} rounds of {:.1} s in turns: {} (each non-streaming and streaming)",
+        round.as_secs_f64(),
+        endpoints
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut parts: Vec<Vec<RunResult>> = variants.iter().map(|_| vec![]).collect();
+    for i in 0..rounds {
+        for k in 0..variants.len() {
+            let j = (i + k) % variants.len();
+            let (ep, stream) = variants[j];
+            parts[j].push(load::closed_loop(ep, stream, round).await);
+        }
+    }
+    let mut merged = parts.into_iter().map(|p| {
+        let elapsed = p.iter().map(|x| x.elapsed).sum();
+        NonStream::from(RunResult::merge(p, elapsed))
+    });
+    endpoints
+        .iter()
+        .map(|(name, _)| OneConn {
+            name: name.clone(),
+            nonstream: merged.next().expect("two results per endpoint"),
+            stream: merged.next().expect("two results per endpoint"),
+        })
+        .collect()
+}

@@ -72,10 +72,7 @@ fn spawn(mut cmd: Command, dir: &Path) -> Result<(Child, PathBuf)> {
 pub async fn wait_ready(p: &mut Proc, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let body = serde_json::from_slice::<serde_json::Value>(&p.endpoint.body(false, "ready?"))?;
-    let path = match p.endpoint.api {
-        Api::OpenAi => "/v1/chat/completions",
-        Api::Anthropic => "/v1/messages",
-    };
+    let path = p.endpoint.path();
     let mut last = String::from("no answer");
     while Instant::now() < deadline {
         if let Ok(Some(status)) = p.child.try_wait() {
@@ -135,6 +132,75 @@ pub fn passthru(port: u16, upstream: SocketAddr) -> Result<Proc> {
     Ok(Proc {
         name: "pass-through floor".into(),
         version: "(hyper, no translation)".into(),
+        endpoint: Endpoint {
+            addr: addr(port),
+            api: Api::OpenAi,
+            model: "bench".into(),
+            max_tokens: 24,
+        },
+        child,
+        log,
+        _dir: dir,
+    })
+}
+
+/// nginx as a plain keep-alive reverse proxy, the floor for any separate proxy process: one upstream block
+/// with a keep-alive pool, HTTP/1.1 to it with the Connection header cleared (without both, nginx opens a new
+/// upstream connection per request), `proxy_buffering off` so a stream passes through event by event, no
+/// access log. It speaks OpenAI on both sides, so it is measured with direct access's requests.
+///
+/// One worker process: a single client connection is served by one worker whatever their number, and each
+/// worker keeps its own upstream pool, so with two the readiness probe's connection (and its warm upstream
+/// connection) could land on the other worker than the measured one; llmctl's serving threads, by contrast,
+/// share nothing either, and one connection also only ever uses one of them.
+pub fn nginx(bin: &Path, version: &str, port: u16, upstream: SocketAddr) -> Result<Proc> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path().display();
+    let config = format!(
+        "daemon off;
+master_process on;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log stderr warn;
+events {{
+    worker_connections 1024;
+}}
+http {{
+    access_log off;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    keepalive_requests 1000000;
+    upstream bench {{
+        server {upstream};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen {listen};
+        location / {{
+            proxy_pass http://bench;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_buffering off;
+        }}
+    }}
+}}
+",
+        listen = addr(port),
+    );
+    std::fs::write(dir.path().join("nginx.conf"), config)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("-p")
+        .arg(dir.path())
+        .arg("-c")
+        .arg(dir.path().join("nginx.conf"));
+    let (child, log) = spawn(cmd, dir.path())?;
+    Ok(Proc {
+        name: "nginx".into(),
+        version: format!("{version} (keep-alive reverse proxy)"),
         endpoint: Endpoint {
             addr: addr(port),
             api: Api::OpenAi,
