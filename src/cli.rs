@@ -54,3 +54,59 @@ pub enum Command {
     #[command(hide = true)]
     Probe(crate::provision::probe::ProbeArgs),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// One name per idea across commands; the other spelling a user may bring from a sibling command works too.
+    #[test]
+    fn sibling_commands_accept_each_others_flag_names() {
+        for argv in [
+            &[
+                "llmctl",
+                "model",
+                "plan",
+                "m.gguf",
+                "--vram",
+                "8000",
+                "--context",
+                "4096",
+            ][..],
+            &[
+                "llmctl", "model", "plan", "m.gguf", "--vram", "8000", "--ctx", "4096",
+            ],
+            &["llmctl", "client-config", "claude", "--ctx", "4096"],
+            &[
+                "llmctl",
+                "client-config",
+                "claude",
+                "--context",
+                "4096",
+                "--path",
+                "/tmp/s.json",
+            ],
+            &[
+                "llmctl",
+                "model",
+                "fetch",
+                "https://x/m.gguf",
+                "--path",
+                "/tmp/m.gguf",
+            ],
+            &[
+                "llmctl",
+                "model",
+                "fetch",
+                "https://x/m.gguf",
+                "--dest",
+                "/tmp/m.gguf",
+            ],
+        ] {
+            if let Err(e) = Cli::try_parse_from(argv) {
+                panic!("{argv:?}: {e}");
+            }
+        }
+    }
+}

@@ -71,14 +71,14 @@ pub struct ClientConfigArgs {
     pub model: Option<String>,
     /// Context window per request in tokens [default: the per-slot n_ctx llama-server's /props reports,
     /// i.e. -c divided by -np]
-    #[arg(long, value_name = "N")]
+    #[arg(long, visible_alias = "ctx", value_name = "N")]
     pub context: Option<u64>,
     /// Merge into the settings file instead of printing
     #[arg(long)]
     pub write: bool,
     /// Settings file [default: ~/.claude/settings.json, $CODEX_HOME/config.toml (~/.codex/config.toml) or
     /// ~/.pi/agent/models.json]
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, visible_alias = "path", value_name = "PATH")]
     pub file: Option<PathBuf>,
 }
 

@@ -18,9 +18,7 @@ pub fn decide(
     no_color: Option<&std::ffi::OsStr>,
     term: Option<&std::ffi::OsStr>,
 ) -> bool {
-    is_terminal
-        && no_color.is_none_or(|v| v.is_empty())
-        && term.is_none_or(|t| t != "dumb")
+    is_terminal && no_color.is_none_or(|v| v.is_empty()) && term.is_none_or(|t| t != "dumb")
 }
 
 #[cfg(test)]

@@ -65,8 +65,12 @@ fn an_unreachable_host() {
     // --json still prints a report on stdout, saying why there are no findings.
     let o = llmctl(&["doctor", "--host", "root@127.0.0.1:1", "--json"]);
     assert_eq!(o.status.code(), Some(2));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {:?}", String::from_utf8_lossy(&o.stdout)));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {:?}",
+            String::from_utf8_lossy(&o.stdout)
+        )
+    });
     assert_eq!(v["outcome"], "could-not-run");
     assert!(v["error"].as_str().unwrap().contains("cannot reach"), "{v}");
     assert_eq!(v["findings"], serde_json::json!([]));

@@ -111,8 +111,8 @@ pub fn run(global: &GlobalArgs, args: DoctorArgs) -> Result<Outcome> {
         accept_new_host_key: args.accept_new_host_key,
         ..SshOptions::default()
     };
-    let gathered = crate::transport::connect(&host, &options)
-        .and_then(|t| facts::gather(t.as_ref(), vmid));
+    let gathered =
+        crate::transport::connect(&host, &options).and_then(|t| facts::gather(t.as_ref(), vmid));
     let facts = match gathered {
         Ok(f) => f,
         Err(e) if args.json => {

@@ -11,7 +11,7 @@ pub mod shape;
 pub mod source;
 pub mod template;
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -63,7 +63,7 @@ pub struct FetchArgs {
     pub sha256: Option<String>,
     /// Where the file goes: a file path, not a directory. `<dest>.partial` holds it while downloading and
     /// `<dest>.partial.source` its URL, sha256 and size: a partial of another file is started over, not resumed.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, visible_alias = "path", value_name = "PATH")]
     pub dest: PathBuf,
     /// Attempts before giving up on connection errors and 5xx answers (a host name that does not resolve
     /// fails at once).
@@ -120,7 +120,7 @@ pub struct PlanArgs {
     /// Context length, at most 2147483392 (llama.cpp's 32-bit -c) and 8 times the model's training context
     /// [default: [server].context of llmctl.toml when there is one; else 32768, or the model's training context
     /// if smaller]
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=plan::MAX_CTX))]
+    #[arg(long, visible_alias = "context", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=plan::MAX_CTX))]
     pub ctx: Option<u64>,
     /// KV cache type for K and V [default: [server].cache_type_k/_v of llmctl.toml when there is one, as
     /// provision runs llama-server; else q8_0]

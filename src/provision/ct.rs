@@ -963,10 +963,8 @@ impl Service {
         if !present {
             return Ok(Ok(fixed));
         }
-        let cache = match s.cache_type_k.as_str() {
-            c @ ("f16" | "q8_0" | "q4_0") => c.to_string(),
-            _ => "q8_0".to_string(),
-        };
+        // The planner sizes every cache type [server] accepts (the container has no llmctl.toml to read).
+        let cache = s.cache_type_k.clone();
         let argv = plan_argv(&ctx.cfg, vram, &cache);
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         let out = ctx

@@ -66,7 +66,7 @@ pub struct InitArgs {
     /// Where to write the file [default: --config / LLMCTL_CONFIG when given, else ./llmctl.toml]
     #[arg(long, value_name = "PATH")]
     pub path: Option<PathBuf>,
-    /// Replace an existing file (the old one is kept as PATH.bak).
+    /// Replace an existing file (the old one is kept as PATH.bak, or PATH.bak.N when that exists).
     #[arg(long)]
     pub force: bool,
     /// Print the file instead of writing it.
@@ -407,10 +407,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("llmctl.toml");
         std::fs::write(&path, "first").unwrap();
-        assert_eq!(write_new_file(&path, b"second", true).unwrap(), Some(dir.path().join("llmctl.toml.bak")));
-        assert_eq!(write_new_file(&path, b"third", true).unwrap(), Some(dir.path().join("llmctl.toml.bak.1")));
-        assert_eq!(std::fs::read_to_string(dir.path().join("llmctl.toml.bak")).unwrap(), "first");
-        assert_eq!(std::fs::read_to_string(dir.path().join("llmctl.toml.bak.1")).unwrap(), "second");
+        assert_eq!(
+            write_new_file(&path, b"second", true).unwrap(),
+            Some(dir.path().join("llmctl.toml.bak"))
+        );
+        assert_eq!(
+            write_new_file(&path, b"third", true).unwrap(),
+            Some(dir.path().join("llmctl.toml.bak.1"))
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("llmctl.toml.bak")).unwrap(),
+            "first"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("llmctl.toml.bak.1")).unwrap(),
+            "second"
+        );
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "third");
         assert!(write_new_file(&path, b"x", false).is_err());
     }

@@ -2,7 +2,6 @@
 //! latest line of the command running under it (apt, the llama.cpp build); elsewhere (CI, logs, pipes) plain
 //! lines, every command and every line of its output, so a log shows exactly what happened.
 
-use std::io::IsTerminal;
 use std::sync::Mutex;
 use std::time::Duration;
 

@@ -58,6 +58,8 @@ pub struct ResponsesEncoder {
     usage: Usage,
     /// A failure: `(code, message)`.
     error: Option<(String, String)>,
+    /// Folding into one response object (`stream: false`): no event is serialized, only counted.
+    fold: bool,
 }
 
 impl ResponsesEncoder {
@@ -74,6 +76,7 @@ impl ResponsesEncoder {
             stop_reason: None,
             usage: Usage::default(),
             error: None,
+            fold: false,
         }
     }
 
@@ -96,8 +99,9 @@ impl ResponsesEncoder {
         Bytes::from(out)
     }
 
-    /// Non-streaming: feed every event, then take the response object.
+    /// Non-streaming: feed every event, then take the response object. Nothing is serialized on the way.
     pub fn push(&mut self, e: &Event) {
+        self.fold = true;
         let mut sink = Vec::new();
         self.event(e, &mut sink);
     }
@@ -133,7 +137,7 @@ impl ResponsesEncoder {
             Event::MessageStart { .. } => {
                 if !self.started {
                     self.started = true;
-                    let response = self.response("in_progress", false);
+                    let response = self.response_unless_folding("in_progress", false);
                     self.write(out, "response.created", |m| {
                         m.insert("response".into(), response);
                     });
@@ -163,7 +167,7 @@ impl ResponsesEncoder {
                 } else {
                     "response.completed"
                 };
-                let response = self.response(status, true);
+                let response = self.response_unless_folding(status, true);
                 self.write(out, name, |m| {
                     m.insert("response".into(), response);
                 });
@@ -176,7 +180,7 @@ impl ResponsesEncoder {
                 self.open = Open::None;
                 self.error = Some((error_code(error_type, message).to_string(), message.clone()));
                 self.ended = true;
-                let response = self.response("failed", true);
+                let response = self.response_unless_folding("failed", true);
                 self.write(out, "response.failed", |m| {
                     m.insert("response".into(), response);
                 });
@@ -185,7 +189,7 @@ impl ResponsesEncoder {
     }
 
     fn in_progress(&mut self, out: &mut Vec<u8>) {
-        let response = self.response("in_progress", false);
+        let response = self.response_unless_folding("in_progress", false);
         self.write(out, "response.in_progress", |m| {
             m.insert("response".into(), response);
         });
@@ -294,57 +298,39 @@ impl ResponsesEncoder {
     fn delta(&mut self, delta: &Delta, out: &mut Vec<u8>) {
         let index = self.output_index;
         let seq = self.seq;
-        let wrote = match (&mut self.open, delta) {
+        // The event to write, if any: (name, item id, index field, text).
+        let (name, id, field, text) = match (&mut self.open, delta) {
             (Open::Message { id, text }, Delta::Text(t)) => {
                 text.push_str(t);
-                write_delta(
-                    out,
+                (
                     "response.output_text.delta",
-                    seq,
                     id,
-                    index,
                     Some(("content_index", 0)),
                     t,
-                );
-                true
+                )
             }
             (Open::Reasoning { id, text }, Delta::Thinking(t)) => {
                 text.push_str(t);
-                write_delta(
-                    out,
-                    "response.reasoning_summary_text.delta",
-                    seq,
-                    id,
-                    index,
-                    Some(("summary_index", 0)),
-                    t,
-                );
-                true
+                let name = "response.reasoning_summary_text.delta";
+                (name, id, Some(("summary_index", 0)), t)
             }
             (Open::Function { id, arguments, .. }, Delta::InputJson(j)) => {
                 arguments.push_str(j);
-                write_delta(
-                    out,
-                    "response.function_call_arguments.delta",
-                    seq,
-                    id,
-                    index,
-                    None,
-                    j,
-                );
-                true
+                ("response.function_call_arguments.delta", id, None, j)
             }
             (Open::Custom { arguments, .. }, Delta::InputJson(j)) => {
                 arguments.push_str(j);
-                false
+                return;
             }
             // Signatures are Anthropic's; nothing else can reach an item of another kind.
-            _ => false,
+            _ => return,
         };
-        if wrote {
-            self.seq += 1;
-            self.progress_last = false;
+        // Folding: the deltas only build the item; nothing is written.
+        if !self.fold {
+            write_delta(out, name, seq, id, index, field, text);
         }
+        self.seq += 1;
+        self.progress_last = false;
     }
 
     fn close_item(&mut self, out: &mut Vec<u8>) {
@@ -439,8 +425,21 @@ impl ResponsesEncoder {
         self.output_index += 1;
     }
 
+    /// The response object for an event, or nothing when folding (the event is not written then).
+    fn response_unless_folding(&self, status: &str, last: bool) -> Value {
+        if self.fold {
+            Value::Null
+        } else {
+            self.response(status, last)
+        }
+    }
+
     /// Writes one event: `event: <name>`, `data: {"type":<name>,"sequence_number":n,…}`.
     fn write(&mut self, out: &mut Vec<u8>, name: &str, fill: impl FnOnce(&mut Map<String, Value>)) {
+        if self.fold {
+            self.seq += 1;
+            return;
+        }
         let mut m = Map::new();
         m.insert("type".into(), name.into());
         m.insert("sequence_number".into(), self.seq.into());
