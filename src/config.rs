@@ -157,7 +157,7 @@ fn found_in_words(found: &str) -> String {
         Some(("string", v)) => format!("the text {v}"),
         Some(("integer", v)) => format!("the number {v}"),
         Some(("floating", v)) => format!("the number {}", v.trim_start_matches("point ")),
-        Some(("boolean", v)) => format!("{v}"),
+        Some(("boolean", v)) => v.to_string(),
         _ => match found {
             "sequence" => "a list".into(),
             "map" => "a table".into(),
