@@ -436,11 +436,41 @@ pub fn merge(existing: Value, fragment: &Value) -> Result<Value> {
         };
         if let Some(entries) = entries.as_object() {
             for (k, v) in entries {
-                target.insert(k.clone(), v.clone());
+                match (section.as_str(), target.get_mut(k)) {
+                    // pi: a provider the user may have filled with models of their own; only ours is replaced.
+                    ("providers", Some(Value::Object(existing))) => merge_provider(existing, v),
+                    _ => {
+                        target.insert(k.clone(), v.clone());
+                    }
+                }
             }
         }
     }
     Ok(Value::Object(doc))
+}
+
+/// Sets our provider's keys in an existing pi provider, and in its `models` list replaces only the entries with
+/// our models' ids: models the user added to the provider stay, in their order.
+fn merge_provider(existing: &mut Map<String, Value>, ours: &Value) {
+    let Some(ours) = ours.as_object() else {
+        return;
+    };
+    for (k, v) in ours {
+        match (k.as_str(), existing.get_mut(k), v) {
+            ("models", Some(Value::Array(list)), Value::Array(new)) => {
+                for model in new {
+                    let id = model.get("id");
+                    match list.iter_mut().find(|m| m.get("id") == id) {
+                        Some(slot) => *slot = model.clone(),
+                        None => list.push(model.clone()),
+                    }
+                }
+            }
+            _ => {
+                existing.insert(k.clone(), v.clone());
+            }
+        }
+    }
 }
 
 /// The new text of a JSON settings file and the keys removed from it. Never accepts text that is not JSON.
@@ -807,6 +837,28 @@ mod tests {
         assert!(codex_provider("http://h:1", None, "", 8192).is_err());
         assert!(codex_provider("http://h:1", Some("MY KEY"), "m", 8192).is_err());
         assert!(codex_provider("http://h:1", None, "m", 100).is_err());
+    }
+
+    #[test]
+    fn pi_merge_keeps_the_users_own_models_in_the_provider() {
+        let existing = json!({"providers": {PI_PROVIDER: {
+            "baseUrl": "http://old:1/v1", "api": "openai-completions", "apiKey": "x", "headers": {"a": "b"},
+            "models": [{"id": "mine", "name": "my model"}, {"id": "m", "contextWindow": 1}]}},
+            "other": true});
+        let ours = pi_models("http://llm:8080", None, "m", 4096).unwrap();
+        let v = merge(existing, &ours).unwrap();
+        let p = &v["providers"][PI_PROVIDER];
+        assert_eq!(p["baseUrl"], "http://llm:8080/v1");
+        assert_eq!(
+            p["headers"],
+            json!({"a": "b"}),
+            "a key of the user's own is kept"
+        );
+        let models = p["models"].as_array().unwrap();
+        assert_eq!(models.len(), 2, "{models:?}");
+        assert_eq!(models[0], json!({"id": "mine", "name": "my model"}));
+        assert_eq!(models[1]["contextWindow"], 4096);
+        assert_eq!(v["other"], true);
     }
 
     #[test]
