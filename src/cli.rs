@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "llmctl", version, about, long_about = None, propagate_version = true)]
+#[command(name = "llmctl", version = env!("LLMCTL_VERSION_LONG"), about, long_about = None, propagate_version = true)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,
@@ -50,15 +50,74 @@ pub enum Command {
     Init(crate::provision::InitArgs),
     /// Inspect GGUF models, download them, and plan GPU offload.
     Model(crate::model::ModelArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell), e.g.
+    /// `llmctl completions bash > /etc/bash_completion.d/llmctl`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `llmctl man > /usr/local/share/man/man1/llmctl.1`.
+    Man,
     /// Health and smoke checks provision runs inside the container.
     #[command(hide = true)]
     Probe(crate::provision::probe::ProbeArgs),
+}
+
+/// `llmctl completions SHELL`: the script for that shell, from the same definition the parser uses.
+pub fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut cmd, "llmctl", out);
+}
+
+/// `llmctl man`: the man page.
+pub fn man(out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn completions_and_man_page_cover_every_command() {
+        let mut bash = Vec::new();
+        completions(clap_complete::Shell::Bash, &mut bash);
+        let bash = String::from_utf8(bash).unwrap();
+        for cmd in [
+            "serve-proxy",
+            "client-config",
+            "doctor",
+            "provision",
+            "model",
+        ] {
+            assert!(
+                bash.contains(cmd),
+                "{cmd} missing from the bash completions"
+            );
+        }
+        let mut page = Vec::new();
+        man(&mut page).unwrap();
+        let page = String::from_utf8(page).unwrap();
+        assert!(
+            page.starts_with(".ie") || page.contains(".TH llmctl"),
+            "{}",
+            &page[..200.min(page.len())]
+        );
+        assert!(
+            page.contains("serve\\-proxy") || page.contains("serve-proxy"),
+            "subcommands listed"
+        );
+    }
+
+    #[test]
+    fn the_version_names_the_build() {
+        let v = env!("LLMCTL_VERSION_LONG");
+        assert!(
+            v.starts_with(env!("CARGO_PKG_VERSION")) && v.contains('('),
+            "{v}"
+        );
+    }
 
     /// One name per idea across commands; the other spelling a user may bring from a sibling command works too.
     #[test]

@@ -19,6 +19,13 @@ fn main() -> ExitCode {
         Command::Init(args) => llmctl::provision::init(&cli.global, args),
         Command::Model(args) => llmctl::model::run(&cli.global, args),
         Command::Probe(args) => llmctl::provision::probe::run(args),
+        Command::Completions { shell } => {
+            llmctl::cli::completions(shell, &mut std::io::stdout().lock());
+            Ok(Outcome::Success)
+        }
+        Command::Man => llmctl::cli::man(&mut std::io::stdout().lock())
+            .map(|()| Outcome::Success)
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(outcome) => outcome.exit_code(),
