@@ -143,6 +143,9 @@ pub struct Pump {
 /// 5s" is the form Codex parses for its retry delay; Claude Code retries an overloaded error by itself.
 pub const SHUTDOWN_MESSAGE: &str = "serve-proxy is shutting down (a restart) and could not finish this answer in its grace period; please try again in 5s";
 
+/// Turns given to the upstream's connection task before a stream batch goes out without more events.
+const IDLE_YIELDS: u32 = 2;
+
 /// How long message_start waits for the upstream's prompt size before it goes out without it.
 const MESSAGE_START_GRACE: Duration = Duration::from_secs(1);
 
@@ -533,16 +536,29 @@ pub fn stream_response<E: SseEncoder>(
                 None
             }
             Some(mut events) => {
-                // Whatever the upstream already sent goes out in one write. hyper's client hands the body over
-                // one chunk per poll, and llama-server writes one chunk per event: written one by one, a 4.4 KB
-                // read became 13 writev calls and as many client wake-ups (the bench's streaming p50 was 5x
-                // nginx's added latency). A paced stream is not held back: only chunks already read are taken.
+                // Whatever the upstream already sent goes out in one write. llama-server writes one HTTP chunk
+                // per event, and hyper's client decodes the next chunk only after the body was polled again, on
+                // its connection task: taken one by one, a 4,428-byte read became 13 writev calls and as many
+                // client wake-ups (strace; the bench's streaming p50 was 5x what nginx adds). So: take what is
+                // ready, and when nothing is, give the connection task one turn on this thread's runtime (a
+                // yield, no timer) before deciding the upstream has nothing more. A paced stream, whose next
+                // event is not on the socket yet, is not held back.
+                let mut yields = 0;
                 while !s.pump.is_done() {
                     match futures_util::FutureExt::now_or_never(s.pump.next()) {
-                        Some(more) if !more.is_empty() => events.extend(more),
-                        _ => break,
+                        Some(more) if !more.is_empty() => {
+                            events.extend(more);
+                            yields = 0;
+                        }
+                        Some(_) => break,
+                        None if yields >= IDLE_YIELDS => break,
+                        None => {
+                            tokio::task::yield_now().await;
+                            yields += 1;
+                        }
                     }
                 }
+                tracing::trace!(events = events.len(), "stream batch");
                 note_first_token(&mut s.tracker, &events);
                 if s.pump.is_done() {
                     s.finished = true;
