@@ -629,10 +629,14 @@ fn the_offload_is_planned_from_the_model_and_the_gpu() {
         text_cfg.replace("memory_mib = 4096", "memory_mib = 300"),
     )
     .unwrap();
+    // 1000 MiB: more than the 512 MiB CUDA reserve (a GPU below it is a flag-range refusal, not a plan), far
+    // less than the 32768-token context needs. This sim's own state only: other runs' sims are not ours to edit.
+    let state = bed.sim.dir.join("state.json");
     bed.sim.exec(&[
-        "sh",
-        "-c",
-        "sed -i 's/\"memory_mib\": 24564/\"memory_mib\": 200/' /run/llmctl-sim/*/state.json",
+        "sed",
+        "-i",
+        "s/\"memory_mib\": 24564/\"memory_mib\": 1000/",
+        state.to_str().unwrap(),
     ]);
     let run = bed.provision(&["--yes"]);
     assert_eq!(run.status.code(), Some(1), "{}", text(&run));
