@@ -96,6 +96,74 @@ fn status_reads_the_gpu_and_says_what_is_down() {
     assert!(screen.ends_with("down: 2 problem(s)\n"), "{screen}");
 }
 
+/// --watch: a fresh reading every SECS seconds over the same connection, one JSON document per line, until stopped.
+#[test]
+fn watch_prints_a_reading_every_interval() {
+    let sim = SimHost::start("healthy");
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_llmctl"))
+        .args([
+            "status",
+            "--json",
+            "--watch",
+            "1",
+            "--vmid",
+            "103",
+            "--host",
+            sim.ssh_target(),
+            "--identity",
+        ])
+        .arg(sim.key_path())
+        .arg("--known-hosts")
+        .arg(sim.known_hosts_path())
+        .env_remove("LLMCTL_CONFIG")
+        .current_dir(std::env::temp_dir())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = watch.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send((std::time::Instant::now(), line));
+        }
+    });
+    let wait = std::time::Duration::from_secs(20);
+    let reading = |line: &str| -> serde_json::Value {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert_eq!(v["schema"], "llmctl-status/1", "{line}");
+        v
+    };
+    let (t1, first) = rx.recv_timeout(wait).expect("a first reading");
+    assert_eq!(reading(&first)["gpus"][0]["temperature_c"], 57.0, "{first}");
+    // The GPU warms up (the sim's state, replaced atomically): a later reading shows it, so each is read anew.
+    let state_path = sim.dir.join("state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    state["host"]["gpus"][0]["temp_c"] = 71.into();
+    let tmp = sim.dir.join("state.json.test-tmp");
+    std::fs::write(&tmp, serde_json::to_string(&state).unwrap()).unwrap();
+    std::fs::rename(&tmp, &state_path).unwrap();
+    let (t2, second) = rx.recv_timeout(wait).expect("a second reading");
+    assert!(
+        t2 - t1 >= std::time::Duration::from_millis(900),
+        "{:?} apart",
+        t2 - t1
+    );
+    let mut latest = reading(&second);
+    if latest["gpus"][0]["temperature_c"] != 71.0 {
+        // The second reading may have started before the change.
+        latest = reading(&rx.recv_timeout(wait).expect("a third reading").1);
+    }
+    watch.kill().unwrap();
+    watch.wait().unwrap();
+    assert_eq!(latest["gpus"][0]["temperature_c"], 71.0, "{latest:#}");
+}
+
 /// The sim answers `--query-gpu` in nvidia-smi's real format: its header for a real capture's query is that
 /// capture's header, byte for byte.
 #[test]
