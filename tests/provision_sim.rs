@@ -291,8 +291,9 @@ fn fresh_host_is_provisioned_and_a_second_run_changes_nothing() {
     let out = stdout(&second);
     assert!(
         out.contains("0 of 19 steps would change something"),
-        "{}",
-        text(&second)
+        "{}\n--- what llmctl status and the journals said after this run:\n{}",
+        text(&second),
+        post_mortem(&bed)
     );
     assert!(out.contains("done: 0 step(s) changed"), "{}", text(&second));
     let check = bed.provision(&["--check"]);
@@ -343,6 +344,26 @@ fn fresh_host_is_provisioned_and_a_second_run_changes_nothing() {
         "the key must never be printed"
     );
     status_and_logs_on_a_provisioned_host(&bed, &key);
+}
+
+/// For a failure message: the stack as `llmctl status` sees it and the services' last journal lines (seen
+/// failing under heavy load: the second run found both services unhealthy and restarted them).
+fn post_mortem(bed: &Bed) -> String {
+    [
+        ("status", vec![]),
+        ("logs", vec!["llama", "-n", "40"]),
+        ("logs", vec!["proxy", "-n", "20"]),
+    ]
+    .into_iter()
+    .map(|(cmd, args)| {
+        format!(
+            "$ llmctl {cmd} {}\n{}",
+            args.join(" "),
+            text(&bed.llmctl(cmd, &args))
+        )
+    })
+    .collect::<Vec<_>>()
+    .join("\n")
 }
 
 /// `llmctl status` and `llmctl logs` on the provisioned host, with the real llama-server and serve-proxy: all up
