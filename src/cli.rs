@@ -44,6 +44,11 @@ pub enum Command {
     ClientConfig(crate::client_config::ClientConfigArgs),
     /// Find what is broken on a Proxmox host and its GPU container, and say how to fix it.
     Doctor(crate::doctor::DoctorArgs),
+    /// The whole stack at a glance: driver, GPUs, container, services, model, tokens/s, proxy traffic.
+    #[command(after_long_help = crate::status::JSON_HELP)]
+    Status(crate::status::StatusArgs),
+    /// Print the journal of the container's llama-server or llmctl-proxy (`-f` to follow).
+    Logs(crate::logs::LogsArgs),
     /// Install and configure the whole stack on a Proxmox host, idempotently.
     Provision(crate::provision::ProvisionArgs),
     /// Write a commented llmctl.toml for the guide's setup.

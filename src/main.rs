@@ -15,6 +15,8 @@ fn main() -> ExitCode {
         Command::ServeProxy(args) => llmctl::proxy::run(&cli.global, args),
         Command::ClientConfig(args) => llmctl::client_config::run(&cli.global, args),
         Command::Doctor(args) => llmctl::doctor::run(&cli.global, args),
+        Command::Status(args) => llmctl::status::run(&cli.global, args),
+        Command::Logs(args) => llmctl::logs::run(&cli.global, args),
         Command::Provision(args) => llmctl::provision::run(&cli.global, args),
         Command::Init(args) => llmctl::provision::init(&cli.global, args),
         Command::Model(args) => llmctl::model::run(&cli.global, args),

@@ -8,6 +8,8 @@ const COMMANDS: &[&[&str]] = &[
     &["serve-proxy"],
     &["client-config"],
     &["doctor"],
+    &["status"],
+    &["logs"],
     &["model", "inspect"],
     &["model", "plan"],
     &["model", "fetch"],

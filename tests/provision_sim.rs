@@ -291,8 +291,9 @@ fn fresh_host_is_provisioned_and_a_second_run_changes_nothing() {
     let out = stdout(&second);
     assert!(
         out.contains("0 of 19 steps would change something"),
-        "{}",
-        text(&second)
+        "{}\n--- what llmctl status and the journals said after this run:\n{}",
+        text(&second),
+        post_mortem(&bed)
     );
     assert!(out.contains("done: 0 step(s) changed"), "{}", text(&second));
     let check = bed.provision(&["--check"]);
@@ -341,6 +342,136 @@ fn fresh_host_is_provisioned_and_a_second_run_changes_nothing() {
     assert!(
         !text(&first).contains(&key),
         "the key must never be printed"
+    );
+    status_and_logs_on_a_provisioned_host(&bed, &key);
+}
+
+/// For a failure message: the stack as `llmctl status` sees it and the services' last journal lines (seen
+/// failing under heavy load: the second run found both services unhealthy and restarted them).
+fn post_mortem(bed: &Bed) -> String {
+    [
+        ("status", vec![]),
+        ("logs", vec!["llama", "-n", "40"]),
+        ("logs", vec!["proxy", "-n", "20"]),
+    ]
+    .into_iter()
+    .map(|(cmd, args)| {
+        format!(
+            "$ llmctl {cmd} {}\n{}",
+            args.join(" "),
+            text(&bed.llmctl(cmd, &args))
+        )
+    })
+    .collect::<Vec<_>>()
+    .join("\n")
+}
+
+/// `llmctl status` and `llmctl logs` on the provisioned host, with the real llama-server and serve-proxy: all up
+/// with the model, its context and tokens/s (provision's smoke test went through both), then down with exit 1
+/// once the proxy is stopped.
+fn status_and_logs_on_a_provisioned_host(bed: &Bed, key: &str) {
+    let st = bed.llmctl("status", &["--json"]);
+    assert_eq!(
+        st.status.code(),
+        Some(0),
+        "status after provision:\n{}",
+        text(&st)
+    );
+    assert!(!text(&st).contains(key), "the key must never be printed");
+    let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(v["outcome"], "up", "{v:#}");
+    assert_eq!(v["problems"], serde_json::json!([]), "{v:#}");
+    assert_eq!(v["vmid"], 103);
+    assert_eq!(v["driver"]["module_version"], "595.71.05", "{v:#}");
+    assert_eq!(v["gpus"][0]["memory_total_mib"], 24564, "{v:#}");
+    assert_eq!(v["container"]["state"], "running");
+    assert_eq!(v["services"]["llama-server"], "active");
+    assert_eq!(v["services"]["llmctl-proxy"], "active");
+    let l = &v["llama_server"];
+    assert_eq!(l["url"], "http://127.0.0.1:8080", "{v:#}");
+    assert_eq!(l["model"], "smollm2.gguf", "{v:#}");
+    // What llama-server itself says (its n_ctx per slot is capped by the model's training context).
+    let props = bed.sim.exec(&[
+        "pct",
+        "exec",
+        "103",
+        "--",
+        "/usr/local/bin/llmctl",
+        "probe",
+        "--get",
+        "http://127.0.0.1:8080/props",
+    ]);
+    let props: serde_json::Value = serde_json::from_slice(&props.stdout).unwrap();
+    assert_eq!(
+        l["context_per_slot"], props["default_generation_settings"]["n_ctx"],
+        "{v:#}"
+    );
+    assert_eq!(l["slots_total"], props["total_slots"], "{v:#}");
+    assert_eq!(
+        l["metrics"], true,
+        "provision runs llama-server with --metrics: {v:#}"
+    );
+    assert!(
+        l["generated_tokens_total"].as_u64().unwrap() > 0,
+        "the smoke test generated tokens: {v:#}"
+    );
+    assert!(l["prompt_tokens_per_s"].as_f64().unwrap() > 0.0, "{v:#}");
+    assert!(
+        l["generation_tokens_per_s"].as_f64().unwrap() > 0.0,
+        "{v:#}"
+    );
+    let p = &v["proxy"];
+    assert_eq!(p["url"], "http://127.0.0.1:4000", "{v:#}");
+    assert_eq!(p["up"], true, "{v:#}");
+    assert!(
+        p["requests_total"].as_u64().unwrap() >= 1,
+        "the smoke test went through the proxy: {v:#}"
+    );
+    assert_eq!(p["errors_total"], 0, "{v:#}");
+    let screen = bed.llmctl("status", &[]);
+    assert_eq!(screen.status.code(), Some(0), "{}", text(&screen));
+    assert!(stdout(&screen).ends_with("all up\n"), "{}", text(&screen));
+
+    let logs = bed.llmctl("logs", &["llama", "-n", "400"]);
+    assert_ok(&logs, "logs llama");
+    assert!(stdout(&logs).contains("llama-server["), "{}", text(&logs));
+    let logs = bed.llmctl("logs", &["proxy"]);
+    assert_ok(&logs, "logs proxy");
+    assert!(
+        stdout(&logs).contains("/v1/messages"),
+        "the smoke test's request: {}",
+        text(&logs)
+    );
+    assert!(!text(&logs).contains(key), "the key must never be printed");
+
+    let stop = bed.sim.exec(&[
+        "pct",
+        "exec",
+        "103",
+        "--",
+        "systemctl",
+        "stop",
+        "llmctl-proxy",
+    ]);
+    assert!(stop.status.success(), "{stop:?}");
+    let down = bed.llmctl("status", &["--json"]);
+    assert_eq!(
+        down.status.code(),
+        Some(1),
+        "status with the proxy stopped:\n{}",
+        text(&down)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&down.stdout).unwrap();
+    assert_eq!(v["outcome"], "down", "{v:#}");
+    assert_eq!(v["services"]["llmctl-proxy"], "inactive", "{v:#}");
+    assert_eq!(v["proxy"]["up"], false, "{v:#}");
+    assert_eq!(v["llama_server"]["up"], true, "{v:#}");
+    assert!(
+        v["problems"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("llmctl-proxy is inactive"),
+        "{v:#}"
     );
 }
 

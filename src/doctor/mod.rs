@@ -7,47 +7,23 @@
 pub mod checks;
 pub mod facts;
 
-use std::io::Write;
-use std::path::PathBuf;
-
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+use std::io::Write;
 
 use crate::cli::GlobalArgs;
-use crate::config::ConfigFile;
 use crate::outcome::Outcome;
-use crate::transport::ssh::SshOptions;
+use crate::remote::HostArgs;
 use checks::{Finding, Severity};
 
 #[derive(Debug, Clone, Args)]
 pub struct DoctorArgs {
-    /// The Proxmox host: `local` (run on the host itself), `user@host[:port]`, or a ~/.ssh/config alias
-    /// [default: [host] target in llmctl.toml]
-    #[arg(long, value_name = "HOST")]
-    pub host: Option<String>,
-    /// The GPU container [default: [host] vmid in llmctl.toml, else the only container with NVIDIA devices]
-    #[arg(long, value_name = "N")]
-    pub vmid: Option<u32>,
+    #[command(flatten)]
+    pub target: HostArgs,
     /// Print a machine-readable report.
     #[arg(long)]
     pub json: bool,
-    /// Record the host's key in known_hosts when it is not there yet (a changed key is always refused).
-    #[arg(long)]
-    pub accept_new_host_key: bool,
-    /// SSH private key to try (after ssh-agent and ~/.ssh/config's IdentityFile). Repeatable.
-    #[arg(long, value_name = "PATH")]
-    pub identity: Vec<PathBuf>,
-    /// known_hosts file [default: ~/.ssh/known_hosts]
-    #[arg(long, value_name = "PATH")]
-    pub known_hosts: Option<PathBuf>,
-}
-
-/// The `[host]` section of llmctl.toml, as far as doctor reads it.
-#[derive(Debug, Clone, Default, Deserialize)]
-struct HostSection {
-    target: Option<String>,
-    vmid: Option<u32>,
 }
 
 /// The machine-readable report (`--json`).
@@ -99,20 +75,11 @@ pub fn outcome(findings: &[Finding]) -> Outcome {
 }
 
 pub fn run(global: &GlobalArgs, args: DoctorArgs) -> Result<Outcome> {
-    let config = ConfigFile::load(global.config.as_deref())?;
-    let section: HostSection = config.section("host")?.unwrap_or_default();
-    let host = args.host.clone().or(section.target).context(
-        "no host given: pass --host user@host (or --host local on the Proxmox host itself), or set [host] target in llmctl.toml",
-    )?;
-    let vmid = args.vmid.or(section.vmid);
-    let options = SshOptions {
-        known_hosts: args.known_hosts.clone(),
-        identity_files: args.identity.clone(),
-        accept_new_host_key: args.accept_new_host_key,
-        ..SshOptions::default()
-    };
-    let gathered =
-        crate::transport::connect(&host, &options).and_then(|t| facts::gather(t.as_ref(), vmid));
+    let remote = args.target.resolve(global)?;
+    let (host, vmid) = (remote.host.clone(), remote.vmid);
+    let gathered = remote
+        .connect()
+        .and_then(|t| facts::gather(t.as_ref(), vmid));
     let facts = match gathered {
         Ok(f) => f,
         Err(e) if args.json => {

@@ -1,5 +1,6 @@
 //! `llmctl probe`: the checks provision runs inside the container with the llmctl binary it installed there, so
-//! a container needs no curl: wait for a health endpoint, or send one message through the proxy (the smoke test).
+//! a container needs no curl: wait for a health endpoint, send one message through the proxy (the smoke test), or
+//! read one endpoint (`llmctl status` reads llama-server's `/props`, `/slots`, `/metrics` and the proxy's `/metrics`).
 //! Hidden from `--help`: it is provision's tool, not a user command.
 
 use std::time::{Duration, Instant};
@@ -14,6 +15,9 @@ pub struct ProbeArgs {
     /// GET this URL until it answers 200.
     #[arg(long, value_name = "URL", conflicts_with = "message")]
     pub health: Option<String>,
+    /// GET this URL once and print its body (exit 1 with the status on stderr when it is not 2xx).
+    #[arg(long, value_name = "URL", conflicts_with_all = ["health", "message"])]
+    pub get: Option<String>,
     /// How long to keep trying, in seconds (0: once).
     #[arg(long, default_value_t = 0)]
     pub wait: u64,
@@ -33,22 +37,25 @@ pub fn run(args: ProbeArgs) -> Result<Outcome> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .build()?;
+        let key = match &args.api_key_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read the API key from {}", p.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        if let Some(url) = args.get {
+            return get_once(&client, &url, key.as_deref()).await;
+        }
         if let Some(url) = args.health {
             return wait_healthy(&client, &url, Duration::from_secs(args.wait)).await;
         }
         if let Some(url) = args.message {
-            let key = match &args.api_key_file {
-                Some(p) => Some(
-                    std::fs::read_to_string(p)
-                        .with_context(|| format!("cannot read the API key from {}", p.display()))?
-                        .trim()
-                        .to_string(),
-                ),
-                None => None,
-            };
             return smoke(&client, &url, key.as_deref()).await;
         }
-        bail!("nothing to probe: pass --health URL or --message URL")
+        bail!("nothing to probe: pass --health URL, --get URL or --message URL")
     })
 }
 
@@ -75,6 +82,26 @@ async fn wait_healthy(client: &reqwest::Client, url: &str, wait: Duration) -> Re
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     eprintln!("{url} is not healthy: {last}");
+    Ok(Outcome::ProblemsFound)
+}
+
+/// One GET, body to stdout. The key goes in a header, never in argv (it comes from `--api-key-file`).
+async fn get_once(client: &reqwest::Client, url: &str, key: Option<&str>) -> Result<Outcome> {
+    let mut req = client.get(url).timeout(Duration::from_secs(10));
+    if let Some(k) = key {
+        req = req.header("x-api-key", k);
+    }
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    print!("{body}");
+    if status.is_success() {
+        return Ok(Outcome::Success);
+    }
+    eprintln!("{url} answered HTTP {status}");
     Ok(Outcome::ProblemsFound)
 }
 

@@ -77,6 +77,9 @@ pub fn llama_server_argv(cfg: &ProvisionConfig, offload: Offload) -> Vec<String>
     push("--reasoning", s.reasoning.clone());
     // Claude Code sends tools; llama.cpp parses tool calls only with its Jinja chat templates.
     argv.push("--jinja".into());
+    // Prometheus counters at /metrics (tokens and seconds of prefill and generation, busy slots): `llmctl
+    // status` reads them. Off by default in llama-server; they cost nothing until scraped.
+    argv.push("--metrics".into());
     if !s.mmap {
         // Since b8xxx llama.cpp spells --no-mmap as a load mode; the pinned ref decides the flag.
         argv.push("--load-mode".into());
@@ -300,5 +303,9 @@ mod tests {
         let i = argv.iter().position(|a| a == "-ngl").unwrap();
         assert_eq!(argv[i + 1], "auto");
         assert!(!argv.contains(&"--n-cpu-moe".to_string()));
+        assert!(
+            argv.contains(&"--metrics".to_string()),
+            "llmctl status reads /metrics"
+        );
     }
 }

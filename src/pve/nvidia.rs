@@ -149,6 +149,76 @@ fn parse_mib(field: &str) -> Option<u64> {
     field.trim_end_matches("MiB").trim().parse().ok()
 }
 
+/// What `llmctl status` asks nvidia-smi, with `--format=csv,nounits` (header kept): the header names each
+/// column, so [`parse_readings`] does not depend on their order and reads other queries' outputs too.
+pub const STATUS_QUERY: &str = "index,name,driver_version,utilization.gpu,memory.used,memory.total,temperature.gpu,power.draw,power.limit";
+
+/// One GPU's live readings. A field nvidia-smi cannot read on this GPU (`[N/A]`, `[Not Supported]`: a GB10's
+/// shared memory, an old board's power) or that the query did not ask for is None.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GpuReading {
+    pub index: Option<u32>,
+    pub name: String,
+    pub driver_version: Option<String>,
+    pub utilization_pct: Option<f64>,
+    pub memory_used_mib: Option<u64>,
+    pub memory_total_mib: Option<u64>,
+    pub temperature_c: Option<f64>,
+    pub power_draw_w: Option<f64>,
+    pub power_limit_w: Option<f64>,
+}
+
+/// Parses `nvidia-smi --query-gpu=... --format=csv[,nounits]` (with its header): values with units (`26.47 W`,
+/// `2082 MiB`, `10 %`) or without. A row whose column count differs from the header's is an error naming it:
+/// a changed format must not read as "no GPU" or as wrong numbers.
+pub fn parse_readings(text: &str) -> Result<Vec<GpuReading>, String> {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let header = lines.next().ok_or("nvidia-smi printed nothing")?;
+    // `utilization.gpu [%]` → `utilization.gpu`; nvidia-smi separates columns with ", ".
+    let columns: Vec<&str> = header
+        .split(", ")
+        .map(|c| c.split(" [").next().unwrap_or(c).trim())
+        .collect();
+    if !columns.contains(&"name") {
+        return Err(format!(
+            "not an nvidia-smi --query-gpu csv header (no `name` column): {header}"
+        ));
+    }
+    let mut gpus = Vec::new();
+    for line in lines {
+        let values: Vec<&str> = line.split(", ").map(str::trim).collect();
+        if values.len() != columns.len() {
+            return Err(format!(
+                "unexpected nvidia-smi --query-gpu line (want {} fields like the header): {line}",
+                columns.len()
+            ));
+        }
+        let get = |col: &str| {
+            columns
+                .iter()
+                .position(|c| *c == col)
+                .map(|i| values[i])
+                .filter(|v| !v.starts_with('['))
+        };
+        let number =
+            |col: &str| get(col).and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok());
+        let whole =
+            |col: &str| get(col).and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok());
+        gpus.push(GpuReading {
+            index: whole("index").and_then(|i| u32::try_from(i).ok()),
+            name: get("name").unwrap_or_default().to_string(),
+            driver_version: get("driver_version").map(str::to_string),
+            utilization_pct: number("utilization.gpu"),
+            memory_used_mib: whole("memory.used"),
+            memory_total_mib: whole("memory.total"),
+            temperature_c: number("temperature.gpu"),
+            power_draw_w: number("power.draw"),
+            power_limit_w: number("power.limit"),
+        });
+    }
+    Ok(gpus)
+}
+
 /// `major.minor` of a driver version: what `NVML library version:` prints.
 pub fn major_minor(version: &str) -> &str {
     match version.match_indices('.').nth(1) {
@@ -293,5 +363,82 @@ mod tests {
         assert_eq!(branch("595.71.05"), Some(595));
         assert_eq!(compute_cap_to_arch("8.9"), Some(89));
         assert_eq!(compute_cap_to_arch("x"), None);
+    }
+
+    #[test]
+    fn readings_from_real_query_outputs() {
+        let gb10 =
+            parse_readings(&fixture_body(&fixture("nvidia-smi.query-gpu.gb10.txt"))).unwrap();
+        assert_eq!(
+            gb10,
+            [GpuReading {
+                index: None,
+                name: "NVIDIA GB10".into(),
+                driver_version: Some("580.173.02".into()),
+                utilization_pct: Some(0.0),
+                memory_used_mib: None,
+                memory_total_mib: None,
+                temperature_c: Some(39.0),
+                power_draw_w: Some(5.04),
+                power_limit_w: None,
+            }]
+        );
+        let pro = parse_readings(&fixture_body(&fixture(
+            "nvidia-smi.query-gpu.rtx-pro-6000.txt",
+        )))
+        .unwrap();
+        assert_eq!(pro.len(), 1);
+        assert_eq!(
+            pro[0].name,
+            "NVIDIA RTX PRO 6000 Blackwell Workstation Edition"
+        );
+        assert_eq!(
+            (
+                pro[0].utilization_pct,
+                pro[0].temperature_c,
+                pro[0].power_draw_w,
+                pro[0].power_limit_w
+            ),
+            (Some(10.0), Some(29.0), Some(26.47), Some(600.0))
+        );
+        assert_eq!(
+            (pro[0].memory_used_mib, pro[0].memory_total_mib),
+            (Some(2082), Some(97887))
+        );
+        let old =
+            parse_readings(&fixture_body(&fixture("nvidia-smi.query-gpu.rtx-2060.txt"))).unwrap();
+        assert_eq!(
+            (
+                old[0].memory_used_mib,
+                old[0].memory_total_mib,
+                old[0].utilization_pct
+            ),
+            (Some(682), Some(5934), Some(20.0))
+        );
+        assert_eq!(old[0].power_draw_w, None, "not asked for");
+        let nounits =
+            parse_readings(&fixture_body(&fixture("nvidia-smi.query-gpu.nounits.txt"))).unwrap();
+        assert_eq!(nounits.len(), 2);
+        assert_eq!(
+            (
+                nounits[1].utilization_pct,
+                nounits[1].power_draw_w,
+                nounits[1].power_limit_w
+            ),
+            (Some(98.0), Some(212.56), Some(212.5))
+        );
+    }
+
+    #[test]
+    fn readings_refuse_what_they_cannot_read() {
+        assert!(parse_readings("").is_err());
+        let err = parse_readings("NVIDIA GeForce RTX 4090, 0, 14").unwrap_err();
+        assert!(err.contains("no `name` column"), "{err}");
+        let err =
+            parse_readings("index, name, power.draw [W]\n0, RTX, 1.0 W, extra\n").unwrap_err();
+        assert!(err.contains("want 3 fields"), "{err}");
+        let na = parse_readings("index, name, power.draw [W]\n0, Tesla P100, [Not Supported]\n")
+            .unwrap();
+        assert_eq!((na[0].index, na[0].power_draw_w), (Some(0), None));
     }
 }

@@ -1,0 +1,392 @@
+//! `llmctl status` and `llmctl logs` over real SSH against the simulated Proxmox host, on scenarios that need no
+//! provisioning (a provisioned host, with real services, is checked in tests/provision_sim.rs).
+
+mod support;
+
+use std::process::{Command, Output, Stdio};
+
+use support::SimHost;
+
+fn llmctl(sim: &SimHost, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_llmctl"))
+        .args(args)
+        .arg("--host")
+        .arg(sim.ssh_target())
+        .arg("--identity")
+        .arg(sim.key_path())
+        .arg("--known-hosts")
+        .arg(sim.known_hosts_path())
+        .env_remove("LLMCTL_CONFIG")
+        .current_dir(std::env::temp_dir())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run llmctl")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", text(o)))
+}
+
+/// The scenario's GPU and driver come back as the sim's nvidia-smi reports them; the container's services are
+/// declared active but nothing answers (no llmctl installed there): down, exit 1, and the problem says why.
+#[test]
+fn status_reads_the_gpu_and_says_what_is_down() {
+    let sim = SimHost::start("healthy");
+    let started = std::time::Instant::now();
+    let out = llmctl(&sim, &["status", "--json", "--vmid", "103"]);
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let v = json(&out);
+    assert_eq!(v["schema"], "llmctl-status/1");
+    assert_eq!(v["outcome"], "down");
+    assert_eq!(v["vmid"], 103);
+    assert_eq!(v["driver"]["module_version"], "595.71.05");
+    assert_eq!(v["driver"]["module_flavour"], "open");
+    assert_eq!(v["driver"]["nvidia_smi"], "ok");
+    assert_eq!(v["driver"]["modules"][0], "nvidia_uvm");
+    let g = &v["gpus"][0];
+    assert_eq!(g["name"], "NVIDIA GeForce RTX 4090");
+    assert_eq!(g["memory_total_mib"], 24564);
+    assert_eq!(g["memory_used_mib"], 14);
+    assert_eq!(g["temperature_c"], 57.0);
+    assert_eq!(g["power_draw_w"], 69.0);
+    assert_eq!(g["power_limit_w"], 450.0);
+    assert_eq!(v["container"]["state"], "running");
+    assert_eq!(v["services"]["llama-server"], "active");
+    assert_eq!(v["llama_server"]["up"], false);
+    assert_eq!(v["llama_server"]["url"], "http://127.0.0.1:8080");
+    let problems = v["problems"].to_string();
+    assert!(
+        problems.contains("/usr/local/bin/llmctl is not installed in the container"),
+        "{problems}"
+    );
+    // One SSH connection and one round trip: well under the seconds a round trip per read would take.
+    assert!(took.as_secs() < 10, "status took {took:?}");
+
+    // Without --vmid, the only container with NVIDIA devices; the text screen says the same.
+    let out = llmctl(&sim, &["status"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        screen.starts_with(&format!(
+            "llmctl status: {}, container 103\n",
+            sim.ssh_target()
+        )),
+        "{screen}"
+    );
+    assert!(
+        screen.contains(
+            "gpu 0          NVIDIA GeForce RTX 4090: 0% busy, 14 / 24564 MiB, 57 C, 69 / 450 W"
+        ),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("DOWN  llama-server   active, http://127.0.0.1:8080"),
+        "{screen}"
+    );
+    assert!(screen.ends_with("down: 2 problem(s)\n"), "{screen}");
+}
+
+/// --watch: a fresh reading every SECS seconds over the same connection, one JSON document per line, until stopped.
+#[test]
+fn watch_prints_a_reading_every_interval() {
+    let sim = SimHost::start("healthy");
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_llmctl"))
+        .args([
+            "status",
+            "--json",
+            "--watch",
+            "1",
+            "--vmid",
+            "103",
+            "--host",
+            sim.ssh_target(),
+            "--identity",
+        ])
+        .arg(sim.key_path())
+        .arg("--known-hosts")
+        .arg(sim.known_hosts_path())
+        .env_remove("LLMCTL_CONFIG")
+        .current_dir(std::env::temp_dir())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = watch.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send((std::time::Instant::now(), line));
+        }
+    });
+    let wait = std::time::Duration::from_secs(20);
+    let reading = |line: &str| -> serde_json::Value {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert_eq!(v["schema"], "llmctl-status/1", "{line}");
+        v
+    };
+    let (t1, first) = rx.recv_timeout(wait).expect("a first reading");
+    assert_eq!(reading(&first)["gpus"][0]["temperature_c"], 57.0, "{first}");
+    // The GPU warms up (the sim's state, replaced atomically): a later reading shows it, so each is read anew.
+    let state_path = sim.dir.join("state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    state["host"]["gpus"][0]["temp_c"] = 71.into();
+    let tmp = sim.dir.join("state.json.test-tmp");
+    std::fs::write(&tmp, serde_json::to_string(&state).unwrap()).unwrap();
+    std::fs::rename(&tmp, &state_path).unwrap();
+    let (t2, second) = rx.recv_timeout(wait).expect("a second reading");
+    assert!(
+        t2 - t1 >= std::time::Duration::from_millis(900),
+        "{:?} apart",
+        t2 - t1
+    );
+    let mut latest = reading(&second);
+    if latest["gpus"][0]["temperature_c"] != 71.0 {
+        // The second reading may have started before the change.
+        latest = reading(&rx.recv_timeout(wait).expect("a third reading").1);
+    }
+    watch.kill().unwrap();
+    watch.wait().unwrap();
+    assert_eq!(latest["gpus"][0]["temperature_c"], 71.0, "{latest:#}");
+}
+
+/// The sim answers `--query-gpu` in nvidia-smi's real format: its header for a real capture's query is that
+/// capture's header, byte for byte.
+#[test]
+fn the_sims_query_gpu_header_is_nvidia_smis() {
+    let sim = SimHost::start("healthy");
+    let fixture = std::fs::read_to_string(
+        support::repo().join("fixtures/outputs/nvidia-smi.query-gpu.gb10.txt"),
+    )
+    .unwrap();
+    let body: Vec<&str> = fixture.lines().filter(|l| !l.starts_with('#')).collect();
+    let query = "name,driver_version,temperature.gpu,utilization.gpu,utilization.memory,power.draw,power.limit,memory.used,memory.total";
+    for format in ["csv", "csv,nounits"] {
+        let out = sim.exec(&[
+            "nvidia-smi",
+            &format!("--query-gpu={query}"),
+            &format!("--format={format}"),
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(stdout.lines().next(), Some(body[0]), "{format}:\n{stdout}");
+    }
+    let out = sim.exec(&[
+        "nvidia-smi",
+        &format!("--query-gpu={query}"),
+        "--format=csv,noheader",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "NVIDIA GeForce RTX 4090, 595.71.05, 57, 0 %, 0 %, 69.00 W, 450.00 W, 14 MiB, 24564 MiB\n"
+    );
+}
+
+/// services-down: llama-server failed, the proxy stopped, the container otherwise fine.
+#[test]
+fn stopped_services_are_down_with_exit_1() {
+    let sim = SimHost::start("services-down");
+    let out = llmctl(&sim, &["status", "--json", "--vmid", "103"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let v = json(&out);
+    assert_eq!(v["outcome"], "down");
+    assert_eq!(v["services"]["llama-server"], "failed", "{v:#}");
+    assert_eq!(v["services"]["llmctl-proxy"], "inactive", "{v:#}");
+    let problems: Vec<String> = v["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("llama-server is failed")),
+        "{problems:#?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("llmctl-proxy is inactive")),
+        "{problems:#?}"
+    );
+}
+
+/// A host that cannot be reached: exit 2, and with --json still one document on stdout saying why.
+#[test]
+fn an_unreachable_host_exits_2() {
+    let out = Command::new(env!("CARGO_BIN_EXE_llmctl"))
+        .args([
+            "status",
+            "--json",
+            "--host",
+            "root@127.0.0.1:1",
+            "--vmid",
+            "103",
+        ])
+        .env_remove("LLMCTL_CONFIG")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let v = json(&out);
+    assert_eq!(v["outcome"], "unreachable");
+    assert!(
+        v["error"].as_str().unwrap().contains("cannot reach"),
+        "{v:#}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("error: "),
+        "{}",
+        text(&out)
+    );
+    // Bad input is a clear error, not a panic: no host at all, a zero refresh interval.
+    let out = Command::new(env!("CARGO_BIN_EXE_llmctl"))
+        .args(["status"])
+        .env_remove("LLMCTL_CONFIG")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no host given: pass --host"),
+        "{}",
+        text(&out)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_llmctl"))
+        .args(["status", "--host", "local", "--watch", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--watch"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// `logs` prints the unit's journal in the container: what a service start wrote there.
+#[test]
+fn logs_print_the_units_journal() {
+    let sim = SimHost::start("services-down");
+    // A start the sim's supervisor journals (the stub binary is missing here: systemd's own lines say so).
+    let start = sim.exec(&[
+        "pct",
+        "exec",
+        "103",
+        "--",
+        "systemctl",
+        "start",
+        "llmctl-proxy",
+    ]);
+    let _ = start;
+    let expected = sim.exec(&[
+        "pct",
+        "exec",
+        "103",
+        "--",
+        "journalctl",
+        "-u",
+        "llmctl-proxy",
+        "-n",
+        "3",
+        "--no-pager",
+    ]);
+    let expected = String::from_utf8_lossy(&expected.stdout).into_owned();
+    assert!(
+        !expected.contains("No entries"),
+        "the sim journaled nothing:\n{expected}"
+    );
+    let out = llmctl(&sim, &["logs", "proxy", "-n", "3"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        expected,
+        "{}",
+        text(&out)
+    );
+
+    // -f: the lines so far, then each new one as the unit writes it, until stopped.
+    let mut follow = Command::new(env!("CARGO_BIN_EXE_llmctl"))
+        .args([
+            "logs",
+            "proxy",
+            "-f",
+            "-n",
+            "1",
+            "--host",
+            sim.ssh_target(),
+            "--identity",
+        ])
+        .arg(sim.key_path())
+        .arg("--known-hosts")
+        .arg(sim.known_hosts_path())
+        .env_remove("LLMCTL_CONFIG")
+        .current_dir(std::env::temp_dir())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let wait = std::time::Duration::from_secs(20);
+    let first = rx
+        .recv_timeout(wait)
+        .expect("logs -f printed the last line");
+    assert_eq!(Some(first.as_str()), expected.lines().last());
+    let _ = sim.exec(&[
+        "pct",
+        "exec",
+        "103",
+        "--",
+        "systemctl",
+        "start",
+        "llmctl-proxy",
+    ]);
+    let next = rx
+        .recv_timeout(wait)
+        .expect("logs -f printed a line written after it started");
+    assert!(
+        next.contains("llmctl-proxy") || next.contains("llmctl"),
+        "{next}"
+    );
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+
+    let out = llmctl(&sim, &["logs", "llama", "--vmid", "103"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "-- No entries --\n",
+        "{}",
+        text(&out)
+    );
+    let out = llmctl(&sim, &["logs", "proxy", "--vmid", "999"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("container 999 does not exist"),
+        "{}",
+        text(&out)
+    );
+}
