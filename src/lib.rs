@@ -14,6 +14,7 @@ pub mod outcome;
 pub mod provision;
 pub mod proxy;
 pub mod pve;
+pub mod remote;
 pub mod shell;
 pub mod term;
 pub mod transport;

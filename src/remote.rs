@@ -1,0 +1,77 @@
+//! Which Proxmox host and container a command reaches, and how: `--host`/`--vmid` and the SSH flags that
+//! `doctor`, `status` and `logs` share, with `[host]` in llmctl.toml as the default. One definition, so the
+//! read-only commands take the same flags and resolve them the same way.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::Deserialize;
+
+use crate::cli::GlobalArgs;
+use crate::config::ConfigFile;
+use crate::transport::Transport;
+use crate::transport::ssh::SshOptions;
+
+#[derive(Debug, Clone, Args)]
+pub struct HostArgs {
+    /// The Proxmox host: `local` (run on the host itself), `user@host[:port]`, or a ~/.ssh/config alias
+    /// [default: [host] target in llmctl.toml]
+    #[arg(long, value_name = "HOST")]
+    pub host: Option<String>,
+    /// The GPU container [default: [host] vmid in llmctl.toml, else the only container with NVIDIA devices]
+    #[arg(long, value_name = "N")]
+    pub vmid: Option<u32>,
+    /// Record the host's key in known_hosts when it is not there yet (a changed key is always refused).
+    #[arg(long)]
+    pub accept_new_host_key: bool,
+    /// SSH private key to try (after ssh-agent and ~/.ssh/config's IdentityFile). Repeatable.
+    #[arg(long, value_name = "PATH")]
+    pub identity: Vec<PathBuf>,
+    /// known_hosts file [default: ~/.ssh/known_hosts]
+    #[arg(long, value_name = "PATH")]
+    pub known_hosts: Option<PathBuf>,
+}
+
+/// The `[host]` section of llmctl.toml, as far as these commands read it.
+#[derive(Debug, Clone, Default, Deserialize)]
+struct HostSection {
+    target: Option<String>,
+    vmid: Option<u32>,
+}
+
+/// The flags and llmctl.toml, resolved: where to connect and which container to look at.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    pub host: String,
+    /// None: the command picks (doctor: the only container with NVIDIA devices).
+    pub vmid: Option<u32>,
+    pub options: SshOptions,
+}
+
+impl HostArgs {
+    /// Flags first, then `[host]` in llmctl.toml; no host at all is an error naming both ways to give one.
+    pub fn resolve(&self, global: &GlobalArgs) -> Result<Remote> {
+        let config = ConfigFile::load(global.config.as_deref())?;
+        let section: HostSection = config.section("host")?.unwrap_or_default();
+        let host = self.host.clone().or(section.target).context(
+            "no host given: pass --host user@host (or --host local on the Proxmox host itself), or set [host] target in llmctl.toml",
+        )?;
+        Ok(Remote {
+            host,
+            vmid: self.vmid.or(section.vmid),
+            options: SshOptions {
+                known_hosts: self.known_hosts.clone(),
+                identity_files: self.identity.clone(),
+                accept_new_host_key: self.accept_new_host_key,
+                ..SshOptions::default()
+            },
+        })
+    }
+}
+
+impl Remote {
+    pub fn connect(&self) -> Result<Box<dyn Transport>> {
+        crate::transport::connect(&self.host, &self.options)
+    }
+}
