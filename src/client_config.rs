@@ -288,15 +288,13 @@ fn endpoints_from_host(
 ) -> Result<Endpoints> {
     use crate::provision::config::{ServerSection, provisioned_key_file, provisioned_listen};
     let remote = args.target.resolve(global)?;
-    let vmid = remote.vmid.context(
-        "no container given: pass --vmid N, or set [host] vmid in llmctl.toml (the container provision set up)",
-    )?;
     let proxy: crate::proxy::config::ProxyConfig = file.section("proxy")?.unwrap_or_default();
     let server: ServerSection = file.section("server")?.unwrap_or_default();
     let key_file = provisioned_key_file(&proxy);
     // pi talks to llama-server, which has no key; --api-key-env names the key to use instead of the host's.
     let want_key = args.client != Client::Pi && args.api_key_env.is_none();
-    let found = from_host::read(&remote, vmid, want_key.then_some(key_file.as_str()))?;
+    let found = from_host::read(&remote, want_key.then_some(key_file.as_str()))?;
+    let vmid = found.vmid;
     let proxy_url = match &args.proxy_url {
         Some(u) => u.clone(),
         None => from_host::proxy_url(provisioned_listen(&proxy), found.addr)?,

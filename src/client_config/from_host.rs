@@ -233,6 +233,8 @@ pub fn llama_url(host: &str, port: u16, ct: Ipv4Addr) -> std::result::Result<Str
 /// What the host told us.
 #[derive(Debug)]
 pub struct Found {
+    /// The container: `--vmid` / `[host] vmid`, else the one doctor would pick.
+    pub vmid: u32,
     /// The container's address, as a machine on its network reaches it.
     pub addr: Ipv4Addr,
     /// Where the address came from, for messages.
@@ -243,10 +245,22 @@ pub struct Found {
 
 /// Reads the container's address and (with `key_file`) the proxy's key from the host: `pveversion` (a readable
 /// error for a host that is not Proxmox), `pct config`, `ip -4 addr` in the container when net0 has no static
-/// address, and `cat FILE` in the container.
-pub fn read(remote: &Remote, vmid: u32, key_file: Option<&str>) -> Result<Found> {
+/// address, and `cat FILE` in the container. Without a vmid, the container is the one doctor picks (the only
+/// one with NVIDIA devices, else the only one), from doctor's own probes.
+pub fn read(remote: &Remote, key_file: Option<&str>) -> Result<Found> {
     let host = remote.connect()?;
     crate::transport::ensure_proxmox(host.as_ref())?;
+    let vmid = match remote.vmid {
+        Some(v) => v,
+        None => crate::doctor::facts::gather(host.as_ref(), None)?
+            .vmid
+            .with_context(|| {
+                format!(
+                    "{} has no container: pass --vmid N, or set [host] vmid in llmctl.toml",
+                    host.describe()
+                )
+            })?,
+    };
     let ct = Container::new(host.as_ref(), vmid);
     let config = ct.config()?;
     let net0 = parse_net0(&config).with_context(|| {
@@ -277,6 +291,7 @@ pub fn read(remote: &Remote, vmid: u32, key_file: Option<&str>) -> Result<Found>
         None => None,
     };
     Ok(Found {
+        vmid,
         addr,
         addr_source,
         key,
