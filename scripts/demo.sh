@@ -64,8 +64,9 @@ threads = 2
 cache_type_k = "f16"
 cache_type_v = "f16"
 port = 8080
-# The tiny test model was trained on 8k tokens; Claude Code's first prompt is ~20k.
-extra_args = ["-np", "1", "--override-kv", "llama.context_length=int:32768"]
+# The tiny test model was trained on 8k tokens; Claude Code's first prompt is ~20k. +5 on its end-of-turn token
+# keeps its replies short on a CPU (see tests/e2e/stack.py).
+extra_args = ["-np", "1", "--override-kv", "llama.context_length=int:32768", "--logit-bias", "2+5"]
 
 [proxy]
 listen = "0.0.0.0:4000"
@@ -95,13 +96,12 @@ run provision --yes | tail -n 4
 
 if [ "${SKIP_CLAUDE:-}" = 1 ]; then exit 0; fi
 echo
-echo "== 6. the real Claude Code against the provisioned container's proxy (http://$SIM_ADDR:4000)"
-key=$(fixtures/sim/simhost exec "$SIM" pct exec 103 -- cat /etc/llmctl/proxy-api-key)
+echo "== 6. the real Claude Code on \"your laptop\" (a fresh HOME here) against the provisioned container's proxy"
 home=$(mktemp -d)
+# The container's address and the proxy's key come from the host over SSH, into ~/.claude/settings.json only.
+HOME=$home run client-config claude --from-host --write
 echo "claude -p 'Say hello' (its first prompt is ~20k tokens: a few minutes of CPU prefill on 2 cores)"
-HOME=$home ANTHROPIC_BASE_URL=http://$SIM_ADDR:4000 ANTHROPIC_API_KEY=$key DISABLE_TELEMETRY=1 \
-  CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1 DISABLE_AUTOUPDATER=1 \
-  timeout 900 "$LLMCTL_CLAUDE_BIN" -p "Say hello" </dev/null
+(cd "$home" && env -i PATH="$PATH" HOME="$home" timeout 900 "$LLMCTL_CLAUDE_BIN" -p "Say hello" </dev/null)
 echo
 echo "proxy log in the container (one line per request):"
 fixtures/sim/simhost exec "$SIM" pct exec 103 -- journalctl -u llmctl-proxy -n 3 --no-pager -o cat

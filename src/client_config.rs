@@ -10,6 +10,8 @@
 //! comments) are kept, the old file is backed up, the new one written atomically with mode 0600 (it may hold a
 //! key), a symlinked file is written through its link, and a file that does not parse or is read-only is never
 //! overwritten.
+//! The address and key come from the flags, or ([`from_host`]) from the provisioned host over SSH, proven by one
+//! request before anything is written; [`from_host::source`] is the precedence between the two.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -20,6 +22,8 @@ use serde_json::{Map, Value, json};
 
 use crate::cli::GlobalArgs;
 use crate::outcome::Outcome;
+
+pub mod from_host;
 
 pub const DEFAULT_PROXY_URL: &str = "http://127.0.0.1:4000";
 pub const DEFAULT_LLAMA_URL: &str = "http://127.0.0.1:11434";
@@ -52,13 +56,26 @@ pub struct ClientConfigArgs {
     /// Which client to configure
     #[arg(value_enum)]
     pub client: Client,
-    /// Address of `llmctl serve-proxy` (Claude Code, Codex)
-    #[arg(long, value_name = "URL", default_value = DEFAULT_PROXY_URL)]
-    pub proxy_url: String,
+    /// Read the proxy's address and key from the provisioned host over SSH (the container's address, the port
+    /// of [proxy].listen, the key file in the container), then prove them with one request before writing.
+    /// Also the default when llmctl.toml has a [host] section and none of --proxy-url, --llama-url,
+    /// --api-key-env is given; --host or --vmid imply it
+    #[arg(long)]
+    pub from_host: bool,
+    #[command(flatten)]
+    pub target: crate::remote::HostArgs,
+    /// Print the proxy's key read from the host (it is otherwise written only into the settings file)
+    #[arg(long)]
+    pub show_key: bool,
+    /// Address of `llmctl serve-proxy` (Claude Code, Codex) [default: from the host (see --from-host), else
+    /// http://127.0.0.1:4000]
+    #[arg(long, value_name = "URL")]
+    pub proxy_url: Option<String>,
     /// Address of llama-server: pi's endpoint, and where every client's context window and default model
-    /// are read from (/props, /v1/models) unless --context and --model give them
-    #[arg(long, value_name = "URL", default_value = DEFAULT_LLAMA_URL)]
-    pub llama_url: String,
+    /// are read from (/props, /v1/models) unless --context and --model give them [default: from the host (see
+    /// --from-host), else http://127.0.0.1:11434]
+    #[arg(long, value_name = "URL")]
+    pub llama_url: Option<String>,
     /// Name of the environment variable holding the proxy's (or llama-server's) API key. Claude Code, pi:
     /// its value is written into the settings, never taken from the command line. Codex: the name itself is
     /// written (env_key) and Codex reads the variable when it runs
@@ -82,8 +99,38 @@ pub struct ClientConfigArgs {
     pub file: Option<PathBuf>,
 }
 
-pub fn run(_global: &GlobalArgs, args: ClientConfigArgs) -> Result<Outcome> {
-    let key = match (&args.api_key_env, args.client) {
+/// Where the client goes and with which key, from the flags or from the host.
+struct Endpoints {
+    proxy_url: String,
+    /// llama-server, or why it cannot be reached from here (asked only when a client needs it).
+    llama_url: std::result::Result<String, String>,
+    /// The key from --api-key-env (Claude Code, pi).
+    env_key: Option<String>,
+    /// The proxy's key read from the host: written into the settings, shown only with --show-key.
+    host_key: Option<from_host::Secret>,
+    /// The container's address and where it and the key came from, for the messages of a failed check.
+    addr: String,
+    addr_source: String,
+    key_source: String,
+}
+
+impl Endpoints {
+    fn llama_url(&self) -> Result<&str> {
+        self.llama_url
+            .as_deref()
+            .map_err(|why| anyhow::anyhow!("{why}; or pass --llama-url URL, or --context N"))
+    }
+}
+
+pub fn run(global: &GlobalArgs, args: ClientConfigArgs) -> Result<Outcome> {
+    let file = crate::config::ConfigFile::load(global.config.as_deref())?;
+    let source = from_host::source(
+        args.from_host,
+        args.target.host.is_some() || args.target.vmid.is_some(),
+        args.proxy_url.is_some() || args.llama_url.is_some() || args.api_key_env.is_some(),
+        file.section::<toml::Table>("host")?.is_some(),
+    );
+    let env_key = match (&args.api_key_env, args.client) {
         // Codex reads the variable itself; only its name goes into config.toml.
         (Some(_), Client::Codex) | (None, _) => None,
         (Some(name), _) => Some(std::env::var(name).map_err(|_| {
@@ -92,9 +139,45 @@ pub fn run(_global: &GlobalArgs, args: ClientConfigArgs) -> Result<Outcome> {
             )
         })?),
     };
+    // Notes go where they do not mix with settings printed for a pipe.
+    let note = |line: &str| {
+        if args.write {
+            println!("{line}");
+        } else {
+            eprintln!("{line}");
+        }
+    };
+    let ends = match source {
+        from_host::Source::Flags => Endpoints {
+            proxy_url: args
+                .proxy_url
+                .clone()
+                .unwrap_or_else(|| DEFAULT_PROXY_URL.into()),
+            llama_url: Ok(args
+                .llama_url
+                .clone()
+                .unwrap_or_else(|| DEFAULT_LLAMA_URL.into())),
+            env_key,
+            host_key: None,
+            addr: String::new(),
+            addr_source: String::new(),
+            key_source: String::new(),
+        },
+        from_host::Source::Host => {
+            let ends = endpoints_from_host(global, &args, &file, env_key, &note)?;
+            prove(&args, &ends, &note)?;
+            ends
+        }
+    };
+    // The host's key is the proxy's: llama-server is not sent it.
+    let key = ends
+        .host_key
+        .as_ref()
+        .map(|k| k.expose().to_string())
+        .or(ends.env_key.clone());
     let context = match args.context {
         Some(n) => check_context(n)?,
-        None => discover_context(&args.llama_url, key.as_deref())?,
+        None => discover_context(ends.llama_url()?, ends.env_key.as_deref())?,
     };
     if args.client == Client::Claude && context < CLAUDE_MIN_COMFORTABLE_CONTEXT {
         eprintln!(
@@ -105,36 +188,46 @@ pub fn run(_global: &GlobalArgs, args: ClientConfigArgs) -> Result<Outcome> {
     let model = match (&args.model, args.client) {
         (Some(m), _) => Some(m.clone()),
         (None, Client::Claude) => None,
-        (None, _) => Some(discover_model(&args.llama_url)?),
+        (None, _) => Some(discover_model(ends.llama_url()?)?),
     };
     let edit = match args.client {
         Client::Claude => Edit::Json(claude_settings(
-            &args.proxy_url,
+            &ends.proxy_url,
             key.as_deref(),
             model.as_deref(),
             context,
         )?),
-        Client::Codex => Edit::Toml(codex_provider(
-            &args.proxy_url,
-            args.api_key_env.as_deref(),
-            model.as_deref().unwrap_or_default(),
-            context,
-        )?),
+        Client::Codex => {
+            let mut c = codex_provider(
+                &ends.proxy_url,
+                args.api_key_env.as_deref(),
+                model.as_deref().unwrap_or_default(),
+                context,
+            )?;
+            // Codex reads a key from its environment (env_key) or from the provider table itself.
+            c.bearer_token = ends.host_key.clone();
+            Edit::Toml(c)
+        }
         Client::Pi => Edit::Json(pi_models(
-            &args.llama_url,
+            ends.llama_url()?,
             key.as_deref(),
             model.as_deref().unwrap_or_default(),
             context,
         )?),
     };
-    let mut out = std::io::stdout().lock();
     if !args.write {
-        match &edit {
-            Edit::Json(v) => writeln!(out, "{}", serde_json::to_string_pretty(v)?)?,
-            Edit::Toml(c) => write!(out, "{}", c.render())?,
-        }
+        let text = match &edit {
+            Edit::Json(v) => format!("{}\n", serde_json::to_string_pretty(v)?),
+            Edit::Toml(c) => c.render(),
+        };
+        let text = match args.show_key {
+            true => text,
+            false => from_host::redact(&text, ends.host_key.as_ref()),
+        };
+        std::io::stdout().lock().write_all(text.as_bytes())?;
         return Ok(Outcome::Success);
     }
+    let mut out = std::io::stdout().lock();
     let path = match &args.file {
         Some(p) => p.clone(),
         None => default_file(args.client)?,
@@ -168,7 +261,114 @@ pub fn run(_global: &GlobalArgs, args: ClientConfigArgs) -> Result<Outcome> {
             "Codex reads the proxy's key from ${name} when it runs: export it there"
         )?;
     }
+    if let (true, Some(k)) = (args.show_key, &ends.host_key) {
+        writeln!(out, "key: {}", k.expose())?;
+    }
+    if source == from_host::Source::Host {
+        writeln!(
+            out,
+            "next: {}",
+            match args.client {
+                Client::Claude => "claude -p \"Say hello\"",
+                Client::Codex => "codex exec \"Say hello\"",
+                Client::Pi => "pi",
+            }
+        )?;
+    }
     Ok(Outcome::Success)
+}
+
+/// `--from-host`: the container's address and the proxy's key from the host, the ports from llmctl.toml.
+fn endpoints_from_host(
+    global: &GlobalArgs,
+    args: &ClientConfigArgs,
+    file: &crate::config::ConfigFile,
+    env_key: Option<String>,
+    note: &dyn Fn(&str),
+) -> Result<Endpoints> {
+    use crate::provision::config::{ServerSection, provisioned_key_file, provisioned_listen};
+    let remote = args.target.resolve(global)?;
+    let proxy: crate::proxy::config::ProxyConfig = file.section("proxy")?.unwrap_or_default();
+    let server: ServerSection = file.section("server")?.unwrap_or_default();
+    let key_file = provisioned_key_file(&proxy);
+    // pi talks to llama-server, which has no key; --api-key-env names the key to use instead of the host's.
+    let want_key = args.client != Client::Pi && args.api_key_env.is_none();
+    let found = from_host::read(&remote, want_key.then_some(key_file.as_str()))?;
+    let vmid = found.vmid;
+    let proxy_url = match &args.proxy_url {
+        Some(u) => u.clone(),
+        None => from_host::proxy_url(provisioned_listen(&proxy), found.addr)?,
+    };
+    let llama_url = match &args.llama_url {
+        Some(u) => Ok(u.clone()),
+        None => from_host::llama_url(&server.host, server.port, found.addr),
+    };
+    note(&format!("from {}, CT {vmid}:", remote.host));
+    note(&format!(
+        "  address   {} ({})",
+        found.addr, found.addr_source
+    ));
+    match args.client {
+        Client::Pi => note(&format!(
+            "  llama     {}",
+            llama_url.as_deref().unwrap_or("(not reachable from here)")
+        )),
+        _ => note(&format!(
+            "  proxy     {proxy_url} (port from [proxy].listen)"
+        )),
+    }
+    if found.key.is_some() {
+        note(&format!(
+            "  key       {key_file} in CT {vmid} (into the settings file only{})",
+            if args.show_key {
+                ""
+            } else {
+                "; --show-key prints it"
+            }
+        ));
+    }
+    Ok(Endpoints {
+        proxy_url,
+        llama_url,
+        env_key,
+        host_key: found.key,
+        addr: found.addr.to_string(),
+        addr_source: found.addr_source,
+        key_source: format!("{key_file} in CT {vmid}"),
+    })
+}
+
+/// One real request with the settings about to be written: through the proxy with the key (Claude Code,
+/// Codex), or to llama-server (pi). A failure stops before anything is written, with what failed and the fix.
+fn prove(args: &ClientConfigArgs, ends: &Endpoints, note: &dyn Fn(&str)) -> Result<()> {
+    let (probe, base) = match args.client {
+        Client::Pi => (from_host::Probe::Llama, ends.llama_url()?),
+        _ => (from_host::Probe::Proxy, ends.proxy_url.as_str()),
+    };
+    let env_key = ends.env_key.clone().map(from_host::Secret::new);
+    let key = ends.host_key.as_ref().or(env_key.as_ref());
+    match from_host::check(probe, base, key, args.model.as_deref()) {
+        Ok((url, took)) => {
+            note(&format!(
+                "  checked   POST {url}{}: answered in {:.1} s",
+                if key.is_some() { " with the key" } else { "" },
+                took.as_secs_f64()
+            ));
+            Ok(())
+        }
+        Err((url, failure)) => {
+            let hint = from_host::Hint {
+                url: &url,
+                addr: &ends.addr,
+                addr_source: &ends.addr_source,
+                key_source: &ends.key_source,
+            };
+            bail!(
+                "{}\nnothing was written",
+                from_host::explain(&failure, &hint)
+            )
+        }
+    }
 }
 
 /// What one client's settings become: a JSON fragment merged one level deep, or Codex's TOML provider.
@@ -306,6 +506,9 @@ pub struct CodexConfig {
     pub auto_compact_token_limit: u64,
     pub base_url: String,
     pub env_key: Option<String>,
+    /// The proxy's key itself (`experimental_bearer_token`), when it was read from the host: Codex then needs no
+    /// variable exported. Takes the place of `env_key`.
+    pub bearer_token: Option<from_host::Secret>,
 }
 
 /// Codex's provider entry for serve-proxy's `/v1/responses` (shape: shared/reference/codex-traffic.md §1).
@@ -337,6 +540,7 @@ pub fn codex_provider(
         auto_compact_token_limit: context - context / 10,
         base_url: base,
         env_key: env_key.map(str::to_owned),
+        bearer_token: None,
     })
 }
 
@@ -379,6 +583,13 @@ impl CodexConfig {
             Some(k) => set(entry, "env_key", k.as_str()),
             None => {
                 entry.remove("env_key");
+            }
+        }
+        // Codex sends this token when it is set, whatever env_key says: one of the two, never a stale one.
+        match &self.bearer_token {
+            Some(t) => set(entry, "experimental_bearer_token", t.expose()),
+            None => {
+                entry.remove("experimental_bearer_token");
             }
         }
         set(

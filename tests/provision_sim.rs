@@ -219,6 +219,16 @@ listen = "0.0.0.0:4000"
         .unwrap();
     }
 
+    /// Adds a line to the `[server]` section.
+    fn server_option(&self, line: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        std::fs::write(
+            &self.config,
+            text.replace("[server]\n", &format!("[server]\n{line}\n")),
+        )
+        .unwrap();
+    }
+
     fn set_version(&self, version: &str) {
         let text = std::fs::read_to_string(&self.config).unwrap();
         let re = regex::Regex::new(r#"version = "[0-9.]+""#).unwrap();
@@ -263,6 +273,12 @@ fn assert_healthy(bed: &Bed) {
 fn fresh_host_is_provisioned_and_a_second_run_changes_nothing() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let bed = Bed::new("fresh");
+    // Claude Code answers through this host at the end: its ~20k-token first prompt needs one 32k slot (the tiny
+    // model was trained on 8k), and +5 on SmolLM2's end-of-turn token keeps its reply short on a CPU (see the
+    // claude role in tests/e2e/stack.py).
+    bed.server_option(
+        r#"extra_args = ["-np", "1", "--override-kv", "llama.context_length=int:32768", "--logit-bias", "2+5"]"#,
+    );
     let before = bed.doctor();
     assert_eq!(
         before.status.code(),
@@ -343,7 +359,151 @@ fn fresh_host_is_provisioned_and_a_second_run_changes_nothing() {
         !text(&first).contains(&key),
         "the key must never be printed"
     );
+
+    // provision ends with the next command, on its own and once everything is in place.
+    let next = format!(
+        "llmctl --config {} client-config claude --from-host --write --identity {} --known-hosts {}",
+        bed.config.display(),
+        bed.sim.key.display(),
+        bed.sim.known_hosts.display()
+    );
+    assert!(stdout(&first).contains(&next), "{}", text(&first));
+    assert!(stdout(&check).contains(&next), "{}", text(&check));
+
+    the_last_mile_claude_code_answers_on_a_laptop(&bed, &key);
+    // Last: it stops the proxy to see status report it down.
     status_and_logs_on_a_provisioned_host(&bed, &key);
+}
+
+/// `client-config claude --from-host` on "a laptop" (this side of the sim's veth) reads the container's address
+/// and the proxy's key over SSH and writes them into a fresh HOME; then the real Claude Code, configured by that
+/// settings file alone, answers `claude -p` through the provisioned proxy.
+fn the_last_mile_claude_code_answers_on_a_laptop(bed: &Bed, key: &str) {
+    let home = tempfile::tempdir().unwrap();
+    let client_config = |extra: &[&str]| {
+        let mut c = Command::new(llmctl());
+        c.arg("--config").arg(&bed.config).arg("client-config");
+        c.args(bed.args()).arg("claude").args(extra);
+        c.env("HOME", home.path()).stdin(Stdio::null());
+        c.output().expect("run llmctl client-config")
+    };
+    let proxy = format!("http://{}:4000", bed.sim.addr);
+
+    // Without --write: the settings on stdout, the key left out.
+    let shown = client_config(&["--from-host"]);
+    assert_ok(&shown, "client-config claude --from-host");
+    assert!(!text(&shown).contains(key), "{}", text(&shown));
+    let v: serde_json::Value =
+        serde_json::from_slice(&shown.stdout).expect("settings JSON on stdout");
+    assert_eq!(v["env"]["ANTHROPIC_BASE_URL"], proxy.as_str());
+    assert!(
+        v["env"]["ANTHROPIC_AUTH_TOKEN"]
+            .as_str()
+            .unwrap()
+            .contains("--show-key")
+    );
+
+    let started = std::time::Instant::now();
+    let written = client_config(&["--from-host", "--write"]);
+    assert_ok(&written, "client-config claude --from-host --write");
+    let out = stdout(&written);
+    eprintln!(
+        "client-config claude --from-host --write ({:.1} s):\n{out}",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        !text(&written).contains(key),
+        "the key is never printed:\n{}",
+        text(&written)
+    );
+    assert!(
+        out.contains(&format!("address   {} (eth0 in CT 103", bed.sim.addr)),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "checked   POST {proxy}/v1/messages with the key: answered in"
+        )),
+        "{out}"
+    );
+    let settings = home.path().join(".claude/settings.json");
+    assert!(
+        out.contains(&format!("created {}", settings.display())),
+        "{out}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&settings).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the settings file holds the key");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&settings).unwrap()).unwrap();
+    assert_eq!(v["env"]["ANTHROPIC_BASE_URL"], proxy.as_str());
+    assert_eq!(v["env"]["ANTHROPIC_AUTH_TOKEN"], key);
+    assert_eq!(v["env"]["CLAUDE_CODE_AUTO_COMPACT_WINDOW"], "32768");
+
+    // The real Claude Code with nothing but that HOME: no key or URL in its environment.
+    let work = home.path().join("proj");
+    std::fs::create_dir(&work).unwrap();
+    let started = std::time::Instant::now();
+    let claude = Command::new("timeout")
+        .arg("900")
+        .arg(stack_var("LLMCTL_CLAUDE_BIN"))
+        .args(["-p", "Say hello"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", home.path())
+        .current_dir(&work)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run claude");
+    let took = started.elapsed().as_secs_f64();
+    let journal = |unit: &str| {
+        let o = bed.sim.exec(&[
+            "pct",
+            "exec",
+            "103",
+            "--",
+            "journalctl",
+            "-u",
+            unit,
+            "--no-pager",
+            "-o",
+            "cat",
+        ]);
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert!(
+        claude.status.success(),
+        "claude -p \"Say hello\" with the written settings failed after {took:.0} s:\n{}\n--- llmctl-proxy's \
+         journal\n{}\n--- llama-server's journal (end)\n{}",
+        text(&claude),
+        journal("llmctl-proxy"),
+        journal("llama-server")
+            .lines()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let reply = stdout(&claude);
+    eprintln!(
+        "claude -p \"Say hello\" answered in {took:.0} s: {:?}",
+        reply.trim()
+    );
+    assert!(!reply.trim().is_empty(), "{}", text(&claude));
+    // It went through the provisioned proxy: Claude Code streams, the check above did not.
+    let log = journal("llmctl-proxy");
+    // One JSON line per request (LLMCTL_LOG_FORMAT=json in the unit).
+    let streamed = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["path"] == "/v1/messages" && v["status"] == 200 && v["stream"] == true)
+        .count();
+    assert!(
+        streamed >= 1,
+        "no streamed /v1/messages in the proxy's log:\n{log}"
+    );
 }
 
 /// For a failure message: the stack as `llmctl status` sees it and the services' last journal lines (seen

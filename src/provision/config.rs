@@ -192,6 +192,19 @@ impl Default for ServerSection {
 pub const PROVISIONED_LISTEN: &str = "0.0.0.0:4000";
 pub const PROVISIONED_KEY_FILE: &str = "/etc/llmctl/proxy-api-key";
 
+/// The listen address of the proxy provision installs from this `[proxy]` (client-config --from-host reads it too).
+pub fn provisioned_listen(proxy: &crate::proxy::config::ProxyConfig) -> &str {
+    proxy.listen.as_deref().unwrap_or(PROVISIONED_LISTEN)
+}
+
+/// The key file (in the container) of the proxy provision installs from this `[proxy]`.
+pub fn provisioned_key_file(proxy: &crate::proxy::config::ProxyConfig) -> String {
+    proxy.api_key_file.as_ref().map_or_else(
+        || PROVISIONED_KEY_FILE.to_string(),
+        |p| p.display().to_string(),
+    )
+}
+
 /// Everything `llmctl provision` needs, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProvisionConfig {
@@ -220,7 +233,7 @@ impl fmt::Display for FieldError {
 impl ProvisionConfig {
     /// The provisioned proxy's listen address.
     pub fn proxy_listen(&self) -> &str {
-        self.proxy.listen.as_deref().unwrap_or(PROVISIONED_LISTEN)
+        provisioned_listen(&self.proxy)
     }
 
     /// The port the proxy listens on, which the container's own health checks and smoke test dial on 127.0.0.1.
@@ -233,10 +246,7 @@ impl ProvisionConfig {
 
     /// The provisioned proxy's key file (in the container).
     pub fn proxy_key_file(&self) -> Option<String> {
-        Some(self.proxy.api_key_file.as_ref().map_or_else(
-            || PROVISIONED_KEY_FILE.to_string(),
-            |p| p.display().to_string(),
-        ))
+        Some(provisioned_key_file(&self.proxy))
     }
 
     /// Reads and validates the provisioning sections; every problem is reported, not only the first.

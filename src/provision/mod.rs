@@ -175,11 +175,12 @@ pub fn run(global: &GlobalArgs, args: ProvisionArgs) -> Result<Outcome> {
             ""
         }
     )?;
-    if args.plan {
-        return Ok(Outcome::Success);
-    }
-    if args.check {
-        return Ok(if changes == 0 && !refused {
+    let clean = changes == 0 && !refused;
+    if args.plan || args.check {
+        if clean && args.only.is_empty() {
+            write!(out, "{}", next_step(global, &args))?;
+        }
+        return Ok(if clean || args.plan {
             Outcome::Success
         } else {
             Outcome::ProblemsFound
@@ -210,7 +211,48 @@ pub fn run(global: &GlobalArgs, args: ProvisionArgs) -> Result<Outcome> {
         "\ndone: {changed} step(s) changed, {} already as configured",
         applied.len() - changed
     )?;
+    if args.only.is_empty() {
+        write!(out, "{}", next_step(global, &args))?;
+    }
     Ok(Outcome::Success)
+}
+
+/// What to run next once the host is as configured: point Claude Code on this machine at the proxy.
+fn next_step(global: &GlobalArgs, args: &ProvisionArgs) -> String {
+    format!(
+        "\nnext, on the machine you code on (codex or pi instead of claude for those clients):\n  {}\n",
+        next_command(
+            global.config.as_deref(),
+            args.host.as_deref(),
+            &args.identity,
+            args.known_hosts.as_deref()
+        )
+    )
+}
+
+/// `llmctl client-config claude --from-host --write` with the config file, host and SSH flags this run was
+/// given, so it reaches the same host the same way (its key is known by now: no --accept-new-host-key).
+pub fn next_command(
+    config: Option<&std::path::Path>,
+    host: Option<&str>,
+    identity: &[PathBuf],
+    known_hosts: Option<&std::path::Path>,
+) -> String {
+    let mut argv: Vec<String> = vec!["llmctl".into()];
+    if let Some(c) = config {
+        argv.extend(["--config".into(), c.display().to_string()]);
+    }
+    argv.extend(["client-config", "claude", "--from-host", "--write"].map(String::from));
+    if let Some(h) = host {
+        argv.extend(["--host".into(), h.to_string()]);
+    }
+    for i in identity {
+        argv.extend(["--identity".into(), i.display().to_string()]);
+    }
+    if let Some(k) = known_hosts {
+        argv.extend(["--known-hosts".into(), k.display().to_string()]);
+    }
+    crate::shell::join(&argv)
 }
 
 /// Runs the steps, printing one line per step (and the actions a change takes) as each finishes.
@@ -401,6 +443,25 @@ fn free_backup_path(path: &std::path::Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_next_command_reaches_the_host_the_same_way() {
+        assert_eq!(
+            next_command(None, None, &[], None),
+            "llmctl client-config claude --from-host --write"
+        );
+        let id = [PathBuf::from("/root/.ssh/pve key")];
+        assert_eq!(
+            next_command(
+                Some(std::path::Path::new("lab/llmctl.toml")),
+                Some("root@10.0.0.2"),
+                &id,
+                Some(std::path::Path::new("/tmp/kh"))
+            ),
+            "llmctl --config lab/llmctl.toml client-config claude --from-host --write --host root@10.0.0.2 \
+             --identity '/root/.ssh/pve key' --known-hosts /tmp/kh"
+        );
+    }
 
     #[test]
     fn a_second_force_keeps_both_backups() {

@@ -36,6 +36,24 @@ impl<'a> Container<'a> {
         out
     }
 
+    /// `pct config <vmid>`: the container's configuration as Proxmox prints it (keys sorted, no snapshots).
+    pub fn config(&self) -> anyhow::Result<String> {
+        let out = self.pct(&Cmd::new([
+            "pct".to_string(),
+            "config".into(),
+            self.vmid.to_string(),
+        ]))?;
+        if !out.success() {
+            anyhow::bail!(
+                "`pct config {}` failed on {}: {}",
+                self.vmid,
+                self.host.describe(),
+                out.stderr.trim()
+            );
+        }
+        Ok(out.stdout)
+    }
+
     fn host_cmd(&self, argv: Vec<String>) -> Cmd {
         Cmd::new(argv)
     }
