@@ -436,9 +436,16 @@ pub fn claude_settings(
             env.insert(k.into(), json!(m));
         }
     }
-    // Claude Code assumes 200k for a model it does not know, and then never compacts a smaller slot.
+    // Claude Code assumes 200k for a model it does not know, and then never compacts a smaller slot. The
+    // compaction window alone is not enough: 2.1.332 raises a value below its 100k floor and warns, so the real
+    // window of an unknown model goes in CLAUDE_CODE_MAX_CONTEXT_TOKENS as well (the binary reads it as that
+    // model's context window).
     env.insert(
         "CLAUDE_CODE_AUTO_COMPACT_WINDOW".into(),
+        json!(context.to_string()),
+    );
+    env.insert(
+        "CLAUDE_CODE_MAX_CONTEXT_TOKENS".into(),
         json!(context.to_string()),
     );
     env.insert(
@@ -937,6 +944,7 @@ mod tests {
             assert_eq!(env[tier], "local", "{tier}");
         }
         assert_eq!(env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"], "32768");
+        assert_eq!(env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"], "32768");
         assert_eq!(env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"], "1");
         assert_eq!(env["DISABLE_TELEMETRY"], "1");
         assert_eq!(env["API_TIMEOUT_MS"], API_TIMEOUT_MS);
@@ -945,6 +953,7 @@ mod tests {
         assert_eq!(v["env"]["ANTHROPIC_BASE_URL"], "http://h:1");
         assert_eq!(v["env"]["ANTHROPIC_AUTH_TOKEN"], NO_KEY);
         assert_eq!(v["env"]["CLAUDE_CODE_AUTO_COMPACT_WINDOW"], "65536");
+        assert_eq!(v["env"]["CLAUDE_CODE_MAX_CONTEXT_TOKENS"], "65536");
         assert!(v["env"].get("ANTHROPIC_MODEL").is_none());
         assert!(claude_settings("127.0.0.1:4000", None, None, 32768).is_err());
     }
