@@ -512,17 +512,15 @@ pub async fn data(
         }
     };
     st.dashboard.viewed();
-    let points: Vec<Value> = st
+    // Copied out under the lock (plain values, ~100 bytes each) and turned into JSON after it: the sampler,
+    // on the accepting thread, never waits for serialization.
+    let points: Vec<Point> = st
         .dashboard
         .points
         .lock()
-        .map(|r| {
-            r.iter()
-                .filter(|p| p.t_ms > since)
-                .map(Point::to_json)
-                .collect()
-        })
+        .map(|r| r.iter().filter(|p| p.t_ms > since).copied().collect())
         .unwrap_or_default();
+    let points: Vec<Value> = points.iter().map(Point::to_json).collect();
     let upstream = st
         .dashboard
         .upstream
