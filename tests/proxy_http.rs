@@ -1006,6 +1006,160 @@ async fn metrics_count_requests_tokens_and_errors() {
     );
 }
 
+/// `GET /dashboard/data.json` with these headers, as JSON.
+async fn dashboard_data(proxy: &Proxy, query: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+    let (status, text) = get(
+        &format!("{}/dashboard/data.json{query}", proxy.url),
+        headers,
+    )
+    .await;
+    let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+    (status, v)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dashboard_page_is_open_and_its_data_needs_the_key() {
+    let mock = Mock::start(Mode::Good);
+    let proxy = Proxy::start(&mock.url, &[], &[("LLMCTL_PROXY_API_KEY", "sk-dash")]);
+
+    // The page and its assets: no key, embedded, nothing loaded from elsewhere.
+    for (path, ctype) in [
+        ("/dashboard", "text/html"),
+        ("/dashboard/dashboard.js", "text/javascript"),
+        ("/dashboard/dashboard.css", "text/css"),
+    ] {
+        let resp = client()
+            .get(format!("{}{path}", proxy.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{path}");
+        let h = resp.headers();
+        assert!(
+            h[reqwest::header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with(ctype),
+            "{path}: {h:?}"
+        );
+        let csp = h["content-security-policy"].to_str().unwrap();
+        assert!(
+            csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"),
+            "{csp}"
+        );
+        let body = resp.text().await.unwrap();
+        assert!(
+            !body.contains("http://") && !body.contains("https://") && !body.contains("//cdn"),
+            "{path} refers to another site"
+        );
+    }
+
+    // The figures: 401 without the key or with a wrong one, in either header.
+    for headers in [
+        vec![],
+        vec![("authorization", "Bearer sk-wrong")],
+        vec![("x-api-key", "sk-wrong")],
+    ] {
+        let (status, v) = dashboard_data(&proxy, "", &headers).await;
+        assert_eq!(status, 401, "{headers:?}: {v}");
+    }
+    let key = [("authorization", "Bearer sk-dash")];
+    let (status, v) = dashboard_data(&proxy, "?since=yesterday", &key).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v.to_string()
+            .contains("since=\\\"yesterday\\\" is not a time"),
+        "{v}"
+    );
+
+    // One request; within a couple of the sampler's seconds it is in a point and in the totals.
+    let url = format!("{}/v1/messages", proxy.url);
+    assert_eq!(
+        post(&url, &hello(false), &[("x-api-key", "sk-dash")])
+            .await
+            .0,
+        200
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let v = loop {
+        let (status, v) = dashboard_data(&proxy, "", &key).await;
+        assert_eq!(status, 200, "{v}");
+        let in_points: u64 = v["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["requests"].as_u64().unwrap())
+            .sum();
+        // The three 401s and the 200 (the 400 of a bad `since` is answered by the handler, after the count).
+        if in_points == 4 && v["upstream_metrics"]["status"] == "unavailable"
+            || Instant::now() > deadline
+        {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(v["capacity"], 600, "{v}");
+    assert_eq!(v["interval_ms"], 1000, "{v}");
+    let totals = &v["totals"];
+    assert_eq!(totals["requests"], 4, "{v}");
+    assert_eq!(totals["errors"], 3, "{v}");
+    assert_eq!(
+        totals["errors_by_type"],
+        json!({"authentication_error": 3}),
+        "{v}"
+    );
+    assert_eq!(totals["output_tokens"], 2, "{v}");
+    let points = v["points"].as_array().unwrap();
+    assert_eq!(
+        points
+            .iter()
+            .map(|p| p["requests"].as_u64().unwrap())
+            .sum::<u64>(),
+        4,
+        "{v}"
+    );
+    assert_eq!(
+        points
+            .iter()
+            .map(|p| p["output_tokens"].as_u64().unwrap())
+            .sum::<u64>(),
+        2,
+        "{v}"
+    );
+    assert!(
+        points
+            .iter()
+            .any(|p| p["ttft_ms"].as_f64().is_some_and(|t| t > 0.0)),
+        "{v}"
+    );
+    // The mock has no /metrics: the page is told why, and the proxy's own figures are all there is.
+    assert_eq!(v["upstream_metrics"]["status"], "unavailable", "{v}");
+    assert_eq!(
+        v["upstream_metrics"]["detail"], "the upstream has no GET /metrics (404)",
+        "{v}"
+    );
+    assert!(points.iter().all(|p| p["upstream"].is_null()), "{v}");
+    // Points are time-ordered, and `since` gives only the newer ones.
+    let ts: Vec<u64> = points.iter().map(|p| p["t"].as_u64().unwrap()).collect();
+    assert!(ts.windows(2).all(|w| w[0] < w[1]), "{ts:?}");
+    let last = *ts.last().unwrap();
+    let (_, newer) = dashboard_data(&proxy, &format!("?since={last}"), &key).await;
+    assert!(
+        newer["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["t"].as_u64().unwrap() > last),
+        "{newer}"
+    );
+    // Neither the key nor the prompt is in the data.
+    let text = v.to_string();
+    assert!(
+        !text.contains("sk-dash") && !text.contains("Say hello"),
+        "{text}"
+    );
+}
+
 #[test]
 fn sigterm_shuts_down_cleanly() {
     let mock = Mock::start(Mode::Good);

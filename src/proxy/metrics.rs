@@ -52,6 +52,15 @@ impl Histogram {
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Observations so far and their sum in nanoseconds (read separately: a sample may straddle an
+    /// observation, which a once-a-second dashboard does not notice).
+    pub fn count_and_sum_nanos(&self) -> (u64, u64) {
+        (
+            self.count.load(Ordering::Relaxed),
+            self.sum_nanos.load(Ordering::Relaxed),
+        )
+    }
+
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} histogram");
@@ -82,6 +91,21 @@ pub struct RequestRecord {
     pub upstream_wait: Duration,
 }
 
+/// Cumulative figures at one moment (see [`Metrics::totals`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub requests: u64,
+    pub errors: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub generation_tokens: u64,
+    pub generation_nanos: u64,
+    pub ttft_count: u64,
+    pub ttft_sum_nanos: u64,
+    pub in_flight: i64,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<u16, u64>>,
@@ -89,6 +113,10 @@ pub struct Metrics {
     input_tokens: AtomicU64,
     output_tokens: AtomicU64,
     cache_read_tokens: AtomicU64,
+    /// Tokens after a request's first one, and the time from its first token to its end: their ratio is the
+    /// generation speed clients saw, which the dashboard charts (two adds per request, no lock).
+    generation_tokens: AtomicU64,
+    generation_nanos: AtomicU64,
     in_flight: AtomicI64,
     ttft: Histogram,
     duration: Histogram,
@@ -103,6 +131,8 @@ impl Default for Metrics {
             input_tokens: AtomicU64::new(0),
             output_tokens: AtomicU64::new(0),
             cache_read_tokens: AtomicU64::new(0),
+            generation_tokens: AtomicU64::new(0),
+            generation_nanos: AtomicU64::new(0),
             in_flight: AtomicI64::new(0),
             ttft: Histogram::new(LATENCY_BUCKETS),
             duration: Histogram::new(LATENCY_BUCKETS),
@@ -139,10 +169,47 @@ impl Metrics {
             .fetch_add(r.cache_read_input_tokens, Ordering::Relaxed);
         if let Some(t) = r.ttft {
             self.ttft.observe(t);
+            if r.output_tokens > 1 {
+                let after_first = r.duration.saturating_sub(t);
+                self.generation_tokens
+                    .fetch_add(r.output_tokens - 1, Ordering::Relaxed);
+                self.generation_nanos.fetch_add(
+                    u64::try_from(after_first.as_nanos()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
+            }
         }
         self.duration.observe(r.duration);
         self.overhead
             .observe(r.duration.saturating_sub(r.upstream_wait));
+    }
+
+    /// The cumulative figures the dashboard samples once a second. Only the error map takes its lock; the rest
+    /// are atomics, so sampling adds nothing a request waits for.
+    pub fn totals(&self) -> Totals {
+        let (ttft_count, ttft_sum_nanos) = self.ttft.count_and_sum_nanos();
+        Totals {
+            // Every finished request is observed in `duration`: the same count as the sum of requests_total.
+            requests: self.duration.count_and_sum_nanos().0,
+            errors: self
+                .errors
+                .lock()
+                .map(|m| m.values().sum())
+                .unwrap_or_default(),
+            input_tokens: self.input_tokens.load(Ordering::Relaxed),
+            output_tokens: self.output_tokens.load(Ordering::Relaxed),
+            cache_read_tokens: self.cache_read_tokens.load(Ordering::Relaxed),
+            generation_tokens: self.generation_tokens.load(Ordering::Relaxed),
+            generation_nanos: self.generation_nanos.load(Ordering::Relaxed),
+            ttft_count,
+            ttft_sum_nanos,
+            in_flight: self.in_flight(),
+        }
+    }
+
+    /// Errors so far by type (the dashboard's breakdown).
+    pub fn errors_by_type(&self) -> BTreeMap<&'static str, u64> {
+        self.errors.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
     pub fn render(&self) -> String {
@@ -177,6 +244,20 @@ impl Metrics {
                 v.load(Ordering::Relaxed)
             );
         }
+        out.push_str("# HELP llmctl_proxy_generation_tokens_total Output tokens after each request's first one.\n");
+        out.push_str("# TYPE llmctl_proxy_generation_tokens_total counter\n");
+        let _ = writeln!(
+            out,
+            "llmctl_proxy_generation_tokens_total {}",
+            self.generation_tokens.load(Ordering::Relaxed)
+        );
+        out.push_str("# HELP llmctl_proxy_generation_seconds_total Time from each request's first token to its end.\n");
+        out.push_str("# TYPE llmctl_proxy_generation_seconds_total counter\n");
+        let _ = writeln!(
+            out,
+            "llmctl_proxy_generation_seconds_total {}",
+            self.generation_nanos.load(Ordering::Relaxed) as f64 / 1e9
+        );
         out.push_str("# HELP llmctl_proxy_in_flight_requests Requests being served now.\n");
         out.push_str("# TYPE llmctl_proxy_in_flight_requests gauge\n");
         let _ = writeln!(out, "llmctl_proxy_in_flight_requests {}", self.in_flight());
@@ -294,6 +375,68 @@ mod tests {
         assert_eq!(
             line(&text, "llmctl_proxy_request_duration_seconds_sum"),
             "llmctl_proxy_request_duration_seconds_sum 0.302"
+        );
+    }
+
+    #[test]
+    fn generation_counts_the_tokens_and_time_after_the_first_token() {
+        let m = Metrics::default();
+        for r in [
+            // 11 tokens, the first at 0.2 s, the last at 1.2 s: 10 tokens in 1 s.
+            RequestRecord {
+                status: 200,
+                output_tokens: 11,
+                ttft: Some(Duration::from_millis(200)),
+                duration: Duration::from_millis(1200),
+                ..Default::default()
+            },
+            // One token: no generation time to speak of.
+            RequestRecord {
+                status: 200,
+                output_tokens: 1,
+                ttft: Some(Duration::from_millis(100)),
+                duration: Duration::from_millis(150),
+                ..Default::default()
+            },
+            // No first token (an error): nothing.
+            RequestRecord {
+                status: 529,
+                error_type: Some("overloaded_error"),
+                duration: Duration::from_millis(5),
+                ..Default::default()
+            },
+        ] {
+            m.request_started();
+            m.request_finished(&r);
+        }
+        let t = m.totals();
+        assert_eq!(
+            t,
+            Totals {
+                requests: 3,
+                errors: 1,
+                input_tokens: 0,
+                output_tokens: 12,
+                cache_read_tokens: 0,
+                generation_tokens: 10,
+                generation_nanos: 1_000_000_000,
+                ttft_count: 2,
+                ttft_sum_nanos: 300_000_000,
+                in_flight: 0,
+            }
+        );
+        let text = m.render();
+        assert_eq!(
+            line(&text, "llmctl_proxy_generation_tokens_total "),
+            "llmctl_proxy_generation_tokens_total 10"
+        );
+        assert_eq!(
+            line(&text, "llmctl_proxy_generation_seconds_total "),
+            "llmctl_proxy_generation_seconds_total 1"
+        );
+        assert_eq!(
+            m.errors_by_type(),
+            BTreeMap::from([("overloaded_error", 1)])
         );
     }
 

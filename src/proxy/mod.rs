@@ -12,6 +12,7 @@
 // Serving (HTTP, upstream, errors, metrics).
 pub mod accounting;
 pub mod config;
+pub mod dashboard;
 pub mod error;
 pub mod messages;
 pub mod metrics;
@@ -200,6 +201,8 @@ async fn serve(settings: Settings, threads: usize) -> Result<()> {
             e.to_proxy_error(state.upstream.base()).message
         ),
     }
+    // On this (accepting) thread, not a serving one: the once-a-second sample never delays a request.
+    tokio::spawn(dashboard::sample(state.clone()));
     let app = server::router(state.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let local = listener.local_addr()?;

@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 use super::accounting::Tracker;
 use super::config::Settings;
+use super::dashboard::{self, Dashboard};
 use super::error::{Dialect, ErrorType, ProxyError};
 use super::messages::{count_tokens, messages};
 use super::metrics::Metrics;
@@ -29,6 +30,8 @@ pub struct AppState {
     pub settings: Settings,
     pub upstream: Upstream,
     pub metrics: Metrics,
+    /// The dashboard's ring of points, filled by `dashboard::sample`.
+    pub dashboard: Dashboard,
     pub started: Instant,
     /// SHA-256 of the client key: compared in constant time, and the key itself is not kept around.
     key_digest: Option<[u8; 32]>,
@@ -46,6 +49,7 @@ impl AppState {
             settings,
             upstream,
             metrics: Metrics::default(),
+            dashboard: Dashboard::default(),
             started: Instant::now(),
             key_digest,
             cut: tokio::sync::watch::Sender::new(false),
@@ -73,6 +77,10 @@ pub fn router(state: Shared) -> Router {
         .route("/", get(root))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/dashboard", get(dashboard::page))
+        .route("/dashboard/dashboard.js", get(dashboard::script))
+        .route("/dashboard/dashboard.css", get(dashboard::style))
+        .route("/dashboard/data.json", get(dashboard::data))
         .route("/v1/messages", post(messages))
         .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/v1/responses", post(responses))
@@ -108,8 +116,16 @@ fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
 }
 
 /// Health probes and the bare root need no key: load balancers and Claude Code's startup `HEAD /` carry none.
+/// Nor does the dashboard's page, its script and style: they are the same static bytes for everyone and hold
+/// no data (a browser cannot send a key with a page load); the figures, `/dashboard/data.json`, need the key.
 fn is_open(method: &Method, path: &str) -> bool {
-    path == "/health" || (path == "/" && (method == Method::GET || method == Method::HEAD))
+    let read = method == Method::GET || method == Method::HEAD;
+    path == "/health"
+        || (read
+            && matches!(
+                path,
+                "/" | "/dashboard" | "/dashboard/dashboard.js" | "/dashboard/dashboard.css"
+            ))
 }
 
 tokio::task_local! {
@@ -170,7 +186,7 @@ async fn not_found(
     t.error(ProxyError::new(
         ErrorType::NotFound,
         format!(
-            "{method} {} is not an endpoint of this proxy (it serves POST /v1/messages, POST /v1/messages/count_tokens, POST /v1/responses, GET /v1/models, GET /health, GET /metrics)",
+            "{method} {} is not an endpoint of this proxy (it serves POST /v1/messages, POST /v1/messages/count_tokens, POST /v1/responses, GET /v1/models, GET /health, GET /metrics, GET /dashboard)",
             uri.path()
         ),
     ))
@@ -461,5 +477,9 @@ mod tests {
         assert!(is_open(&Method::GET, "/health"));
         assert!(!is_open(&Method::POST, "/"));
         assert!(!is_open(&Method::GET, "/metrics"));
+        assert!(is_open(&Method::GET, "/dashboard"));
+        assert!(is_open(&Method::GET, "/dashboard/dashboard.js"));
+        assert!(!is_open(&Method::POST, "/dashboard"));
+        assert!(!is_open(&Method::GET, "/dashboard/data.json"));
     }
 }

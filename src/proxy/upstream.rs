@@ -332,6 +332,36 @@ impl Upstream {
         read_json(send.await.map_err(classify)?).await
     }
 
+    /// `GET path` as text, for the dashboard's read of the upstream's Prometheus `/metrics`: a short time limit
+    /// (it runs once a second) and at most `limit` bytes (llama-server's is ~3 KB; a larger one is not it).
+    pub async fn get_text(
+        &self,
+        path: &str,
+        timeout: Duration,
+        limit: usize,
+    ) -> Result<String, UpstreamError> {
+        let url = format!("{}{path}", self.base);
+        let send = self
+            .request(reqwest::Method::GET, &url)
+            .timeout(timeout)
+            .send();
+        let resp = check_status(Response::from(send.await.map_err(classify)?)).await?;
+        let mut body = resp.into_body();
+        let mut out = Vec::new();
+        while let Some(frame) = body.frame().await {
+            if let Some(chunk) = frame.map_err(classify)?.data_ref() {
+                if out.len() + chunk.len() > limit {
+                    return Err(UpstreamError::Broken(format!(
+                        "GET {path} is larger than {limit} bytes"
+                    )));
+                }
+                out.extend_from_slice(chunk);
+            }
+        }
+        String::from_utf8(out)
+            .map_err(|_| UpstreamError::Broken(format!("GET {path} is not UTF-8 text")))
+    }
+
     async fn get_json(&self, path: &str) -> Result<Value, UpstreamError> {
         let url = format!("{}{path}", self.base);
         let send = self

@@ -133,6 +133,7 @@ class Stack:
                reply at 16 tokens/s; with +5, 6 of 6 Claude Code replies ended by themselves after 13-101 tokens).
                Capping max_tokens instead is no way out: Claude Code reports a reply cut by max_tokens as an error.
         small: a 512-token context, to provoke "prompt is too long".
+        metrics: a 4096-token context with `--metrics` (its Prometheus /metrics, which the dashboard reads).
         keyed: llama-server's own API-key check (only the llama.cpp-native target uses it).
         """
         if role in self._llamas:
@@ -145,6 +146,7 @@ class Stack:
             + ["--jinja", "--chat-template-file", f"{self.env['LLMCTL_LLAMA_TEMPLATES']}/google-gemma-4-31B-it.jinja"]
             + ["--temp", "0", "--seed", "42"],
             "small": ["-c", "512", "-np", "1"],
+            "metrics": ["-c", "4096", "-np", "1", "--metrics"],
             "keyed": ["-c", "2048", "-np", "1"],
         }[role]
         if role == "keyed":
