@@ -31,4 +31,4 @@ bump() { # VAR npm-package
 bump CLAUDE_CODE_VERSION @anthropic-ai/claude-code
 bump CODEX_VERSION @openai/codex
 if [ $check = 1 ]; then exit $behind; fi
-[ $behind = 0 ] || echo "run the e2e tests (tests/e2e/test_claude_code.py, test_codex.py) and commit $STACK"
+[ $behind = 0 ] || echo "run the e2e tests (tests/e2e/test_claude_code.py, test_codex.py, codex_tools.py) and commit $STACK"
