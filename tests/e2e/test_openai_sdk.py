@@ -11,13 +11,12 @@ the protocol guarantees it (a forced tool's name, JSON arguments under a grammar
 from __future__ import annotations
 
 import json
-import time
-import urllib.error
 import urllib.request
 
 import openai
 import pytest
 
+from checks import poll, slots_busy
 from responses_grammar import validate
 from stack import StackError, http_json
 
@@ -202,21 +201,6 @@ def test_models_list_in_openai_shape(urls):
     # The same endpoint answers an Anthropic client in Anthropic's shape.
     status, body = http_json("GET", urls("text")[0] + "/v1/models", key=KEY)
     assert status == 200 and isinstance(body, dict) and body.get("object") == "list", body
-
-
-def slots_busy(up: str) -> bool:
-    status, slots = http_json("GET", f"{up}/slots", timeout=10)
-    assert status == 200 and isinstance(slots, list), f"GET {up}/slots: {status} {slots}"
-    return any(s.get("is_processing") for s in slots)
-
-
-def poll(cond, within_s: float) -> bool:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return cond()
 
 
 def test_disconnect_cancels_generation(urls):
