@@ -22,6 +22,14 @@ pub struct HostArgs {
     /// The GPU container [default: [host] vmid in llmctl.toml, else the only container with NVIDIA devices]
     #[arg(long, value_name = "N")]
     pub vmid: Option<u32>,
+    #[command(flatten)]
+    pub ssh: SshArgs,
+}
+
+/// How to authenticate the SSH connection and check the host's key: the same flags for every command that
+/// reaches a host (doctor, status, logs, client-config --from-host, provision).
+#[derive(Debug, Clone, Default, Args)]
+pub struct SshArgs {
     /// Record the host's key in known_hosts when it is not there yet (a changed key is always refused).
     #[arg(long)]
     pub accept_new_host_key: bool,
@@ -31,6 +39,17 @@ pub struct HostArgs {
     /// known_hosts file [default: ~/.ssh/known_hosts]
     #[arg(long, value_name = "PATH")]
     pub known_hosts: Option<PathBuf>,
+}
+
+impl SshArgs {
+    pub fn options(&self) -> SshOptions {
+        SshOptions {
+            known_hosts: self.known_hosts.clone(),
+            identity_files: self.identity.clone(),
+            accept_new_host_key: self.accept_new_host_key,
+            ..SshOptions::default()
+        }
+    }
 }
 
 /// The `[host]` section of llmctl.toml, as far as these commands read it.
@@ -60,12 +79,7 @@ impl HostArgs {
         Ok(Remote {
             host,
             vmid: self.vmid.or(section.vmid),
-            options: SshOptions {
-                known_hosts: self.known_hosts.clone(),
-                identity_files: self.identity.clone(),
-                accept_new_host_key: self.accept_new_host_key,
-                ..SshOptions::default()
-            },
+            options: self.ssh.options(),
         })
     }
 }

@@ -20,7 +20,6 @@ use clap::Args;
 use crate::cli::GlobalArgs;
 use crate::outcome::Outcome;
 use crate::transport::Cmd;
-use crate::transport::ssh::SshOptions;
 use ctx::Ctx;
 use step::{Mode, Step, StepOutcome};
 
@@ -47,15 +46,8 @@ pub struct ProvisionArgs {
     /// The Proxmox host [default: [host] target in llmctl.toml]
     #[arg(long, value_name = "HOST")]
     pub host: Option<String>,
-    /// Record the host's key in known_hosts when it is not there yet (a changed key is always refused).
-    #[arg(long)]
-    pub accept_new_host_key: bool,
-    /// SSH private key to try (after ssh-agent and ~/.ssh/config's IdentityFile). Repeatable.
-    #[arg(long, value_name = "PATH")]
-    pub identity: Vec<PathBuf>,
-    /// known_hosts file [default: ~/.ssh/known_hosts]
-    #[arg(long, value_name = "PATH")]
-    pub known_hosts: Option<PathBuf>,
+    #[command(flatten)]
+    pub ssh: crate::remote::SshArgs,
     /// The llmctl binary to install in the container [default: this one]
     #[arg(long, value_name = "PATH")]
     pub llmctl_binary: Option<PathBuf>,
@@ -137,12 +129,7 @@ pub fn run(global: &GlobalArgs, args: ProvisionArgs) -> Result<Outcome> {
         |p| p.display().to_string(),
     );
     let steps = select_steps(all_steps(), &args.only)?;
-    let options = SshOptions {
-        known_hosts: args.known_hosts.clone(),
-        identity_files: args.identity.clone(),
-        accept_new_host_key: args.accept_new_host_key,
-        ..SshOptions::default()
-    };
+    let options = args.ssh.options();
     let target = cfg.host.target.clone();
     let connect: ctx::Connector = Box::new(move || crate::transport::connect(&target, &options));
     let binary = match &args.llmctl_binary {
@@ -224,8 +211,8 @@ fn next_step(global: &GlobalArgs, args: &ProvisionArgs) -> String {
         next_command(
             global.config.as_deref(),
             args.host.as_deref(),
-            &args.identity,
-            args.known_hosts.as_deref()
+            &args.ssh.identity,
+            args.ssh.known_hosts.as_deref()
         )
     )
 }
