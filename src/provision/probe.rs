@@ -85,18 +85,27 @@ async fn wait_healthy(client: &reqwest::Client, url: &str, wait: Duration) -> Re
     Ok(Outcome::ProblemsFound)
 }
 
-/// One GET, body to stdout. The key goes in a header, never in argv (it comes from `--api-key-file`).
-async fn get_once(client: &reqwest::Client, url: &str, key: Option<&str>) -> Result<Outcome> {
-    let mut req = client.get(url).timeout(Duration::from_secs(10));
-    if let Some(k) = key {
-        req = req.header("x-api-key", k);
-    }
+/// Sends `req` with the proxy key (if any) in a header, never in argv; returns the status and the body's text.
+async fn send(
+    req: reqwest::RequestBuilder,
+    url: &str,
+    key: Option<&str>,
+) -> Result<(reqwest::StatusCode, String)> {
+    let req = match key {
+        Some(k) => req.header("x-api-key", k),
+        None => req,
+    };
     let resp = req
         .send()
         .await
         .with_context(|| format!("cannot reach {url}"))?;
     let status = resp.status();
-    let body = resp.text().await.unwrap_or_default();
+    Ok((status, resp.text().await.unwrap_or_default()))
+}
+
+/// One GET, body to stdout. The key goes in a header, never in argv (it comes from `--api-key-file`).
+async fn get_once(client: &reqwest::Client, url: &str, key: Option<&str>) -> Result<Outcome> {
+    let (status, body) = send(client.get(url).timeout(Duration::from_secs(10)), url, key).await?;
     print!("{body}");
     if status.is_success() {
         return Ok(Outcome::Success);
@@ -112,20 +121,12 @@ async fn smoke(client: &reqwest::Client, base: &str, key: Option<&str>) -> Resul
         "max_tokens": 24,
         "messages": [{"role": "user", "content": "Say hello in five words."}],
     });
-    let mut req = client
+    let req = client
         .post(&url)
         .timeout(Duration::from_secs(600))
         .header("anthropic-version", "2023-06-01")
         .json(&body);
-    if let Some(k) = key {
-        req = req.header("x-api-key", k);
-    }
-    let resp = req
-        .send()
-        .await
-        .with_context(|| format!("cannot reach {url}"))?;
-    let status = resp.status();
-    let text = resp.text().await.unwrap_or_default();
+    let (status, text) = send(req, &url, key).await?;
     if !status.is_success() {
         eprintln!("{url} answered HTTP {status}: {}", text.trim());
         return Ok(Outcome::ProblemsFound);
