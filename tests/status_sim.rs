@@ -7,9 +7,10 @@ use std::process::{Command, Output, Stdio};
 
 use support::SimHost;
 
-fn llmctl(sim: &SimHost, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_llmctl"))
-        .args(args)
+/// `llmctl <args>` against the sim: its address, key and known_hosts, no llmctl.toml.
+fn command(sim: &SimHost, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_llmctl"));
+    c.args(args)
         .arg("--host")
         .arg(sim.ssh_target())
         .arg("--identity")
@@ -18,9 +19,36 @@ fn llmctl(sim: &SimHost, args: &[&str]) -> Output {
         .arg(sim.known_hosts_path())
         .env_remove("LLMCTL_CONFIG")
         .current_dir(std::env::temp_dir())
-        .stdin(Stdio::null())
-        .output()
-        .expect("run llmctl")
+        .stdin(Stdio::null());
+    c
+}
+
+fn llmctl(sim: &SimHost, args: &[&str]) -> Output {
+    command(sim, args).output().expect("run llmctl")
+}
+
+/// Starts a long-running `llmctl <args>` (`--watch`, `-f`); its stdout lines arrive on the channel with the
+/// moment each was read.
+fn spawn_lines(
+    sim: &SimHost,
+    args: &[&str],
+) -> (
+    std::process::Child,
+    std::sync::mpsc::Receiver<(std::time::Instant, String)>,
+) {
+    let mut child = command(sim, args).stdout(Stdio::piped()).spawn().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send((std::time::Instant::now(), line));
+        }
+    });
+    (child, rx)
 }
 
 fn text(o: &Output) -> String {
@@ -100,37 +128,7 @@ fn status_reads_the_gpu_and_says_what_is_down() {
 #[test]
 fn watch_prints_a_reading_every_interval() {
     let sim = SimHost::start("healthy");
-    let mut watch = Command::new(env!("CARGO_BIN_EXE_llmctl"))
-        .args([
-            "status",
-            "--json",
-            "--watch",
-            "1",
-            "--vmid",
-            "103",
-            "--host",
-            sim.ssh_target(),
-            "--identity",
-        ])
-        .arg(sim.key_path())
-        .arg("--known-hosts")
-        .arg(sim.known_hosts_path())
-        .env_remove("LLMCTL_CONFIG")
-        .current_dir(std::env::temp_dir())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = watch.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send((std::time::Instant::now(), line));
-        }
-    });
+    let (mut watch, rx) = spawn_lines(&sim, &["status", "--json", "--watch", "1", "--vmid", "103"]);
     let wait = std::time::Duration::from_secs(20);
     let reading = |line: &str| -> serde_json::Value {
         let v: serde_json::Value =
@@ -320,38 +318,9 @@ fn logs_print_the_units_journal() {
     );
 
     // -f: the lines so far, then each new one as the unit writes it, until stopped.
-    let mut follow = Command::new(env!("CARGO_BIN_EXE_llmctl"))
-        .args([
-            "logs",
-            "proxy",
-            "-f",
-            "-n",
-            "1",
-            "--host",
-            sim.ssh_target(),
-            "--identity",
-        ])
-        .arg(sim.key_path())
-        .arg("--known-hosts")
-        .arg(sim.known_hosts_path())
-        .env_remove("LLMCTL_CONFIG")
-        .current_dir(std::env::temp_dir())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = follow.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
+    let (mut follow, rx) = spawn_lines(&sim, &["logs", "proxy", "-f", "-n", "1"]);
     let wait = std::time::Duration::from_secs(20);
-    let first = rx
+    let (_, first) = rx
         .recv_timeout(wait)
         .expect("logs -f printed the last line");
     assert_eq!(Some(first.as_str()), expected.lines().last());
@@ -364,7 +333,7 @@ fn logs_print_the_units_journal() {
         "start",
         "llmctl-proxy",
     ]);
-    let next = rx
+    let (_, next) = rx
         .recv_timeout(wait)
         .expect("logs -f printed a line written after it started");
     assert!(
