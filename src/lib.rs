@@ -8,6 +8,7 @@ pub mod client_config;
 pub mod config;
 pub mod doctor;
 pub mod gpu;
+pub mod host;
 pub mod logging;
 pub mod logs;
 pub mod model;

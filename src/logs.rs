@@ -38,8 +38,8 @@ pub enum Service {
 impl Service {
     pub fn unit(self) -> &'static str {
         match self {
-            Service::Llama => crate::doctor::facts::LLAMA_UNIT,
-            Service::Proxy => crate::doctor::facts::PROXY_UNIT,
+            Service::Llama => crate::host::facts::LLAMA_UNIT,
+            Service::Proxy => crate::host::facts::PROXY_UNIT,
         }
     }
 }

@@ -252,7 +252,7 @@ pub fn read(remote: &Remote, key_file: Option<&str>) -> Result<Found> {
     crate::transport::ensure_proxmox(host.as_ref())?;
     let vmid = match remote.vmid {
         Some(v) => v,
-        None => crate::doctor::facts::gather(host.as_ref(), None)?
+        None => crate::host::facts::gather(host.as_ref(), None)?
             .vmid
             .with_context(|| {
                 format!(

@@ -5,13 +5,14 @@
 
 use serde::Serialize;
 
-use super::facts::{CtStatus, HostFacts, LLAMA_UNIT, PROXY_UNIT};
+use crate::host::facts::{CtStatus, HostFacts, LLAMA_UNIT, PROXY_UNIT};
 use crate::pve::dkms::DkmsState;
 use crate::pve::llama::{self, ArchFit};
 use crate::pve::lxc::{self, LxcConfig};
 use crate::pve::nvidia::{self, SmiReport};
 use crate::pve::packages::{NVIDIA_REPO_REVISION, upstream_version};
 use crate::pve::system;
+use crate::host::StepId;
 use crate::shell;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -37,7 +38,7 @@ pub enum Fix {
     /// A shell command for the user to run on the Proxmox host.
     Command(String),
     /// A step of `llmctl provision`.
-    Provision(&'static str),
+    Provision(StepId),
 }
 
 impl Fix {
@@ -223,7 +224,7 @@ pub fn check_driver_installed(f: &HostFacts) -> Vec<Finding> {
         Severity::Fail,
         "no NVIDIA driver is installed on the host",
         ev,
-        Fix::Provision("driver"),
+        Fix::Provision(StepId::Driver),
     )]
 }
 
@@ -268,7 +269,7 @@ pub fn check_nouveau(f: &HostFacts) -> Vec<Finding> {
                 Severity::Fail,
                 "the nouveau driver is loaded and holds the GPU",
                 ev,
-                Fix::Provision("nouveau"),
+                Fix::Provision(StepId::Nouveau),
             ),
             if blacklist_too {
                 Finding::skip(
@@ -290,7 +291,7 @@ pub fn check_nouveau(f: &HostFacts) -> Vec<Finding> {
             Severity::Warn,
             "nouveau is not blacklisted: it can take the GPU at the next boot",
             not_blacklisted_evidence(),
-            Fix::Provision("nouveau"),
+            Fix::Provision(StepId::Nouveau),
         ));
     } else {
         out.push(Finding::ok(
@@ -454,7 +455,7 @@ pub fn check_dkms(f: &HostFacts) -> Vec<Finding> {
             Some(v) => Fix::Command(shell::join(&[
                 "dkms", "install", "-m", &module, "-v", &v, "-k", &f.kernel,
             ])),
-            None => Fix::Provision("driver"),
+            None => Fix::Provision(StepId::Driver),
         };
         out.push(Finding::problem(
             "dkms.build-failed",
@@ -677,7 +678,7 @@ pub fn check_device_nodes(f: &HostFacts) -> Vec<Finding> {
             Fix::Command("modprobe nvidia_uvm && nvidia-modprobe -c0 -u".into())
         } else {
             ev.extend(not_at_boot_evidence());
-            Fix::Provision("devices-at-boot")
+            Fix::Provision(StepId::DevicesAtBoot)
         };
         out.push(Finding::problem(
             "dev.uvm-missing",
@@ -761,7 +762,7 @@ pub fn check_nodes_at_boot(f: &HostFacts) -> Vec<Finding> {
         Severity::Warn,
         "nothing loads nvidia_uvm or creates /dev/nvidia-uvm at boot: after a reboot, containers with it as devN will not start",
         not_at_boot_evidence(),
-        Fix::Provision("devices-at-boot"),
+        Fix::Provision(StepId::DevicesAtBoot),
     )]
 }
 
@@ -1141,7 +1142,7 @@ pub fn check_running(f: &HostFacts) -> Vec<Finding> {
     }
 }
 
-fn inside(f: &HostFacts) -> Option<(u32, &super::facts::InsideFacts)> {
+fn inside(f: &HostFacts) -> Option<(u32, &crate::host::facts::InsideFacts)> {
     let c = f.container.as_ref()?;
     Some((c.vmid, c.inside.as_ref()?))
 }
@@ -1330,7 +1331,7 @@ pub fn check_llama_build(f: &HostFacts) -> Vec<Finding> {
             vec![format!(
                 "CT {v}: /etc/systemd/system/{LLAMA_UNIT}.service: not found"
             )],
-            Fix::Provision("llama"),
+            Fix::Provision(StepId::Llama),
         )];
         out.extend(ct_skip(&ids[1..], "llama-server not installed"));
         return out;
@@ -1350,7 +1351,7 @@ pub fn check_llama_build(f: &HostFacts) -> Vec<Finding> {
                     .clone()
                     .unwrap_or_else(|| "CMakeCache.txt".into())
             )],
-            Fix::Provision("llama"),
+            Fix::Provision(StepId::Llama),
         ));
         out.push(Finding::skip("llama.cuda-arch", "no CMakeCache.txt"));
         return out;
@@ -1366,7 +1367,7 @@ pub fn check_llama_build(f: &HostFacts) -> Vec<Finding> {
                 ins.cmake_path.clone().unwrap_or_default(),
                 cuda.unwrap_or("(unset)")
             )],
-            Fix::Provision("llama"),
+            Fix::Provision(StepId::Llama),
         ));
         out.push(Finding::skip("llama.cuda-arch", "not a CUDA build"));
         return out;
@@ -1435,7 +1436,7 @@ fn arch_finding(f: &HostFacts, value: Option<&str>, path: Option<&str>) -> Findi
             wanted.join(";")
         ),
         ev,
-        Fix::Provision("llama"),
+        Fix::Provision(StepId::Llama),
     )
 }
 
@@ -1471,7 +1472,7 @@ pub fn check_llama_context(f: &HostFacts) -> Vec<Finding> {
                     String::new()
                 }
             )],
-            Fix::Provision("llama-service"),
+            Fix::Provision(StepId::LlamaService),
         )],
         None => vec![Finding::problem(
             ID,
@@ -1482,7 +1483,7 @@ pub fn check_llama_context(f: &HostFacts) -> Vec<Finding> {
             vec![format!(
                 "CT {v} {LLAMA_UNIT}.service ExecStart: no -c/--ctx-size"
             )],
-            Fix::Provision("llama-service"),
+            Fix::Provision(StepId::LlamaService),
         )],
     }
 }
@@ -1518,7 +1519,7 @@ pub fn check_services(f: &HostFacts) -> Vec<Finding> {
             Severity::Warn,
             "the proxy unit runs LiteLLM, which can hang Claude Code requests silently (LiteLLM 1.83 ResponsesAPIResponse validation)",
             vec![format!("CT {v} {PROXY_UNIT}.service ExecStart={exec}")],
-            Fix::Provision("proxy-service"),
+            Fix::Provision(StepId::ProxyService),
         )),
         _ => out.push(Finding::ok("svc.proxy-litellm", "the proxy is not LiteLLM")),
     }

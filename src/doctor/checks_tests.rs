@@ -2,7 +2,7 @@
 //! then changed by hand.
 
 use super::*;
-use crate::doctor::facts::{HostFacts, parse_sections};
+use crate::host::facts::{HostFacts, parse_sections};
 
 const HEALTHY_HOST: &str = "\
 ==> pveversion <==
@@ -220,7 +220,7 @@ fn fresh_host_reports_only_the_missing_driver() {
     // The container still has its own libs, but without a host module nothing there can be judged.
     assert_eq!(problems(&f), vec!["driver.not-installed"]);
     let d = finding(&f, "driver.not-installed");
-    assert_eq!(d.fix, Some(Fix::Provision("driver")));
+    assert_eq!(d.fix, Some(Fix::Provision(crate::host::StepId::Driver)));
     assert!(
         d.evidence
             .iter()
@@ -452,7 +452,7 @@ fn uvm_missing_names_the_container_that_will_not_start() {
     f.modules_load.clear();
     assert_eq!(problems(&f), vec!["dev.uvm-missing"]);
     let x = finding(&f, "dev.uvm-missing");
-    assert_eq!(x.fix, Some(Fix::Provision("devices-at-boot")));
+    assert_eq!(x.fix, Some(Fix::Provision(crate::host::StepId::DevicesAtBoot)));
     assert!(x.evidence.iter().any(|l| l.contains("no nvidia_uvm line")));
 }
 
@@ -592,7 +592,7 @@ fn locked_invalid_and_pending() {
 fn resolv_immutable_stopped_container() {
     let mut f = healthy();
     let c = f.container.as_mut().unwrap();
-    c.status = crate::doctor::facts::CtStatus::Stopped;
+    c.status = crate::host::facts::CtStatus::Stopped;
     c.inside = None;
     c.resolv_attr = Some((
         "----i---------e-------".into(),
@@ -714,7 +714,7 @@ fn stopped_container_because_a_devn_node_is_missing() {
     let mut f = healthy();
     f.dev_nodes.retain(|n| !n.path.contains("uvm"));
     let c = f.container.as_mut().unwrap();
-    c.status = crate::doctor::facts::CtStatus::Stopped;
+    c.status = crate::host::facts::CtStatus::Stopped;
     c.inside = None;
     assert_eq!(problems(&f), vec!["dev.uvm-missing"]);
     // No driver at all: the container cannot start either; only the root cause is reported.
@@ -723,7 +723,7 @@ fn stopped_container_because_a_devn_node_is_missing() {
     // All nodes there: a stopped container is its own problem.
     let mut f = healthy();
     let c = f.container.as_mut().unwrap();
-    c.status = crate::doctor::facts::CtStatus::Stopped;
+    c.status = crate::host::facts::CtStatus::Stopped;
     c.inside = None;
     assert_eq!(problems(&f), vec!["ct.not-running"]);
 }

@@ -1,11 +1,11 @@
 //! `llmctl doctor`: find what is broken on a Proxmox host and its GPU container, and say how to fix it.
 //!
-//! [`facts`] gathers read-only facts in two round trips, [`checks`] turns them into findings (pure functions),
+//! [`crate::host::facts`] gathers read-only facts in two round trips, [`checks`] turns them into findings (pure functions),
 //! and this module connects, prints the report (text or `--json`) and picks the exit code:
 //! 0 healthy (warnings allowed), 1 problems found, 2 could not run.
 
 pub mod checks;
-pub mod facts;
+
 
 use anyhow::Result;
 use clap::Args;
@@ -79,7 +79,7 @@ pub fn run(global: &GlobalArgs, args: DoctorArgs) -> Result<Outcome> {
     let (host, vmid) = (remote.host.clone(), remote.vmid);
     let gathered = remote
         .connect()
-        .and_then(|t| facts::gather(t.as_ref(), vmid));
+        .and_then(|t| crate::host::facts::gather(t.as_ref(), vmid));
     let facts = match gathered {
         Ok(f) => f,
         Err(e) if args.json => {

@@ -11,7 +11,8 @@ use super::ctx::Ctx;
 use super::host::{apt, keyring_actions, repo_list_path, run_action, run_actions, suite_of};
 use super::step::{Action, Check, Step, Target};
 use super::units;
-use crate::doctor::facts::{CtStatus, HostFacts, InsideFacts};
+use crate::host::StepId;
+use crate::host::facts::{CtStatus, HostFacts, InsideFacts};
 use crate::pve::lxc::{self, LxcConfig};
 use crate::transport::{Cmd, Transport as _};
 
@@ -55,8 +56,8 @@ fn inside<'a>(
 pub struct Create;
 
 impl Step<Ctx> for Create {
-    fn id(&self) -> &'static str {
-        "container"
+    fn id(&self) -> StepId {
+        StepId::Container
     }
     fn title(&self) -> &'static str {
         "the container exists"
@@ -116,8 +117,8 @@ pub struct Devices;
 pub const VIDEO_GID: u32 = 44;
 
 impl Step<Ctx> for Devices {
-    fn id(&self) -> &'static str {
-        "devices"
+    fn id(&self) -> StepId {
+        StepId::Devices
     }
     fn title(&self) -> &'static str {
         "GPU device nodes passed into the container (devN entries)"
@@ -289,8 +290,8 @@ pub fn strip_legacy_passthrough(text: &str, other_majors: &[u32]) -> (String, Ve
 pub struct Start;
 
 impl Step<Ctx> for Start {
-    fn id(&self) -> &'static str {
-        "start"
+    fn id(&self) -> StepId {
+        StepId::Start
     }
     fn title(&self) -> &'static str {
         "the container runs, and can start again (no immutable resolv.conf)"
@@ -347,8 +348,8 @@ impl Step<Ctx> for Start {
 pub struct CtRepo;
 
 impl Step<Ctx> for CtRepo {
-    fn id(&self) -> &'static str {
-        "ct-repo"
+    fn id(&self) -> StepId {
+        StepId::CtRepo
     }
     fn title(&self) -> &'static str {
         "NVIDIA's apt repository for the container's own Debian release"
@@ -389,8 +390,8 @@ impl Step<Ctx> for CtRepo {
 pub struct CtLibs;
 
 impl Step<Ctx> for CtLibs {
-    fn id(&self) -> &'static str {
-        "ct-libs"
+    fn id(&self) -> StepId {
+        StepId::CtLibs
     }
     fn title(&self) -> &'static str {
         "user-space driver libraries in the container at exactly the host's version, held"
@@ -484,8 +485,8 @@ pub fn ct_libs_check(inside: &InsideFacts, version: &str, vmid: u32) -> Check {
 pub struct Cuda;
 
 impl Step<Ctx> for Cuda {
-    fn id(&self) -> &'static str {
-        "cuda"
+    fn id(&self) -> StepId {
+        StepId::Cuda
     }
     fn title(&self) -> &'static str {
         "the CUDA toolkit the driver supports, in the container"
@@ -564,8 +565,8 @@ pub fn nvcc_path(cuda: &str) -> String {
 pub struct LlmctlBinary;
 
 impl Step<Ctx> for LlmctlBinary {
-    fn id(&self) -> &'static str {
-        "llmctl"
+    fn id(&self) -> StepId {
+        StepId::Llmctl
     }
     fn title(&self) -> &'static str {
         "this llmctl binary installed in the container (serve-proxy, downloads)"
@@ -627,8 +628,8 @@ pub fn build_stamp(archive_url: &str, archs: &str, cuda: &str) -> String {
 }
 
 impl Step<Ctx> for Llama {
-    fn id(&self) -> &'static str {
-        "llama"
+    fn id(&self) -> StepId {
+        StepId::Llama
     }
     fn title(&self) -> &'static str {
         "llama.cpp at the pinned ref, built with CUDA for the GPUs' architecture"
@@ -815,8 +816,8 @@ pub fn llama_actions(
 pub struct Model;
 
 impl Step<Ctx> for Model {
-    fn id(&self) -> &'static str {
-        "model"
+    fn id(&self) -> StepId {
+        StepId::Model
     }
     fn title(&self) -> &'static str {
         "the model file downloaded and its sha256 verified"
@@ -898,21 +899,21 @@ pub fn model_fetch_cmd(m: &super::config::ModelSection) -> Cmd {
 
 /// One systemd unit: its file rendered, enabled, active, and answering its health endpoint.
 pub struct Service {
-    pub id: &'static str,
+    pub id: StepId,
     pub title: &'static str,
     pub unit: &'static str,
     pub path: &'static str,
 }
 
 pub const LLAMA_SERVICE: Service = Service {
-    id: "llama-service",
+    id: StepId::LlamaService,
     title: "llama-server's systemd unit rendered, enabled, running and healthy",
     unit: "llama-server",
     path: units::LLAMA_SERVER_UNIT_PATH,
 };
 
 pub const PROXY_SERVICE: Service = Service {
-    id: "proxy-service",
+    id: StepId::ProxyService,
     title: "llmctl serve-proxy's systemd unit and API key, enabled, running and healthy",
     unit: "llmctl-proxy",
     path: units::PROXY_UNIT_PATH,
@@ -1025,7 +1026,7 @@ impl Service {
 }
 
 impl Step<Ctx> for Service {
-    fn id(&self) -> &'static str {
+    fn id(&self) -> StepId {
         self.id
     }
     fn title(&self) -> &'static str {

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use super::config::ProvisionConfig;
 use super::progress::Live;
 use super::step::Target;
-use crate::doctor::facts::{self, HostFacts};
+use crate::host::facts::{self, HostFacts};
 use crate::transport::{Cmd, Container, Output, Stream, Transport};
 
 /// Where files llmctl replaces are copied first, on the host and in the container (never inside /etc/pve:

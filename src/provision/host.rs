@@ -8,7 +8,8 @@ use anyhow::{Context, Result, bail};
 
 use super::ctx::{Ctx, HOST_CACHE_DIR};
 use super::step::{Action, Check, Step, Target};
-use crate::doctor::facts::HostFacts;
+use crate::host::StepId;
+use crate::host::facts::HostFacts;
 use crate::pve::dkms::DkmsState;
 use crate::transport::Cmd;
 
@@ -39,8 +40,8 @@ fn run(on: Target, argv: &[&str]) -> Action {
 pub struct Inventory;
 
 impl Step<Ctx> for Inventory {
-    fn id(&self) -> &'static str {
-        "inventory"
+    fn id(&self) -> StepId {
+        StepId::Inventory
     }
     fn title(&self) -> &'static str {
         "the host is a Proxmox VE host llmctl can provision"
@@ -100,8 +101,8 @@ pub fn suite_of(version_id: Option<&str>) -> Option<String> {
 pub struct Headers;
 
 impl Step<Ctx> for Headers {
-    fn id(&self) -> &'static str {
-        "headers"
+    fn id(&self) -> StepId {
+        StepId::Headers
     }
     fn title(&self) -> &'static str {
         "kernel headers for every installed kernel (DKMS builds against them)"
@@ -151,8 +152,8 @@ pub fn headers_check(f: &HostFacts) -> Check {
 pub struct Nouveau;
 
 impl Step<Ctx> for Nouveau {
-    fn id(&self) -> &'static str {
-        "nouveau"
+    fn id(&self) -> StepId {
+        StepId::Nouveau
     }
     fn title(&self) -> &'static str {
         "nouveau blacklisted"
@@ -208,8 +209,8 @@ pub fn repo_list_path(suite: &str) -> String {
 pub struct HostRepo;
 
 impl Step<Ctx> for HostRepo {
-    fn id(&self) -> &'static str {
-        "repo"
+    fn id(&self) -> StepId {
+        StepId::Repo
     }
     fn title(&self) -> &'static str {
         "NVIDIA's apt repository for the host's Debian release"
@@ -287,8 +288,8 @@ pub fn host_driver_packages(open: bool) -> Vec<&'static str> {
 pub struct Driver;
 
 impl Step<Ctx> for Driver {
-    fn id(&self) -> &'static str {
-        "driver"
+    fn id(&self) -> StepId {
+        StepId::Driver
     }
     fn title(&self) -> &'static str {
         "the NVIDIA driver at exactly the configured version, pinned and held"
@@ -490,8 +491,8 @@ fn glob_match(pattern: &str, name: &str) -> bool {
 pub struct Dkms;
 
 impl Step<Ctx> for Dkms {
-    fn id(&self) -> &'static str {
-        "dkms"
+    fn id(&self) -> StepId {
+        StepId::Dkms
     }
     fn title(&self) -> &'static str {
         "the NVIDIA module built and installed by DKMS for the running kernel"
@@ -584,8 +585,8 @@ pub fn dkms_check(f: &HostFacts, version: &str) -> Check {
 pub struct Module;
 
 impl Step<Ctx> for Module {
-    fn id(&self) -> &'static str {
-        "module"
+    fn id(&self) -> StepId {
+        StepId::Module
     }
     fn title(&self) -> &'static str {
         "the loaded kernel module is the installed driver"
@@ -690,8 +691,8 @@ fn reboot_and_wait(ctx: &mut Ctx) -> Result<()> {
 pub struct DevicesAtBoot;
 
 impl Step<Ctx> for DevicesAtBoot {
-    fn id(&self) -> &'static str {
-        "devices-at-boot"
+    fn id(&self) -> StepId {
+        StepId::DevicesAtBoot
     }
     fn title(&self) -> &'static str {
         "/dev/nvidia* (uvm included) present now and after every boot"

@@ -84,7 +84,7 @@ pub enum Check {
 /// A unit of provisioning. Implementations keep `check` free of side effects.
 pub trait Step<C> {
     /// Stable id, for `--only` and messages: `host.driver`, `ct.devices`, ...
-    fn id(&self) -> &'static str;
+    fn id(&self) -> crate::host::StepId;
     fn title(&self) -> &'static str;
     fn check(&self, ctx: &mut C) -> Result<Check>;
     fn apply(&self, ctx: &mut C, actions: &[Action]) -> Result<()>;
@@ -184,8 +184,8 @@ mod tests {
     }
 
     impl Step<Ctx> for SetValue {
-        fn id(&self) -> &'static str {
-            "test.value"
+        fn id(&self) -> crate::host::StepId {
+            crate::host::StepId::Nouveau
         }
         fn title(&self) -> &'static str {
             "value set"
@@ -246,7 +246,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("test.value did not converge") && err.contains("set-value 7"),
+            err.contains("nouveau did not converge") && err.contains("set-value 7"),
             "{err}"
         );
     }

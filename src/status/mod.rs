@@ -2,7 +2,7 @@
 //! readings, the container, both services, the model llama-server serves and how fast, and the proxy's traffic.
 //!
 //! One SSH round trip: a host-side script (a constant; the vmid and the container script travel in argv) prints
-//! each read as a `==> name <==` section (doctor's format, [`crate::doctor::facts::parse_sections`]), then runs
+//! each read as a `==> name <==` section (doctor's format, [`crate::host::facts::parse_sections`]), then runs
 //! the container's reads in one `pct exec`, where the llmctl binary provision installed reads the HTTP endpoints
 //! (`llmctl probe --get`, as provision's health checks do: the container needs no curl, and the proxy key is read
 //! from its file there, never passed in argv). Without a vmid, a first round lists the containers to pick one.
@@ -20,7 +20,7 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::cli::GlobalArgs;
-use crate::doctor::facts::{self, Probe, parse_sections};
+use crate::host::facts::{self, Probe, parse_sections};
 use crate::outcome::Outcome;
 use crate::provision::units;
 use crate::pve::lxc::LxcConfig;
