@@ -5,6 +5,7 @@
 
 use serde::Serialize;
 
+use crate::host::StepId;
 use crate::host::facts::{CtStatus, HostFacts, LLAMA_UNIT, PROXY_UNIT};
 use crate::pve::dkms::DkmsState;
 use crate::pve::llama::{self, ArchFit};
@@ -12,7 +13,6 @@ use crate::pve::lxc::{self, LxcConfig};
 use crate::pve::nvidia::{self, SmiReport};
 use crate::pve::packages::{NVIDIA_REPO_REVISION, upstream_version};
 use crate::pve::system;
-use crate::host::StepId;
 use crate::shell;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]

@@ -452,7 +452,10 @@ fn uvm_missing_names_the_container_that_will_not_start() {
     f.modules_load.clear();
     assert_eq!(problems(&f), vec!["dev.uvm-missing"]);
     let x = finding(&f, "dev.uvm-missing");
-    assert_eq!(x.fix, Some(Fix::Provision(crate::host::StepId::DevicesAtBoot)));
+    assert_eq!(
+        x.fix,
+        Some(Fix::Provision(crate::host::StepId::DevicesAtBoot))
+    );
     assert!(x.evidence.iter().any(|l| l.contains("no nvidia_uvm line")));
 }
 

@@ -6,7 +6,6 @@
 
 pub mod checks;
 
-
 use anyhow::Result;
 use clap::Args;
 use serde::Serialize;

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
+use super::apply::execute;
 use super::ctx::Ctx;
-use super::host::{apt, keyring_actions, repo_list_path, run_action, run_actions, suite_of};
+use super::host::{apt, keyring_actions, repo_list_path, suite_of};
 use super::step::{Action, Check, Step, Target};
 use super::units;
 use crate::host::StepId;
@@ -44,9 +45,9 @@ fn inside<'a>(
 ) -> std::result::Result<&'a InsideFacts, Check> {
     match f.container.as_ref().and_then(|c| c.inside.as_ref()) {
         Some(i) => Ok(i),
-        None => Err(Check::Changes(vec![Action::Note {
+        None => Err(Check::Changes(vec![Action::Deferred {
             on: Target::Container(vmid),
-            text: format!("{what} (once the container runs)"),
+            what: format!("{what} (once the container runs)"),
         }])),
     }
 }
@@ -78,7 +79,7 @@ impl Step<Ctx> for Create {
         }]))
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
-        run_actions(ctx, actions)
+        execute(ctx, actions)
     }
 }
 
@@ -127,9 +128,9 @@ impl Step<Ctx> for Devices {
         let vmid = ctx.vmid();
         let f = ctx.facts()?;
         if !f.configs.contains_key(&vmid) {
-            return Ok(Check::Changes(vec![Action::Note {
+            return Ok(Check::Changes(vec![Action::Deferred {
                 on: Target::Host,
-                text: format!("add devN entries for the GPU to CT {vmid} once it exists"),
+                what: format!("add devN entries for the GPU to CT {vmid} once it exists"),
             }]));
         };
         let running = matches!(
@@ -148,10 +149,7 @@ impl Step<Ctx> for Devices {
         Ok(devices_check(f, cfg, &text, vmid, running))
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
-        // `pct set` rewrites the config itself: back it up first, outside /etc/pve (pmxcfs would
-        // replicate a copy kept inside it).
-        ctx.backup_host_file(&format!("/etc/pve/lxc/{}.conf", ctx.vmid()))?;
-        run_actions(ctx, actions)
+        execute(ctx, actions)
     }
 }
 
@@ -170,7 +168,12 @@ pub fn wanted_devices(f: &HostFacts) -> Vec<String> {
     if gpus.is_empty() {
         gpus.push("/dev/nvidia0".into());
     }
-    gpus.sort();
+    // By GPU number, not as text: /dev/nvidia2 before /dev/nvidia10.
+    gpus.sort_by_key(|p| {
+        p.trim_start_matches("/dev/nvidia")
+            .parse::<u32>()
+            .unwrap_or(u32::MAX)
+    });
     gpus.extend(["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"].map(String::from));
     gpus
 }
@@ -243,6 +246,12 @@ pub fn devices_check(
         .find_map(|(_, d)| d.gid)
         .unwrap_or(VIDEO_GID);
     let paths: Vec<&str> = missing.iter().map(String::as_str).collect();
+    // `pct set` rewrites the config itself: back it up first, outside /etc/pve (pmxcfs would replicate a copy
+    // kept inside it).
+    actions.push(Action::Backup {
+        on: Target::Host,
+        path: format!("/etc/pve/lxc/{vmid}.conf"),
+    });
     actions.push(Action::Run {
         on: Target::Host,
         cmd: Cmd::new(lxc::pct_set_device_args(cfg, vmid, &paths, Some(gid))),
@@ -339,7 +348,7 @@ impl Step<Ctx> for Start {
         Ok(Check::Changes(actions))
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
-        run_actions(ctx, actions)
+        execute(ctx, actions)
     }
 }
 
@@ -381,7 +390,7 @@ impl Step<Ctx> for CtRepo {
         )))
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
-        run_actions(ctx, actions)
+        execute(ctx, actions)
     }
 }
 
@@ -407,13 +416,7 @@ impl Step<Ctx> for CtLibs {
         Ok(ct_libs_check(inside, &version, vmid))
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
-        let version = ctx.cfg.driver.version.clone();
-        super::host::apply_proven(ctx, actions, &version, CT_FORBIDDEN, |why| {
-            format!(
-                "refused: {why}. A container must get the user-space libraries only (the host owns the kernel \
-                 module); nothing was installed"
-            )
-        })
+        execute(ctx, actions)
     }
 }
 
@@ -457,9 +460,11 @@ pub fn ct_libs_check(inside: &InsideFacts, version: &str, vmid: u32) -> Check {
             "--allow-downgrades",
         ];
         sim.extend(exact.iter().map(String::as_str));
-        actions.push(Action::Run {
+        actions.push(Action::AptProof {
             on: on.clone(),
             cmd: apt(&sim),
+            version: version.to_string(),
+            forbidden: CT_FORBIDDEN.iter().map(|p| p.to_string()).collect(),
         });
         let mut install = vec![
             "install",
@@ -516,7 +521,7 @@ impl Step<Ctx> for Cuda {
         }]))
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
-        run_actions(ctx, actions)
+        execute(ctx, actions)
     }
 }
 
@@ -588,25 +593,27 @@ impl Step<Ctx> for LlmctlBinary {
                 &local[..12]
             )));
         }
-        Ok(Check::Changes(vec![Action::Note {
-            on: Target::Container(vmid),
-            text: format!(
-                "install {} as {} (sha256 {}), then restart llmctl-proxy if it runs",
-                ctx.llmctl_binary.display(),
-                units::LLMCTL_BIN,
-                &local[..12]
-            ),
-        }]))
+        let on = Target::Container(vmid);
+        Ok(Check::Changes(vec![
+            Action::Upload {
+                on: on.clone(),
+                from: ctx.llmctl_binary.clone(),
+                to: units::LLMCTL_BIN.into(),
+                sha256: local,
+                mode: 0o755,
+            },
+            // A running proxy keeps the old binary until it restarts.
+            run_on(on, &["systemctl", "try-restart", "llmctl-proxy"]),
+        ]))
     }
-    fn apply(&self, ctx: &mut Ctx, _: &[Action]) -> Result<()> {
-        let data = std::fs::read(&ctx.llmctl_binary)
-            .with_context(|| format!("cannot read {}", ctx.llmctl_binary.display()))?;
-        ctx.live
-            .note(&format!("copying {} MB", data.len() / 1_000_000));
-        ctx.write_ct_file(units::LLMCTL_BIN, &data, 0o755)?;
-        ctx.ct_ok(Cmd::new(["systemctl", "try-restart", "llmctl-proxy"]))?;
-        Ok(())
+    fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
+        execute(ctx, actions)
     }
+}
+
+pub fn sha256_bytes(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    format!("{:x}", Sha256::digest(data))
 }
 
 pub fn sha256_file(path: &std::path::Path) -> Result<String> {
@@ -650,9 +657,9 @@ impl Step<Ctx> for Llama {
         }
         if f.gpus.is_empty() {
             // Planning before the driver runs: the architecture is read from the GPU once it does.
-            return Ok(Check::Changes(vec![Action::Note {
+            return Ok(Check::Changes(vec![Action::Deferred {
                 on: Target::Container(vmid),
-                text: format!(
+                what: format!(
                     "build llama.cpp from {url} with CUDA for the GPUs' architecture (read from nvidia-smi once \
                      the driver runs)"
                 ),
@@ -671,43 +678,11 @@ impl Step<Ctx> for Llama {
             )));
         }
         Ok(Check::Changes(llama_actions(
-            &ctx.cfg, vmid, &url, &archs, &cuda,
+            &ctx.cfg, vmid, &url, &archs, &cuda, stamp,
         )))
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
-        let driver = ctx.cfg.driver.version.clone();
-        let dir = ctx
-            .cfg
-            .llama_cpp
-            .install_dir
-            .trim_end_matches('/')
-            .to_string();
-        let url = ctx.cfg.llama_cpp.archive_url();
-        let f = ctx.facts()?;
-        let archs = cuda_architectures(f)?;
-        let cuda = cuda_version(f, &driver)?;
-        for a in actions {
-            match a {
-                Action::Note { .. } => {}
-                other => run_action(ctx, other)?,
-            }
-        }
-        let server = format!("{dir}/build/bin/llama-server");
-        let ldd = ctx.ct_ok(Cmd::new(["ldd", &server]))?;
-        if let Some(line) = ldd.stdout.lines().find(|l| l.contains("not found")) {
-            bail!(
-                "the build links a library the container lacks: {}",
-                line.trim()
-            );
-        }
-        ctx.write_ct_file(
-            &format!("{dir}/.llmctl-build"),
-            build_stamp(&url, &archs, &cuda).as_bytes(),
-            0o644,
-        )?;
-        // A running server keeps the old binary until it restarts.
-        ctx.ct_ok(Cmd::new(["systemctl", "try-restart", "llama-server"]))?;
-        Ok(())
+        execute(ctx, actions)
     }
 }
 
@@ -729,21 +704,29 @@ pub fn cuda_architectures(f: &HostFacts) -> Result<String> {
         .join(";"))
 }
 
+/// Fails (naming the line) when the built server links a library the container lacks. A constant script: the
+/// path travels as `$1`.
+const LDD_CHECK: &str = r#"out=$(ldd "$1") || exit 1; if printf '%s\n' "$out" | grep 'not found' >&2; then echo "the build links a library the container lacks" >&2; exit 1; fi"#;
+
+/// Puts a finished build in place of the running one: the old tree is moved aside only once the new one is
+/// complete, and removed last, so an interrupted rebuild never leaves the service without a binary. `$1` is the
+/// install folder.
+const SWITCH_BUILD: &str = r#"set -e; cd "$1"; rm -rf src.prev build.prev; if [ -e build ]; then mv build build.prev; fi; mv build.next build; if [ -e src ]; then mv src src.prev; fi; mv src.next src; rm -rf src.prev build.prev"#;
+
+/// Fetch the pinned source, build it beside the current build (`src.next`, `build.next`), check that it links,
+/// switch it in, stamp what was built, and restart a running server onto it.
 pub fn llama_actions(
     cfg: &super::config::ProvisionConfig,
     vmid: u32,
     url: &str,
     archs: &str,
     cuda: &str,
+    old_stamp: Option<String>,
 ) -> Vec<Action> {
     let on = Target::Container(vmid);
     let dir = cfg.llama_cpp.install_dir.trim_end_matches('/');
     let tarball = format!("{dir}/source.tar.gz");
-    let (src, tmp, build) = (
-        format!("{dir}/src"),
-        format!("{dir}/src.tmp"),
-        format!("{dir}/build"),
-    );
+    let (src, build) = (format!("{dir}/src.next"), format!("{dir}/build.next"));
     let mut install = vec!["install", "-y", "--no-install-recommends"];
     install.extend(BUILD_DEPS);
     let mut fetch: Vec<String> = vec![
@@ -769,15 +752,12 @@ pub fn llama_actions(
             on: on.clone(),
             cmd: Cmd::new(fetch).timeout(DOWNLOAD_TIMEOUT),
         },
-        // Unpacked beside, then swapped in: an interrupted unpack never leaves a half source tree in place.
-        run_on(on.clone(), &["rm", "-rf", &tmp]),
-        run_on(on.clone(), &["mkdir", "-p", &tmp]),
+        run_on(on.clone(), &["rm", "-rf", &src, &build]),
+        run_on(on.clone(), &["mkdir", "-p", &src]),
         run_on(
             on.clone(),
-            &["tar", "-xzf", &tarball, "-C", &tmp, "--strip-components=1"],
+            &["tar", "-xzf", &tarball, "-C", &src, "--strip-components=1"],
         ),
-        run_on(on.clone(), &["rm", "-rf", &src, &build]),
-        run_on(on.clone(), &["mv", &tmp, &src]),
         Action::Run {
             on: on.clone(),
             cmd: Cmd::new([
@@ -796,7 +776,7 @@ pub fn llama_actions(
             .timeout(BUILD_TIMEOUT),
         },
         Action::Run {
-            on,
+            on: on.clone(),
             cmd: Cmd::new([
                 "cmake",
                 "--build",
@@ -808,6 +788,29 @@ pub fn llama_actions(
             ])
             .timeout(BUILD_TIMEOUT),
         },
+        run_on(
+            on.clone(),
+            &[
+                "sh",
+                "-c",
+                LDD_CHECK,
+                "llmctl-ldd",
+                &format!("{build}/bin/llama-server"),
+            ],
+        ),
+        run_on(
+            on.clone(),
+            &["sh", "-c", SWITCH_BUILD, "llmctl-switch", dir],
+        ),
+        Action::WriteFile {
+            on: on.clone(),
+            path: format!("{dir}/.llmctl-build"),
+            old: old_stamp,
+            new: build_stamp(url, archs, cuda),
+            mode: 0o644,
+        },
+        // A running server keeps the old binary until it restarts.
+        run_on(on, &["systemctl", "try-restart", "llama-server"]),
     ]
 }
 
@@ -848,26 +851,34 @@ impl Step<Ctx> for Model {
                 &m.sha256[..12]
             )));
         }
-        Ok(Check::Changes(vec![Action::Run {
-            on: Target::Container(vmid),
-            cmd: model_fetch_cmd(&m),
-        }]))
+        Ok(Check::Changes(model_actions(&m, vmid)))
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
-        let dest = ctx.cfg.model.dest.clone();
-        let sha = ctx.cfg.model.sha256.clone();
-        if let Some((dir, _)) = dest.rsplit_once('/') {
-            ctx.ct_ok(Cmd::new(["mkdir", "-p", "--", dir]))?;
-        }
-        run_actions(ctx, actions)?;
-        // fetch verified the whole file; remember it by size and mtime so a later check need not re-hash 16 GB.
-        let stat = ctx.ct_ok(Cmd::new(["stat", "-c", "%s %Y", &dest]))?;
-        ctx.write_ct_file(
-            &verified_marker(&dest),
-            marker_text(&sha, stat.stdout.trim()).as_bytes(),
-            0o644,
-        )
+        execute(ctx, actions)
     }
+}
+
+/// Fetch (verifying the sha256 as it downloads), then remember the verified file by size and mtime so a later
+/// check need not hash many GB again.
+pub fn model_actions(m: &super::config::ModelSection, vmid: u32) -> Vec<Action> {
+    let on = Target::Container(vmid);
+    let mut actions = Vec::new();
+    if let Some((dir, _)) = m.dest.rsplit_once('/')
+        && !dir.is_empty()
+    {
+        actions.push(run_on(on.clone(), &["mkdir", "-p", "--", dir]));
+    }
+    actions.push(Action::Run {
+        on: on.clone(),
+        cmd: model_fetch_cmd(m),
+    });
+    actions.push(Action::RecordVerified {
+        on,
+        path: m.dest.clone(),
+        sha256: m.sha256.clone(),
+        marker: verified_marker(&m.dest),
+    });
+    actions
 }
 
 pub fn verified_marker(dest: &str) -> String {
@@ -979,50 +990,6 @@ impl Service {
         }
         Ok(Ok(offload_from_plan(&out.stdout)?))
     }
-
-    /// Waits for the health endpoint (loading a large model takes minutes; the unit allows 15), but gives up at
-    /// once when systemd has restarted the service twice: a crash loop never turns healthy, and its journal says why.
-    fn wait_healthy(&self, ctx: &Ctx) -> Result<()> {
-        let url = self.health_url(ctx);
-        let restarts = |ctx: &Ctx| -> Result<u64> {
-            Ok(ctx
-                .ct_probe(&["systemctl", "show", "-p", "NRestarts", "--value", self.unit])?
-                .and_then(|s| s.trim().parse().ok())
-                .unwrap_or(0))
-        };
-        let first = restarts(ctx)?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(900);
-        loop {
-            let healthy = ctx
-                .ct_probe(&[units::LLMCTL_BIN, "probe", "--health", &url, "--wait", "5"])?
-                .is_some();
-            if healthy {
-                return Ok(());
-            }
-            let crashed = restarts(ctx)? >= first + 2;
-            let failed = ctx
-                .ct_probe(&["systemctl", "is-failed", self.unit])?
-                .is_some();
-            if crashed || failed || std::time::Instant::now() > deadline {
-                let journal = ctx
-                    .ct_probe(&["journalctl", "-u", self.unit, "-n", "12", "--no-pager"])?
-                    .unwrap_or_default();
-                let why = if crashed {
-                    "it keeps exiting and systemd keeps restarting it"
-                } else if failed {
-                    "systemd says it failed"
-                } else {
-                    "it did not answer within 15 minutes"
-                };
-                bail!(
-                    "{} did not become healthy at {url}: {why}. Last lines of its journal:\n{}",
-                    self.unit,
-                    journal.trim_end()
-                );
-            }
-            ctx.live.note(&format!("waiting for {url}"));
-        }
-    }
 }
 
 impl Step<Ctx> for Service {
@@ -1057,11 +1024,9 @@ impl Step<Ctx> for Service {
                 w.next() == Some("600") && w.next().is_some_and(|s| s != "0")
             });
             if !ok {
-                actions.push(Action::Note {
+                actions.push(Action::WriteSecret {
                     on: on.clone(),
-                    text: format!(
-                        "write a new random API key to {key_file} (mode 0600, root only)"
-                    ),
+                    path: key_file,
                 });
             }
         }
@@ -1098,9 +1063,10 @@ impl Step<Ctx> for Service {
                 .is_some();
         if changed || !actions.is_empty() || !healthy {
             actions.push(run_on(on.clone(), &["systemctl", "restart", self.unit]));
-            actions.push(Action::Note {
+            actions.push(Action::WaitHealthy {
                 on,
-                text: format!("wait until {} answers 200", self.health_url(ctx)),
+                unit: self.unit.into(),
+                url: self.health_url(ctx),
             });
             return Ok(Check::Changes(actions));
         }
@@ -1111,21 +1077,7 @@ impl Step<Ctx> for Service {
         )))
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
-        for a in actions {
-            match a {
-                Action::Note { text, .. } if text.starts_with("write a new random API key") => {
-                    let key_file = ctx.cfg.proxy_key_file().context("no key file")?;
-                    let key = new_api_key()?;
-                    ctx.write_ct_file(&key_file, format!("{key}\n").as_bytes(), 0o600)?;
-                }
-                Action::Note { text, .. } if text.starts_with("wait until") => {
-                    self.wait_healthy(ctx)?;
-                }
-                other => run_action(ctx, other)?,
-            }
-        }
-        ctx.invalidate();
-        Ok(())
+        execute(ctx, actions)
     }
 }
 
@@ -1245,5 +1197,89 @@ mod tests {
         let (a, b) = (new_api_key().unwrap(), new_api_key().unwrap());
         assert_eq!(a.len(), 64);
         assert_ne!(a, b);
+    }
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+    use crate::pve::system::DevNode;
+
+    fn node(path: &str) -> DevNode {
+        DevNode {
+            path: path.into(),
+            kind: 'c',
+            major: Some(195),
+            minor: None,
+            line: String::new(),
+        }
+    }
+
+    #[test]
+    fn devices_are_wanted_in_gpu_order() {
+        let f = HostFacts {
+            dev_nodes: [
+                "/dev/nvidia10",
+                "/dev/nvidia2",
+                "/dev/nvidia0",
+                "/dev/nvidiactl",
+            ]
+            .map(node)
+            .to_vec(),
+            ..HostFacts::default()
+        };
+        assert_eq!(
+            wanted_devices(&f),
+            [
+                "/dev/nvidia0",
+                "/dev/nvidia2",
+                "/dev/nvidia10",
+                "/dev/nvidiactl",
+                "/dev/nvidia-uvm",
+                "/dev/nvidia-uvm-tools"
+            ]
+        );
+    }
+
+    fn argv(a: &Action) -> String {
+        match a {
+            Action::Run { cmd, .. } => crate::shell::join(&cmd.argv),
+            other => other.render(),
+        }
+    }
+
+    /// Issue 16: a Ctrl-C during a rebuild must leave the working build in place. Nothing removes or replaces
+    /// `build` or `src` before the new build exists and links; the stamp is written only after the switch.
+    #[test]
+    fn a_rebuild_keeps_the_old_build_until_the_new_one_links() {
+        let text = include_str!("../../templates/llmctl.toml");
+        let cfg = crate::provision::config::ProvisionConfig::from_file(
+            &crate::config::ConfigFile::parse(text, None).unwrap(),
+        )
+        .unwrap();
+        let actions = llama_actions(&cfg, 103, "https://x/l.tar.gz", "89", "13.2", None);
+        let lines: Vec<String> = actions.iter().map(argv).collect();
+        let at = |needle: &str| {
+            lines
+                .iter()
+                .position(|l| l.contains(needle))
+                .unwrap_or_else(|| panic!("no action with {needle:?} in {lines:#?}"))
+        };
+        let (build, ldd, switch, stamp) = (
+            at("cmake --build /opt/llama.cpp/build.next"),
+            at("llmctl-ldd /opt/llama.cpp/build.next/bin/llama-server"),
+            at("llmctl-switch /opt/llama.cpp"),
+            at("write /opt/llama.cpp/.llmctl-build"),
+        );
+        assert!(build < ldd && ldd < switch && switch < stamp, "{lines:#?}");
+        for (i, l) in lines.iter().enumerate().take(switch) {
+            for old in ["/opt/llama.cpp/build", "/opt/llama.cpp/src"] {
+                let touches_old = l.split_whitespace().any(|w| w == old);
+                assert!(
+                    !touches_old,
+                    "action {i} touches {old} before the switch: {l}"
+                );
+            }
+        }
     }
 }

@@ -2,10 +2,11 @@
 //! module (and the reboot it may need), and the device nodes at boot. Each `check` only reads; the pure
 //! functions at the bottom decide, so they are unit-tested on facts.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
+use super::apply::{execute, execute_one};
 use super::ctx::{Ctx, HOST_CACHE_DIR};
 use super::step::{Action, Check, Step, Target};
 use crate::host::StepId;
@@ -50,8 +51,8 @@ impl Step<Ctx> for Inventory {
         let f = ctx.facts()?;
         Ok(inventory_check(f))
     }
-    fn apply(&self, _: &mut Ctx, _: &[Action]) -> Result<()> {
-        Ok(())
+    fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
+        execute(ctx, actions)
     }
 }
 
@@ -111,7 +112,7 @@ impl Step<Ctx> for Headers {
         Ok(headers_check(ctx.facts()?))
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
-        run_actions(ctx, actions)
+        execute(ctx, actions)
     }
 }
 
@@ -180,7 +181,7 @@ impl Step<Ctx> for Nouveau {
         ]))
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
-        run_actions(ctx, actions)
+        execute(ctx, actions)
     }
 }
 
@@ -231,7 +232,7 @@ impl Step<Ctx> for HostRepo {
         Ok(Check::Changes(keyring_actions(Target::Host, &suite)))
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
-        run_actions(ctx, actions)
+        execute(ctx, actions)
     }
 }
 
@@ -300,40 +301,8 @@ impl Step<Ctx> for Driver {
         Ok(driver_check(ctx.facts()?, &version, open))
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
-        let version = ctx.cfg.driver.version.clone();
-        apply_proven(ctx, actions, &version, &[], |why| {
-            format!(
-                "refused: {why}. apt would not install exactly {version}; nothing was installed. Check \
-                 `apt-cache madison nvidia-driver-cuda` and the pinning package"
-            )
-        })
+        execute(ctx, actions)
     }
-}
-
-/// Applies a package step's actions, where each `apt-get -s` action is the proof: its `Inst` lines must show
-/// exactly `<version>-1` for every NVIDIA package and none matching `forbidden`, else nothing more runs and the
-/// error is `refusal(why)`. Used by the host's driver step and the container's library step alike.
-pub fn apply_proven(
-    ctx: &mut Ctx,
-    actions: &[Action],
-    version: &str,
-    forbidden: &[&str],
-    refusal: impl Fn(&str) -> String,
-) -> Result<()> {
-    for a in actions {
-        if let Action::Run { on, cmd } = a
-            && cmd.argv.iter().any(|x| x == "-s")
-        {
-            let out = ctx.run_ok(on, cmd.clone())?;
-            if let Err(why) = simulation_pins_exactly(&out.stdout, version, forbidden) {
-                bail!("{}", refusal(&why));
-            }
-            continue;
-        }
-        run_action(ctx, a)?;
-    }
-    ctx.invalidate();
-    Ok(())
 }
 
 pub fn driver_check(f: &HostFacts, version: &str, open: bool) -> Check {
@@ -416,9 +385,11 @@ pub fn driver_check(f: &HostFacts, version: &str, open: bool) -> Check {
             "--allow-downgrades",
         ];
         sim.extend(exact.iter().map(String::as_str));
-        actions.push(Action::Run {
+        actions.push(Action::AptProof {
             on: Target::Host,
             cmd: apt(&sim),
+            version: version.to_string(),
+            forbidden: Vec::new(),
         });
         let mut install = vec![
             "install",
@@ -504,7 +475,7 @@ impl Step<Ctx> for Dkms {
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
         let version = ctx.cfg.driver.version.clone();
         for a in actions {
-            if let Err(e) = run_action(ctx, a) {
+            if let Err(e) = execute_one(ctx, a) {
                 let branch: u32 = version
                     .split('.')
                     .next()
@@ -597,14 +568,7 @@ impl Step<Ctx> for Module {
         Ok(module_check(ctx.facts()?, &version, allow))
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
-        for a in actions {
-            match a {
-                Action::Note { text, .. } if text.starts_with("reboot") => reboot_and_wait(ctx)?,
-                other => run_action(ctx, other)?,
-            }
-        }
-        ctx.invalidate();
-        Ok(())
+        execute(ctx, actions)
     }
 }
 
@@ -629,60 +593,11 @@ pub fn module_check(f: &HostFacts, version: &str, allow_reboot: bool) -> Check {
             run(Target::Host, &["modprobe", "nvidia_uvm"]),
             run(Target::Host, &["nvidia-modprobe", "-c0", "-u"]),
         ]),
-        Some(why) if allow_reboot => Check::Changes(vec![Action::Note {
-            on: Target::Host,
-            text: format!("reboot the host ({why}), wait for it, and go on"),
-        }]),
+        Some(why) if allow_reboot => Check::Changes(vec![Action::Reboot { why }]),
         Some(why) => Check::Refused(format!(
             "a reboot is needed: {why}. Containers with onboot: 1 start again by themselves. Reboot the host \
              (`reboot`) and run provision again, or run it with --reboot to do both"
         )),
-    }
-}
-
-/// Reboots the host and waits until it answers again with a new boot id (the old connection dies with it).
-fn reboot_and_wait(ctx: &mut Ctx) -> Result<()> {
-    const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
-    let before = ctx
-        .host_probe(&["cat", BOOT_ID])?
-        .context("cannot read the host's boot id")?;
-    ctx.live.note("rebooting the host");
-    // The connection may drop before `reboot` returns: that is expected, not an error.
-    let _ = ctx
-        .host()
-        .run(&Cmd::new(["systemctl", "reboot"]).timeout(Duration::from_secs(30)))
-        .ok()
-        .filter(|o| o.success())
-        .or_else(|| {
-            ctx.host()
-                .run(&Cmd::new(["reboot"]).timeout(Duration::from_secs(30)))
-                .ok()
-        });
-    let deadline = Instant::now() + Duration::from_secs(900);
-    loop {
-        std::thread::sleep(Duration::from_secs(2));
-        let now = ctx
-            .host_probe(&["cat", BOOT_ID])
-            .ok()
-            .flatten()
-            .or_else(|| {
-                ctx.reconnect()
-                    .ok()
-                    .and_then(|_| ctx.host_probe(&["cat", BOOT_ID]).ok().flatten())
-            });
-        if let Some(now) = now
-            && now.trim() != before.trim()
-        {
-            ctx.live.note("the host is back");
-            ctx.invalidate();
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the host did not come back within 15 minutes of the reboot; check its console, then run provision again"
-            );
-        }
-        ctx.live.note("waiting for the host to come back");
     }
 }
 
@@ -703,7 +618,7 @@ impl Step<Ctx> for DevicesAtBoot {
         Ok(devices_at_boot_check(ctx.facts()?, modules_load, udev))
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
-        run_actions(ctx, actions)
+        execute(ctx, actions)
     }
 }
 
@@ -756,41 +671,6 @@ pub fn devices_at_boot_check(
     } else {
         Check::Changes(actions)
     }
-}
-
-// ------------------------------------------------------------------------------------------------ shared
-
-pub fn run_actions(ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
-    for a in actions {
-        run_action(ctx, a)?;
-    }
-    ctx.invalidate();
-    Ok(())
-}
-
-/// Applies one planned action exactly as the plan showed it.
-pub fn run_action(ctx: &mut Ctx, action: &Action) -> Result<()> {
-    match action {
-        Action::Run { on, cmd } => {
-            ctx.run_ok(on, cmd.clone())?;
-        }
-        Action::WriteFile {
-            on: Target::Host,
-            path,
-            new,
-            mode,
-            ..
-        } => ctx.write_host_file(path, new.as_bytes(), *mode)?,
-        Action::WriteFile {
-            on: Target::Container(_),
-            path,
-            new,
-            mode,
-            ..
-        } => ctx.write_ct_file(path, new.as_bytes(), *mode)?,
-        Action::Note { text, .. } => bail!("internal: no code applies the action `{text}`"),
-    }
-    Ok(())
 }
 
 #[cfg(test)]

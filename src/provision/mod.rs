@@ -1,5 +1,6 @@
 //! `llmctl provision` and `llmctl init`: the whole stack on a Proxmox host, idempotently, with a plan.
 
+pub mod apply;
 pub mod config;
 pub mod ct;
 pub mod ctx;
@@ -107,7 +108,9 @@ pub fn select_steps(
             .parse()
             .map_err(|why| anyhow::anyhow!("--only {}: {why}", name.trim()))?;
         match id {
-            StepId::Driver => wanted.extend([StepId::Repo, StepId::Driver, StepId::Dkms, StepId::Module]),
+            StepId::Driver => {
+                wanted.extend([StepId::Repo, StepId::Driver, StepId::Dkms, StepId::Module])
+            }
             id => wanted.push(id),
         }
     }

@@ -24,7 +24,9 @@ impl fmt::Display for Target {
     }
 }
 
-/// One change a step would make, shown by `--plan` exactly as it will be applied.
+/// One change a step would make, shown by `--plan` exactly as it will be applied: every kind of change is a
+/// variant here, and [`super::apply::execute`] is the one place that carries each out, so no step decides what
+/// to do by reading a note's text or adds a command the plan did not show.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     Run {
@@ -39,10 +41,56 @@ pub enum Action {
         new: String,
         mode: u32,
     },
-    /// A change that is not one command: a download, a reboot and the wait for it, a secret written unseen.
-    Note {
+    /// `apt-get -s install ...`: the proof that the real install that follows takes exactly `version` of every
+    /// NVIDIA package and nothing matching `forbidden`; when it does not, nothing after it runs.
+    AptProof {
         on: Target,
-        text: String,
+        cmd: Cmd,
+        version: String,
+        forbidden: Vec<String>,
+    },
+    /// Copy a file a command is about to rewrite (`pct set` on a container's config) to the run's backup folder.
+    Backup {
+        on: Target,
+        path: String,
+    },
+    /// Reboot the host and wait until it answers with a new boot id.
+    Reboot {
+        why: String,
+    },
+    /// Wait until `url` answers 200 from inside the container; give up when `unit` keeps restarting or fails.
+    WaitHealthy {
+        on: Target,
+        unit: String,
+        url: String,
+    },
+    /// Write a new random secret to `path` (mode 0600): its value is never shown, logged or put in argv.
+    WriteSecret {
+        on: Target,
+        path: String,
+    },
+    /// Install a file from this machine (`from`, with this sha256) at `to` with `mode`.
+    Upload {
+        on: Target,
+        from: std::path::PathBuf,
+        to: String,
+        sha256: String,
+        mode: u32,
+    },
+    /// Remember that `path` was verified against `sha256`, by its size and mtime now, in `marker`: a later check
+    /// need not hash the whole file again.
+    RecordVerified {
+        on: Target,
+        path: String,
+        sha256: String,
+        marker: String,
+    },
+    /// What the step will do once an earlier step has run (the container started, the driver loaded): a plan on
+    /// a host that is not there yet cannot know the exact commands. Apply never runs one: every step is checked
+    /// again right before it applies, and by then the exact actions are known.
+    Deferred {
+        on: Target,
+        what: String,
     },
 }
 
@@ -51,6 +99,12 @@ impl Action {
     pub fn render(&self) -> String {
         match self {
             Action::Run { on, cmd } => format!("[{on}] $ {}", crate::shell::join(&cmd.argv)),
+            Action::AptProof {
+                on, cmd, version, ..
+            } => format!(
+                "[{on}] $ {}   # the proof: stop unless it installs exactly {version}-1",
+                crate::shell::join(&cmd.argv)
+            ),
             Action::WriteFile {
                 on,
                 path,
@@ -65,7 +119,34 @@ impl Action {
                 let diff = super::diff::unified(path, old.as_deref().unwrap_or(""), new, 3);
                 format!("{header}\n{}", diff.trim_end())
             }
-            Action::Note { on, text } => format!("[{on}] {text}"),
+            Action::Backup { on, path } => {
+                format!(
+                    "[{on}] back up {path} to {}/<this run>",
+                    super::ctx::BACKUP_DIR
+                )
+            }
+            Action::Reboot { why } => {
+                format!("[host] reboot the host ({why}), wait for it, and go on")
+            }
+            Action::WaitHealthy { on, url, .. } => format!("[{on}] wait until {url} answers 200"),
+            Action::WriteSecret { on, path } => {
+                format!("[{on}] write a new random API key to {path} (mode 0600, root only)")
+            }
+            Action::Upload {
+                on,
+                from,
+                to,
+                sha256,
+                mode,
+            } => format!(
+                "[{on}] install {} as {to} (sha256 {}, mode {mode:04o})",
+                from.display(),
+                &sha256[..sha256.len().min(12)]
+            ),
+            Action::RecordVerified {
+                on, path, marker, ..
+            } => format!("[{on}] record {path} as verified (its size and mtime) in {marker}"),
+            Action::Deferred { on, what } => format!("[{on}] {what}"),
         }
     }
 }
@@ -87,6 +168,8 @@ pub trait Step<C> {
     fn id(&self) -> crate::host::StepId;
     fn title(&self) -> &'static str;
     fn check(&self, ctx: &mut C) -> Result<Check>;
+    /// Carries out exactly the actions `check` planned (provision's steps use the one executor,
+    /// [`super::apply::execute`]).
     fn apply(&self, ctx: &mut C, actions: &[Action]) -> Result<()>;
 }
 
