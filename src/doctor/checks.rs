@@ -5,13 +5,13 @@
 
 use serde::Serialize;
 
-use crate::host::StepId;
 use crate::host::facts::{CtStatus, HostFacts, LLAMA_UNIT, PROXY_UNIT};
+use crate::host::{StepId, rules};
 use crate::pve::dkms::DkmsState;
 use crate::pve::llama::{self, ArchFit};
 use crate::pve::lxc::{self, LxcConfig};
 use crate::pve::nvidia::{self, SmiReport};
-use crate::pve::packages::{NVIDIA_REPO_REVISION, upstream_version};
+use crate::pve::packages::upstream_version;
 use crate::pve::system;
 use crate::shell;
 
@@ -229,14 +229,8 @@ pub fn check_driver_installed(f: &HostFacts) -> Vec<Finding> {
 }
 
 pub fn check_nouveau(f: &HostFacts) -> Vec<Finding> {
-    let blacklisted: Vec<&String> = f
-        .modprobe_nouveau
-        .iter()
-        .filter(|l| {
-            l.split_once(':')
-                .map(|(_, rest)| rest.trim())
-                .is_some_and(|r| r.starts_with("blacklist nouveau"))
-        })
+    let blacklisted: Vec<&String> = rules::nouveau_blacklist_line(&f.modprobe_nouveau)
+        .into_iter()
         .collect();
     let not_blacklisted_evidence = || {
         let mut ev = vec![
@@ -288,7 +282,7 @@ pub fn check_nouveau(f: &HostFacts) -> Vec<Finding> {
     if blacklisted.is_empty() {
         out.push(Finding::problem(
             "nouveau.not-blacklisted",
-            Severity::Warn,
+            Severity::Fail,
             "nouveau is not blacklisted: it can take the GPU at the next boot",
             not_blacklisted_evidence(),
             Fix::Provision(StepId::Nouveau),
@@ -304,64 +298,48 @@ pub fn check_nouveau(f: &HostFacts) -> Vec<Finding> {
 
 pub fn check_kernel_headers(f: &HostFacts) -> Vec<Finding> {
     const ID: &str = "kernel.headers-missing";
-    let pve_major = f.pve.as_ref().map(|p| p.major);
-    let mut kernels: Vec<&String> = f.installed_kernels.iter().collect();
-    if !kernels.contains(&&f.kernel) && !f.kernel.is_empty() {
-        kernels.push(&f.kernel);
-    }
-    let missing: Vec<&String> = kernels
-        .into_iter()
-        .filter(|k| !headers_present(f, k))
-        .collect();
+    let missing = rules::kernels_without_headers(f);
     if missing.is_empty() {
         return vec![Finding::ok(
             ID,
             format!(
                 "kernel headers are installed for every kernel ({})",
-                f.installed_kernels.join(", ")
+                rules::kernels(f).join(", ")
             ),
         )];
     }
-    let running_missing = missing.iter().any(|k| **k == f.kernel);
+    let running_missing = missing.contains(&f.kernel);
     let ev = missing
         .iter()
         .map(|k| {
-            let which = if **k == f.kernel {
+            let which = if *k == f.kernel {
                 " (running)"
             } else {
-                " (installed, not running)"
+                " (installed, not running: the next boot may pick it)"
             };
             format!(
                 "/lib/modules/{k}/build: missing, {} not installed{which}",
-                system::headers_package(k, pve_major)
+                rules::headers_package(f, k)
             )
         })
         .collect();
-    let pkgs: Vec<String> = missing
-        .iter()
-        .map(|k| system::headers_package(k, pve_major))
-        .collect();
-    let mut argv = vec!["apt-get", "install", "-y"];
-    argv.extend(pkgs.iter().map(String::as_str));
     let title = if running_missing {
         format!(
             "kernel headers for the running kernel {} are missing: DKMS cannot build the NVIDIA module",
             f.kernel
         )
     } else {
-        "kernel headers are missing for an installed kernel: booting it would leave no NVIDIA module".to_string()
-    };
-    let severity = if running_missing {
-        Severity::Fail
-    } else {
-        Severity::Warn
+        format!(
+            "kernel headers are missing for the installed kernel {}: booting it leaves the GPU without a driver",
+            missing.join(", ")
+        )
     };
     vec![Finding::problem(
         ID,
-        severity,
+        Severity::Fail,
         title,
         ev,
-        Fix::Command(shell::join(&argv)),
+        Fix::Provision(StepId::Headers),
     )]
 }
 
@@ -476,15 +454,14 @@ pub fn check_dkms(f: &HostFacts) -> Vec<Finding> {
             f.kernel
         ));
     }
-    for k in f
-        .installed_kernels
+    for k in rules::kernels_without_module(f, kernel_pkg_version.as_deref())
         .iter()
-        .filter(|k| **k != f.kernel && headers_present(f, k))
+        .filter(|k| **k != f.kernel)
     {
-        if !dkms_installed_for(f, k) {
-            severity = severity.max(Severity::Warn);
-            ev.push(format!("kernel {k}: no installed nvidia module (booting it leaves the GPU without a driver)"));
-        }
+        severity = Severity::Fail;
+        ev.push(format!(
+            "kernel {k}: no installed nvidia module (the next boot may pick it and come up without the GPU)"
+        ));
     }
     for e in f.dkms.iter().filter(|e| e.is_nvidia()) {
         if let Some(note) = &e.note
@@ -501,7 +478,7 @@ pub fn check_dkms(f: &HostFacts) -> Vec<Finding> {
         ));
     } else {
         ev.extend(nvidia_lines);
-        let fix = Fix::Command("dkms autoinstall --all".into());
+        let fix = Fix::Provision(StepId::Dkms);
         out.push(Finding::problem(
             "dkms.not-built",
             severity,
@@ -590,42 +567,30 @@ pub fn check_reboot_pending(f: &HostFacts) -> Vec<Finding> {
 
 pub fn check_driver_pinned(f: &HostFacts) -> Vec<Finding> {
     const ID: &str = "driver.not-pinned";
-    let installed: Vec<String> = driver_packages(f);
+    let installed: Vec<String> = driver_packages(f)
+        .into_iter()
+        .filter(|p| !p.starts_with("nvidia-driver-pinning-"))
+        .collect();
     if installed.is_empty() {
         return vec![Finding::skip(ID, "no driver packages installed")];
     }
-    let pinning: Vec<&str> = f
-        .packages
-        .iter()
-        .filter(|p| p.installed() && p.name.starts_with("nvidia-driver-pinning-"))
-        .map(|p| p.name.as_str())
-        .collect();
-    let unheld: Vec<&String> = installed
-        .iter()
-        .filter(|p| !f.is_held(p) && !p.starts_with("nvidia-driver-pinning-"))
-        .collect();
-    if unheld.is_empty() || !pinning.is_empty() {
-        let how = if pinning.is_empty() {
-            "all held".to_string()
-        } else {
-            pinning.join(", ")
-        };
+    let names: Vec<&str> = installed.iter().map(String::as_str).collect();
+    let unheld = rules::unheld(f, &names);
+    if unheld.is_empty() {
         return vec![Finding::ok(
             ID,
-            format!("the driver version is pinned ({how})"),
+            "the driver version is pinned (every driver package held)",
         )];
     }
-    let mut argv = vec!["apt-mark", "hold"];
-    argv.extend(unheld.iter().map(|s| s.as_str()));
     vec![Finding::problem(
         ID,
-        Severity::Warn,
+        Severity::Fail,
         "the driver is not pinned: an apt upgrade (or unattended-upgrades) can replace the libraries and leave them ≠ the loaded module",
         unheld
             .iter()
-            .map(|p| format!("{p}: installed, not held; no nvidia-driver-pinning-* package"))
+            .map(|p| format!("{p}: installed, not held (apt-mark showhold)"))
             .collect(),
-        Fix::Command(shell::join(&argv)),
+        Fix::Provision(StepId::Driver),
     )]
 }
 
@@ -674,12 +639,11 @@ pub fn check_device_nodes(f: &HostFacts) -> Vec<Finding> {
             }
         }
         // When nothing sets uvm up at boot, that is why it is missing now: the provision step fixes both.
-        let fix = if uvm_set_up_at_boot(f) {
-            Fix::Command("modprobe nvidia_uvm && nvidia-modprobe -c0 -u".into())
-        } else {
-            ev.extend(not_at_boot_evidence());
-            Fix::Provision(StepId::DevicesAtBoot)
-        };
+        // The provision step creates the nodes now and sets them up for every boot.
+        if let Err(why) = rules::uvm_at_boot(f) {
+            ev.extend(why);
+        }
+        let fix = Fix::Provision(StepId::DevicesAtBoot);
         out.push(Finding::problem(
             "dev.uvm-missing",
             Severity::Fail,
@@ -724,44 +688,28 @@ fn is_gpu_node(path: &str) -> bool {
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
-fn uvm_set_up_at_boot(f: &HostFacts) -> bool {
-    let loads_uvm = f.modules_load.iter().any(|l| {
-        l.split_once(':')
-            .is_some_and(|(_, v)| v.trim() == "nvidia_uvm" || v.trim() == "nvidia-uvm")
-    });
-    let udev = f
-        .udev_rules
-        .iter()
-        .any(|l| l.contains("nvidia-modprobe") || l.contains("nvidia_uvm"));
-    loads_uvm || udev
-}
-
-fn not_at_boot_evidence() -> Vec<String> {
-    vec![
-        "no nvidia_uvm line in /etc/modules-load.d/*.conf or /etc/modules".into(),
-        "no udev rule running nvidia-modprobe in /etc/udev/rules.d".into(),
-    ]
-}
-
 pub fn check_nodes_at_boot(f: &HostFacts) -> Vec<Finding> {
     const ID: &str = "dev.nodes-not-at-boot";
     if !kernel_package_installed(f) && f.module.is_none() {
         return vec![Finding::skip(ID, "no driver installed")];
     }
-    if uvm_set_up_at_boot(f) {
-        return vec![Finding::ok(
-            ID,
-            "nvidia_uvm and its device nodes are set up at boot",
-        )];
-    }
+    let missing = match rules::uvm_at_boot(f) {
+        Ok(()) => {
+            return vec![Finding::ok(
+                ID,
+                "nvidia_uvm and its device nodes are set up at boot",
+            )];
+        }
+        Err(missing) => missing,
+    };
     if f.module.is_some() && UVM_NODES.iter().any(|p| node(f, p).is_none()) {
         return vec![Finding::skip(ID, "reported with dev.uvm-missing")];
     }
     vec![Finding::problem(
         ID,
-        Severity::Warn,
-        "nothing loads nvidia_uvm or creates /dev/nvidia-uvm at boot: after a reboot, containers with it as devN will not start",
-        not_at_boot_evidence(),
+        Severity::Fail,
+        "/dev/nvidia-uvm is not set up at boot: after a reboot, containers with it as devN will not start",
+        missing,
         Fix::Provision(StepId::DevicesAtBoot),
     )]
 }
@@ -1152,28 +1100,31 @@ pub fn check_ct_libs(f: &HostFacts) -> Vec<Finding> {
     let Some((v, ins)) = inside(f) else {
         return ct_skip(&[ID, "ct.libs-not-pinned"], "container not running");
     };
-    let Some(m) = &f.module else {
+    // The libraries must match the driver the host has installed: after an upgrade that waits for its reboot,
+    // that is the new version (the reboot loads it), not the module still loaded.
+    let Some(target) = rules::installed_driver_version(f) else {
         return ct_skip(
             &[ID, "ct.libs-not-pinned"],
-            "no NVIDIA module loaded on the host",
+            "no NVIDIA driver installed on the host",
         );
     };
-    let want = format!("{}{NVIDIA_REPO_REVISION}", m.version);
-    let mut ev = Vec::new();
-    for name in LIB_PACKAGES {
-        match ins
-            .packages
-            .iter()
-            .find(|p| p.name == *name && p.installed())
-        {
-            Some(p) if p.version == want => {}
-            Some(p) => ev.push(format!(
-                "CT {v}: {name} {} ≠ {want} (host module {})",
-                p.version, m.version
-            )),
-            None => ev.push(format!("CT {v}: {name} is not installed (want {want})")),
-        }
-    }
+    let wrong = rules::libs_not_at(&ins.packages, LIB_PACKAGES, &target);
+    let mut ev: Vec<String> = wrong
+        .iter()
+        .map(|name| {
+            match ins
+                .packages
+                .iter()
+                .find(|p| p.name == *name && p.installed())
+            {
+                Some(p) => format!(
+                    "CT {v}: {name} {} ≠ {target} (the host's installed driver)",
+                    p.version
+                ),
+                None => format!("CT {v}: {name} is not installed (want {target})"),
+            }
+        })
+        .collect();
     if ev.is_empty() {
         let unheld: Vec<&str> = LIB_PACKAGES
             .iter()
@@ -1189,13 +1140,9 @@ pub fn check_ct_libs(f: &HostFacts) -> Vec<Finding> {
                 "the container's NVIDIA libraries are held",
             )
         } else {
-            let mut argv = vec!["pct", "exec", "", "--", "apt-mark", "hold"];
-            let vs = v.to_string();
-            argv[2] = &vs;
-            argv.extend(unheld.iter());
             Finding::problem(
                 "ct.libs-not-pinned",
-                Severity::Warn,
+                Severity::Fail,
                 format!(
                     "container {v}'s NVIDIA libraries are not held: an apt upgrade inside it would break NVML"
                 ),
@@ -1203,13 +1150,15 @@ pub fn check_ct_libs(f: &HostFacts) -> Vec<Finding> {
                     .iter()
                     .map(|n| format!("CT {v}: {n}: not held"))
                     .collect(),
-                Fix::Command(shell::join(&argv)),
+                Fix::Provision(StepId::CtLibs),
             )
         };
         return vec![
             Finding::ok(
                 ID,
-                format!("container {v}'s NVIDIA libraries are {want}, matching the host module"),
+                format!(
+                    "container {v}'s NVIDIA libraries are {target}, matching the host's driver"
+                ),
             ),
             pinned,
         ];
@@ -1221,36 +1170,15 @@ pub fn check_ct_libs(f: &HostFacts) -> Vec<Finding> {
                 .map(|l| format!("CT {v} nvidia-smi: {l}")),
         );
     }
-    let mut argv: Vec<String> = [
-        "pct",
-        "exec",
-        &v.to_string(),
-        "--",
-        "apt-get",
-        "install",
-        "-y",
-        "--no-install-recommends",
-        "--allow-downgrades",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    argv.extend(LIB_PACKAGES.iter().map(|n| format!("{n}={want}")));
-    let mut hold: Vec<String> = ["pct", "exec", &v.to_string(), "--", "apt-mark", "hold"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    hold.extend(LIB_PACKAGES.iter().map(|s| s.to_string()));
     vec![
         Finding::problem(
             ID,
             Severity::Fail,
             format!(
-                "container {v}'s NVIDIA libraries do not match the host module {}: NVML fails with `Driver/library version mismatch`",
-                m.version
+                "container {v}'s NVIDIA libraries do not match the host's driver {target}: NVML fails with `Driver/library version mismatch`"
             ),
             ev,
-            Fix::Command(format!("{} && {}", shell::join(&argv), shell::join(&hold))),
+            Fix::Provision(StepId::CtLibs),
         ),
         Finding::skip("ct.libs-not-pinned", "libraries do not match yet"),
     ]
@@ -1409,8 +1337,10 @@ fn arch_finding(f: &HostFacts, value: Option<&str>, path: Option<&str>) -> Findi
         }
         match llama::arch_fit(&archs, arch) {
             ArchFit::Exact | ArchFit::Unknown => {}
+            // Runs only after a JIT compile of PTX at every start, and provision rebuilds it for the exact
+            // architecture: a failure, so doctor and `provision --check` agree.
             ArchFit::PtxOnly => {
-                worst = worst.max(Severity::Warn);
+                worst = worst.max(Severity::Fail);
                 ev.push(format!("{} (compute capability {}): only PTX of an older arch, JIT-compiled at every start", g.name, g.compute_cap));
             }
             ArchFit::None => {

@@ -78,7 +78,9 @@ libcuda1
 /etc/modules-load.d/nvidia.conf:nvidia_uvm
 ==> rc=0 <==
 ==> udev <==
-==> rc=1 <==
+/etc/udev/rules.d/70-nvidia.rules:KERNEL==\"nvidia\", RUN+=\"/bin/bash -c '/usr/bin/nvidia-smi -L'\"
+/etc/udev/rules.d/70-nvidia.rules:KERNEL==\"nvidia_uvm\", RUN+=\"/bin/bash -c '/usr/bin/nvidia-modprobe -c0 -u'\"
+==> rc=0 <==
 ==> dmesg <==
 ==> rc=1 <==
 ==> ct-config 103 <==
@@ -274,39 +276,61 @@ fn container_libs_mismatch_even_in_the_patch_part() {
     assert!(
         x.evidence
             .iter()
-            .any(|l| l.contains("libnvidia-ml1 595.71.03-1 ≠ 595.71.05-1"))
+            .any(|l| l.contains("libnvidia-ml1 595.71.03-1 ≠ 595.71.05"))
     );
     assert!(
         x.evidence
             .iter()
             .any(|l| l.contains("libcuda1 is not installed"))
     );
-    let fix = x.fix.unwrap().render();
-    assert!(
-        fix.contains("libcuda1=595.71.05-1") && fix.contains("apt-mark hold"),
-        "{fix}"
-    );
+    assert_eq!(x.fix, Some(Fix::Provision(crate::host::StepId::CtLibs)));
 }
 
+/// Issue 16 item 3: NVML compares the upstream version; Debian's `-2` of the same driver is the same library.
 #[test]
-fn debian_revision_is_a_mismatch() {
+fn a_debian_revision_of_the_same_driver_matches() {
     let mut f = healthy();
     let ins = f.container.as_mut().unwrap().inside.as_mut().unwrap();
     for p in &mut ins.packages {
         p.version = "595.71.05-2".into();
     }
-    assert_eq!(problems(&f), vec!["ct.libs-mismatch"]);
+    assert_eq!(problems(&f), Vec::<&str>::new());
+}
+
+/// Issue 16 item 2: after an upgrade waiting for its reboot, the container must match the installed driver (what
+/// the reboot loads), not the stale module.
+#[test]
+fn the_container_follows_the_installed_driver_not_the_stale_module() {
+    let mut f = healthy();
+    for p in f
+        .packages
+        .iter_mut()
+        .filter(|p| p.name.contains("nvidia") || p.name.starts_with("lib"))
+    {
+        p.version = "595.71.08-1".into();
+    }
+    let ids = problems(&f);
+    assert!(ids.contains(&"ct.libs-mismatch"), "{ids:?}");
+    let x = finding(&f, "ct.libs-mismatch");
+    assert!(x.title.contains("driver 595.71.08"), "{}", x.title);
+    let ins = f.container.as_mut().unwrap().inside.as_mut().unwrap();
+    for p in &mut ins.packages {
+        p.version = "595.71.08-1".into();
+    }
+    assert!(!problems(&f).contains(&"ct.libs-mismatch"));
 }
 
 #[test]
-fn container_libs_not_held_is_a_warning() {
+fn container_libs_not_held_is_a_failure_provision_fixes() {
     let mut f = healthy();
     let ins = f.container.as_mut().unwrap().inside.as_mut().unwrap();
     for p in &mut ins.packages {
         p.status = Some("ii".into());
     }
     assert_eq!(problems(&f), vec!["ct.libs-not-pinned"]);
-    assert_eq!(finding(&f, "ct.libs-not-pinned").severity, Severity::Warn);
+    let x = finding(&f, "ct.libs-not-pinned");
+    assert_eq!(x.severity, Severity::Fail);
+    assert_eq!(x.fix, Some(Fix::Provision(crate::host::StepId::CtLibs)));
 }
 
 #[test]
@@ -326,7 +350,8 @@ fn dkms_not_built_for_new_kernel_with_old_driver() {
     {
         p.version = "550.163.01-1".into();
     }
-    assert_eq!(problems(&f), vec!["dkms.build-failed"]);
+    // The container's libraries (595) do not match the installed driver (550) either.
+    assert_eq!(problems(&f), vec!["ct.libs-mismatch", "dkms.build-failed"]);
     let x = finding(&f, "dkms.build-failed");
     assert!(
         x.title
@@ -352,26 +377,23 @@ fn headers_missing_for_running_kernel_hides_the_dkms_symptom() {
     assert_eq!(problems(&f), vec!["kernel.headers-missing"]);
     let x = finding(&f, "kernel.headers-missing");
     assert_eq!(x.severity, Severity::Fail);
-    assert_eq!(
-        x.fix.unwrap().render(),
-        "apt-get install -y proxmox-headers-6.14.8-2-pve"
-    );
+    assert_eq!(x.fix.unwrap().render(), "llmctl provision --only headers");
 }
 
 #[test]
-fn headers_missing_for_another_kernel_warns() {
+fn headers_missing_for_another_kernel_fails_before_the_reboot() {
     let mut f = healthy();
     f.installed_kernels.push("6.17.2-1-pve".into());
     let ids = problems(&f);
     assert_eq!(ids, vec!["kernel.headers-missing"]);
     assert_eq!(
         finding(&f, "kernel.headers-missing").severity,
-        Severity::Warn
+        Severity::Fail
     );
-    // With headers but no module for it, DKMS warns instead.
+    // With headers but no module for it, DKMS reports it, as a failure: the next boot may pick that kernel.
     f.kernels_with_build_dir.push("6.17.2-1-pve".into());
     assert_eq!(problems(&f), vec!["dkms.not-built"]);
-    assert_eq!(finding(&f, "dkms.not-built").severity, Severity::Warn);
+    assert_eq!(finding(&f, "dkms.not-built").severity, Severity::Fail);
 }
 
 #[test]
@@ -397,7 +419,7 @@ fn nouveau_loaded_and_not_blacklisted() {
             .any(|l| l.contains("no `blacklist nouveau` line")),
         "{x:#?}"
     );
-    // Not loaded, not blacklisted: a warning about the next boot.
+    // Not loaded, not blacklisted: a failure (the next boot), which provision's nouveau step fixes.
     f.modules.clear();
     f.module = healthy().module;
     // Commented-out blacklist lines do not count.
@@ -405,7 +427,7 @@ fn nouveau_loaded_and_not_blacklisted() {
     assert_eq!(problems(&f), vec!["nouveau.not-blacklisted"]);
     assert_eq!(
         finding(&f, "nouveau.not-blacklisted").severity,
-        Severity::Warn
+        Severity::Fail
     );
 }
 
@@ -444,9 +466,7 @@ fn uvm_missing_names_the_container_that_will_not_start() {
     );
     assert_eq!(
         x.fix,
-        Some(Fix::Command(
-            "modprobe nvidia_uvm && nvidia-modprobe -c0 -u".into()
-        ))
+        Some(Fix::Provision(crate::host::StepId::DevicesAtBoot))
     );
     // Nothing loads it at boot either: that is the cause, and one provision step fixes both.
     f.modules_load.clear();
@@ -464,8 +484,16 @@ fn nothing_loads_uvm_at_boot() {
     let mut f = healthy();
     f.modules_load.clear();
     assert_eq!(problems(&f), vec!["dev.nodes-not-at-boot"]);
-    f.udev_rules = vec!["/etc/udev/rules.d/70-nvidia.rules:KERNEL==\"nvidia_uvm\", RUN+=\"/bin/bash -c '/usr/bin/nvidia-modprobe -c0 -u'\"".into()];
+    // A rule that fires for the nvidia module itself loads uvm too (nvidia-modprobe -u).
+    f.udev_rules = vec![
+        "/etc/udev/rules.d/71-x.rules:KERNEL==\"nvidia\", RUN+=\"/usr/bin/nvidia-modprobe -c0 -u\""
+            .into(),
+    ];
     assert!(problems(&f).is_empty());
+    // Loading the module alone creates no device node.
+    f.udev_rules.clear();
+    f.modules_load = healthy().modules_load;
+    assert_eq!(problems(&f), vec!["dev.nodes-not-at-boot"]);
 }
 
 #[test]
@@ -476,18 +504,20 @@ fn driver_not_pinned() {
         p.status = Some("ii".into());
     }
     assert_eq!(problems(&f), vec!["driver.not-pinned"]);
-    assert!(
-        finding(&f, "driver.not-pinned")
-            .fix
-            .unwrap()
-            .render()
-            .starts_with("apt-mark hold ")
+    assert_eq!(
+        finding(&f, "driver.not-pinned").fix,
+        Some(Fix::Provision(crate::host::StepId::Driver))
     );
+    // NVIDIA's pinning package pins a branch, not the exact version: without holds it is still not pinned.
     f.packages.push(crate::pve::packages::Package {
         name: "nvidia-driver-pinning-595".into(),
         version: "595-1".into(),
         status: Some("ii".into()),
     });
+    assert_eq!(problems(&f), vec!["driver.not-pinned"]);
+    // Holds alone pin it.
+    f.packages.retain(|p| p.name != "nvidia-driver-pinning-595");
+    f.holds = healthy().holds;
     assert!(problems(&f).is_empty());
 }
 
@@ -639,8 +669,8 @@ fn llama_arch_context_cuda_and_services() {
     assert_eq!(problems(&f), vec!["llama.cuda-arch"]);
     assert_eq!(
         finding(&f, "llama.cuda-arch").severity,
-        Severity::Warn,
-        "86 PTX runs on 8.9 via JIT"
+        Severity::Fail,
+        "86 PTX runs on 8.9 only via JIT, and provision rebuilds for 89"
     );
     set_cache(&mut f, "CMAKE_CUDA_ARCHITECTURES", "120a-real");
     assert_eq!(finding(&f, "llama.cuda-arch").severity, Severity::Fail);

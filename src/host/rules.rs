@@ -1,1 +1,236 @@
-//! Rules that judge one concern of a host, shared by doctor and provision.
+//! Rules that judge one concern of a host. Each is a pure function of the facts, called by doctor (to report)
+//! and by provision (to plan): one definition of "right", so the two commands cannot disagree about it.
+
+use super::facts::HostFacts;
+use crate::pve::dkms::DkmsState;
+
+/// The `grep -rsH nouveau` line (`file:text`) that blacklists nouveau: its first two words are
+/// `blacklist nouveau` (a comment, an `options nouveau` line or `blacklist nouveaux` do not count).
+pub fn nouveau_blacklist_line(lines: &[String]) -> Option<&String> {
+    lines.iter().find(|l| {
+        let text = l.split_once(':').map_or(l.as_str(), |(_, t)| t).trim();
+        let mut words = text.split_whitespace();
+        words.next() == Some("blacklist") && words.next() == Some("nouveau")
+    })
+}
+
+/// The kernels DKMS must build the NVIDIA module for: every installed Proxmox kernel (the next boot may pick any
+/// of them: an upgrade installs a new one and makes it the default) and the running one.
+pub fn kernels(f: &HostFacts) -> Vec<String> {
+    let mut out: Vec<String> = f
+        .installed_kernels
+        .iter()
+        .filter(|k| crate::pve::system::is_pve_kernel(k))
+        .cloned()
+        .collect();
+    if !f.kernel.is_empty() && !out.contains(&f.kernel) {
+        out.push(f.kernel.clone());
+    }
+    out
+}
+
+/// The headers package Proxmox names for a kernel (`proxmox-headers-*` from PVE 8 on, `pve-headers-*` before).
+pub fn headers_package(f: &HostFacts, kernel: &str) -> String {
+    crate::pve::system::headers_package(kernel, f.pve.as_ref().map(|p| p.major))
+}
+
+/// Headers count as present when the kernel's build directory exists or either package name is installed.
+pub fn headers_present(f: &HostFacts, kernel: &str) -> bool {
+    f.kernels_with_build_dir.iter().any(|k| k == kernel)
+        || f.package(&format!("proxmox-headers-{kernel}")).is_some()
+        || f.package(&format!("pve-headers-{kernel}")).is_some()
+}
+
+/// The kernels (of [`kernels`]) without headers: DKMS cannot build the module for them.
+pub fn kernels_without_headers(f: &HostFacts) -> Vec<String> {
+    kernels(f)
+        .into_iter()
+        .filter(|k| !headers_present(f, k))
+        .collect()
+}
+
+/// Whether DKMS has installed nvidia `version` for `kernel` (`None`: any version).
+pub fn module_installed_for(f: &HostFacts, kernel: &str, version: Option<&str>) -> bool {
+    f.dkms.iter().any(|e| {
+        e.is_nvidia()
+            && e.kernel.as_deref() == Some(kernel)
+            && e.state == DkmsState::Installed
+            && version.is_none_or(|v| e.version == v)
+    })
+}
+
+/// The kernels (of [`kernels`]) with headers but without the NVIDIA module `version` installed: booting one of
+/// them leaves the GPU without a driver. A kernel without headers is [`kernels_without_headers`]'s finding.
+pub fn kernels_without_module(f: &HostFacts, version: Option<&str>) -> Vec<String> {
+    kernels(f)
+        .into_iter()
+        .filter(|k| headers_present(f, k) || *k == f.kernel)
+        .filter(|k| !module_installed_for(f, k, version))
+        .collect()
+}
+
+/// A driver is pinned when apt cannot move it: every installed driver package is held. (NVIDIA's
+/// `nvidia-driver-pinning-<branch>` package pins a branch, not one exact version: provision installs it before
+/// the driver as NVIDIA documents, but it is not what keeps the version exact.)
+pub fn unheld<'a>(f: &HostFacts, packages: &[&'a str]) -> Vec<&'a str> {
+    packages
+        .iter()
+        .copied()
+        .filter(|n| f.package(n).is_some() && !f.is_held(n))
+        .collect()
+}
+
+/// The udev line that creates the uvm device nodes when the driver loads (`nvidia-modprobe ... -u`).
+pub fn uvm_udev_line(f: &HostFacts) -> Option<&String> {
+    f.udev_rules.iter().find(|l| {
+        let rule = l.split_once(':').map_or(l.as_str(), |(_, t)| t);
+        !rule.trim_start().starts_with('#')
+            && rule.contains("nvidia-modprobe")
+            && rule
+                .split(|c: char| c.is_whitespace() || c == '\'' || c == '"')
+                .any(|w| {
+                    w == "-u" || (w.starts_with('-') && !w.starts_with("--") && w.contains('u'))
+                })
+    })
+}
+
+/// Whether `nvidia_uvm` is listed in modules-load.d (or /etc/modules).
+pub fn uvm_loaded_at_boot(f: &HostFacts) -> bool {
+    f.modules_load.iter().any(|l| {
+        let v = l.split_once(':').map_or(l.as_str(), |(_, t)| t).trim();
+        v == "nvidia_uvm" || v == "nvidia-uvm"
+    })
+}
+
+/// What sets `/dev/nvidia-uvm` and `-uvm-tools` up at boot, before containers with them as devN start (they
+/// refuse to start without them). Both are needed: a udev rule running `nvidia-modprobe -u` (loading a module
+/// creates no device node), and something that loads `nvidia_uvm` (modules-load.d, or the same rule when it
+/// fires for the `nvidia` module, which the kernel loads by itself for the GPU). `Err` says what is missing.
+pub fn uvm_at_boot(f: &HostFacts) -> Result<(), Vec<String>> {
+    let rule = uvm_udev_line(f);
+    let fires_on_nvidia = rule.is_some_and(|l| l.contains("KERNEL==\"nvidia\""));
+    let mut missing = Vec::new();
+    if rule.is_none() {
+        missing.push(
+            "no udev rule in /etc/udev/rules.d or /usr/lib/udev/rules.d runs `nvidia-modprobe -c0 -u` (it creates \
+             /dev/nvidia-uvm and -uvm-tools)"
+                .to_string(),
+        );
+    }
+    if !uvm_loaded_at_boot(f) && !fires_on_nvidia {
+        missing.push(
+            "no nvidia_uvm line in /etc/modules-load.d/*.conf or /etc/modules (nothing loads nvidia_uvm at boot)"
+                .to_string(),
+        );
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(missing)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn nouveau_is_blacklisted_by_the_two_words_only() {
+        assert!(
+            nouveau_blacklist_line(&lines(&["/etc/modprobe.d/b.conf:blacklist\tnouveau"]))
+                .is_some()
+        );
+        for no in [
+            "/etc/modprobe.d/x.conf:# blacklist nouveau",
+            "/etc/modprobe.d/x.conf:options nouveau modeset=0",
+            "/etc/modprobe.d/x.conf:blacklist nouveaux",
+        ] {
+            assert!(nouveau_blacklist_line(&lines(&[no])).is_none(), "{no}");
+        }
+    }
+
+    #[test]
+    fn every_installed_kernel_needs_headers_and_the_module() {
+        let f = HostFacts {
+            kernel: "6.14.8-2-pve".into(),
+            installed_kernels: lines(&["6.14.8-2-pve", "6.17.2-1-pve"]),
+            kernels_with_build_dir: lines(&["6.14.8-2-pve"]),
+            ..HostFacts::default()
+        };
+        assert_eq!(kernels_without_headers(&f), ["6.17.2-1-pve"]);
+        assert_eq!(kernels_without_module(&f, None), ["6.14.8-2-pve"]);
+    }
+
+    #[test]
+    fn uvm_at_boot_needs_the_rule_and_a_loader() {
+        let llmctl = HostFacts {
+            modules_load: lines(&["/etc/modules-load.d/nvidia.conf:nvidia_uvm"]),
+            udev_rules: lines(&[
+                "/etc/udev/rules.d/70-nvidia.rules:KERNEL==\"nvidia_uvm\", RUN+=\"/bin/bash -c '/usr/bin/nvidia-modprobe -c0 -u'\"",
+            ]),
+            ..HostFacts::default()
+        };
+        assert_eq!(uvm_at_boot(&llmctl), Ok(()));
+        let rule_on_nvidia = HostFacts {
+            udev_rules: lines(&[
+                "/etc/udev/rules.d/70-nvidia.rules:KERNEL==\"nvidia\", RUN+=\"/usr/bin/nvidia-modprobe -c0 -u\"",
+            ]),
+            ..HostFacts::default()
+        };
+        assert_eq!(uvm_at_boot(&rule_on_nvidia), Ok(()));
+        let load_only = HostFacts {
+            modules_load: llmctl.modules_load.clone(),
+            ..HostFacts::default()
+        };
+        assert_eq!(uvm_at_boot(&load_only).unwrap_err().len(), 1);
+        let rule_only = HostFacts {
+            udev_rules: llmctl.udev_rules.clone(),
+            ..HostFacts::default()
+        };
+        assert_eq!(uvm_at_boot(&rule_only).unwrap_err().len(), 1);
+    }
+}
+
+/// The driver version the host has installed: what its module package (NVIDIA's or Debian's) is at, else what
+/// DKMS knows, else the loaded module. After an upgrade that still waits for its reboot this is the new
+/// version, which the container's libraries must match (the reboot loads it).
+pub fn installed_driver_version(f: &HostFacts) -> Option<String> {
+    const KERNEL_PACKAGES: &[&str] = &[
+        "nvidia-kernel-open-dkms",
+        "nvidia-kernel-dkms",
+        "nvidia-open-kernel-dkms",
+    ];
+    KERNEL_PACKAGES
+        .iter()
+        .find_map(|n| f.package(n))
+        .map(|p| crate::pve::packages::upstream_version(&p.version).to_string())
+        .or_else(|| {
+            f.dkms
+                .iter()
+                .find(|e| e.is_nvidia())
+                .map(|e| e.version.clone())
+        })
+        .or_else(|| f.module.as_ref().map(|m| m.version.clone()))
+}
+
+/// The container's user-space driver packages not installed at `version`. Only the upstream version counts:
+/// NVIDIA's `-1` and Debian's `-2` of one driver are the same libraries to NVML.
+pub fn libs_not_at<'a>(
+    packages: &[crate::pve::packages::Package],
+    names: &[&'a str],
+    version: &str,
+) -> Vec<&'a str> {
+    names
+        .iter()
+        .copied()
+        .filter(|n| {
+            !packages
+                .iter()
+                .any(|p| p.name == *n && p.installed() && p.upstream_version() == version)
+        })
+        .collect()
+}

@@ -423,15 +423,11 @@ impl Step<Ctx> for CtLibs {
 pub fn ct_libs_check(inside: &InsideFacts, version: &str, vmid: u32) -> Check {
     let want = format!("{version}-1");
     let pkg = |n: &str| inside.packages.iter().find(|p| p.name == n);
-    let wrong: Vec<&str> = CT_LIB_PACKAGES
-        .iter()
-        .copied()
-        .filter(|n| !pkg(n).is_some_and(|p| p.installed() && p.version == want))
-        .collect();
+    let wrong = crate::host::rules::libs_not_at(&inside.packages, CT_LIB_PACKAGES, version);
     let unheld: Vec<&str> = CT_LIB_PACKAGES
         .iter()
         .copied()
-        .filter(|n| !pkg(n).is_some_and(|p| p.held()))
+        .filter(|n| !pkg(n).is_some_and(|p| p.held()) && !inside.holds.iter().any(|h| h == n))
         .collect();
     if wrong.is_empty() && unheld.is_empty() {
         return Check::Done(format!("{} at {want}, held", CT_LIB_PACKAGES.join(", ")));
@@ -441,7 +437,7 @@ pub fn ct_libs_check(inside: &InsideFacts, version: &str, vmid: u32) -> Check {
     let to_unhold: Vec<&str> = CT_LIB_PACKAGES
         .iter()
         .copied()
-        .filter(|n| pkg(n).is_some_and(|p| p.held() && p.version != want))
+        .filter(|n| wrong.contains(n) && pkg(n).is_some_and(|p| p.held()))
         .collect();
     if !to_unhold.is_empty() {
         let mut argv = vec!["apt-mark", "unhold"];

@@ -9,9 +9,8 @@ use anyhow::{Context, Result};
 use super::apply::{execute, execute_one};
 use super::ctx::{Ctx, HOST_CACHE_DIR};
 use super::step::{Action, Check, Step, Target};
-use crate::host::StepId;
 use crate::host::facts::HostFacts;
-use crate::pve::dkms::DkmsState;
+use crate::host::{StepId, rules};
 use crate::transport::Cmd;
 
 const APT_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -117,27 +116,14 @@ impl Step<Ctx> for Headers {
 }
 
 pub fn headers_check(f: &HostFacts) -> Check {
-    let prefix = if f.pve.as_ref().is_some_and(|p| p.major < 8) {
-        "pve-headers-"
-    } else {
-        "proxmox-headers-"
-    };
-    let missing: Vec<String> = f
-        .installed_kernels
+    let missing: Vec<String> = rules::kernels_without_headers(f)
         .iter()
-        .filter(|k| crate::pve::system::is_pve_kernel(k))
-        .filter(|k| {
-            !f.kernels_with_build_dir.contains(k)
-                && !f
-                    .package(&format!("{prefix}{k}"))
-                    .is_some_and(|p| p.installed())
-        })
-        .map(|k| format!("{prefix}{k}"))
+        .map(|k| rules::headers_package(f, k))
         .collect();
     if missing.is_empty() {
         return Check::Done(format!(
             "headers present for {}",
-            f.installed_kernels.join(", ")
+            rules::kernels(f).join(", ")
         ));
     }
     let mut args = vec!["install", "-y"];
@@ -161,7 +147,7 @@ impl Step<Ctx> for Nouveau {
     }
     fn check(&self, ctx: &mut Ctx) -> Result<Check> {
         let f = ctx.facts()?;
-        if nouveau_blacklisted(&f.modprobe_nouveau) {
+        if rules::nouveau_blacklist_line(&f.modprobe_nouveau).is_some() {
             return Ok(Check::Done("blacklisted in modprobe.d".into()));
         }
         let old = ctx
@@ -183,15 +169,6 @@ impl Step<Ctx> for Nouveau {
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
         execute(ctx, actions)
     }
-}
-
-/// `grep -rsH nouveau` lines (`file:line`): an uncommented `blacklist nouveau` anywhere counts.
-pub fn nouveau_blacklisted(lines: &[String]) -> bool {
-    lines.iter().any(|l| {
-        let text = l.split_once(':').map_or(l.as_str(), |(_, t)| t).trim();
-        let mut words = text.split_whitespace();
-        words.next() == Some("blacklist") && words.next() == Some("nouveau")
-    })
 }
 
 // ------------------------------------------------------------------------------------------------ repo
@@ -318,11 +295,7 @@ pub fn driver_check(f: &HostFacts, version: &str, open: bool) -> Check {
                 .is_some_and(|p| p.installed() && p.version == want)
         })
         .collect();
-    let unheld: Vec<&str> = pkgs
-        .iter()
-        .copied()
-        .filter(|n| !f.package(n).is_some_and(|p| p.held()))
-        .collect();
+    let unheld: Vec<&str> = pkgs.iter().copied().filter(|n| !f.is_held(n)).collect();
     let other_pinning: Vec<String> = f
         .packages
         .iter()
@@ -339,11 +312,10 @@ pub fn driver_check(f: &HostFacts, version: &str, open: bool) -> Check {
         "nvidia-kernel-open-dkms"
     };
     let conflicting = f.package(other_flavour).is_some_and(|p| p.installed());
-    if wrong.is_empty() && unheld.is_empty() && other_pinning.is_empty() && pinned && !conflicting {
-        return Check::Done(format!(
-            "{} at {want}, held; {pinning} installed",
-            pkgs.join(", ")
-        ));
+    // Holds keep the exact version (rules::unheld); the pinning package is installed with the driver, as
+    // NVIDIA documents, but a driver already at the version and held needs nothing more.
+    if wrong.is_empty() && unheld.is_empty() && other_pinning.is_empty() && !conflicting {
+        return Check::Done(format!("{} at {want}, held", pkgs.join(", ")));
     }
     let mut actions = Vec::new();
     let mut remove: Vec<String> = other_pinning;
@@ -369,7 +341,7 @@ pub fn driver_check(f: &HostFacts, version: &str, open: bool) -> Check {
             cmd: apt(&args),
         });
     }
-    if !pinned {
+    if !pinned && !wrong.is_empty() {
         // NVIDIA: install the pinning package before the driver.
         actions.push(Action::Run {
             on: Target::Host,
@@ -501,33 +473,11 @@ impl Step<Ctx> for Dkms {
 }
 
 pub fn dkms_check(f: &HostFacts, version: &str) -> Check {
-    let installed_for = |k: &str| {
-        f.dkms.iter().any(|e| {
-            e.is_nvidia()
-                && e.version == version
-                && e.kernel.as_deref() == Some(k)
-                && e.state == DkmsState::Installed
-        })
-    };
-    // Every kernel that has headers: the running one now, the others so a reboot into them keeps the driver.
-    let kernels: Vec<&String> = f
-        .installed_kernels
-        .iter()
-        .filter(|k| f.kernels_with_build_dir.contains(k) || **k == f.kernel)
-        .collect();
-    let missing: Vec<&String> = kernels
-        .iter()
-        .copied()
-        .filter(|k| !installed_for(k))
-        .collect();
+    let missing = rules::kernels_without_module(f, Some(version));
     if missing.is_empty() {
         return Check::Done(format!(
             "nvidia/{version} installed for {}",
-            kernels
-                .iter()
-                .map(|k| k.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            rules::kernels(f).join(", ")
         ));
     }
     Check::Changes(
@@ -635,11 +585,8 @@ pub fn devices_at_boot_check(
     udev: Option<String>,
 ) -> Check {
     let mut actions = Vec::new();
-    let loads_uvm = f
-        .modules_load
-        .iter()
-        .any(|l| l.split_once(':').map_or(l.as_str(), |(_, t)| t).trim() == "nvidia_uvm");
-    if !loads_uvm {
+    let at_boot = rules::uvm_at_boot(f);
+    if at_boot.is_err() && !rules::uvm_loaded_at_boot(f) {
         actions.push(Action::WriteFile {
             on: Target::Host,
             path: MODULES_LOAD_CONF.into(),
@@ -648,8 +595,7 @@ pub fn devices_at_boot_check(
             mode: 0o644,
         });
     }
-    let has_rule = f.udev_rules.iter().any(|l| l.contains("nvidia-modprobe"));
-    if !has_rule {
+    if rules::uvm_udev_line(f).is_none() {
         actions.push(Action::WriteFile {
             on: Target::Host,
             path: UDEV_RULE.into(),
@@ -676,17 +622,6 @@ pub fn devices_at_boot_check(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nouveau_blacklist_lines() {
-        assert!(nouveau_blacklisted(&[
-            "/etc/modprobe.d/blacklist-nouveau.conf:blacklist nouveau".into()
-        ]));
-        assert!(!nouveau_blacklisted(&[
-            "/etc/modprobe.d/x.conf:# blacklist nouveau".into(),
-            "/etc/modprobe.d/x.conf:options nouveau modeset=0".into()
-        ]));
-    }
 
     #[test]
     fn the_apt_simulation_must_install_exactly_the_version() {
