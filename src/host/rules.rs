@@ -130,6 +130,46 @@ pub fn uvm_at_boot(f: &HostFacts) -> Result<(), Vec<String>> {
     }
 }
 
+/// The driver version the host has installed: what its module package (NVIDIA's or Debian's) is at, else what
+/// DKMS knows, else the loaded module. After an upgrade that still waits for its reboot this is the new
+/// version, which the container's libraries must match (the reboot loads it).
+pub fn installed_driver_version(f: &HostFacts) -> Option<String> {
+    const KERNEL_PACKAGES: &[&str] = &[
+        "nvidia-kernel-open-dkms",
+        "nvidia-kernel-dkms",
+        "nvidia-open-kernel-dkms",
+    ];
+    KERNEL_PACKAGES
+        .iter()
+        .find_map(|n| f.package(n))
+        .map(|p| crate::pve::packages::upstream_version(&p.version).to_string())
+        .or_else(|| {
+            f.dkms
+                .iter()
+                .find(|e| e.is_nvidia())
+                .map(|e| e.version.clone())
+        })
+        .or_else(|| f.module.as_ref().map(|m| m.version.clone()))
+}
+
+/// The container's user-space driver packages not installed at `version`. Only the upstream version counts:
+/// NVIDIA's `-1` and Debian's `-2` of one driver are the same libraries to NVML.
+pub fn libs_not_at<'a>(
+    packages: &[crate::pve::packages::Package],
+    names: &[&'a str],
+    version: &str,
+) -> Vec<&'a str> {
+    names
+        .iter()
+        .copied()
+        .filter(|n| {
+            !packages
+                .iter()
+                .any(|p| p.name == *n && p.installed() && p.upstream_version() == version)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,44 +233,4 @@ mod tests {
         };
         assert_eq!(uvm_at_boot(&rule_only).unwrap_err().len(), 1);
     }
-}
-
-/// The driver version the host has installed: what its module package (NVIDIA's or Debian's) is at, else what
-/// DKMS knows, else the loaded module. After an upgrade that still waits for its reboot this is the new
-/// version, which the container's libraries must match (the reboot loads it).
-pub fn installed_driver_version(f: &HostFacts) -> Option<String> {
-    const KERNEL_PACKAGES: &[&str] = &[
-        "nvidia-kernel-open-dkms",
-        "nvidia-kernel-dkms",
-        "nvidia-open-kernel-dkms",
-    ];
-    KERNEL_PACKAGES
-        .iter()
-        .find_map(|n| f.package(n))
-        .map(|p| crate::pve::packages::upstream_version(&p.version).to_string())
-        .or_else(|| {
-            f.dkms
-                .iter()
-                .find(|e| e.is_nvidia())
-                .map(|e| e.version.clone())
-        })
-        .or_else(|| f.module.as_ref().map(|m| m.version.clone()))
-}
-
-/// The container's user-space driver packages not installed at `version`. Only the upstream version counts:
-/// NVIDIA's `-1` and Debian's `-2` of one driver are the same libraries to NVML.
-pub fn libs_not_at<'a>(
-    packages: &[crate::pve::packages::Package],
-    names: &[&'a str],
-    version: &str,
-) -> Vec<&'a str> {
-    names
-        .iter()
-        .copied()
-        .filter(|n| {
-            !packages
-                .iter()
-                .any(|p| p.name == *n && p.installed() && p.upstream_version() == version)
-        })
-        .collect()
 }
