@@ -42,6 +42,14 @@ pub enum Fix {
 }
 
 impl Fix {
+    /// The provision step this fix runs, if it is one.
+    pub fn step(&self) -> Option<StepId> {
+        match self {
+            Fix::Provision(s) => Some(*s),
+            Fix::Command(_) => None,
+        }
+    }
+
     pub fn render(&self) -> String {
         match self {
             Fix::Command(c) => c.clone(),
@@ -193,7 +201,7 @@ fn dkms_installed_for(f: &HostFacts, kernel: &str) -> bool {
 fn module_absence_explained(f: &HostFacts) -> bool {
     f.has_module("nouveau")
         || (kernel_package_installed(f) && !dkms_installed_for(f, &f.kernel))
-        || f.secure_boot == Some(true)
+        || rules::secure_boot_blocks(f).is_some()
 }
 
 pub fn check_driver_installed(f: &HostFacts) -> Vec<Finding> {
@@ -345,18 +353,43 @@ pub fn check_kernel_headers(f: &HostFacts) -> Vec<Finding> {
 
 pub fn check_secure_boot(f: &HostFacts) -> Vec<Finding> {
     const ID: &str = "secureboot.unsigned";
-    match (f.secure_boot, &f.module) {
-        (Some(true), None) if kernel_package_installed(f) => vec![Finding::problem(
+    if let Some(why) = rules::secure_boot_blocks(f) {
+        let mut ev: Vec<String> = f.secure_boot_line.iter().cloned().collect();
+        ev.extend(
+            f.mok_key_line
+                .iter()
+                .map(|l| format!("mokutil --test-key: {l}")),
+        );
+        ev.extend(module_missing_evidence(f));
+        ev.extend(
+            f.dmesg
+                .iter()
+                .filter(|l| l.contains("module") && (l.contains("reject") || l.contains("key")))
+                .take(3)
+                .cloned(),
+        );
+        ev.push(why);
+        return vec![Finding::problem(
             ID,
             Severity::Fail,
-            "Secure Boot is on and the NVIDIA module is not loaded: the DKMS-built module must be signed with an enrolled MOK key",
-            f.secure_boot_line.iter().cloned().chain(module_missing_evidence(f)).collect(),
-            Fix::Command("mokutil --import /var/lib/dkms/mok.pub   # then reboot and enroll the key at the blue MOK screen".into()),
-        )],
-        (Some(true), Some(_)) => vec![Finding::ok(ID, "Secure Boot is on and the NVIDIA module is loaded (it is signed)")],
-        (Some(false), _) => vec![Finding::ok(ID, "Secure Boot is off")],
-        _ => vec![Finding::ok(ID, "Secure Boot state unknown (no mokutil) or no driver to sign")],
+            "Secure Boot rejects the NVIDIA module: it must be signed with a key enrolled in MOK",
+            ev,
+            Fix::Provision(StepId::Module),
+        )];
     }
+    vec![Finding::ok(
+        ID,
+        match (f.secure_boot, &f.module) {
+            (Some(true), Some(_)) => {
+                "Secure Boot is on and the NVIDIA module is loaded (it is signed)"
+            }
+            (Some(true), None) => {
+                "Secure Boot is on; no driver to sign yet, or its key is enrolled"
+            }
+            (Some(false), _) => "Secure Boot is off",
+            _ => "Secure Boot state unknown (no mokutil)",
+        },
+    )]
 }
 
 pub fn check_dkms(f: &HostFacts) -> Vec<Finding> {

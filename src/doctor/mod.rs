@@ -14,7 +14,10 @@ use std::io::Write;
 use crate::cli::GlobalArgs;
 use crate::outcome::Outcome;
 use crate::remote::HostArgs;
-use checks::{Finding, Severity};
+use anyhow::Context as _;
+
+use crate::host::StepId;
+use checks::{Finding, Fix, Severity};
 
 #[derive(Debug, Clone, Args)]
 pub struct DoctorArgs {
@@ -76,10 +79,11 @@ pub fn outcome(findings: &[Finding]) -> Outcome {
 pub fn run(global: &GlobalArgs, args: DoctorArgs) -> Result<Outcome> {
     let remote = args.target.resolve(global)?;
     let (host, vmid) = (remote.host.clone(), remote.vmid);
-    let gathered = remote
-        .connect()
-        .and_then(|t| crate::host::facts::gather(t.as_ref(), vmid));
-    let facts = match gathered {
+    let gathered = remote.connect().and_then(|t| {
+        let f = crate::host::facts::gather(t.as_ref(), vmid)?;
+        Ok((t, f))
+    });
+    let (transport, facts) = match gathered {
         Ok(f) => f,
         Err(e) if args.json => {
             // A script reading stdout gets a report either way: the host could not be examined, and why.
@@ -94,7 +98,29 @@ pub fn run(global: &GlobalArgs, args: DoctorArgs) -> Result<Outcome> {
         }
         Err(e) => return Err(e),
     };
-    let findings = checks::run_all(&facts);
+    let mut findings = checks::run_all(&facts);
+    // With an llmctl.toml that describes an installation, the host is judged against it with provision's own
+    // checks: whatever `provision --check` would change is a failure here too.
+    let file = crate::config::ConfigFile::load(global.config.as_deref())?;
+    if let Some(cfg) = desired(&file, &facts)? {
+        let config_path = file.path.as_deref().map_or_else(
+            || crate::config::DEFAULT_PATH.to_string(),
+            |p| p.display().to_string(),
+        );
+        let again = remote.clone();
+        let connect: crate::provision::ctx::Connector = Box::new(move || again.connect());
+        let binary = std::env::current_exe().context("cannot find this llmctl binary")?;
+        let mut ctx = crate::provision::ctx::Ctx::over(
+            transport,
+            connect,
+            cfg,
+            config_path,
+            binary,
+            facts.clone(),
+        );
+        let plan = crate::provision::assess(&mut ctx)?;
+        reconcile(&mut findings, &plan);
+    }
     let outcome = outcome(&findings);
     let mut stdout = std::io::stdout().lock();
     if args.json {
@@ -123,6 +149,60 @@ pub fn run(global: &GlobalArgs, args: DoctorArgs) -> Result<Outcome> {
         );
     }
     Ok(outcome)
+}
+
+/// The provisioning configuration to judge the host against: llmctl.toml's, when it describes an installation
+/// (`[driver]` and `[model]`), for the container doctor looks at. `None`: doctor judges by what the host itself
+/// implies (the installed driver's version, the container's own units).
+fn desired(
+    file: &crate::config::ConfigFile,
+    facts: &crate::host::facts::HostFacts,
+) -> Result<Option<crate::provision::config::ProvisionConfig>> {
+    let describes = file.section::<toml::Value>("driver")?.is_some()
+        && file.section::<toml::Value>("model")?.is_some();
+    let Some(vmid) = facts.vmid.filter(|_| describes) else {
+        return Ok(None);
+    };
+    let mut cfg = crate::provision::config::ProvisionConfig::from_file(file)?;
+    cfg.host.target = facts.target.clone();
+    cfg.host.vmid = vmid;
+    Ok(Some(cfg))
+}
+
+/// Makes the report agree with provision's assessment: every step `provision --check` would change or refuses
+/// gets a failure naming it, unless a finding that names it already fails (with its own evidence).
+pub fn reconcile(
+    findings: &mut Vec<Finding>,
+    plan: &[(StepId, &'static str, crate::provision::step::StepOutcome)],
+) {
+    use crate::provision::step::StepOutcome;
+    for (step, title, outcome) in plan {
+        let evidence: Vec<String> = match outcome {
+            StepOutcome::Planned(actions) => actions
+                .iter()
+                .map(|a| {
+                    let text = a.render();
+                    let first = text.lines().next().unwrap_or_default().to_string();
+                    format!("provision would: {first}")
+                })
+                .collect(),
+            StepOutcome::Refused(why) => vec![format!("provision refuses: {why}")],
+            StepOutcome::AlreadyDone(_) | StepOutcome::Applied(_) => continue,
+        };
+        let named = findings.iter().any(|f| {
+            f.severity == Severity::Fail && f.fix.as_ref().is_some_and(|x| x.step() == Some(*step))
+        });
+        if named {
+            continue;
+        }
+        findings.push(Finding {
+            id: step.finding_id(),
+            severity: Severity::Fail,
+            title: format!("not as llmctl.toml describes: {title}"),
+            evidence,
+            fix: Some(Fix::Provision(*step)),
+        });
+    }
 }
 
 /// The text report: each check as `ok`/`skip`/`warn`/`FAIL` + title, problems with their evidence and fix,

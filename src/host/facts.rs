@@ -37,6 +37,7 @@ sec os-release cat /etc/os-release
 sec kernels ls -1 /lib/modules
 sec kernel-build kbuild
 sec mokutil mokutil --sb-state
+sec mok-key mokutil --test-key /var/lib/dkms/mok.pub
 sec lsmod lsmod
 sec proc-version cat /proc/driver/nvidia/version
 sec nvidia-smi nvidia-smi
@@ -209,6 +210,33 @@ pub struct ContainerFacts {
     pub inside: Option<InsideFacts>,
 }
 
+/// Whether the key DKMS signs modules with is enrolled in the machine owner keys (what Secure Boot trusts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MokKey {
+    Enrolled,
+    NotEnrolled,
+    /// `/var/lib/dkms/mok.pub` does not exist yet: DKMS creates it at its next build; modules built before it are
+    /// unsigned.
+    Missing,
+}
+
+/// `mokutil --test-key` output: `... is already enrolled`, `... is not enrolled`, or an error reading the file.
+pub fn parse_mok_key(probe: &Probe) -> Option<MokKey> {
+    if probe.rc == Some(127) || (probe.text.contains("not found") && probe.text.contains("mokutil"))
+    {
+        return None;
+    }
+    let t = &probe.text;
+    Some(if t.contains("is already enrolled") {
+        MokKey::Enrolled
+    } else if t.contains("is not enrolled") {
+        MokKey::NotEnrolled
+    } else {
+        MokKey::Missing
+    })
+}
+
 /// Everything the checks look at.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct HostFacts {
@@ -221,6 +249,10 @@ pub struct HostFacts {
     /// `Some(true)` when mokutil says `SecureBoot enabled`; None when mokutil is absent.
     pub secure_boot: Option<bool>,
     pub secure_boot_line: Option<String>,
+    /// DKMS's module signing key (`mokutil --test-key /var/lib/dkms/mok.pub`); None without mokutil.
+    pub mok_key: Option<MokKey>,
+    /// The line mokutil printed about it.
+    pub mok_key_line: Option<String>,
     pub modules: Vec<String>,
     pub module: Option<LoadedModule>,
     pub smi: Option<SmiReport>,
@@ -278,6 +310,8 @@ impl HostFacts {
             kernels_with_build_dir: get("kernel-build").lines(),
             secure_boot: sb_line.as_ref().map(|l| l.contains("enabled")),
             secure_boot_line: sb_line,
+            mok_key: parse_mok_key(&get("mok-key")),
+            mok_key_line: get("mok-key").lines().into_iter().next(),
             modules: system::parse_lsmod(&get("lsmod").text),
             module: nvidia::parse_proc_version(&get("proc-version").text),
             smi: Some(nvidia::parse_smi(&smi.text, smi.rc)),

@@ -88,6 +88,34 @@ impl StepId {
     }
 }
 
+impl StepId {
+    /// The id of doctor's finding for a step `provision --check` would change when no finding of doctor's own
+    /// explains it: `plan.<step>`.
+    pub const fn finding_id(self) -> &'static str {
+        match self {
+            StepId::Inventory => "plan.inventory",
+            StepId::Container => "plan.container",
+            StepId::Headers => "plan.headers",
+            StepId::Nouveau => "plan.nouveau",
+            StepId::Repo => "plan.repo",
+            StepId::Driver => "plan.driver",
+            StepId::Dkms => "plan.dkms",
+            StepId::Module => "plan.module",
+            StepId::DevicesAtBoot => "plan.devices-at-boot",
+            StepId::Devices => "plan.devices",
+            StepId::Start => "plan.start",
+            StepId::CtRepo => "plan.ct-repo",
+            StepId::CtLibs => "plan.ct-libs",
+            StepId::Cuda => "plan.cuda",
+            StepId::Llmctl => "plan.llmctl",
+            StepId::Llama => "plan.llama",
+            StepId::Model => "plan.model",
+            StepId::LlamaService => "plan.llama-service",
+            StepId::ProxyService => "plan.proxy-service",
+        }
+    }
+}
+
 impl fmt::Display for StepId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

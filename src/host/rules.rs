@@ -170,6 +170,34 @@ pub fn libs_not_at<'a>(
         .collect()
 }
 
+/// Why Secure Boot keeps the NVIDIA module out, when it does: Secure Boot on, the module not loaded, the driver
+/// installed, and DKMS's signing key not enrolled (or not even created: the module was built unsigned). A host
+/// whose module is loaded under Secure Boot is fine (it is signed with an enrolled key); a host without a driver
+/// yet is not blocked (DKMS creates and uses the key at its first build; it is enrolled after that).
+pub fn secure_boot_blocks(f: &HostFacts) -> Option<String> {
+    use super::facts::MokKey;
+    if f.secure_boot != Some(true) || f.module.is_some() || installed_driver_version(f).is_none() {
+        return None;
+    }
+    match f.mok_key {
+        Some(MokKey::Enrolled) => None,
+        Some(MokKey::NotEnrolled) => Some(
+            "Secure Boot is on and DKMS's signing key /var/lib/dkms/mok.pub is not enrolled, so the kernel rejects \
+             the NVIDIA module. Enroll it: `mokutil --import /var/lib/dkms/mok.pub` (it asks for a one-time \
+             password), reboot, choose \"Enroll MOK\" at the blue MOK screen and give that password; then run \
+             provision again"
+                .into(),
+        ),
+        Some(MokKey::Missing) | None => Some(
+            "Secure Boot is on and the NVIDIA module was built unsigned (DKMS had no signing key, \
+             /var/lib/dkms/mok.pub), so the kernel rejects it. Rebuild it so DKMS creates the key and signs it \
+             (`dkms remove nvidia -v <version> --all && dkms install nvidia -v <version>`), enroll the key \
+             (`mokutil --import /var/lib/dkms/mok.pub`, reboot, \"Enroll MOK\"), then run provision again"
+                .into(),
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,5 +260,53 @@ mod tests {
             ..HostFacts::default()
         };
         assert_eq!(uvm_at_boot(&rule_only).unwrap_err().len(), 1);
+    }
+
+    /// Issue 16 item 1: refuse only what cannot work.
+    #[test]
+    fn secure_boot_blocks_only_an_unenrolled_or_unsigned_module() {
+        use crate::host::facts::MokKey;
+        let installed = HostFacts {
+            secure_boot: Some(true),
+            packages: crate::pve::packages::parse_dpkg_query(
+                "nvidia-kernel-open-dkms\t595.71.05-1\tii \n",
+            ),
+            mok_key: Some(MokKey::Enrolled),
+            ..HostFacts::default()
+        };
+        assert_eq!(secure_boot_blocks(&installed), None, "enrolled key");
+        let not_enrolled = HostFacts {
+            mok_key: Some(MokKey::NotEnrolled),
+            ..installed.clone()
+        };
+        assert!(
+            secure_boot_blocks(&not_enrolled)
+                .unwrap()
+                .contains("mokutil --import")
+        );
+        let unsigned = HostFacts {
+            mok_key: Some(MokKey::Missing),
+            ..installed.clone()
+        };
+        assert!(
+            secure_boot_blocks(&unsigned)
+                .unwrap()
+                .contains("built unsigned")
+        );
+        let fresh = HostFacts {
+            packages: Vec::new(),
+            mok_key: Some(MokKey::Missing),
+            ..installed.clone()
+        };
+        assert_eq!(
+            secure_boot_blocks(&fresh),
+            None,
+            "DKMS makes the key at its first build"
+        );
+        let off = HostFacts {
+            secure_boot: Some(false),
+            ..unsigned
+        };
+        assert_eq!(secure_boot_blocks(&off), None);
     }
 }

@@ -61,6 +61,34 @@ impl Ctx {
         })
     }
 
+    /// A context over a connection that is already open and the facts already gathered through it (doctor,
+    /// which judges the host with provision's own checks).
+    pub fn over(
+        host: Box<dyn Transport>,
+        connect: Connector,
+        cfg: ProvisionConfig,
+        config_path: String,
+        llmctl_binary: PathBuf,
+        facts: HostFacts,
+    ) -> Ctx {
+        Ctx {
+            host,
+            connect,
+            cfg,
+            config_path,
+            facts: Some(facts),
+            allow_reboot: false,
+            llmctl_binary,
+            stamp: chrono_like_stamp(),
+            live: std::sync::Arc::new(Live::silent()),
+        }
+    }
+
+    /// Gives the connection back (after [`Self::over`]).
+    pub fn into_transport(self) -> Box<dyn Transport> {
+        self.host
+    }
+
     pub fn vmid(&self) -> u32 {
         self.cfg.host.vmid
     }

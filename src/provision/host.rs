@@ -68,14 +68,6 @@ pub fn inventory_check(f: &HostFacts) -> Check {
                 .unwrap_or("unknown")
         ));
     };
-    if f.secure_boot == Some(true) {
-        return Check::Refused(
-            "Secure Boot is enabled: the DKMS-built NVIDIA module must be signed with a key enrolled in MOK. \
-             Enroll DKMS's key (`mokutil --import /var/lib/dkms/mok.pub`, reboot, confirm in the MOK manager) or \
-             disable Secure Boot, then run provision again"
-                .into(),
-        );
-    }
     Check::Done(format!(
         "Proxmox VE {}, kernel {}, {suite}, {} GPU(s) visible to the driver",
         pve.version,
@@ -523,6 +515,10 @@ impl Step<Ctx> for Module {
 }
 
 pub fn module_check(f: &HostFacts, version: &str, allow_reboot: bool) -> Check {
+    // Loading would fail: only a person at the console can enroll the key.
+    if let Some(why) = rules::secure_boot_blocks(f) {
+        return Check::Refused(why);
+    }
     let loaded = f.module.as_ref().map(|m| m.version.clone());
     if loaded.as_deref() == Some(version) {
         return Check::Done(format!("NVIDIA module {version} loaded"));

@@ -206,6 +206,18 @@ pub fn run(global: &GlobalArgs, args: ProvisionArgs) -> Result<Outcome> {
     Ok(Outcome::Success)
 }
 
+/// `provision --check`'s assessment without its output: every step checked, nothing changed. Doctor calls it
+/// to judge a host against llmctl.toml with provision's own rules, so the two cannot disagree.
+pub fn assess(ctx: &mut Ctx) -> Result<Vec<(StepId, &'static str, StepOutcome)>> {
+    let steps = all_steps();
+    let outcomes = step::run(&steps, ctx, Mode::Plan, |_, _| {}, |_, _| {})?;
+    Ok(steps
+        .iter()
+        .zip(outcomes)
+        .map(|(s, o)| (s.id(), s.title(), o))
+        .collect())
+}
+
 /// What to run next once the host is as configured: point Claude Code on this machine at the proxy.
 fn next_step(global: &GlobalArgs, args: &ProvisionArgs) -> String {
     format!(
