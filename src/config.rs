@@ -97,9 +97,17 @@ impl ConfigFile {
                         "{file}: [{name}]: missing key `{key}` (required when [{name}] is there)"
                     );
                 }
+                if (path.is_empty() || path == ".") && !value.is_table() {
+                    // `host = "root@pve"` at the top: the section itself is not a table.
+                    return anyhow::anyhow!(
+                        "{file}: [{name}] must be a section (a `[{name}]` header with its keys under it), found {}",
+                        value_in_words(value)
+                    );
+                }
+                let message = unknown_variant(raw).unwrap_or_else(|| in_words(raw));
                 let message = match expected_in_words(name, &path) {
-                    Some(expected) => with_expected(&in_words(raw), expected),
-                    None => in_words(raw),
+                    Some(expected) => with_expected(&message, expected),
+                    None => message,
                 };
                 if path.is_empty() || path == "." {
                     anyhow::anyhow!("{file}: in [{name}]: {message}")
@@ -193,6 +201,28 @@ fn nearest<'a>(name: &str, valid: impl Iterator<Item = &'a str>) -> Option<&'a s
         .map(|(_, v)| v)
 }
 
+/// `unknown variant `opne`, expected `open` or `proprietary`` → what was expected, what was found, and the
+/// nearest of the valid words.
+fn unknown_variant(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown variant `")?;
+    let (word, rest) = rest.split_once('`')?;
+    let valid: Vec<&str> = rest.split('`').skip(1).step_by(2).collect();
+    let list = match valid.as_slice() {
+        [] => return None,
+        [one] => format!("{one:?}"),
+        [init @ .., last] => format!(
+            "{} or {last:?}",
+            init.iter()
+                .map(|v| format!("{v:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let hint = nearest(word, valid.iter().copied())
+        .map_or(String::new(), |v| format!("; did you mean {v:?}?"));
+    Some(format!("expected {list}, found the string {word:?}{hint}"))
+}
+
 /// `missing field `version`` → `version`.
 fn missing_key(message: &str) -> Option<&str> {
     message
@@ -278,6 +308,19 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
+/// A TOML value as an error says what was found.
+fn value_in_words(value: &toml::Value) -> String {
+    match value {
+        toml::Value::String(s) => format!("the string {s:?}"),
+        toml::Value::Integer(n) => format!("the number {n}"),
+        toml::Value::Float(f) => format!("the number {f}"),
+        toml::Value::Boolean(b) => b.to_string(),
+        toml::Value::Datetime(d) => format!("the date {d}"),
+        toml::Value::Array(_) => "a list".into(),
+        toml::Value::Table(_) => "a table".into(),
+    }
+}
+
 fn found_in_words(found: &str) -> String {
     let found = found.replace('`', "");
     let found = found.as_str();
@@ -341,6 +384,22 @@ mod tests {
         assert!(
             e.contains("[server].gpu_layers: expected \"auto\" or a number of layers"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn enum_values_list_the_valid_words_and_suggest_the_nearest() {
+        assert_eq!(
+            err::<DriverSection>("[driver]\nversion = \"595.71.05\"\nflavor = \"opne\"\n"),
+            "a.toml: [driver].flavor: expected \"open\" or \"proprietary\", found the string \"opne\"; did you mean \"open\"?"
+        );
+    }
+
+    #[test]
+    fn a_section_that_is_not_a_table_says_so() {
+        assert_eq!(
+            err::<HostSection>("host = \"root@pve\"\n"),
+            "a.toml: [host] must be a section (a `[host]` header with its keys under it), found the string \"root@pve\""
         );
     }
 
