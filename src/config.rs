@@ -9,7 +9,9 @@ use anyhow::{Context, Result};
 mod sections;
 pub use sections::*;
 
-/// The parsed file, kept as a table so each module deserializes only the section it owns.
+/// The parsed file, kept as a table so each command deserializes only the sections it reads (a bad value in
+/// `[driver]` does not stop `serve-proxy`), each with its one schema. Section names are checked for every
+/// command when the file is read.
 #[derive(Debug, Clone, Default)]
 pub struct ConfigFile {
     pub path: Option<PathBuf>,
@@ -37,13 +39,13 @@ impl ConfigFile {
     }
 
     pub fn parse(text: &str, path: Option<PathBuf>) -> Result<Self> {
-        let name = path
-            .as_deref()
-            .map_or_else(|| DEFAULT_PATH.to_string(), |p| p.display().to_string());
-        let table: toml::Table =
-            toml::from_str(text).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-        check_top_level(&table).map_err(|msg| anyhow::anyhow!("{name}: {msg}"))?;
-        Ok(ConfigFile { path, table })
+        let mut file = ConfigFile {
+            path,
+            table: toml::Table::new(),
+        };
+        file.table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", file.name()))?;
+        check_top_level(&file.table).map_err(|msg| anyhow::anyhow!("{}: {msg}", file.name()))?;
+        Ok(file)
     }
 
     /// The file's name for messages: its path, or `llmctl.toml` when there is none.
@@ -153,40 +155,45 @@ fn check_top_level(table: &toml::Table) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// The section whose schema has key `key`, found by asking each schema (its unknown-key message lists its keys),
-/// so the answer cannot drift from the structs.
+/// The section whose schema has key `key`.
 fn section_with_key(key: &str) -> Option<&'static str> {
-    fn keys_of<T: Section>() -> Vec<String> {
+    section_keys()
+        .into_iter()
+        .find(|(_, keys)| keys.iter().any(|k| k == key))
+        .map(|(section, _)| section)
+}
+
+/// Each section's keys, found by asking its schema (serde's unknown-key message lists them), so the answer
+/// cannot drift from the structs. In the order of [`SECTIONS`] (a test holds the two lists together).
+fn section_keys() -> Vec<(&'static str, Vec<String>)> {
+    fn keys_of<T: Section>() -> (&'static str, Vec<String>) {
         let mut probe = toml::Table::new();
         // No schema has this key, so serde answers with the list of those it has.
         probe.insert("\u{1}".into(), toml::Value::Boolean(true));
-        match T::deserialize(toml::Value::Table(probe)) {
+        let keys = match T::deserialize(toml::Value::Table(probe)) {
             Ok(_) => Vec::new(),
-            Err(e) => {
-                let message = e.message().to_string();
-                let Some((_, rest)) = message.split_once("expected ") else {
-                    return Vec::new();
-                };
-                rest.split('`')
-                    .skip(1)
-                    .step_by(2)
-                    .map(str::to_string)
-                    .collect()
-            }
-        }
+            Err(e) => e
+                .message()
+                .split_once("expected ")
+                .map_or_else(Vec::new, |(_, rest)| {
+                    rest.split('`')
+                        .skip(1)
+                        .step_by(2)
+                        .map(str::to_string)
+                        .collect()
+                }),
+        };
+        (T::NAME, keys)
     }
-    let all: [(&'static str, Vec<String>); 7] = [
-        (HostSection::NAME, keys_of::<HostSection>()),
-        (ContainerSection::NAME, keys_of::<ContainerSection>()),
-        (DriverSection::NAME, keys_of::<DriverSection>()),
-        (LlamaCppSection::NAME, keys_of::<LlamaCppSection>()),
-        (ModelSection::NAME, keys_of::<ModelSection>()),
-        (ServerSection::NAME, keys_of::<ServerSection>()),
-        (ProxySection::NAME, keys_of::<ProxySection>()),
-    ];
-    all.into_iter()
-        .find(|(_, keys)| keys.iter().any(|k| k == key))
-        .map(|(section, _)| section)
+    vec![
+        keys_of::<HostSection>(),
+        keys_of::<ContainerSection>(),
+        keys_of::<DriverSection>(),
+        keys_of::<LlamaCppSection>(),
+        keys_of::<ModelSection>(),
+        keys_of::<ServerSection>(),
+        keys_of::<ProxySection>(),
+    ]
 }
 
 /// The valid name closest to `name`, when it is close enough to be a typo of it, or one is the other with a
@@ -500,6 +507,25 @@ mod tests {
         // Every section the schema knows parses, empty ones included.
         let all: String = SECTIONS.iter().map(|s| format!("[{s}]\n")).collect();
         assert!(ConfigFile::parse(&all, None).is_ok());
+    }
+
+    #[test]
+    fn every_section_has_its_schema_and_its_keys() {
+        let keys = section_keys();
+        assert_eq!(
+            keys.iter().map(|(name, _)| *name).collect::<Vec<_>>(),
+            SECTIONS
+        );
+        for (name, keys) in &keys {
+            assert!(!keys.is_empty(), "[{name}] lists no keys");
+        }
+        assert_eq!(section_with_key("flavor"), Some("driver"));
+        assert_eq!(section_with_key("api_key_file"), Some("proxy"));
+        assert_eq!(
+            section_with_key("origin"),
+            None,
+            "not a key: skipped by serde"
+        );
     }
 
     #[test]
