@@ -4,12 +4,13 @@
 
 use std::path::PathBuf;
 
+use anyhow::Result;
+use clap::Args;
+
 use crate::cli::GlobalArgs;
 use crate::config::{ConfigFile, HostSection};
 use crate::transport::Transport;
 use crate::transport::ssh::SshOptions;
-use anyhow::Result;
-use clap::Args;
 
 #[derive(Debug, Clone, Args)]
 pub struct HostArgs {
