@@ -184,6 +184,31 @@ impl Default for ContainerSection {
     }
 }
 
+impl ContainerSection {
+    pub fn check(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if !valid_hostname(&self.hostname) {
+            errors.push(field_error(
+                "[container].hostname",
+                format!(
+                    "{:?} is not a valid host name (letters, digits, '-', at most 63)",
+                    self.hostname
+                ),
+            ));
+        }
+        for (field, value) in [
+            ("[container].cores", self.cores),
+            ("[container].memory_mib", self.memory_mib),
+            ("[container].disk_gib", self.disk_gib),
+        ] {
+            if value == 0 {
+                errors.push(field_error(field, "must be greater than 0"));
+            }
+        }
+        errors
+    }
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum DriverFlavor {
@@ -207,6 +232,44 @@ pub struct DriverSection {
 
 impl Section for DriverSection {
     const NAME: &'static str = "driver";
+}
+
+impl DriverSection {
+    pub fn check(&self) -> Vec<FieldError> {
+        if is_exact_driver_version(&self.version) {
+            return Vec::new();
+        }
+        vec![field_error(
+            "[driver].version",
+            format!(
+                "{:?} is not an exact driver version; write all of it, e.g. \"595.71.05\" \
+                 (a branch like \"595\" lets host and container drift apart)",
+                self.version
+            ),
+        )]
+    }
+}
+
+/// `595.71.05` or a two-part `460.107` (older branches), never a bare branch like `595`.
+pub fn is_exact_driver_version(v: &str) -> bool {
+    let parts: Vec<&str> = v.split('.').collect();
+    (2..=3).contains(&parts.len())
+        && parts[0].len() >= 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 63
+        && !h.starts_with('-')
+        && !h.ends_with('-')
+        && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -250,6 +313,36 @@ impl LlamaCppSection {
             self.archive_url.replace("{ref}", &self.git_ref)
         }
     }
+
+    pub fn check(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if self.git_ref.trim().is_empty() {
+            errors.push(field_error(
+                "[llama_cpp].git_ref",
+                "is empty; pin a tag such as \"b11434\"",
+            ));
+        }
+        if !self.install_dir.starts_with('/') {
+            errors.push(field_error(
+                "[llama_cpp].install_dir",
+                format!("{:?} must be an absolute path", self.install_dir),
+            ));
+        }
+        if !self.archive_sha256.is_empty() && !is_sha256(&self.archive_sha256) {
+            errors.push(field_error(
+                "[llama_cpp].archive_sha256",
+                "must be 64 hexadecimal characters (or left out)",
+            ));
+        }
+        let archive = self.archive_url();
+        if !(archive.starts_with("https://") || archive.starts_with("http://")) {
+            errors.push(field_error(
+                "[llama_cpp].archive_url",
+                format!("{archive:?} must be an http(s) URL of a .tar.gz source archive"),
+            ));
+        }
+        errors
+    }
 }
 
 /// `[model]`. `source` and `dest` are required when the section is there, for the same reason as `[driver]`.
@@ -265,6 +358,31 @@ pub struct ModelSection {
 
 impl Section for ModelSection {
     const NAME: &'static str = "model";
+}
+
+impl ModelSection {
+    pub fn check(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if self.source.trim().is_empty() {
+            errors.push(field_error(
+                "[model].source",
+                "is empty; give a URL or \"owner/repo/file.gguf\"",
+            ));
+        }
+        if !self.sha256.is_empty() && !is_sha256(&self.sha256) {
+            errors.push(field_error(
+                "[model].sha256",
+                "must be 64 hexadecimal characters",
+            ));
+        }
+        if !self.dest.starts_with('/') || !self.dest.ends_with(".gguf") {
+            errors.push(field_error(
+                "[model].dest",
+                format!("{:?} must be an absolute path to a .gguf file", self.dest),
+            ));
+        }
+        errors
+    }
 }
 
 /// `gpu_layers = "auto"` or a number of layers.
@@ -339,6 +457,71 @@ impl Default for ServerSection {
             port: 11434,
             extra_args: Vec::new(),
         }
+    }
+}
+
+/// llama.cpp's KV cache types (`-ctk`/`-ctv`, common/arg.cpp).
+pub const CACHE_TYPES: &[&str] = &[
+    "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1",
+];
+
+impl ServerSection {
+    /// The same for provision (which runs llama-server with them) and `model plan` (which plans with them).
+    pub fn check(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if self.context < 1024 {
+            errors.push(field_error(
+                "[server].context",
+                format!(
+                    "{} is too small to be useful (at least 1024; Claude Code needs 32768)",
+                    self.context
+                ),
+            ));
+        }
+        if self.ubatch == 0 || self.batch == 0 || self.ubatch > self.batch {
+            errors.push(field_error(
+                "[server].ubatch",
+                format!(
+                    "ubatch ({}) must be between 1 and batch ({})",
+                    self.ubatch, self.batch
+                ),
+            ));
+        }
+        for (field, value) in [
+            ("[server].cache_type_k", &self.cache_type_k),
+            ("[server].cache_type_v", &self.cache_type_v),
+        ] {
+            if !CACHE_TYPES.contains(&value.as_str()) {
+                errors.push(field_error(
+                    field,
+                    format!(
+                        "{value:?} is not a llama.cpp cache type; one of {}",
+                        CACHE_TYPES.join(", ")
+                    ),
+                ));
+            }
+        }
+        for (field, value) in [
+            ("[server].flash_attn", &self.flash_attn),
+            ("[server].reasoning", &self.reasoning),
+        ] {
+            if !["on", "off", "auto"].contains(&value.as_str()) {
+                errors.push(field_error(
+                    field,
+                    format!("{value:?}: expected \"on\", \"off\" or \"auto\""),
+                ));
+            }
+        }
+        if self.threads == Some(0) {
+            errors.push(field_error(
+                "[server].threads",
+                "must be at least 1 (or left out for llama-server's default)",
+            ));
+        }
+        if self.port == 0 {
+            errors.push(field_error("[server].port", "must be between 1 and 65535"));
+        }
+        errors
     }
 }
 

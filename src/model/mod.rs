@@ -275,6 +275,8 @@ fn plan_options(global: &GlobalArgs, a: &PlanArgs) -> Result<(Options, Option<St
     };
     // Provision runs with the section's defaults when it is absent, and so does the plan.
     let server: crate::config::ServerSection = file.section_or_default()?;
+    // A value provision would refuse is refused here too, in the same words.
+    file.report(&server.check())?;
     let cache = |field: &str, value: &str| {
         CacheType::from_flag(value).with_context(|| {
             format!(

@@ -5,8 +5,8 @@
 use crate::config::ConfigFile;
 // The sections' one schema lives in `crate::config`; re-exported so the steps keep naming them from here.
 pub use crate::config::{
-    ContainerSection, DriverFlavor, DriverSection, FieldError, GpuLayers, HostSection,
-    LlamaCppSection, ModelSection, ProxySection, ServerSection,
+    CACHE_TYPES, ContainerSection, DriverFlavor, DriverSection, FieldError, GpuLayers, HostSection,
+    LlamaCppSection, ModelSection, ProxySection, ServerSection, is_exact_driver_version,
 };
 
 /// `[host]` as provision needs it: both keys required (the flag `--host` may give the target). Not a second
@@ -120,189 +120,38 @@ impl ProvisionConfig {
         Ok(cfg)
     }
 
-    /// Checks what serde cannot: formats, ranges, paths. Pure, so each rule is unit-tested.
+    /// Checks what serde cannot: formats, ranges, paths. Each section's own rules are its schema's (the same
+    /// for every command that reads it); what is left here is what provision's choices add.
     pub fn validate(&self) -> Vec<FieldError> {
-        let mut errors = Vec::new();
-        let mut err = |field: &str, problem: String| {
-            errors.push(FieldError {
-                field: field.to_string(),
-                problem,
-            })
-        };
-        // The same checks doctor's side makes of [host] and serve-proxy's of [proxy], on the resolved values.
+        // [host] on the resolved values: the same checks doctor's side makes of the file.
         let host = HostSection {
             target: Some(self.host.target.clone()),
             vmid: Some(self.host.vmid),
         };
-        for e in host.check().into_iter().chain(self.proxy.check()) {
-            err(&e.field, e.problem);
-        }
-        if !is_exact_driver_version(&self.driver.version) {
-            err(
-                "[driver].version",
-                format!(
-                    "{:?} is not an exact driver version; write all of it, e.g. \"595.71.05\" \
-                     (a branch like \"595\" lets host and container drift apart)",
-                    self.driver.version
-                ),
-            );
-        }
-        if !valid_hostname(&self.container.hostname) {
-            err(
-                "[container].hostname",
-                format!(
-                    "{:?} is not a valid host name (letters, digits, '-', at most 63)",
-                    self.container.hostname
-                ),
-            );
-        }
-        for (field, value) in [
-            ("[container].cores", self.container.cores),
-            ("[container].memory_mib", self.container.memory_mib),
-            ("[container].disk_gib", self.container.disk_gib),
-        ] {
-            if value == 0 {
-                err(field, "must be greater than 0".into());
-            }
-        }
-        if self.llama_cpp.git_ref.trim().is_empty() {
-            err(
-                "[llama_cpp].git_ref",
-                "is empty; pin a tag such as \"b11434\"".into(),
-            );
-        }
-        if !self.llama_cpp.install_dir.starts_with('/') {
-            err(
-                "[llama_cpp].install_dir",
-                format!("{:?} must be an absolute path", self.llama_cpp.install_dir),
-            );
-        }
-        if self.model.source.trim().is_empty() {
-            err(
-                "[model].source",
-                "is empty; give a URL or \"owner/repo/file.gguf\"".into(),
-            );
-        }
-        if !self.model.sha256.is_empty() && !is_sha256(&self.model.sha256) {
-            err("[model].sha256", "must be 64 hexadecimal characters".into());
-        }
-        if !self.llama_cpp.archive_sha256.is_empty() && !is_sha256(&self.llama_cpp.archive_sha256) {
-            err(
-                "[llama_cpp].archive_sha256",
-                "must be 64 hexadecimal characters (or left out)".into(),
-            );
-        }
-        let archive = self.llama_cpp.archive_url();
-        if !(archive.starts_with("https://") || archive.starts_with("http://")) {
-            err(
-                "[llama_cpp].archive_url",
-                format!("{archive:?} must be an http(s) URL of a .tar.gz source archive"),
-            );
-        }
-        if !self.model.dest.starts_with('/') || !self.model.dest.ends_with(".gguf") {
-            err(
-                "[model].dest",
-                format!(
-                    "{:?} must be an absolute path to a .gguf file",
-                    self.model.dest
-                ),
-            );
-        }
-        let s = &self.server;
-        if s.context < 1024 {
-            err(
-                "[server].context",
-                format!(
-                    "{} is too small to be useful (at least 1024; Claude Code needs 32768)",
-                    s.context
-                ),
-            );
-        }
-        if s.ubatch == 0 || s.batch == 0 || s.ubatch > s.batch {
-            err(
-                "[server].ubatch",
-                format!(
-                    "ubatch ({}) must be between 1 and batch ({})",
-                    s.ubatch, s.batch
-                ),
-            );
-        }
-        for (field, value) in [
-            ("[server].cache_type_k", &s.cache_type_k),
-            ("[server].cache_type_v", &s.cache_type_v),
-        ] {
-            if !CACHE_TYPES.contains(&value.as_str()) {
-                err(
-                    field,
-                    format!(
-                        "{value:?} is not a llama.cpp cache type; one of {}",
-                        CACHE_TYPES.join(", ")
-                    ),
-                );
-            }
-        }
-        if !["on", "off", "auto"].contains(&s.flash_attn.as_str()) {
-            err(
-                "[server].flash_attn",
-                format!("{:?}: expected \"on\", \"off\" or \"auto\"", s.flash_attn),
-            );
-        }
-        if !["on", "off", "auto"].contains(&s.reasoning.as_str()) {
-            err(
-                "[server].reasoning",
-                format!("{:?}: expected \"on\", \"off\" or \"auto\"", s.reasoning),
-            );
-        }
-        if s.threads == Some(0) {
-            err(
-                "[server].threads",
-                "must be at least 1 (or left out for llama-server's default)".into(),
-            );
-        }
-        if s.port == 0 {
-            err("[server].port", "must be between 1 and 65535".into());
-        }
-        // A bad `listen` is reported by the proxy's own check above.
+        let mut errors: Vec<FieldError> = [
+            host.check(),
+            self.container.check(),
+            self.driver.check(),
+            self.llama_cpp.check(),
+            self.model.check(),
+            self.server.check(),
+            self.proxy.check(),
+        ]
+        .concat();
+        // A bad `listen` is reported by the proxy's own check; this one is about the provisioned default too.
         if self
             .proxy_listen()
             .parse::<std::net::SocketAddr>()
             .map(|a| a.port())
-            == Ok(s.port)
+            == Ok(self.server.port)
         {
-            err(
-                "[proxy].listen",
-                format!("uses port {}, the same as [server].port", s.port),
-            );
+            errors.push(FieldError {
+                field: "[proxy].listen".into(),
+                problem: format!("uses port {}, the same as [server].port", self.server.port),
+            });
         }
         errors
     }
-}
-
-/// llama.cpp's KV cache types (`-ctk`/`-ctv`, common/arg.cpp).
-pub const CACHE_TYPES: &[&str] = &[
-    "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1",
-];
-
-/// `595.71.05` or a two-part `460.107` (older branches), never a bare branch like `595`.
-pub fn is_exact_driver_version(v: &str) -> bool {
-    let parts: Vec<&str> = v.split('.').collect();
-    (2..=3).contains(&parts.len())
-        && parts[0].len() >= 3
-        && parts
-            .iter()
-            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-}
-
-fn is_sha256(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-fn valid_hostname(h: &str) -> bool {
-    !h.is_empty()
-        && h.len() <= 63
-        && !h.starts_with('-')
-        && !h.ends_with('-')
-        && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
 #[cfg(test)]
