@@ -527,9 +527,9 @@ impl ServerSection {
 
 /// `[proxy]`: the proxy's settings, for `serve-proxy` run by hand and for the proxy `provision` installs alike.
 ///
-/// The rule (docs/proxy.md#configuration, "One schema, one meaning"): a key that is set means the same to every command; a key that is
-/// unset takes the default of whoever runs the proxy, and that default is the command line's, never the
-/// file's. `serve-proxy` by hand listens on 127.0.0.1:4000 with no key; the provisioned unit passes
+/// The rule (docs/proxy.md#configuration, "One schema, one meaning"): a key that is set means the same to
+/// every command; a key that is unset takes the default of whoever runs the proxy, and that default is the
+/// command line's, never the file's. `serve-proxy` by hand listens on 127.0.0.1:4000 with no key; the provisioned unit passes
 /// `--listen 0.0.0.0:4000` and a key file it creates, written out in the unit, because a proxy serving the LAN
 /// from a container must be reachable and never open. Keys themselves are never here, only files holding them.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
