@@ -128,7 +128,7 @@ pub fn run(global: &GlobalArgs, args: ClientConfigArgs) -> Result<Outcome> {
         args.from_host,
         args.target.host.is_some() || args.target.vmid.is_some(),
         args.proxy_url.is_some() || args.llama_url.is_some() || args.api_key_env.is_some(),
-        file.section::<toml::Table>("host")?.is_some(),
+        file.has_section("host"),
     );
     let env_key = match (&args.api_key_env, args.client) {
         // Codex reads the variable itself; only its name goes into config.toml.
@@ -164,7 +164,7 @@ pub fn run(global: &GlobalArgs, args: ClientConfigArgs) -> Result<Outcome> {
             key_source: String::new(),
         },
         from_host::Source::Host => {
-            let ends = endpoints_from_host(global, &args, &file, env_key, &note)?;
+            let ends = endpoints_from_host(&args, &file, env_key, &note)?;
             prove(&args, &ends, &note)?;
             ends
         }
@@ -280,16 +280,17 @@ pub fn run(global: &GlobalArgs, args: ClientConfigArgs) -> Result<Outcome> {
 
 /// `--from-host`: the container's address and the proxy's key from the host, the ports from llmctl.toml.
 fn endpoints_from_host(
-    global: &GlobalArgs,
     args: &ClientConfigArgs,
     file: &crate::config::ConfigFile,
     env_key: Option<String>,
     note: &dyn Fn(&str),
 ) -> Result<Endpoints> {
-    use crate::provision::config::{ServerSection, provisioned_key_file, provisioned_listen};
-    let remote = args.target.resolve(global)?;
-    let proxy: crate::proxy::config::ProxyConfig = file.section("proxy")?.unwrap_or_default();
-    let server: ServerSection = file.section("server")?.unwrap_or_default();
+    use crate::config::{ProxySection, ServerSection};
+    use crate::provision::config::{provisioned_key_file, provisioned_listen};
+    let remote = args.target.resolve_with(file)?;
+    // What provision installed from this same file: the provisioned listen address and key file.
+    let proxy: ProxySection = file.section_or_default()?;
+    let server: ServerSection = file.section_or_default()?;
     let key_file = provisioned_key_file(&proxy);
     // pi talks to llama-server, which has no key; --api-key-env names the key to use instead of the host's.
     let want_key = args.client != Client::Pi && args.api_key_env.is_none();

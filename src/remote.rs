@@ -4,12 +4,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
-use serde::Deserialize;
 
 use crate::cli::GlobalArgs;
-use crate::config::ConfigFile;
+use crate::config::{ConfigFile, HostSection};
 use crate::transport::Transport;
 use crate::transport::ssh::SshOptions;
 
@@ -52,13 +51,6 @@ impl SshArgs {
     }
 }
 
-/// The `[host]` section of llmctl.toml, as far as these commands read it.
-#[derive(Debug, Clone, Default, Deserialize)]
-struct HostSection {
-    target: Option<String>,
-    vmid: Option<u32>,
-}
-
 /// The flags and llmctl.toml, resolved: where to connect and which container to look at.
 #[derive(Debug, Clone)]
 pub struct Remote {
@@ -71,13 +63,16 @@ pub struct Remote {
 impl HostArgs {
     /// Flags first, then `[host]` in llmctl.toml; no host at all is an error naming both ways to give one.
     pub fn resolve(&self, global: &GlobalArgs) -> Result<Remote> {
-        let config = ConfigFile::load(global.config.as_deref())?;
-        let section: HostSection = config.section("host")?.unwrap_or_default();
-        let host = self.host.clone().or(section.target).context(
-            "no host given: pass --host user@host (or --host local on the Proxmox host itself), or set [host] target in llmctl.toml",
-        )?;
+        self.resolve_with(&ConfigFile::load(global.config.as_deref())?)
+    }
+
+    /// [`HostArgs::resolve`] from a file already read: `[host]` with the schema and checks provision uses, so
+    /// the same file names the same host and container for every command.
+    pub fn resolve_with(&self, config: &ConfigFile) -> Result<Remote> {
+        let section: HostSection = config.section_or_default()?;
+        config.report(&section.check())?;
         Ok(Remote {
-            host,
+            host: section.target_or(self.host.as_deref())?,
             vmid: self.vmid.or(section.vmid),
             options: self.ssh.options(),
         })

@@ -510,3 +510,27 @@ fn a_v_cache_of_another_type_is_sized_as_its_own() {
     );
     assert_eq!(mixed.ram.kv_cache * 2, q8.ram.kv_cache + q4.ram.kv_cache);
 }
+
+#[test]
+fn plan_refuses_a_bad_server_section_in_provisions_words() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("llmctl.toml"),
+        "[server]\ncache_type_k = \"q3\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = plan_cli_in(&dir, &["--vram", "8000", "--ram", "40000"]);
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("[server].cache_type_k: \"q3\" is not a llama.cpp cache type"),
+        "{err}"
+    );
+    // A misspelt section is an error here as in every command, not a silent default.
+    std::fs::write(dir.path().join("llmctl.toml"), "[sever]\ncontext = 8192\n").unwrap();
+    let (code, _, err) = plan_cli_in(&dir, &["--vram", "8000", "--ram", "40000"]);
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("unknown section [sever]; did you mean [server]?"),
+        "{err}"
+    );
+}

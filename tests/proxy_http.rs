@@ -2056,3 +2056,43 @@ fn listening_on_port_zero_logs_the_port_it_got() {
     // ... and it is the port the proxy answers on.
     assert!(TcpStream::connect(("127.0.0.1", port)).is_ok() || child.try_wait().is_ok());
 }
+
+/// serve-proxy judges llmctl.toml with the schema and words every command uses: a misspelt key, a bad value,
+/// and a misspelt section are refused before anything listens, naming the field and the nearest valid name.
+#[test]
+fn serve_proxy_refuses_a_bad_config_in_the_shared_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |text: &str| {
+        std::fs::write(dir.path().join("llmctl.toml"), text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_llmctl"))
+            .current_dir(dir.path())
+            .args(["serve-proxy", "--upstream", &dead_upstream()])
+            .env_remove("LLMCTL_PROXY_API_KEY")
+            .env_remove("LLMCTL_CONFIG")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{text:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run("[proxy]\nlisten_addr = \"127.0.0.1:4000\"\n");
+    assert!(
+        err.contains("[proxy]: unknown key `listen_addr`; did you mean `listen`?"),
+        "{err}"
+    );
+    let err = run("[proxy]\nlisten = \"localhost\"\n");
+    assert!(
+        err.contains("[proxy].listen: \"localhost\" is not an address like \"127.0.0.1:4000\""),
+        "{err}"
+    );
+    let err = run("[proxy]\nping_interval_secs = \"5s\"\n");
+    assert!(
+        err.contains("[proxy].ping_interval_secs: expected a number of seconds"),
+        "{err}"
+    );
+    let err = run("[proxi]\nlisten = \"127.0.0.1:4000\"\n");
+    assert!(
+        err.contains("unknown section [proxi]; did you mean [proxy]?"),
+        "{err}"
+    );
+}

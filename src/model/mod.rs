@@ -274,8 +274,9 @@ fn plan_options(global: &GlobalArgs, a: &PlanArgs) -> Result<(Options, Option<St
         return Ok((opts, None));
     };
     // Provision runs with the section's defaults when it is absent, and so does the plan.
-    let server: crate::provision::config::ServerSection =
-        file.section("server")?.unwrap_or_default();
+    let server: crate::config::ServerSection = file.section_or_default()?;
+    // A value provision would refuse is refused here too, in the same words.
+    file.report(&server.check())?;
     let cache = |field: &str, value: &str| {
         CacheType::from_flag(value).with_context(|| {
             format!(

@@ -1,204 +1,47 @@
-//! The provisioning sections of `llmctl.toml`: typed, validated, with errors that name the field and the fix.
-//!
-//! Parsing (serde, `deny_unknown_fields` so a typo is an error, not a silently ignored key) and validation
-//! (values serde cannot judge: version formats, ranges, paths) are separate so each stays small and testable.
-
-use std::fmt;
-
-use serde::Deserialize;
+//! What `llmctl provision` needs from `llmctl.toml`: the sections (their one schema is `crate::config`'s,
+//! shared with every other command), the keys provision requires, and validation of the values serde cannot
+//! judge (version formats, ranges, paths), with errors that name the field and the fix.
 
 use crate::config::ConfigFile;
+// The sections' one schema lives in `crate::config`; re-exported so the steps keep naming them from here.
+pub use crate::config::{
+    CACHE_TYPES, ContainerSection, DriverFlavor, DriverSection, FieldError, GpuLayers, HostSection,
+    LlamaCppSection, ModelSection, ProxySection, ServerSection, is_exact_driver_version,
+};
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct HostSection {
+/// `[host]` as provision needs it: both keys required (the flag `--host` may give the target). Not a second
+/// schema of the section: it is built from [`HostSection`] by [`HostSection::target_or`] and
+/// [`HostSection::vmid_required`], whose errors read the same for every command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTarget {
     /// `user@host[:port]`, an ~/.ssh/config alias, or `local`.
     pub target: String,
     pub vmid: u32,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ContainerSection {
-    pub hostname: String,
-    pub template: String,
-    pub storage: String,
-    pub disk_gib: u32,
-    pub cores: u32,
-    pub memory_mib: u32,
-    pub swap_mib: u32,
-    pub net0: String,
-    pub unprivileged: bool,
-    pub onboot: bool,
-}
-
-impl Default for ContainerSection {
-    fn default() -> Self {
-        // The seed guide's 103.conf.
-        ContainerSection {
-            hostname: "llm-server".into(),
-            template: "local:vztmpl/debian-12-standard_12.12-1_amd64.tar.zst".into(),
-            storage: "local-lvm".into(),
-            disk_gib: 120,
-            cores: 12,
-            memory_mib: 40000,
-            swap_mib: 0,
-            net0: "name=eth0,bridge=vmbr0,ip=dhcp".into(),
-            unprivileged: false,
-            onboot: true,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum DriverFlavor {
-    /// NVIDIA's open kernel modules (Turing and newer).
-    #[default]
-    Open,
-    /// The proprietary kernel modules (needed before Turing).
-    Proprietary,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct DriverSection {
-    /// The exact driver version, e.g. `595.71.05`.
-    pub version: String,
-    #[serde(default)]
-    pub flavor: DriverFlavor,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct LlamaCppSection {
-    pub repo: String,
-    pub git_ref: String,
-    pub install_dir: String,
-    /// The source archive to build; `{ref}` is replaced by `git_ref`. Empty: GitHub's archive of `repo` at `git_ref`.
-    pub archive_url: String,
-    /// The archive's sha256, checked when given.
-    pub archive_sha256: String,
-}
-
-impl Default for LlamaCppSection {
-    fn default() -> Self {
-        LlamaCppSection {
-            repo: "https://github.com/ggml-org/llama.cpp".into(),
-            git_ref: "b11434".into(),
-            install_dir: "/opt/llama.cpp".into(),
-            archive_url: String::new(),
-            archive_sha256: String::new(),
-        }
-    }
-}
-
-impl LlamaCppSection {
-    /// The URL of the source archive the container downloads and builds.
-    pub fn archive_url(&self) -> String {
-        if self.archive_url.is_empty() {
-            format!(
-                "{}/archive/{}.tar.gz",
-                self.repo.trim_end_matches('/').trim_end_matches(".git"),
-                self.git_ref
-            )
-        } else {
-            self.archive_url.replace("{ref}", &self.git_ref)
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ModelSection {
-    /// A URL or a Hugging Face `owner/repo/file.gguf`.
-    pub source: String,
-    #[serde(default)]
-    pub sha256: String,
-    pub dest: String,
-}
-
-/// `gpu_layers = "auto"` or a number of layers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum GpuLayers {
-    #[default]
-    Auto,
-    Count(u32),
-}
-
-impl<'de> Deserialize<'de> for GpuLayers {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Word(String),
-            Count(u32),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Count(n) => Ok(GpuLayers::Count(n)),
-            Raw::Word(w) if w == "auto" => Ok(GpuLayers::Auto),
-            Raw::Word(w) => Err(serde::de::Error::custom(format!(
-                "gpu_layers = {w:?}: expected \"auto\" or a number of layers"
-            ))),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerSection {
-    pub context: u32,
-    pub batch: u32,
-    pub ubatch: u32,
-    pub cache_type_k: String,
-    pub cache_type_v: String,
-    pub flash_attn: String,
-    pub threads: Option<u32>,
-    pub gpu_layers: GpuLayers,
-    pub n_cpu_moe: Option<u32>,
-    pub reasoning: String,
-    pub mmap: bool,
-    pub host: String,
-    pub port: u16,
-    /// Extra llama-server arguments, passed as they are (one argument per element).
-    pub extra_args: Vec<String>,
-}
-
-impl Default for ServerSection {
-    fn default() -> Self {
-        ServerSection {
-            context: 32768,
-            batch: 512,
-            ubatch: 128,
-            cache_type_k: "q4_0".into(),
-            cache_type_v: "q4_0".into(),
-            flash_attn: "on".into(),
-            threads: None,
-            gpu_layers: GpuLayers::Auto,
-            n_cpu_moe: None,
-            reasoning: "off".into(),
-            mmap: false,
-            host: "0.0.0.0".into(),
-            port: 11434,
-            extra_args: Vec::new(),
-        }
-    }
-}
-
-/// `[proxy]` is one schema, `serve-proxy`'s own (`proxy::config::ProxyConfig`): every key reaches the
-/// provisioned proxy's unit, and a typo is an error for both commands. Two keys default differently for the
-/// provisioned proxy, because it serves the LAN from a container: `listen` (all interfaces) and `api_key_file`
-/// (a key provision creates; a LAN proxy is never open).
+/// What the provisioned proxy runs with where `[proxy]` leaves a key unset (the rule on [`ProxySection`]: a set
+/// key means the same to every command, an unset one takes the default of whoever runs the proxy). The unit
+/// writes these out as `--listen` and `--api-key-file`, so it shows what it does; serve-proxy's own defaults
+/// (127.0.0.1:4000, no key) are for a proxy run by hand. client-config --from-host reads them from here too.
 pub const PROVISIONED_LISTEN: &str = "0.0.0.0:4000";
 pub const PROVISIONED_KEY_FILE: &str = "/etc/llmctl/proxy-api-key";
 
 /// The listen address of the proxy provision installs from this `[proxy]` (client-config --from-host reads it too).
-pub fn provisioned_listen(proxy: &crate::proxy::config::ProxyConfig) -> &str {
+pub fn provisioned_listen(proxy: &ProxySection) -> &str {
     proxy.listen.as_deref().unwrap_or(PROVISIONED_LISTEN)
 }
 
+/// The proxy's upstream in the container: `[proxy].upstream` when set (it means the same as for serve-proxy
+/// run by hand), else the container's own llama-server.
+pub fn provisioned_upstream(proxy: &ProxySection, server: &ServerSection) -> String {
+    proxy
+        .upstream
+        .clone()
+        .unwrap_or_else(|| format!("http://127.0.0.1:{}", server.port))
+}
+
 /// The key file (in the container) of the proxy provision installs from this `[proxy]`.
-pub fn provisioned_key_file(proxy: &crate::proxy::config::ProxyConfig) -> String {
+pub fn provisioned_key_file(proxy: &ProxySection) -> String {
     proxy.api_key_file.as_ref().map_or_else(
         || PROVISIONED_KEY_FILE.to_string(),
         |p| p.display().to_string(),
@@ -208,26 +51,13 @@ pub fn provisioned_key_file(proxy: &crate::proxy::config::ProxyConfig) -> String
 /// Everything `llmctl provision` needs, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProvisionConfig {
-    pub host: HostSection,
+    pub host: HostTarget,
     pub container: ContainerSection,
     pub driver: DriverSection,
     pub llama_cpp: LlamaCppSection,
     pub model: ModelSection,
     pub server: ServerSection,
-    pub proxy: crate::proxy::config::ProxyConfig,
-}
-
-/// A value that is well-formed TOML but not acceptable; names the field and says what would be.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
-    pub field: String,
-    pub problem: String,
-}
-
-impl fmt::Display for FieldError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.problem)
-    }
+    pub proxy: ProxySection,
 }
 
 impl ProvisionConfig {
@@ -251,235 +81,77 @@ impl ProvisionConfig {
 
     /// Reads and validates the provisioning sections; every problem is reported, not only the first.
     pub fn from_file(file: &ConfigFile) -> anyhow::Result<Self> {
+        Self::from_file_and_flags(file, None)
+    }
+
+    /// The same, with `--host` over `[host].target`.
+    pub fn from_file_and_flags(file: &ConfigFile, host_flag: Option<&str>) -> anyhow::Result<Self> {
         if !file.exists() {
             anyhow::bail!(
                 "no {} in this directory: `llmctl init` writes a complete, commented one; or pass --config PATH (or set LLMCTL_CONFIG)",
                 crate::config::DEFAULT_PATH
             );
         }
-        let name = file.path.as_deref().map_or_else(
-            || crate::config::DEFAULT_PATH.to_string(),
-            |p| p.display().to_string(),
-        );
+        let name = file.name();
         let required = |section: &str| {
             anyhow::anyhow!(
                 "{name}: section [{section}] is missing; `llmctl init` writes a complete, commented file"
             )
         };
+        // Its values are checked in `validate`, with every other problem.
+        let host: HostSection = file.section_or_default()?;
         let cfg = ProvisionConfig {
-            host: file.section("host")?.ok_or_else(|| required("host"))?,
-            container: file.section("container")?.unwrap_or_default(),
-            driver: file.section("driver")?.ok_or_else(|| required("driver"))?,
-            llama_cpp: file.section("llama_cpp")?.unwrap_or_default(),
-            model: file.section("model")?.ok_or_else(|| required("model"))?,
-            server: file.section("server")?.unwrap_or_default(),
-            proxy: file.section("proxy")?.unwrap_or_default(),
+            host: HostTarget {
+                target: host.target_or(host_flag)?,
+                vmid: host.vmid_required()?,
+            },
+            container: file.section_or_default()?,
+            driver: file
+                .section::<DriverSection>()?
+                .ok_or_else(|| required("driver"))?,
+            llama_cpp: file.section_or_default()?,
+            model: file
+                .section::<ModelSection>()?
+                .ok_or_else(|| required("model"))?,
+            server: file.section_or_default()?,
+            proxy: file.section_or_default()?,
         };
-        let errors = cfg.validate();
-        if errors.is_empty() {
-            return Ok(cfg);
-        }
-        let lines: Vec<String> = errors.iter().map(|e| format!("  {e}")).collect();
-        anyhow::bail!("{name} has invalid values:\n{}", lines.join("\n"))
+        file.report(&cfg.validate())?;
+        Ok(cfg)
     }
 
-    /// Checks what serde cannot: formats, ranges, paths. Pure, so each rule is unit-tested.
+    /// Checks what serde cannot: formats, ranges, paths. Each section's own rules are its schema's (the same
+    /// for every command that reads it); what is left here is what provision's choices add.
     pub fn validate(&self) -> Vec<FieldError> {
-        let mut errors = Vec::new();
-        let mut err = |field: &str, problem: String| {
-            errors.push(FieldError {
-                field: field.to_string(),
-                problem,
-            })
+        // [host] on the resolved values: the same checks doctor's side makes of the file.
+        let host = HostSection {
+            target: Some(self.host.target.clone()),
+            vmid: Some(self.host.vmid),
         };
-        if self.host.target.trim().is_empty() {
-            err(
-                "[host].target",
-                "is empty; use \"root@pve\", an ssh alias, or \"local\"".into(),
-            );
-        }
-        if !(100..=999_999_999).contains(&self.host.vmid) {
-            err(
-                "[host].vmid",
-                format!(
-                    "{} is not a Proxmox guest id (100 to 999999999)",
-                    self.host.vmid
-                ),
-            );
-        }
-        if !is_exact_driver_version(&self.driver.version) {
-            err(
-                "[driver].version",
-                format!(
-                    "{:?} is not an exact driver version; write all of it, e.g. \"595.71.05\" \
-                     (a branch like \"595\" lets host and container drift apart)",
-                    self.driver.version
-                ),
-            );
-        }
-        if !valid_hostname(&self.container.hostname) {
-            err(
-                "[container].hostname",
-                format!(
-                    "{:?} is not a valid host name (letters, digits, '-', at most 63)",
-                    self.container.hostname
-                ),
-            );
-        }
-        for (field, value) in [
-            ("[container].cores", self.container.cores),
-            ("[container].memory_mib", self.container.memory_mib),
-            ("[container].disk_gib", self.container.disk_gib),
-        ] {
-            if value == 0 {
-                err(field, "must be greater than 0".into());
-            }
-        }
-        if self.llama_cpp.git_ref.trim().is_empty() {
-            err(
-                "[llama_cpp].git_ref",
-                "is empty; pin a tag such as \"b11434\"".into(),
-            );
-        }
-        if !self.llama_cpp.install_dir.starts_with('/') {
-            err(
-                "[llama_cpp].install_dir",
-                format!("{:?} must be an absolute path", self.llama_cpp.install_dir),
-            );
-        }
-        if self.model.source.trim().is_empty() {
-            err(
-                "[model].source",
-                "is empty; give a URL or \"owner/repo/file.gguf\"".into(),
-            );
-        }
-        if !self.model.sha256.is_empty() && !is_sha256(&self.model.sha256) {
-            err("[model].sha256", "must be 64 hexadecimal characters".into());
-        }
-        if !self.llama_cpp.archive_sha256.is_empty() && !is_sha256(&self.llama_cpp.archive_sha256) {
-            err(
-                "[llama_cpp].archive_sha256",
-                "must be 64 hexadecimal characters (or left out)".into(),
-            );
-        }
-        let archive = self.llama_cpp.archive_url();
-        if !(archive.starts_with("https://") || archive.starts_with("http://")) {
-            err(
-                "[llama_cpp].archive_url",
-                format!("{archive:?} must be an http(s) URL of a .tar.gz source archive"),
-            );
-        }
-        if !self.model.dest.starts_with('/') || !self.model.dest.ends_with(".gguf") {
-            err(
-                "[model].dest",
-                format!(
-                    "{:?} must be an absolute path to a .gguf file",
-                    self.model.dest
-                ),
-            );
-        }
-        let s = &self.server;
-        if s.context < 1024 {
-            err(
-                "[server].context",
-                format!(
-                    "{} is too small to be useful (at least 1024; Claude Code needs 32768)",
-                    s.context
-                ),
-            );
-        }
-        if s.ubatch == 0 || s.batch == 0 || s.ubatch > s.batch {
-            err(
-                "[server].ubatch",
-                format!(
-                    "ubatch ({}) must be between 1 and batch ({})",
-                    s.ubatch, s.batch
-                ),
-            );
-        }
-        for (field, value) in [
-            ("[server].cache_type_k", &s.cache_type_k),
-            ("[server].cache_type_v", &s.cache_type_v),
-        ] {
-            if !CACHE_TYPES.contains(&value.as_str()) {
-                err(
-                    field,
-                    format!(
-                        "{value:?} is not a llama.cpp cache type; one of {}",
-                        CACHE_TYPES.join(", ")
-                    ),
-                );
-            }
-        }
-        if !["on", "off", "auto"].contains(&s.flash_attn.as_str()) {
-            err(
-                "[server].flash_attn",
-                format!("{:?}: expected \"on\", \"off\" or \"auto\"", s.flash_attn),
-            );
-        }
-        if !["on", "off", "auto"].contains(&s.reasoning.as_str()) {
-            err(
-                "[server].reasoning",
-                format!("{:?}: expected \"on\", \"off\" or \"auto\"", s.reasoning),
-            );
-        }
-        if s.threads == Some(0) {
-            err(
-                "[server].threads",
-                "must be at least 1 (or left out for llama-server's default)".into(),
-            );
-        }
-        if s.port == 0 {
-            err("[server].port", "must be between 1 and 65535".into());
-        }
-        if self.proxy_listen().parse::<std::net::SocketAddr>().is_err() {
-            err(
-                "[proxy].listen",
-                format!(
-                    "{:?} is not an address like \"0.0.0.0:4000\"",
-                    self.proxy_listen()
-                ),
-            );
-        } else if self
+        let mut errors: Vec<FieldError> = [
+            host.check(),
+            self.container.check(),
+            self.driver.check(),
+            self.llama_cpp.check(),
+            self.model.check(),
+            self.server.check(),
+            self.proxy.check(),
+        ]
+        .concat();
+        // A bad `listen` is reported by the proxy's own check; this one is about the provisioned default too.
+        if self
             .proxy_listen()
             .parse::<std::net::SocketAddr>()
             .map(|a| a.port())
-            == Ok(s.port)
+            == Ok(self.server.port)
         {
-            err(
-                "[proxy].listen",
-                format!("uses port {}, the same as [server].port", s.port),
-            );
+            errors.push(FieldError {
+                field: "[proxy].listen".into(),
+                problem: format!("uses port {}, the same as [server].port", self.server.port),
+            });
         }
         errors
     }
-}
-
-/// llama.cpp's KV cache types (`-ctk`/`-ctv`, common/arg.cpp).
-pub const CACHE_TYPES: &[&str] = &[
-    "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1",
-];
-
-/// `595.71.05` or a two-part `460.107` (older branches), never a bare branch like `595`.
-pub fn is_exact_driver_version(v: &str) -> bool {
-    let parts: Vec<&str> = v.split('.').collect();
-    (2..=3).contains(&parts.len())
-        && parts[0].len() >= 3
-        && parts
-            .iter()
-            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-}
-
-fn is_sha256(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-fn valid_hostname(h: &str) -> bool {
-    !h.is_empty()
-        && h.len() <= 63
-        && !h.starts_with('-')
-        && !h.ends_with('-')
-        && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
 #[cfg(test)]
@@ -580,5 +252,151 @@ mod tests {
     fn gpu_layers_accepts_numbers() {
         let cfg = parse(&INIT.replace("gpu_layers = \"auto\"", "gpu_layers = 12")).unwrap();
         assert_eq!(cfg.server.gpu_layers, GpuLayers::Count(12));
+    }
+
+    /// doctor, status, logs and client-config read `[host]` through `remote::HostArgs`; provision through
+    /// `ProvisionConfig`. The same file and flags must name the same host and container, with the same errors.
+    #[test]
+    fn host_reads_the_same_for_doctor_and_provision() {
+        use crate::remote::{HostArgs, SshArgs};
+        let flags = |host: Option<&str>, vmid: Option<u32>| HostArgs {
+            host: host.map(str::to_string),
+            vmid,
+            ssh: SshArgs::default(),
+        };
+        let file = ConfigFile::parse(INIT, None).unwrap();
+        let doctor = flags(None, None).resolve_with(&file).unwrap();
+        let provision = ProvisionConfig::from_file(&file).unwrap();
+        assert_eq!(doctor.host, provision.host.target);
+        assert_eq!(doctor.vmid, Some(provision.host.vmid));
+        assert_eq!((doctor.host.as_str(), doctor.vmid), ("root@pve", Some(103)));
+
+        // --host wins over the file for both.
+        let doctor = flags(Some("local"), None).resolve_with(&file).unwrap();
+        let provision = ProvisionConfig::from_file_and_flags(&file, Some("local")).unwrap();
+        assert_eq!(doctor.host, "local");
+        assert_eq!(provision.host.target, "local");
+
+        // No target anywhere: one wording.
+        let no_target =
+            ConfigFile::parse(&INIT.replace("target = \"root@pve\"\n", ""), None).unwrap();
+        let d = flags(None, None)
+            .resolve_with(&no_target)
+            .unwrap_err()
+            .to_string();
+        let p = ProvisionConfig::from_file(&no_target)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(d, p);
+        assert!(d.starts_with("no host given: pass --host"), "{d}");
+
+        // A bad value: the same words from both sides.
+        let bad = ConfigFile::parse(&INIT.replace("vmid = 103", "vmid = 7"), None).unwrap();
+        let d = flags(None, None)
+            .resolve_with(&bad)
+            .unwrap_err()
+            .to_string();
+        let p = ProvisionConfig::from_file(&bad).unwrap_err().to_string();
+        let line = "[host].vmid: 7 is not a Proxmox guest id (100 to 999999999)";
+        assert!(d.contains(line) && p.contains(line), "{d}\n{p}");
+
+        // No vmid: doctor finds the GPU container itself; provision needs to know which one to create or use.
+        let no_vmid = ConfigFile::parse(&INIT.replace("vmid = 103\n", ""), None).unwrap();
+        assert_eq!(flags(None, None).resolve_with(&no_vmid).unwrap().vmid, None);
+        let p = ProvisionConfig::from_file(&no_vmid)
+            .unwrap_err()
+            .to_string();
+        assert!(p.starts_with("no container given: set [host] vmid"), "{p}");
+
+        // A typo is an error for both, not a default for one of them.
+        let typo = ConfigFile::parse(&INIT.replace("vmid = 103", "vmdi = 103"), None).unwrap();
+        let d = flags(None, None)
+            .resolve_with(&typo)
+            .unwrap_err()
+            .to_string();
+        let p = ProvisionConfig::from_file(&typo).unwrap_err().to_string();
+        assert_eq!(d, p);
+        assert!(
+            d.contains("unknown key `vmdi`; did you mean `vmid`?"),
+            "{d}"
+        );
+    }
+
+    /// serve-proxy, the unit provision renders and client-config --from-host read one `[proxy]`: a key set in
+    /// the file means the same to each; where unset, serve-proxy by hand keeps its own default and the unit
+    /// writes the provisioned one out.
+    #[test]
+    fn proxy_reads_the_same_for_serve_proxy_provision_and_client_config() {
+        use crate::proxy::config::{Overrides, resolve};
+        let serve_proxy = |cfg: &ProvisionConfig| {
+            resolve(&Overrides::default(), &cfg.proxy, &|_| None, &|_| {
+                Ok("key".to_string())
+            })
+            .unwrap()
+        };
+        let argv_after = |argv: &[String], flag: &str| {
+            argv.iter()
+                .position(|a| a == flag)
+                .map(|i| argv[i + 1].clone())
+        };
+
+        // Set in the file: one meaning.
+        let cfg = parse(&INIT.replace(
+            "listen = \"0.0.0.0:4000\"",
+            "listen = \"0.0.0.0:5000\"\nupstream = \"http://127.0.0.1:8080\"",
+        ))
+        .unwrap();
+        let argv = super::super::units::proxy_argv(&cfg);
+        assert_eq!(serve_proxy(&cfg).listen.to_string(), "0.0.0.0:5000");
+        assert_eq!(
+            argv_after(&argv, "--listen").as_deref(),
+            Some("0.0.0.0:5000")
+        );
+        assert_eq!(provisioned_listen(&cfg.proxy), "0.0.0.0:5000");
+        assert_eq!(serve_proxy(&cfg).upstream, "http://127.0.0.1:8080");
+        assert_eq!(
+            argv_after(&argv, "--upstream").as_deref(),
+            Some("http://127.0.0.1:8080")
+        );
+        assert_eq!(
+            provisioned_key_file(&cfg.proxy),
+            "/etc/llmctl/proxy-api-key"
+        );
+
+        // Unset: serve-proxy by hand is local and open; the unit says what it does instead.
+        let cfg = parse(
+            &INIT
+                .replace("listen = \"0.0.0.0:4000\"\n", "")
+                .replace("api_key_file = \"/etc/llmctl/proxy-api-key\"\n", ""),
+        )
+        .unwrap();
+        assert_eq!(cfg.proxy, ProxySection::default());
+        let argv = super::super::units::proxy_argv(&cfg);
+        assert_eq!(
+            serve_proxy(&cfg).listen.to_string(),
+            crate::proxy::config::DEFAULT_LISTEN
+        );
+        assert_eq!(serve_proxy(&cfg).api_key, None);
+        assert_eq!(
+            argv_after(&argv, "--listen").as_deref(),
+            Some(PROVISIONED_LISTEN)
+        );
+        assert!(argv.iter().any(|a| a == "--api-key-file"), "{argv:?}");
+        assert_eq!(
+            argv_after(&argv, "--upstream").as_deref(),
+            Some("http://127.0.0.1:11434")
+        );
+        // client-config --from-host dials what the unit listens on.
+        assert_eq!(provisioned_listen(&cfg.proxy), PROVISIONED_LISTEN);
+        assert_eq!(provisioned_key_file(&cfg.proxy), PROVISIONED_KEY_FILE);
+
+        // A bad value: the words serve-proxy uses for its file ([`ProxySection::check`]).
+        let err = parse(&INIT.replace("listen = \"0.0.0.0:4000\"", "listen = \"localhost\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("[proxy].listen: \"localhost\" is not an address like \"127.0.0.1:4000\""),
+            "{err}"
+        );
     }
 }

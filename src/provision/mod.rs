@@ -122,10 +122,7 @@ pub fn select_steps(
 
 pub fn run(global: &GlobalArgs, args: ProvisionArgs) -> Result<Outcome> {
     let file = crate::config::ConfigFile::load(global.config.as_deref())?;
-    let mut cfg = config::ProvisionConfig::from_file(&file)?;
-    if let Some(h) = &args.host {
-        cfg.host.target = h.clone();
-    }
+    let cfg = config::ProvisionConfig::from_file_and_flags(&file, args.host.as_deref())?;
     let config_path = file.path.as_deref().map_or_else(
         || crate::config::DEFAULT_PATH.to_string(),
         |p| p.display().to_string(),

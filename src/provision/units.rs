@@ -90,8 +90,8 @@ pub fn llama_server_argv(cfg: &ProvisionConfig, offload: Offload) -> Vec<String>
 }
 
 /// `llmctl serve-proxy`'s argv: every `[proxy]` setting, as flags (the container has no llmctl.toml, and the
-/// unit is then all there is to read). No key is in it: the unit passes credential files. The upstream is the
-/// container's own llama-server; `[proxy].upstream` is for a serve-proxy run elsewhere.
+/// unit is then all there is to read), the provisioned defaults written out too. No key is in it: the unit
+/// passes credential files. The upstream is `[proxy].upstream` when set, else the container's own llama-server.
 pub fn proxy_argv(cfg: &ProvisionConfig) -> Vec<String> {
     let p = &cfg.proxy;
     let mut argv = vec![
@@ -100,7 +100,7 @@ pub fn proxy_argv(cfg: &ProvisionConfig) -> Vec<String> {
         "--listen".into(),
         cfg.proxy_listen().to_string(),
         "--upstream".into(),
-        format!("http://127.0.0.1:{}", cfg.server.port),
+        super::config::provisioned_upstream(p, &cfg.server),
     ];
     if cfg.proxy_key_file().is_some() {
         argv.push("--api-key-file".into());

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use serde::Deserialize;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4000";
 pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:11434";
@@ -22,27 +21,8 @@ pub const DEFAULT_SHUTDOWN_GRACE_SECS: f64 = 10.0;
 pub const ENV_API_KEY: &str = "LLMCTL_PROXY_API_KEY";
 pub const ENV_UPSTREAM_API_KEY: &str = "LLMCTL_UPSTREAM_API_KEY";
 
-/// `[proxy]` in llmctl.toml. Keys are never stored here, only the paths of files holding them.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ProxyConfig {
-    pub listen: Option<String>,
-    pub upstream: Option<String>,
-    pub api_key_file: Option<PathBuf>,
-    pub upstream_api_key_file: Option<PathBuf>,
-    pub model: Option<String>,
-    pub max_body_bytes: Option<usize>,
-    pub ping_interval_secs: Option<f64>,
-    pub connect_timeout_secs: Option<f64>,
-    pub first_byte_timeout_secs: Option<f64>,
-    pub shutdown_grace_secs: Option<f64>,
-    /// Client model name prefix → upstream model, e.g. `"claude-haiku" = "small-model"`.
-    #[serde(default)]
-    pub models: BTreeMap<String, String>,
-    /// The file this section came from (not a key): errors about its values name it.
-    #[serde(skip)]
-    pub origin: Option<String>,
-}
+/// `[proxy]` of llmctl.toml: its one schema, shared with `provision` (see the rule on [`ProxySection`]).
+pub use crate::config::ProxySection;
 
 /// The flag values that matter for resolution (a copy of `ServeProxyArgs` without clap).
 #[derive(Debug, Clone, Default)]
@@ -132,7 +112,7 @@ impl ModelMap {
 /// Flags and environment over the file; `env` and `read_secret` are the only I/O, injected for tests.
 pub fn resolve(
     flags: &Overrides,
-    file: &ProxyConfig,
+    file: &ProxySection,
     env: &dyn Fn(&str) -> Option<String>,
     read_secret: &dyn Fn(&Path) -> Result<String>,
 ) -> Result<Settings> {
@@ -235,7 +215,7 @@ fn seconds(name: &str, value: Option<f64>, default: f64) -> Result<Duration> {
     Ok(Duration::from_secs_f64(v))
 }
 
-fn normalize_upstream(url: &str) -> Result<String> {
+pub(crate) fn normalize_upstream(url: &str) -> Result<String> {
     let trimmed = url.trim().trim_end_matches('/');
     let trimmed = trimmed.strip_suffix("/v1").unwrap_or(trimmed);
     let rest = trimmed
@@ -332,10 +312,10 @@ mod tests {
         bail!("unexpected read of {}", p.display())
     }
 
-    fn file_from_toml(text: &str) -> ProxyConfig {
+    fn file_from_toml(text: &str) -> ProxySection {
         crate::config::ConfigFile::parse(text, None)
             .unwrap()
-            .section::<ProxyConfig>("proxy")
+            .section::<ProxySection>()
             .unwrap()
             .unwrap()
     }
@@ -344,7 +324,7 @@ mod tests {
     fn defaults_when_nothing_is_set() {
         let s = resolve(
             &Overrides::default(),
-            &ProxyConfig::default(),
+            &ProxySection::default(),
             &no_env,
             &no_files,
         )
@@ -399,7 +379,7 @@ mod tests {
 
     #[test]
     fn key_errors_name_where_the_key_came_from() {
-        let file = ProxyConfig {
+        let file = ProxySection {
             api_key_file: Some("/etc/llmctl/proxy-api-key".into()),
             origin: Some("./llmctl.toml".into()),
             ..Default::default()
@@ -428,7 +408,7 @@ mod tests {
         let env = |k: &str| (k == ENV_UPSTREAM_API_KEY).then(|| " ".to_string());
         let e = resolve(
             &Overrides::default(),
-            &ProxyConfig::default(),
+            &ProxySection::default(),
             &env,
             &no_files,
         )
@@ -442,7 +422,7 @@ mod tests {
 
     #[test]
     fn secrets_flag_then_flag_file_then_env_then_config_file() {
-        let file = ProxyConfig {
+        let file = ProxySection {
             api_key_file: Some("/cfg.key".into()),
             ..Default::default()
         };
@@ -482,7 +462,7 @@ mod tests {
     #[test]
     fn bad_values_are_clear_errors() {
         let bad = |o: Overrides| {
-            resolve(&o, &ProxyConfig::default(), &no_env, &no_files)
+            resolve(&o, &ProxySection::default(), &no_env, &no_files)
                 .unwrap_err()
                 .to_string()
         };
@@ -520,7 +500,7 @@ mod tests {
     fn unknown_keys_in_the_section_are_rejected_with_the_file_name() {
         let err = crate::config::ConfigFile::parse("[proxy]\napi_key = \"x\"\n", None)
             .unwrap()
-            .section::<ProxyConfig>("proxy")
+            .section::<ProxySection>()
             .unwrap_err()
             .to_string();
         assert!(err.contains("[proxy]") && err.contains("api_key"), "{err}");
@@ -528,7 +508,7 @@ mod tests {
 
     #[test]
     fn model_map_flags_merge_over_the_file() {
-        let mut file = ProxyConfig::default();
+        let mut file = ProxySection::default();
         file.models
             .insert("claude-haiku".into(), "file-small".into());
         file.models.insert("claude-opus".into(), "file-big".into());

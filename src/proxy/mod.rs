@@ -40,7 +40,7 @@ use clap::Args;
 use crate::cli::GlobalArgs;
 use crate::config::ConfigFile;
 use crate::outcome::Outcome;
-use config::{Overrides, ProxyConfig, SecretSource, Settings};
+use config::{Overrides, ProxySection, SecretSource, Settings};
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeProxyArgs {
@@ -121,7 +121,9 @@ impl ServeProxyArgs {
 /// Takes the arguments boxed: they are the largest of the CLI's commands.
 pub fn run(global: &GlobalArgs, args: Box<ServeProxyArgs>) -> Result<Outcome> {
     let file = ConfigFile::load(global.config.as_deref())?;
-    let mut section = file.section::<ProxyConfig>("proxy")?.unwrap_or_default();
+    let mut section = file.section_or_default::<ProxySection>()?;
+    // The file's values are judged with the same words as provision judges them; flags are judged in resolve.
+    file.report(&section.check())?;
     if let Some(path) = &file.path {
         // Read without being named when it is ./llmctl.toml: say so, once.
         section.origin = Some(path.display().to_string());
