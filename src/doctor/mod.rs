@@ -158,15 +158,15 @@ fn desired(
     file: &crate::config::ConfigFile,
     facts: &crate::host::facts::HostFacts,
 ) -> Result<Option<crate::provision::config::ProvisionConfig>> {
-    let describes = file.section::<toml::Value>("driver")?.is_some()
-        && file.section::<toml::Value>("model")?.is_some();
+    let describes = file.has_section("driver") && file.has_section("model");
     let Some(vmid) = facts.vmid.filter(|_| describes) else {
         return Ok(None);
     };
-    let mut cfg = crate::provision::config::ProvisionConfig::from_file(file)?;
-    cfg.host.target = facts.target.clone();
-    cfg.host.vmid = vmid;
-    Ok(Some(cfg))
+    let host = crate::provision::config::HostTarget {
+        target: facts.target.clone(),
+        vmid,
+    };
+    crate::provision::config::ProvisionConfig::with_host(file, host).map(Some)
 }
 
 /// Makes the report agree with provision's assessment: every step `provision --check` would change or refuses

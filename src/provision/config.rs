@@ -92,19 +92,26 @@ impl ProvisionConfig {
                 crate::config::DEFAULT_PATH
             );
         }
+        // Its values are checked in `validate`, with every other problem.
+        let host: HostSection = file.section_or_default()?;
+        let host = HostTarget {
+            target: host.target_or(host_flag)?,
+            vmid: host.vmid_required()?,
+        };
+        Self::with_host(file, host)
+    }
+
+    /// The provisioning sections for a host and container already chosen (doctor's `--host`/`--vmid`, or the
+    /// container it picked).
+    pub fn with_host(file: &ConfigFile, host: HostTarget) -> anyhow::Result<Self> {
         let name = file.name();
         let required = |section: &str| {
             anyhow::anyhow!(
                 "{name}: section [{section}] is missing; `llmctl init` writes a complete, commented file"
             )
         };
-        // Its values are checked in `validate`, with every other problem.
-        let host: HostSection = file.section_or_default()?;
         let cfg = ProvisionConfig {
-            host: HostTarget {
-                target: host.target_or(host_flag)?,
-                vmid: host.vmid_required()?,
-            },
+            host,
             container: file.section_or_default()?,
             driver: file
                 .section::<DriverSection>()?
