@@ -9,11 +9,10 @@ use crate::host::facts::{CtStatus, HostFacts, LLAMA_UNIT, PROXY_UNIT};
 use crate::host::{StepId, rules};
 use crate::pve::dkms::DkmsState;
 use crate::pve::llama::{self, ArchFit};
-use crate::pve::lxc::{self, LxcConfig};
+use crate::pve::lxc::LxcConfig;
 use crate::pve::nvidia::{self, SmiReport};
 use crate::pve::packages::upstream_version;
 use crate::pve::system;
-use crate::shell;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -31,29 +30,36 @@ impl Severity {
     }
 }
 
-/// How to fix a finding.
+/// How to fix a finding: always a provision step (the law: every problem doctor reports is one `provision`
+/// would change or refuses, so the step is typed, and a fix cannot name a step that does not exist), and, for
+/// what only a person can do (enroll a key at the console, end a stale lock), the command to run first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Fix {
-    /// A shell command for the user to run on the Proxmox host.
-    Command(String),
-    /// A step of `llmctl provision`.
-    Provision(StepId),
+pub struct Fix {
+    #[serde(rename = "provision")]
+    pub step: StepId,
+    #[serde(rename = "command", skip_serializing_if = "Option::is_none")]
+    pub by_hand: Option<String>,
 }
 
 impl Fix {
-    /// The provision step this fix runs, if it is one.
-    pub fn step(&self) -> Option<StepId> {
-        match self {
-            Fix::Provision(s) => Some(*s),
-            Fix::Command(_) => None,
+    pub const fn step(step: StepId) -> Fix {
+        Fix {
+            step,
+            by_hand: None,
+        }
+    }
+
+    pub fn by_hand(step: StepId, command: impl Into<String>) -> Fix {
+        Fix {
+            step,
+            by_hand: Some(command.into()),
         }
     }
 
     pub fn render(&self) -> String {
-        match self {
-            Fix::Command(c) => c.clone(),
-            Fix::Provision(step) => format!("llmctl provision --only {step}"),
+        match &self.by_hand {
+            None => format!("llmctl provision --only {}", self.step),
+            Some(c) => format!("{c}\nthen: llmctl provision --only {}", self.step),
         }
     }
 }
@@ -232,7 +238,7 @@ pub fn check_driver_installed(f: &HostFacts) -> Vec<Finding> {
         Severity::Fail,
         "no NVIDIA driver is installed on the host",
         ev,
-        Fix::Provision(StepId::Driver),
+        Fix::step(StepId::Driver),
     )]
 }
 
@@ -271,7 +277,7 @@ pub fn check_nouveau(f: &HostFacts) -> Vec<Finding> {
                 Severity::Fail,
                 "the nouveau driver is loaded and holds the GPU",
                 ev,
-                Fix::Provision(StepId::Nouveau),
+                Fix::step(StepId::Nouveau),
             ),
             if blacklist_too {
                 Finding::skip(
@@ -293,7 +299,7 @@ pub fn check_nouveau(f: &HostFacts) -> Vec<Finding> {
             Severity::Fail,
             "nouveau is not blacklisted: it can take the GPU at the next boot",
             not_blacklisted_evidence(),
-            Fix::Provision(StepId::Nouveau),
+            Fix::step(StepId::Nouveau),
         ));
     } else {
         out.push(Finding::ok(
@@ -347,7 +353,7 @@ pub fn check_kernel_headers(f: &HostFacts) -> Vec<Finding> {
         Severity::Fail,
         title,
         ev,
-        Fix::Provision(StepId::Headers),
+        Fix::step(StepId::Headers),
     )]
 }
 
@@ -374,7 +380,7 @@ pub fn check_secure_boot(f: &HostFacts) -> Vec<Finding> {
             Severity::Fail,
             "Secure Boot rejects the NVIDIA module: it must be signed with a key enrolled in MOK",
             ev,
-            Fix::Provision(StepId::Module),
+            Fix::step(StepId::Module),
         )];
     }
     vec![Finding::ok(
@@ -457,16 +463,11 @@ pub fn check_dkms(f: &HostFacts) -> Vec<Finding> {
                 f.kernel
             ));
         }
-        let module = f
-            .dkms
-            .iter()
-            .find(|e| e.is_nvidia())
-            .map_or("nvidia".to_string(), |e| e.module.clone());
+        // The dkms step runs this build again (and says why it fails); a driver that cannot build for this
+        // kernel is a choice in llmctl.toml.
         let fix = match version {
-            Some(v) => Fix::Command(shell::join(&[
-                "dkms", "install", "-m", &module, "-v", &v, "-k", &f.kernel,
-            ])),
-            None => Fix::Provision(StepId::Driver),
+            Some(_) => Fix::step(StepId::Dkms),
+            None => Fix::step(StepId::Driver),
         };
         out.push(Finding::problem(
             "dkms.build-failed",
@@ -511,7 +512,7 @@ pub fn check_dkms(f: &HostFacts) -> Vec<Finding> {
         ));
     } else {
         ev.extend(nvidia_lines);
-        let fix = Fix::Provision(StepId::Dkms);
+        let fix = Fix::step(StepId::Dkms);
         out.push(Finding::problem(
             "dkms.not-built",
             severity,
@@ -550,7 +551,7 @@ pub fn check_driver_loaded(f: &HostFacts) -> Vec<Finding> {
         Severity::Fail,
         "the NVIDIA driver is installed and built but its module is not loaded",
         module_missing_evidence(f),
-        Fix::Command("modprobe nvidia && modprobe nvidia_uvm".into()),
+        Fix::step(StepId::Module),
     )]
 }
 
@@ -592,9 +593,15 @@ pub fn check_reboot_pending(f: &HostFacts) -> Vec<Finding> {
     vec![Finding::problem(
         ID,
         Severity::Fail,
-        format!("the host's NVIDIA libraries were upgraded but the old module {} is still loaded", m.version),
+        format!(
+            "the host's NVIDIA libraries were upgraded but the old module {} is still loaded",
+            m.version
+        ),
         ev,
-        Fix::Command("reboot   # or stop every GPU user, then: modprobe -r nvidia_uvm nvidia && modprobe nvidia nvidia_uvm".into()),
+        Fix::by_hand(
+            StepId::Module,
+            "reboot   # or run provision with --reboot, which reboots and goes on",
+        ),
     )]
 }
 
@@ -623,7 +630,7 @@ pub fn check_driver_pinned(f: &HostFacts) -> Vec<Finding> {
             .iter()
             .map(|p| format!("{p}: installed, not held (apt-mark showhold)"))
             .collect(),
-        Fix::Provision(StepId::Driver),
+        Fix::step(StepId::Driver),
     )]
 }
 
@@ -676,7 +683,7 @@ pub fn check_device_nodes(f: &HostFacts) -> Vec<Finding> {
         if let Err(why) = rules::uvm_at_boot(f) {
             ev.extend(why);
         }
-        let fix = Fix::Provision(StepId::DevicesAtBoot);
+        let fix = Fix::step(StepId::DevicesAtBoot);
         out.push(Finding::problem(
             "dev.uvm-missing",
             Severity::Fail,
@@ -710,7 +717,7 @@ pub fn check_device_nodes(f: &HostFacts) -> Vec<Finding> {
                 .iter()
                 .map(|p| format!("{p}: does not exist"))
                 .collect(),
-            Fix::Command("nvidia-modprobe -c0 && nvidia-smi -L".into()),
+            Fix::step(StepId::DevicesAtBoot),
         ));
     }
     out
@@ -743,7 +750,7 @@ pub fn check_nodes_at_boot(f: &HostFacts) -> Vec<Finding> {
         Severity::Fail,
         "/dev/nvidia-uvm is not set up at boot: after a reboot, containers with it as devN will not start",
         missing,
-        Fix::Provision(StepId::DevicesAtBoot),
+        Fix::step(StepId::DevicesAtBoot),
     )]
 }
 
@@ -780,9 +787,9 @@ pub fn check_container_exists(f: &HostFacts) -> Vec<Finding> {
                         }
                     ),
                 ],
-                Fix::Command(
-                    "pct list   # then pass the right --vmid, or create it with llmctl provision"
-                        .into(),
+                Fix::by_hand(
+                    StepId::Container,
+                    "pct list   # then pass the right --vmid, or let provision create it",
                 ),
             )]
         }
@@ -810,9 +817,12 @@ pub fn check_container_config(f: &HostFacts) -> Vec<Finding> {
                 "container {v} is locked ({lock}): pct set / start refuse until it is unlocked"
             ),
             vec![format!("/etc/pve/lxc/{v}.conf: lock: {lock}")],
-            Fix::Command(format!(
-                "pct unlock {v}   # only after making sure no {lock} task is still running"
-            )),
+            Fix::by_hand(
+                StepId::Devices,
+                format!(
+                    "pct unlock {v}   # only after making sure no {lock} task is still running"
+                ),
+            ),
         )),
         None => out.push(Finding::ok(
             "ct.locked",
@@ -836,9 +846,10 @@ pub fn check_container_config(f: &HostFacts) -> Vec<Finding> {
             Severity::Fail,
             format!("/etc/pve/lxc/{v}.conf has lines Proxmox rejects"),
             bad,
-            Fix::Command(format!(
-                "pct config {v}   # then correct the lines above with pct set {v} ..."
-            )),
+            Fix::by_hand(
+                StepId::Devices,
+                format!("pct config {v}   # then correct the lines above with pct set {v} ..."),
+            ),
         ));
     }
     match &cfg.pending {
@@ -851,7 +862,7 @@ pub fn check_container_config(f: &HostFacts) -> Vec<Finding> {
                 .chain(p.raw.iter())
                 .map(|(k, val)| format!("[pve:pending] {k}: {val}"))
                 .collect(),
-            Fix::Command(format!("pct reboot {v}")),
+            Fix::step(StepId::Devices),
         )),
         _ => out.push(Finding::ok(
             "ct.pending-changes",
@@ -913,15 +924,12 @@ pub fn check_devices_configured(f: &HostFacts) -> Vec<Finding> {
             .iter()
             .map(|(i, d)| format!("live dev{i}: {}", d.render())),
     );
-    let gid = cfg.devices().iter().find_map(|(_, d)| d.gid);
-    let paths: Vec<&str> = missing.iter().map(String::as_str).collect();
-    let argv = lxc::pct_set_device_args(cfg, v, &paths, gid);
     vec![Finding::problem(
         ID,
         Severity::Fail,
         format!("container {v} is missing NVIDIA device passthrough entries"),
         ev,
-        Fix::Command(format!("{} && pct reboot {v}", shell::join(&argv))),
+        Fix::step(StepId::Devices),
     )]
 }
 
@@ -986,21 +994,9 @@ pub fn check_cgroup_majors(f: &HostFacts) -> Vec<Finding> {
         )];
     }
     ev.extend(nvidia_nodes.iter().map(|n| format!("ls -l: {}", n.line)));
-    let paths: Vec<String> = required_device_paths(f)
-        .into_iter()
-        .filter(|p| !devn.contains(p))
-        .collect();
-    let fix = if paths.is_empty() {
-        Fix::Command(format!(
-            "pct config {v}   # then delete the stale lxc.cgroup2.devices.allow lines: devN entries allow their own majors"
-        ))
-    } else {
-        let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
-        Fix::Command(format!(
-            "{}   # devN entries allow the real majors at every start; then remove the lxc.cgroup2/lxc.mount.entry lines for these devices",
-            shell::join(&lxc::pct_set_device_args(cfg, v, &refs, None))
-        ))
-    };
+    // The devices step replaces hand-written passthrough with devN entries (they allow the real majors at every
+    // start) and keeps every other line of the config as it is.
+    let fix = Fix::step(StepId::Devices);
     vec![Finding::problem(
         ID,
         Severity::Fail,
@@ -1052,7 +1048,7 @@ pub fn check_resolv(f: &HostFacts) -> Vec<Finding> {
         Severity::Fail,
         "the container's /etc/resolv.conf is immutable (chattr +i): Proxmox cannot rewrite it at start, so the container does not start. Pin DNS with /etc/.pve-ignore.resolv.conf instead",
         ev,
-        Fix::Command(fix),
+        Fix::by_hand(StepId::Start, fix),
     )]
 }
 
@@ -1111,14 +1107,19 @@ pub fn check_running(f: &HostFacts) -> Vec<Finding> {
                     format!("devN {p} does not exist on the host: pct start fails with `Device {p} does not exist`")
                 }))
                 .collect(),
-            Fix::Command(format!("pct start {v}")),
+            Fix::step(if missing_host_nodes(f).is_empty() {
+                StepId::Start
+            } else {
+                // A devN whose node is gone: the devices step takes it out; `pct start` alone fails on it.
+                StepId::Devices
+            }),
         )],
         CtStatus::Unknown(said) => vec![Finding::problem(
             ID,
             Severity::Fail,
             format!("cannot tell whether container {v} runs"),
             vec![format!("pct status {v}: {said}")],
-            Fix::Command(format!("pct status {v}")),
+            Fix::by_hand(StepId::Start, format!("pct status {v}")),
         )],
     }
 }
@@ -1183,7 +1184,7 @@ pub fn check_ct_libs(f: &HostFacts) -> Vec<Finding> {
                     .iter()
                     .map(|n| format!("CT {v}: {n}: not held"))
                     .collect(),
-                Fix::Provision(StepId::CtLibs),
+                Fix::step(StepId::CtLibs),
             )
         };
         return vec![
@@ -1211,7 +1212,7 @@ pub fn check_ct_libs(f: &HostFacts) -> Vec<Finding> {
                 "container {v}'s NVIDIA libraries do not match the host's driver {target}: NVML fails with `Driver/library version mismatch`"
             ),
             ev,
-            Fix::Provision(StepId::CtLibs),
+            Fix::step(StepId::CtLibs),
         ),
         Finding::skip("ct.libs-not-pinned", "libraries do not match yet"),
     ]
@@ -1269,9 +1270,7 @@ pub fn check_gpu_visible(f: &HostFacts) -> Vec<Finding> {
                     "the GPU is not usable inside container {v} although host, devices and libraries look right"
                 ),
                 ev,
-                Fix::Command(format!(
-                    "pct reboot {v}   # devN changes need a container restart"
-                )),
+                Fix::step(StepId::Devices),
             )]
         }
     }
@@ -1292,7 +1291,7 @@ pub fn check_llama_build(f: &HostFacts) -> Vec<Finding> {
             vec![format!(
                 "CT {v}: /etc/systemd/system/{LLAMA_UNIT}.service: not found"
             )],
-            Fix::Provision(StepId::Llama),
+            Fix::step(StepId::Llama),
         )];
         out.extend(ct_skip(&ids[1..], "llama-server not installed"));
         return out;
@@ -1312,7 +1311,7 @@ pub fn check_llama_build(f: &HostFacts) -> Vec<Finding> {
                     .clone()
                     .unwrap_or_else(|| "CMakeCache.txt".into())
             )],
-            Fix::Provision(StepId::Llama),
+            Fix::step(StepId::Llama),
         ));
         out.push(Finding::skip("llama.cuda-arch", "no CMakeCache.txt"));
         return out;
@@ -1328,7 +1327,7 @@ pub fn check_llama_build(f: &HostFacts) -> Vec<Finding> {
                 ins.cmake_path.clone().unwrap_or_default(),
                 cuda.unwrap_or("(unset)")
             )],
-            Fix::Provision(StepId::Llama),
+            Fix::step(StepId::Llama),
         ));
         out.push(Finding::skip("llama.cuda-arch", "not a CUDA build"));
         return out;
@@ -1399,7 +1398,7 @@ fn arch_finding(f: &HostFacts, value: Option<&str>, path: Option<&str>) -> Findi
             wanted.join(";")
         ),
         ev,
-        Fix::Provision(StepId::Llama),
+        Fix::step(StepId::Llama),
     )
 }
 
@@ -1435,7 +1434,7 @@ pub fn check_llama_context(f: &HostFacts) -> Vec<Finding> {
                     String::new()
                 }
             )],
-            Fix::Provision(StepId::LlamaService),
+            Fix::step(StepId::LlamaService),
         )],
         None => vec![Finding::problem(
             ID,
@@ -1446,7 +1445,7 @@ pub fn check_llama_context(f: &HostFacts) -> Vec<Finding> {
             vec![format!(
                 "CT {v} {LLAMA_UNIT}.service ExecStart: no -c/--ctx-size"
             )],
-            Fix::Provision(StepId::LlamaService),
+            Fix::step(StepId::LlamaService),
         )],
     }
 }
@@ -1472,7 +1471,11 @@ pub fn check_services(f: &HostFacts) -> Vec<Finding> {
                 Severity::Fail,
                 format!("{unit} is not running in container {v}"),
                 vec![format!("CT {v}: systemctl is-active {unit}: {state}")],
-                Fix::Command(format!("pct exec {v} -- systemctl restart {unit} && pct exec {v} -- journalctl -u {unit} -n 30 --no-pager")),
+                Fix::step(if unit == LLAMA_UNIT {
+                    StepId::LlamaService
+                } else {
+                    StepId::ProxyService
+                }),
             ));
         }
     }
@@ -1482,7 +1485,7 @@ pub fn check_services(f: &HostFacts) -> Vec<Finding> {
             Severity::Warn,
             "the proxy unit runs LiteLLM, which can hang Claude Code requests silently (LiteLLM 1.83 ResponsesAPIResponse validation)",
             vec![format!("CT {v} {PROXY_UNIT}.service ExecStart={exec}")],
-            Fix::Provision(StepId::ProxyService),
+            Fix::step(StepId::ProxyService),
         )),
         _ => out.push(Finding::ok("svc.proxy-litellm", "the proxy is not LiteLLM")),
     }

@@ -222,7 +222,7 @@ fn fresh_host_reports_only_the_missing_driver() {
     // The container still has its own libs, but without a host module nothing there can be judged.
     assert_eq!(problems(&f), vec!["driver.not-installed"]);
     let d = finding(&f, "driver.not-installed");
-    assert_eq!(d.fix, Some(Fix::Provision(crate::host::StepId::Driver)));
+    assert_eq!(d.fix, Some(Fix::step(crate::host::StepId::Driver)));
     assert!(
         d.evidence
             .iter()
@@ -283,7 +283,7 @@ fn container_libs_mismatch_even_in_the_patch_part() {
             .iter()
             .any(|l| l.contains("libcuda1 is not installed"))
     );
-    assert_eq!(x.fix, Some(Fix::Provision(crate::host::StepId::CtLibs)));
+    assert_eq!(x.fix, Some(Fix::step(crate::host::StepId::CtLibs)));
 }
 
 /// Issue 16 item 3: NVML compares the upstream version; Debian's `-2` of the same driver is the same library.
@@ -330,7 +330,7 @@ fn container_libs_not_held_is_a_failure_provision_fixes() {
     assert_eq!(problems(&f), vec!["ct.libs-not-pinned"]);
     let x = finding(&f, "ct.libs-not-pinned");
     assert_eq!(x.severity, Severity::Fail);
-    assert_eq!(x.fix, Some(Fix::Provision(crate::host::StepId::CtLibs)));
+    assert_eq!(x.fix, Some(Fix::step(crate::host::StepId::CtLibs)));
 }
 
 #[test]
@@ -359,10 +359,7 @@ fn dkms_not_built_for_new_kernel_with_old_driver() {
         "{}",
         x.title
     );
-    assert_eq!(
-        x.fix.unwrap().render(),
-        "dkms install -m nvidia -v 550.163.01 -k 6.17.2-1-pve"
-    );
+    assert_eq!(x.fix.unwrap().render(), "llmctl provision --only dkms");
 }
 
 #[test]
@@ -464,18 +461,12 @@ fn uvm_missing_names_the_container_that_will_not_start() {
             .any(|l| l.contains("Device /dev/nvidia-uvm does not exist")),
         "{x:#?}"
     );
-    assert_eq!(
-        x.fix,
-        Some(Fix::Provision(crate::host::StepId::DevicesAtBoot))
-    );
+    assert_eq!(x.fix, Some(Fix::step(crate::host::StepId::DevicesAtBoot)));
     // Nothing loads it at boot either: that is the cause, and one provision step fixes both.
     f.modules_load.clear();
     assert_eq!(problems(&f), vec!["dev.uvm-missing"]);
     let x = finding(&f, "dev.uvm-missing");
-    assert_eq!(
-        x.fix,
-        Some(Fix::Provision(crate::host::StepId::DevicesAtBoot))
-    );
+    assert_eq!(x.fix, Some(Fix::step(crate::host::StepId::DevicesAtBoot)));
     assert!(x.evidence.iter().any(|l| l.contains("no nvidia_uvm line")));
 }
 
@@ -506,7 +497,7 @@ fn driver_not_pinned() {
     assert_eq!(problems(&f), vec!["driver.not-pinned"]);
     assert_eq!(
         finding(&f, "driver.not-pinned").fix,
-        Some(Fix::Provision(crate::host::StepId::Driver))
+        Some(Fix::step(crate::host::StepId::Driver))
     );
     // NVIDIA's pinning package pins a branch, not the exact version: without holds it is still not pinned.
     f.packages.push(crate::pve::packages::Package {
@@ -543,10 +534,7 @@ fn devices_only_in_snapshot() {
         "{:?}",
         x.evidence
     );
-    assert_eq!(
-        x.fix.unwrap().render(),
-        "pct set 103 --dev0 /dev/nvidia0 --dev1 /dev/nvidiactl --dev2 /dev/nvidia-uvm --dev3 /dev/nvidia-uvm-tools && pct reboot 103"
-    );
+    assert_eq!(x.fix.unwrap().render(), "llmctl provision --only devices");
 }
 
 #[test]
@@ -570,12 +558,7 @@ fn legacy_mount_entries_with_a_stale_uvm_major() {
             .iter()
             .any(|l| l.contains("c 508:* rwm → no device has major 508"))
     );
-    assert!(
-        x.fix
-            .unwrap()
-            .render()
-            .starts_with("pct set 103 --dev0 /dev/nvidia0")
-    );
+    assert_eq!(x.fix.unwrap().render(), "llmctl provision --only devices");
     // The right major passes.
     set_config(
         &mut f,
@@ -607,7 +590,7 @@ fn locked_invalid_and_pending() {
     assert_eq!(problems(&f), vec!["ct.locked"]);
     assert_eq!(
         finding(&f, "ct.locked").fix.unwrap().render(),
-        "pct unlock 103   # only after making sure no backup task is still running"
+        "pct unlock 103   # only after making sure no backup task is still running\nthen: llmctl provision --only devices"
     );
     set_config(
         &mut f,
@@ -737,7 +720,7 @@ fn text_report_shows_evidence_and_fix() {
     let text = crate::doctor::render_text("root@pve", Some(103), &run_all(&f));
     assert!(text.contains("FAIL  svc.proxy-down"), "{text}");
     assert!(text.contains("        CT 103: systemctl is-active llmctl-proxy: inactive\n"));
-    assert!(text.contains("        fix: pct exec 103 -- systemctl restart llmctl-proxy"));
+    assert!(text.contains("        fix: llmctl provision --only proxy-service\n"));
     assert!(text.contains("ok    driver.not-installed"));
     assert!(text.trim_end().ends_with("skipped") && text.contains("problems found: 1 failed"));
 }

@@ -190,7 +190,7 @@ pub fn reconcile(
             StepOutcome::AlreadyDone(_) | StepOutcome::Applied(_) => continue,
         };
         let named = findings.iter().any(|f| {
-            f.severity == Severity::Fail && f.fix.as_ref().is_some_and(|x| x.step() == Some(*step))
+            f.severity == Severity::Fail && f.fix.as_ref().is_some_and(|x| x.step == *step)
         });
         if named {
             continue;
@@ -200,7 +200,7 @@ pub fn reconcile(
             severity: Severity::Fail,
             title: format!("not as llmctl.toml describes: {title}"),
             evidence,
-            fix: Some(Fix::Provision(*step)),
+            fix: Some(Fix::step(*step)),
         });
     }
 }
@@ -225,7 +225,15 @@ pub fn render_text(target: &str, vmid: Option<u32>, findings: &[Finding]) -> Str
                 out.push_str(&format!("        {line}\n"));
             }
             if let Some(fix) = &f.fix {
-                out.push_str(&format!("        fix: {}\n", fix.render()));
+                let text = fix.render();
+                let mut lines = text.lines();
+                out.push_str(&format!(
+                    "        fix: {}\n",
+                    lines.next().unwrap_or_default()
+                ));
+                for line in lines {
+                    out.push_str(&format!("             {line}\n"));
+                }
             }
         }
     }
@@ -242,4 +250,66 @@ pub fn render_text(target: &str, vmid: Option<u32>, findings: &[Finding]) -> Str
         s.fail, s.warn, s.ok, s.skip
     ));
     out
+}
+
+#[cfg(test)]
+mod reconcile_tests {
+    use super::*;
+    use crate::provision::step::{Action, StepOutcome, Target};
+    use crate::transport::Cmd;
+
+    fn fail(id: &'static str, step: StepId) -> Finding {
+        Finding {
+            id,
+            severity: Severity::Fail,
+            title: "x".into(),
+            evidence: Vec::new(),
+            fix: Some(Fix::step(step)),
+        }
+    }
+
+    /// The law, in doctor: whatever provision would change or refuses is a failure that names the step.
+    #[test]
+    fn every_planned_step_fails_doctor_and_names_itself() {
+        let mut findings = vec![fail("driver.not-pinned", StepId::Driver)];
+        let plan = vec![
+            (
+                StepId::Nouveau,
+                "nouveau blacklisted",
+                StepOutcome::AlreadyDone("ok".into()),
+            ),
+            (
+                StepId::Driver,
+                "the driver",
+                StepOutcome::Planned(vec![Action::Run {
+                    on: Target::Host,
+                    cmd: Cmd::new(["apt-mark", "hold", "libcuda1"]),
+                }]),
+            ),
+            (
+                StepId::Cuda,
+                "the CUDA toolkit",
+                StepOutcome::Planned(vec![Action::Run {
+                    on: Target::Container(103),
+                    cmd: Cmd::new(["apt-get", "install", "cuda-toolkit-13-2"]),
+                }]),
+            ),
+            (
+                StepId::Model,
+                "the model",
+                StepOutcome::Refused("no sha256".into()),
+            ),
+        ];
+        reconcile(&mut findings, &plan);
+        let ids: Vec<&str> = findings.iter().map(|f| f.id).collect();
+        assert_eq!(ids, ["driver.not-pinned", "plan.cuda", "plan.model"]);
+        assert!(findings.iter().all(|f| f.severity == Severity::Fail));
+        assert_eq!(findings[1].fix, Some(Fix::step(StepId::Cuda)));
+        assert_eq!(
+            findings[1].evidence,
+            ["provision would: [CT 103] $ apt-get install cuda-toolkit-13-2"]
+        );
+        assert_eq!(findings[2].evidence, ["provision refuses: no sha256"]);
+        assert_eq!(outcome(&findings), Outcome::ProblemsFound);
+    }
 }
