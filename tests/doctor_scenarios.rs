@@ -424,7 +424,7 @@ fn more_host_states_through_the_sim() {
     let _turn = sim_turn();
     let tmp = tempfile::tempdir().unwrap();
 
-    // Container libraries right but not held: a warning only, exit 0.
+    // Container libraries right but not held: provision holds them, so doctor fails naming that step.
     let path = temp_scenario(
         tmp.path(),
         "libs-unheld",
@@ -436,7 +436,7 @@ fn more_host_states_through_the_sim() {
         problem_ids(&o),
         BTreeSet::from(["ct.libs-not-pinned".to_string()])
     );
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     drop(sim);
 
     // A stopped container with nothing else wrong.
