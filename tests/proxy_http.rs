@@ -405,6 +405,19 @@ async fn serve_one(
             .write_all(reply("200 OK", "application/json", b).as_bytes())
             .await;
     }
+    // One slot: with several replicas, two slow answers fill both and a third request must wait.
+    if path == "/slots" {
+        return sock
+            .write_all(
+                reply(
+                    "200 OK",
+                    "application/json",
+                    r#"[{"id":0,"is_processing":false}]"#,
+                )
+                .as_bytes(),
+            )
+            .await;
+    }
     if path == "/health" {
         return sock
             .write_all(reply("200 OK", "application/json", r#"{"status":"ok"}"#).as_bytes())
@@ -2055,4 +2068,286 @@ fn listening_on_port_zero_logs_the_port_it_got() {
     assert_ne!(port, 0, "{line}");
     // ... and it is the port the proxy answers on.
     assert!(TcpStream::connect(("127.0.0.1", port)).is_ok() || child.try_wait().is_ok());
+}
+
+// -----------------------------------------------------------------------------------------------------------
+// Several upstreams: routing by session and prefix, failover, recovery, a full house
+
+/// `serve-proxy` over several upstreams (the first through `Proxy::start`'s own `--upstream`).
+fn proxy_over(upstreams: &[&str], extra: &[&str]) -> Proxy {
+    let mut args: Vec<&str> = Vec::new();
+    for u in &upstreams[1..] {
+        args.extend(["--upstream", u]);
+    }
+    args.extend(extra);
+    Proxy::start(upstreams[0], &args, &[])
+}
+
+/// A Claude-Code-like turn: a long system prompt of its own (over the router's 512-byte chunks), `turns`
+/// messages, and the session in `metadata.user_id` as Claude Code sends it (or none).
+fn session_turn(session: Option<&str>, system: &str, turns: usize) -> Value {
+    let messages: Vec<Value> = (0..turns)
+        .map(|i| {
+            let role = if i % 2 == 0 { "user" } else { "assistant" };
+            json!({"role": role, "content": format!("turn {i}: {}", "words ".repeat(60))})
+        })
+        .collect();
+    let mut body = json!({"model": "claude-sonnet-5", "max_tokens": 16, "stream": false,
+                          "system": system.repeat(400), "messages": messages});
+    if let Some(s) = session {
+        let user = json!({"device_id": "d", "account_uuid": "", "session_id": s}).to_string();
+        body["metadata"] = json!({"user_id": user});
+    }
+    body
+}
+
+fn chats(m: &Mock) -> usize {
+    m.chat_requests().len()
+}
+
+/// The value of one metrics line, 0 when absent.
+async fn metric(proxy: &Proxy, line_prefix: &str) -> u64 {
+    let (_, text) = get(&format!("{}/metrics", proxy.url), &[]).await;
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_and_prefixes_stay_on_their_replica() {
+    let (a, b) = (Mock::start(Mode::Good), Mock::start(Mode::Good));
+    let proxy = proxy_over(&[&a.url, &b.url], &[]);
+    let url = format!("{}/v1/messages", proxy.url);
+    let served_by = |before: (usize, usize)| {
+        let now = (chats(&a), chats(&b));
+        match (now.0 - before.0, now.1 - before.1) {
+            (1, 0) => "a",
+            (0, 1) => "b",
+            other => panic!("one request reached {other:?} replicas"),
+        }
+    };
+    // Session one starts somewhere; session two, with another prompt, goes to the other (emptier) replica.
+    let before = (chats(&a), chats(&b));
+    let (status, v) = post(
+        &url,
+        &session_turn(Some("s-one"), "You are agent one. ", 1),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let one = served_by(before);
+    let before = (chats(&a), chats(&b));
+    post(
+        &url,
+        &session_turn(Some("s-two"), "You are agent two. ", 1),
+        &[],
+    )
+    .await;
+    let two = served_by(before);
+    assert_ne!(
+        one, two,
+        "two new sessions on an idle pair should spread out"
+    );
+    // Later turns of each session, interleaved, go back to where the session started.
+    for turns in [3, 5] {
+        for (session, system, home) in [
+            ("s-one", "You are agent one. ", one),
+            ("s-two", "You are agent two. ", two),
+        ] {
+            let before = (chats(&a), chats(&b));
+            let (status, _) = post(&url, &session_turn(Some(session), system, turns), &[]).await;
+            assert_eq!(status, 200);
+            assert_eq!(served_by(before), home, "{session} turn {turns}");
+        }
+    }
+    // Claude Code's header names the session as well.
+    let before = (chats(&a), chats(&b));
+    post(
+        &url,
+        &session_turn(None, "You are agent two. ", 7),
+        &[("x-claude-code-session-id", "s-two")],
+    )
+    .await;
+    assert_eq!(served_by(before), two);
+    // No session at all: the longest cached prefix (session one's conversation) decides.
+    let before = (chats(&a), chats(&b));
+    post(&url, &session_turn(None, "You are agent one. ", 7), &[]).await;
+    assert_eq!(served_by(before), one);
+    // Codex: prompt_cache_key through the Responses front door.
+    let codex = |n: usize| {
+        json!({"model": "gpt-5-codex", "stream": false, "prompt_cache_key": "thread-1",
+               "instructions": "You are Codex. ".repeat(100), "input": format!("question {n}")})
+    };
+    let before = (chats(&a), chats(&b));
+    let (status, v) = post(&format!("{}/v1/responses", proxy.url), &codex(1), &[]).await;
+    assert_eq!(status, 200, "{v}");
+    let home = served_by(before);
+    for n in 2..4 {
+        let before = (chats(&a), chats(&b));
+        post(&format!("{}/v1/responses", proxy.url), &codex(n), &[]).await;
+        assert_eq!(served_by(before), home);
+    }
+    // The decisions are counted per replica and reason.
+    let (home_one, home_two) = if one == "a" {
+        (&a.url, &b.url)
+    } else {
+        (&b.url, &a.url)
+    };
+    let decisions = |replica: &str, reason: &str| {
+        format!("llmctl_proxy_routing_decisions_total{{replica=\"{replica}\",reason=\"{reason}\"}}")
+    };
+    assert!(metric(&proxy, &decisions(home_one, "session")).await >= 2);
+    assert!(metric(&proxy, &decisions(home_two, "session")).await >= 3);
+    assert_eq!(metric(&proxy, &decisions(home_one, "prefix")).await, 1);
+    let requests = format!("llmctl_proxy_replica_requests_total{{replica=\"{home_one}\"}}");
+    assert!(metric(&proxy, &requests).await >= 4);
+    // Each request's log line names its replica.
+    let log = proxy.log_text_when(|t| t.matches("replica=").count() >= 13);
+    assert!(log.contains(&format!("replica={home_one}")), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_failing_before_the_first_byte_hands_the_request_to_another() {
+    // Replica 0's /health is fine, its chat completions fail with a 500: the router tries it first (the
+    // replicas tie), then the good one. The client sees only the good answer, streamed or not.
+    let (bad, good) = (Mock::start(Mode::Status500), Mock::start(Mode::Good));
+    let proxy = proxy_over(&[&bad.url, &good.url], &[]);
+    let url = format!("{}/v1/messages", proxy.url);
+    let (status, events) = stream(&url, &hello(true)).await;
+    assert_eq!(status, 200);
+    assert_eq!(text_of(&events), "Hi there");
+    assert_eq!(chats(&bad), 1, "the first choice was the failing replica");
+    let (status, v) = post(&url, &hello(false), &[]).await;
+    assert_eq!(status, 200, "{v}");
+    let failovers = format!(
+        "llmctl_proxy_routing_decisions_total{{replica=\"{}\",reason=\"failover\"}}",
+        good.url
+    );
+    assert!(metric(&proxy, &failovers).await >= 1);
+    let errors = format!(
+        "llmctl_proxy_replica_errors_total{{replica=\"{}\"}}",
+        bad.url
+    );
+    assert!(metric(&proxy, &errors).await >= 1);
+
+    // A replica that refuses connections: marked down at start, never in the way.
+    let dead = dead_upstream();
+    let proxy = proxy_over(&[&dead, &good.url], &[]);
+    for _ in 0..3 {
+        let (status, v) = post(
+            &format!("{}/v1/responses", proxy.url),
+            &responses_hello(false),
+            &[],
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let (_, health) = get(&format!("{}/health", proxy.url), &[]).await;
+    let health: Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["replicas"][0]["up"], false, "{health}");
+    assert_eq!(health["replicas"][1]["up"], true, "{health}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_under_way_when_its_replica_dies_ends_with_an_error_event() {
+    let (dying, good) = (Mock::start(Mode::DieMidStream), Mock::start(Mode::Good));
+    let proxy = proxy_over(&[&dying.url, &good.url], &[]);
+    let (status, events) = stream(&format!("{}/v1/messages", proxy.url), &hello(true)).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        names(&events).last(),
+        Some(&"error"),
+        "{:?}",
+        names(&events)
+    );
+    assert!(!names(&events).contains(&"message_stop"));
+    // Bytes had reached the client: the request was not sent again elsewhere.
+    assert_eq!(chats(&good), 0);
+    // The same on the Responses front door: response.failed.
+    let resp = client()
+        .post(format!("{}/v1/responses", proxy.url))
+        .json(&responses_hello(true))
+        .send()
+        .await
+        .unwrap();
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("response.failed"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_that_comes_back_gets_traffic_again() {
+    let later = port();
+    let back_url = format!("http://127.0.0.1:{later}");
+    let good = Mock::start(Mode::Good);
+    let proxy = proxy_over(&[&back_url, &good.url], &[]);
+    let url = format!("{}/v1/messages", proxy.url);
+    let (status, v) = post(&url, &hello(false), &[]).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(chats(&good), 1);
+    let back = Mock::start_on(later, Mode::Good);
+    // The next probe (once a second) finds it; an idle replica with an empty index is then the first choice.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while chats(&back) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the returning replica got no request within 10s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (status, v) = post(&url, &hello(false), &[]).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let log = proxy.log_text();
+    assert!(
+        log.contains("replica marked down") && log.contains("gets traffic again"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_every_slot_busy_requests_wait_then_get_529_or_429() {
+    // One slot per replica (the mock's /slots), answers that take 1.5 s, a wait of 0.3 s.
+    let (a, b) = (
+        Mock::start(Mode::SlowPrefill(1500)),
+        Mock::start(Mode::SlowPrefill(1500)),
+    );
+    let proxy = proxy_over(&[&a.url, &b.url], &["--queue-timeout", "0.3"]);
+    let url = format!("{}/v1/messages", proxy.url);
+    let busy: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { stream(&url, &hello(true)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        (chats(&a), chats(&b)),
+        (1, 1),
+        "one slow answer on each replica"
+    );
+    let started = Instant::now();
+    let (status, v) = post(&url, &hello(false), &[]).await;
+    assert_eq!(status, 529, "{v}");
+    assert_eq!(anthropic_error(&v).0, "overloaded_error");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "it waited for a slot first"
+    );
+    let (status, v) = post(
+        &format!("{}/v1/responses", proxy.url),
+        &responses_hello(false),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    for h in busy {
+        let (status, events) = h.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(text_of(&events), "Hi there");
+    }
+    // A slot is free again: served.
+    let (status, v) = post(&url, &hello(false), &[]).await;
+    assert_eq!(status, 200, "{v}");
 }

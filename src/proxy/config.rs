@@ -18,6 +18,8 @@ pub const DEFAULT_CONNECT_TIMEOUT_SECS: f64 = 5.0;
 /// CPU prefill of Claude Code's ~20k-token first prompt takes minutes: the first byte may be slow.
 pub const DEFAULT_FIRST_BYTE_TIMEOUT_SECS: f64 = 600.0;
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: f64 = 10.0;
+/// Long enough to ride out a burst, short enough that the client's own retry (Claude Code, Codex) takes over.
+pub const DEFAULT_QUEUE_TIMEOUT_SECS: f64 = 60.0;
 
 pub const ENV_API_KEY: &str = "LLMCTL_PROXY_API_KEY";
 pub const ENV_UPSTREAM_API_KEY: &str = "LLMCTL_UPSTREAM_API_KEY";
@@ -38,6 +40,7 @@ pub struct ProxyConfig {
     pub connect_timeout_secs: Option<f64>,
     pub first_byte_timeout_secs: Option<f64>,
     pub shutdown_grace_secs: Option<f64>,
+    pub queue_timeout_secs: Option<f64>,
     /// Client model name prefix → upstream model, e.g. `"claude-haiku" = "small-model"`.
     #[serde(default)]
     pub models: BTreeMap<String, String>,
@@ -89,6 +92,7 @@ pub struct Overrides {
     pub connect_timeout_secs: Option<f64>,
     pub first_byte_timeout_secs: Option<f64>,
     pub shutdown_grace_secs: Option<f64>,
+    pub queue_timeout_secs: Option<f64>,
     /// `--model-map PREFIX=MODEL`: merged over `[proxy.models]` (a flag wins for the same prefix).
     pub models: BTreeMap<String, String>,
 }
@@ -130,6 +134,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// With several replicas: how long a request waits for a free slot when every one is busy.
+    pub queue_timeout: Duration,
 }
 
 /// Client model name → upstream model by longest matching prefix.
@@ -251,6 +257,11 @@ pub fn resolve(
             "shutdown_grace_secs",
             flags.shutdown_grace_secs.or(file.shutdown_grace_secs),
             DEFAULT_SHUTDOWN_GRACE_SECS,
+        )?,
+        queue_timeout: seconds(
+            "queue_timeout_secs",
+            flags.queue_timeout_secs.or(file.queue_timeout_secs),
+            DEFAULT_QUEUE_TIMEOUT_SECS,
         )?,
     })
 }

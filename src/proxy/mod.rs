@@ -87,6 +87,10 @@ pub struct ServeProxyArgs {
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT [default: 10]
     #[arg(long, value_name = "SECS")]
     pub shutdown_grace: Option<f64>,
+    /// With several upstreams: seconds a request waits for a free slot when every replica is busy, before
+    /// it is refused (529 overloaded, 429 on /v1/responses) [default: 60]
+    #[arg(long, value_name = "SECS")]
+    pub queue_timeout: Option<f64>,
 }
 
 fn parse_model_map(s: &str) -> Result<(String, String), String> {
@@ -115,6 +119,7 @@ impl ServeProxyArgs {
             connect_timeout_secs: self.connect_timeout,
             first_byte_timeout_secs: self.first_byte_timeout,
             shutdown_grace_secs: self.shutdown_grace,
+            queue_timeout_secs: self.queue_timeout,
             models: self.model_map.iter().cloned().collect(),
         }
     }

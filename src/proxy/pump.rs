@@ -109,7 +109,7 @@ pub(crate) async fn open(
         let waited = Instant::now();
         let acquired = st
             .router
-            .acquire(&key, tried, st.settings.first_byte_timeout)
+            .acquire(&key, tried, st.settings.queue_timeout)
             .await;
         t.upstream_wait += waited.elapsed();
         let lease = match acquired {
@@ -145,7 +145,10 @@ pub(crate) async fn open(
         let started = replica.upstream.start_chat(send).await;
         t.upstream_wait += waited.elapsed();
         let resp = match started {
-            Ok(resp) => resp,
+            Ok(resp) => {
+                st.router.answered(lease.replica);
+                resp
+            }
             Err(e) if Upstream::is_replica_failure(&e) => {
                 let err = e.to_proxy_error(&base);
                 st.router.failed(lease.replica, &err.message);

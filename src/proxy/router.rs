@@ -564,7 +564,17 @@ impl Router {
     pub fn failed(&self, i: usize, why: &str) {
         let r = &self.replicas[i];
         r.stats.errors.fetch_add(1, Ordering::Relaxed);
-        self.mark_down(i, why);
+        // One upstream gets every request either way, and no probe would bring it back.
+        if self.replicas.len() > 1 {
+            self.mark_down(i, why);
+        }
+    }
+
+    /// A replica answered (its headers came): it is up, whatever the last probe said.
+    pub fn answered(&self, i: usize) {
+        if !self.replicas[i].is_up() {
+            self.mark_up(i, None);
+        }
     }
 
     fn mark_down(&self, i: usize, why: &str) {
