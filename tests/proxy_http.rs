@@ -1310,9 +1310,13 @@ fn required_env(name: &str) -> String {
 }
 
 fn start_llama() -> Llama {
+    start_llama_on(18152, &["-c", "4096", "-np", "1"])
+}
+
+/// A llama-server on `port` with the test model and `sizing` (`-c`, `-np`).
+fn start_llama_on(port: u16, sizing: &[&str]) -> Llama {
     let server = required_env("LLMCTL_LLAMA_SERVER");
     let model = required_env("LLMCTL_TEST_MODEL");
-    let port = 18152;
     let child = Command::new(&server)
         .args([
             "-m",
@@ -1321,11 +1325,8 @@ fn start_llama() -> Llama {
             "127.0.0.1",
             "--port",
             &port.to_string(),
-            "-c",
-            "4096",
-            "-np",
-            "1",
         ])
+        .args(sizing)
         .args(["--temp", "0", "--seed", "42", "--no-webui"])
         // On CPUs with AMX this build's repacked AMX matmul segfaults while loading the model.
         .arg("--no-repack")
@@ -2350,4 +2351,125 @@ async fn with_every_slot_busy_requests_wait_then_get_529_or_429() {
     // A slot is free again: served.
     let (status, v) = post(&url, &hello(false), &[]).await;
     assert_eq!(status, 200, "{v}");
+}
+
+// -----------------------------------------------------------------------------------------------------------
+// Two real llama-servers behind one proxy
+
+/// Which replica is serving a request now (its in-flight count in `/health`), if one is.
+async fn busy_replica(proxy: &Proxy) -> Option<String> {
+    let (_, text) = get(&format!("{}/health", proxy.url), &[]).await;
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["replicas"]
+        .as_array()?
+        .iter()
+        .find(|r| r["in_flight"].as_u64() > Some(0))
+        .map(|r| r["url"].as_str().unwrap().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_real_llama_servers_sessions_from_cache_failover_and_recovery() {
+    let sizing = ["-c", "8192", "-np", "2", "-t", "1"];
+    let ports = [port(), port()];
+    let mut llamas = [
+        Some(start_llama_on(ports[0], &sizing)),
+        Some(start_llama_on(ports[1], &sizing)),
+    ];
+    let urls: Vec<String> = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
+    let proxy = proxy_over(&[&urls[0], &urls[1]], &[]);
+    let msgs = format!("{}/v1/messages", proxy.url);
+    // Three Claude-Code-like sessions (each its own ~600-token system prompt), interleaved turn by turn.
+    let systems = [
+        "You are agent Alpha, a careful reviewer of Rust code. ",
+        "You are agent Bravo, who writes shell scripts. ",
+        "You are agent Charlie, who explains SQL queries. ",
+    ];
+    let turn = |s: usize, n: usize| {
+        let mut body = session_turn(Some(&format!("session-{s}")), systems[s], 2 * n - 1);
+        body["system"] = json!(systems[s].repeat(50));
+        body["max_tokens"] = json!(4);
+        body
+    };
+    for n in 1..=3 {
+        for s in 0..3 {
+            let (status, v) = post(&msgs, &turn(s, n), &[]).await;
+            assert_eq!(status, 200, "session {s} turn {n}: {v}");
+            let cached = v["usage"]["cache_read_input_tokens"].as_u64().unwrap();
+            let input = v["usage"]["input_tokens"].as_u64().unwrap();
+            if n >= 2 {
+                // Turn 2 and later: most of the prompt (the whole previous turn) comes from the cache.
+                assert!(
+                    cached * 10 >= (cached + input) * 7,
+                    "session {s} turn {n}: only {cached} of {} prompt tokens from the cache",
+                    cached + input
+                );
+            }
+        }
+    }
+    for url in &urls {
+        let served = format!("llmctl_proxy_replica_requests_total{{replica=\"{url}\"}}");
+        assert!(
+            metric(&proxy, &served).await >= 3,
+            "both replicas serve sessions"
+        );
+    }
+
+    // A long answer streaming from one replica when that replica dies: the stream ends with an error event.
+    let long = json!({"model": "claude-sonnet-5", "max_tokens": 2000, "stream": true,
+                      "messages": [{"role": "user", "content": "Count from 1 to 1000, one number per line."}]});
+    let resp = client().post(&msgs).json(&long).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut body = resp.bytes_stream();
+    let mut text = String::new();
+    use futures_util::StreamExt;
+    while !text.contains("content_block_delta") {
+        let chunk = body
+            .next()
+            .await
+            .expect("stream ended before any text")
+            .unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let victim = busy_replica(&proxy).await.expect("a replica is streaming");
+    let v = urls.iter().position(|u| *u == victim).unwrap();
+    drop(llamas[v].take());
+    while let Some(chunk) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    let events = sse_events(&text);
+    assert_eq!(names(&events).last(), Some(&"error"), "{text}");
+
+    // Every session now goes to the survivor, and succeeds (those that lived on the dead one included).
+    for s in 0..3 {
+        let (status, v) = post(&msgs, &turn(s, 4), &[]).await;
+        assert_eq!(status, 200, "session {s} after the kill: {v}");
+    }
+    // The replica restarted: it gets traffic again. A new conversation (a prompt no replica has seen) goes to
+    // the emptier replica, which is the restarted one: its index was forgotten when it went down.
+    llamas[v] = Some(start_llama_on(ports[v], &sizing));
+    let served = format!("llmctl_proxy_replica_requests_total{{replica=\"{victim}\"}}");
+    let before = metric(&proxy, &served).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    while metric(&proxy, &served).await == before {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted replica got no request within 30s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        n += 1;
+        let fresh = json!({"model": "claude-sonnet-5", "max_tokens": 4, "stream": false,
+                           "system": format!("You are new agent number {n}. ").repeat(40),
+                           "messages": [{"role": "user", "content": "Say hello."}]});
+        let (status, v) = post(
+            &msgs,
+            &fresh,
+            &[("x-claude-code-session-id", &format!("new-{n}"))],
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+    }
 }
