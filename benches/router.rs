@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use llmctl::proxy::config::ReplicaSpec;
-use llmctl::proxy::router::{self, Acquired, Replica, RouteKey, Router, View};
+use llmctl::proxy::router::{self, Acquired, Affinity, Replica, RouteKey, Router, View};
 use llmctl::proxy::stream::Usage;
 use llmctl::proxy::upstream::Upstream;
 use serde_json::json;
@@ -119,11 +119,16 @@ fn policy_only(iterations: usize) {
             weight: 1,
             prefix: i * 7 % 5,
             indexed: i * 100,
+            sessions: i,
         })
         .collect();
     let t = Instant::now();
     for i in 0..iterations {
-        black_box(router::choose(black_box(&views), Some(i % REPLICAS), 0));
+        black_box(router::choose(
+            black_box(&views),
+            Affinity::Session(i % REPLICAS),
+            0,
+        ));
     }
     println!(
         "policy alone (choose over {REPLICAS} replicas): {:.3} µs per decision",

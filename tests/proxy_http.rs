@@ -2473,3 +2473,38 @@ async fn two_real_llama_servers_sessions_from_cache_failover_and_recovery() {
         assert_eq!(status, 200, "{v}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn new_sessions_sharing_one_system_prompt_spread_over_the_replicas() {
+    // Claude Code's sessions all start with the same system prompt and tools: the prefix alone would send
+    // every new session where the first went. They alternate instead, and each stays where it started.
+    let (a, b) = (Mock::start(Mode::Good), Mock::start(Mode::Good));
+    let proxy = proxy_over(&[&a.url, &b.url], &[]);
+    let url = format!("{}/v1/messages", proxy.url);
+    for s in 0..4 {
+        let (status, v) = post(
+            &url,
+            &session_turn(Some(&format!("s{s}")), "Shared tools. ", 1),
+            &[],
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    assert_eq!((chats(&a), chats(&b)), (2, 2));
+    for s in 0..4 {
+        post(
+            &url,
+            &session_turn(Some(&format!("s{s}")), "Shared tools. ", 3),
+            &[],
+        )
+        .await;
+    }
+    assert_eq!((chats(&a), chats(&b)), (4, 4));
+    for m in [&a, &b] {
+        let session = format!(
+            "llmctl_proxy_routing_decisions_total{{replica=\"{}\",reason=\"session\"}}",
+            m.url
+        );
+        assert_eq!(metric(&proxy, &session).await, 2);
+    }
+}

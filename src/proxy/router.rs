@@ -3,11 +3,13 @@
 //! A coding agent resends its whole conversation every turn, and a replica that never saw it pays the full
 //! prefill again; so the router prefers, in order:
 //! 1. the replica that served the client's session before (Claude Code's `x-claude-code-session-id` or
-//!    `metadata.user_id`'s `session_id`, Codex's `prompt_cache_key`);
-//! 2. the replica with the longest cached prefix of the request, from an approximate per-replica index of
-//!    what the router itself sent there (a hash chain of fixed-size chunks of the translated request);
-//! 3. the least loaded replica (in flight per slot and weight; on a tie, the one with the smallest index,
-//!    so new sessions spread out);
+//!    `metadata.user_id`'s `session_id`, Codex's `prompt_cache_key`); a new session goes to the least loaded
+//!    replica with the fewest sessions (see [`choose`] for why not the longest prefix);
+//! 2. without a session, the replica with the longest cached prefix of the request, from an approximate
+//!    per-replica index of what the router itself sent there (a hash chain of fixed-size chunks of the
+//!    translated request);
+//! 3. the least loaded replica (in flight per slot and weight; on a tie, the fewest sessions, then the
+//!    smallest index);
 //!
 //! and a balance guard overrides 1 and 2: affinity never sends to a replica whose slots are all busy while
 //! another has a free slot. The index is a cache, never required: it is forgotten when a replica goes down,
@@ -98,6 +100,8 @@ pub struct View {
     pub prefix: u32,
     /// Chunk hashes in its index: how much of its cache the router already uses.
     pub indexed: u32,
+    /// Sessions placed on it since it last came up.
+    pub sessions: u32,
 }
 
 impl View {
@@ -105,19 +109,33 @@ impl View {
         self.in_flight < self.slots.max(1)
     }
 
-    /// In flight per (slot × weight), compared as integers; then the smaller index.
-    fn load(&self) -> (u64, u32) {
+    /// In flight per (slot × weight), compared as integers.
+    fn busy(&self) -> u64 {
         let capacity = u64::from(self.slots.max(1)) * u64::from(self.weight.max(1));
-        (
-            u64::from(self.in_flight) * 1_000_000 / capacity,
-            self.indexed,
-        )
+        u64::from(self.in_flight) * 1_000_000 / capacity
     }
 }
 
-/// The replica for a request, and why; `None` when every replica was tried. `session` is the replica that
-/// served the request's session before; `tried` has bit `i` set for each replica that already failed it.
-pub fn choose(views: &[View], session: Option<usize>, tried: u64) -> Option<(usize, Reason)> {
+/// What the request says about its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Affinity {
+    /// The client names no session: its prompt is all there is to go by.
+    Anonymous,
+    /// A session the router has not placed yet (or forgot).
+    NewSession,
+    /// The replica that served the session before.
+    Session(usize),
+}
+
+/// The replica for a request, and why; `None` when every replica was tried. `tried` has bit `i` set for each
+/// replica that already failed this request.
+///
+/// A new session goes to the least loaded replica, then the one with the fewest sessions, and only then the
+/// longest prefix: every session of one client shares its system prompt and tools, so "longest prefix" alone
+/// would put every new session where the first one went, and leave the other replicas idle for good once the
+/// sessions stick. Paying the shared prompt's prefill once per replica is the cheaper side. A request with no
+/// session follows its longest prefix (its own conversation, the only identity it has).
+pub fn choose(views: &[View], affinity: Affinity, tried: u64) -> Option<(usize, Reason)> {
     let n = views.len().min(MAX_REPLICAS);
     let untried = |i: usize| tried & (1u64 << i) == 0;
     let any_up = (0..n).any(|i| views[i].up && untried(i));
@@ -128,11 +146,27 @@ pub fn choose(views: &[View], session: Option<usize>, tried: u64) -> Option<(usi
     // The balance guard: affinity may pick a full replica only when no other has a free slot.
     let allowed = |i: usize| candidate(i) && (views[i].free() || !some_free);
     let because = |r: Reason| if tried != 0 { Reason::Failover } else { r };
-    let least_loaded =
-        |ok: &dyn Fn(usize) -> bool| (0..n).filter(|&i| ok(i)).min_by_key(|&i| views[i].load());
+    let emptiest = |i: &usize| {
+        let v = &views[*i];
+        (v.busy(), v.sessions, v.indexed)
+    };
 
-    if let Some(s) = session.filter(|&s| s < n && allowed(s)) {
-        return Some((s, because(Reason::Session)));
+    match affinity {
+        Affinity::Session(s) if s < n && allowed(s) => {
+            return Some((s, because(Reason::Session)));
+        }
+        Affinity::NewSession => {
+            let spread = |i: &usize| {
+                let v = &views[*i];
+                (v.busy(), v.sessions, std::cmp::Reverse(v.prefix), v.indexed)
+            };
+            return (0..n)
+                .filter(|&i| allowed(i))
+                .min_by_key(spread)
+                .map(|i| (i, because(Reason::Load)));
+        }
+        // No session, or its replica is down or full: where the longest prefix is.
+        _ => {}
     }
     let best = (0..n)
         .filter(|&i| allowed(i))
@@ -140,11 +174,16 @@ pub fn choose(views: &[View], session: Option<usize>, tried: u64) -> Option<(usi
         .max()
         .unwrap_or(0);
     if best > 0
-        && let Some(i) = least_loaded(&|i| allowed(i) && views[i].prefix == best)
+        && let Some(i) = (0..n)
+            .filter(|&i| allowed(i) && views[i].prefix == best)
+            .min_by_key(emptiest)
     {
         return Some((i, because(Reason::Prefix)));
     }
-    least_loaded(&allowed).map(|i| (i, because(Reason::Load)))
+    (0..n)
+        .filter(|&i| allowed(i))
+        .min_by_key(emptiest)
+        .map(|i| (i, because(Reason::Load)))
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -398,6 +437,8 @@ impl Replica {
 struct Index {
     /// Session hash → replica.
     sessions: TwoGen<u16>,
+    /// Sessions placed on each replica since it last came up (new ones and ones moved there).
+    placed: Vec<u32>,
     /// One set of chain hashes per replica.
     prefixes: Vec<TwoGen<()>>,
 }
@@ -456,6 +497,7 @@ impl Router {
             replicas,
             index: Mutex::new(Index {
                 sessions: TwoGen::new(SESSION_CAPACITY),
+                placed: vec![0; n],
                 prefixes: (0..n).map(|_| TwoGen::new(INDEX_CAPACITY)).collect(),
             }),
             freed: tokio::sync::Notify::new(),
@@ -504,8 +546,8 @@ impl Router {
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 break Acquired::Busy(format!(
-                    "every slot of every replica stayed busy for {}s; try again shortly",
-                    wait.as_secs()
+                    "every slot of every replica stayed busy for {}s (queue_timeout_secs); try again shortly",
+                    wait.as_secs_f64()
                 ));
             }
         };
@@ -514,27 +556,30 @@ impl Router {
     }
 
     fn try_pick(self: &Arc<Self>, key: &RouteKey, tried: u64) -> Pick {
-        let Ok(mut index) = self.index.lock() else {
-            return Pick::Exhausted;
+        // Nothing panics while holding the lock; were it poisoned, the index is still a usable guess.
+        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        let owner = key.session.map(|s| index.sessions.get(s).map(usize::from));
+        let affinity = match owner {
+            None => Affinity::Anonymous,
+            Some(None) => Affinity::NewSession,
+            Some(Some(r)) => Affinity::Session(r),
         };
-        let session = key
-            .session
-            .and_then(|s| index.sessions.get(s))
-            .map(usize::from);
         let views: Vec<View> = self
             .replicas
             .iter()
             .zip(&index.prefixes)
-            .map(|(r, p)| View {
+            .zip(&index.placed)
+            .map(|((r, p), &placed)| View {
                 up: r.is_up(),
                 in_flight: r.in_flight(),
                 slots: r.slots(),
                 weight: r.spec.weight,
                 prefix: u32::try_from(matched(p, &key.chain)).unwrap_or(u32::MAX),
                 indexed: u32::try_from(p.len()).unwrap_or(u32::MAX),
+                sessions: placed,
             })
             .collect();
-        let Some((i, reason)) = choose(&views, session, tried) else {
+        let Some((i, reason)) = choose(&views, affinity, tried) else {
             return Pick::Exhausted;
         };
         // With one upstream there is nothing to balance: it queues requests itself, as it always did.
@@ -544,6 +589,9 @@ impl Router {
         if let Some(s) = key.session
             && let Ok(slot) = u16::try_from(i)
         {
+            if owner != Some(Some(i)) {
+                index.placed[i] = index.placed[i].saturating_add(1);
+            }
             index.sessions.insert(s, slot);
         }
         // The replica will hold this prompt once it has read it: the next turn matches it.
@@ -551,9 +599,10 @@ impl Router {
         for &h in &key.chain {
             prefixes.insert(h, ());
         }
-        drop(index);
+        // Counted before the lock is released: a concurrent pick must see this slot taken.
         let r = &self.replicas[i];
         r.in_flight.fetch_add(1, Ordering::Relaxed);
+        drop(index);
         r.stats.requests.fetch_add(1, Ordering::Relaxed);
         r.stats.decisions[reason.slot()].fetch_add(1, Ordering::Relaxed);
         Pick::Chosen(Lease {
@@ -588,9 +637,9 @@ impl Router {
         if r.up.swap(false, Ordering::Relaxed) {
             r.slots_read.store(false, Ordering::Relaxed);
             tracing::warn!(replica = %r.spec.url, "replica marked down: {why}");
-            if let Ok(mut index) = self.index.lock() {
-                index.prefixes[i].clear();
-            }
+            let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            index.prefixes[i].clear();
+            index.placed[i] = 0;
         }
     }
 
@@ -615,9 +664,8 @@ impl Router {
         if failed {
             r.stats.errors.fetch_add(1, Ordering::Relaxed);
         }
-        if lost_cache(predicted, chunks, usage.cache_read_input_tokens, prompt)
-            && let Ok(mut index) = self.index.lock()
-        {
+        if lost_cache(predicted, chunks, usage.cache_read_input_tokens, prompt) {
+            let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
             tracing::debug!(replica = %r.spec.url, predicted, chunks, cached = usage.cache_read_input_tokens, "replica reused much less than predicted; forgetting its prefix index");
             index.prefixes[i].clear();
         }
@@ -817,6 +865,7 @@ mod tests {
             weight: 1,
             prefix: 0,
             indexed: 0,
+            sessions: 0,
         }
     }
 
@@ -825,48 +874,68 @@ mod tests {
         v
     }
 
+    use Affinity::{Anonymous, NewSession, Session};
+
     #[test]
     fn the_session_wins_while_its_replica_has_a_free_slot() {
         let views = [up(0), with_prefix(up(3), 0), with_prefix(up(0), 9)];
-        assert_eq!(choose(&views, Some(1), 0), Some((1, Reason::Session)));
+        assert_eq!(choose(&views, Session(1), 0), Some((1, Reason::Session)));
     }
 
     #[test]
     fn the_longest_prefix_wins_without_a_session() {
         let views = [with_prefix(up(0), 2), with_prefix(up(2), 7), up(0)];
-        assert_eq!(choose(&views, None, 0), Some((1, Reason::Prefix)));
+        assert_eq!(choose(&views, Anonymous, 0), Some((1, Reason::Prefix)));
         // Equal prefixes (a shared system prompt): the less loaded of them.
         let views = [with_prefix(up(2), 7), with_prefix(up(1), 7), up(0)];
-        assert_eq!(choose(&views, None, 0), Some((1, Reason::Prefix)));
+        assert_eq!(choose(&views, Anonymous, 0), Some((1, Reason::Prefix)));
     }
 
     #[test]
-    fn without_affinity_the_least_loaded_then_the_emptiest_index() {
+    fn new_sessions_spread_even_where_one_replica_holds_the_shared_prompt() {
+        // Replica 0 holds the system prompt every session shares and one session already; 1 is empty.
+        let mut a = with_prefix(up(0), 30);
+        a.sessions = 1;
+        let views = [a, up(0)];
+        assert_eq!(choose(&views, NewSession, 0), Some((1, Reason::Load)));
+        // Equal sessions and load: the longer prefix saves a prefill.
+        let mut b = up(0);
+        b.sessions = 1;
+        let views = [a, b];
+        assert_eq!(choose(&views, NewSession, 0), Some((0, Reason::Load)));
+        // Load first: the idle replica, whatever it holds.
+        let views = [up(0), with_prefix(up(1), 30)];
+        assert_eq!(choose(&views, NewSession, 0), Some((0, Reason::Load)));
+    }
+
+    #[test]
+    fn without_affinity_the_least_loaded_then_the_emptiest() {
         let views = [up(2), up(1), up(3)];
-        assert_eq!(choose(&views, None, 0), Some((1, Reason::Load)));
+        assert_eq!(choose(&views, Anonymous, 0), Some((1, Reason::Load)));
         let mut a = up(0);
         a.indexed = 50;
         let views = [a, up(0)];
-        assert_eq!(choose(&views, None, 0), Some((1, Reason::Load)));
-        // Weight: 2 in flight on a weight-2 replica is as loaded as 1 on a weight-1 one; less is less.
+        assert_eq!(choose(&views, Anonymous, 0), Some((1, Reason::Load)));
+        // Weight: 2 in flight on a weight-3 replica is less loaded than 1 on a weight-1 one.
         let mut heavy = up(2);
         heavy.weight = 3;
         let views = [up(1), heavy];
-        assert_eq!(choose(&views, None, 0), Some((1, Reason::Load)));
+        assert_eq!(choose(&views, Anonymous, 0), Some((1, Reason::Load)));
     }
 
     #[test]
     fn the_balance_guard_moves_affinity_off_a_full_replica_while_another_has_room() {
-        // The session's replica is full (4 of 4) and replica 1 idles: load decides.
+        // The session's replica is full (4 of 4) and replica 1 idles: the request goes there.
         let views = [with_prefix(up(4), 9), up(0)];
-        assert_eq!(choose(&views, Some(0), 0), Some((1, Reason::Load)));
+        assert_eq!(choose(&views, Session(0), 0), Some((1, Reason::Load)));
         // Every replica full: affinity again (piling on is no worse anywhere).
         let views = [with_prefix(up(4), 9), up(5)];
-        assert_eq!(choose(&views, Some(0), 0), Some((0, Reason::Session)));
-        assert_eq!(choose(&views, None, 0), Some((0, Reason::Prefix)));
+        assert_eq!(choose(&views, Session(0), 0), Some((0, Reason::Session)));
+        assert_eq!(choose(&views, Anonymous, 0), Some((0, Reason::Prefix)));
         // A full prefix owner gives way to a shorter prefix with room, not to an empty replica.
         let views = [with_prefix(up(4), 9), with_prefix(up(1), 3), up(0)];
-        assert_eq!(choose(&views, None, 0), Some((1, Reason::Prefix)));
+        assert_eq!(choose(&views, Anonymous, 0), Some((1, Reason::Prefix)));
+        assert_eq!(choose(&views, Session(0), 0), Some((1, Reason::Prefix)));
     }
 
     #[test]
@@ -874,20 +943,23 @@ mod tests {
         let mut down = with_prefix(up(0), 9);
         down.up = false;
         let views = [down, up(3)];
-        assert_eq!(choose(&views, Some(0), 0), Some((1, Reason::Load)));
+        assert_eq!(choose(&views, Session(0), 0), Some((1, Reason::Load)));
         // Replica 1 already failed this request: the only one left is down, and it is tried anyway.
-        assert_eq!(choose(&views, Some(0), 0b10), Some((0, Reason::Failover)));
+        assert_eq!(
+            choose(&views, Session(0), 0b10),
+            Some((0, Reason::Failover))
+        );
         // Both tried: nothing left.
-        assert_eq!(choose(&views, Some(0), 0b11), None);
+        assert_eq!(choose(&views, Session(0), 0b11), None);
         // A failover to an up replica among several: least loaded of the rest.
         let views = [up(0), up(2), up(1)];
-        assert_eq!(choose(&views, Some(0), 0b1), Some((2, Reason::Failover)));
+        assert_eq!(choose(&views, Session(0), 0b1), Some((2, Reason::Failover)));
     }
 
     #[test]
     fn a_session_naming_a_replica_that_no_longer_exists_is_ignored() {
-        assert_eq!(choose(&[up(0)], Some(5), 0), Some((0, Reason::Load)));
-        assert_eq!(choose(&[], None, 0), None);
+        assert_eq!(choose(&[up(0)], Session(5), 0), Some((0, Reason::Load)));
+        assert_eq!(choose(&[], Anonymous, 0), None);
     }
 
     #[test]
