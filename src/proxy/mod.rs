@@ -210,7 +210,8 @@ async fn serve(settings: Settings, threads: usize) -> Result<()> {
     );
     // Learn the upstream's model now, so the first request does not pay for it; an upstream that is not
     // up yet is retried on the first request instead.
-    for r in router.replicas() {
+    // All replicas at once: one that does not answer must not hold up the others' discovery.
+    let discoveries = router.replicas().iter().map(|r| async move {
         match r.upstream.served().await {
             Ok(s) => {
                 tracing::info!(replica = %r.spec.url, model = %s.model, llama_cpp = s.llama_cpp, "upstream model")
@@ -221,7 +222,8 @@ async fn serve(settings: Settings, threads: usize) -> Result<()> {
                 e.to_proxy_error(&r.spec.url).message
             ),
         }
-    }
+    });
+    futures_util::future::join_all(discoveries).await;
     // Health probes only matter with a choice to make: one upstream gets every request either way, and its
     // errors reach the client as before.
     if router.replicas().len() > 1 {
