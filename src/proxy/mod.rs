@@ -49,7 +49,8 @@ pub struct ServeProxyArgs {
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
     /// Base URL of the OpenAI-compatible server [default: http://127.0.0.1:11434]. Repeat it for
-    /// several replicas of one model: requests are routed by session, cached prefix and load
+    /// several replicas of one model (or list them in [proxy] upstreams, each a URL or
+    /// { url, weight, model }): requests are routed by session, cached prefix and load
     #[arg(long, value_name = "URL")]
     pub upstream: Vec<String>,
     /// Key every client must send (x-api-key or Authorization: Bearer). Visible in `ps`: prefer
@@ -88,7 +89,7 @@ pub struct ServeProxyArgs {
     #[arg(long, value_name = "SECS")]
     pub shutdown_grace: Option<f64>,
     /// With several upstreams: seconds a request waits for a free slot when every replica is busy, before
-    /// it is refused (529 overloaded, 429 on /v1/responses) [default: 60]
+    /// it is refused (529 overloaded, 429 on /v1/responses); [proxy] queue_timeout_secs [default: 60]
     #[arg(long, value_name = "SECS")]
     pub queue_timeout: Option<f64>,
 }
