@@ -95,9 +95,15 @@ pub(crate) async fn open(
     translator: StreamTranslator,
     session: Option<u64>,
 ) -> Result<Pump, ProxyError> {
+    // One upstream has no choice to make: its requests skip the hashing (a few µs on a large prompt).
+    let several = st.router.replicas().len() > 1;
     let key = RouteKey {
-        session,
-        chain: router::prompt_chain(&body),
+        session: session.filter(|_| several),
+        chain: if several {
+            router::prompt_chain(&body)
+        } else {
+            Vec::new()
+        },
     };
     let body = Bytes::from(body);
     // A model named per replica in the config replaces the one the request was translated for, unless the
