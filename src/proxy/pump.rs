@@ -125,14 +125,7 @@ pub(crate) async fn open(
                     ProxyError::new(ErrorType::Overloaded, "no upstream replica is configured")
                 }));
             }
-            // Claude Code retries a 529 overloaded_error, Codex a 429.
-            Acquired::Busy(msg) => {
-                let kind = match t.dialect {
-                    Dialect::OpenAi => ErrorType::RateLimit,
-                    Dialect::Anthropic => ErrorType::Overloaded,
-                };
-                return Err(ProxyError::new(kind, msg));
-            }
+            Acquired::Busy(msg) => return Err(every_slot_busy(t.dialect, msg)),
         };
         let replica = lease.replica();
         let base = replica.upstream.base().to_string();
@@ -165,22 +158,7 @@ pub(crate) async fn open(
             }
             Err(e) => return Err(e.to_proxy_error(&base)),
         };
-        let mut whole_json = false;
-        if let Some(ct) = resp.headers().get(header::CONTENT_TYPE)
-            && !ct.as_bytes().windows(12).any(|w| w == b"event-stream")
-        {
-            // Some OpenAI-compatible servers ignore "stream" and answer one chat.completion: read it as one chunk.
-            whole_json = ct.as_bytes().windows(4).any(|w| w == b"json");
-            if !whole_json {
-                let ct = String::from_utf8_lossy(ct.as_bytes()).into_owned();
-                return Err(ProxyError::new(
-                    ErrorType::Api,
-                    format!(
-                        "upstream {base} answered {ct} instead of an event stream; it must support \"stream\": true"
-                    ),
-                ));
-            }
-        }
+        let whole_json = answers_whole_json(resp.headers().get(header::CONTENT_TYPE), &base)?;
         t.lease = Some(lease);
         let mut pump = Pump::new(
             &base,
@@ -193,6 +171,40 @@ pub(crate) async fn open(
         }
         return Ok(pump);
     }
+}
+
+/// Every slot of every replica stayed busy: refused before the first byte, in the form each client retries by
+/// itself (Claude Code a 529 overloaded_error, Codex a 429).
+fn every_slot_busy(dialect: Dialect, msg: String) -> ProxyError {
+    let kind = match dialect {
+        Dialect::OpenAi => ErrorType::RateLimit,
+        Dialect::Anthropic => ErrorType::Overloaded,
+    };
+    ProxyError::new(kind, msg)
+}
+
+/// Whether the upstream answered one JSON body instead of an event stream (some OpenAI-compatible servers
+/// ignore `"stream"` and answer one chat.completion, read as one chunk); an error for anything else.
+fn answers_whole_json(
+    content_type: Option<&axum::http::HeaderValue>,
+    base: &str,
+) -> Result<bool, ProxyError> {
+    let Some(ct) = content_type else {
+        return Ok(false);
+    };
+    if ct.as_bytes().windows(12).any(|w| w == b"event-stream") {
+        return Ok(false);
+    }
+    if ct.as_bytes().windows(4).any(|w| w == b"json") {
+        return Ok(true);
+    }
+    let ct = String::from_utf8_lossy(ct.as_bytes());
+    Err(ProxyError::new(
+        ErrorType::Api,
+        format!(
+            "upstream {base} answered {ct} instead of an event stream; it must support \"stream\": true"
+        ),
+    ))
 }
 
 /// Drives the upstream's event stream through the translator. Every await in `next` is on the upstream's
