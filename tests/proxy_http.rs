@@ -2399,6 +2399,11 @@ async fn two_real_llama_servers_sessions_from_cache_failover_and_recovery() {
             assert_eq!(status, 200, "session {s} turn {n}: {v}");
             let cached = v["usage"]["cache_read_input_tokens"].as_u64().unwrap();
             let input = v["usage"]["input_tokens"].as_u64().unwrap();
+            // Shown with --nocapture: the reuse figure the issue asks for (turns 2 and later).
+            println!(
+                "session {s} turn {n}: {cached} of {} prompt tokens from the cache",
+                cached + input
+            );
             if n >= 2 {
                 // Turn 2 and later: most of the prompt (the whole previous turn) comes from the cache.
                 assert!(
