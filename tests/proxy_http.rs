@@ -405,6 +405,19 @@ async fn serve_one(
             .write_all(reply("200 OK", "application/json", b).as_bytes())
             .await;
     }
+    // One slot: with several replicas, two slow answers fill both and a third request must wait.
+    if path == "/slots" {
+        return sock
+            .write_all(
+                reply(
+                    "200 OK",
+                    "application/json",
+                    r#"[{"id":0,"is_processing":false}]"#,
+                )
+                .as_bytes(),
+            )
+            .await;
+    }
     if path == "/health" {
         return sock
             .write_all(reply("200 OK", "application/json", r#"{"status":"ok"}"#).as_bytes())
@@ -1297,9 +1310,13 @@ fn required_env(name: &str) -> String {
 }
 
 fn start_llama() -> Llama {
+    start_llama_on(18152, &["-c", "4096", "-np", "1"])
+}
+
+/// A llama-server on `port` with the test model and `sizing` (`-c`, `-np`).
+fn start_llama_on(port: u16, sizing: &[&str]) -> Llama {
     let server = required_env("LLMCTL_LLAMA_SERVER");
     let model = required_env("LLMCTL_TEST_MODEL");
-    let port = 18152;
     let child = Command::new(&server)
         .args([
             "-m",
@@ -1308,11 +1325,8 @@ fn start_llama() -> Llama {
             "127.0.0.1",
             "--port",
             &port.to_string(),
-            "-c",
-            "4096",
-            "-np",
-            "1",
         ])
+        .args(sizing)
         .args(["--temp", "0", "--seed", "42", "--no-webui"])
         // On CPUs with AMX this build's repacked AMX matmul segfaults while loading the model.
         .arg("--no-repack")
@@ -2095,4 +2109,446 @@ fn serve_proxy_refuses_a_bad_config_in_the_shared_words() {
         err.contains("unknown section [proxi]; did you mean [proxy]?"),
         "{err}"
     );
+}
+// -----------------------------------------------------------------------------------------------------------
+// Several upstreams: routing by session and prefix, failover, recovery, a full house
+
+/// `serve-proxy` over several upstreams (the first through `Proxy::start`'s own `--upstream`).
+fn proxy_over(upstreams: &[&str], extra: &[&str]) -> Proxy {
+    let mut args: Vec<&str> = Vec::new();
+    for u in &upstreams[1..] {
+        args.extend(["--upstream", u]);
+    }
+    args.extend(extra);
+    Proxy::start(upstreams[0], &args, &[])
+}
+
+/// A Claude-Code-like turn: a long system prompt of its own (over the router's 512-byte chunks), `turns`
+/// messages, and the session in `metadata.user_id` as Claude Code sends it (or none).
+fn session_turn(session: Option<&str>, system: &str, turns: usize) -> Value {
+    let messages: Vec<Value> = (0..turns)
+        .map(|i| {
+            let role = if i % 2 == 0 { "user" } else { "assistant" };
+            json!({"role": role, "content": format!("turn {i}: {}", "words ".repeat(60))})
+        })
+        .collect();
+    let mut body = json!({"model": "claude-sonnet-5", "max_tokens": 16, "stream": false,
+                          "system": system.repeat(400), "messages": messages});
+    if let Some(s) = session {
+        let user = json!({"device_id": "d", "account_uuid": "", "session_id": s}).to_string();
+        body["metadata"] = json!({"user_id": user});
+    }
+    body
+}
+
+fn chats(m: &Mock) -> usize {
+    m.chat_requests().len()
+}
+
+/// The value of one metrics line, 0 when absent.
+async fn metric(proxy: &Proxy, line_prefix: &str) -> u64 {
+    let (_, text) = get(&format!("{}/metrics", proxy.url), &[]).await;
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_and_prefixes_stay_on_their_replica() {
+    let (a, b) = (Mock::start(Mode::Good), Mock::start(Mode::Good));
+    let proxy = proxy_over(&[&a.url, &b.url], &[]);
+    let url = format!("{}/v1/messages", proxy.url);
+    let served_by = |before: (usize, usize)| {
+        let now = (chats(&a), chats(&b));
+        match (now.0 - before.0, now.1 - before.1) {
+            (1, 0) => "a",
+            (0, 1) => "b",
+            other => panic!("one request reached {other:?} replicas"),
+        }
+    };
+    // Session one starts somewhere; session two, with another prompt, goes to the other (emptier) replica.
+    let before = (chats(&a), chats(&b));
+    let (status, v) = post(
+        &url,
+        &session_turn(Some("s-one"), "You are agent one. ", 1),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let one = served_by(before);
+    let before = (chats(&a), chats(&b));
+    post(
+        &url,
+        &session_turn(Some("s-two"), "You are agent two. ", 1),
+        &[],
+    )
+    .await;
+    let two = served_by(before);
+    assert_ne!(
+        one, two,
+        "two new sessions on an idle pair should spread out"
+    );
+    // Later turns of each session, interleaved, go back to where the session started.
+    for turns in [3, 5] {
+        for (session, system, home) in [
+            ("s-one", "You are agent one. ", one),
+            ("s-two", "You are agent two. ", two),
+        ] {
+            let before = (chats(&a), chats(&b));
+            let (status, _) = post(&url, &session_turn(Some(session), system, turns), &[]).await;
+            assert_eq!(status, 200);
+            assert_eq!(served_by(before), home, "{session} turn {turns}");
+        }
+    }
+    // Claude Code's header names the session as well.
+    let before = (chats(&a), chats(&b));
+    post(
+        &url,
+        &session_turn(None, "You are agent two. ", 7),
+        &[("x-claude-code-session-id", "s-two")],
+    )
+    .await;
+    assert_eq!(served_by(before), two);
+    // No session at all: the longest cached prefix (session one's conversation) decides.
+    let before = (chats(&a), chats(&b));
+    post(&url, &session_turn(None, "You are agent one. ", 7), &[]).await;
+    assert_eq!(served_by(before), one);
+    // Codex: prompt_cache_key through the Responses front door.
+    let codex = |n: usize| {
+        json!({"model": "gpt-5-codex", "stream": false, "prompt_cache_key": "thread-1",
+               "instructions": "You are Codex. ".repeat(100), "input": format!("question {n}")})
+    };
+    let before = (chats(&a), chats(&b));
+    let (status, v) = post(&format!("{}/v1/responses", proxy.url), &codex(1), &[]).await;
+    assert_eq!(status, 200, "{v}");
+    let home = served_by(before);
+    for n in 2..4 {
+        let before = (chats(&a), chats(&b));
+        post(&format!("{}/v1/responses", proxy.url), &codex(n), &[]).await;
+        assert_eq!(served_by(before), home);
+    }
+    // The decisions are counted per replica and reason.
+    let (home_one, home_two) = if one == "a" {
+        (&a.url, &b.url)
+    } else {
+        (&b.url, &a.url)
+    };
+    let decisions = |replica: &str, reason: &str| {
+        format!("llmctl_proxy_routing_decisions_total{{replica=\"{replica}\",reason=\"{reason}\"}}")
+    };
+    assert!(metric(&proxy, &decisions(home_one, "session")).await >= 2);
+    assert!(metric(&proxy, &decisions(home_two, "session")).await >= 3);
+    assert_eq!(metric(&proxy, &decisions(home_one, "prefix")).await, 1);
+    let requests = format!("llmctl_proxy_replica_requests_total{{replica=\"{home_one}\"}}");
+    assert!(metric(&proxy, &requests).await >= 4);
+    // Each request's log line names its replica.
+    let log = proxy.log_text_when(|t| t.matches("replica=").count() >= 13);
+    assert!(log.contains(&format!("replica={home_one}")), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_failing_before_the_first_byte_hands_the_request_to_another() {
+    // Replica 0's /health is fine, its chat completions fail with a 500: the router tries it first (the
+    // replicas tie), then the good one. The client sees only the good answer, streamed or not.
+    let (bad, good) = (Mock::start(Mode::Status500), Mock::start(Mode::Good));
+    let proxy = proxy_over(&[&bad.url, &good.url], &[]);
+    let url = format!("{}/v1/messages", proxy.url);
+    let (status, events) = stream(&url, &hello(true)).await;
+    assert_eq!(status, 200);
+    assert_eq!(text_of(&events), "Hi there");
+    assert_eq!(chats(&bad), 1, "the first choice was the failing replica");
+    let (status, v) = post(&url, &hello(false), &[]).await;
+    assert_eq!(status, 200, "{v}");
+    let failovers = format!(
+        "llmctl_proxy_routing_decisions_total{{replica=\"{}\",reason=\"failover\"}}",
+        good.url
+    );
+    assert!(metric(&proxy, &failovers).await >= 1);
+    let errors = format!(
+        "llmctl_proxy_replica_errors_total{{replica=\"{}\"}}",
+        bad.url
+    );
+    assert!(metric(&proxy, &errors).await >= 1);
+
+    // A replica that refuses connections: marked down at start, never in the way.
+    let dead = dead_upstream();
+    let proxy = proxy_over(&[&dead, &good.url], &[]);
+    for _ in 0..3 {
+        let (status, v) = post(
+            &format!("{}/v1/responses", proxy.url),
+            &responses_hello(false),
+            &[],
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let (_, health) = get(&format!("{}/health", proxy.url), &[]).await;
+    let health: Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["replicas"][0]["up"], false, "{health}");
+    assert_eq!(health["replicas"][1]["up"], true, "{health}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_under_way_when_its_replica_dies_ends_with_an_error_event() {
+    let (dying, good) = (Mock::start(Mode::DieMidStream), Mock::start(Mode::Good));
+    let proxy = proxy_over(&[&dying.url, &good.url], &[]);
+    let (status, events) = stream(&format!("{}/v1/messages", proxy.url), &hello(true)).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        names(&events).last(),
+        Some(&"error"),
+        "{:?}",
+        names(&events)
+    );
+    assert!(!names(&events).contains(&"message_stop"));
+    // Bytes had reached the client: the request was not sent again elsewhere.
+    assert_eq!(chats(&good), 0);
+    // The same on the Responses front door: response.failed.
+    let resp = client()
+        .post(format!("{}/v1/responses", proxy.url))
+        .json(&responses_hello(true))
+        .send()
+        .await
+        .unwrap();
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("response.failed"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_that_comes_back_gets_traffic_again() {
+    let later = port();
+    let back_url = format!("http://127.0.0.1:{later}");
+    let good = Mock::start(Mode::Good);
+    let proxy = proxy_over(&[&back_url, &good.url], &[]);
+    let url = format!("{}/v1/messages", proxy.url);
+    let (status, v) = post(&url, &hello(false), &[]).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(chats(&good), 1);
+    let back = Mock::start_on(later, Mode::Good);
+    // The next probe (once a second) finds it; an idle replica with an empty index is then the first choice.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while chats(&back) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the returning replica got no request within 10s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (status, v) = post(&url, &hello(false), &[]).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let log = proxy.log_text();
+    assert!(
+        log.contains("replica marked down") && log.contains("gets traffic again"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_every_slot_busy_requests_wait_then_get_529_or_429() {
+    // One slot per replica (the mock's /slots), answers that take 1.5 s, a wait of 0.3 s.
+    let (a, b) = (
+        Mock::start(Mode::SlowPrefill(1500)),
+        Mock::start(Mode::SlowPrefill(1500)),
+    );
+    let proxy = proxy_over(&[&a.url, &b.url], &["--queue-timeout", "0.3"]);
+    let url = format!("{}/v1/messages", proxy.url);
+    let busy: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { stream(&url, &hello(true)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        (chats(&a), chats(&b)),
+        (1, 1),
+        "one slow answer on each replica"
+    );
+    let started = Instant::now();
+    let (status, v) = post(&url, &hello(false), &[]).await;
+    assert_eq!(status, 529, "{v}");
+    assert_eq!(anthropic_error(&v).0, "overloaded_error");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "it waited for a slot first"
+    );
+    let (status, v) = post(
+        &format!("{}/v1/responses", proxy.url),
+        &responses_hello(false),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    for h in busy {
+        let (status, events) = h.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(text_of(&events), "Hi there");
+    }
+    // A slot is free again: served.
+    let (status, v) = post(&url, &hello(false), &[]).await;
+    assert_eq!(status, 200, "{v}");
+}
+
+// -----------------------------------------------------------------------------------------------------------
+// Two real llama-servers behind one proxy
+
+/// Which replica is serving a request now (its in-flight count in `/health`), if one is.
+async fn busy_replica(proxy: &Proxy) -> Option<String> {
+    let (_, text) = get(&format!("{}/health", proxy.url), &[]).await;
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["replicas"]
+        .as_array()?
+        .iter()
+        .find(|r| r["in_flight"].as_u64() > Some(0))
+        .map(|r| r["url"].as_str().unwrap().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_real_llama_servers_sessions_from_cache_failover_and_recovery() {
+    let sizing = ["-c", "8192", "-np", "2", "-t", "1"];
+    let ports = [port(), port()];
+    let mut llamas = [
+        Some(start_llama_on(ports[0], &sizing)),
+        Some(start_llama_on(ports[1], &sizing)),
+    ];
+    let urls: Vec<String> = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
+    let proxy = proxy_over(&[&urls[0], &urls[1]], &[]);
+    let msgs = format!("{}/v1/messages", proxy.url);
+    // Three Claude-Code-like sessions (each its own ~600-token system prompt), interleaved turn by turn.
+    let systems = [
+        "You are agent Alpha, a careful reviewer of Rust code. ",
+        "You are agent Bravo, who writes shell scripts. ",
+        "You are agent Charlie, who explains SQL queries. ",
+    ];
+    let turn = |s: usize, n: usize| {
+        let mut body = session_turn(Some(&format!("session-{s}")), systems[s], 2 * n - 1);
+        body["system"] = json!(systems[s].repeat(50));
+        body["max_tokens"] = json!(4);
+        body
+    };
+    for n in 1..=3 {
+        for s in 0..3 {
+            let (status, v) = post(&msgs, &turn(s, n), &[]).await;
+            assert_eq!(status, 200, "session {s} turn {n}: {v}");
+            let cached = v["usage"]["cache_read_input_tokens"].as_u64().unwrap();
+            let input = v["usage"]["input_tokens"].as_u64().unwrap();
+            // Shown with --nocapture: the reuse figure the issue asks for (turns 2 and later).
+            println!(
+                "session {s} turn {n}: {cached} of {} prompt tokens from the cache",
+                cached + input
+            );
+            if n >= 2 {
+                // Turn 2 and later: most of the prompt (the whole previous turn) comes from the cache.
+                assert!(
+                    cached * 10 >= (cached + input) * 7,
+                    "session {s} turn {n}: only {cached} of {} prompt tokens from the cache",
+                    cached + input
+                );
+            }
+        }
+    }
+    for url in &urls {
+        let served = format!("llmctl_proxy_replica_requests_total{{replica=\"{url}\"}}");
+        assert!(
+            metric(&proxy, &served).await >= 3,
+            "both replicas serve sessions"
+        );
+    }
+
+    // A long answer streaming from one replica when that replica dies: the stream ends with an error event.
+    let long = json!({"model": "claude-sonnet-5", "max_tokens": 2000, "stream": true,
+                      "messages": [{"role": "user", "content": "Count from 1 to 1000, one number per line."}]});
+    let resp = client().post(&msgs).json(&long).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut body = resp.bytes_stream();
+    let mut text = String::new();
+    use futures_util::StreamExt;
+    while !text.contains("content_block_delta") {
+        let chunk = body
+            .next()
+            .await
+            .expect("stream ended before any text")
+            .unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let victim = busy_replica(&proxy).await.expect("a replica is streaming");
+    let v = urls.iter().position(|u| *u == victim).unwrap();
+    drop(llamas[v].take());
+    while let Some(chunk) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    let events = sse_events(&text);
+    assert_eq!(names(&events).last(), Some(&"error"), "{text}");
+
+    // Every session now goes to the survivor, and succeeds (those that lived on the dead one included).
+    for s in 0..3 {
+        let (status, v) = post(&msgs, &turn(s, 4), &[]).await;
+        assert_eq!(status, 200, "session {s} after the kill: {v}");
+    }
+    // The replica restarted: it gets traffic again. A new conversation (a prompt no replica has seen) goes to
+    // the emptier replica, which is the restarted one: its index was forgotten when it went down.
+    llamas[v] = Some(start_llama_on(ports[v], &sizing));
+    let served = format!("llmctl_proxy_replica_requests_total{{replica=\"{victim}\"}}");
+    let before = metric(&proxy, &served).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    while metric(&proxy, &served).await == before {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted replica got no request within 30s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        n += 1;
+        let fresh = json!({"model": "claude-sonnet-5", "max_tokens": 4, "stream": false,
+                           "system": format!("You are new agent number {n}. ").repeat(40),
+                           "messages": [{"role": "user", "content": "Say hello."}]});
+        let (status, v) = post(
+            &msgs,
+            &fresh,
+            &[("x-claude-code-session-id", &format!("new-{n}"))],
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn new_sessions_sharing_one_system_prompt_spread_over_the_replicas() {
+    // Claude Code's sessions all start with the same system prompt and tools: the prefix alone would send
+    // every new session where the first went. They alternate instead, and each stays where it started.
+    let (a, b) = (Mock::start(Mode::Good), Mock::start(Mode::Good));
+    let proxy = proxy_over(&[&a.url, &b.url], &[]);
+    let url = format!("{}/v1/messages", proxy.url);
+    for s in 0..4 {
+        let (status, v) = post(
+            &url,
+            &session_turn(Some(&format!("s{s}")), "Shared tools. ", 1),
+            &[],
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    assert_eq!((chats(&a), chats(&b)), (2, 2));
+    for s in 0..4 {
+        post(
+            &url,
+            &session_turn(Some(&format!("s{s}")), "Shared tools. ", 3),
+            &[],
+        )
+        .await;
+    }
+    assert_eq!((chats(&a), chats(&b)), (4, 4));
+    for m in [&a, &b] {
+        let session = format!(
+            "llmctl_proxy_routing_decisions_total{{replica=\"{}\",reason=\"session\"}}",
+            m.url
+        );
+        assert_eq!(metric(&proxy, &session).await, 2);
+    }
 }

@@ -58,8 +58,12 @@ pub fn expected_in_words(section: &str, path: &str) -> Option<&'static str> {
             "ping_interval_secs"
             | "connect_timeout_secs"
             | "first_byte_timeout_secs"
-            | "shutdown_grace_secs",
+            | "shutdown_grace_secs"
+            | "queue_timeout_secs",
         ) => "a number of seconds (such as 5 or 2.5)",
+        ("proxy", "upstreams") => {
+            "a list of URLs or { url, weight, model } tables (such as [\"http://127.0.0.1:8080\"])"
+        }
         ("proxy", "models") => "a table of client model prefix = upstream model",
         _ => return None,
     })
@@ -537,6 +541,8 @@ impl ServerSection {
 pub struct ProxySection {
     pub listen: Option<String>,
     pub upstream: Option<String>,
+    /// Several replicas of the model behind one proxy: each a URL, or `{ url, weight, model }`.
+    pub upstreams: Option<Vec<UpstreamEntry>>,
     pub api_key_file: Option<PathBuf>,
     pub upstream_api_key_file: Option<PathBuf>,
     pub model: Option<String>,
@@ -545,12 +551,29 @@ pub struct ProxySection {
     pub connect_timeout_secs: Option<f64>,
     pub first_byte_timeout_secs: Option<f64>,
     pub shutdown_grace_secs: Option<f64>,
+    pub queue_timeout_secs: Option<f64>,
     /// Client model name prefix → upstream model, e.g. `"claude-haiku" = "small-model"`.
     #[serde(default)]
     pub models: BTreeMap<String, String>,
     /// The file this section came from (not a key): errors about its values name it.
     #[serde(skip)]
     pub origin: Option<String>,
+}
+
+/// One entry of `[proxy] upstreams`: a bare URL, or a table with the replica's weight and model.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum UpstreamEntry {
+    Url(String),
+    Table(UpstreamTable),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTable {
+    pub url: String,
+    pub weight: Option<u32>,
+    pub model: Option<String>,
 }
 
 impl Section for ProxySection {

@@ -33,11 +33,24 @@ pub fn provisioned_listen(proxy: &ProxySection) -> &str {
 
 /// The proxy's upstream in the container: `[proxy].upstream` when set (it means the same as for serve-proxy
 /// run by hand), else the container's own llama-server.
-pub fn provisioned_upstream(proxy: &ProxySection, server: &ServerSection) -> String {
-    proxy
-        .upstream
-        .clone()
-        .unwrap_or_else(|| format!("http://127.0.0.1:{}", server.port))
+/// Every replica the provisioned proxy routes to: `upstreams`, else `upstream`, else the container's own
+/// llama-server.
+pub fn provisioned_upstreams(proxy: &ProxySection, server: &ServerSection) -> Vec<String> {
+    if let Some(list) = proxy.upstreams.as_ref().filter(|l| !l.is_empty()) {
+        return list
+            .iter()
+            .map(|e| match e {
+                crate::config::UpstreamEntry::Url(u) => u.clone(),
+                crate::config::UpstreamEntry::Table(t) => t.url.clone(),
+            })
+            .collect();
+    }
+    vec![
+        proxy
+            .upstream
+            .clone()
+            .unwrap_or_else(|| format!("http://127.0.0.1:{}", server.port)),
+    ]
 }
 
 /// The key file (in the container) of the proxy provision installs from this `[proxy]`.
@@ -145,6 +158,19 @@ impl ProvisionConfig {
             self.proxy.check(),
         ]
         .concat();
+        // The provisioned proxy takes its replicas as --upstream flags: a weight or model per replica has no flag.
+        for (i, e) in self.proxy.upstreams.iter().flatten().enumerate() {
+            if let crate::config::UpstreamEntry::Table(t) = e
+                && (t.weight.is_some() || t.model.is_some())
+            {
+                errors.push(FieldError {
+                    field: format!("[proxy].upstreams[{i}]"),
+                    problem: "sets weight or model, which the provisioned proxy cannot take yet; give the URL \
+                              alone (\"http://...\")"
+                        .into(),
+                });
+            }
+        }
         // A bad `listen` is reported by the proxy's own check; this one is about the provisioned default too.
         if self
             .proxy_listen()

@@ -99,9 +99,11 @@ pub fn proxy_argv(cfg: &ProvisionConfig) -> Vec<String> {
         "serve-proxy".into(),
         "--listen".into(),
         cfg.proxy_listen().to_string(),
-        "--upstream".into(),
-        super::config::provisioned_upstream(p, &cfg.server),
     ];
+    for url in super::config::provisioned_upstreams(p, &cfg.server) {
+        argv.push("--upstream".into());
+        argv.push(url);
+    }
     if cfg.proxy_key_file().is_some() {
         argv.push("--api-key-file".into());
         // Expanded by systemd at start: the private copy LoadCredential= made of the key file.
@@ -134,6 +136,10 @@ pub fn proxy_argv(cfg: &ProvisionConfig) -> Vec<String> {
     push(
         "--shutdown-grace",
         p.shutdown_grace_secs.map(|n| n.to_string()),
+    );
+    push(
+        "--queue-timeout",
+        p.queue_timeout_secs.map(|n| n.to_string()),
     );
     for (prefix, model) in &p.models {
         argv.push("--model-map".into());

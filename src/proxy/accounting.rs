@@ -7,6 +7,7 @@ use axum::response::Response;
 
 use super::error::{Dialect, ProxyError};
 use super::metrics::RequestRecord;
+use super::router::Lease;
 use super::server::Shared;
 use super::stream::Usage;
 
@@ -31,6 +32,10 @@ pub struct Tracker {
     pub stop_reason: Option<String>,
     pub streamed: bool,
     pub completed: bool,
+    /// The replica serving the answer: counted in flight there until this request ends.
+    pub lease: Option<Lease>,
+    /// The replica the request went to last (its log field), also when every one failed it.
+    pub replica: Option<String>,
 }
 
 impl Tracker {
@@ -56,6 +61,8 @@ impl Tracker {
             stop_reason: None,
             streamed: false,
             completed: false,
+            lease: None,
+            replica: None,
         }
     }
 
@@ -90,6 +97,9 @@ impl Drop for Tracker {
             duration,
             upstream_wait: self.upstream_wait,
         });
+        if let Some(lease) = self.lease.take() {
+            lease.finish(&self.usage, self.error_type.is_some());
+        }
         let outcome = match (self.completed, self.error_type) {
             (false, _) => "client_disconnected",
             (true, Some(_)) => "error",
@@ -103,6 +113,7 @@ impl Drop for Tracker {
             outcome,
             client_model: std::mem::take(&mut self.client_model),
             upstream_model: std::mem::take(&mut self.upstream_model),
+            replica: self.replica.take(),
             streamed: self.streamed,
             usage: self.usage,
             ttft: self.ttft,
@@ -131,6 +142,7 @@ struct RequestLine {
     outcome: &'static str,
     client_model: String,
     upstream_model: String,
+    replica: Option<String>,
     streamed: bool,
     usage: Usage,
     ttft: Option<Duration>,
@@ -152,6 +164,7 @@ impl Drop for RequestLine {
             outcome = self.outcome,
             model = %self.client_model,
             upstream_model = %self.upstream_model,
+            replica = self.replica.as_deref(),
             stream = self.streamed,
             input_tokens = self.usage.input_tokens,
             output_tokens = self.usage.output_tokens,

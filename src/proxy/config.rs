@@ -17,18 +17,36 @@ pub const DEFAULT_CONNECT_TIMEOUT_SECS: f64 = 5.0;
 /// CPU prefill of Claude Code's ~20k-token first prompt takes minutes: the first byte may be slow.
 pub const DEFAULT_FIRST_BYTE_TIMEOUT_SECS: f64 = 600.0;
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: f64 = 10.0;
+/// Long enough to ride out a burst, short enough that the client's own retry (Claude Code, Codex) takes over.
+pub const DEFAULT_QUEUE_TIMEOUT_SECS: f64 = 60.0;
 
 pub const ENV_API_KEY: &str = "LLMCTL_PROXY_API_KEY";
 pub const ENV_UPSTREAM_API_KEY: &str = "LLMCTL_UPSTREAM_API_KEY";
 
 /// `[proxy]` of llmctl.toml: its one schema, shared with `provision` (see the rule on [`ProxySection`]).
 pub use crate::config::ProxySection;
+/// The name serve-proxy's code reads `[proxy]` by.
+pub type ProxyConfig = ProxySection;
+
+pub use crate::config::{UpstreamEntry, UpstreamTable};
+
+/// One replica the proxy routes to, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaSpec {
+    /// Base URL without a trailing slash or `/v1`.
+    pub url: String,
+    /// Relative share of the load (1 unless set): the least-loaded choice compares in-flight / weight.
+    pub weight: u32,
+    /// The model this replica serves, when it differs from `model` (else discovered, as for one upstream).
+    pub model: Option<String>,
+}
 
 /// The flag values that matter for resolution (a copy of `ServeProxyArgs` without clap).
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
     pub listen: Option<String>,
-    pub upstream: Option<String>,
+    /// `--upstream URL`, repeatable: any given replaces the file's `upstream`/`upstreams`.
+    pub upstreams: Vec<String>,
     pub api_key: Option<String>,
     pub api_key_file: Option<PathBuf>,
     pub upstream_api_key: Option<String>,
@@ -39,6 +57,7 @@ pub struct Overrides {
     pub connect_timeout_secs: Option<f64>,
     pub first_byte_timeout_secs: Option<f64>,
     pub shutdown_grace_secs: Option<f64>,
+    pub queue_timeout_secs: Option<f64>,
     /// `--model-map PREFIX=MODEL`: merged over `[proxy.models]` (a flag wins for the same prefix).
     pub models: BTreeMap<String, String>,
 }
@@ -67,8 +86,10 @@ impl std::fmt::Debug for Secret {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub listen: SocketAddr,
-    /// Base URL without a trailing slash, e.g. `http://127.0.0.1:11434`.
+    /// Base URL without a trailing slash, e.g. `http://127.0.0.1:11434`: the first replica's.
     pub upstream: String,
+    /// Every replica, in the order given (one for the single-upstream setup).
+    pub upstreams: Vec<ReplicaSpec>,
     pub api_key: Option<Secret>,
     pub upstream_api_key: Option<Secret>,
     pub model: Option<String>,
@@ -78,6 +99,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// With several replicas: how long a request waits for a free slot when every one is busy.
+    pub queue_timeout: Duration,
 }
 
 /// Client model name → upstream model by longest matching prefix.
@@ -124,17 +147,12 @@ pub fn resolve(
     let listen: SocketAddr = listen_text.parse().with_context(|| {
         format!("invalid listen address {listen_text:?}: expected IP:PORT, e.g. 127.0.0.1:4000")
     })?;
-    let upstream = normalize_upstream(
-        flags
-            .upstream
-            .as_deref()
-            .or(file.upstream.as_deref())
-            .unwrap_or(DEFAULT_UPSTREAM),
-    )?;
     let origin = file
         .origin
         .as_deref()
         .unwrap_or(crate::config::DEFAULT_PATH);
+    let upstreams = replicas(&flags.upstreams, file, origin)?;
+    let upstream = upstreams[0].url.clone();
     let api_key = secret(
         flags.api_key.as_deref(),
         flags.api_key_file.as_deref(),
@@ -173,6 +191,7 @@ pub fn resolve(
     Ok(Settings {
         listen,
         upstream,
+        upstreams,
         api_key,
         upstream_api_key,
         model,
@@ -204,6 +223,11 @@ pub fn resolve(
             flags.shutdown_grace_secs.or(file.shutdown_grace_secs),
             DEFAULT_SHUTDOWN_GRACE_SECS,
         )?,
+        queue_timeout: seconds(
+            "queue_timeout_secs",
+            flags.queue_timeout_secs.or(file.queue_timeout_secs),
+            DEFAULT_QUEUE_TIMEOUT_SECS,
+        )?,
     })
 }
 
@@ -213,6 +237,80 @@ fn seconds(name: &str, value: Option<f64>, default: f64) -> Result<Duration> {
         bail!("{name} must be a number of seconds between 0 and 86400, got {v}");
     }
     Ok(Duration::from_secs_f64(v))
+}
+
+/// The replicas: the `--upstream` flags when any were given, else the file's `upstream` or `upstreams` (not
+/// both: which one was meant would be a guess), else the default URL.
+fn replicas(flags: &[String], file: &ProxyConfig, origin: &str) -> Result<Vec<ReplicaSpec>> {
+    let plain = |url: &str| -> Result<ReplicaSpec> {
+        Ok(ReplicaSpec {
+            url: normalize_upstream(url)?,
+            weight: 1,
+            model: None,
+        })
+    };
+    let mut out = if !flags.is_empty() {
+        flags.iter().map(|u| plain(u)).collect::<Result<Vec<_>>>()?
+    } else {
+        match (&file.upstream, &file.upstreams) {
+            (Some(_), Some(_)) => bail!(
+                "[proxy] in {origin} sets both upstream and upstreams: keep one (upstreams = [\"http://a:8080\", \"http://b:8080\"] lists every replica)"
+            ),
+            (Some(u), None) => vec![plain(u)?],
+            (None, Some(list)) if list.is_empty() => bail!(
+                "[proxy] upstreams in {origin} is empty: list at least one URL, or remove the key for the default {DEFAULT_UPSTREAM}"
+            ),
+            (None, Some(list)) => list
+                .iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    entry(e).with_context(|| format!("[proxy] upstreams[{i}] in {origin}"))
+                })
+                .collect::<Result<Vec<_>>>()?,
+            (None, None) => vec![plain(DEFAULT_UPSTREAM)?],
+        }
+    };
+    if out.len() > super::router::MAX_REPLICAS {
+        bail!(
+            "{} upstreams given; serve-proxy routes across at most {}",
+            out.len(),
+            super::router::MAX_REPLICAS
+        );
+    }
+    // The same server twice would split its own sessions between two names of itself.
+    for i in 1..out.len() {
+        if out[..i].iter().any(|r| r.url == out[i].url) {
+            bail!(
+                "upstream {} is listed twice; list each replica once",
+                out[i].url
+            );
+        }
+    }
+    for r in &mut out {
+        r.model = r.model.take().filter(|m| !m.trim().is_empty());
+    }
+    Ok(out)
+}
+
+fn entry(e: &UpstreamEntry) -> Result<ReplicaSpec> {
+    match e {
+        UpstreamEntry::Url(u) => Ok(ReplicaSpec {
+            url: normalize_upstream(u)?,
+            weight: 1,
+            model: None,
+        }),
+        UpstreamEntry::Table(t) => {
+            let weight = t.weight.unwrap_or(1);
+            if weight == 0 || weight > 1000 {
+                bail!("weight must be between 1 and 1000, got {weight}");
+            }
+            Ok(ReplicaSpec {
+                url: normalize_upstream(&t.url)?,
+                weight,
+                model: t.model.clone(),
+            })
+        }
+    }
 }
 
 pub(crate) fn normalize_upstream(url: &str) -> Result<String> {
@@ -475,7 +573,7 @@ mod tests {
         );
         assert!(
             bad(Overrides {
-                upstream: Some("127.0.0.1:8080".into()),
+                upstreams: vec!["127.0.0.1:8080".into()],
                 ..Default::default()
             })
             .contains("expected http://HOST:PORT")
@@ -549,5 +647,74 @@ mod tests {
         );
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(read_secret_file(&p).unwrap(), "secret");
+    }
+
+    #[test]
+    fn upstreams_from_flags_file_list_or_tables() {
+        let flags = Overrides {
+            upstreams: vec!["http://a:1/v1".into(), "http://b:2/".into()],
+            ..Default::default()
+        };
+        let s = resolve(&flags, &ProxyConfig::default(), &no_env, &no_files).unwrap();
+        let urls: Vec<&str> = s.upstreams.iter().map(|r| r.url.as_str()).collect();
+        assert_eq!(urls, ["http://a:1", "http://b:2"]);
+        assert_eq!(s.upstream, "http://a:1");
+
+        let file = file_from_toml(
+            r#"
+            [proxy]
+            upstreams = ["http://a:1", { url = "http://b:2", weight = 2, model = "big" }]
+            "#,
+        );
+        let s = resolve(&Overrides::default(), &file, &no_env, &no_files).unwrap();
+        assert_eq!(
+            s.upstreams,
+            vec![
+                ReplicaSpec {
+                    url: "http://a:1".into(),
+                    weight: 1,
+                    model: None
+                },
+                ReplicaSpec {
+                    url: "http://b:2".into(),
+                    weight: 2,
+                    model: Some("big".into())
+                },
+            ]
+        );
+        // Flags replace the file's list.
+        let s = resolve(&flags, &file, &no_env, &no_files).unwrap();
+        assert_eq!(s.upstreams.len(), 2);
+        assert_eq!(s.upstreams[1].weight, 1);
+
+        // One upstream, the old way: one replica.
+        let file = file_from_toml("[proxy]\nupstream = \"http://c:3\"\n");
+        let s = resolve(&Overrides::default(), &file, &no_env, &no_files).unwrap();
+        assert_eq!(s.upstreams.len(), 1);
+        assert_eq!(s.upstreams[0].url, "http://c:3");
+    }
+
+    #[test]
+    fn bad_upstream_lists_are_clear_errors() {
+        let err = |toml: &str| {
+            let file = file_from_toml(toml);
+            format!(
+                "{:#}",
+                resolve(&Overrides::default(), &file, &no_env, &no_files).unwrap_err()
+            )
+        };
+        let e = err("[proxy]\nupstream = \"http://a:1\"\nupstreams = [\"http://b:2\"]\n");
+        assert!(e.contains("both upstream and upstreams"), "{e}");
+        let e = err("[proxy]\nupstreams = []\n");
+        assert!(e.contains("is empty"), "{e}");
+        let e = err("[proxy]\nupstreams = [\"http://a:1\", { url = \"b:2\" }]\n");
+        assert!(
+            e.contains("upstreams[1]") && e.contains("expected http://HOST:PORT"),
+            "{e}"
+        );
+        let e = err("[proxy]\nupstreams = [{ url = \"http://a:1\", weight = 0 }]\n");
+        assert!(e.contains("weight must be between 1 and 1000"), "{e}");
+        let e = err("[proxy]\nupstreams = [\"http://a:1\", \"http://a:1/\"]\n");
+        assert!(e.contains("listed twice"), "{e}");
     }
 }

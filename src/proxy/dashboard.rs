@@ -432,7 +432,7 @@ pub async fn sample(st: Shared) {
             // A gap in the watching is a gap in the upstream's series, not one long interval.
             prev_upstream = None;
         } else if Instant::now() >= next_upstream_read {
-            match read_upstream(&st.upstream).await {
+            match read_upstream(st.upstream()).await {
                 Ok(read) => {
                     upstream = prev_upstream
                         .and_then(|(p, _)| UpstreamPoint::between(&p, &read.0, read.1));
@@ -540,9 +540,11 @@ pub async fn data(
         "proxy": {
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_secs": st.started.elapsed().as_secs(),
-            "upstream": st.upstream.base(),
+            "upstream": st.upstream().base(),
         },
         "upstream_metrics": {"status": status, "detail": detail},
+        // Per replica: up, slots, in flight, requests, errors, prompt and cached tokens, routing decisions.
+        "replicas": st.router.to_json(),
         "totals": {
             "requests": t.requests,
             "errors": t.errors,

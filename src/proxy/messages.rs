@@ -13,6 +13,7 @@ use super::accounting::Tracker;
 use super::accumulate::MessageAccumulator;
 use super::error::{ErrorType, ProxyError};
 use super::pump::{self, AnthropicSse};
+use super::router;
 use super::server::{Shared, options_for, read_body};
 use super::stream::StreamTranslator;
 use super::translate::{TranslateOptions, count_object, parse_body, translate_object};
@@ -51,9 +52,9 @@ async fn count(
     let opts = options_for(st, &t.client_model, |o| count_object(&req, o).map(drop)).await?;
     t.upstream_model = opts.upstream_model.clone();
     let chat = count_object(&req, &opts).map_err(|e| ProxyError::invalid_request(e.message))?;
-    let base = st.upstream.base();
+    let base = st.upstream().base();
     let waited = Instant::now();
-    let result = exact_count(&st.upstream, &chat).await;
+    let result = exact_count(st.upstream(), &chat).await;
     t.upstream_wait += waited.elapsed();
     match result {
         Ok(n) => Ok(n),
@@ -128,6 +129,7 @@ pub(crate) async fn messages(State(st): State<Shared>, headers: HeaderMap, body:
         Ok(tr) => tr,
         Err(e) => return t.error(ProxyError::invalid_request(e.message)),
     };
+    let session = router::session_of(&headers, &req);
     drop(req);
     t.streamed = translated.client_stream;
     let body = match serde_json::to_vec(&translated.chat) {
@@ -139,7 +141,15 @@ pub(crate) async fn messages(State(st): State<Shared>, headers: HeaderMap, body:
             ));
         }
     };
-    let pump = match pump::open(&st, &mut t, body, StreamTranslator::new(translated.ctx)).await {
+    let pump = match pump::open(
+        &st,
+        &mut t,
+        body,
+        StreamTranslator::new(translated.ctx),
+        session,
+    )
+    .await
+    {
         Ok(p) => p,
         Err(e) => return t.error(e),
     };

@@ -18,6 +18,7 @@ pub mod messages;
 pub mod metrics;
 pub mod pump;
 pub mod responses;
+pub mod router;
 pub mod server;
 pub mod sse;
 pub mod upstream;
@@ -47,9 +48,11 @@ pub struct ServeProxyArgs {
     /// Address to listen on [default: 127.0.0.1:4000]
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
-    /// Base URL of the OpenAI-compatible server [default: http://127.0.0.1:11434]
+    /// Base URL of the OpenAI-compatible server [default: http://127.0.0.1:11434]. Repeat it for
+    /// several replicas of one model (or list them in [proxy] upstreams, each a URL or
+    /// { url, weight, model }): requests are routed by session, cached prefix and load
     #[arg(long, value_name = "URL")]
-    pub upstream: Option<String>,
+    pub upstream: Vec<String>,
     /// Key every client must send (x-api-key or Authorization: Bearer). Visible in `ps`: prefer
     /// --api-key-file or the LLMCTL_PROXY_API_KEY environment variable.
     #[arg(long, value_name = "KEY")]
@@ -85,6 +88,10 @@ pub struct ServeProxyArgs {
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT [default: 10]
     #[arg(long, value_name = "SECS")]
     pub shutdown_grace: Option<f64>,
+    /// With several upstreams: seconds a request waits for a free slot when every replica is busy, before
+    /// it is refused (529 overloaded, 429 on /v1/responses); [proxy] queue_timeout_secs [default: 60]
+    #[arg(long, value_name = "SECS")]
+    pub queue_timeout: Option<f64>,
 }
 
 fn parse_model_map(s: &str) -> Result<(String, String), String> {
@@ -102,7 +109,7 @@ impl ServeProxyArgs {
     fn overrides(&self) -> Overrides {
         Overrides {
             listen: self.listen.clone(),
-            upstream: self.upstream.clone(),
+            upstreams: self.upstream.clone(),
             api_key: self.api_key.clone(),
             api_key_file: self.api_key_file.clone(),
             upstream_api_key: self.upstream_api_key.clone(),
@@ -113,6 +120,7 @@ impl ServeProxyArgs {
             connect_timeout_secs: self.connect_timeout,
             first_byte_timeout_secs: self.first_byte_timeout,
             shutdown_grace_secs: self.shutdown_grace,
+            queue_timeout_secs: self.queue_timeout,
             models: self.model_map.iter().cloned().collect(),
         }
     }
@@ -173,35 +181,60 @@ fn serving_threads() -> usize {
 async fn serve(settings: Settings, threads: usize) -> Result<()> {
     // Before listening: a SIGTERM that arrives as soon as the port is open must already mean "shut down".
     let stop_signal = shutdown_signal()?;
-    let upstream = upstream::Upstream::new(
-        &settings.upstream,
-        settings.upstream_api_key.as_ref().map(|k| k.value.as_str()),
-        settings.model.as_deref(),
-        settings.connect_timeout,
-        settings.first_byte_timeout,
-        threads,
-    )?;
+    let replicas = settings
+        .upstreams
+        .iter()
+        .map(|spec| {
+            let upstream = upstream::Upstream::new(
+                &spec.url,
+                settings.upstream_api_key.as_ref().map(|k| k.value.as_str()),
+                spec.model.as_deref().or(settings.model.as_deref()),
+                settings.connect_timeout,
+                settings.first_byte_timeout,
+                threads,
+            )?;
+            Ok(router::Replica::new(spec.clone(), upstream))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let router = Arc::new(router::Router::new(replicas));
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let grace = settings.shutdown_grace;
-    let state = Arc::new(server::AppState::new(settings, upstream));
+    let state = Arc::new(server::AppState::new(settings, router.clone()));
     // The bound address, not the configured one: `--listen 127.0.0.1:0` says which port it got.
     let bound = listener.local_addr()?;
     tracing::info!(
         listen = %bound,
         upstream = %state.settings.upstream,
+        replicas = state.settings.upstreams.len(),
         auth = state.settings.api_key.is_some(),
         "serve-proxy listening"
     );
     // Learn the upstream's model now, so the first request does not pay for it; an upstream that is not
     // up yet is retried on the first request instead.
-    match state.upstream.served().await {
-        Ok(s) => tracing::info!(model = %s.model, llama_cpp = s.llama_cpp, "upstream model"),
-        Err(e) => tracing::warn!(
-            "{}; will retry on the first request",
-            e.to_proxy_error(state.upstream.base()).message
-        ),
+    // All replicas at once: one that does not answer must not hold up the others' discovery.
+    let discoveries = router.replicas().iter().map(|r| async move {
+        match r.upstream.served().await {
+            Ok(s) => {
+                tracing::info!(replica = %r.spec.url, model = %s.model, llama_cpp = s.llama_cpp, "upstream model")
+            }
+            Err(e) => tracing::warn!(
+                replica = %r.spec.url,
+                "{}; will retry on the first request",
+                e.to_proxy_error(&r.spec.url).message
+            ),
+        }
+    });
+    futures_util::future::join_all(discoveries).await;
+    // Health probes only matter with a choice to make: one upstream gets every request either way, and its
+    // errors reach the client as before.
+    if router.replicas().len() > 1 {
+        router.probe().await;
+        tokio::spawn(router::probe_forever(
+            router.clone(),
+            router::PROBE_INTERVAL,
+        ));
     }
     // On this (accepting) thread, not a serving one: the once-a-second sample never delays a request.
     tokio::spawn(dashboard::sample(state.clone()));

@@ -15,12 +15,14 @@ use serde_json::Value;
 
 use super::accounting::Tracker;
 use super::accumulate::MessageAccumulator;
-use super::error::{ErrorType, ProxyError, from_upstream_stream_error};
+use super::error::{Dialect, ErrorType, ProxyError, from_upstream_stream_error};
 use super::openai::ChatChunk;
 use super::responses::ResponsesEncoder;
+use super::router::{self, Acquired, RouteKey};
 use super::server::Shared;
 use super::sse::SseParser;
 use super::stream::{Event, StreamTranslator};
+use super::upstream::Upstream;
 
 /// A front door's streaming encoder: the pipeline's events → that protocol's SSE bytes.
 pub trait SseEncoder: Send + 'static {
@@ -82,45 +84,127 @@ impl JsonEncoder for ResponsesEncoder {
     }
 }
 
-/// Sends the chat request (already serialized) upstream and opens a pump on its answer. Errors are what the
-/// client should see: the upstream unreachable, its non-2xx answer mapped, or a body that is not a stream.
+/// Sends the chat request (already serialized) to a replica the router picks and opens a pump on its answer.
+/// A replica that fails before answering (unreachable, 5xx, no headers in time) is marked down and the
+/// request goes to the next one: nothing reached the client yet. Errors are what the client should see: the
+/// last replica's failure, its non-2xx answer mapped, a body that is not a stream, or every slot busy.
 pub(crate) async fn open(
     st: &Shared,
     t: &mut Tracker,
     body: Vec<u8>,
     translator: StreamTranslator,
+    session: Option<u64>,
 ) -> Result<Pump, ProxyError> {
-    let waited = Instant::now();
-    let started = st.upstream.start_chat(body).await;
-    t.upstream_wait += waited.elapsed();
-    let resp = started.map_err(|e| e.to_proxy_error(st.upstream.base()))?;
-    let mut whole_json = false;
-    if let Some(ct) = resp.headers().get(header::CONTENT_TYPE)
-        && !ct.as_bytes().windows(12).any(|w| w == b"event-stream")
-    {
-        // Some OpenAI-compatible servers ignore "stream" and answer one chat.completion: read it as one chunk.
-        whole_json = ct.as_bytes().windows(4).any(|w| w == b"json");
-        if !whole_json {
-            let ct = String::from_utf8_lossy(ct.as_bytes()).into_owned();
-            return Err(ProxyError::new(
-                ErrorType::Api,
-                format!(
-                    "upstream {} answered {ct} instead of an event stream; it must support \"stream\": true",
-                    st.upstream.base()
-                ),
-            ));
+    // One upstream has no choice to make: its requests skip the hashing (a few µs on a large prompt).
+    let several = st.router.replicas().len() > 1;
+    let key = RouteKey {
+        session: session.filter(|_| several),
+        chain: if several {
+            router::prompt_chain(&body)
+        } else {
+            Vec::new()
+        },
+    };
+    let body = Bytes::from(body);
+    // A model named per replica in the config replaces the one the request was translated for, unless the
+    // client's model was mapped explicitly (`[proxy.models]`).
+    let mapped = st.settings.model_map.resolve(&t.client_model).is_some();
+    let mut tried = 0u64;
+    let mut last: Option<ProxyError> = None;
+    loop {
+        let waited = Instant::now();
+        let acquired = st
+            .router
+            .acquire(&key, tried, st.settings.queue_timeout)
+            .await;
+        t.upstream_wait += waited.elapsed();
+        let lease = match acquired {
+            Acquired::Lease(l) => l,
+            Acquired::Exhausted => {
+                return Err(last.unwrap_or_else(|| {
+                    ProxyError::new(ErrorType::Overloaded, "no upstream replica is configured")
+                }));
+            }
+            Acquired::Busy(msg) => return Err(every_slot_busy(t.dialect, msg)),
+        };
+        let replica = lease.replica();
+        let base = replica.upstream.base().to_string();
+        t.replica = Some(base.clone());
+        let send = match replica.spec.model.as_deref() {
+            Some(m) if !mapped && m != t.upstream_model => match router::with_model(&body, m) {
+                Some(b) => {
+                    t.upstream_model = m.to_string();
+                    Bytes::from(b)
+                }
+                None => body.clone(),
+            },
+            _ => body.clone(),
+        };
+        let waited = Instant::now();
+        let started = replica.upstream.start_chat(send).await;
+        t.upstream_wait += waited.elapsed();
+        let resp = match started {
+            Ok(resp) => {
+                st.router.answered(lease.replica);
+                resp
+            }
+            Err(e) if Upstream::is_replica_failure(&e) => {
+                let err = e.to_proxy_error(&base);
+                st.router.failed(lease.replica, &err.message);
+                tracing::debug!(replica = %base, "failing over: {}", err.message);
+                tried |= 1u64 << lease.replica;
+                last = Some(err);
+                continue;
+            }
+            Err(e) => return Err(e.to_proxy_error(&base)),
+        };
+        let whole_json = answers_whole_json(resp.headers().get(header::CONTENT_TYPE), &base)?;
+        t.lease = Some(lease);
+        let mut pump = Pump::new(
+            &base,
+            st.settings.first_byte_timeout,
+            resp.into_body(),
+            translator,
+        );
+        if whole_json {
+            pump.expect_whole_json();
         }
+        return Ok(pump);
     }
-    let mut pump = Pump::new(
-        st.upstream.base(),
-        st.settings.first_byte_timeout,
-        resp.into_body(),
-        translator,
-    );
-    if whole_json {
-        pump.expect_whole_json();
+}
+
+/// Every slot of every replica stayed busy: refused before the first byte, in the form each client retries by
+/// itself (Claude Code a 529 overloaded_error, Codex a 429).
+fn every_slot_busy(dialect: Dialect, msg: String) -> ProxyError {
+    let kind = match dialect {
+        Dialect::OpenAi => ErrorType::RateLimit,
+        Dialect::Anthropic => ErrorType::Overloaded,
+    };
+    ProxyError::new(kind, msg)
+}
+
+/// Whether the upstream answered one JSON body instead of an event stream (some OpenAI-compatible servers
+/// ignore `"stream"` and answer one chat.completion, read as one chunk); an error for anything else.
+fn answers_whole_json(
+    content_type: Option<&axum::http::HeaderValue>,
+    base: &str,
+) -> Result<bool, ProxyError> {
+    let Some(ct) = content_type else {
+        return Ok(false);
+    };
+    if ct.as_bytes().windows(12).any(|w| w == b"event-stream") {
+        return Ok(false);
     }
-    Ok(pump)
+    if ct.as_bytes().windows(4).any(|w| w == b"json") {
+        return Ok(true);
+    }
+    let ct = String::from_utf8_lossy(ct.as_bytes());
+    Err(ProxyError::new(
+        ErrorType::Api,
+        format!(
+            "upstream {base} answered {ct} instead of an event stream; it must support \"stream\": true"
+        ),
+    ))
 }
 
 /// Drives the upstream's event stream through the translator. Every await in `next` is on the upstream's

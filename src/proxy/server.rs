@@ -23,12 +23,14 @@ use super::error::{Dialect, ErrorType, ProxyError};
 use super::messages::{count_tokens, messages};
 use super::metrics::Metrics;
 use super::responses::responses;
+use super::router::Router as ReplicaRouter;
 use super::translate::{RequestError, TranslateOptions};
 use super::upstream::{Upstream, UpstreamError};
 
 pub struct AppState {
     pub settings: Settings,
-    pub upstream: Upstream,
+    /// The replicas and the routing state; one replica for the single-upstream setup.
+    pub router: Arc<ReplicaRouter>,
     pub metrics: Metrics,
     /// The dashboard's ring of points, filled by `dashboard::sample`.
     pub dashboard: Dashboard,
@@ -40,20 +42,25 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(settings: Settings, upstream: Upstream) -> Self {
+    pub fn new(settings: Settings, router: Arc<ReplicaRouter>) -> Self {
         let key_digest = settings
             .api_key
             .as_ref()
             .map(|k| digest(k.value.as_bytes()));
         AppState {
             settings,
-            upstream,
+            router,
             metrics: Metrics::default(),
             dashboard: Dashboard::default(),
             started: Instant::now(),
             key_digest,
             cut: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// The upstream for calls any replica can answer (models, token counts, the dashboard's figures).
+    pub fn upstream(&self) -> &Upstream {
+        self.router.primary()
     }
 
     /// Ends every answer still running (shutdown's grace period is over).
@@ -193,19 +200,26 @@ async fn not_found(
 }
 
 async fn health(State(st): State<Shared>) -> Response {
-    let upstream = match st.upstream.health().await {
-        Ok(()) => json!({"url": st.upstream.base(), "status": "ok"}),
+    let upstream = match st.upstream().health().await {
+        Ok(()) => json!({"url": st.upstream().base(), "status": "ok"}),
         Err(e) => {
             let state = match e {
                 UpstreamError::Unreachable(_) => "unreachable",
                 UpstreamError::Status(503, _) => "loading",
                 _ => "error",
             };
-            json!({"url": st.upstream.base(), "status": state,
-                   "error": e.to_proxy_error(st.upstream.base()).message})
+            json!({"url": st.upstream().base(), "status": state,
+                   "error": e.to_proxy_error(st.upstream().base()).message})
         }
     };
     let ok = upstream["status"] == "ok";
+    // Each replica's state as the router sees it (probed once a second with several).
+    let replicas: Vec<Value> = st
+        .router
+        .replicas()
+        .iter()
+        .map(|r| json!({"url": r.spec.url, "up": r.is_up(), "in_flight": r.in_flight(), "slots": r.slots()}))
+        .collect();
     // Always 200 while the proxy itself serves: "is the proxy up" and "is the model up" are separate
     // questions, and the body answers the second.
     axum::Json(json!({
@@ -216,12 +230,15 @@ async fn health(State(st): State<Shared>) -> Response {
             "in_flight": st.metrics.in_flight(),
         },
         "upstream": upstream,
+        "replicas": replicas,
     }))
     .into_response()
 }
 
 async fn metrics(State(st): State<Shared>) -> Response {
-    let mut res = st.metrics.render().into_response();
+    let mut text = st.metrics.render();
+    st.router.render(&mut text);
+    let mut res = text.into_response();
     res.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -281,9 +298,9 @@ async fn model_by_id(
 
 /// The upstream's models in Anthropic's shape, then the client names of the model map.
 async fn model_list(st: &Shared) -> Result<Vec<Value>, ProxyError> {
-    let base = st.upstream.base();
+    let base = st.upstream().base();
     let (models, _) = st
-        .upstream
+        .upstream()
         .list_models()
         .await
         .map_err(|e| e.to_proxy_error(base))?;
@@ -403,7 +420,7 @@ pub(crate) async fn options_for(
     client_model: &str,
     check: impl FnOnce(&TranslateOptions) -> Result<(), RequestError>,
 ) -> Result<TranslateOptions, ProxyError> {
-    let served = match st.upstream.served().await {
+    let served = match st.upstream().served().await {
         Ok(s) => s,
         Err(e) => {
             let probe = TranslateOptions {
@@ -413,7 +430,7 @@ pub(crate) async fn options_for(
             if let Err(bad) = check(&probe) {
                 return Err(ProxyError::invalid_request(bad.message));
             }
-            return Err(e.to_proxy_error(st.upstream.base()));
+            return Err(e.to_proxy_error(st.upstream().base()));
         }
     };
     let upstream_model = match st.settings.model_map.resolve(client_model) {

@@ -208,8 +208,11 @@ impl Upstream {
 
     /// Starts a streaming chat completion. Returns once the upstream sent its response headers with a 2xx
     /// status; the body is the event stream.
-    pub async fn start_chat(&self, body: Vec<u8>) -> Result<Response<Incoming>, UpstreamError> {
-        let body = Bytes::from(body);
+    pub async fn start_chat(
+        &self,
+        body: impl Into<Bytes>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let body: Bytes = body.into();
         let chat = &self.clients().chat;
         let send = async {
             let mut tries = 1;
@@ -319,6 +322,26 @@ impl Upstream {
             Ok(_) => Ok(()),
             Err(UpstreamError::Status(404, _)) => self.list_models().await.map(|_| ()),
             Err(e) => Err(e),
+        }
+    }
+
+    /// llama-server's `GET /slots`: how many requests it serves at once (an error where it is off or absent).
+    pub async fn slots(&self) -> Result<u32, UpstreamError> {
+        let v = self.get_json("/slots").await?;
+        v.as_array()
+            .and_then(|a| u32::try_from(a.len()).ok())
+            .filter(|&n| n > 0)
+            .ok_or_else(|| UpstreamError::Broken("GET /slots is not a list of slots".into()))
+    }
+
+    /// Whether a failure before the answer started is the replica's (down, overloaded, broken), so another
+    /// replica may serve the request; a 4xx is the request's own and would fail anywhere.
+    pub fn is_replica_failure(e: &UpstreamError) -> bool {
+        match e {
+            UpstreamError::Unreachable(_)
+            | UpstreamError::Timeout(_)
+            | UpstreamError::Broken(_) => true,
+            UpstreamError::Status(status, _) => *status >= 500,
         }
     }
 

@@ -176,7 +176,20 @@
       unavailable: "The upstream's figures are not available (" + upstream.detail +
         '); showing the proxy\'s own. llama-server gives them when started with --metrics.',
     }[upstream.status] || '';
+    $('replicas').textContent = replicaLine(data.replicas || []);
     for (const c of CHARTS) draw(c);
+  }
+
+  // One line per replica when serve-proxy routes across several: state, slots in use, requests, its cache
+  // reuse and why requests went there (docs/proxy.md, "Routing across replicas").
+  function replicaLine(replicas) {
+    if (replicas.length < 2) return '';
+    return 'replicas: ' + replicas.map((r) => {
+      const reuse = r.prompt_tokens ? fmt(100 * r.cached_prompt_tokens / r.prompt_tokens) + ' % cached' : 'no prompts yet';
+      const why = Object.entries(r.decisions).map(([k, n]) => k + ' ' + n).join(', ');
+      return r.url + (r.up ? '' : ' (down)') + ' · ' + r.in_flight + '/' + r.slots + ' slots busy · ' +
+        fmt(r.requests) + ' requests, ' + fmt(r.errors) + ' errors · ' + reuse + ' · ' + why;
+    }).join(' | ');
   }
 
   function niceMax(v) {

@@ -53,6 +53,7 @@ pub(crate) async fn responses(
         Ok(d) => d,
         Err(e) => return t.error(ProxyError::invalid_request(e.message)),
     };
+    let session = super::router::session_of(&headers, &req);
     drop(req);
     t.streamed = decoded.client_stream;
     let body = match serde_json::to_vec(&decoded.chat) {
@@ -65,7 +66,7 @@ pub(crate) async fn responses(
         }
     };
     let translator = StreamTranslator::new(decoded.ctx);
-    let pump = match pump::open(&st, &mut t, body, translator).await {
+    let pump = match pump::open(&st, &mut t, body, translator, session).await {
         Ok(p) => p,
         Err(e) => return t.error(e),
     };
