@@ -31,10 +31,8 @@ pub fn provisioned_listen(proxy: &ProxySection) -> &str {
     proxy.listen.as_deref().unwrap_or(PROVISIONED_LISTEN)
 }
 
-/// The proxy's upstream in the container: `[proxy].upstream` when set (it means the same as for serve-proxy
-/// run by hand), else the container's own llama-server.
-/// Every replica the provisioned proxy routes to: `upstreams`, else `upstream`, else the container's own
-/// llama-server.
+/// Every replica the provisioned proxy routes to: `[proxy].upstreams`, else `upstream` (they mean the same as for
+/// serve-proxy run by hand), else the container's own llama-server.
 pub fn provisioned_upstreams(proxy: &ProxySection, server: &ServerSection) -> Vec<String> {
     if let Some(list) = proxy.upstreams.as_ref().filter(|l| !l.is_empty()) {
         return list
