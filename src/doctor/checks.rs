@@ -583,6 +583,15 @@ pub fn check_reboot_pending(f: &HostFacts) -> Vec<Finding> {
     if let Some(SmiReport::Mismatch { .. }) = &f.smi {
         ev.extend(f.smi_lines.iter().map(|l| format!("nvidia-smi: {l}")));
     }
+    if let Some(installed) = rules::installed_flavour(f)
+        && installed != m.flavour
+    {
+        ev.push(format!(
+            "the {} module is loaded; the installed driver package builds the {} one (it loads at the next boot)",
+            rules::flavour_name(m.flavour),
+            rules::flavour_name(installed)
+        ));
+    }
     if ev.is_empty() {
         return vec![Finding::ok(
             ID,
@@ -594,8 +603,9 @@ pub fn check_reboot_pending(f: &HostFacts) -> Vec<Finding> {
         ID,
         Severity::Fail,
         format!(
-            "the host's NVIDIA libraries were upgraded but the old module {} is still loaded",
-            m.version
+            "the loaded NVIDIA module ({} {}) is not the installed driver: a reboot loads the installed one",
+            m.version,
+            rules::flavour_name(m.flavour)
         ),
         ev,
         Fix::by_hand(

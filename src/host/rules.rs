@@ -198,6 +198,29 @@ pub fn secure_boot_blocks(f: &HostFacts) -> Option<String> {
     }
 }
 
+/// How the two kernel module flavours are called in messages.
+pub fn flavour_name(f: crate::pve::nvidia::ModuleFlavour) -> &'static str {
+    match f {
+        crate::pve::nvidia::ModuleFlavour::Open => "open",
+        crate::pve::nvidia::ModuleFlavour::Proprietary => "proprietary",
+    }
+}
+
+/// The module flavour the installed driver packages build: NVIDIA's `nvidia-kernel-open-dkms` or Debian's
+/// `nvidia-open-kernel-dkms` (open), `nvidia-kernel-dkms` (proprietary).
+pub fn installed_flavour(f: &HostFacts) -> Option<crate::pve::nvidia::ModuleFlavour> {
+    use crate::pve::nvidia::ModuleFlavour;
+    if f.package("nvidia-kernel-open-dkms").is_some()
+        || f.package("nvidia-open-kernel-dkms").is_some()
+    {
+        Some(ModuleFlavour::Open)
+    } else if f.package("nvidia-kernel-dkms").is_some() {
+        Some(ModuleFlavour::Proprietary)
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -153,6 +153,12 @@ impl Step<Ctx> for Devices {
     }
 }
 
+/// `/dev/nvidiaN`: one GPU's node.
+fn is_gpu_node(path: &str) -> bool {
+    path.strip_prefix("/dev/nvidia")
+        .is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// The device nodes a container needs: every `/dev/nvidiaN` the host has, the control node, and uvm.
 pub fn wanted_devices(f: &HostFacts) -> Vec<String> {
     let mut gpus: Vec<String> = f
@@ -201,7 +207,23 @@ pub fn devices_check(
         .map(|(_, m)| *m)
         .collect();
     let (stripped, removed) = strip_legacy_passthrough(text, &other_majors);
-    let have: Vec<String> = cfg.devices().into_iter().map(|(_, d)| d.path).collect();
+    // Issue 16 item 5: a devN for a GPU the host no longer has (removed, or renumbered) makes `pct start` fail
+    // with `Device /dev/nvidiaN does not exist`. Known only while the driver runs (its nodes exist then).
+    let gone: Vec<(u32, String)> = if f.module.is_some() {
+        cfg.devices()
+            .into_iter()
+            .filter(|(_, d)| is_gpu_node(&d.path) && !f.dev_nodes.iter().any(|n| n.path == d.path))
+            .map(|(i, d)| (i, d.path))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let have: Vec<String> = cfg
+        .devices()
+        .into_iter()
+        .map(|(_, d)| d.path)
+        .filter(|p| !gone.iter().any(|(_, g)| g == p))
+        .collect();
     let missing: Vec<String> = wanted_devices(f)
         .into_iter()
         .filter(|p| !have.contains(p))
@@ -214,7 +236,8 @@ pub fn devices_check(
         .map(|i| i.dev_nodes.iter().map(|n| n.path.as_str()).collect())
         .unwrap_or_default();
     let stale = running && have.iter().any(|p| !inside_nodes.contains(&p.as_str()));
-    if missing.is_empty() && removed.is_empty() {
+    let mut actions = Vec::new();
+    if missing.is_empty() && removed.is_empty() && gone.is_empty() {
         if stale {
             return Check::Changes(vec![run_on(
                 Target::Host,
@@ -223,7 +246,6 @@ pub fn devices_check(
         }
         return Check::Done(format!("{} passed in", have.join(", ")));
     }
-    let mut actions = Vec::new();
     if !removed.is_empty() {
         actions.push(Action::WriteFile {
             on: Target::Host,
@@ -232,6 +254,18 @@ pub fn devices_check(
             new: stripped,
             mode: 0o640,
         });
+    }
+    // After the rewrite above (which keeps devN lines), so the deletion is not written back.
+    if !gone.is_empty() {
+        let keys: Vec<String> = gone.iter().map(|(i, _)| format!("dev{i}")).collect();
+        actions.push(Action::Backup {
+            on: Target::Host,
+            path: format!("/etc/pve/lxc/{vmid}.conf"),
+        });
+        actions.push(run_on(
+            Target::Host,
+            &["pct", "set", &vmid.to_string(), "--delete", &keys.join(",")],
+        ));
     }
     if missing.is_empty() {
         if running {
@@ -1277,5 +1311,47 @@ mod plan_tests {
                 );
             }
         }
+    }
+
+    /// Issue 16 item 5: a devN whose GPU is gone is taken out (else `pct start` fails on it), not counted as
+    /// passed in.
+    #[test]
+    fn a_devn_for_a_removed_gpu_is_deleted() {
+        let text = "arch: amd64\ndev0: /dev/nvidia0,gid=44\ndev1: /dev/nvidiactl,gid=44\ndev2: /dev/nvidia-uvm,gid=44\ndev3: /dev/nvidia-uvm-tools,gid=44\ndev4: /dev/nvidia1,gid=44\n";
+        let cfg = LxcConfig::parse(text);
+        let f = HostFacts {
+            module: Some(crate::pve::nvidia::LoadedModule {
+                version: "595.71.05".into(),
+                flavour: crate::pve::nvidia::ModuleFlavour::Open,
+                line: String::new(),
+            }),
+            dev_nodes: [
+                "/dev/nvidia0",
+                "/dev/nvidiactl",
+                "/dev/nvidia-uvm",
+                "/dev/nvidia-uvm-tools",
+            ]
+            .map(node)
+            .to_vec(),
+            ..HostFacts::default()
+        };
+        let Check::Changes(actions) = devices_check(&f, &cfg, text, 103, false) else {
+            panic!("a devN for a missing GPU must be a change");
+        };
+        let lines: Vec<String> = actions.iter().map(argv).collect();
+        assert_eq!(
+            lines.last().unwrap(),
+            "pct set 103 --delete dev4",
+            "{lines:#?}"
+        );
+        // Without the driver running the nodes are unknown: nothing is deleted.
+        let unknown = HostFacts {
+            module: None,
+            ..f.clone()
+        };
+        assert!(matches!(
+            devices_check(&unknown, &cfg, text, 103, false),
+            Check::Done(_)
+        ));
     }
 }

@@ -506,27 +506,47 @@ impl Step<Ctx> for Module {
     }
     fn check(&self, ctx: &mut Ctx) -> Result<Check> {
         let version = ctx.cfg.driver.version.clone();
+        let open = ctx.cfg.driver.flavor == super::config::DriverFlavor::Open;
         let allow = ctx.allow_reboot;
-        Ok(module_check(ctx.facts()?, &version, allow))
+        Ok(module_check(ctx.facts()?, &version, open, allow))
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
         execute(ctx, actions)
     }
 }
 
-pub fn module_check(f: &HostFacts, version: &str, allow_reboot: bool) -> Check {
+pub fn module_check(f: &HostFacts, version: &str, open: bool, allow_reboot: bool) -> Check {
+    use crate::pve::nvidia::ModuleFlavour;
     // Loading would fail: only a person at the console can enroll the key.
     if let Some(why) = rules::secure_boot_blocks(f) {
         return Check::Refused(why);
     }
-    let loaded = f.module.as_ref().map(|m| m.version.clone());
-    if loaded.as_deref() == Some(version) {
-        return Check::Done(format!("NVIDIA module {version} loaded"));
+    let want = if open {
+        ModuleFlavour::Open
+    } else {
+        ModuleFlavour::Proprietary
+    };
+    let loaded = f.module.as_ref();
+    if let Some(m) = loaded
+        && m.version == version
+        && m.flavour == want
+    {
+        return Check::Done(format!(
+            "NVIDIA module {version} ({}) loaded",
+            rules::flavour_name(want)
+        ));
     }
     let nouveau = f.has_module("nouveau");
-    let why = match (&loaded, nouveau) {
-        (Some(old), _) => Some(format!(
-            "the running kernel has NVIDIA module {old} loaded and the installed driver is {version}"
+    let why = match (loaded, nouveau) {
+        // Issue 16 item 7: the packages were swapped, but the old flavour's module still runs until a reboot.
+        (Some(m), _) if m.version == version => Some(format!(
+            "the running kernel has the {} NVIDIA module loaded and the installed driver is the {} one",
+            rules::flavour_name(m.flavour),
+            rules::flavour_name(want)
+        )),
+        (Some(m), _) => Some(format!(
+            "the running kernel has NVIDIA module {} loaded and the installed driver is {version}",
+            m.version
         )),
         (None, true) => {
             Some("nouveau has the GPU; the blacklist takes effect at the next boot".to_string())
@@ -649,5 +669,40 @@ mod tests {
         assert_eq!(suite_of(Some("13")).as_deref(), Some("debian13"));
         assert_eq!(suite_of(Some("\"12\"")).as_deref(), Some("debian12"));
         assert_eq!(suite_of(Some("11")), None);
+    }
+
+    /// Issue 16 item 7: a swap of the packages from the proprietary to the open flavour is done only once the
+    /// open module runs.
+    #[test]
+    fn the_module_step_wants_the_configured_flavour_loaded() {
+        use crate::pve::nvidia::{LoadedModule, ModuleFlavour};
+        let mut f = HostFacts {
+            module: Some(LoadedModule {
+                version: "595.71.05".into(),
+                flavour: ModuleFlavour::Proprietary,
+                line: String::new(),
+            }),
+            ..HostFacts::default()
+        };
+        assert!(matches!(
+            module_check(&f, "595.71.05", false, false),
+            Check::Done(_)
+        ));
+        match module_check(&f, "595.71.05", true, false) {
+            Check::Refused(why) => assert!(
+                why.contains("proprietary NVIDIA module loaded") && why.contains("open one"),
+                "{why}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            module_check(&f, "595.71.05", true, true),
+            Check::Changes(a) if matches!(a[..], [Action::Reboot { .. }])
+        ));
+        f.module.as_mut().unwrap().flavour = ModuleFlavour::Open;
+        assert!(matches!(
+            module_check(&f, "595.71.05", true, false),
+            Check::Done(_)
+        ));
     }
 }
