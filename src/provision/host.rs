@@ -430,7 +430,7 @@ impl Step<Ctx> for Dkms {
         StepId::Dkms
     }
     fn title(&self) -> &'static str {
-        "the NVIDIA module built and installed by DKMS for the running kernel"
+        "the NVIDIA module built and installed by DKMS for every installed kernel"
     }
     fn check(&self, ctx: &mut Ctx) -> Result<Check> {
         let version = ctx.cfg.driver.version.clone();
@@ -440,6 +440,17 @@ impl Step<Ctx> for Dkms {
         let version = ctx.cfg.driver.version.clone();
         for a in actions {
             if let Err(e) = execute_one(ctx, a) {
+                // The kernel this build was for (issue 16 item 6: not the running one, which may work fine).
+                let kernel = match a {
+                    Action::Run { cmd, .. } => cmd
+                        .argv
+                        .iter()
+                        .skip_while(|x| *x != "-k")
+                        .nth(1)
+                        .cloned()
+                        .unwrap_or_default(),
+                    _ => String::new(),
+                };
                 let branch: u32 = version
                     .split('.')
                     .next()
@@ -447,15 +458,16 @@ impl Step<Ctx> for Dkms {
                     .unwrap_or(0);
                 let hint = if branch < 570 {
                     format!(
-                        " Driver {version} is probably too old for kernel {}: choose a newer driver in \
-                         llmctl.toml, or boot an older kernel and pin it (`proxmox-boot-tool kernel pin`)",
-                        ctx.facts().map(|f| f.kernel.clone()).unwrap_or_default()
+                        " Driver {version} is probably too old for kernel {kernel}: choose a newer driver in \
+                         llmctl.toml, or keep booting the kernel it works on and pin it (`proxmox-boot-tool kernel \
+                         pin`) and remove {kernel}"
                     )
                 } else {
                     String::new()
                 };
                 return Err(e.context(format!(
-                    "DKMS could not build the NVIDIA module.{hint} (the build log is in /var/lib/dkms/nvidia/{version}/build/make.log)"
+                    "DKMS could not build the NVIDIA module for kernel {kernel}.{hint} (the build log is in \
+                     /var/lib/dkms/nvidia/{version}/build/make.log)"
                 )));
             }
         }
