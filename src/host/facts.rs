@@ -52,6 +52,10 @@ sec modprobe-nouveau grep -rsH nouveau /etc/modprobe.d /lib/modprobe.d /usr/lib/
 sec modules-load grep -rsH nvidia /etc/modules-load.d /usr/lib/modules-load.d /etc/modules
 sec udev grep -rsH nvidia /etc/udev/rules.d /usr/lib/udev/rules.d
 sec dmesg dmesgnv
+for f in /etc/modprobe.d/blacklist-nouveau.conf /etc/modules-load.d/nvidia.conf /etc/udev/rules.d/70-nvidia.rules \
+  /etc/apt/sources.list.d/cuda-debian12-x86_64.list /etc/apt/sources.list.d/cuda-debian13-x86_64.list; do
+  sec "file $f" cat "$f"
+done
 for f in /etc/pve/lxc/*.conf; do
   [ -f "$f" ] || continue
   v=${f##*/}
@@ -270,6 +274,10 @@ pub struct HostFacts {
     pub dmesg: Vec<String>,
     /// Every container config on this node, by vmid.
     pub configs: BTreeMap<u32, LxcConfig>,
+    /// The same configs exactly as on disk (a rewrite keeps every other byte).
+    pub config_texts: BTreeMap<u32, String>,
+    /// The host files llmctl manages (HOST_SCRIPT's `file` sections), by path; absent: the file does not exist.
+    pub files: BTreeMap<String, String>,
     /// The container doctor looks at (None: no container chosen).
     pub vmid: Option<u32>,
     pub container: Option<ContainerFacts>,
@@ -345,6 +353,12 @@ impl HostFacts {
                 .and_then(|v| v.parse::<u32>().ok())
             {
                 facts.configs.insert(vmid, LxcConfig::parse(&probe.text));
+                facts.config_texts.insert(vmid, with_newline(&probe.text));
+            }
+            if let Some(path) = name.strip_prefix("file ")
+                && probe.ok()
+            {
+                facts.files.insert(path.to_string(), with_newline(&probe.text));
             }
         }
         Ok(facts)
@@ -441,8 +455,27 @@ impl HostFacts {
         self.modules.iter().any(|m| m == name)
     }
 
+    /// A host file llmctl manages, as gathered (None: it does not exist). Only the paths HOST_SCRIPT reads.
+    pub fn file(&self, path: &str) -> Option<&str> {
+        debug_assert!(
+            HOST_SCRIPT.contains(path),
+            "{path} is not gathered by HOST_SCRIPT"
+        );
+        self.files.get(path).map(String::as_str)
+    }
+
     pub fn config(&self) -> Option<&LxcConfig> {
         self.configs.get(&self.vmid?)
+    }
+}
+
+/// A section's text is the command's output with its last newline cut (`$(...)` drops trailing newlines):
+/// a file that ends in a newline gets it back. (A file without one gets one: these are config files.)
+fn with_newline(text: &str) -> String {
+    if text.is_empty() || text.ends_with('\n') {
+        text.to_string()
+    } else {
+        format!("{text}\n")
     }
 }
 

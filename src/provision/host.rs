@@ -142,11 +142,7 @@ impl Step<Ctx> for Nouveau {
         if rules::nouveau_blacklist_line(&f.modprobe_nouveau).is_some() {
             return Ok(Check::Done("blacklisted in modprobe.d".into()));
         }
-        let old = ctx
-            .host()
-            .read_file(NOUVEAU_CONF)
-            .ok()
-            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        let old = f.file(NOUVEAU_CONF).map(str::to_string);
         Ok(Check::Changes(vec![
             Action::WriteFile {
                 on: Target::Host,
@@ -190,10 +186,9 @@ impl Step<Ctx> for HostRepo {
         let suite = debian_suite(f).context("unknown Debian release")?;
         let keyring = f.package("cuda-keyring").is_some_and(|p| p.installed());
         let list = repo_list_path(&suite);
-        let listed = ctx.host_probe(&["cat", &list])?;
         if keyring
-            && listed
-                .as_deref()
+            && f
+                .file(&list)
                 .is_some_and(|t| t.contains(&format!("/{suite}/")))
         {
             return Ok(Check::Done(format!("cuda-keyring installed, {list}")));
@@ -591,20 +586,14 @@ impl Step<Ctx> for DevicesAtBoot {
         "/dev/nvidia* (uvm included) present now and after every boot"
     }
     fn check(&self, ctx: &mut Ctx) -> Result<Check> {
-        let modules_load = read_text(ctx, MODULES_LOAD_CONF);
-        let udev = read_text(ctx, UDEV_RULE);
-        Ok(devices_at_boot_check(ctx.facts()?, modules_load, udev))
+        let f = ctx.facts()?;
+        let modules_load = f.file(MODULES_LOAD_CONF).map(str::to_string);
+        let udev = f.file(UDEV_RULE).map(str::to_string);
+        Ok(devices_at_boot_check(f, modules_load, udev))
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
         execute(ctx, actions)
     }
-}
-
-fn read_text(ctx: &Ctx, path: &str) -> Option<String> {
-    ctx.host()
-        .read_file(path)
-        .ok()
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
 }
 
 pub fn devices_at_boot_check(
