@@ -27,7 +27,7 @@ use support::{SimHost, repo};
 const FIRST_SIM: u32 = 150;
 const LAST_SIM: u32 = 198;
 
-/// The model the scenarios' containers hold: `[law] model_sha256` overrides it per scenario.
+/// The model sha256 when a scenario's container declares none (`[law] model_sha256` overrides it per scenario).
 const MODEL_SHA256: &str = "3f5bc0e2a1b1d4fd0e3b6f0f6cc9c8b7a8a52b4e6f2e4a3d1c0b9a8f7e6d5c4b";
 
 fn scenarios() -> Vec<PathBuf> {
@@ -73,7 +73,11 @@ fn law_config(scenario: &serde_json::Value, target: &str) -> String {
     let flavor = str_at(scenario, &["law", "flavor"])
         .or_else(|| str_at(scenario, &["host", "driver", "flavour"]))
         .unwrap_or("open");
-    let sha = str_at(scenario, &["law", "model_sha256"]).unwrap_or(MODEL_SHA256);
+    let sha = str_at(scenario, &["law", "model_sha256"])
+        .or_else(|| str_at(scenario, &["containers", "103", "model", "sha256"]))
+        .unwrap_or(MODEL_SHA256);
+    let dest =
+        str_at(scenario, &["containers", "103", "model", "dest"]).unwrap_or("/models/model.gguf");
     format!(
         r#"[host]
 target = "{target}"
@@ -89,7 +93,7 @@ git_ref = "b11434"
 [model]
 source = "https://huggingface.co/bartowski/SmolLM2-135M-Instruct-GGUF/resolve/main/SmolLM2-135M-Instruct-Q4_K_M.gguf"
 sha256 = "{sha}"
-dest = "/models/model.gguf"
+dest = "{dest}"
 
 [server]
 context = 32768
@@ -194,6 +198,15 @@ fn start_sim(path: &Path, n: u32) -> SimHost {
 fn judge(path: &Path, n: u32) -> Option<String> {
     let name = path.file_stem().unwrap().to_string_lossy().into_owned();
     let scenario = merged(path);
+    // What provision leaves in the CT: this very llmctl binary, and (when the test stack has it) the real CPU
+    // llama-server as the build's binary, so `ldd` on it works as on a real build.
+    // SAFETY: set before any thread of this test reads the environment; every scenario sets the same values.
+    unsafe {
+        std::env::set_var("LLMCTL_SIM_LLMCTL", env!("CARGO_BIN_EXE_llmctl"));
+        if let Ok(server) = std::env::var("LLMCTL_LLAMA_SERVER") {
+            std::env::set_var("LLMCTL_SIM_LLAMA_SERVER", server);
+        }
+    }
     let sim = start_sim(path, n);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("llmctl.toml");
