@@ -13,7 +13,8 @@
 //! has installed (or the scenario's `[law] driver_version` / `flavor` where the scenario's point is a config that
 //! differs from the host, e.g. an open-module config on a Pascal GPU), and the installation `healthy.toml`
 //! describes for everything else (llama.cpp b11434 from GitHub's archive, the model at /models/model.gguf, a 32k
-//! context on port 8080, the proxy on 4000).
+//! context on port 8080, the proxy on 4000). The CTs get this llmctl binary and, when the test stack is prepared
+//! (`LLMCTL_LLAMA_SERVER`, `LLMCTL_TEST_MODEL`), its real llama-server and model, as provision leaves them.
 
 mod support;
 
@@ -73,7 +74,12 @@ fn law_config(scenario: &serde_json::Value, target: &str) -> String {
     let flavor = str_at(scenario, &["law", "flavor"])
         .or_else(|| str_at(scenario, &["host", "driver", "flavour"]))
         .unwrap_or("open");
+    // With the test stack's real model in the CT (LLMCTL_SIM_MODEL), the sha256 is that file's.
+    let real = std::env::var("LLMCTL_SIM_MODEL")
+        .ok()
+        .map(|m| sha256_hex(Path::new(&m)));
     let sha = str_at(scenario, &["law", "model_sha256"])
+        .or(real.as_deref())
         .or_else(|| str_at(scenario, &["containers", "103", "model", "sha256"]))
         .unwrap_or(MODEL_SHA256);
     let dest =
@@ -103,6 +109,18 @@ port = 8080
 listen = "0.0.0.0:4000"
 "#
     )
+}
+
+fn sha256_hex(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn llmctl(config: &Path, sim: &SimHost, args: &[&str]) -> Output {
@@ -197,7 +215,6 @@ fn start_sim(path: &Path, n: u32) -> SimHost {
 /// What one scenario broke, or `None`.
 fn judge(path: &Path, n: u32) -> Option<String> {
     let name = path.file_stem().unwrap().to_string_lossy().into_owned();
-    let scenario = merged(path);
     // What provision leaves in the CT: this very llmctl binary, and (when the test stack has it) the real CPU
     // llama-server as the build's binary, so `ldd` on it works as on a real build.
     // SAFETY: set before any thread of this test reads the environment; every scenario sets the same values.
@@ -206,7 +223,12 @@ fn judge(path: &Path, n: u32) -> Option<String> {
         if let Ok(server) = std::env::var("LLMCTL_LLAMA_SERVER") {
             std::env::set_var("LLMCTL_SIM_LLAMA_SERVER", server);
         }
+        // A real GGUF as the CT's model, so provision's offload planner can read it.
+        if let Ok(model) = std::env::var("LLMCTL_TEST_MODEL") {
+            std::env::set_var("LLMCTL_SIM_MODEL", model);
+        }
     }
+    let scenario = merged(path);
     let sim = start_sim(path, n);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("llmctl.toml");
