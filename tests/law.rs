@@ -1,0 +1,336 @@
+//! The law between doctor and provision (issue 11, "Tests"): on every scenario in `fixtures/scenarios`, with a
+//! config that matches the scenario,
+//!
+//! 1. `llmctl doctor` exits 0 exactly when `llmctl provision --check` exits 0 (healthy ⇔ nothing to change), and
+//! 2. every problem doctor reports (severity warn or fail) has a fix that names a provision step, and that step is
+//!    in the plan (`change` or `REFUSED` in `provision --check`).
+//!
+//! Each scenario runs on its own sim host (numbers 150-198, distinct from tests/support's 1-99 and
+//! tests/doctor_scenarios.rs's 199-249), one after another; run it under `flock /tmp/llmctl-sim.lock`. Every
+//! violating scenario is collected and reported at once, then the test fails.
+//!
+//! The config is derived from the merged scenario (`simtool.py scenario`): the driver version and flavour the host
+//! has installed (or the scenario's `[law] driver_version` / `flavor` where the scenario's point is a config that
+//! differs from the host, e.g. an open-module config on a Pascal GPU), and the installation `healthy.toml`
+//! describes for everything else (llama.cpp b11434 from GitHub's archive, the model at /models/model.gguf, a 32k
+//! context on port 8080, the proxy on 4000). The CTs get this llmctl binary and, when the test stack is prepared
+//! (`LLMCTL_LLAMA_SERVER`, `LLMCTL_TEST_MODEL`), its real llama-server and model, as provision leaves them.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use support::{SimHost, repo};
+
+/// Sim host numbers owned by this test binary.
+const FIRST_SIM: u32 = 150;
+const LAST_SIM: u32 = 198;
+
+/// The model sha256 when a scenario's container declares none (`[law] model_sha256` overrides it per scenario).
+const MODEL_SHA256: &str = "3f5bc0e2a1b1d4fd0e3b6f0f6cc9c8b7a8a52b4e6f2e4a3d1c0b9a8f7e6d5c4b";
+
+fn scenarios() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(repo().join("fixtures/scenarios"))
+        .expect("fixtures/scenarios")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// The scenario with its `base` chain merged, as the simulator itself reads it.
+fn merged(path: &Path) -> serde_json::Value {
+    let out = Command::new("python3")
+        .arg(repo().join("fixtures/sim/simtool.py"))
+        .arg("scenario")
+        .arg(path)
+        .output()
+        .expect("run python3 fixtures/sim/simtool.py");
+    assert!(
+        out.status.success(),
+        "simtool.py scenario {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("simtool.py scenario prints JSON")
+}
+
+fn str_at<'a>(v: &'a serde_json::Value, path: &[&str]) -> Option<&'a str> {
+    let mut cur = v;
+    for key in path {
+        cur = cur.get(key)?;
+    }
+    cur.as_str().filter(|s| !s.is_empty())
+}
+
+/// llmctl.toml for this scenario (see the module comment).
+fn law_config(scenario: &serde_json::Value, target: &str) -> String {
+    let version = str_at(scenario, &["law", "driver_version"])
+        .or_else(|| str_at(scenario, &["host", "driver", "installed"]))
+        .unwrap_or("595.71.05");
+    let flavor = str_at(scenario, &["law", "flavor"])
+        .or_else(|| str_at(scenario, &["host", "driver", "flavour"]))
+        .unwrap_or("open");
+    // With the test stack's real model in the CT (LLMCTL_SIM_MODEL), the sha256 is that file's.
+    let real = std::env::var("LLMCTL_SIM_MODEL")
+        .ok()
+        .map(|m| sha256_hex(Path::new(&m)));
+    let sha = str_at(scenario, &["law", "model_sha256"])
+        .or(real.as_deref())
+        .or_else(|| str_at(scenario, &["containers", "103", "model", "sha256"]))
+        .unwrap_or(MODEL_SHA256);
+    let dest =
+        str_at(scenario, &["containers", "103", "model", "dest"]).unwrap_or("/models/model.gguf");
+    format!(
+        r#"[host]
+target = "{target}"
+vmid = 103
+
+[driver]
+version = "{version}"
+flavor = "{flavor}"
+
+[llama_cpp]
+git_ref = "b11434"
+
+[model]
+source = "https://huggingface.co/bartowski/SmolLM2-135M-Instruct-GGUF/resolve/main/SmolLM2-135M-Instruct-Q4_K_M.gguf"
+sha256 = "{sha}"
+dest = "{dest}"
+
+[server]
+context = 32768
+port = 8080
+
+[proxy]
+listen = "0.0.0.0:4000"
+"#
+    )
+}
+
+fn sha256_hex(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn llmctl(config: &Path, sim: &SimHost, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_llmctl"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .arg("--identity")
+        .arg(sim.key_path())
+        .arg("--known-hosts")
+        .arg(sim.known_hosts_path())
+        .current_dir(std::env::temp_dir())
+        .env("HOME", std::env::temp_dir())
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run llmctl")
+}
+
+/// One doctor problem: its id and the provision step its fix names (`None`: a manual command or no fix).
+#[derive(Debug)]
+struct Problem {
+    id: String,
+    severity: String,
+    step: Option<String>,
+    fix: String,
+}
+
+fn problems(doctor_json: &str) -> Result<Vec<Problem>, String> {
+    let v: serde_json::Value = serde_json::from_str(doctor_json)
+        .map_err(|e| format!("doctor --json did not print JSON ({e}): {doctor_json}"))?;
+    let findings = v
+        .get("findings")
+        .and_then(|f| f.as_array())
+        .ok_or_else(|| format!("doctor --json has no findings array: {doctor_json}"))?;
+    Ok(findings
+        .iter()
+        .filter_map(|f| {
+            let severity = f.get("severity")?.as_str()?.to_string();
+            if severity != "warn" && severity != "fail" {
+                return None;
+            }
+            let fix = f.get("fix").cloned().unwrap_or(serde_json::Value::Null);
+            Some(Problem {
+                id: f.get("id")?.as_str()?.to_string(),
+                severity,
+                step: fix_step(&fix),
+                fix: fix.to_string(),
+            })
+        })
+        .collect())
+}
+
+/// The provision step a fix names: `{"provision": "cuda"}`, or a command `llmctl provision --only cuda[,...]`
+/// (the first step named).
+fn fix_step(fix: &serde_json::Value) -> Option<String> {
+    if let Some(step) = fix.get("provision").and_then(|s| s.as_str()) {
+        return Some(step.to_string());
+    }
+    let text = fix
+        .as_str()
+        .or_else(|| fix.get("command").and_then(|c| c.as_str()))?;
+    let rest = text.split("llmctl provision --only ").nth(1)?;
+    rest.split([',', ' ']).next().map(str::to_string)
+}
+
+/// Steps `provision --check` reports as `change` or `REFUSED` (its `  <tag> <id> <detail>` lines).
+fn plan_steps(check_stdout: &str) -> BTreeSet<String> {
+    check_stdout
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let tag = w.next()?;
+            let id = w.next()?;
+            (l.starts_with("  ") && !l.starts_with("   ") && (tag == "change" || tag == "REFUSED"))
+                .then(|| id.to_string())
+        })
+        .collect()
+}
+
+/// Starts a sim host, once more when the first start fails (a loaded machine can miss simhost's deadline).
+fn start_sim(path: &Path, n: u32) -> SimHost {
+    match std::panic::catch_unwind(|| SimHost::start_n(path, n)) {
+        Ok(sim) => sim,
+        Err(_) => {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            SimHost::start_n(path, n)
+        }
+    }
+}
+
+/// What one scenario broke, or `None`.
+fn judge(path: &Path, n: u32) -> Option<String> {
+    let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+    // What provision leaves in the CT: this very llmctl binary, and (when the test stack has it) the real CPU
+    // llama-server as the build's binary, so `ldd` on it works as on a real build.
+    // SAFETY: set before any thread of this test reads the environment; every scenario sets the same values.
+    unsafe {
+        std::env::set_var("LLMCTL_SIM_LLMCTL", env!("CARGO_BIN_EXE_llmctl"));
+        if let Ok(server) = std::env::var("LLMCTL_LLAMA_SERVER") {
+            std::env::set_var("LLMCTL_SIM_LLAMA_SERVER", server);
+        }
+        // A real GGUF as the CT's model, so provision's offload planner can read it.
+        if let Ok(model) = std::env::var("LLMCTL_TEST_MODEL") {
+            std::env::set_var("LLMCTL_SIM_MODEL", model);
+        }
+    }
+    let scenario = merged(path);
+    let sim = start_sim(path, n);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("llmctl.toml");
+    std::fs::write(&config, law_config(&scenario, sim.ssh_target())).unwrap();
+    let doctor = llmctl(&config, &sim, &["doctor", "--json"]);
+    let check = llmctl(&config, &sim, &["provision", "--check"]);
+    drop(sim);
+    let d_exit = doctor.status.code().unwrap_or(-1);
+    let c_exit = check.status.code().unwrap_or(-1);
+    let check_out = String::from_utf8_lossy(&check.stdout).into_owned();
+    let steps = plan_steps(&check_out);
+    let mut wrong = Vec::new();
+    if (d_exit == 0) != (c_exit == 0) {
+        wrong.push(format!(
+            "doctor exits {d_exit}, provision --check exits {c_exit}"
+        ));
+    }
+    let found = match problems(&String::from_utf8_lossy(&doctor.stdout)) {
+        Ok(p) => p,
+        Err(e) => {
+            // doctor could not run (exit 2, e.g. not Proxmox): the exit codes above are all the law can say.
+            if d_exit != 2 {
+                wrong.push(e);
+            }
+            Vec::new()
+        }
+    };
+    for p in &found {
+        match &p.step {
+            Some(step) if steps.contains(step) => {}
+            Some(step) => wrong.push(format!(
+                "{} ({}): fix names step `{step}`, which the plan does not contain",
+                p.id, p.severity
+            )),
+            None => wrong.push(format!(
+                "{} ({}): fix names no provision step ({})",
+                p.id, p.severity, p.fix
+            )),
+        }
+    }
+    if wrong.is_empty() {
+        return None;
+    }
+    let ids: Vec<&str> = found.iter().map(|p| p.id.as_str()).collect();
+    let check_err = String::from_utf8_lossy(&check.stderr);
+    Some(format!(
+        "{name}: {}\n    doctor problems: [{}]\n    plan steps: [{}]{}",
+        wrong.join("; "),
+        ids.join(", "),
+        steps.into_iter().collect::<Vec<_>>().join(", "),
+        if c_exit == 2 {
+            format!("\n    provision --check stderr: {}", check_err.trim())
+        } else {
+            String::new()
+        }
+    ))
+}
+
+#[test]
+fn doctor_healthy_exactly_when_provision_has_nothing_to_change() {
+    let all = scenarios();
+    assert!(
+        all.len() as u32 <= LAST_SIM - FIRST_SIM + 1,
+        "more scenarios than this test's sim numbers {FIRST_SIM}-{LAST_SIM}"
+    );
+    let started = std::time::Instant::now();
+    let violations: Vec<String> = all
+        .iter()
+        .zip(FIRST_SIM..)
+        .filter_map(|(path, n)| judge(path, n))
+        .collect();
+    eprintln!(
+        "law: {} scenarios in {:.0} s, {} violating",
+        all.len(),
+        started.elapsed().as_secs_f64(),
+        violations.len()
+    );
+    assert!(
+        violations.is_empty(),
+        "the law (doctor exit 0 <=> provision --check exit 0; each finding's fix is a planned step) is broken on \
+         {} of {} scenarios:\n{}",
+        violations.len(),
+        all.len(),
+        violations.join("\n")
+    );
+}
+
+#[test]
+fn plan_lines_and_fixes_parse() {
+    let out = "llmctl provision: x\n\n  ok       inventory        fine\n  change   cuda             the toolkit\n             [CT 103] $ apt-get install\n  REFUSED  model            no sha\n\n5 of 19 steps would change something\n";
+    let steps = plan_steps(out);
+    assert_eq!(steps.into_iter().collect::<Vec<_>>(), ["cuda", "model"]);
+    assert_eq!(
+        fix_step(&serde_json::json!({"provision": "llama"})).as_deref(),
+        Some("llama")
+    );
+    assert_eq!(
+        fix_step(&serde_json::json!("llmctl provision --only driver,dkms")).as_deref(),
+        Some("driver")
+    );
+    assert_eq!(fix_step(&serde_json::json!({"command": "reboot"})), None);
+    let p = problems(r#"{"findings":[{"id":"a","severity":"ok","fix":null},{"id":"b","severity":"fail","fix":{"provision":"cuda"}}]}"#).unwrap();
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].step.as_deref(), Some("cuda"));
+}
