@@ -127,6 +127,7 @@ pub const CHECKS: &[fn(&HostFacts) -> Vec<Finding>] = &[
     check_container_config,
     check_devices_configured,
     check_cgroup_majors,
+    check_legacy_passthrough,
     check_resolv,
     check_running,
     check_ct_libs,
@@ -183,12 +184,6 @@ fn module_missing_evidence(f: &HostFacts) -> Vec<String> {
             .map(|l| format!("nvidia-smi: {l}")),
     );
     ev
-}
-
-fn headers_present(f: &HostFacts, kernel: &str) -> bool {
-    f.kernels_with_build_dir.iter().any(|k| k == kernel)
-        || f.package(&format!("proxmox-headers-{kernel}")).is_some()
-        || f.package(&format!("pve-headers-{kernel}")).is_some()
 }
 
 fn nvidia_entry_for<'a>(f: &'a HostFacts, kernel: &str) -> Vec<&'a crate::pve::dkms::DkmsEntry> {
@@ -483,7 +478,7 @@ pub fn check_dkms(f: &HostFacts) -> Vec<Finding> {
                 f.kernel
             ),
         ));
-    } else if !headers_present(f, &f.kernel) {
+    } else if !rules::headers_present(f, &f.kernel) {
         out.push(Finding::skip(
             "dkms.build-failed",
             format!("no headers for {}: see kernel.headers-missing", f.kernel),
@@ -671,14 +666,12 @@ pub fn check_reboot_pending(f: &HostFacts) -> Vec<Finding> {
 
 pub fn check_driver_pinned(f: &HostFacts) -> Vec<Finding> {
     const ID: &str = "driver.not-pinned";
-    let installed: Vec<String> = driver_packages(f)
-        .into_iter()
-        .filter(|p| !p.starts_with("nvidia-driver-pinning-"))
-        .collect();
-    if installed.is_empty() {
+    // The packages provision installs at one version and holds: the same list judges both commands.
+    let open = rules::installed_flavour(f) != Some(nvidia::ModuleFlavour::Proprietary);
+    let names = crate::provision::host::host_driver_packages(open);
+    if names.iter().all(|n| f.package(n).is_none()) {
         return vec![Finding::skip(ID, "no driver packages installed")];
     }
-    let names: Vec<&str> = installed.iter().map(String::as_str).collect();
     let unheld = rules::unheld(f, &names);
     if unheld.is_empty() {
         return vec![Finding::ok(
@@ -957,7 +950,11 @@ pub fn check_devices_configured(f: &HostFacts) -> Vec<Finding> {
     let Some((v, cfg)) = ct(f) else {
         return ct_skip(&[ID], "no container");
     };
-    let devn: Vec<String> = cfg.devices().into_iter().map(|(_, d)| d.path).collect();
+    let devn: Vec<String> = cfg
+        .devices_with_pending()
+        .into_iter()
+        .map(|(_, d)| d.path)
+        .collect();
     let mounts = cfg.live.mount_entry_sources();
     let missing: Vec<String> = required_device_paths(f)
         .into_iter()
@@ -993,6 +990,40 @@ pub fn check_devices_configured(f: &HostFacts) -> Vec<Finding> {
         Severity::Fail,
         format!("container {v} is missing NVIDIA device passthrough entries"),
         ev,
+        Fix::step(StepId::Devices),
+    )]
+}
+
+/// Hand-written passthrough that works today (its majors match): the same rule as provision's devices step,
+/// which replaces it with devN entries, because the uvm major is dynamic and the lines break at some reboot.
+pub fn check_legacy_passthrough(f: &HostFacts) -> Vec<Finding> {
+    const ID: &str = "ct.legacy-passthrough";
+    let Some((v, _)) = ct(f) else {
+        return ct_skip(&[ID], "no container");
+    };
+    let Some(text) = f.config_texts.get(&v) else {
+        return ct_skip(&[ID], "no config text");
+    };
+    let (_, lines) = rules::legacy_passthrough(f, text);
+    if lines.is_empty() {
+        return vec![Finding::ok(ID, "no hand-written NVIDIA passthrough lines")];
+    }
+    if check_cgroup_majors(f)
+        .iter()
+        .any(|x| x.severity.is_problem())
+    {
+        return vec![Finding::skip(ID, "reported with ct.cgroup-major-mismatch")];
+    }
+    vec![Finding::problem(
+        ID,
+        Severity::Fail,
+        format!(
+            "container {v} passes the GPU by hand-written lxc lines: they work until the nvidia-uvm major changes at a reboot; devN entries stay right"
+        ),
+        lines
+            .iter()
+            .map(|l| format!("/etc/pve/lxc/{v}.conf: {l}"))
+            .collect(),
         Fix::step(StepId::Devices),
     )]
 }
@@ -1162,21 +1193,30 @@ pub fn check_running(f: &HostFacts) -> Vec<Finding> {
                 ),
             )]
         }
+        // A devN for a GPU the host no longer has (removed, renumbered): the devices step takes it out;
+        // `pct start` alone fails on it. The cause has its own id.
+        CtStatus::Stopped if !missing_host_nodes(f).is_empty() => vec![
+            Finding::problem(
+                "ct.device-gone",
+                Severity::Fail,
+                format!(
+                    "container {v} passes in a GPU the host does not have, so it cannot start"
+                ),
+                std::iter::once(format!("pct status {v}: status: stopped"))
+                    .chain(missing_host_nodes(f).iter().map(|p| {
+                        format!("devN {p} does not exist on the host: pct start fails with `Device {p} does not exist`")
+                    }))
+                    .collect(),
+                Fix::step(StepId::Devices),
+            ),
+            Finding::skip(ID, "it cannot start; see ct.device-gone"),
+        ],
         CtStatus::Stopped => vec![Finding::problem(
             ID,
             Severity::Fail,
             format!("container {v} is stopped (its GPU, llama-server and proxy were not checked)"),
-            std::iter::once(format!("pct status {v}: status: stopped"))
-                .chain(missing_host_nodes(f).iter().map(|p| {
-                    format!("devN {p} does not exist on the host: pct start fails with `Device {p} does not exist`")
-                }))
-                .collect(),
-            Fix::step(if missing_host_nodes(f).is_empty() {
-                StepId::Start
-            } else {
-                // A devN whose node is gone: the devices step takes it out; `pct start` alone fails on it.
-                StepId::Devices
-            }),
+            vec![format!("pct status {v}: status: stopped")],
+            Fix::step(StepId::Start),
         )],
         CtStatus::Unknown(said) => vec![Finding::problem(
             ID,

@@ -287,6 +287,44 @@ pub fn driver_fits_gpus(f: &HostFacts, version: &str, open: bool) -> Result<(), 
     crate::gpu::check_driver(&gpus(f), branch, flavour).map_err(|e| e.to_string())
 }
 
+/// Hand-written passthrough in a container's config (`text`, as on disk): the `lxc.mount.entry` lines that bind
+/// `/dev/nvidia*` and the `lxc.cgroup2.devices.allow` lines for character majors no other driver owns (NVIDIA's
+/// 195, the dynamic uvm major, and stale ones), in the live section only (snapshots are history). One rule for
+/// both commands: it is replaced by devN entries, which Proxmox keeps right at every start (the uvm major is
+/// dynamic, so a hand-written one breaks at some reboot). Returns the config without them, and the lines.
+pub fn legacy_passthrough(f: &HostFacts, text: &str) -> (String, Vec<String>) {
+    let other_majors: Vec<u32> = f
+        .proc_devices
+        .iter()
+        .filter(|(name, _)| !name.starts_with("nvidia"))
+        .map(|(_, m)| *m)
+        .collect();
+    let mut out = String::with_capacity(text.len());
+    let mut removed = Vec::new();
+    let mut live = true;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim();
+        if t.starts_with('[') && t.ends_with(']') {
+            live = false;
+        }
+        let drop = live
+            && match t.split_once([':', '=']).map(|(k, v)| (k.trim(), v.trim())) {
+                Some(("lxc.mount.entry", v)) => v.starts_with("/dev/nvidia"),
+                Some(("lxc.cgroup2.devices.allow", v)) => crate::pve::lxc::CgroupRule::parse(v)
+                    .is_some_and(|r| {
+                        r.kind == 'c' && r.major.is_some_and(|m| !other_majors.contains(&m))
+                    }),
+                _ => false,
+            };
+        if drop {
+            removed.push(t.to_string());
+        } else {
+            out.push_str(line);
+        }
+    }
+    (out, removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

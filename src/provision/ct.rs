@@ -200,13 +200,7 @@ pub fn devices_check(
     }
     // Hand-written legacy passthrough (lxc.cgroup2 majors + bind mounts) is replaced by devN entries, which
     // Proxmox keeps right at every start (the uvm major is dynamic).
-    let other_majors: Vec<u32> = f
-        .proc_devices
-        .iter()
-        .filter(|(name, _)| !name.starts_with("nvidia"))
-        .map(|(_, m)| *m)
-        .collect();
-    let (stripped, removed) = strip_legacy_passthrough(text, &other_majors);
+    let (stripped, removed) = crate::host::rules::legacy_passthrough(f, text);
     // Issue 16 item 5: a devN for a GPU the host no longer has (removed, or renumbered) makes `pct start` fail
     // with `Device /dev/nvidiaN does not exist`. Known only while the driver runs (its nodes exist then).
     let gone: Vec<(u32, String)> = if f.module.is_some() {
@@ -218,8 +212,9 @@ pub fn devices_check(
     } else {
         Vec::new()
     };
+    // Pending devN (PVE 8: added while the container ran) are configured: a restart applies them.
     let have: Vec<String> = cfg
-        .devices()
+        .devices_with_pending()
         .into_iter()
         .map(|(_, d)| d.path)
         .filter(|p| !gone.iter().any(|(_, g)| g == p))
@@ -295,37 +290,6 @@ pub fn devices_check(
         actions.push(run_on(Target::Host, &["pct", "reboot", &vmid.to_string()]));
     }
     Check::Changes(actions)
-}
-
-/// Removes, from the live section only (snapshots are history), the `lxc.mount.entry` lines that bind
-/// `/dev/nvidia*` and the `lxc.cgroup2.devices.allow` lines for character majors no other driver owns (NVIDIA's
-/// 195, the dynamic uvm major, and stale ones). Returns the new text and the removed lines.
-pub fn strip_legacy_passthrough(text: &str, other_majors: &[u32]) -> (String, Vec<String>) {
-    let mut out = String::with_capacity(text.len());
-    let mut removed = Vec::new();
-    let mut live = true;
-    for line in text.split_inclusive('\n') {
-        let t = line.trim();
-        if t.starts_with('[') && t.ends_with(']') {
-            live = false;
-        }
-        let drop = live
-            && match t.split_once(':').map(|(k, v)| (k.trim(), v.trim())) {
-                Some(("lxc.mount.entry", v)) => v.starts_with("/dev/nvidia"),
-                Some(("lxc.cgroup2.devices.allow", v)) => {
-                    lxc::CgroupRule::parse(v).is_some_and(|r| {
-                        r.kind == 'c' && r.major.is_some_and(|m| !other_majors.contains(&m))
-                    })
-                }
-                _ => false,
-            };
-        if drop {
-            removed.push(t.to_string());
-        } else {
-            out.push_str(line);
-        }
-    }
-    (out, removed)
 }
 
 // ------------------------------------------------------------------------------------------------ start
@@ -1213,7 +1177,17 @@ mod tests {
     #[test]
     fn legacy_passthrough_lines_are_stripped_from_the_live_section_only() {
         let text = "arch: amd64\nlxc.cgroup2.devices.allow: c 195:* rwm\nlxc.cgroup2.devices.allow: c 508:* rwm\nlxc.cgroup2.devices.allow: c 226:* rwm\nlxc.mount.entry: /dev/nvidia0 dev/nvidia0 none bind,optional,create=file\nlxc.mount.entry: /dev/dri dev/dri none bind,optional,create=dir\n\n[snap]\nlxc.cgroup2.devices.allow: c 195:* rwm\n";
-        let (out, removed) = strip_legacy_passthrough(text, &[226, 1, 5]);
+        let f = HostFacts {
+            proc_devices: [
+                ("drm".to_string(), 226),
+                ("mem".to_string(), 1),
+                ("tty".to_string(), 5),
+            ]
+            .into_iter()
+            .collect(),
+            ..HostFacts::default()
+        };
+        let (out, removed) = crate::host::rules::legacy_passthrough(&f, text);
         assert_eq!(
             out,
             "arch: amd64\nlxc.cgroup2.devices.allow: c 226:* rwm\nlxc.mount.entry: /dev/dri dev/dri none bind,optional,create=dir\n\n[snap]\nlxc.cgroup2.devices.allow: c 195:* rwm\n"

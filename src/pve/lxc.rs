@@ -105,6 +105,14 @@ impl LxcConfig {
         self.live.devices()
     }
 
+    /// The live `devN` entries and those waiting in `[pve:pending]` (a devN added to a running container on PVE 8
+    /// applies at its next start): both are configured, neither may be added again.
+    pub fn devices_with_pending(&self) -> Vec<(u32, DevSpec)> {
+        let mut all = self.live.devices();
+        all.extend(self.pending.iter().flat_map(Section::devices));
+        all
+    }
+
     /// The lowest `devN` index not used in the live config or the pending section (as Proxmox assigns them).
     pub fn lowest_free_dev_index(&self) -> Option<u32> {
         self.free_dev_indices().next()
