@@ -112,6 +112,7 @@ impl Finding {
 
 /// Every check, in the order a user should fix things.
 pub const CHECKS: &[fn(&HostFacts) -> Vec<Finding>] = &[
+    check_gpu_supported,
     check_nouveau,
     check_kernel_headers,
     check_driver_installed,
@@ -208,6 +209,59 @@ fn module_absence_explained(f: &HostFacts) -> bool {
     f.has_module("nouveau")
         || (kernel_package_installed(f) && !dkms_installed_for(f, &f.kernel))
         || rules::secure_boot_blocks(f).is_some()
+        || unsupported_gpu(f).is_some()
+}
+
+/// Whether the installed driver (branch and module flavour) can drive every GPU of the host. Judged on what is
+/// installed: with llmctl.toml, provision's inventory step judges the configured driver the same way.
+fn unsupported_gpu(f: &HostFacts) -> Option<String> {
+    let version = rules::installed_driver_version(f)?;
+    let flavour = rules::installed_flavour(f).or(f.module.as_ref().map(|m| m.flavour))?;
+    rules::driver_fits_gpus(f, &version, flavour == nvidia::ModuleFlavour::Open).err()
+}
+
+pub fn check_gpu_supported(f: &HostFacts) -> Vec<Finding> {
+    const ID: &str = "gpu.unsupported";
+    let Some(why) = unsupported_gpu(f) else {
+        let gpus = rules::gpus(f);
+        return vec![if gpus.is_empty() {
+            Finding::skip(ID, "no NVIDIA GPU found (nvidia-smi, lspci)")
+        } else {
+            Finding::ok(
+                ID,
+                format!(
+                    "the driver can run every GPU: {}",
+                    gpus.iter()
+                        .map(|g| g.describe())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            )
+        }];
+    };
+    let mut ev: Vec<String> = f
+        .pci_gpus
+        .iter()
+        .map(|g| format!("lspci: {} {} [{}]", g.bus, g.chip, g.name))
+        .collect();
+    ev.extend(
+        f.dmesg
+            .iter()
+            .filter(|l| l.contains("NVRM"))
+            .take(4)
+            .cloned(),
+    );
+    ev.push(why);
+    vec![Finding::problem(
+        ID,
+        Severity::Fail,
+        "the installed NVIDIA driver cannot run a GPU of this host",
+        ev,
+        Fix::by_hand(
+            StepId::Inventory,
+            "set [driver] version and flavor in llmctl.toml to what the evidence names",
+        ),
+    )]
 }
 
 pub fn check_driver_installed(f: &HostFacts) -> Vec<Finding> {

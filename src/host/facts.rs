@@ -41,6 +41,7 @@ sec mok-key mokutil --test-key /var/lib/dkms/mok.pub
 sec lsmod lsmod
 sec proc-version cat /proc/driver/nvidia/version
 sec nvidia-smi nvidia-smi
+sec lspci lspci -nn -d 10de:
 sec query-gpu nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total,memory.used --format=csv,noheader,nounits
 sec dkms dkms status
 sec make-log makelogs
@@ -214,6 +215,38 @@ pub struct ContainerFacts {
     pub inside: Option<InsideFacts>,
 }
 
+/// One NVIDIA GPU as `lspci -nn` names it: `01:00.0 3D controller [0302]: NVIDIA Corporation GP102GL [Tesla
+/// P40] [10de:1b38] (rev a1)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PciGpu {
+    pub bus: String,
+    /// The chip codename (`GP102GL`, `AD102`): its prefix is the generation.
+    pub chip: String,
+    pub name: String,
+}
+
+/// The display and 3D controllers of `lspci -nn -d 10de:` (audio functions and bridges of the same cards are not
+/// GPUs).
+pub fn parse_lspci(text: &str) -> Vec<PciGpu> {
+    text.lines()
+        .filter(|l| l.contains("VGA compatible controller") || l.contains("3D controller"))
+        .filter_map(|l| {
+            let (bus, rest) = l.split_once(' ')?;
+            let rest = rest.split_once("NVIDIA Corporation ")?.1;
+            let (chip, rest) = rest.split_once(' ').unwrap_or((rest, ""));
+            let name = rest
+                .strip_prefix('[')
+                .and_then(|r| r.split_once(']'))
+                .map_or_else(String::new, |(n, _)| n.to_string());
+            Some(PciGpu {
+                bus: bus.to_string(),
+                chip: chip.to_string(),
+                name,
+            })
+        })
+        .collect()
+}
+
 /// Whether the key DKMS signs modules with is enrolled in the machine owner keys (what Secure Boot trusts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -262,6 +295,8 @@ pub struct HostFacts {
     pub smi: Option<SmiReport>,
     pub smi_lines: Vec<String>,
     pub gpus: Vec<Gpu>,
+    /// NVIDIA display controllers on the PCI bus (`lspci -nn -d 10de:`): the GPUs even when no driver runs.
+    pub pci_gpus: Vec<PciGpu>,
     pub dkms: Vec<DkmsEntry>,
     pub make_log_lines: Vec<String>,
     pub dev_nodes: Vec<DevNode>,
@@ -329,6 +364,7 @@ impl HostFacts {
             } else {
                 Vec::new()
             },
+            pci_gpus: parse_lspci(&get("lspci").text),
             dkms: dkms::parse_status(&get("dkms").text),
             make_log_lines: get("make-log").lines(),
             dev_nodes: system::parse_ls_dev(&get("dev").text),
@@ -358,7 +394,9 @@ impl HostFacts {
             if let Some(path) = name.strip_prefix("file ")
                 && probe.ok()
             {
-                facts.files.insert(path.to_string(), with_newline(&probe.text));
+                facts
+                    .files
+                    .insert(path.to_string(), with_newline(&probe.text));
             }
         }
         Ok(facts)

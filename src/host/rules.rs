@@ -221,6 +221,72 @@ pub fn installed_flavour(f: &HostFacts) -> Option<crate::pve::nvidia::ModuleFlav
     }
 }
 
+/// The host's GPUs as the generation rules need them: from the driver (`nvidia-smi`, exact compute capability)
+/// when it runs, else from the PCI bus, where the chip codename's prefix gives the generation (ref
+/// gpu-generations.md: GK Kepler, GM Maxwell, GP Pascal, GV Volta, TU Turing, GA Ampere, AD Ada, GH Hopper, GB
+/// Blackwell) and a representative compute capability of it.
+pub fn gpus(f: &HostFacts) -> Vec<crate::gpu::GpuModel> {
+    use crate::gpu::{ComputeCap, GpuModel};
+    let from_driver: Vec<GpuModel> = f
+        .gpus
+        .iter()
+        .enumerate()
+        .filter_map(|(i, g)| GpuModel::from_query(i, g))
+        .collect();
+    if !from_driver.is_empty() {
+        return from_driver;
+    }
+    f.pci_gpus
+        .iter()
+        .enumerate()
+        .filter_map(|(index, g)| {
+            let chip = g.chip.to_ascii_uppercase();
+            let (major, minor) = match chip.get(..2)? {
+                "GK" => (3, 5),
+                "GM" => (5, 2),
+                "GP" if chip.starts_with("GP100") => (6, 0),
+                "GP" => (6, 1),
+                "GV" => (7, 0),
+                "TU" => (7, 5),
+                "GA" if chip.starts_with("GA100") => (8, 0),
+                "GA" => (8, 6),
+                "AD" => (8, 9),
+                "GH" => (9, 0),
+                "GB" if chip.starts_with("GB1") => (10, 0),
+                "GB" => (12, 0),
+                _ => return None,
+            };
+            Some(GpuModel {
+                index,
+                name: if g.name.is_empty() {
+                    g.chip.clone()
+                } else {
+                    g.name.clone()
+                },
+                compute_cap: ComputeCap { major, minor },
+            })
+        })
+        .collect()
+}
+
+/// Whether driver `version` with the `open` (or proprietary) module can drive every GPU of the host; the error
+/// names each GPU it cannot and what would (issue 11 deliver 4).
+pub fn driver_fits_gpus(f: &HostFacts, version: &str, open: bool) -> Result<(), String> {
+    let Some(branch) = version
+        .split('.')
+        .next()
+        .and_then(|b| b.parse::<u32>().ok())
+    else {
+        return Ok(());
+    };
+    let flavour = if open {
+        crate::pve::nvidia::ModuleFlavour::Open
+    } else {
+        crate::pve::nvidia::ModuleFlavour::Proprietary
+    };
+    crate::gpu::check_driver(&gpus(f), branch, flavour).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,5 +397,27 @@ mod tests {
             ..unsigned
         };
         assert_eq!(secure_boot_blocks(&off), None);
+    }
+
+    /// Issue 11 deliver 4: the GPUs come from the PCI bus when no driver runs, and a driver that cannot run one
+    /// is named with what would.
+    #[test]
+    fn a_pascal_gpu_on_the_bus_refuses_the_open_module() {
+        let f = HostFacts {
+            pci_gpus: crate::host::facts::parse_lspci(
+                "01:00.0 3D controller [0302]: NVIDIA Corporation GP102GL [Tesla P40] [10de:1b38] (rev a1)\n\
+                 01:00.1 Audio device [0403]: NVIDIA Corporation GP102 HDMI Audio Controller [10de:10ef] (rev a1)\n\
+                 02:00.0 VGA compatible controller [0300]: NVIDIA Corporation AD102 [GeForce RTX 4090] [10de:2684] (rev a1)\n",
+            ),
+            ..HostFacts::default()
+        };
+        let gpus = gpus(&f);
+        assert_eq!(gpus.len(), 2, "{gpus:?}");
+        assert_eq!(gpus[0].name, "Tesla P40");
+        assert_eq!(gpus[0].compute_cap.arch(), 61);
+        let why = driver_fits_gpus(&f, "595.71.05", true).unwrap_err();
+        assert!(why.contains("Tesla P40") && why.contains("580"), "{why}");
+        assert_eq!(driver_fits_gpus(&f, "580.105.08", false), Ok(()));
+        assert_eq!(crate::gpu::newest_cuda_major(&gpus), Some(12));
     }
 }

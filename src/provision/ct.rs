@@ -558,6 +558,18 @@ impl Step<Ctx> for Cuda {
 /// The newest CUDA the driver supports: what the host's `nvidia-smi` says (`CUDA Version: 13.2`), else NVIDIA's
 /// table of driver branches.
 pub fn cuda_version(f: &HostFacts, driver: &str) -> Result<String> {
+    let newest = driver_cuda_version(f, driver)?;
+    // CUDA 13 cannot build for a GPU older than sm_75 (Maxwell, Pascal, Volta): 12.9 is their last toolkit, and
+    // the driver runs it (a driver supports every older toolkit).
+    let gpus = crate::host::rules::gpus(f);
+    if crate::gpu::newest_cuda_major(&gpus) == Some(12) && !newest.starts_with("12.") {
+        return Ok("12.9".into());
+    }
+    Ok(newest)
+}
+
+/// The newest CUDA the driver supports.
+fn driver_cuda_version(f: &HostFacts, driver: &str) -> Result<String> {
     if let Some(crate::pve::nvidia::SmiReport::Ok {
         cuda_version: Some(v),
         driver_version,

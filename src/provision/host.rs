@@ -47,15 +47,19 @@ impl Step<Ctx> for Inventory {
         "the host is a Proxmox VE host llmctl can provision"
     }
     fn check(&self, ctx: &mut Ctx) -> Result<Check> {
+        let (version, open) = (
+            ctx.cfg.driver.version.clone(),
+            ctx.cfg.driver.flavor == super::config::DriverFlavor::Open,
+        );
         let f = ctx.facts()?;
-        Ok(inventory_check(f))
+        Ok(inventory_check(f, &version, open))
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
         execute(ctx, actions)
     }
 }
 
-pub fn inventory_check(f: &HostFacts) -> Check {
+pub fn inventory_check(f: &HostFacts, version: &str, open: bool) -> Check {
     let Some(pve) = &f.pve else {
         return Check::Refused(format!("{} is not a Proxmox VE host", f.target));
     };
@@ -68,6 +72,10 @@ pub fn inventory_check(f: &HostFacts) -> Check {
                 .unwrap_or("unknown")
         ));
     };
+    // A driver that cannot run a GPU of this host is refused before anything changes (gpu-generations.md).
+    if let Err(why) = rules::driver_fits_gpus(f, version, open) {
+        return Check::Refused(why);
+    }
     Check::Done(format!(
         "Proxmox VE {}, kernel {}, {suite}, {} GPU(s) visible to the driver",
         pve.version,
@@ -187,8 +195,7 @@ impl Step<Ctx> for HostRepo {
         let keyring = f.package("cuda-keyring").is_some_and(|p| p.installed());
         let list = repo_list_path(&suite);
         if keyring
-            && f
-                .file(&list)
+            && f.file(&list)
                 .is_some_and(|t| t.contains(&format!("/{suite}/")))
         {
             return Ok(Check::Done(format!("cuda-keyring installed, {list}")));
