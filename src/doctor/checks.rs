@@ -138,7 +138,47 @@ pub const CHECKS: &[fn(&HostFacts) -> Vec<Finding>] = &[
 ];
 
 pub fn run_all(facts: &HostFacts) -> Vec<Finding> {
-    CHECKS.iter().flat_map(|check| check(facts)).collect()
+    let mut findings: Vec<Finding> = check_dpkg(facts);
+    findings.extend(CHECKS.iter().flat_map(|check| check(facts)));
+    // While dpkg has an install half-done, apt refuses to change anything: that is the one thing to fix first,
+    // and what it left (no module built, none loaded, a container that cannot start) follows from it.
+    if findings
+        .iter()
+        .any(|f| f.id == "dpkg.interrupted" && f.severity == Severity::Fail)
+    {
+        for f in findings
+            .iter_mut()
+            .filter(|f| f.id != "dpkg.interrupted" && f.severity.is_problem())
+        {
+            *f = Finding::skip(f.id, format!("{}; see dpkg.interrupted", f.title));
+        }
+    }
+    findings
+}
+
+pub fn check_dpkg(f: &HostFacts) -> Vec<Finding> {
+    const ID: &str = "dpkg.interrupted";
+    let unfinished = rules::dpkg_interrupted(f);
+    if unfinished.is_empty() {
+        return vec![Finding::ok(ID, "dpkg has no install half-done")];
+    }
+    vec![Finding::problem(
+        ID,
+        Severity::Fail,
+        "an apt/dpkg install was interrupted: apt refuses to install anything until it is finished",
+        unfinished
+            .iter()
+            .map(|p| {
+                format!(
+                    "dpkg: {} {} status {}",
+                    p.name,
+                    p.version,
+                    p.status.as_deref().unwrap_or("?")
+                )
+            })
+            .collect(),
+        Fix::by_hand(StepId::Driver, "dpkg --configure -a"),
+    )]
 }
 
 // ---- host: driver ------------------------------------------------------------------------------------------
@@ -1400,6 +1440,25 @@ pub fn check_llama_build(f: &HostFacts) -> Vec<Finding> {
         out.extend(ct_skip(&ids[1..], "llama-server not installed"));
         return out;
     };
+    // An interrupted rebuild can leave the unit pointing at a binary that is gone (the running server keeps the
+    // deleted file open, so it looks fine until its next restart fails with 203/EXEC).
+    if ins.llama_exe.is_none() {
+        let mut out = vec![Finding::problem(
+            "llama.not-installed",
+            Severity::Fail,
+            format!(
+                "{} does not exist in container {v}: the next start of {LLAMA_UNIT} fails",
+                unit.argv[0]
+            ),
+            vec![format!(
+                "CT {v}: ls -l {}: No such file or directory",
+                unit.argv[0]
+            )],
+            Fix::step(StepId::Llama),
+        )];
+        out.extend(ct_skip(&ids[1..], "llama-server is not there"));
+        return out;
+    }
     let mut out = vec![Finding::ok(
         "llama.not-installed",
         format!("{LLAMA_UNIT}.service runs {}", unit.argv[0]),

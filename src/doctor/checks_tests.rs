@@ -136,6 +136,9 @@ ExecStart=/usr/local/bin/llmctl serve-proxy
 GGML_CUDA:BOOL=ON
 CMAKE_CUDA_ARCHITECTURES:STRING=89
 ==> rc=0 <==
+==> ct-llama-exe <==
+-rwxr-xr-x 1 root root 9051234 Feb 13 21:15 /opt/llama.cpp/build/bin/llama-server
+==> rc=0 <==
 ==> ct-services <==
 active
 active
@@ -756,4 +759,43 @@ fn pct_exec_failing_is_not_read_as_an_empty_container() {
     let x = finding(&f, "ct.not-running");
     assert!(x.evidence[0].contains("Failed to exec"), "{x:#?}");
     assert_eq!(finding(&f, "llama.not-installed").severity, Severity::Skip);
+}
+
+/// Issue 16 item 9: an interrupted rebuild left the unit pointing at a binary that is gone.
+#[test]
+fn a_missing_server_binary_is_not_installed() {
+    let mut f = healthy();
+    f.container
+        .as_mut()
+        .unwrap()
+        .inside
+        .as_mut()
+        .unwrap()
+        .llama_exe = None;
+    assert_eq!(problems(&f), vec!["llama.not-installed"]);
+    assert_eq!(
+        finding(&f, "llama.not-installed").fix,
+        Some(Fix::step(crate::host::StepId::Llama))
+    );
+}
+
+/// Issue 11's interrupted install: the one finding is dpkg's, and what follows from it is not reported as its
+/// own problem.
+#[test]
+fn an_interrupted_install_is_the_one_thing_to_fix() {
+    let mut f = healthy();
+    for p in f
+        .packages
+        .iter_mut()
+        .filter(|p| p.name == "nvidia-kernel-open-dkms")
+    {
+        p.status = Some("iF".into());
+    }
+    f.module = None;
+    f.modules.clear();
+    f.dkms.clear();
+    assert_eq!(problems(&f), vec!["dpkg.interrupted"]);
+    let x = finding(&f, "dpkg.interrupted");
+    assert!(x.evidence[0].contains("nvidia-kernel-open-dkms"), "{x:?}");
+    assert_eq!(x.fix.unwrap().step, crate::host::StepId::Driver);
 }

@@ -93,6 +93,15 @@ cmakecache() {
   done
   return 1
 }
+llamaexe() {
+  for f in /etc/systemd/system/llama-server.service /lib/systemd/system/llama-server.service; do
+    [ -f "$f" ] || continue
+    exe=$(sed -n 's/^[[:space:]]*ExecStart=[-@+!]*\([^[:space:]]*\).*/\1/p' "$f" | head -n 1)
+    ls -l "$exe"
+    return
+  done
+  return 1
+}
 devs() { ls -ld /dev/nvidia*; }
 sec ct-os-release cat /etc/os-release
 sec ct-proc-version cat /proc/driver/nvidia/version
@@ -105,6 +114,7 @@ sec ct-pve-ignore ls -a /etc/.pve-ignore.resolv.conf
 sec ct-llama-unit unit llama-server
 sec ct-proxy-unit unit llmctl-proxy
 sec ct-cmake cmakecache
+sec ct-llama-exe llamaexe
 sec ct-services systemctl is-active llama-server llmctl-proxy
 "##;
 
@@ -199,6 +209,9 @@ pub struct InsideFacts {
     pub proxy_unit_exec: Option<String>,
     pub cmake_path: Option<String>,
     pub cmake: Option<BTreeMap<String, String>>,
+    /// `ls -l` of the executable llama-server's unit starts, when that file exists (None: it does not, or there
+    /// is no unit).
+    pub llama_exe: Option<String>,
     /// unit → `systemctl is-active` answer.
     pub services: BTreeMap<String, String>,
 }
@@ -433,6 +446,7 @@ impl HostFacts {
                 .find_map(|l| l.strip_prefix("# path: "))
                 .map(str::to_string);
             let llama_unit = get("ct-llama-unit");
+            let llama_exe = get("ct-llama-exe");
             let proxy_unit = get("ct-proxy-unit");
             let services = get("ct-services")
                 .lines()
@@ -465,6 +479,7 @@ impl HostFacts {
                 cmake: (cmake.ok() && cmake_path.is_some())
                     .then(|| llama::parse_cmake_cache(&cmake.text)),
                 cmake_path,
+                llama_exe: llama_exe.ok().then(|| llama_exe.text.trim().to_string()),
                 services,
             }
         });

@@ -325,6 +325,21 @@ pub fn legacy_passthrough(f: &HostFacts, text: &str) -> (String, Vec<String>) {
     (out, removed)
 }
 
+/// Packages dpkg left unfinished (unpacked, half-installed, half-configured, triggers pending): an `apt-get
+/// install` interrupted mid-way, e.g. by a Ctrl-C during the driver's DKMS build. apt refuses to install anything
+/// until `dpkg --configure -a` finishes them.
+pub fn dpkg_interrupted(f: &HostFacts) -> Vec<&crate::pve::packages::Package> {
+    f.packages
+        .iter()
+        .filter(|p| {
+            p.status
+                .as_deref()
+                .and_then(|s| s.as_bytes().get(1))
+                .is_some_and(|c| matches!(c, b'U' | b'F' | b'H' | b'W' | b't'))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

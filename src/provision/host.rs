@@ -277,6 +277,21 @@ impl Step<Ctx> for Driver {
 }
 
 pub fn driver_check(f: &HostFacts, version: &str, open: bool) -> Check {
+    // An interrupted install first: apt refuses everything until dpkg finishes it (that runs the DKMS build the
+    // Ctrl-C stopped), and only then can the packages be judged.
+    let unfinished = rules::dpkg_interrupted(f);
+    if !unfinished.is_empty() {
+        let mut actions = vec![run(Target::Host, &["dpkg", "--configure", "-a"])];
+        if let Check::Changes(more) = driver_check_finished(f, version, open) {
+            actions.extend(more);
+        }
+        return Check::Changes(actions);
+    }
+    driver_check_finished(f, version, open)
+}
+
+/// [`driver_check`] once dpkg has nothing half-done.
+fn driver_check_finished(f: &HostFacts, version: &str, open: bool) -> Check {
     let want = format!("{version}-1");
     let pkgs = host_driver_packages(open);
     let branch = version.split('.').next().unwrap_or(version);
