@@ -510,7 +510,34 @@ pub fn check_dkms(f: &HostFacts) -> Vec<Finding> {
         .map(|p| upstream_version(&p.version).to_string());
 
     // Build failure for the running kernel (a headers problem is reported by its own check).
-    if running_installed || running_built {
+    // Another installed kernel the driver is known not to build for: the next boot may pick it.
+    let doomed: Vec<(String, String)> = kernel_pkg_version
+        .as_deref()
+        .map(|v| {
+            rules::kernels_without_module(f, Some(v))
+                .into_iter()
+                .filter(|k| *k != f.kernel)
+                .filter_map(|k| rules::known_build_failure(v, &k).map(|why| (k, why)))
+                .collect()
+        })
+        .unwrap_or_default();
+    if (running_installed || running_built) && !doomed.is_empty() {
+        let mut ev: Vec<String> = doomed.iter().map(|(_, why)| why.clone()).collect();
+        ev.extend(nvidia_lines.iter().cloned());
+        out.push(Finding::problem(
+            "dkms.build-failed",
+            Severity::Fail,
+            format!(
+                "the NVIDIA module cannot be built for the installed kernel {}: the next boot may come up without the GPU",
+                doomed.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+            ev,
+            Fix::by_hand(
+                StepId::Dkms,
+                format!("proxmox-boot-tool kernel pin {}   # or choose a newer driver in llmctl.toml", f.kernel),
+            ),
+        ));
+    } else if running_installed || running_built {
         out.push(Finding::ok(
             "dkms.build-failed",
             format!(
@@ -544,8 +571,7 @@ pub fn check_dkms(f: &HostFacts) -> Vec<Finding> {
             f.kernel
         );
         if let Some(v) = &version
-            && nvidia::branch(v).is_some_and(|b| b < 570)
-            && kernel_is_at_least(&f.kernel, (6, 8))
+            && rules::known_build_failure(v, &f.kernel).is_some()
         {
             title.push_str(&format!(
                 ": driver {v} is too old for kernel {} (install a newer branch, e.g. 595 from NVIDIA's CUDA repo, or pin an older kernel with `proxmox-boot-tool kernel pin`)",
@@ -579,7 +605,7 @@ pub fn check_dkms(f: &HostFacts) -> Vec<Finding> {
     }
     for k in rules::kernels_without_module(f, kernel_pkg_version.as_deref())
         .iter()
-        .filter(|k| **k != f.kernel)
+        .filter(|k| **k != f.kernel && !doomed.iter().any(|(d, _)| d == *k))
     {
         severity = Severity::Fail;
         ev.push(format!(
@@ -611,14 +637,6 @@ pub fn check_dkms(f: &HostFacts) -> Vec<Finding> {
         ));
     }
     out
-}
-
-fn kernel_is_at_least(kernel: &str, (maj, min): (u32, u32)) -> bool {
-    let mut it = kernel.split(['.', '-']).map(|p| p.parse::<u32>().ok());
-    match (it.next().flatten(), it.next().flatten()) {
-        (Some(a), Some(b)) => (a, b) >= (maj, min),
-        _ => false,
-    }
 }
 
 pub fn check_driver_loaded(f: &HostFacts) -> Vec<Finding> {

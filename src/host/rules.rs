@@ -340,6 +340,30 @@ pub fn dpkg_interrupted(f: &HostFacts) -> Vec<&crate::pve::packages::Package> {
         .collect()
 }
 
+/// `6.17.2-1-pve` → `(6, 17)`.
+pub fn kernel_series(kernel: &str) -> Option<(u32, u32)> {
+    let mut it = kernel.split(['.', '-']).map(|p| p.parse::<u32>().ok());
+    Some((it.next()??, it.next()??))
+}
+
+/// Why driver `version` is known not to build for `kernel` (gpu-generations.md §5: a new kernel series breaks
+/// the older branches, which get no fix): `None` when nothing is known against it.
+pub fn known_build_failure(version: &str, kernel: &str) -> Option<String> {
+    let branch: u32 = version.split('.').next()?.parse().ok()?;
+    let series = kernel_series(kernel)?;
+    let broken = match branch {
+        ..=470 => series >= (6, 12),
+        535..=559 => series >= (6, 17),
+        _ => false,
+    };
+    broken.then(|| {
+        format!(
+            "driver {version} (branch {branch}) does not build for kernel {kernel}: newer kernels break the older \
+             branches, which NVIDIA no longer fixes"
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,5 +496,32 @@ mod tests {
         assert!(why.contains("Tesla P40") && why.contains("580"), "{why}");
         assert_eq!(driver_fits_gpus(&f, "580.105.08", false), Ok(()));
         assert_eq!(crate::gpu::newest_cuda_major(&gpus), Some(12));
+    }
+
+    /// Issue 16 item 6: a branch known not to build for the new kernel, named by that kernel.
+    #[test]
+    fn older_branches_do_not_build_for_newer_kernels() {
+        assert!(
+            known_build_failure("550.163.01", "6.17.2-1-pve")
+                .is_some_and(|w| w.contains("6.17.2-1-pve"))
+        );
+        assert_eq!(known_build_failure("550.163.01", "6.14.8-2-pve"), None);
+        assert_eq!(known_build_failure("595.71.05", "6.17.2-1-pve"), None);
+        let f = HostFacts {
+            kernel: "6.14.8-2-pve".into(),
+            installed_kernels: vec!["6.14.8-2-pve".into(), "6.17.2-1-pve".into()],
+            kernels_with_build_dir: vec!["6.14.8-2-pve".into(), "6.17.2-1-pve".into()],
+            dkms: crate::pve::dkms::parse_status(
+                "nvidia/550.163.01, 6.14.8-2-pve, x86_64: installed\n",
+            ),
+            ..HostFacts::default()
+        };
+        match crate::provision::host::dkms_check(&f, "550.163.01") {
+            crate::provision::step::Check::Refused(why) => assert!(
+                why.contains("kernel 6.17.2-1-pve") && why.contains("kernel pin 6.14.8-2-pve"),
+                "{why}"
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 }

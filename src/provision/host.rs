@@ -495,6 +495,17 @@ impl Step<Ctx> for Dkms {
 
 pub fn dkms_check(f: &HostFacts, version: &str) -> Check {
     let missing = rules::kernels_without_module(f, Some(version));
+    // A build known to fail is refused in the plan, naming the kernel it fails for (issue 16 item 6).
+    if let Some(why) = missing
+        .iter()
+        .find_map(|k| rules::known_build_failure(version, k))
+    {
+        return Check::Refused(format!(
+            "{why}. Choose a newer driver in llmctl.toml, or keep the kernel it works on: `proxmox-boot-tool \
+             kernel pin {}` and remove the newer kernel",
+            f.kernel
+        ));
+    }
     if missing.is_empty() {
         return Check::Done(format!(
             "nvidia/{version} installed for {}",
