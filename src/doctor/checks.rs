@@ -1395,11 +1395,14 @@ pub fn check_gpu_visible(f: &HostFacts) -> Vec<Finding> {
             .any(|x| x.id == "ct.libs-mismatch" && x.severity.is_problem())
         || check_cgroup_majors(f)
             .iter()
-            .any(|x| x.severity.is_problem());
+            .any(|x| x.severity.is_problem())
+        || check_container_config(f)
+            .iter()
+            .any(|x| x.id == "ct.pending-changes" && x.severity.is_problem());
     if blocked {
         return vec![Finding::skip(
             ID,
-            "a cause upstream (host driver, devices, libraries) is reported above",
+            "a cause upstream (host driver, devices, pending config, libraries) is reported above",
         )];
     }
     let has_node = ins
