@@ -106,19 +106,6 @@ fn sim_turn() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Starts a sim host, trying a second time when the first start fails: on a loaded machine simhost can decide
-/// too early that its sshd did not start (it checks the namespace's pids right after spawning it). Only the
-/// start is retried; what doctor reports is never retried.
-fn start_sim(path: &Path, n: u32) -> SimHost {
-    match std::panic::catch_unwind(|| SimHost::start_n(path, n)) {
-        Ok(sim) => sim,
-        Err(_) => {
-            std::thread::sleep(std::time::Duration::from_secs(1));
-            SimHost::start_n(path, n)
-        }
-    }
-}
-
 /// doctor against a sim host, with only its key and known_hosts.
 fn doctor(sim: &SimHost, extra: &[&str]) -> Output {
     let mut args = vec![
@@ -186,7 +173,7 @@ fn scenarios() -> Vec<PathBuf> {
 /// Runs doctor --json on one scenario; Err describes any difference from its [expect].
 fn check_scenario(path: &Path, n: u32) -> Result<(), String> {
     let expect = expectation(path);
-    let sim = start_sim(path, n);
+    let sim = SimHost::start_retrying(path, n);
     let out = doctor(&sim, &["--json"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let name = path.file_name().unwrap().to_string_lossy();
@@ -311,7 +298,7 @@ fn every_scenario_reports_exactly_its_expected_findings() {
 fn readable_errors_and_the_text_report_against_a_sim_host() {
     let _turn = sim_turn();
     // Sim host numbers 199-249 are this file's (tests/support uses 1-99).
-    let sim = start_sim(&repo().join("fixtures/scenarios/healthy.toml"), 199);
+    let sim = SimHost::start_retrying(&repo().join("fixtures/scenarios/healthy.toml"), 199);
 
     // Healthy, text: every check listed, a summary, exit 0.
     let o = doctor(&sim, &[]);
@@ -430,7 +417,7 @@ fn more_host_states_through_the_sim() {
         "libs-unheld",
         "[containers.103]\nlibs_held = false\n",
     );
-    let sim = start_sim(&path, 240);
+    let sim = SimHost::start_retrying(&path, 240);
     let o = doctor(&sim, &["--json"]);
     assert_eq!(
         problem_ids(&o),
@@ -445,7 +432,7 @@ fn more_host_states_through_the_sim() {
         "stopped",
         "[containers.103]\nstatus = \"stopped\"\n",
     );
-    let sim = start_sim(&path, 241);
+    let sim = SimHost::start_retrying(&path, 241);
     let o = doctor(&sim, &["--json"]);
     assert_eq!(
         problem_ids(&o),
@@ -467,7 +454,7 @@ fn more_host_states_through_the_sim() {
         "two-gpu-cts",
         &format!("[containers.104]{second}"),
     );
-    let sim = start_sim(&path, 242);
+    let sim = SimHost::start_retrying(&path, 242);
     let o = doctor(&sim, &[]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");

@@ -201,17 +201,6 @@ fn plan_steps(check_stdout: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// Starts a sim host, once more when the first start fails (a loaded machine can miss simhost's deadline).
-fn start_sim(path: &Path, n: u32) -> SimHost {
-    match std::panic::catch_unwind(|| SimHost::start_n(path, n)) {
-        Ok(sim) => sim,
-        Err(_) => {
-            std::thread::sleep(std::time::Duration::from_secs(1));
-            SimHost::start_n(path, n)
-        }
-    }
-}
-
 /// What one scenario broke, or `None`.
 fn judge(path: &Path, n: u32) -> Option<String> {
     let name = path.file_stem().unwrap().to_string_lossy().into_owned();
@@ -229,7 +218,7 @@ fn judge(path: &Path, n: u32) -> Option<String> {
         }
     }
     let scenario = merged(path);
-    let sim = start_sim(path, n);
+    let sim = SimHost::start_retrying(path, n);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("llmctl.toml");
     std::fs::write(&config, law_config(&scenario, sim.ssh_target())).unwrap();

@@ -47,6 +47,19 @@ impl SimHost {
         Self::start_n(scenario, n)
     }
 
+    /// [`Self::start_n`], once more when the first start fails: on a loaded machine simhost can decide too early
+    /// that its sshd did not start (it checks the namespace's pids right after spawning it). Only the start is
+    /// retried; what a test then observes never is.
+    pub fn start_retrying(scenario: &Path, n: u32) -> SimHost {
+        match std::panic::catch_unwind(|| SimHost::start_n(scenario, n)) {
+            Ok(sim) => sim,
+            Err(_) => {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                SimHost::start_n(scenario, n)
+            }
+        }
+    }
+
     pub fn start_n(scenario: &Path, n: u32) -> SimHost {
         let out = Command::new("bash")
             .arg(simhost_script())
