@@ -534,3 +534,32 @@ fn plan_refuses_a_bad_server_section_in_provisions_words() {
         "{err}"
     );
 }
+
+/// Issue 16 item 10: two GPUs are not one GPU of their summed memory. Each keeps its own CUDA context and compute
+/// buffers, so a model sized to just fit the sum under one reserve does not fit two GPUs.
+#[test]
+fn two_gpus_keep_a_context_and_compute_buffers_each() {
+    let s = shape_of(qwen36_27b());
+    let one = Options::default();
+    let two = Options {
+        gpus: 2,
+        ..Options::default()
+    };
+    let as_one = plan::evaluate(&s, &one, 32768, s.n_layer + 1, 0);
+    let as_two = plan::evaluate(&s, &two, 32768, s.n_layer + 1, 0);
+    assert_eq!(
+        as_two.vram.overhead - as_one.vram.overhead,
+        plan::DEFAULT_RESERVE_MIB * MIB,
+        "a second CUDA context"
+    );
+    assert_eq!(as_two.vram.compute, 2 * as_one.vram.compute);
+    // Memory that holds it all on one GPU of that size, split over two halves: it no longer fits whole.
+    let exact = Hardware {
+        vram_mib: as_one.vram.total().div_ceil(MIB),
+        ram_mib: Some(40000),
+    };
+    assert!(plan::fits_hardware(&as_one, &exact));
+    assert!(!plan::fits_hardware(&as_two, &exact));
+    let split = plan::plan(&s, &exact, &two).unwrap();
+    assert_ne!(split.chosen.strategy, Strategy::AllOnGpu);
+}

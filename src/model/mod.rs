@@ -130,6 +130,10 @@ pub struct PlanArgs {
     /// is one; else 512]
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=plan::MAX_UBATCH))]
     pub ubatch: Option<u64>,
+    /// How many GPUs --vram is, together: the layers are split across them, and each keeps its own CUDA context
+    /// (--reserve) and compute buffers.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+    pub gpus: u64,
     /// VRAM kept free for the CUDA context, in MiB (less than --vram).
     #[arg(long, value_name = "MIB", default_value_t = plan::DEFAULT_RESERVE_MIB,
           value_parser = clap::value_parser!(u64).range(0..=plan::MAX_VRAM_MIB - 1))]
@@ -269,6 +273,7 @@ fn plan_options(global: &GlobalArgs, a: &PlanArgs) -> Result<(Options, Option<St
         cache_type_v: None,
         ubatch: a.ubatch.unwrap_or(defaults.ubatch),
         reserve_mib: a.reserve,
+        gpus: a.gpus,
     };
     let Some(path) = file.path.clone() else {
         return Ok((opts, None));

@@ -98,11 +98,20 @@ pub struct Options {
     pub cache_type_v: Option<CacheType>,
     /// `-ub`: tokens per compute step; the compute buffers grow with it.
     pub ubatch: u64,
-    /// VRAM kept free for the CUDA context and driver, MiB.
+    /// VRAM kept free for the CUDA context and driver, MiB, on each GPU.
     pub reserve_mib: u64,
+    /// How many GPUs the layers are split across (`vram_mib` is all of them together). Each GPU has its own CUDA
+    /// context and its own compute buffers, so both are counted once per GPU (issue 16 item 10: adding two GPUs'
+    /// memory under one reserve over-promises a model sized to just fit them).
+    pub gpus: u64,
 }
 
 impl Options {
+    /// The VRAM kept for CUDA contexts on all the GPUs together.
+    pub fn reserve_total_mib(&self) -> u64 {
+        self.reserve_mib.saturating_mul(self.gpus.max(1))
+    }
+
     /// The V cache's type.
     pub fn v_type(&self) -> CacheType {
         self.cache_type_v.unwrap_or(self.cache_type)
@@ -117,6 +126,7 @@ impl Default for Options {
             cache_type_v: None,
             ubatch: 512,
             reserve_mib: DEFAULT_RESERVE_MIB,
+            gpus: 1,
         }
     }
 }
@@ -289,7 +299,7 @@ impl<'a> Ctx<'a> {
         let output_on_gpu = ngl >= 1;
         let share = self.expert_share();
         let mut vram = Usage {
-            overhead: self.opts.reserve_mib.saturating_mul(MIB),
+            overhead: self.opts.reserve_total_mib().saturating_mul(MIB),
             ..Usage::default()
         };
         let mut ram = Usage {
@@ -360,6 +370,8 @@ impl<'a> Ctx<'a> {
         if output_on_gpu {
             vram.compute = vram.compute.saturating_add(logits);
         }
+        // Split across GPUs, each keeps compute buffers of its own.
+        vram.compute = vram.compute.saturating_mul(self.opts.gpus.max(1));
         ram.compute = activations.saturating_add(if output_on_gpu { 0 } else { logits });
         Placement {
             strategy,
@@ -432,11 +444,14 @@ fn check_inputs(shape: &ModelShape, hw: &Hardware, opts: &Options) -> Result<(),
         }
         _ => {}
     }
-    if opts.reserve_mib >= hw.vram_mib {
+    if opts.reserve_total_mib() >= hw.vram_mib {
         return bad(format!(
-            "--reserve {} MiB leaves nothing of the {} MiB GPU; keep it below --vram (the default {} MiB covers \
-              the CUDA context)",
-            opts.reserve_mib, hw.vram_mib, DEFAULT_RESERVE_MIB
+            "--reserve {} MiB per GPU ({} GPU(s)) leaves nothing of the {} MiB of VRAM; keep it below --vram (the \
+              default {} MiB covers the CUDA context)",
+            opts.reserve_mib,
+            opts.gpus.max(1),
+            hw.vram_mib,
+            DEFAULT_RESERVE_MIB
         ));
     }
     if !(1..=MAX_UBATCH).contains(&opts.ubatch) {
@@ -498,7 +513,7 @@ pub fn plan(shape: &ModelShape, hw: &Hardware, opts: &Options) -> Result<Plan, P
             p.ram.total().saturating_add(p.vram.compute)
         };
         let available = ram_mib
-            .saturating_add(hw.vram_mib.saturating_sub(opts.reserve_mib))
+            .saturating_add(hw.vram_mib.saturating_sub(opts.reserve_total_mib()))
             .saturating_mul(MIB);
         if needed(&c) > available {
             let max_ctx =
@@ -766,9 +781,17 @@ fn describe_choice(
     opts: &Options,
 ) -> Vec<String> {
     let mut lines = vec![format!(
-        "budget: {} MiB of VRAM, {} MiB kept for the CUDA context; RAM {}",
+        "budget: {} MiB of VRAM, {} MiB kept for the CUDA context{}; RAM {}",
         hw.vram_mib,
-        opts.reserve_mib,
+        opts.reserve_total_mib(),
+        if opts.gpus > 1 {
+            format!(
+                "s ({} MiB on each of {} GPUs, which also keep their own compute buffers)",
+                opts.reserve_mib, opts.gpus
+            )
+        } else {
+            String::new()
+        },
         hw.ram_mib
             .map_or("not checked (give --ram)".to_string(), |r| format!(
                 "{r} MiB"

@@ -965,12 +965,13 @@ impl Service {
         {
             return Ok(Ok(fixed));
         }
-        let vram: u64 = ctx
+        let sizes: Vec<u64> = ctx
             .facts()?
             .gpus
             .iter()
             .filter_map(|g| g.memory_total_mib)
-            .sum();
+            .collect();
+        let (vram, gpus): (u64, usize) = (sizes.iter().sum(), sizes.len());
         if vram == 0 {
             return Ok(Ok(fixed));
         }
@@ -983,7 +984,7 @@ impl Service {
         }
         // The planner sizes every cache type [server] accepts (the container has no llmctl.toml to read).
         let cache = s.cache_type_k.clone();
-        let argv = plan_argv(&ctx.cfg, vram, &cache);
+        let argv = plan_argv(&ctx.cfg, vram, gpus, &cache);
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         let out = ctx
             .ct()
@@ -1089,14 +1090,25 @@ impl Step<Ctx> for Service {
 
 /// `llmctl model plan` for the configured model, context, cache and batch on `vram_mib` of GPU memory, with the
 /// container's memory as the RAM budget.
-pub fn plan_argv(cfg: &super::config::ProvisionConfig, vram_mib: u64, cache: &str) -> Vec<String> {
-    vec![
+pub fn plan_argv(
+    cfg: &super::config::ProvisionConfig,
+    vram_mib: u64,
+    gpus: usize,
+    cache: &str,
+) -> Vec<String> {
+    let mut argv: Vec<String> = vec![
         units::LLMCTL_BIN.into(),
         "model".into(),
         "plan".into(),
         cfg.model.dest.clone(),
         "--vram".into(),
         vram_mib.to_string(),
+    ];
+    if gpus > 1 {
+        // llama-server splits the layers across every GPU it sees: each keeps its own context and buffers.
+        argv.extend(["--gpus".to_string(), gpus.to_string()]);
+    }
+    argv.extend([
         "--ram".into(),
         cfg.container.memory_mib.to_string(),
         "--ctx".into(),
@@ -1106,7 +1118,8 @@ pub fn plan_argv(cfg: &super::config::ProvisionConfig, vram_mib: u64, cache: &st
         "--ubatch".into(),
         cfg.server.ubatch.to_string(),
         "--json".into(),
-    ]
+    ]);
+    argv
 }
 
 /// The chosen offload of `llmctl model plan --json`.
