@@ -726,7 +726,8 @@ pub fn check_driver_pinned(f: &HostFacts) -> Vec<Finding> {
     const ID: &str = "driver.not-pinned";
     // The packages provision installs at one version and holds: the same list judges both commands.
     let open = rules::installed_flavour(f) != Some(nvidia::ModuleFlavour::Proprietary);
-    let names = crate::provision::host::host_driver_packages(open);
+    let names = rules::debian_driver_packages(f, open)
+        .unwrap_or_else(|| crate::provision::host::host_driver_packages(open));
     if names.iter().all(|n| f.package(n).is_none()) {
         return vec![Finding::skip(ID, "no driver packages installed")];
     }

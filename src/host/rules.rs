@@ -364,6 +364,33 @@ pub fn known_build_failure(version: &str, kernel: &str) -> Option<String> {
     })
 }
 
+/// Debian's own packaging of the NVIDIA driver (non-free): its module package (`nvidia-open-kernel-dkms` for the
+/// open flavour, `nvidia-kernel-dkms`) and `nvidia-smi` as its own package, no `nvidia-driver-cuda`. Its packages,
+/// when that is what the host has; `None` for NVIDIA's repository's packaging (or no driver).
+pub fn debian_driver_packages(f: &HostFacts, open: bool) -> Option<Vec<&'static str>> {
+    let module = if open {
+        "nvidia-open-kernel-dkms"
+    } else {
+        "nvidia-kernel-dkms"
+    };
+    let debian = f.package(module).is_some()
+        && f.package("nvidia-smi").is_some()
+        && f.package("nvidia-driver-cuda").is_none();
+    debian.then(|| {
+        [
+            module,
+            "nvidia-smi",
+            "libcuda1",
+            "libnvidia-ml1",
+            "nvidia-persistenced",
+            "nvidia-modprobe",
+        ]
+        .into_iter()
+        .filter(|n| f.package(n).is_some())
+        .collect()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -292,6 +292,31 @@ pub fn driver_check(f: &HostFacts, version: &str, open: bool) -> Check {
 
 /// [`driver_check`] once dpkg has nothing half-done.
 fn driver_check_finished(f: &HostFacts, version: &str, open: bool) -> Check {
+    // Debian's own packaging of the same driver is the same driver (issue 16 item 3): only the upstream version
+    // must match, and holds pin it as they pin NVIDIA's.
+    if let Some(pkgs) = rules::debian_driver_packages(f, open) {
+        let off: Vec<&str> = pkgs
+            .iter()
+            .copied()
+            .filter(|n| f.package(n).is_none_or(|p| p.upstream_version() != version))
+            .collect();
+        if !off.is_empty() {
+            return Check::Refused(format!(
+                "the host has Debian's own packaging of the NVIDIA driver, and {} is not at {version}. llmctl \
+                 installs NVIDIA's packages and will not mix them with Debian's: set [driver] version to the \
+                 version Debian installed, or remove Debian's driver (`apt-get purge {}`) and run provision again",
+                off.join(", "),
+                pkgs.join(" ")
+            ));
+        }
+        let unheld = rules::unheld(f, &pkgs);
+        if unheld.is_empty() {
+            return Check::Done(format!("Debian's {} at {version}, held", pkgs.join(", ")));
+        }
+        let mut hold = vec!["apt-mark", "hold"];
+        hold.extend(&unheld);
+        return Check::Changes(vec![run(Target::Host, &hold)]);
+    }
     let want = format!("{version}-1");
     let pkgs = host_driver_packages(open);
     let branch = version.split('.').next().unwrap_or(version);
@@ -738,5 +763,40 @@ mod tests {
             module_check(&f, "595.71.05", true, false),
             Check::Done(_)
         ));
+    }
+
+    /// Issue 16 item 3: Debian's own packaging of the configured driver is that driver.
+    #[test]
+    fn debians_packaging_of_the_same_driver_is_done() {
+        let dpkg = |status: &str| {
+            crate::pve::packages::parse_dpkg_query(&format!(
+                "nvidia-open-kernel-dkms\t595.71.05-2\t{status}\nnvidia-smi\t595.71.05-2\t{status}\n\
+                 libcuda1\t595.71.05-2\t{status}\nlibnvidia-ml1\t595.71.05-2\t{status}\n"
+            ))
+        };
+        let held = HostFacts {
+            packages: dpkg("hi "),
+            ..HostFacts::default()
+        };
+        assert!(matches!(
+            driver_check(&held, "595.71.05", true),
+            Check::Done(_)
+        ));
+        assert!(
+            matches!(driver_check(&held, "595.71.08", true), Check::Refused(w) if w.contains("Debian"))
+        );
+        let unheld = HostFacts {
+            packages: dpkg("ii "),
+            ..HostFacts::default()
+        };
+        match driver_check(&unheld, "595.71.05", true) {
+            Check::Changes(a) => assert_eq!(
+                a.iter().map(Action::render).collect::<Vec<_>>(),
+                [
+                    "[host] $ apt-mark hold nvidia-open-kernel-dkms nvidia-smi libcuda1 libnvidia-ml1"
+                ]
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 }
