@@ -969,9 +969,15 @@ pub fn check_container_config(f: &HostFacts) -> Vec<Finding> {
         ));
     }
     match &cfg.pending {
+        // Pending devN: the container runs without those devices until a restart, which provision's devices
+        // step makes. Other pending keys are the user's own, shown as a warning.
         Some(p) if !p.options.is_empty() || !p.raw.is_empty() => out.push(Finding::problem(
             "ct.pending-changes",
-            Severity::Warn,
+            if p.devices().is_empty() {
+                Severity::Warn
+            } else {
+                Severity::Fail
+            },
             format!("container {v} has pending changes that apply only at its next start"),
             p.options
                 .iter()
