@@ -450,6 +450,9 @@ fn the_last_mile_claude_code_answers_on_a_laptop(bed: &Bed, key: &str) {
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("HOME", home.path())
+        // The 135M test model, sampling at Claude Code's temperature, can fall into a loop that only max_tokens
+        // ends (32k tokens: half an hour on two cores). A bound on the answer keeps the test about the stack.
+        .env("CLAUDE_CODE_MAX_OUTPUT_TOKENS", "1024")
         .current_dir(&work)
         .stdin(Stdio::null())
         .output()

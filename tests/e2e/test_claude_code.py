@@ -51,6 +51,8 @@ def run_claude(claude_bin: str, target, role: str, tmp: Path, args: list[str]) -
         "DISABLE_TELEMETRY": "1",
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
         "DISABLE_AUTOUPDATER": "1",
+        # The small test model can loop until max_tokens (32k at a few dozen tokens/s); bound the answers.
+        "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "1024",
     })
     try:
         return subprocess.run([claude_bin, *args], cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True,
