@@ -6,6 +6,7 @@
 use serde::Serialize;
 
 use crate::host::facts::{CtStatus, HostFacts, LLAMA_UNIT, PROXY_UNIT};
+use crate::host::rules::is_gpu_node;
 use crate::host::{StepId, rules};
 use crate::pve::dkms::DkmsState;
 use crate::pve::llama::{self, ArchFit};
@@ -839,11 +840,6 @@ pub fn check_device_nodes(f: &HostFacts) -> Vec<Finding> {
     out
 }
 
-fn is_gpu_node(path: &str) -> bool {
-    path.strip_prefix("/dev/nvidia")
-        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-}
-
 pub fn check_nodes_at_boot(f: &HostFacts) -> Vec<Finding> {
     const ID: &str = "dev.nodes-not-at-boot";
     if !kernel_package_installed(f) && f.module.is_none() {
@@ -995,21 +991,6 @@ pub fn check_container_config(f: &HostFacts) -> Vec<Finding> {
 }
 
 /// Device paths the container needs: every GPU node the host has (at least nvidia0), nvidiactl, and uvm.
-fn required_device_paths(f: &HostFacts) -> Vec<String> {
-    let mut gpus: Vec<String> = f
-        .dev_nodes
-        .iter()
-        .filter(|n| is_gpu_node(&n.path))
-        .map(|n| n.path.clone())
-        .collect();
-    if gpus.is_empty() {
-        gpus.push("/dev/nvidia0".into());
-    }
-    gpus.push("/dev/nvidiactl".into());
-    gpus.extend(UVM_NODES.iter().map(|s| s.to_string()));
-    gpus
-}
-
 pub fn check_devices_configured(f: &HostFacts) -> Vec<Finding> {
     const ID: &str = "ct.devices-missing";
     let Some((v, cfg)) = ct(f) else {
@@ -1021,7 +1002,7 @@ pub fn check_devices_configured(f: &HostFacts) -> Vec<Finding> {
         .map(|(_, d)| d.path)
         .collect();
     let mounts = cfg.live.mount_entry_sources();
-    let missing: Vec<String> = required_device_paths(f)
+    let missing: Vec<String> = rules::wanted_devices(f)
         .into_iter()
         .filter(|p| !devn.contains(p) && !mounts.contains(&p.as_str()))
         .collect();

@@ -4,6 +4,33 @@
 use super::facts::HostFacts;
 use crate::pve::dkms::DkmsState;
 
+/// `/dev/nvidiaN`: one GPU's device node (not the control or uvm nodes).
+pub fn is_gpu_node(path: &str) -> bool {
+    path.strip_prefix("/dev/nvidia")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The device nodes a container needs: every `/dev/nvidiaN` the host has, the control node, and uvm.
+pub fn wanted_devices(f: &HostFacts) -> Vec<String> {
+    let mut gpus: Vec<String> = f
+        .dev_nodes
+        .iter()
+        .filter(|n| is_gpu_node(&n.path))
+        .map(|n| n.path.clone())
+        .collect();
+    if gpus.is_empty() {
+        gpus.push("/dev/nvidia0".into());
+    }
+    // By GPU number, not as text: /dev/nvidia2 before /dev/nvidia10.
+    gpus.sort_by_key(|p| {
+        p.trim_start_matches("/dev/nvidia")
+            .parse::<u32>()
+            .unwrap_or(u32::MAX)
+    });
+    gpus.extend(["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"].map(String::from));
+    gpus
+}
+
 /// The `grep -rsH nouveau` line (`file:text`) that blacklists nouveau: its first two words are
 /// `blacklist nouveau` (a comment, an `options nouveau` line or `blacklist nouveaux` do not count).
 pub fn nouveau_blacklist_line(lines: &[String]) -> Option<&String> {

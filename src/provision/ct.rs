@@ -14,6 +14,7 @@ use super::step::{Action, Check, Step, Target};
 use super::units;
 use crate::host::StepId;
 use crate::host::facts::{CtStatus, HostFacts, InsideFacts};
+use crate::host::rules::{is_gpu_node, wanted_devices};
 use crate::pve::lxc::{self, LxcConfig};
 use crate::transport::{Cmd, Transport as _};
 
@@ -151,37 +152,6 @@ impl Step<Ctx> for Devices {
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
         execute(ctx, actions)
     }
-}
-
-/// `/dev/nvidiaN`: one GPU's node.
-fn is_gpu_node(path: &str) -> bool {
-    path.strip_prefix("/dev/nvidia")
-        .is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// The device nodes a container needs: every `/dev/nvidiaN` the host has, the control node, and uvm.
-pub fn wanted_devices(f: &HostFacts) -> Vec<String> {
-    let mut gpus: Vec<String> = f
-        .dev_nodes
-        .iter()
-        .filter(|n| {
-            n.path
-                .strip_prefix("/dev/nvidia")
-                .is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
-        })
-        .map(|n| n.path.clone())
-        .collect();
-    if gpus.is_empty() {
-        gpus.push("/dev/nvidia0".into());
-    }
-    // By GPU number, not as text: /dev/nvidia2 before /dev/nvidia10.
-    gpus.sort_by_key(|p| {
-        p.trim_start_matches("/dev/nvidia")
-            .parse::<u32>()
-            .unwrap_or(u32::MAX)
-    });
-    gpus.extend(["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"].map(String::from));
-    gpus
 }
 
 pub fn devices_check(

@@ -680,12 +680,10 @@ pub fn devices_at_boot_check(
         });
     }
     let node = |p: &str| f.dev_nodes.iter().any(|n| n.path == p && n.kind == 'c');
-    let gpu_node = f.dev_nodes.iter().any(|n| {
-        n.kind == 'c'
-            && n.path
-                .strip_prefix("/dev/nvidia")
-                .is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
-    });
+    let gpu_node = f
+        .dev_nodes
+        .iter()
+        .any(|n| n.kind == 'c' && rules::is_gpu_node(&n.path));
     if f.module.is_some() && !(node("/dev/nvidiactl") && gpu_node) {
         // The control node and one per GPU; nvidia-smi creates the nodes of every GPU it finds.
         actions.push(run(Target::Host, &["nvidia-modprobe", "-c0"]));
