@@ -173,7 +173,7 @@ fn scenarios() -> Vec<PathBuf> {
 /// Runs doctor --json on one scenario; Err describes any difference from its [expect].
 fn check_scenario(path: &Path, n: u32) -> Result<(), String> {
     let expect = expectation(path);
-    let sim = SimHost::start_retrying(path, n);
+    let sim = SimHost::start_provisioned(path, n);
     let out = doctor(&sim, &["--json"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let name = path.file_name().unwrap().to_string_lossy();
@@ -298,7 +298,7 @@ fn every_scenario_reports_exactly_its_expected_findings() {
 fn readable_errors_and_the_text_report_against_a_sim_host() {
     let _turn = sim_turn();
     // Sim host numbers 199-249 are this file's (tests/support uses 1-99).
-    let sim = SimHost::start_retrying(&repo().join("fixtures/scenarios/healthy.toml"), 199);
+    let sim = SimHost::start_provisioned(&repo().join("fixtures/scenarios/healthy.toml"), 199);
 
     // Healthy, text: every check listed, a summary, exit 0.
     let o = doctor(&sim, &[]);
@@ -417,7 +417,7 @@ fn more_host_states_through_the_sim() {
         "libs-unheld",
         "[containers.103]\nlibs_held = false\n",
     );
-    let sim = SimHost::start_retrying(&path, 240);
+    let sim = SimHost::start_provisioned(&path, 240);
     let o = doctor(&sim, &["--json"]);
     assert_eq!(
         problem_ids(&o),
@@ -432,7 +432,7 @@ fn more_host_states_through_the_sim() {
         "stopped",
         "[containers.103]\nstatus = \"stopped\"\n",
     );
-    let sim = SimHost::start_retrying(&path, 241);
+    let sim = SimHost::start_provisioned(&path, 241);
     let o = doctor(&sim, &["--json"]);
     assert_eq!(
         problem_ids(&o),
@@ -447,14 +447,18 @@ fn more_host_states_through_the_sim() {
         .split("[containers.103]")
         .nth(1)
         .and_then(|rest| rest.split("[expect]").next())
-        .map(|c| c.replace("hostname = \"llm-server\"", "hostname = \"llm-two\""))
+        // The sim's containers share one network namespace: the second one's services get ports of their own.
+        .map(|c| {
+            c.replace("hostname = \"llm-server\"", "hostname = \"llm-two\"")
+                .replace("llama_port = 8080", "llama_port = 8081\nproxy_port = 4001")
+        })
         .expect("healthy.toml has a [containers.103] table");
     let path = temp_scenario(
         tmp.path(),
         "two-gpu-cts",
         &format!("[containers.104]{second}"),
     );
-    let sim = SimHost::start_retrying(&path, 242);
+    let sim = SimHost::start_provisioned(&path, 242);
     let o = doctor(&sim, &[]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");

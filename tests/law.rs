@@ -230,6 +230,24 @@ fn judge(path: &Path, n: u32) -> Option<String> {
     let check_out = String::from_utf8_lossy(&check.stdout).into_owned();
     let steps = plan_steps(&check_out);
     let mut wrong = Vec::new();
+    // Issue 16 item 12: a scenario that describes what provision leaves (`[law] healthy = true`, `healthy.toml` and
+    // the scenarios that only add what changes nothing) must be healthy under the law's config, not merely agree.
+    // Read from the file itself, not the merged scenario: a scenario derived from `healthy` does not inherit it.
+    let own: toml::Table = std::fs::read_to_string(path)
+        .expect("read the scenario")
+        .parse()
+        .expect("the scenario is TOML");
+    let must_be_healthy = own
+        .get("law")
+        .and_then(|l| l.get("healthy"))
+        .and_then(|h| h.as_bool())
+        .unwrap_or(false);
+    if must_be_healthy && (d_exit != 0 || c_exit != 0) {
+        wrong.push(format!(
+            "the scenario describes what provision leaves, yet doctor exits {d_exit} and provision --check \
+             exits {c_exit} (the sim's container and the law's config describe different installations)"
+        ));
+    }
     if (d_exit == 0) != (c_exit == 0) {
         wrong.push(format!(
             "doctor exits {d_exit}, provision --check exits {c_exit}"

@@ -61,11 +61,30 @@ impl SimHost {
     }
 
     pub fn start_n(scenario: &Path, n: u32) -> SimHost {
+        Self::start_n_env(scenario, n, &[])
+    }
+
+    /// [`Self::start_retrying`] with `LLMCTL_SIM_LLMCTL` set to the llmctl under test: every container then has it
+    /// as /usr/local/bin/llmctl, as provision leaves it, so a scenario's `llmctl-proxy` service really runs.
+    pub fn start_provisioned(scenario: &Path, n: u32) -> SimHost {
+        let env = [("LLMCTL_SIM_LLMCTL", env!("CARGO_BIN_EXE_llmctl"))];
+        match std::panic::catch_unwind(|| SimHost::start_n_env(scenario, n, &env)) {
+            Ok(sim) => sim,
+            Err(_) => {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                SimHost::start_n_env(scenario, n, &env)
+            }
+        }
+    }
+
+    /// Starts sim host `n` with extra environment for `simhost up` (its `LLMCTL_SIM_*` settings).
+    pub fn start_n_env(scenario: &Path, n: u32, env: &[(&str, &str)]) -> SimHost {
         let out = Command::new("bash")
             .arg(simhost_script())
             .arg("up")
             .arg(scenario)
             .arg(n.to_string())
+            .envs(env.iter().copied())
             .output()
             .expect("cannot run bash fixtures/sim/simhost");
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
