@@ -656,22 +656,23 @@ impl Step<Ctx> for Llama {
     }
 }
 
-/// `CMAKE_CUDA_ARCHITECTURES` from the GPUs themselves: compute capability 8.9 → `89`, deduplicated, sorted.
+/// `CMAKE_CUDA_ARCHITECTURES` from the GPUs the driver reports (`gpu::cuda_architectures`: compute capability
+/// 8.9 → `89`, deduplicated, sorted); an error when none is known.
 pub fn cuda_architectures(f: &HostFacts) -> Result<String> {
-    let mut archs: Vec<u32> = f.gpus.iter().filter_map(|g| g.cuda_arch()).collect();
-    archs.sort_unstable();
-    archs.dedup();
+    let gpus: Vec<crate::gpu::GpuModel> = f
+        .gpus
+        .iter()
+        .enumerate()
+        .filter_map(|(i, g)| crate::gpu::GpuModel::from_query(i, g))
+        .collect();
+    let archs = crate::gpu::cuda_architectures(&gpus);
     if archs.is_empty() {
         bail!(
             "no GPU's compute capability is known (`nvidia-smi --query-gpu=compute_cap` on the host printed \
              none): the driver must work on the host before llama.cpp can be built for the GPU"
         );
     }
-    Ok(archs
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(";"))
+    Ok(archs)
 }
 
 /// Fails (naming the line) when the built server links a library the container lacks. A constant script: the
