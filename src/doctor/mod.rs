@@ -79,8 +79,16 @@ pub fn outcome(findings: &[Finding]) -> Outcome {
 pub fn run(global: &GlobalArgs, args: DoctorArgs) -> Result<Outcome> {
     let remote = args.target.resolve(global)?;
     let (host, vmid) = (remote.host.clone(), remote.vmid);
+    // An llmctl.toml that describes an installation names where its files are in the container: the container
+    // round looks there too, so provision's checks below run on these facts alone. (A file that does not load
+    // is reported below, after the host was examined, as before.)
+    let file = crate::config::ConfigFile::load(global.config.as_deref());
+    let paths = file
+        .as_ref()
+        .ok()
+        .and_then(crate::provision::config::install_paths_of);
     let gathered = remote.connect().and_then(|t| {
-        let f = crate::host::facts::gather(t.as_ref(), vmid)?;
+        let f = crate::host::facts::gather_with(t.as_ref(), vmid, paths.as_ref())?;
         Ok((t, f))
     });
     let (transport, facts) = match gathered {
@@ -101,7 +109,7 @@ pub fn run(global: &GlobalArgs, args: DoctorArgs) -> Result<Outcome> {
     let mut findings = checks::run_all(&facts);
     // With an llmctl.toml that describes an installation, the host is judged against it with provision's own
     // checks: whatever `provision --check` would change is a failure here too.
-    let file = crate::config::ConfigFile::load(global.config.as_deref())?;
+    let file = file?;
     if let Some(cfg) = desired(&file, &facts)? {
         let config_path = file.path.as_deref().map_or_else(
             || crate::config::DEFAULT_PATH.to_string(),

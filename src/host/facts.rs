@@ -29,6 +29,7 @@ pub const HOST_SCRIPT: &str = r##"export LC_ALL=C
 sec() { n=$1; shift; out=$("$@" 2>&1); rc=$?; printf '==> %s <==\n%s\n==> rc=%s <==\n' "$n" "$out" "$rc"; }
 kbuild() { for d in /lib/modules/*; do [ -e "$d/build" ] && echo "${d##*/}"; done; return 0; }
 devs() { ls -ld /dev/nvidia*; }
+exact() { cat -- "$1" && printf '%s' '<llmctl-eof>'; }
 makelogs() { for f in /var/lib/dkms/nvidia*/*/build/make.log; do [ -f "$f" ] && { echo "--- $f"; tail -n 5 "$f"; }; done; return 0; }
 dmesgnv() { dmesg | grep -E 'NVRM|nouveau' | tail -n 20; }
 sec pveversion pveversion
@@ -60,16 +61,17 @@ done
 for f in /etc/pve/lxc/*.conf; do
   [ -f "$f" ] || continue
   v=${f##*/}
-  sec "ct-config ${v%.conf}" cat "$f"
+  sec "ct-config ${v%.conf}" exact "$f"
 done
 "##;
 
-/// The container round, run on the host with the vmid as `$1` and [`CT_SCRIPT`] as `$2`.
+/// The container round, run on the host with the vmid as `$1`, [`CT_SCRIPT`] as `$2`, and the [`InstallPaths`]
+/// (when there are any) after them, which it hands on to `CT_SCRIPT` as its `$1`-`$3`.
 pub const CT_ROUND_SCRIPT: &str = r##"export LC_ALL=C
 sec() { n=$1; shift; out=$("$@" 2>&1); rc=$?; printf '==> %s <==\n%s\n==> rc=%s <==\n' "$n" "$out" "$rc"; }
 sec ct-status pct status "$1"
 case "$(pct status "$1" 2>/dev/null)" in
-  *running*) pct exec "$1" -- sh -c "$2" ;;
+  *running*) v=$1 script=$2; shift 2; pct exec "$v" -- sh -c "$script" llmctl-ct "$@" ;;
   *)
     sec ct-mount pct mount "$1"
     sec ct-resolv lsattr -d "/var/lib/lxc/$1/rootfs/etc/resolv.conf"
@@ -79,9 +81,13 @@ case "$(pct status "$1" 2>/dev/null)" in
 esac
 "##;
 
-/// Probes inside a running container.
+/// Probes inside a running container: everything doctor's checks and provision's container steps read. The files
+/// and units at fixed paths are always read; what sits at the paths llmctl.toml chooses only when the round is
+/// given them as `$1` (llama.cpp's install folder), `$2` (the model file) and `$3` (the proxy's key file), with
+/// the installed llmctl's checksum (hashing it is the one costly probe, and only provision's check needs it).
 pub const CT_SCRIPT: &str = r##"export LC_ALL=C
 sec() { n=$1; shift; out=$("$@" 2>&1); rc=$?; printf '==> %s <==\n%s\n==> rc=%s <==\n' "$n" "$out" "$rc"; }
+exact() { cat -- "$1" && printf '%s' '<llmctl-eof>'; }
 unit() { for f in /etc/systemd/system/$1.service /lib/systemd/system/$1.service; do [ -f "$f" ] && { cat "$f"; return 0; }; done; return 1; }
 cmakecache() {
   for f in /etc/systemd/system/llama-server.service /lib/systemd/system/llama-server.service; do
@@ -116,7 +122,59 @@ sec ct-proxy-unit unit llmctl-proxy
 sec ct-cmake cmakecache
 sec ct-llama-exe llamaexe
 sec ct-services systemctl is-active llama-server llmctl-proxy
+sec "ct-enabled llama-server" systemctl is-enabled llama-server
+sec "ct-enabled llmctl-proxy" systemctl is-enabled llmctl-proxy
+sec ct-dpkg-cuda dpkg-query -W -f '${Package}\t${Version}\t${db:Status-Abbrev}\n' cuda-keyring 'cuda-toolkit-*'
+for c in /usr/local/cuda-*/bin/nvcc; do
+  [ -e "$c" ] && sec "ct-nvcc $c" "$c" --version
+done
+for f in /etc/apt/sources.list.d/cuda-debian12-x86_64.list /etc/apt/sources.list.d/cuda-debian13-x86_64.list \
+  /etc/systemd/system/llama-server.service /etc/systemd/system/llmctl-proxy.service; do
+  sec "ct-file $f" exact "$f"
+done
+if [ $# -eq 3 ]; then
+  sec ct-llmctl-sha256 sha256sum /usr/local/bin/llmctl
+  sec ct-llama-stamp exact "$1/.llmctl-build"
+  sec ct-llama-ldd ldd "$1/build/bin/llama-server"
+  sec ct-model-file test -f "$2"
+  sec ct-model-stat stat -c '%s %Y' "$2"
+  sec ct-model-marker exact "$2.llmctl-verified"
+  sec ct-key-stat stat -c '%a %s' "$3"
+fi
 "##;
+
+/// The facts that are live by nature, so they are not in [`HostFacts`]: each is asked only when a check needs it,
+/// in one command of its own, and kept for the run until something changes (provision's `Ctx::on_demand`, which
+/// forgets them with the gathered facts after every applied step). These are the only commands a check runs
+/// besides the two rounds of [`gather`].
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum OnDemand {
+    /// Whether a service answers its health endpoint now: `llmctl probe --health <url> --wait 0` in the container.
+    Health { url: String },
+    /// The offload planner's choice for the model in the container and the host's GPUs (`gpu_layers = "auto"`):
+    /// `llmctl model plan ... --json` in the container, its argv built by `provision::ct::plan_argv`.
+    OffloadPlan { argv: Vec<String> },
+}
+
+impl OnDemand {
+    /// The command, run in the container.
+    pub fn cmd(&self) -> Cmd {
+        match self {
+            OnDemand::Health { url } => Cmd::new([
+                crate::provision::units::LLMCTL_BIN,
+                "probe",
+                "--health",
+                url,
+                "--wait",
+                "0",
+            ])
+            .timeout(std::time::Duration::from_secs(60)),
+            OnDemand::OffloadPlan { argv } => {
+                Cmd::new(argv.iter().cloned()).timeout(std::time::Duration::from_secs(120))
+            }
+        }
+    }
+}
 
 /// One probe's output and exit status.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -214,6 +272,119 @@ pub struct InsideFacts {
     pub llama_exe: Option<String>,
     /// unit → `systemctl is-active` answer.
     pub services: BTreeMap<String, String>,
+    /// unit → whether `systemctl is-enabled` exits 0 (enabled, or static).
+    pub enabled: BTreeMap<String, bool>,
+    /// NVIDIA's keyring and CUDA toolkit packages (`cuda-keyring`, `cuda-toolkit-*`), whatever their state.
+    pub cuda_packages: Vec<Package>,
+    /// The release (`13.2`) of every `/usr/local/cuda-*/bin/nvcc` whose `--version` exits 0, by path.
+    pub nvcc: BTreeMap<String, String>,
+    /// The container files llmctl manages at fixed paths (CT_SCRIPT's `ct-file` sections: NVIDIA's repository
+    /// lists, both unit files), exactly as on disk; absent: the file does not exist.
+    pub files: BTreeMap<String, String>,
+    /// What is at the paths llmctl.toml chooses; None when the round was not given them (doctor without a
+    /// configuration).
+    pub installed: Option<Installed>,
+}
+
+/// `systemctl is-active`'s states for which it exits 0.
+pub fn is_active_state(state: &str) -> bool {
+    matches!(state, "active" | "reloading" | "refreshing")
+}
+
+impl InsideFacts {
+    /// A container file llmctl manages, as gathered (None: it does not exist). Only the paths CT_SCRIPT reads.
+    pub fn file(&self, path: &str) -> Option<&str> {
+        debug_assert!(
+            CT_SCRIPT.contains(path),
+            "{path} is not gathered by CT_SCRIPT"
+        );
+        self.files.get(path).map(String::as_str)
+    }
+
+    /// Whether a package is installed (not only known to dpkg, or removed with its config files left).
+    pub fn cuda_package_installed(&self, name: &str) -> bool {
+        self.cuda_packages
+            .iter()
+            .any(|p| p.name == name && p.installed())
+    }
+}
+
+/// The paths in the container that llmctl.toml chooses, handed to the container round as argv (`$3`-`$5` of
+/// [`CT_ROUND_SCRIPT`]), never spliced into its text.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct InstallPaths {
+    /// llama.cpp's install folder (`[llama_cpp].install_dir`, without a trailing `/`).
+    pub llama_dir: String,
+    /// The model file (`[model].dest`).
+    pub model_dest: String,
+    /// The proxy's API key file.
+    pub key_file: String,
+}
+
+/// What provision installed at [`InstallPaths`], as the container round found it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Installed {
+    /// The paths looked at.
+    pub paths: InstallPaths,
+    /// `sha256sum /usr/local/bin/llmctl` (None: no such file).
+    pub llmctl_sha256: Option<String>,
+    /// `<llama_dir>/.llmctl-build` exactly as on disk: what the build there was made from.
+    pub llama_stamp: Option<String>,
+    /// `ldd <llama_dir>/build/bin/llama-server` ran and found every library.
+    pub llama_linked: bool,
+    /// The model path is a regular file.
+    pub model_is_file: bool,
+    /// `stat -c '%s %Y'` of the model: its size and mtime, as the verified marker records them.
+    pub model_size_mtime: Option<String>,
+    /// `<model_dest>.llmctl-verified` exactly as on disk.
+    pub model_marker: Option<String>,
+    /// The key file's permission bits and size.
+    pub key_file: Option<(u32, u64)>,
+}
+
+impl Installed {
+    /// Parses the container round's installation sections (those it prints when given `paths`).
+    pub fn from_sections(paths: &InstallPaths, s: &BTreeMap<String, Probe>) -> Installed {
+        let ok = |name: &str| s.get(name).filter(|p| p.ok());
+        Installed {
+            paths: paths.clone(),
+            llmctl_sha256: ok("ct-llmctl-sha256")
+                .and_then(|p| p.text.split_whitespace().next().map(str::to_string)),
+            llama_stamp: ok("ct-llama-stamp").map(exact_text),
+            llama_linked: ok("ct-llama-ldd").is_some_and(|p| !p.text.contains("not found")),
+            model_is_file: ok("ct-model-file").is_some(),
+            model_size_mtime: ok("ct-model-stat").map(|p| p.text.trim().to_string()),
+            model_marker: ok("ct-model-marker").map(exact_text),
+            key_file: ok("ct-key-stat").and_then(|p| parse_mode_size(&p.text)),
+        }
+    }
+}
+
+/// `stat -c '%a %s'` output (`600 65`): the permission bits (octal) and the size.
+pub fn parse_mode_size(text: &str) -> Option<(u32, u64)> {
+    let mut w = text.split_whitespace();
+    let mode = u32::from_str_radix(w.next()?, 8).ok()?;
+    let size = w.next()?.parse().ok()?;
+    Some((mode, size))
+}
+
+/// The release of `nvcc --version` (`Cuda compilation tools, release 13.2, V13.2.78` → `13.2`).
+pub fn parse_nvcc_release(text: &str) -> Option<String> {
+    let rest = text.split_once("release ")?.1;
+    let release = rest.split([',', ' ', '\n']).next()?.trim();
+    (!release.is_empty()).then(|| release.to_string())
+}
+
+/// What ends a file that `exact` printed, so its trailing newlines survive the shell's `$(...)`.
+pub const EOF_MARK: &str = "<llmctl-eof>";
+
+/// A file's exact text from an `exact` section: everything before [`EOF_MARK`]. Sections written without it
+/// (older fixtures) read as before: the text with one final newline.
+pub fn exact_text(probe: &Probe) -> String {
+    match probe.text.strip_suffix(EOF_MARK) {
+        Some(t) => t.to_string(),
+        None => with_newline(&probe.text),
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -401,8 +572,9 @@ impl HostFacts {
                 .strip_prefix("ct-config ")
                 .and_then(|v| v.parse::<u32>().ok())
             {
-                facts.configs.insert(vmid, LxcConfig::parse(&probe.text));
-                facts.config_texts.insert(vmid, with_newline(&probe.text));
+                let text = exact_text(probe);
+                facts.configs.insert(vmid, LxcConfig::parse(&text));
+                facts.config_texts.insert(vmid, text);
             }
             if let Some(path) = name.strip_prefix("file ")
                 && probe.ok()
@@ -481,6 +653,29 @@ impl HostFacts {
                 cmake_path,
                 llama_exe: llama_exe.ok().then(|| llama_exe.text.trim().to_string()),
                 services,
+                enabled: [LLAMA_UNIT, PROXY_UNIT]
+                    .into_iter()
+                    .map(|u| (u.to_string(), get(&format!("ct-enabled {u}")).ok()))
+                    .collect(),
+                cuda_packages: packages::parse_dpkg_query(&get("ct-dpkg-cuda").text),
+                nvcc: s
+                    .iter()
+                    .filter(|(_, p)| p.ok())
+                    .filter_map(|(name, p)| {
+                        Some((
+                            name.strip_prefix("ct-nvcc ")?.to_string(),
+                            parse_nvcc_release(&p.text)?,
+                        ))
+                    })
+                    .collect(),
+                files: s
+                    .iter()
+                    .filter(|(_, p)| p.ok())
+                    .filter_map(|(name, p)| {
+                        Some((name.strip_prefix("ct-file ")?.to_string(), exact_text(p)))
+                    })
+                    .collect(),
+                installed: None,
             }
         });
         self.vmid = Some(vmid);
@@ -519,6 +714,11 @@ impl HostFacts {
 
     pub fn config(&self) -> Option<&LxcConfig> {
         self.configs.get(&self.vmid?)
+    }
+
+    /// What the container round saw inside a running container (None: it does not run, or was not examined).
+    pub fn inside(&self) -> Option<&InsideFacts> {
+        self.container.as_ref()?.inside.as_ref()
     }
 }
 
@@ -575,6 +775,15 @@ pub fn pick_vmid(configs: &BTreeMap<u32, LxcConfig>) -> Result<Option<u32>> {
 
 /// Gathers everything: the host round, then (when a container is chosen and exists) the container round.
 pub fn gather(transport: &dyn Transport, vmid: Option<u32>) -> Result<HostFacts> {
+    gather_with(transport, vmid, None)
+}
+
+/// [`gather`], and what is installed at `paths` in the container (llmctl.toml's choices), in the same rounds.
+pub fn gather_with(
+    transport: &dyn Transport,
+    vmid: Option<u32>,
+    paths: Option<&InstallPaths>,
+) -> Result<HostFacts> {
     let target = transport.describe();
     let out = transport
         .run(&Cmd::new(["sh", "-c", HOST_SCRIPT, "llmctl-doctor"]))
@@ -596,19 +805,31 @@ pub fn gather(transport: &dyn Transport, vmid: Option<u32>) -> Result<HostFacts>
     if let Some(vmid) = vmid
         && facts.configs.contains_key(&vmid)
     {
-        let out = transport
-            .run(&Cmd::new([
-                "sh".to_string(),
-                "-c".to_string(),
-                CT_ROUND_SCRIPT.to_string(),
-                "llmctl-doctor".to_string(),
-                vmid.to_string(),
-                CT_SCRIPT.to_string(),
-            ]))
-            .with_context(|| {
-                format!("cannot run the container probes for CT {vmid} on {target}")
-            })?;
-        facts.add_container(vmid, &parse_sections(&out.stdout), &out.stderr);
+        let mut argv = vec![
+            "sh".to_string(),
+            "-c".into(),
+            CT_ROUND_SCRIPT.into(),
+            "llmctl-doctor".into(),
+            vmid.to_string(),
+            CT_SCRIPT.into(),
+        ];
+        if let Some(p) = paths {
+            argv.extend([
+                p.llama_dir.clone(),
+                p.model_dest.clone(),
+                p.key_file.clone(),
+            ]);
+        }
+        let out = transport.run(&Cmd::new(argv)).with_context(|| {
+            format!("cannot run the container probes for CT {vmid} on {target}")
+        })?;
+        let sections = parse_sections(&out.stdout);
+        facts.add_container(vmid, &sections, &out.stderr);
+        if let Some(paths) = paths
+            && let Some(inside) = facts.container.as_mut().and_then(|c| c.inside.as_mut())
+        {
+            inside.installed = Some(Installed::from_sections(paths, &sections));
+        }
     }
     Ok(facts)
 }
@@ -754,6 +975,200 @@ mod tests {
         assert_eq!(calls[1][2], CT_ROUND_SCRIPT);
         assert_eq!(calls[1][4], "103");
         assert_eq!(calls[1][5], CT_SCRIPT);
+        assert_eq!(calls[1].len(), 6, "no paths: CT_SCRIPT gets no arguments");
+    }
+
+    /// The container round takes llmctl.toml's paths as argv after the script, and what it printed about them
+    /// lands in `installed`.
+    #[test]
+    fn gather_passes_the_install_paths_in_argv() {
+        let t = Recorded {
+            host: HOST.into(),
+            ct: format!(
+                "==> ct-status <==\nstatus: running\n==> rc=0 <==\n==> ct-os-release <==\nVERSION_ID=\"12\"\n==> rc=0 <==\n==> ct-model-file <==\n\n==> rc=0 <==\n==> ct-model-marker <==\nsha256=ab size_mtime=1 2\n{EOF_MARK}\n==> rc=0 <==\n"
+            ),
+            calls: Default::default(),
+        };
+        let paths = InstallPaths {
+            llama_dir: "/opt/llama.cpp".into(),
+            model_dest: "/models/m; rm -rf /.gguf".into(),
+            key_file: "/etc/llmctl/key".into(),
+        };
+        let f = gather_with(&t, Some(103), Some(&paths)).unwrap();
+        let calls = t.calls.lock().unwrap();
+        assert_eq!(
+            calls[1][6..],
+            [
+                "/opt/llama.cpp",
+                "/models/m; rm -rf /.gguf",
+                "/etc/llmctl/key"
+            ]
+        );
+        assert!(
+            !CT_SCRIPT.contains("rm -rf"),
+            "user data never enters the script"
+        );
+        let i = f.inside().unwrap().installed.as_ref().unwrap();
+        assert_eq!(i.paths, paths);
+        assert!(i.model_is_file);
+        assert_eq!(
+            i.model_marker.as_deref(),
+            Some("sha256=ab size_mtime=1 2\n")
+        );
+        assert_eq!(i.llama_stamp, None);
+        assert!(!i.llama_linked);
+    }
+
+    const CT_RUNNING: &str = "==> ct-status <==\nstatus: running\n==> rc=0 <==\n\
+==> ct-os-release <==\nVERSION_ID=\"12\"\n==> rc=0 <==\n\
+==> ct-services <==\nactive\nreloading\n==> rc=0 <==\n\
+==> ct-enabled llama-server <==\nenabled\n==> rc=0 <==\n\
+==> ct-enabled llmctl-proxy <==\nFailed to get unit file state for llmctl-proxy.service: No such file or directory\n==> rc=1 <==\n\
+==> ct-dpkg-cuda <==\ncuda-keyring\t1.1-1\tii \ncuda-toolkit-12-9\t12.9.1-1\trc \ncuda-toolkit-13-2\t13.2.0-1\tii \n==> rc=0 <==\n\
+==> ct-nvcc /usr/local/cuda-13.2/bin/nvcc <==\nnvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 13.2, V13.2.51\n==> rc=0 <==\n\
+==> ct-nvcc /usr/local/cuda-12.9/bin/nvcc <==\nsh: 1: /usr/local/cuda-12.9/bin/nvcc: Permission denied\n==> rc=126 <==\n\
+==> ct-file /etc/apt/sources.list.d/cuda-debian12-x86_64.list <==\ndeb [signed-by=/usr/share/keyrings/cuda-archive-keyring.gpg] https://developer.download.nvidia.com/compute/cuda/repos/debian12/x86_64/ /\n<llmctl-eof>\n==> rc=0 <==\n\
+==> ct-file /etc/systemd/system/llama-server.service <==\n[Unit]\n\n\n<llmctl-eof>\n==> rc=0 <==\n\
+==> ct-file /etc/systemd/system/llmctl-proxy.service <==\ncat: /etc/systemd/system/llmctl-proxy.service: No such file or directory\n==> rc=1 <==\n\
+==> ct-llmctl-sha256 <==\n30a4816ca6e0aa  /usr/local/bin/llmctl\n==> rc=0 <==\n\
+==> ct-llama-stamp <==\nsource=x\ncuda=13.2\n<llmctl-eof>\n==> rc=0 <==\n\
+==> ct-llama-ldd <==\n\tlibcuda.so.1 => not found\n==> rc=0 <==\n\
+==> ct-model-file <==\n\n==> rc=1 <==\n\
+==> ct-model-stat <==\n4096 1733500000\n==> rc=0 <==\n\
+==> ct-key-stat <==\n600 65\n==> rc=0 <==\n";
+
+    /// Every fact provision's container steps read comes from the round's text.
+    #[test]
+    fn the_container_round_holds_what_the_container_steps_read() {
+        let s = parse_sections(CT_RUNNING);
+        let mut f = HostFacts::default();
+        f.add_container(103, &s, "");
+        let i = f.inside().unwrap();
+        assert!(i.enabled["llama-server"]);
+        assert!(!i.enabled["llmctl-proxy"]);
+        assert!(is_active_state(&i.services["llama-server"]));
+        assert!(
+            is_active_state(&i.services["llmctl-proxy"]),
+            "reloading counts as active"
+        );
+        assert!(i.cuda_package_installed("cuda-keyring"));
+        assert!(i.cuda_package_installed("cuda-toolkit-13-2"));
+        assert!(
+            !i.cuda_package_installed("cuda-toolkit-12-9"),
+            "removed, config files left"
+        );
+        assert_eq!(
+            i.nvcc.iter().collect::<Vec<_>>(),
+            [(
+                &"/usr/local/cuda-13.2/bin/nvcc".to_string(),
+                &"13.2".to_string()
+            )],
+            "an nvcc that does not run has no release"
+        );
+        assert!(
+            i.file("/etc/apt/sources.list.d/cuda-debian12-x86_64.list")
+                .unwrap()
+                .contains("/debian12/")
+        );
+        assert_eq!(
+            i.file("/etc/systemd/system/llama-server.service"),
+            Some("[Unit]\n\n\n"),
+            "the file exactly, trailing blank lines included"
+        );
+        assert_eq!(i.file("/etc/systemd/system/llmctl-proxy.service"), None);
+        assert_eq!(i.installed, None, "no paths were given");
+        let paths = InstallPaths::default();
+        let x = Installed::from_sections(&paths, &s);
+        assert_eq!(x.llmctl_sha256.as_deref(), Some("30a4816ca6e0aa"));
+        assert_eq!(x.llama_stamp.as_deref(), Some("source=x\ncuda=13.2\n"));
+        assert!(!x.llama_linked, "ldd exits 0 but a library is missing");
+        assert!(!x.model_is_file);
+        assert_eq!(x.model_size_mtime.as_deref(), Some("4096 1733500000"));
+        assert_eq!(x.model_marker, None);
+        assert_eq!(x.key_file, Some((0o600, 65)));
+    }
+
+    #[test]
+    fn small_parsers() {
+        assert_eq!(parse_mode_size("600 65\n"), Some((0o600, 65)));
+        assert_eq!(parse_mode_size("644 0"), Some((0o644, 0)));
+        assert_eq!(parse_mode_size("stat: cannot stat"), None);
+        assert_eq!(
+            parse_nvcc_release("Cuda compilation tools, release 12.9, V12.9.86\n").as_deref(),
+            Some("12.9")
+        );
+        assert_eq!(parse_nvcc_release("nvcc fatal"), None);
+        let probe = |text: &str| Probe {
+            text: text.into(),
+            rc: Some(0),
+        };
+        assert_eq!(exact_text(&probe("a\n\n<llmctl-eof>")), "a\n\n");
+        assert_eq!(exact_text(&probe("no newline<llmctl-eof>")), "no newline");
+        assert_eq!(exact_text(&probe("<llmctl-eof>")), "");
+        assert_eq!(exact_text(&probe("old fixture")), "old fixture\n");
+    }
+
+    /// A container config is kept byte for byte (the devices step rewrites it from this text).
+    #[test]
+    fn container_configs_are_exact() {
+        let s = parse_sections(&format!(
+            "==> pveversion <==\npve-manager/9.0.3/025864202ebb6109 (running kernel: 6.14.8-2-pve)\n==> rc=0 <==\n==> ct-config 103 <==\n#notes\narch: amd64\n\n{EOF_MARK}\n==> rc=0 <==\n"
+        ));
+        let f = HostFacts::from_sections("root@pve", &s).unwrap();
+        assert_eq!(f.config_texts[&103], "#notes\narch: amd64\n\n");
+        assert_eq!(f.configs[&103].get("arch"), Some("amd64"));
+    }
+
+    /// The paths of the files the container steps judge are the ones CT_SCRIPT reads.
+    #[test]
+    fn ct_script_reads_the_paths_provision_manages() {
+        for path in [
+            crate::provision::units::LLAMA_SERVER_UNIT_PATH,
+            crate::provision::units::PROXY_UNIT_PATH,
+            crate::provision::units::LLMCTL_BIN,
+            &crate::provision::host::repo_list_path("debian12"),
+            &crate::provision::host::repo_list_path("debian13"),
+        ] {
+            assert!(CT_SCRIPT.contains(path), "{path}");
+        }
+        assert!(CT_SCRIPT.contains(EOF_MARK) && HOST_SCRIPT.contains(EOF_MARK));
+    }
+
+    /// CT_SCRIPT under a real `sh`, given paths as a container round gives them: what it finds there.
+    #[test]
+    fn ct_script_reads_the_install_paths_under_a_real_shell() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display().to_string();
+        std::fs::create_dir_all(format!("{d}/llama/build/bin")).unwrap();
+        std::fs::write(format!("{d}/llama/.llmctl-build"), "source=x\n\n").unwrap();
+        std::fs::write(format!("{d}/model.gguf"), "GGUF").unwrap();
+        std::fs::write(
+            format!("{d}/model.gguf.llmctl-verified"),
+            "sha256=ab size_mtime=4 1",
+        )
+        .unwrap();
+        std::fs::write(format!("{d}/key"), "k\n").unwrap();
+        std::fs::set_permissions(format!("{d}/key"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        let paths = InstallPaths {
+            llama_dir: format!("{d}/llama"),
+            model_dest: format!("{d}/model.gguf"),
+            key_file: format!("{d}/key"),
+        };
+        let out = std::process::Command::new("sh")
+            .args(["-c", CT_SCRIPT, "llmctl-ct"])
+            .args([&paths.llama_dir, &paths.model_dest, &paths.key_file])
+            .output()
+            .expect("sh runs");
+        let s = parse_sections(&String::from_utf8_lossy(&out.stdout));
+        let i = Installed::from_sections(&paths, &s);
+        assert_eq!(i.llama_stamp.as_deref(), Some("source=x\n\n"));
+        assert!(!i.llama_linked, "no llama-server there");
+        assert!(i.model_is_file);
+        assert!(i.model_size_mtime.as_deref().unwrap().starts_with("4 "));
+        assert_eq!(i.model_marker.as_deref(), Some("sha256=ab size_mtime=4 1"));
+        assert_eq!(i.key_file, Some((0o600, 2)));
     }
 
     #[test]

@@ -59,6 +59,34 @@ pub fn provisioned_key_file(proxy: &ProxySection) -> String {
     )
 }
 
+/// Where in the container the configuration puts what provision installs: the container round of the facts
+/// looks there (provision's checks read what it found, and doctor's reconcile runs those checks).
+pub fn install_paths(
+    llama_cpp: &LlamaCppSection,
+    model: &ModelSection,
+    proxy: &ProxySection,
+) -> crate::host::facts::InstallPaths {
+    crate::host::facts::InstallPaths {
+        llama_dir: llama_cpp.install_dir.trim_end_matches('/').to_string(),
+        model_dest: model.dest.clone(),
+        key_file: provisioned_key_file(proxy),
+    }
+}
+
+/// [`install_paths`] of a file that describes an installation (`[driver]` and `[model]`, as doctor requires to
+/// judge against it); None otherwise, and when the sections do not parse (doctor reports that once it has the
+/// host's facts, as it does today).
+pub fn install_paths_of(file: &ConfigFile) -> Option<crate::host::facts::InstallPaths> {
+    if !(file.has_section("driver") && file.has_section("model")) {
+        return None;
+    }
+    Some(install_paths(
+        &file.section_or_default().ok()?,
+        &file.section::<ModelSection>().ok()??,
+        &file.section_or_default().ok()?,
+    ))
+}
+
 /// Everything `llmctl provision` needs, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProvisionConfig {
@@ -88,6 +116,11 @@ impl ProvisionConfig {
     /// The provisioned proxy's key file (in the container).
     pub fn proxy_key_file(&self) -> Option<String> {
         Some(provisioned_key_file(&self.proxy))
+    }
+
+    /// Where in the container this configuration puts what provision installs.
+    pub fn install_paths(&self) -> crate::host::facts::InstallPaths {
+        install_paths(&self.llama_cpp, &self.model, &self.proxy)
     }
 
     /// Reads and validates the provisioning sections; every problem is reported, not only the first.

@@ -13,10 +13,10 @@ use super::host::{apt, keyring_actions, repo_list_path, suite_of};
 use super::step::{Action, Check, Step, Target};
 use super::units;
 use crate::host::StepId;
-use crate::host::facts::{CtStatus, HostFacts, InsideFacts};
+use crate::host::facts::{CtStatus, HostFacts, InsideFacts, Installed, OnDemand};
 use crate::host::rules::{is_gpu_node, wanted_devices};
 use crate::pve::lxc::{self, LxcConfig};
-use crate::transport::{Cmd, Transport as _};
+use crate::transport::Cmd;
 
 /// The user-space packages a container needs: no kernel module, no DKMS.
 pub const CT_LIB_PACKAGES: &[&str] = &["nvidia-driver-cuda", "libcuda1", "libnvidia-ml1"];
@@ -51,6 +51,15 @@ fn inside<'a>(
             what: format!("{what} (once the container runs)"),
         }])),
     }
+}
+
+/// What the container round found at the configuration's paths. [`Ctx::facts`] always gathers them for a running
+/// container, so their absence is a bug, not a state of the host.
+fn installed(inside: &InsideFacts) -> Result<&Installed> {
+    inside
+        .installed
+        .as_ref()
+        .context("internal: the container's facts were gathered without llmctl.toml's paths")
 }
 
 // ------------------------------------------------------------------------------------------------ create
@@ -138,16 +147,11 @@ impl Step<Ctx> for Devices {
             f.container.as_ref().map(|c| &c.status),
             Some(CtStatus::Running)
         );
-        let text = ctx
-            .host()
-            .read_file(&format!("/etc/pve/lxc/{vmid}.conf"))
-            .map(|b| String::from_utf8_lossy(&b).into_owned())?;
-        let f = ctx.facts()?;
-        let cfg = f
-            .configs
-            .get(&vmid)
-            .context("the container's config vanished")?;
-        Ok(devices_check(f, cfg, &text, vmid, running))
+        // The host round read the config exactly as on disk: a rewrite keeps every other byte.
+        let (Some(cfg), Some(text)) = (f.configs.get(&vmid), f.config_texts.get(&vmid)) else {
+            bail!("internal: the facts hold CT {vmid}'s config but not its text");
+        };
+        Ok(devices_check(f, cfg, text, vmid, running))
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
         execute(ctx, actions)
@@ -341,15 +345,9 @@ impl Step<Ctx> for CtRepo {
         let suite = suite_of(inside.os_release.get("VERSION_ID").map(String::as_str))
             .context("the container runs a Debian release NVIDIA's repository has no packages for (12 and 13 only)")?;
         let list = repo_list_path(&suite);
-        let keyring = ctx
-            .ct_probe(&["dpkg-query", "-W", "-f", "${Status}", "cuda-keyring"])?
-            .is_some_and(|s| s.contains("installed"));
-        let listed = ctx.ct_probe(&["cat", &list])?;
-        if keyring
-            && listed
-                .as_deref()
-                .is_some_and(|t| t.contains(&format!("/{suite}/")))
-        {
+        let keyring = inside.cuda_package_installed("cuda-keyring");
+        let listed = inside.file(&list);
+        if keyring && listed.is_some_and(|t| t.contains(&format!("/{suite}/"))) {
             return Ok(Check::Done(format!("cuda-keyring installed, {list}")));
         }
         Ok(Check::Changes(keyring_actions(
@@ -464,18 +462,15 @@ impl Step<Ctx> for Cuda {
         let vmid = ctx.vmid();
         let version = ctx.cfg.driver.version.clone();
         let f = ctx.facts()?;
-        if let Err(c) = inside(f, "install the CUDA toolkit", vmid) {
-            return Ok(c);
-        }
+        let inside = match inside(f, "install the CUDA toolkit", vmid) {
+            Ok(i) => i,
+            Err(c) => return Ok(c),
+        };
         let cuda = cuda_version(f, &version)?;
         let pkg = cuda_package(&cuda);
         let nvcc = nvcc_path(&cuda);
-        let installed = ctx
-            .ct_probe(&["dpkg-query", "-W", "-f", "${Status}", &pkg])?
-            .is_some_and(|s| s.contains(" installed"));
-        let works = ctx
-            .ct_probe(&[&nvcc, "--version"])?
-            .is_some_and(|o| o.contains(&format!("release {cuda}")));
+        let installed = inside.cuda_package_installed(&pkg);
+        let works = inside.nvcc.get(&nvcc) == Some(&cuda);
         if installed && works {
             return Ok(Check::Done(format!("{pkg} installed, {nvcc} works")));
         }
@@ -554,15 +549,14 @@ impl Step<Ctx> for LlmctlBinary {
     }
     fn check(&self, ctx: &mut Ctx) -> Result<Check> {
         let vmid = ctx.vmid();
-        let f = ctx.facts()?;
-        if let Err(c) = inside(f, "install llmctl", vmid) {
-            return Ok(c);
-        }
         let local = sha256_file(&ctx.llmctl_binary)?;
-        let remote = ctx
-            .ct_probe(&["sha256sum", units::LLMCTL_BIN])?
-            .and_then(|o| o.split_whitespace().next().map(str::to_string));
-        if remote.as_deref() == Some(local.as_str()) {
+        let f = ctx.facts()?;
+        let inside = match inside(f, "install llmctl", vmid) {
+            Ok(i) => i,
+            Err(c) => return Ok(c),
+        };
+        let remote = installed(inside)?.llmctl_sha256.as_deref();
+        if remote == Some(local.as_str()) {
             return Ok(Check::Done(format!(
                 "{} is this build (sha256 {})",
                 units::LLMCTL_BIN,
@@ -628,9 +622,10 @@ impl Step<Ctx> for Llama {
             .to_string();
         let url = ctx.cfg.llama_cpp.archive_url();
         let f = ctx.facts()?;
-        if let Err(c) = inside(f, "build llama.cpp", vmid) {
-            return Ok(c);
-        }
+        let inside = match inside(f, "build llama.cpp", vmid) {
+            Ok(i) => i,
+            Err(c) => return Ok(c),
+        };
         if f.gpus.is_empty() {
             // Planning before the driver runs: the architecture is read from the GPU once it does.
             return Ok(Check::Changes(vec![Action::Deferred {
@@ -644,11 +639,10 @@ impl Step<Ctx> for Llama {
         let archs = cuda_architectures(f)?;
         let cuda = cuda_version(f, &driver)?;
         let want = build_stamp(&url, &archs, &cuda);
-        let stamp = ctx.ct_probe(&["cat", &format!("{dir}/.llmctl-build")])?;
+        let built = installed(inside)?;
+        let stamp = built.llama_stamp.clone();
         let server = format!("{dir}/build/bin/llama-server");
-        let ldd = ctx.ct_probe(&["ldd", &server])?;
-        let linked = ldd.as_deref().is_some_and(|o| !o.contains("not found"));
-        if stamp.as_deref() == Some(want.as_str()) && linked {
+        if stamp.as_deref() == Some(want.as_str()) && built.llama_linked {
             return Ok(Check::Done(format!(
                 "{server} built from {url} for CUDA architectures {archs}; ldd finds every library"
             )));
@@ -662,22 +656,23 @@ impl Step<Ctx> for Llama {
     }
 }
 
-/// `CMAKE_CUDA_ARCHITECTURES` from the GPUs themselves: compute capability 8.9 → `89`, deduplicated, sorted.
+/// `CMAKE_CUDA_ARCHITECTURES` from the GPUs the driver reports (`gpu::cuda_architectures`: compute capability
+/// 8.9 → `89`, deduplicated, sorted); an error when none is known.
 pub fn cuda_architectures(f: &HostFacts) -> Result<String> {
-    let mut archs: Vec<u32> = f.gpus.iter().filter_map(|g| g.cuda_arch()).collect();
-    archs.sort_unstable();
-    archs.dedup();
+    let gpus: Vec<crate::gpu::GpuModel> = f
+        .gpus
+        .iter()
+        .enumerate()
+        .filter_map(|(i, g)| crate::gpu::GpuModel::from_query(i, g))
+        .collect();
+    let archs = crate::gpu::cuda_architectures(&gpus);
     if archs.is_empty() {
         bail!(
             "no GPU's compute capability is known (`nvidia-smi --query-gpu=compute_cap` on the host printed \
              none): the driver must work on the host before llama.cpp can be built for the GPU"
         );
     }
-    Ok(archs
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(";"))
+    Ok(archs)
 }
 
 /// Fails (naming the line) when the built server links a library the container lacks. A constant script: the
@@ -804,22 +799,23 @@ impl Step<Ctx> for Model {
     fn check(&self, ctx: &mut Ctx) -> Result<Check> {
         let vmid = ctx.vmid();
         let m = ctx.cfg.model.clone();
+        let config_path = ctx.config_path.clone();
         let f = ctx.facts()?;
-        if let Err(c) = inside(f, "download the model", vmid) {
-            return Ok(c);
-        }
+        let inside = match inside(f, "download the model", vmid) {
+            Ok(i) => i,
+            Err(c) => return Ok(c),
+        };
         if m.sha256.is_empty() {
             return Ok(Check::Refused(format!(
                 "[model].sha256 is empty in {}: provision verifies the model before it is used. Copy the file's \
                  SHA-256 from its download page (on Hugging Face: the file's page, \"SHA256\") or run `sha256sum` \
                  on a copy you trust, and set it",
-                ctx.config_path
+                config_path
             )));
         }
-        let marker = ctx.ct_probe(&["cat", &verified_marker(&m.dest)])?;
-        let stat = ctx.ct_probe(&["stat", "-c", "%s %Y", &m.dest])?;
-        if let (Some(marker), Some(stat)) = (marker, stat)
-            && marker == marker_text(&m.sha256, stat.trim())
+        let have = installed(inside)?;
+        if let (Some(marker), Some(stat)) = (&have.model_marker, &have.model_size_mtime)
+            && *marker == marker_text(&m.sha256, stat)
         {
             return Ok(Check::Done(format!(
                 "{} verified (sha256 {})",
@@ -945,20 +941,18 @@ impl Service {
         if vram == 0 {
             return Ok(Ok(fixed));
         }
-        let s = ctx.cfg.server.clone();
         let present = ctx
-            .ct_probe(&["test", "-f", &ctx.cfg.model.dest])?
-            .is_some();
+            .facts()?
+            .inside()
+            .and_then(|i| i.installed.as_ref())
+            .is_some_and(|i| i.model_is_file);
         if !present {
             return Ok(Ok(fixed));
         }
         // The planner sizes every cache type [server] accepts (the container has no llmctl.toml to read).
-        let cache = s.cache_type_k.clone();
+        let cache = ctx.cfg.server.cache_type_k.clone();
         let argv = plan_argv(&ctx.cfg, vram, gpus, &cache);
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let out = ctx
-            .ct()
-            .run(&Cmd::new(argv).timeout(Duration::from_secs(120)))?;
+        let out = ctx.on_demand(OnDemand::OffloadPlan { argv })?;
         if !out.success() {
             return Ok(Err(Check::Refused(format!(
                 "the offload planner refuses this setup: {}",
@@ -990,22 +984,33 @@ impl Step<Ctx> for Service {
             Err(refused) => return Ok(refused),
         };
         let new = self.render(ctx, offload)?;
-        let old = ctx.ct_probe(&["cat", self.path])?;
+        let key_file = ctx
+            .cfg
+            .proxy_key_file()
+            .filter(|_| self.unit == "llmctl-proxy");
+        let health_url = self.health_url(ctx);
+        let f = ctx.facts()?;
+        let Some(inside) = f.inside() else {
+            bail!("internal: the container's facts changed during the check");
+        };
+        let old = inside.file(self.path).map(str::to_string);
+        let enabled = inside.enabled.get(self.unit) == Some(&true);
+        let active = inside
+            .services
+            .get(self.unit)
+            .is_some_and(|s| crate::host::facts::is_active_state(s));
+        // A key only root can read, and not empty.
+        let key_ok = installed(inside)?
+            .key_file
+            .is_some_and(|(mode, size)| mode == 0o600 && size > 0);
         let mut actions = Vec::new();
-        if self.unit == "llmctl-proxy"
-            && let Some(key_file) = ctx.cfg.proxy_key_file()
+        if let Some(key_file) = key_file
+            && !key_ok
         {
-            let mode = ctx.ct_probe(&["stat", "-c", "%a %s", &key_file])?;
-            let ok = mode.as_deref().is_some_and(|m| {
-                let mut w = m.split_whitespace();
-                w.next() == Some("600") && w.next().is_some_and(|s| s != "0")
+            actions.push(Action::WriteSecret {
+                on: on.clone(),
+                path: key_file,
             });
-            if !ok {
-                actions.push(Action::WriteSecret {
-                    on: on.clone(),
-                    path: key_file,
-                });
-            }
         }
         let changed = old.as_deref() != Some(new.as_str());
         if changed {
@@ -1018,39 +1023,27 @@ impl Step<Ctx> for Service {
             });
             actions.push(run_on(on.clone(), &["systemctl", "daemon-reload"]));
         }
-        let enabled = ctx
-            .ct_probe(&["systemctl", "is-enabled", self.unit])?
-            .is_some();
         if !enabled {
             actions.push(run_on(on.clone(), &["systemctl", "enable", self.unit]));
         }
-        let active = ctx
-            .ct_probe(&["systemctl", "is-active", self.unit])?
-            .is_some();
         let healthy = active
             && ctx
-                .ct_probe(&[
-                    units::LLMCTL_BIN,
-                    "probe",
-                    "--health",
-                    &self.health_url(ctx),
-                    "--wait",
-                    "0",
-                ])?
-                .is_some();
+                .on_demand(OnDemand::Health {
+                    url: health_url.clone(),
+                })?
+                .success();
         if changed || !actions.is_empty() || !healthy {
             actions.push(run_on(on.clone(), &["systemctl", "restart", self.unit]));
             actions.push(Action::WaitHealthy {
                 on,
                 unit: self.unit.into(),
-                url: self.health_url(ctx),
+                url: health_url,
             });
             return Ok(Check::Changes(actions));
         }
         Ok(Check::Done(format!(
-            "{} matches the configuration, enabled, active, {} answers",
+            "{} matches the configuration, enabled, active, {health_url} answers",
             self.path,
-            self.health_url(ctx)
         )))
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use super::config::ProvisionConfig;
 use super::progress::Live;
 use super::step::Target;
-use crate::host::facts::{self, HostFacts};
+use crate::host::facts::{self, HostFacts, OnDemand};
 use crate::transport::{Cmd, Container, Output, Stream, Transport};
 
 /// Where files llmctl replaces are copied first, on the host and in the container (never inside /etc/pve:
@@ -29,6 +29,8 @@ pub struct Ctx {
     /// Shown in the rendered units' "managed by" line.
     pub config_path: String,
     facts: Option<HostFacts>,
+    /// The on-demand facts asked since the facts were gathered (forgotten with them).
+    on_demand: std::collections::BTreeMap<OnDemand, Output>,
     /// `--reboot`: a driver change that needs a reboot may reboot the host and wait for it.
     pub allow_reboot: bool,
     /// The llmctl binary to install in the container (normally this very executable).
@@ -54,6 +56,7 @@ impl Ctx {
             cfg,
             config_path,
             facts: None,
+            on_demand: Default::default(),
             allow_reboot: false,
             llmctl_binary,
             stamp,
@@ -77,6 +80,7 @@ impl Ctx {
             cfg,
             config_path,
             facts: Some(facts),
+            on_demand: Default::default(),
             allow_reboot: false,
             llmctl_binary,
             stamp: chrono_like_stamp(),
@@ -101,24 +105,43 @@ impl Ctx {
         Container::new(self.host.as_ref(), self.vmid())
     }
 
-    /// Doctor's facts about the host and the configured container, gathered on first use after a change.
+    /// Doctor's facts about the host and the configured container, with what is installed at the paths the
+    /// configuration chooses; gathered on first use after a change. Facts handed in ([`Self::over`]) that looked
+    /// at other paths, or at none, are gathered again.
     pub fn facts(&mut self) -> Result<&HostFacts> {
-        if self.facts.is_none() {
-            let f = facts::gather(self.host.as_ref(), Some(self.vmid()))?;
+        let paths = self.cfg.install_paths();
+        let other_paths = self
+            .facts
+            .as_ref()
+            .and_then(HostFacts::inside)
+            .is_some_and(|i| i.installed.as_ref().map(|x| &x.paths) != Some(&paths));
+        if self.facts.is_none() || other_paths {
+            let f = facts::gather_with(self.host.as_ref(), Some(self.vmid()), Some(&paths))?;
             self.facts = Some(f);
+            self.on_demand.clear();
         }
         Ok(self.facts.as_ref().expect("just gathered"))
     }
 
-    /// Something changed on the host: the next `facts()` gathers again.
+    /// One of the live facts ([`OnDemand`]), asked in the container once until the facts are gathered again.
+    pub fn on_demand(&mut self, what: OnDemand) -> Result<&Output> {
+        if !self.on_demand.contains_key(&what) {
+            let out = self.ct().run(&what.cmd())?;
+            self.on_demand.insert(what.clone(), out);
+        }
+        Ok(&self.on_demand[&what])
+    }
+
+    /// Something changed on the host: the next `facts()` gathers again, and live facts are asked again.
     pub fn invalidate(&mut self) {
         self.facts = None;
+        self.on_demand.clear();
     }
 
     /// Replaces the transport (after a reboot) with a fresh connection.
     pub fn reconnect(&mut self) -> Result<()> {
         self.host = (self.connect)()?;
-        self.facts = None;
+        self.invalidate();
         Ok(())
     }
 

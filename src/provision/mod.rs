@@ -567,3 +567,127 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod assess_tests {
+    use super::*;
+    use crate::host::facts::{self, CT_ROUND_SCRIPT, HOST_SCRIPT};
+    use crate::transport::{Output, Stream, Transport};
+    use std::sync::{Arc, Mutex};
+
+    /// Answers the two rounds from text, the planner with a choice, and anything else with an empty success;
+    /// records every command.
+    struct Scripted {
+        calls: Arc<Mutex<Vec<Vec<String>>>>,
+    }
+
+    const HOST: &str = "==> pveversion <==\npve-manager/9.0.3/025864202ebb6109 (running kernel: 6.14.8-2-pve)\n==> rc=0 <==\n\
+==> uname <==\n6.14.8-2-pve\n==> rc=0 <==\n\
+==> os-release <==\nVERSION_ID=\"13\"\n==> rc=0 <==\n\
+==> query-gpu <==\nNVIDIA GeForce RTX 4090, 595.71.05, 8.9, 24564, 14\n==> rc=0 <==\n\
+==> ct-config 103 <==\nhostname: llm\nmemory: 40000\n<llmctl-eof>\n==> rc=0 <==\n";
+
+    const CT: &str = "==> ct-status <==\nstatus: running\n==> rc=0 <==\n\
+==> ct-os-release <==\nVERSION_ID=\"12\"\n==> rc=0 <==\n\
+==> ct-services <==\nactive\nactive\n==> rc=0 <==\n\
+==> ct-enabled llama-server <==\nenabled\n==> rc=0 <==\n\
+==> ct-enabled llmctl-proxy <==\nenabled\n==> rc=0 <==\n\
+==> ct-model-file <==\n\n==> rc=0 <==\n";
+
+    impl Transport for Scripted {
+        fn run_streaming(&self, cmd: &Cmd, _: &mut dyn FnMut(Stream, &str)) -> Result<Output> {
+            self.calls.lock().unwrap().push(cmd.argv.clone());
+            let script = cmd.argv.get(2).map(String::as_str);
+            let stdout = if script == Some(HOST_SCRIPT) {
+                HOST.to_string()
+            } else if script == Some(CT_ROUND_SCRIPT) {
+                CT.to_string()
+            } else if cmd.argv.iter().any(|a| a == "plan") {
+                r#"{"chosen":{"ngl":31,"n_cpu_moe":0}}"#.to_string()
+            } else {
+                String::new()
+            };
+            Ok(Output {
+                status: Some(0),
+                stdout,
+                stderr: String::new(),
+            })
+        }
+        fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(vec!["read".into(), path.into()]);
+            bail!("a check reads the facts, not files")
+        }
+        fn write_file(&self, _: &str, _: &[u8], _: u32) -> Result<()> {
+            bail!("a check never writes")
+        }
+        fn describe(&self) -> String {
+            "root@scripted".into()
+        }
+    }
+
+    /// Issue 11: a check reads the gathered facts; the only commands besides the two rounds are the on-demand
+    /// facts (the planner, the health probes), each asked once until something changes, and asked anew after.
+    #[test]
+    fn checks_run_nothing_but_the_rounds_and_the_on_demand_facts() {
+        let file =
+            crate::config::ConfigFile::parse(include_str!("../../templates/llmctl.toml"), None)
+                .unwrap();
+        let cfg = config::ProvisionConfig::from_file(&file).unwrap();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let t = Scripted {
+            calls: calls.clone(),
+        };
+        let facts =
+            facts::gather_with(&t, Some(cfg.host.vmid), Some(&cfg.install_paths())).unwrap();
+        let binary = tempfile::NamedTempFile::new().unwrap();
+        let connect: ctx::Connector =
+            Box::new(|| -> Result<Box<dyn Transport>> { bail!("no reconnect in this test") });
+        let in_ct = |what: facts::OnDemand| format!("pct exec 103 -- {}", what.cmd().display());
+        let wanted = [
+            in_ct(facts::OnDemand::OffloadPlan {
+                argv: ct::plan_argv(&cfg, 24564, 1, &cfg.server.cache_type_k),
+            }),
+            in_ct(facts::OnDemand::Health {
+                url: format!("http://127.0.0.1:{}/health", cfg.server.port),
+            }),
+            in_ct(facts::OnDemand::Health {
+                url: format!("http://127.0.0.1:{}/health", cfg.proxy_port()),
+            }),
+        ];
+        let mut ctx = Ctx::over(
+            Box::new(t),
+            connect,
+            cfg,
+            "llmctl.toml".into(),
+            binary.path().into(),
+            facts,
+        );
+        let shown = |calls: &[Vec<String>]| -> Vec<String> {
+            calls
+                .iter()
+                .map(|a| {
+                    a.iter()
+                        .map(|w| if w.len() > 60 { "<script>" } else { w.as_str() })
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect()
+        };
+        let first = assess(&mut ctx).unwrap();
+        assert_eq!(first.len(), StepId::ALL.len());
+        let after_first = calls.lock().unwrap().clone();
+        let on_demand: Vec<String> = shown(&after_first[2..]);
+        assert_eq!(on_demand, wanted, "{:#?}", shown(&after_first));
+        // Asked again on the same facts: nothing runs.
+        assert_eq!(assess(&mut ctx).unwrap(), first);
+        assert_eq!(calls.lock().unwrap().len(), after_first.len());
+        // After a change (what execute does), the rounds and the live facts are asked anew.
+        ctx.invalidate();
+        assert_eq!(assess(&mut ctx).unwrap(), first);
+        let all = calls.lock().unwrap().clone();
+        assert_eq!(shown(&all[after_first.len()..]), shown(&after_first));
+    }
+}

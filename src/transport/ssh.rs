@@ -146,6 +146,17 @@ impl SshTransport {
     }
 }
 
+/// A command line cut to its first line and 100 characters, for the debug log (the facts scripts are long).
+fn brief(line: &str) -> String {
+    let first = line.lines().next().unwrap_or_default();
+    let cut: String = first.chars().take(100).collect();
+    if cut.len() < line.len() {
+        format!("{cut}…")
+    } else {
+        cut
+    }
+}
+
 fn duration_ms(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }
@@ -421,6 +432,9 @@ impl Transport for SshTransport {
             "echo \"{PGID_MARKER}$$\" >&2; exec {}",
             crate::shell::join(&cmd.argv)
         );
+        // One line per round trip: `-v` shows how many commands a run costs (doctor's and provision's facts are
+        // meant to be a few rounds, not a probe per question).
+        tracing::debug!("ssh exec: {}", brief(&cmd.display()));
         let inner = self.lock()?;
         let session = &inner.session;
         let mut channel = session
@@ -522,6 +536,7 @@ impl Transport for SshTransport {
     }
 
     fn read_file(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        tracing::debug!("ssh read: {path}");
         self.with_sftp(|sftp| {
             let mut f = sftp.open(Path::new(path))?;
             let mut data = Vec::new();
@@ -532,6 +547,7 @@ impl Transport for SshTransport {
     }
 
     fn write_file(&self, path: &str, data: &[u8], mode: u32) -> anyhow::Result<()> {
+        tracing::debug!("ssh write: {path}");
         let tmp = super::temp_path_beside(path);
         let mode = mode & 0o7777;
         let written = self.with_sftp(|sftp| {
