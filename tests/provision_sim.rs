@@ -936,3 +936,60 @@ fn the_offload_is_planned_from_the_model_and_the_gpu() {
     assert_eq!(run.status.code(), Some(1), "{}", text(&run));
     assert!(stdout(&run).contains("does not fit"), "{}", text(&run));
 }
+
+/// Issue 16 item 7: the driver packages were swapped to the open flavour while the proprietary module of the same
+/// version still runs. The module step is done only once the configured flavour runs: `--check` refuses without
+/// `--reboot` and plans the reboot with it, and the run reboots the host into the open module.
+#[test]
+fn a_swapped_module_flavour_is_loaded_with_a_reboot() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let bed = Bed::new("flavour-swapped-not-rebooted");
+    let loaded = |bed: &Bed| {
+        String::from_utf8_lossy(&bed.sim.exec(&["cat", "/proc/driver/nvidia/version"]).stdout)
+            .into_owned()
+    };
+    // The scenario as the kernel shows it: the proprietary module's version line, the open packages installed.
+    assert!(
+        loaded(&bed).starts_with("NVRM version: NVIDIA UNIX x86_64 Kernel Module  595.71.05  "),
+        "{}",
+        loaded(&bed)
+    );
+    let module_line = |o: &Output| {
+        stdout(o)
+            .lines()
+            .skip_while(|l| l.split_whitespace().nth(1) != Some("module"))
+            .take(2)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let check = bed.provision(&["--check"]);
+    assert_eq!(check.status.code(), Some(1), "{}", text(&check));
+    let line = module_line(&check);
+    assert!(
+        line.starts_with("  REFUSED  module")
+            && line.contains(
+                "proprietary NVIDIA module loaded and the installed driver is the open one"
+            ),
+        "{}",
+        text(&check)
+    );
+    let check = bed.provision(&["--check", "--reboot"]);
+    assert_eq!(check.status.code(), Some(1), "{}", text(&check));
+    let line = module_line(&check);
+    assert!(
+        line.starts_with("  change   module") && line.contains("[host] reboot the host"),
+        "{}",
+        text(&check)
+    );
+
+    let run = bed.provision(&["--yes", "--reboot"]);
+    assert_ok(&run, "provision --reboot");
+    assert!(
+        loaded(&bed)
+            .starts_with("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  595.71.05  "),
+        "after provision --reboot: {}\n{}",
+        loaded(&bed),
+        text(&run)
+    );
+    assert_healthy(&bed);
+}
