@@ -563,3 +563,33 @@ fn two_gpus_keep_a_context_and_compute_buffers_each() {
     let split = plan::plan(&s, &exact, &two).unwrap();
     assert_ne!(split.chosen.strategy, Strategy::AllOnGpu);
 }
+
+/// Issue 16 item 10 through the CLI with the real SmolLM2: 1536 MiB holds the whole model (32768 tokens, f16
+/// cache) as one GPU, but as two GPUs (`--gpus 2`) each keeps a CUDA reserve and compute buffers of its own, and
+/// only part of the layers fit.
+#[test]
+fn the_cli_plans_two_gpus_with_a_reserve_and_compute_buffers_each() {
+    let args = [
+        "--vram",
+        "1536",
+        "--ram",
+        "4096",
+        "--ctx",
+        "32768",
+        "--cache-type",
+        "f16",
+        "--ubatch",
+        "128",
+    ];
+    let (code, one, err) = plan_cli(&args);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(flag(&one, "-ngl"), "31", "{one}");
+    let (code, two, err) = plan_cli(&[&args[..], &["--gpus", "2"]].concat());
+    assert_eq!(code, 0, "{err}");
+    let ngl: u32 = flag(&two, "-ngl").parse().unwrap();
+    assert!(ngl < 31, "{two}");
+    assert!(
+        two.contains("1024 MiB kept for the CUDA contexts (512 MiB on each of 2 GPUs"),
+        "{two}"
+    );
+}

@@ -109,10 +109,15 @@ impl Bed {
     }
 
     fn with_version(scenario: &str, version: &str) -> Bed {
+        Self::with_sim_env(scenario, version, &[])
+    }
+
+    /// A bed whose `simhost up` also gets `env` (e.g. `LLMCTL_SIM_MODEL`: the scenario's CT already has the model).
+    fn with_sim_env(scenario: &str, version: &str, env: &[(&str, &str)]) -> Bed {
         // The simulated CUDA build installs the test stack's real CPU llama-server.
         // SAFETY: set before any thread of this test reads the environment; every test sets the same value.
         unsafe { std::env::set_var("LLMCTL_SIM_LLAMA_SERVER", stack_var("LLMCTL_LLAMA_SERVER")) };
-        let sim = SimHost::start(scenario);
+        let sim = SimHost::start_env(scenario, env);
         let test_side = sim
             .addr
             .rsplit_once('.')
@@ -935,4 +940,169 @@ fn the_offload_is_planned_from_the_model_and_the_gpu() {
     let run = bed.provision(&["--yes"]);
     assert_eq!(run.status.code(), Some(1), "{}", text(&run));
     assert!(stdout(&run).contains("does not fit"), "{}", text(&run));
+}
+
+/// Issue 16 item 7: the driver packages were swapped to the open flavour while the proprietary module of the same
+/// version still runs. The module step is done only once the configured flavour runs: `--check` refuses without
+/// `--reboot` and plans the reboot with it, and the run reboots the host into the open module.
+#[test]
+fn a_swapped_module_flavour_is_loaded_with_a_reboot() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let bed = Bed::new("flavour-swapped-not-rebooted");
+    let loaded = |bed: &Bed| {
+        String::from_utf8_lossy(&bed.sim.exec(&["cat", "/proc/driver/nvidia/version"]).stdout)
+            .into_owned()
+    };
+    // The scenario as the kernel shows it: the proprietary module's version line, the open packages installed.
+    assert!(
+        loaded(&bed).starts_with("NVRM version: NVIDIA UNIX x86_64 Kernel Module  595.71.05  "),
+        "{}",
+        loaded(&bed)
+    );
+    let module_line = |o: &Output| {
+        stdout(o)
+            .lines()
+            .skip_while(|l| l.split_whitespace().nth(1) != Some("module"))
+            .take(2)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let check = bed.provision(&["--check"]);
+    assert_eq!(check.status.code(), Some(1), "{}", text(&check));
+    let line = module_line(&check);
+    assert!(
+        line.starts_with("  REFUSED  module")
+            && line.contains(
+                "proprietary NVIDIA module loaded and the installed driver is the open one"
+            ),
+        "{}",
+        text(&check)
+    );
+    let check = bed.provision(&["--check", "--reboot"]);
+    assert_eq!(check.status.code(), Some(1), "{}", text(&check));
+    let line = module_line(&check);
+    assert!(
+        line.starts_with("  change   module") && line.contains("[host] reboot the host"),
+        "{}",
+        text(&check)
+    );
+
+    let run = bed.provision(&["--yes", "--reboot"]);
+    assert_ok(&run, "provision --reboot");
+    assert!(
+        loaded(&bed)
+            .starts_with("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  595.71.05  "),
+        "after provision --reboot: {}\n{}",
+        loaded(&bed),
+        text(&run)
+    );
+    assert_healthy(&bed);
+}
+
+/// Issue 16 item 10: two GPUs are not one GPU of their summed memory. The scenario's two GPUs hold the test model
+/// entirely when their memory is added under one CUDA reserve, and only part of it with a reserve and compute
+/// buffers on each; the unit provision plans must carry the per-GPU offload.
+#[test]
+fn two_gpus_are_planned_with_a_cuda_context_and_compute_buffers_each() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let model = stack_var("LLMCTL_TEST_MODEL");
+    // The CT already has the model (at the config's dest) and this llmctl: `--check` runs the real planner there.
+    let bed = Bed::with_sim_env(
+        "two-gpus-model-fits-only-the-sum",
+        "595.71.05",
+        &[
+            ("LLMCTL_SIM_MODEL", &model),
+            ("LLMCTL_SIM_LLMCTL", llmctl()),
+        ],
+    );
+    bed.server_option("ubatch = 128");
+    // The model where the scenario's CT has it (healthy's /models/model.gguf).
+    let cfg = std::fs::read_to_string(&bed.config).unwrap();
+    std::fs::write(
+        &bed.config,
+        cfg.replace(
+            "dest = \"/models/smollm2.gguf\"",
+            "dest = \"/models/model.gguf\"",
+        ),
+    )
+    .unwrap();
+    // The GPUs as the driver reports them.
+    let smi = bed.sim.exec(&[
+        "nvidia-smi",
+        "--query-gpu=memory.total",
+        "--format=csv,noheader,nounits",
+    ]);
+    let sizes: Vec<u64> = String::from_utf8_lossy(&smi.stdout)
+        .lines()
+        .map(|l| l.trim().parse().expect("memory.total in MiB"))
+        .collect();
+    assert_eq!(sizes.len(), 2, "{sizes:?}");
+    let vram = sizes.iter().sum::<u64>().to_string();
+    // The planner on this machine, with the config's context, cache, batch and container memory.
+    let plan = |gpus: &str| -> serde_json::Value {
+        let out = Command::new(llmctl())
+            .args(["model", "plan", &model, "--vram", &vram, "--gpus", gpus])
+            .args(["--ram", "4096", "--ctx", "32768", "--cache-type", "f16"])
+            .args(["--ubatch", "128", "--json"])
+            .current_dir(bed.dir.path())
+            .output()
+            .unwrap();
+        assert_ok(&out, "llmctl model plan");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // The scenario's premise: the summed memory under one reserve holds every layer and the output.
+    let pooled = plan("1");
+    assert_eq!(
+        pooled["chosen"]["strategy"]["kind"], "all_on_gpu",
+        "the scenario's GPUs no longer hold the whole model as one GPU: resize them\n{pooled:#}"
+    );
+    let all = pooled["chosen"]["ngl"].as_u64().unwrap();
+    let per_gpu = plan("2")["chosen"]["ngl"].as_u64().unwrap();
+
+    let check = bed.provision(&["--check"]);
+    let out = stdout(&check);
+    // The -ngl of the unit provision would write, or (nothing to write) of the unit in place.
+    let ngl_in = |s: &str| -> Option<u64> {
+        s.lines()
+            .map(|l| l.trim_start())
+            .filter(|l| l.starts_with("+ExecStart=") || l.starts_with("ExecStart="))
+            .find_map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                let i = w.iter().position(|x| *x == "-ngl")?;
+                w.get(i + 1)?.parse().ok()
+            })
+    };
+    let unit = bed.sim.exec(&[
+        "pct",
+        "exec",
+        "103",
+        "--",
+        "cat",
+        "/etc/systemd/system/llama-server.service",
+    ]);
+    let planned = ngl_in(
+        &out.lines()
+            .filter(|l| l.trim_start().starts_with('+'))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .or_else(|| ngl_in(&String::from_utf8_lossy(&unit.stdout)))
+    .unwrap_or_else(|| {
+        panic!(
+            "no -ngl N in the planned or the present unit:\n{}",
+            text(&check)
+        )
+    });
+    assert!(
+        planned < all,
+        "provision plans -ngl {planned}, every layer and the output (-ngl {all}), as if two GPUs were one GPU \
+         of their summed memory with one CUDA reserve\n{}",
+        text(&check)
+    );
+    assert_eq!(
+        planned,
+        per_gpu,
+        "provision's -ngl is not the planner's for 2 GPUs\n{}",
+        text(&check)
+    );
 }

@@ -42,9 +42,19 @@ impl SimHost {
 
     /// Starts any scenario file (e.g. one a test writes to a temp dir with `base = "..."` beside a copy).
     pub fn start_file(scenario: &Path) -> SimHost {
+        Self::start_file_env(scenario, &[])
+    }
+
+    /// [`Self::start`] with variables for `simhost up` only (e.g. `LLMCTL_SIM_MODEL`), not for the whole test
+    /// process and the sims its other tests start.
+    pub fn start_env(name: &str, env: &[(&str, &str)]) -> SimHost {
+        Self::start_file_env(&repo().join(format!("fixtures/scenarios/{name}.toml")), env)
+    }
+
+    fn start_file_env(scenario: &Path, env: &[(&str, &str)]) -> SimHost {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         assert!(n < 100, "too many sim hosts in one test binary");
-        Self::start_n(scenario, n)
+        Self::start_n_env(scenario, n, env)
     }
 
     /// [`Self::start_n`], once more when the first start fails: on a loaded machine simhost can decide too early
