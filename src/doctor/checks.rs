@@ -242,13 +242,6 @@ pub fn check_dpkg(f: &HostFacts) -> Vec<Finding> {
 
 // ---- host: driver ------------------------------------------------------------------------------------------
 
-/// Kernel-side driver packages (NVIDIA's repo names and Debian's).
-const KERNEL_PACKAGES: &[&str] = &[
-    "nvidia-kernel-open-dkms",
-    "nvidia-kernel-dkms",
-    "nvidia-open-kernel-dkms",
-    "nvidia-open",
-];
 /// User-space packages whose version must equal the loaded module.
 const LIB_PACKAGES: &[&str] = &["libnvidia-ml1", "libcuda1", "nvidia-driver-cuda"];
 pub const UVM_NODES: &[&str] = &["/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"];
@@ -258,18 +251,15 @@ fn driver_packages(f: &HostFacts) -> Vec<String> {
         .iter()
         .filter(|p| p.installed())
         .filter(|p| {
-            KERNEL_PACKAGES.contains(&p.name.as_str())
+            rules::MODULE_PACKAGES.iter().any(|(n, _)| *n == p.name)
                 || LIB_PACKAGES.contains(&p.name.as_str())
                 || p.name.starts_with("nvidia-driver")
                 || p.name.starts_with("nvidia-kernel")
+                || p.name.starts_with("nvidia-open")
                 || p.name.starts_with("libnvidia")
         })
         .map(|p| p.name.clone())
         .collect()
-}
-
-fn kernel_package_installed(f: &HostFacts) -> bool {
-    KERNEL_PACKAGES.iter().any(|p| f.package(p).is_some()) || f.dkms.iter().any(|e| e.is_nvidia())
 }
 
 fn module_missing_evidence(f: &HostFacts) -> Vec<String> {
@@ -292,16 +282,10 @@ fn nvidia_entry_for<'a>(f: &'a HostFacts, kernel: &str) -> Vec<&'a crate::pve::d
         .collect()
 }
 
-fn dkms_installed_for(f: &HostFacts, kernel: &str) -> bool {
-    nvidia_entry_for(f, kernel)
-        .iter()
-        .any(|e| e.state == DkmsState::Installed)
-}
-
 /// Whether a root cause for "no module loaded" is reported by another check.
 fn module_absence_explained(f: &HostFacts) -> bool {
     f.has_module("nouveau")
-        || (kernel_package_installed(f) && !dkms_installed_for(f, &f.kernel))
+        || (rules::kernel_driver_installed(f) && !rules::module_installed_for(f, &f.kernel, None))
         || rules::secure_boot_blocks(f).is_some()
         || unsupported_gpu(f).is_some()
 }
@@ -370,7 +354,7 @@ pub fn check_driver_installed(f: &HostFacts) -> Vec<Finding> {
             format!("NVIDIA driver {} ({flavour} module) is loaded", m.version),
         )];
     }
-    if kernel_package_installed(f) || !driver_packages(f).is_empty() {
+    if rules::kernel_driver_installed(f) || !driver_packages(f).is_empty() {
         return vec![Finding::ok(
             ID,
             format!(
@@ -550,7 +534,7 @@ pub fn check_secure_boot(f: &HostFacts) -> Vec<Finding> {
 }
 
 pub fn check_dkms(f: &HostFacts) -> Vec<Finding> {
-    if !kernel_package_installed(f) {
+    if !rules::kernel_driver_installed(f) {
         return vec![
             Finding::skip(
                 FindingId::DkmsBuildFailed,
@@ -569,10 +553,7 @@ pub fn check_dkms(f: &HostFacts) -> Vec<Finding> {
     let running = nvidia_entry_for(f, &f.kernel);
     let running_installed = running.iter().any(|e| e.state == DkmsState::Installed);
     let running_built = running.iter().any(|e| e.state == DkmsState::Built);
-    let kernel_pkg_version = KERNEL_PACKAGES
-        .iter()
-        .find_map(|p| f.package(p))
-        .map(|p| upstream_version(&p.version).to_string());
+    let kernel_pkg_version = rules::module_package_version(f);
 
     // Build failure for the running kernel (a headers problem is reported by its own check).
     // Another installed kernel the driver is known not to build for: the next boot may pick it.
@@ -709,7 +690,7 @@ pub fn check_driver_loaded(f: &HostFacts) -> Vec<Finding> {
     if f.module.is_some() {
         return vec![Finding::ok(ID, "the NVIDIA kernel module is loaded")];
     }
-    if !kernel_package_installed(f) {
+    if !rules::kernel_driver_installed(f) {
         return vec![Finding::skip(ID, "no driver installed")];
     }
     if module_absence_explained(f) {
@@ -906,7 +887,7 @@ pub fn check_device_nodes(f: &HostFacts) -> Vec<Finding> {
 
 pub fn check_nodes_at_boot(f: &HostFacts) -> Vec<Finding> {
     const ID: FindingId = FindingId::DevNodesNotAtBoot;
-    if !kernel_package_installed(f) && f.module.is_none() {
+    if !rules::kernel_driver_installed(f) && f.module.is_none() {
         return vec![Finding::skip(ID, "no driver installed")];
     }
     let missing = match rules::uvm_at_boot(f) {
@@ -1219,20 +1200,12 @@ pub fn check_cgroup_majors(f: &HostFacts) -> Vec<Finding> {
 
 // ---- container: state --------------------------------------------------------------------------------------
 
-fn resolv_immutable(f: &HostFacts) -> Option<&(String, String)> {
-    f.container
-        .as_ref()?
-        .resolv_attr
-        .as_ref()
-        .filter(|(flags, _)| system::is_immutable(flags))
-}
-
 pub fn check_resolv(f: &HostFacts) -> Vec<Finding> {
     const ID: FindingId = FindingId::CtResolvImmutable;
     let (Some(v), Some(c)) = (f.vmid, f.container.as_ref()) else {
         return ct_skip(&[ID], "no container");
     };
-    let Some((flags, path)) = resolv_immutable(f) else {
+    let Some((flags, path)) = rules::resolv_immutable(f) else {
         return vec![Finding::ok(
             ID,
             "the container's /etc/resolv.conf is not immutable",
@@ -1292,7 +1265,7 @@ pub fn check_running(f: &HostFacts) -> Vec<Finding> {
     match &c.status {
         CtStatus::Running => vec![Finding::ok(ID, format!("container {v} is running"))],
         // The immutable resolv.conf is why it does not start: reported there, with the fix that starts it.
-        CtStatus::Stopped if resolv_immutable(f).is_some() => vec![Finding::skip(
+        CtStatus::Stopped if rules::resolv_immutable(f).is_some() => vec![Finding::skip(
             ID,
             format!("container {v} is stopped; see ct.resolv-immutable"),
         )],
@@ -1596,21 +1569,18 @@ fn arch_finding(f: &HostFacts, value: Option<&str>, path: Option<&str>) -> Findi
             "CMAKE_CUDA_ARCHITECTURES unset: llama.cpp's default list",
         );
     };
-    if f.gpus.is_empty() {
+    // What provision's llama step builds with: the same list, from the same GPUs.
+    let Ok(wanted) = rules::cuda_architectures(f) else {
         return Finding::skip(ID, "no GPU reported by nvidia-smi --query-gpu on the host");
-    }
+    };
     let archs = llama::parse_cuda_architectures(value);
     let mut worst = Severity::Ok;
     let mut ev = vec![format!(
         "{}: CMAKE_CUDA_ARCHITECTURES={value}",
         path.unwrap_or("CMakeCache.txt")
     )];
-    let mut wanted: Vec<String> = Vec::new();
-    for g in &f.gpus {
-        let Some(arch) = g.cuda_arch() else { continue };
-        if !wanted.contains(&arch.to_string()) {
-            wanted.push(arch.to_string());
-        }
+    for g in rules::driver_gpus(f) {
+        let arch = g.compute_cap.arch();
         match llama::arch_fit(&archs, arch) {
             ArchFit::Exact | ArchFit::Unknown => {}
             // Runs only after a JIT compile of PTX at every start, and provision rebuilds it for the exact
@@ -1637,10 +1607,7 @@ fn arch_finding(f: &HostFacts, value: Option<&str>, path: Option<&str>) -> Findi
     Finding::problem(
         ID,
         worst,
-        format!(
-            "llama.cpp was built for CUDA arch {value}, not the GPU's {}",
-            wanted.join(";")
-        ),
+        format!("llama.cpp was built for CUDA arch {value}, not the GPU's {wanted}"),
         ev,
         Fix::step(StepId::Llama),
     )

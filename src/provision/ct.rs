@@ -282,10 +282,7 @@ impl Step<Ctx> for Start {
                 &["pct", "start", &vmid.to_string()],
             )]));
         };
-        let immutable = c
-            .resolv_attr
-            .as_ref()
-            .is_some_and(|(flags, _)| flags.contains('i'));
+        let immutable = crate::host::rules::resolv_immutable(f).is_some();
         let v = vmid.to_string();
         let mut actions = Vec::new();
         match (&c.status, immutable) {

@@ -116,11 +116,9 @@ impl Gpu {
     }
 }
 
+/// `gpu::ComputeCap`'s parse and arch: one reading of a compute capability for every caller.
 pub fn compute_cap_to_arch(cc: &str) -> Option<u32> {
-    let (major, minor) = cc.trim().split_once('.')?;
-    let major: u32 = major.parse().ok()?;
-    let minor: u32 = minor.parse().ok()?;
-    (minor < 10).then_some(major * 10 + minor)
+    crate::gpu::ComputeCap::parse(cc).map(crate::gpu::ComputeCap::arch)
 }
 
 /// Parses the csv, with or without units (`32607 MiB` or `32607`). Lines that do not have five fields are an
