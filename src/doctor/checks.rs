@@ -209,7 +209,10 @@ pub fn run_all(facts: &HostFacts) -> Vec<Finding> {
             .iter_mut()
             .filter(|f| f.id != FindingId::DpkgInterrupted && f.severity.is_problem())
         {
-            *f = Finding::skip(f.id, format!("{}; see dpkg.interrupted", f.title));
+            *f = Finding::skip(
+                f.id,
+                format!("{}; see {}", f.title, FindingId::DpkgInterrupted),
+            );
         }
     }
     findings
@@ -414,7 +417,7 @@ pub fn check_nouveau(f: &HostFacts) -> Vec<Finding> {
             if blacklist_too {
                 Finding::skip(
                     FindingId::NouveauNotBlacklisted,
-                    "not blacklisted either; see nouveau.loaded",
+                    format!("not blacklisted either; see {}", FindingId::NouveauLoaded),
                 )
             } else {
                 Finding::ok(
@@ -594,7 +597,11 @@ pub fn check_dkms(f: &HostFacts) -> Vec<Finding> {
     } else if !rules::headers_present(f, &f.kernel) {
         out.push(Finding::skip(
             FindingId::DkmsBuildFailed,
-            format!("no headers for {}: see kernel.headers-missing", f.kernel),
+            format!(
+                "no headers for {}: see {}",
+                f.kernel,
+                FindingId::KernelHeadersMissing
+            ),
         ));
     } else {
         let mut ev = nvidia_lines.clone();
@@ -900,7 +907,10 @@ pub fn check_nodes_at_boot(f: &HostFacts) -> Vec<Finding> {
         Err(missing) => missing,
     };
     if f.module.is_some() && UVM_NODES.iter().any(|p| node(f, p).is_none()) {
-        return vec![Finding::skip(ID, "reported with dev.uvm-missing")];
+        return vec![Finding::skip(
+            ID,
+            format!("reported with {}", FindingId::DevUvmMissing),
+        )];
     }
     vec![Finding::problem(
         ID,
@@ -1107,7 +1117,10 @@ pub fn check_legacy_passthrough(f: &HostFacts) -> Vec<Finding> {
         .iter()
         .any(|x| x.severity.is_problem())
     {
-        return vec![Finding::skip(ID, "reported with ct.cgroup-major-mismatch")];
+        return vec![Finding::skip(
+            ID,
+            format!("reported with {}", FindingId::CtCgroupMajorMismatch),
+        )];
     }
     vec![Finding::problem(
         ID,
@@ -1267,7 +1280,10 @@ pub fn check_running(f: &HostFacts) -> Vec<Finding> {
         // The immutable resolv.conf is why it does not start: reported there, with the fix that starts it.
         CtStatus::Stopped if rules::resolv_immutable(f).is_some() => vec![Finding::skip(
             ID,
-            format!("container {v} is stopped; see ct.resolv-immutable"),
+            format!(
+                "container {v} is stopped; see {}",
+                FindingId::CtResolvImmutable
+            ),
         )],
         // A devN node missing on the host makes `pct start` die (`Device ... does not exist`); the host check
         // that explains the missing node is the one to act on.
@@ -1296,7 +1312,10 @@ pub fn check_running(f: &HostFacts) -> Vec<Finding> {
                     .collect(),
                 Fix::step(StepId::Devices),
             ),
-            Finding::skip(ID, "it cannot start; see ct.device-gone"),
+            Finding::skip(
+                ID,
+                format!("it cannot start; see {}", FindingId::CtDeviceGone),
+            ),
         ],
         CtStatus::Stopped => vec![Finding::problem(
             ID,
