@@ -67,7 +67,7 @@ impl Fix {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Finding {
-    pub id: &'static str,
+    pub id: FindingId,
     pub severity: Severity,
     pub title: String,
     /// The exact lines seen, or what was looked for and not found.
@@ -76,7 +76,7 @@ pub struct Finding {
 }
 
 impl Finding {
-    fn ok(id: &'static str, title: impl Into<String>) -> Finding {
+    fn ok(id: FindingId, title: impl Into<String>) -> Finding {
         Finding {
             id,
             severity: Severity::Ok,
@@ -85,7 +85,7 @@ impl Finding {
             fix: None,
         }
     }
-    fn skip(id: &'static str, why: impl Into<String>) -> Finding {
+    fn skip(id: FindingId, why: impl Into<String>) -> Finding {
         Finding {
             id,
             severity: Severity::Skip,
@@ -95,7 +95,7 @@ impl Finding {
         }
     }
     fn problem(
-        id: &'static str,
+        id: FindingId,
         severity: Severity,
         title: impl Into<String>,
         evidence: Vec<String>,
@@ -111,54 +111,115 @@ impl Finding {
     }
 }
 
-/// Every check, in the order a user should fix things.
-pub const CHECKS: &[fn(&HostFacts) -> Vec<Finding>] = &[
-    check_gpu_supported,
-    check_nouveau,
-    check_kernel_headers,
-    check_driver_installed,
-    check_secure_boot,
-    check_dkms,
-    check_driver_loaded,
-    check_reboot_pending,
-    check_driver_pinned,
-    check_device_nodes,
-    check_nodes_at_boot,
-    check_container_exists,
-    check_container_config,
-    check_devices_configured,
-    check_cgroup_majors,
-    check_legacy_passthrough,
-    check_resolv,
-    check_running,
-    check_ct_libs,
-    check_gpu_visible,
-    check_llama_build,
-    check_llama_context,
-    check_services,
-];
+/// Declares every check once, in the order a user should fix things, with the ids of the findings it reports:
+/// `CHECKS`, the `FindingId` enum, `FindingId::ALL` and `as_str` all follow from this one list, so adding a
+/// check is its function and one line here (and its row in docs/doctor.md, which a test keeps in step).
+macro_rules! checks {
+    ($($check:ident => $($variant:ident $id:literal),+;)*) => {
+        /// What a finding is about: doctor's own checks' ids, and `plan.<step>` for a step `provision --check`
+        /// would change that no check of doctor's explains. A type, so a finding that names an id no check
+        /// declares does not compile; `--json` and the text report show `as_str`.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum FindingId {
+            $($($variant,)+)*
+            /// `plan.<step>`: doctor's reconcile with provision's assessment.
+            Plan(StepId),
+        }
+
+        impl FindingId {
+            /// The ids of doctor's own checks, in report order (the `plan.<step>` ids are
+            /// `StepId::ALL`'s `finding_id`).
+            pub const ALL: &'static [FindingId] = &[$($(FindingId::$variant,)+)*];
+
+            /// The id users see and scripts match (`--json`).
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($(FindingId::$variant => $id,)+)*
+                    FindingId::Plan(step) => step.finding_id(),
+                }
+            }
+        }
+
+        /// Every check, in the order a user should fix things.
+        pub const CHECKS: &[fn(&HostFacts) -> Vec<Finding>] = &[$($check,)*];
+
+        /// Each check's ids, in `CHECKS` order: a check reports only these (a test holds it to that).
+        pub const CHECK_IDS: &[&[FindingId]] = &[$(&[$(FindingId::$variant,)+],)*];
+    };
+}
+
+checks! {
+    check_dpkg => DpkgInterrupted "dpkg.interrupted";
+    check_gpu_supported => GpuUnsupported "gpu.unsupported";
+    check_nouveau => NouveauLoaded "nouveau.loaded", NouveauNotBlacklisted "nouveau.not-blacklisted";
+    check_kernel_headers => KernelHeadersMissing "kernel.headers-missing";
+    check_driver_installed => DriverNotInstalled "driver.not-installed";
+    check_secure_boot => SecurebootUnsigned "secureboot.unsigned";
+    check_dkms => DkmsBuildFailed "dkms.build-failed", DkmsNotBuilt "dkms.not-built";
+    check_driver_loaded => DriverNotLoaded "driver.not-loaded";
+    check_reboot_pending => DriverRebootPending "driver.reboot-pending";
+    check_driver_pinned => DriverNotPinned "driver.not-pinned";
+    check_device_nodes => DevUvmMissing "dev.uvm-missing", DevNodesMissing "dev.nodes-missing";
+    check_nodes_at_boot => DevNodesNotAtBoot "dev.nodes-not-at-boot";
+    check_container_exists => CtMissing "ct.missing";
+    check_container_config =>
+        CtLocked "ct.locked",
+        CtConfigInvalid "ct.config-invalid",
+        CtPendingChanges "ct.pending-changes";
+    check_devices_configured => CtDevicesMissing "ct.devices-missing";
+    check_cgroup_majors => CtCgroupMajorMismatch "ct.cgroup-major-mismatch";
+    check_legacy_passthrough => CtLegacyPassthrough "ct.legacy-passthrough";
+    check_resolv => CtResolvImmutable "ct.resolv-immutable";
+    check_running => CtDeviceGone "ct.device-gone", CtNotRunning "ct.not-running";
+    check_ct_libs => CtLibsMismatch "ct.libs-mismatch", CtLibsNotPinned "ct.libs-not-pinned";
+    check_gpu_visible => CtGpuNotVisible "ct.gpu-not-visible";
+    check_llama_build =>
+        LlamaNotInstalled "llama.not-installed",
+        LlamaNotCuda "llama.not-cuda",
+        LlamaCudaArch "llama.cuda-arch";
+    check_llama_context => LlamaContextSmall "llama.context-small";
+    check_services =>
+        SvcLlamaServerDown "svc.llama-server-down",
+        SvcProxyDown "svc.proxy-down",
+        SvcProxyLitellm "svc.proxy-litellm";
+}
+
+impl std::fmt::Display for FindingId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `pad`, not `write_str`: the text report aligns the titles with `{:<26}`.
+        f.pad(self.as_str())
+    }
+}
+
+impl Serialize for FindingId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
 
 pub fn run_all(facts: &HostFacts) -> Vec<Finding> {
-    let mut findings: Vec<Finding> = check_dpkg(facts);
-    findings.extend(CHECKS.iter().flat_map(|check| check(facts)));
+    let mut findings: Vec<Finding> = CHECKS.iter().flat_map(|check| check(facts)).collect();
     // While dpkg has an install half-done, apt refuses to change anything: that is the one thing to fix first,
     // and what it left (no module built, none loaded, a container that cannot start) follows from it.
     if findings
         .iter()
-        .any(|f| f.id == "dpkg.interrupted" && f.severity == Severity::Fail)
+        .any(|f| f.id == FindingId::DpkgInterrupted && f.severity == Severity::Fail)
     {
         for f in findings
             .iter_mut()
-            .filter(|f| f.id != "dpkg.interrupted" && f.severity.is_problem())
+            .filter(|f| f.id != FindingId::DpkgInterrupted && f.severity.is_problem())
         {
-            *f = Finding::skip(f.id, format!("{}; see dpkg.interrupted", f.title));
+            *f = Finding::skip(
+                f.id,
+                format!("{}; see {}", f.title, FindingId::DpkgInterrupted),
+            );
         }
     }
     findings
 }
 
 pub fn check_dpkg(f: &HostFacts) -> Vec<Finding> {
-    const ID: &str = "dpkg.interrupted";
+    const ID: FindingId = FindingId::DpkgInterrupted;
     let unfinished = rules::dpkg_interrupted(f);
     if unfinished.is_empty() {
         return vec![Finding::ok(ID, "dpkg has no install half-done")];
@@ -184,13 +245,6 @@ pub fn check_dpkg(f: &HostFacts) -> Vec<Finding> {
 
 // ---- host: driver ------------------------------------------------------------------------------------------
 
-/// Kernel-side driver packages (NVIDIA's repo names and Debian's).
-const KERNEL_PACKAGES: &[&str] = &[
-    "nvidia-kernel-open-dkms",
-    "nvidia-kernel-dkms",
-    "nvidia-open-kernel-dkms",
-    "nvidia-open",
-];
 /// User-space packages whose version must equal the loaded module.
 const LIB_PACKAGES: &[&str] = &["libnvidia-ml1", "libcuda1", "nvidia-driver-cuda"];
 pub const UVM_NODES: &[&str] = &["/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"];
@@ -200,18 +254,15 @@ fn driver_packages(f: &HostFacts) -> Vec<String> {
         .iter()
         .filter(|p| p.installed())
         .filter(|p| {
-            KERNEL_PACKAGES.contains(&p.name.as_str())
+            rules::MODULE_PACKAGES.iter().any(|(n, _)| *n == p.name)
                 || LIB_PACKAGES.contains(&p.name.as_str())
                 || p.name.starts_with("nvidia-driver")
                 || p.name.starts_with("nvidia-kernel")
+                || p.name.starts_with("nvidia-open")
                 || p.name.starts_with("libnvidia")
         })
         .map(|p| p.name.clone())
         .collect()
-}
-
-fn kernel_package_installed(f: &HostFacts) -> bool {
-    KERNEL_PACKAGES.iter().any(|p| f.package(p).is_some()) || f.dkms.iter().any(|e| e.is_nvidia())
 }
 
 fn module_missing_evidence(f: &HostFacts) -> Vec<String> {
@@ -234,16 +285,10 @@ fn nvidia_entry_for<'a>(f: &'a HostFacts, kernel: &str) -> Vec<&'a crate::pve::d
         .collect()
 }
 
-fn dkms_installed_for(f: &HostFacts, kernel: &str) -> bool {
-    nvidia_entry_for(f, kernel)
-        .iter()
-        .any(|e| e.state == DkmsState::Installed)
-}
-
 /// Whether a root cause for "no module loaded" is reported by another check.
 fn module_absence_explained(f: &HostFacts) -> bool {
     f.has_module("nouveau")
-        || (kernel_package_installed(f) && !dkms_installed_for(f, &f.kernel))
+        || (rules::kernel_driver_installed(f) && !rules::module_installed_for(f, &f.kernel, None))
         || rules::secure_boot_blocks(f).is_some()
         || unsupported_gpu(f).is_some()
 }
@@ -257,7 +302,7 @@ fn unsupported_gpu(f: &HostFacts) -> Option<String> {
 }
 
 pub fn check_gpu_supported(f: &HostFacts) -> Vec<Finding> {
-    const ID: &str = "gpu.unsupported";
+    const ID: FindingId = FindingId::GpuUnsupported;
     let Some(why) = unsupported_gpu(f) else {
         let gpus = rules::gpus(f);
         return vec![if gpus.is_empty() {
@@ -301,7 +346,7 @@ pub fn check_gpu_supported(f: &HostFacts) -> Vec<Finding> {
 }
 
 pub fn check_driver_installed(f: &HostFacts) -> Vec<Finding> {
-    const ID: &str = "driver.not-installed";
+    const ID: FindingId = FindingId::DriverNotInstalled;
     if let Some(m) = &f.module {
         let flavour = match m.flavour {
             nvidia::ModuleFlavour::Open => "open",
@@ -312,7 +357,7 @@ pub fn check_driver_installed(f: &HostFacts) -> Vec<Finding> {
             format!("NVIDIA driver {} ({flavour} module) is loaded", m.version),
         )];
     }
-    if kernel_package_installed(f) || !driver_packages(f).is_empty() {
+    if rules::kernel_driver_installed(f) || !driver_packages(f).is_empty() {
         return vec![Finding::ok(
             ID,
             format!(
@@ -363,7 +408,7 @@ pub fn check_nouveau(f: &HostFacts) -> Vec<Finding> {
         }
         return vec![
             Finding::problem(
-                "nouveau.loaded",
+                FindingId::NouveauLoaded,
                 Severity::Fail,
                 "the nouveau driver is loaded and holds the GPU",
                 ev,
@@ -371,21 +416,24 @@ pub fn check_nouveau(f: &HostFacts) -> Vec<Finding> {
             ),
             if blacklist_too {
                 Finding::skip(
-                    "nouveau.not-blacklisted",
-                    "not blacklisted either; see nouveau.loaded",
+                    FindingId::NouveauNotBlacklisted,
+                    format!("not blacklisted either; see {}", FindingId::NouveauLoaded),
                 )
             } else {
                 Finding::ok(
-                    "nouveau.not-blacklisted",
+                    FindingId::NouveauNotBlacklisted,
                     "nouveau is blacklisted (a reboot after update-initramfs keeps it out)",
                 )
             },
         ];
     }
-    let mut out = vec![Finding::ok("nouveau.loaded", "nouveau is not loaded")];
+    let mut out = vec![Finding::ok(
+        FindingId::NouveauLoaded,
+        "nouveau is not loaded",
+    )];
     if blacklisted.is_empty() {
         out.push(Finding::problem(
-            "nouveau.not-blacklisted",
+            FindingId::NouveauNotBlacklisted,
             Severity::Fail,
             "nouveau is not blacklisted: it can take the GPU at the next boot",
             not_blacklisted_evidence(),
@@ -393,7 +441,7 @@ pub fn check_nouveau(f: &HostFacts) -> Vec<Finding> {
         ));
     } else {
         out.push(Finding::ok(
-            "nouveau.not-blacklisted",
+            FindingId::NouveauNotBlacklisted,
             format!("nouveau is blacklisted ({})", blacklisted[0]),
         ));
     }
@@ -401,7 +449,7 @@ pub fn check_nouveau(f: &HostFacts) -> Vec<Finding> {
 }
 
 pub fn check_kernel_headers(f: &HostFacts) -> Vec<Finding> {
-    const ID: &str = "kernel.headers-missing";
+    const ID: FindingId = FindingId::KernelHeadersMissing;
     let missing = rules::kernels_without_headers(f);
     if missing.is_empty() {
         return vec![Finding::ok(
@@ -448,7 +496,7 @@ pub fn check_kernel_headers(f: &HostFacts) -> Vec<Finding> {
 }
 
 pub fn check_secure_boot(f: &HostFacts) -> Vec<Finding> {
-    const ID: &str = "secureboot.unsigned";
+    const ID: FindingId = FindingId::SecurebootUnsigned;
     if let Some(why) = rules::secure_boot_blocks(f) {
         let mut ev: Vec<String> = f.secure_boot_line.iter().cloned().collect();
         ev.extend(
@@ -489,10 +537,13 @@ pub fn check_secure_boot(f: &HostFacts) -> Vec<Finding> {
 }
 
 pub fn check_dkms(f: &HostFacts) -> Vec<Finding> {
-    if !kernel_package_installed(f) {
+    if !rules::kernel_driver_installed(f) {
         return vec![
-            Finding::skip("dkms.build-failed", "no DKMS NVIDIA driver installed"),
-            Finding::skip("dkms.not-built", "no DKMS NVIDIA driver installed"),
+            Finding::skip(
+                FindingId::DkmsBuildFailed,
+                "no DKMS NVIDIA driver installed",
+            ),
+            Finding::skip(FindingId::DkmsNotBuilt, "no DKMS NVIDIA driver installed"),
         ];
     }
     let mut out = Vec::new();
@@ -505,10 +556,7 @@ pub fn check_dkms(f: &HostFacts) -> Vec<Finding> {
     let running = nvidia_entry_for(f, &f.kernel);
     let running_installed = running.iter().any(|e| e.state == DkmsState::Installed);
     let running_built = running.iter().any(|e| e.state == DkmsState::Built);
-    let kernel_pkg_version = KERNEL_PACKAGES
-        .iter()
-        .find_map(|p| f.package(p))
-        .map(|p| upstream_version(&p.version).to_string());
+    let kernel_pkg_version = rules::module_package_version(f);
 
     // Build failure for the running kernel (a headers problem is reported by its own check).
     // Another installed kernel the driver is known not to build for: the next boot may pick it.
@@ -526,7 +574,7 @@ pub fn check_dkms(f: &HostFacts) -> Vec<Finding> {
         let mut ev: Vec<String> = doomed.iter().map(|(_, why)| why.clone()).collect();
         ev.extend(nvidia_lines.iter().cloned());
         out.push(Finding::problem(
-            "dkms.build-failed",
+            FindingId::DkmsBuildFailed,
             Severity::Fail,
             format!(
                 "the NVIDIA module cannot be built for the installed kernel {}: the next boot may come up without the GPU",
@@ -540,7 +588,7 @@ pub fn check_dkms(f: &HostFacts) -> Vec<Finding> {
         ));
     } else if running_installed || running_built {
         out.push(Finding::ok(
-            "dkms.build-failed",
+            FindingId::DkmsBuildFailed,
             format!(
                 "the NVIDIA module is built for the running kernel {}",
                 f.kernel
@@ -548,8 +596,12 @@ pub fn check_dkms(f: &HostFacts) -> Vec<Finding> {
         ));
     } else if !rules::headers_present(f, &f.kernel) {
         out.push(Finding::skip(
-            "dkms.build-failed",
-            format!("no headers for {}: see kernel.headers-missing", f.kernel),
+            FindingId::DkmsBuildFailed,
+            format!(
+                "no headers for {}: see {}",
+                f.kernel,
+                FindingId::KernelHeadersMissing
+            ),
         ));
     } else {
         let mut ev = nvidia_lines.clone();
@@ -586,7 +638,7 @@ pub fn check_dkms(f: &HostFacts) -> Vec<Finding> {
             None => Fix::step(StepId::Driver),
         };
         out.push(Finding::problem(
-            "dkms.build-failed",
+            FindingId::DkmsBuildFailed,
             Severity::Fail,
             title,
             ev,
@@ -623,14 +675,14 @@ pub fn check_dkms(f: &HostFacts) -> Vec<Finding> {
     }
     if severity == Severity::Ok {
         out.push(Finding::ok(
-            "dkms.not-built",
+            FindingId::DkmsNotBuilt,
             "the NVIDIA module is installed for every kernel with headers",
         ));
     } else {
         ev.extend(nvidia_lines);
         let fix = Fix::step(StepId::Dkms);
         out.push(Finding::problem(
-            "dkms.not-built",
+            FindingId::DkmsNotBuilt,
             severity,
             "the NVIDIA DKMS module is not installed for every kernel",
             ev,
@@ -641,11 +693,11 @@ pub fn check_dkms(f: &HostFacts) -> Vec<Finding> {
 }
 
 pub fn check_driver_loaded(f: &HostFacts) -> Vec<Finding> {
-    const ID: &str = "driver.not-loaded";
+    const ID: FindingId = FindingId::DriverNotLoaded;
     if f.module.is_some() {
         return vec![Finding::ok(ID, "the NVIDIA kernel module is loaded")];
     }
-    if !kernel_package_installed(f) {
+    if !rules::kernel_driver_installed(f) {
         return vec![Finding::skip(ID, "no driver installed")];
     }
     if module_absence_explained(f) {
@@ -665,7 +717,7 @@ pub fn check_driver_loaded(f: &HostFacts) -> Vec<Finding> {
 
 /// Host user-space version (from the packages) vs the loaded module.
 pub fn check_reboot_pending(f: &HostFacts) -> Vec<Finding> {
-    const ID: &str = "driver.reboot-pending";
+    const ID: FindingId = FindingId::DriverRebootPending;
     let Some(m) = &f.module else {
         return vec![Finding::skip(ID, "no NVIDIA module loaded")];
     };
@@ -724,7 +776,7 @@ pub fn check_reboot_pending(f: &HostFacts) -> Vec<Finding> {
 }
 
 pub fn check_driver_pinned(f: &HostFacts) -> Vec<Finding> {
-    const ID: &str = "driver.not-pinned";
+    const ID: FindingId = FindingId::DriverNotPinned;
     // The packages provision installs at one version and holds: the same list judges both commands.
     let open = rules::installed_flavour(f) != Some(nvidia::ModuleFlavour::Proprietary);
     let names = rules::debian_driver_packages(f, open)
@@ -760,8 +812,8 @@ fn node<'a>(f: &'a HostFacts, path: &str) -> Option<&'a system::DevNode> {
 pub fn check_device_nodes(f: &HostFacts) -> Vec<Finding> {
     if f.module.is_none() {
         return vec![
-            Finding::skip("dev.uvm-missing", "no NVIDIA module loaded"),
-            Finding::skip("dev.nodes-missing", "no NVIDIA module loaded"),
+            Finding::skip(FindingId::DevUvmMissing, "no NVIDIA module loaded"),
+            Finding::skip(FindingId::DevNodesMissing, "no NVIDIA module loaded"),
         ];
     }
     let mut out = Vec::new();
@@ -772,7 +824,7 @@ pub fn check_device_nodes(f: &HostFacts) -> Vec<Finding> {
         .collect();
     if missing_uvm.is_empty() {
         out.push(Finding::ok(
-            "dev.uvm-missing",
+            FindingId::DevUvmMissing,
             "/dev/nvidia-uvm and /dev/nvidia-uvm-tools exist",
         ));
     } else {
@@ -802,7 +854,7 @@ pub fn check_device_nodes(f: &HostFacts) -> Vec<Finding> {
         }
         let fix = Fix::step(StepId::DevicesAtBoot);
         out.push(Finding::problem(
-            "dev.uvm-missing",
+            FindingId::DevUvmMissing,
             Severity::Fail,
             "/dev/nvidia-uvm is missing: CUDA cannot run, and a container with it as devN refuses to start",
             ev,
@@ -822,12 +874,12 @@ pub fn check_device_nodes(f: &HostFacts) -> Vec<Finding> {
     }
     if missing.is_empty() {
         out.push(Finding::ok(
-            "dev.nodes-missing",
+            FindingId::DevNodesMissing,
             "/dev/nvidiactl and the /dev/nvidiaN GPU nodes exist",
         ));
     } else {
         out.push(Finding::problem(
-            "dev.nodes-missing",
+            FindingId::DevNodesMissing,
             Severity::Fail,
             "NVIDIA device nodes are missing on the host",
             missing
@@ -841,8 +893,8 @@ pub fn check_device_nodes(f: &HostFacts) -> Vec<Finding> {
 }
 
 pub fn check_nodes_at_boot(f: &HostFacts) -> Vec<Finding> {
-    const ID: &str = "dev.nodes-not-at-boot";
-    if !kernel_package_installed(f) && f.module.is_none() {
+    const ID: FindingId = FindingId::DevNodesNotAtBoot;
+    if !rules::kernel_driver_installed(f) && f.module.is_none() {
         return vec![Finding::skip(ID, "no driver installed")];
     }
     let missing = match rules::uvm_at_boot(f) {
@@ -855,7 +907,10 @@ pub fn check_nodes_at_boot(f: &HostFacts) -> Vec<Finding> {
         Err(missing) => missing,
     };
     if f.module.is_some() && UVM_NODES.iter().any(|p| node(f, p).is_none()) {
-        return vec![Finding::skip(ID, "reported with dev.uvm-missing")];
+        return vec![Finding::skip(
+            ID,
+            format!("reported with {}", FindingId::DevUvmMissing),
+        )];
     }
     vec![Finding::problem(
         ID,
@@ -868,12 +923,12 @@ pub fn check_nodes_at_boot(f: &HostFacts) -> Vec<Finding> {
 
 // ---- container: config -------------------------------------------------------------------------------------
 
-fn ct_skip(ids: &[&'static str], why: &str) -> Vec<Finding> {
-    ids.iter().map(|id| Finding::skip(id, why)).collect()
+fn ct_skip(ids: &[FindingId], why: &str) -> Vec<Finding> {
+    ids.iter().map(|id| Finding::skip(*id, why)).collect()
 }
 
 pub fn check_container_exists(f: &HostFacts) -> Vec<Finding> {
-    const ID: &str = "ct.missing";
+    const ID: FindingId = FindingId::CtMissing;
     match f.vmid {
         None => vec![Finding::skip(
             ID,
@@ -916,14 +971,18 @@ fn ct(f: &HostFacts) -> Option<(u32, &LxcConfig)> {
 pub fn check_container_config(f: &HostFacts) -> Vec<Finding> {
     let Some((v, cfg)) = ct(f) else {
         return ct_skip(
-            &["ct.locked", "ct.config-invalid", "ct.pending-changes"],
+            &[
+                FindingId::CtLocked,
+                FindingId::CtConfigInvalid,
+                FindingId::CtPendingChanges,
+            ],
             "no container",
         );
     };
     let mut out = Vec::new();
     match cfg.lock() {
         Some(lock) => out.push(Finding::problem(
-            "ct.locked",
+            FindingId::CtLocked,
             Severity::Fail,
             format!(
                 "container {v} is locked ({lock}): pct set / start refuse until it is unlocked"
@@ -937,7 +996,7 @@ pub fn check_container_config(f: &HostFacts) -> Vec<Finding> {
             ),
         )),
         None => out.push(Finding::ok(
-            "ct.locked",
+            FindingId::CtLocked,
             format!("container {v} is not locked"),
         )),
     }
@@ -949,12 +1008,12 @@ pub fn check_container_config(f: &HostFacts) -> Vec<Finding> {
     bad.extend(cfg.live.device_errors());
     if bad.is_empty() {
         out.push(Finding::ok(
-            "ct.config-invalid",
+            FindingId::CtConfigInvalid,
             format!("/etc/pve/lxc/{v}.conf parses"),
         ));
     } else {
         out.push(Finding::problem(
-            "ct.config-invalid",
+            FindingId::CtConfigInvalid,
             Severity::Fail,
             format!("/etc/pve/lxc/{v}.conf has lines Proxmox rejects"),
             bad,
@@ -968,7 +1027,7 @@ pub fn check_container_config(f: &HostFacts) -> Vec<Finding> {
         // Pending devN: the container runs without those devices until a restart, which provision's devices
         // step makes. Other pending keys are the user's own, shown as a warning.
         Some(p) if !p.options.is_empty() || !p.raw.is_empty() => out.push(Finding::problem(
-            "ct.pending-changes",
+            FindingId::CtPendingChanges,
             if p.devices().is_empty() {
                 Severity::Warn
             } else {
@@ -983,7 +1042,7 @@ pub fn check_container_config(f: &HostFacts) -> Vec<Finding> {
             Fix::step(StepId::Devices),
         )),
         _ => out.push(Finding::ok(
-            "ct.pending-changes",
+            FindingId::CtPendingChanges,
             "no pending config changes",
         )),
     }
@@ -992,7 +1051,7 @@ pub fn check_container_config(f: &HostFacts) -> Vec<Finding> {
 
 /// Device paths the container needs: every GPU node the host has (at least nvidia0), nvidiactl, and uvm.
 pub fn check_devices_configured(f: &HostFacts) -> Vec<Finding> {
-    const ID: &str = "ct.devices-missing";
+    const ID: FindingId = FindingId::CtDevicesMissing;
     let Some((v, cfg)) = ct(f) else {
         return ct_skip(&[ID], "no container");
     };
@@ -1043,7 +1102,7 @@ pub fn check_devices_configured(f: &HostFacts) -> Vec<Finding> {
 /// Hand-written passthrough that works today (its majors match): the same rule as provision's devices step,
 /// which replaces it with devN entries, because the uvm major is dynamic and the lines break at some reboot.
 pub fn check_legacy_passthrough(f: &HostFacts) -> Vec<Finding> {
-    const ID: &str = "ct.legacy-passthrough";
+    const ID: FindingId = FindingId::CtLegacyPassthrough;
     let Some((v, _)) = ct(f) else {
         return ct_skip(&[ID], "no container");
     };
@@ -1058,7 +1117,10 @@ pub fn check_legacy_passthrough(f: &HostFacts) -> Vec<Finding> {
         .iter()
         .any(|x| x.severity.is_problem())
     {
-        return vec![Finding::skip(ID, "reported with ct.cgroup-major-mismatch")];
+        return vec![Finding::skip(
+            ID,
+            format!("reported with {}", FindingId::CtCgroupMajorMismatch),
+        )];
     }
     vec![Finding::problem(
         ID,
@@ -1075,7 +1137,7 @@ pub fn check_legacy_passthrough(f: &HostFacts) -> Vec<Finding> {
 }
 
 pub fn check_cgroup_majors(f: &HostFacts) -> Vec<Finding> {
-    const ID: &str = "ct.cgroup-major-mismatch";
+    const ID: FindingId = FindingId::CtCgroupMajorMismatch;
     let Some((v, cfg)) = ct(f) else {
         return ct_skip(&[ID], "no container");
     };
@@ -1151,20 +1213,12 @@ pub fn check_cgroup_majors(f: &HostFacts) -> Vec<Finding> {
 
 // ---- container: state --------------------------------------------------------------------------------------
 
-fn resolv_immutable(f: &HostFacts) -> Option<&(String, String)> {
-    f.container
-        .as_ref()?
-        .resolv_attr
-        .as_ref()
-        .filter(|(flags, _)| system::is_immutable(flags))
-}
-
 pub fn check_resolv(f: &HostFacts) -> Vec<Finding> {
-    const ID: &str = "ct.resolv-immutable";
+    const ID: FindingId = FindingId::CtResolvImmutable;
     let (Some(v), Some(c)) = (f.vmid, f.container.as_ref()) else {
         return ct_skip(&[ID], "no container");
     };
-    let Some((flags, path)) = resolv_immutable(f) else {
+    let Some((flags, path)) = rules::resolv_immutable(f) else {
         return vec![Finding::ok(
             ID,
             "the container's /etc/resolv.conf is not immutable",
@@ -1217,16 +1271,19 @@ fn host_explains_missing_nodes(f: &HostFacts) -> bool {
 }
 
 pub fn check_running(f: &HostFacts) -> Vec<Finding> {
-    const ID: &str = "ct.not-running";
+    const ID: FindingId = FindingId::CtNotRunning;
     let (Some(v), Some(c)) = (f.vmid, f.container.as_ref()) else {
         return ct_skip(&[ID], "no container");
     };
     match &c.status {
         CtStatus::Running => vec![Finding::ok(ID, format!("container {v} is running"))],
         // The immutable resolv.conf is why it does not start: reported there, with the fix that starts it.
-        CtStatus::Stopped if resolv_immutable(f).is_some() => vec![Finding::skip(
+        CtStatus::Stopped if rules::resolv_immutable(f).is_some() => vec![Finding::skip(
             ID,
-            format!("container {v} is stopped; see ct.resolv-immutable"),
+            format!(
+                "container {v} is stopped; see {}",
+                FindingId::CtResolvImmutable
+            ),
         )],
         // A devN node missing on the host makes `pct start` die (`Device ... does not exist`); the host check
         // that explains the missing node is the one to act on.
@@ -1243,7 +1300,7 @@ pub fn check_running(f: &HostFacts) -> Vec<Finding> {
         // `pct start` alone fails on it. The cause has its own id.
         CtStatus::Stopped if !missing_host_nodes(f).is_empty() => vec![
             Finding::problem(
-                "ct.device-gone",
+                FindingId::CtDeviceGone,
                 Severity::Fail,
                 format!(
                     "container {v} passes in a GPU the host does not have, so it cannot start"
@@ -1255,7 +1312,10 @@ pub fn check_running(f: &HostFacts) -> Vec<Finding> {
                     .collect(),
                 Fix::step(StepId::Devices),
             ),
-            Finding::skip(ID, "it cannot start; see ct.device-gone"),
+            Finding::skip(
+                ID,
+                format!("it cannot start; see {}", FindingId::CtDeviceGone),
+            ),
         ],
         CtStatus::Stopped => vec![Finding::problem(
             ID,
@@ -1280,15 +1340,15 @@ fn inside(f: &HostFacts) -> Option<(u32, &crate::host::facts::InsideFacts)> {
 }
 
 pub fn check_ct_libs(f: &HostFacts) -> Vec<Finding> {
-    const ID: &str = "ct.libs-mismatch";
+    const ID: FindingId = FindingId::CtLibsMismatch;
     let Some((v, ins)) = inside(f) else {
-        return ct_skip(&[ID, "ct.libs-not-pinned"], "container not running");
+        return ct_skip(&[ID, FindingId::CtLibsNotPinned], "container not running");
     };
     // The libraries must match the driver the host has installed: after an upgrade that waits for its reboot,
     // that is the new version (the reboot loads it), not the module still loaded.
     let Some(target) = rules::installed_driver_version(f) else {
         return ct_skip(
-            &[ID, "ct.libs-not-pinned"],
+            &[ID, FindingId::CtLibsNotPinned],
             "no NVIDIA driver installed on the host",
         );
     };
@@ -1320,12 +1380,12 @@ pub fn check_ct_libs(f: &HostFacts) -> Vec<Finding> {
             .collect();
         let pinned = if unheld.is_empty() {
             Finding::ok(
-                "ct.libs-not-pinned",
+                FindingId::CtLibsNotPinned,
                 "the container's NVIDIA libraries are held",
             )
         } else {
             Finding::problem(
-                "ct.libs-not-pinned",
+                FindingId::CtLibsNotPinned,
                 Severity::Fail,
                 format!(
                     "container {v}'s NVIDIA libraries are not held: an apt upgrade inside it would break NVML"
@@ -1364,12 +1424,12 @@ pub fn check_ct_libs(f: &HostFacts) -> Vec<Finding> {
             ev,
             Fix::step(StepId::CtLibs),
         ),
-        Finding::skip("ct.libs-not-pinned", "libraries do not match yet"),
+        Finding::skip(FindingId::CtLibsNotPinned, "libraries do not match yet"),
     ]
 }
 
 pub fn check_gpu_visible(f: &HostFacts) -> Vec<Finding> {
-    const ID: &str = "ct.gpu-not-visible";
+    const ID: FindingId = FindingId::CtGpuNotVisible;
     let Some((v, ins)) = inside(f) else {
         return ct_skip(&[ID], "container not running");
     };
@@ -1380,13 +1440,13 @@ pub fn check_gpu_visible(f: &HostFacts) -> Vec<Finding> {
             .any(|x| x.severity.is_problem())
         || check_ct_libs(f)
             .iter()
-            .any(|x| x.id == "ct.libs-mismatch" && x.severity.is_problem())
+            .any(|x| x.id == FindingId::CtLibsMismatch && x.severity.is_problem())
         || check_cgroup_majors(f)
             .iter()
             .any(|x| x.severity.is_problem())
         || check_container_config(f)
             .iter()
-            .any(|x| x.id == "ct.pending-changes" && x.severity.is_problem());
+            .any(|x| x.id == FindingId::CtPendingChanges && x.severity.is_problem());
     if blocked {
         return vec![Finding::skip(
             ID,
@@ -1432,13 +1492,17 @@ pub fn check_gpu_visible(f: &HostFacts) -> Vec<Finding> {
 // ---- container: llama.cpp and services ---------------------------------------------------------------------
 
 pub fn check_llama_build(f: &HostFacts) -> Vec<Finding> {
-    let ids = ["llama.not-installed", "llama.not-cuda", "llama.cuda-arch"];
+    let ids = [
+        FindingId::LlamaNotInstalled,
+        FindingId::LlamaNotCuda,
+        FindingId::LlamaCudaArch,
+    ];
     let Some((v, ins)) = inside(f) else {
         return ct_skip(&ids, "container not running");
     };
     let Some(unit) = &ins.llama_unit else {
         let mut out = vec![Finding::problem(
-            "llama.not-installed",
+            FindingId::LlamaNotInstalled,
             Severity::Fail,
             format!("container {v} has no {LLAMA_UNIT}.service with an ExecStart"),
             vec![format!(
@@ -1453,7 +1517,7 @@ pub fn check_llama_build(f: &HostFacts) -> Vec<Finding> {
     // deleted file open, so it looks fine until its next restart fails with 203/EXEC).
     if ins.llama_exe.is_none() {
         let mut out = vec![Finding::problem(
-            "llama.not-installed",
+            FindingId::LlamaNotInstalled,
             Severity::Fail,
             format!(
                 "{} does not exist in container {v}: the next start of {LLAMA_UNIT} fails",
@@ -1469,12 +1533,12 @@ pub fn check_llama_build(f: &HostFacts) -> Vec<Finding> {
         return out;
     }
     let mut out = vec![Finding::ok(
-        "llama.not-installed",
+        FindingId::LlamaNotInstalled,
         format!("{LLAMA_UNIT}.service runs {}", unit.argv[0]),
     )];
     let Some(cache) = &ins.cmake else {
         out.push(Finding::problem(
-            "llama.not-cuda",
+            FindingId::LlamaNotCuda,
             Severity::Fail,
             "cannot find the llama.cpp build's CMakeCache.txt: was it built here?",
             vec![format!(
@@ -1485,13 +1549,13 @@ pub fn check_llama_build(f: &HostFacts) -> Vec<Finding> {
             )],
             Fix::step(StepId::Llama),
         ));
-        out.push(Finding::skip("llama.cuda-arch", "no CMakeCache.txt"));
+        out.push(Finding::skip(FindingId::LlamaCudaArch, "no CMakeCache.txt"));
         return out;
     };
     let cuda = cache.get("GGML_CUDA").map(String::as_str);
     if !matches!(cuda, Some("ON" | "on" | "1" | "TRUE" | "true" | "YES")) {
         out.push(Finding::problem(
-            "llama.not-cuda",
+            FindingId::LlamaNotCuda,
             Severity::Fail,
             "llama.cpp was built without CUDA: everything runs on the CPU",
             vec![format!(
@@ -1501,11 +1565,11 @@ pub fn check_llama_build(f: &HostFacts) -> Vec<Finding> {
             )],
             Fix::step(StepId::Llama),
         ));
-        out.push(Finding::skip("llama.cuda-arch", "not a CUDA build"));
+        out.push(Finding::skip(FindingId::LlamaCudaArch, "not a CUDA build"));
         return out;
     }
     out.push(Finding::ok(
-        "llama.not-cuda",
+        FindingId::LlamaNotCuda,
         "llama.cpp is built with CUDA",
     ));
     out.push(arch_finding(
@@ -1517,28 +1581,25 @@ pub fn check_llama_build(f: &HostFacts) -> Vec<Finding> {
 }
 
 fn arch_finding(f: &HostFacts, value: Option<&str>, path: Option<&str>) -> Finding {
-    const ID: &str = "llama.cuda-arch";
+    const ID: FindingId = FindingId::LlamaCudaArch;
     let Some(value) = value else {
         return Finding::ok(
             ID,
             "CMAKE_CUDA_ARCHITECTURES unset: llama.cpp's default list",
         );
     };
-    if f.gpus.is_empty() {
+    // What provision's llama step builds with: the same list, from the same GPUs.
+    let Ok(wanted) = rules::cuda_architectures(f) else {
         return Finding::skip(ID, "no GPU reported by nvidia-smi --query-gpu on the host");
-    }
+    };
     let archs = llama::parse_cuda_architectures(value);
     let mut worst = Severity::Ok;
     let mut ev = vec![format!(
         "{}: CMAKE_CUDA_ARCHITECTURES={value}",
         path.unwrap_or("CMakeCache.txt")
     )];
-    let mut wanted: Vec<String> = Vec::new();
-    for g in &f.gpus {
-        let Some(arch) = g.cuda_arch() else { continue };
-        if !wanted.contains(&arch.to_string()) {
-            wanted.push(arch.to_string());
-        }
+    for g in rules::driver_gpus(f) {
+        let arch = g.compute_cap.arch();
         match llama::arch_fit(&archs, arch) {
             ArchFit::Exact | ArchFit::Unknown => {}
             // Runs only after a JIT compile of PTX at every start, and provision rebuilds it for the exact
@@ -1565,10 +1626,7 @@ fn arch_finding(f: &HostFacts, value: Option<&str>, path: Option<&str>) -> Findi
     Finding::problem(
         ID,
         worst,
-        format!(
-            "llama.cpp was built for CUDA arch {value}, not the GPU's {}",
-            wanted.join(";")
-        ),
+        format!("llama.cpp was built for CUDA arch {value}, not the GPU's {wanted}"),
         ev,
         Fix::step(StepId::Llama),
     )
@@ -1578,7 +1636,7 @@ fn arch_finding(f: &HostFacts, value: Option<&str>, path: Option<&str>) -> Findi
 pub const MIN_CONTEXT: u64 = 32768;
 
 pub fn check_llama_context(f: &HostFacts) -> Vec<Finding> {
-    const ID: &str = "llama.context-small";
+    const ID: FindingId = FindingId::LlamaContextSmall;
     let Some((v, ins)) = inside(f) else {
         return ct_skip(&[ID], "container not running");
     };
@@ -1625,14 +1683,14 @@ pub fn check_llama_context(f: &HostFacts) -> Vec<Finding> {
 pub fn check_services(f: &HostFacts) -> Vec<Finding> {
     let Some((v, ins)) = inside(f) else {
         return ct_skip(
-            &["svc.llama-server-down", "svc.proxy-down"],
+            &[FindingId::SvcLlamaServerDown, FindingId::SvcProxyDown],
             "container not running",
         );
     };
     let mut out = Vec::new();
     for (id, unit) in [
-        ("svc.llama-server-down", LLAMA_UNIT),
-        ("svc.proxy-down", PROXY_UNIT),
+        (FindingId::SvcLlamaServerDown, LLAMA_UNIT),
+        (FindingId::SvcProxyDown, PROXY_UNIT),
     ] {
         let state = ins.services.get(unit).map_or("unknown", String::as_str);
         if state == "active" {
@@ -1653,13 +1711,13 @@ pub fn check_services(f: &HostFacts) -> Vec<Finding> {
     }
     match &ins.proxy_unit_exec {
         Some(exec) if exec.contains("litellm") => out.push(Finding::problem(
-            "svc.proxy-litellm",
+            FindingId::SvcProxyLitellm,
             Severity::Warn,
             "the proxy unit runs LiteLLM, which can hang Claude Code requests silently (LiteLLM 1.83 ResponsesAPIResponse validation)",
             vec![format!("CT {v} {PROXY_UNIT}.service ExecStart={exec}")],
             Fix::step(StepId::ProxyService),
         )),
-        _ => out.push(Finding::ok("svc.proxy-litellm", "the proxy is not LiteLLM")),
+        _ => out.push(Finding::ok(FindingId::SvcProxyLitellm, "the proxy is not LiteLLM")),
     }
     out
 }

@@ -156,7 +156,7 @@ fn problems(f: &HostFacts) -> Vec<&'static str> {
     let mut ids: Vec<&'static str> = run_all(f)
         .iter()
         .filter(|x| x.severity.is_problem())
-        .map(|x| x.id)
+        .map(|x| x.id.as_str())
         .collect();
     ids.sort();
     ids
@@ -165,7 +165,7 @@ fn problems(f: &HostFacts) -> Vec<&'static str> {
 fn finding(f: &HostFacts, id: &str) -> Finding {
     run_all(f)
         .into_iter()
-        .find(|x| x.id == id)
+        .find(|x| x.id.as_str() == id)
         .unwrap_or_else(|| panic!("no finding {id}"))
 }
 
@@ -201,7 +201,10 @@ fn healthy_has_no_problems_and_every_check_reports() {
         "svc.llama-server-down",
         "svc.proxy-down",
     ] {
-        assert!(all.iter().any(|x| x.id == id), "missing check {id}");
+        assert!(
+            all.iter().any(|x| x.id.as_str() == id),
+            "missing check {id}"
+        );
     }
 }
 
@@ -798,4 +801,64 @@ fn an_interrupted_install_is_the_one_thing_to_fix() {
     let x = finding(&f, "dpkg.interrupted");
     assert!(x.evidence[0].contains("nvidia-kernel-open-dkms"), "{x:?}");
     assert_eq!(x.fix.unwrap().step, crate::host::StepId::Driver);
+}
+
+/// A check reports only the ids its registration line declares, each at most once, so `FindingId::ALL` and
+/// docs/doctor.md tell a reader exactly which check a finding comes from.
+#[test]
+fn each_check_reports_only_its_declared_ids() {
+    assert_eq!(CHECKS.len(), CHECK_IDS.len());
+    let mut states = vec![healthy()];
+    let mut f = healthy();
+    no_driver(&mut f);
+    states.push(f);
+    let mut f = healthy();
+    let c = f.container.as_mut().unwrap();
+    c.status = crate::host::facts::CtStatus::Stopped;
+    c.inside = None;
+    states.push(f);
+    let mut f = healthy();
+    f.vmid = Some(999);
+    f.container = None;
+    states.push(f);
+    for f in &states {
+        for (check, ids) in CHECKS.iter().zip(CHECK_IDS) {
+            let got: Vec<FindingId> = check(f).iter().map(|x| x.id).collect();
+            for id in &got {
+                assert!(
+                    ids.contains(id),
+                    "{id} is not declared for its check {ids:?}"
+                );
+                assert_eq!(got.iter().filter(|x| *x == id).count(), 1, "{id} twice");
+            }
+        }
+    }
+}
+
+/// docs/doctor.md's tables list every id of doctor's own checks, in report order, and no other (beside the one
+/// `plan.<step>` row for the reconcile's findings).
+#[test]
+fn doctor_md_lists_exactly_the_finding_ids() {
+    let doc = include_str!("../../docs/doctor.md");
+    // The first cell of each row of the tables headed `| id | severity | ...`.
+    let mut documented: Vec<&str> = Vec::new();
+    let mut in_ids = false;
+    for line in doc.lines() {
+        if !line.starts_with('|') {
+            in_ids = false;
+        } else if line.starts_with("| id |") {
+            in_ids = true;
+        } else if in_ids && let Some(cell) = line.strip_prefix("| `") {
+            let id = cell.split_once('`').map_or(cell, |(id, _)| id);
+            if id != "plan.<step>" {
+                documented.push(id);
+            }
+        }
+    }
+    let ids: Vec<&str> = FindingId::ALL.iter().map(|id| id.as_str()).collect();
+    assert_eq!(documented, ids);
+    assert!(ids.iter().all(|id| !id.starts_with("plan.")));
+    for step in crate::host::StepId::ALL {
+        assert_eq!(FindingId::Plan(*step).to_string(), format!("plan.{step}"));
+    }
 }

@@ -17,7 +17,7 @@ use crate::remote::HostArgs;
 use anyhow::Context as _;
 
 use crate::host::StepId;
-use checks::{Finding, Fix, Severity};
+use checks::{Finding, FindingId, Fix, Severity};
 
 #[derive(Debug, Clone, Args)]
 pub struct DoctorArgs {
@@ -66,7 +66,7 @@ pub fn summarize(findings: &[Finding]) -> Summary {
 pub fn outcome(findings: &[Finding]) -> Outcome {
     if findings
         .iter()
-        .any(|f| f.id == "ct.missing" && f.severity == Severity::Fail)
+        .any(|f| f.id == FindingId::CtMissing && f.severity == Severity::Fail)
     {
         Outcome::CouldNotRun
     } else if findings.iter().any(|f| f.severity == Severity::Fail) {
@@ -204,7 +204,7 @@ pub fn reconcile(
             continue;
         }
         findings.push(Finding {
-            id: step.finding_id(),
+            id: FindingId::Plan(*step),
             severity: Severity::Fail,
             title: format!("not as llmctl.toml describes: {title}"),
             evidence,
@@ -266,7 +266,7 @@ mod reconcile_tests {
     use crate::provision::step::{Action, StepOutcome, Target};
     use crate::transport::Cmd;
 
-    fn fail(id: &'static str, step: StepId) -> Finding {
+    fn fail(id: FindingId, step: StepId) -> Finding {
         Finding {
             id,
             severity: Severity::Fail,
@@ -279,7 +279,7 @@ mod reconcile_tests {
     /// The law, in doctor: whatever provision would change or refuses is a failure that names the step.
     #[test]
     fn every_planned_step_fails_doctor_and_names_itself() {
-        let mut findings = vec![fail("driver.not-pinned", StepId::Driver)];
+        let mut findings = vec![fail(FindingId::DriverNotPinned, StepId::Driver)];
         let plan = vec![
             (
                 StepId::Nouveau,
@@ -309,7 +309,7 @@ mod reconcile_tests {
             ),
         ];
         reconcile(&mut findings, &plan);
-        let ids: Vec<&str> = findings.iter().map(|f| f.id).collect();
+        let ids: Vec<&str> = findings.iter().map(|f| f.id.as_str()).collect();
         assert_eq!(ids, ["driver.not-pinned", "plan.cuda", "plan.model"]);
         assert!(findings.iter().all(|f| f.severity == Severity::Fail));
         assert_eq!(findings[1].fix, Some(Fix::step(StepId::Cuda)));

@@ -13,107 +13,70 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
-/// A provision step: the unit `--only` selects and a doctor finding's fix names. A typed id, so a fix that names
-/// a step that does not exist does not compile.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum StepId {
-    Inventory,
-    Container,
-    Headers,
-    Nouveau,
-    Repo,
-    Driver,
-    Dkms,
-    Module,
-    DevicesAtBoot,
-    Devices,
-    Start,
-    CtRepo,
-    CtLibs,
-    Cuda,
-    Llmctl,
-    Llama,
-    Model,
-    LlamaService,
-    ProxyService,
+use crate::provision::{self, ctx::Ctx, step::Step};
+
+/// Declares every provision step once: its `StepId` variant, the name users type and see, and the step object
+/// that checks and applies it. The run order is the order of the lines; `ALL`, `as_str`, `finding_id`
+/// (`plan.<name>`), `FromStr` and `provision::all_steps()` all follow from this one list, so adding a step is
+/// one line here (beside its rule in `rules.rs` and its `Step` impl).
+macro_rules! steps {
+    ($($variant:ident => $name:literal, $step:expr;)*) => {
+        /// A provision step: the unit `--only` selects and a doctor finding's fix names. A typed id, so a fix
+        /// that names a step that does not exist does not compile.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum StepId {
+            $($variant,)*
+        }
+
+        impl StepId {
+            /// Every step, in the order provision runs them: the host first, then the container.
+            pub const ALL: &'static [StepId] = &[$(StepId::$variant,)*];
+
+            /// The name users type (`--only dkms`) and see in plans and reports.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(StepId::$variant => $name,)*
+                }
+            }
+
+            /// The id of doctor's finding for a step `provision --check` would change when no finding of
+            /// doctor's own explains it: `plan.<step>`.
+            pub const fn finding_id(self) -> &'static str {
+                match self {
+                    $(StepId::$variant => concat!("plan.", $name),)*
+                }
+            }
+
+            /// The step that checks and applies this concern.
+            pub fn step(self) -> &'static dyn Step<Ctx> {
+                match self {
+                    $(StepId::$variant => &$step,)*
+                }
+            }
+        }
+    };
 }
 
-impl StepId {
-    /// Every step, in the order provision runs them: the host first, then the container.
-    pub const ALL: [StepId; 19] = [
-        StepId::Inventory,
-        StepId::Container,
-        StepId::Headers,
-        StepId::Nouveau,
-        StepId::Repo,
-        StepId::Driver,
-        StepId::Dkms,
-        StepId::Module,
-        StepId::DevicesAtBoot,
-        StepId::Devices,
-        StepId::Start,
-        StepId::CtRepo,
-        StepId::CtLibs,
-        StepId::Cuda,
-        StepId::Llmctl,
-        StepId::Llama,
-        StepId::Model,
-        StepId::LlamaService,
-        StepId::ProxyService,
-    ];
-
-    /// The name users type (`--only dkms`) and see in plans and reports.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            StepId::Inventory => "inventory",
-            StepId::Container => "container",
-            StepId::Headers => "headers",
-            StepId::Nouveau => "nouveau",
-            StepId::Repo => "repo",
-            StepId::Driver => "driver",
-            StepId::Dkms => "dkms",
-            StepId::Module => "module",
-            StepId::DevicesAtBoot => "devices-at-boot",
-            StepId::Devices => "devices",
-            StepId::Start => "start",
-            StepId::CtRepo => "ct-repo",
-            StepId::CtLibs => "ct-libs",
-            StepId::Cuda => "cuda",
-            StepId::Llmctl => "llmctl",
-            StepId::Llama => "llama",
-            StepId::Model => "model",
-            StepId::LlamaService => "llama-service",
-            StepId::ProxyService => "proxy-service",
-        }
-    }
-}
-
-impl StepId {
-    /// The id of doctor's finding for a step `provision --check` would change when no finding of doctor's own
-    /// explains it: `plan.<step>`.
-    pub const fn finding_id(self) -> &'static str {
-        match self {
-            StepId::Inventory => "plan.inventory",
-            StepId::Container => "plan.container",
-            StepId::Headers => "plan.headers",
-            StepId::Nouveau => "plan.nouveau",
-            StepId::Repo => "plan.repo",
-            StepId::Driver => "plan.driver",
-            StepId::Dkms => "plan.dkms",
-            StepId::Module => "plan.module",
-            StepId::DevicesAtBoot => "plan.devices-at-boot",
-            StepId::Devices => "plan.devices",
-            StepId::Start => "plan.start",
-            StepId::CtRepo => "plan.ct-repo",
-            StepId::CtLibs => "plan.ct-libs",
-            StepId::Cuda => "plan.cuda",
-            StepId::Llmctl => "plan.llmctl",
-            StepId::Llama => "plan.llama",
-            StepId::Model => "plan.model",
-            StepId::LlamaService => "plan.llama-service",
-            StepId::ProxyService => "plan.proxy-service",
-        }
-    }
+steps! {
+    Inventory => "inventory", provision::host::Inventory;
+    Container => "container", provision::ct::Create;
+    Headers => "headers", provision::host::Headers;
+    Nouveau => "nouveau", provision::host::Nouveau;
+    Repo => "repo", provision::host::HostRepo;
+    Driver => "driver", provision::host::Driver;
+    Dkms => "dkms", provision::host::Dkms;
+    Module => "module", provision::host::Module;
+    DevicesAtBoot => "devices-at-boot", provision::host::DevicesAtBoot;
+    Devices => "devices", provision::ct::Devices;
+    Start => "start", provision::ct::Start;
+    CtRepo => "ct-repo", provision::ct::CtRepo;
+    CtLibs => "ct-libs", provision::ct::CtLibs;
+    Cuda => "cuda", provision::ct::Cuda;
+    Llmctl => "llmctl", provision::ct::LlmctlBinary;
+    Llama => "llama", provision::ct::Llama;
+    Model => "model", provision::ct::Model;
+    LlamaService => "llama-service", provision::ct::LLAMA_SERVICE;
+    ProxyService => "proxy-service", provision::ct::PROXY_SERVICE;
 }
 
 impl fmt::Display for StepId {
@@ -146,7 +109,11 @@ impl FromStr for StepId {
             .unwrap_or_default();
         Err(format!(
             "no such step{nearest}; the steps are {}",
-            StepId::ALL.map(StepId::as_str).join(", ")
+            StepId::ALL
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ))
     }
 }
@@ -158,12 +125,17 @@ mod tests {
     #[test]
     fn step_names_round_trip_and_are_unique() {
         let mut names: Vec<&str> = StepId::ALL.iter().map(|s| s.as_str()).collect();
-        for s in StepId::ALL {
+        for &s in StepId::ALL {
             assert_eq!(s.as_str().parse::<StepId>(), Ok(s));
         }
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), StepId::ALL.len());
+        for s in StepId::ALL {
+            assert_eq!(s.finding_id(), format!("plan.{s}"));
+            // The step object a line registers is the one that answers to that id.
+            assert_eq!(s.step().id(), *s);
+        }
         let err = "drivers".parse::<StepId>().unwrap_err();
         assert!(
             err.contains("did you mean driver?") && err.contains("devices-at-boot"),

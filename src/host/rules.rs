@@ -3,6 +3,7 @@
 
 use super::facts::HostFacts;
 use crate::pve::dkms::DkmsState;
+use crate::pve::nvidia::ModuleFlavour;
 
 /// `/dev/nvidiaN`: one GPU's device node (not the control or uvm nodes).
 pub fn is_gpu_node(path: &str) -> bool {
@@ -157,19 +158,31 @@ pub fn uvm_at_boot(f: &HostFacts) -> Result<(), Vec<String>> {
     }
 }
 
+/// The packages that build the NVIDIA kernel module with DKMS, and the flavour each builds: NVIDIA's
+/// repository's (`nvidia-kernel-open-dkms`, `nvidia-kernel-dkms`) and Debian's (`nvidia-open-kernel-dkms`,
+/// and the same `nvidia-kernel-dkms`). One list, so doctor and provision agree on what "a driver is installed"
+/// means and which version and flavour it is.
+pub const MODULE_PACKAGES: &[(&str, ModuleFlavour)] = &[
+    ("nvidia-kernel-open-dkms", ModuleFlavour::Open),
+    ("nvidia-kernel-dkms", ModuleFlavour::Proprietary),
+    ("nvidia-open-kernel-dkms", ModuleFlavour::Open),
+];
+
+/// The installed package that builds the NVIDIA kernel module (the first of [`MODULE_PACKAGES`]).
+pub fn module_package(f: &HostFacts) -> Option<&crate::pve::packages::Package> {
+    MODULE_PACKAGES.iter().find_map(|(n, _)| f.package(n))
+}
+
+/// The upstream version of the installed module package (`595.71.05`), without DKMS's or the loaded module's.
+pub fn module_package_version(f: &HostFacts) -> Option<String> {
+    module_package(f).map(|p| crate::pve::packages::upstream_version(&p.version).to_string())
+}
+
 /// The driver version the host has installed: what its module package (NVIDIA's or Debian's) is at, else what
 /// DKMS knows, else the loaded module. After an upgrade that still waits for its reboot this is the new
 /// version, which the container's libraries must match (the reboot loads it).
 pub fn installed_driver_version(f: &HostFacts) -> Option<String> {
-    const KERNEL_PACKAGES: &[&str] = &[
-        "nvidia-kernel-open-dkms",
-        "nvidia-kernel-dkms",
-        "nvidia-open-kernel-dkms",
-    ];
-    KERNEL_PACKAGES
-        .iter()
-        .find_map(|n| f.package(n))
-        .map(|p| crate::pve::packages::upstream_version(&p.version).to_string())
+    module_package_version(f)
         .or_else(|| {
             f.dkms
                 .iter()
@@ -177,6 +190,12 @@ pub fn installed_driver_version(f: &HostFacts) -> Option<String> {
                 .map(|e| e.version.clone())
         })
         .or_else(|| f.module.as_ref().map(|m| m.version.clone()))
+}
+
+/// Whether a kernel-side NVIDIA driver is installed: a module package, or an nvidia module DKMS knows (a
+/// `.run` install or a package dpkg no longer lists).
+pub fn kernel_driver_installed(f: &HostFacts) -> bool {
+    module_package(f).is_some() || f.dkms.iter().any(|e| e.is_nvidia())
 }
 
 /// The container's user-space driver packages not installed at `version`. Only the upstream version counts:
@@ -233,19 +252,17 @@ pub fn flavour_name(f: crate::pve::nvidia::ModuleFlavour) -> &'static str {
     }
 }
 
-/// The module flavour the installed driver packages build: NVIDIA's `nvidia-kernel-open-dkms` or Debian's
-/// `nvidia-open-kernel-dkms` (open), `nvidia-kernel-dkms` (proprietary).
-pub fn installed_flavour(f: &HostFacts) -> Option<crate::pve::nvidia::ModuleFlavour> {
-    use crate::pve::nvidia::ModuleFlavour;
-    if f.package("nvidia-kernel-open-dkms").is_some()
-        || f.package("nvidia-open-kernel-dkms").is_some()
-    {
-        Some(ModuleFlavour::Open)
-    } else if f.package("nvidia-kernel-dkms").is_some() {
-        Some(ModuleFlavour::Proprietary)
-    } else {
-        None
-    }
+/// The module flavour the installed driver packages build ([`MODULE_PACKAGES`]); the open one when packages
+/// of both are installed.
+pub fn installed_flavour(f: &HostFacts) -> Option<ModuleFlavour> {
+    let installed = |flavour| {
+        MODULE_PACKAGES
+            .iter()
+            .any(|(n, fl)| *fl == flavour && f.package(n).is_some())
+    };
+    [ModuleFlavour::Open, ModuleFlavour::Proprietary]
+        .into_iter()
+        .find(|fl| installed(*fl))
 }
 
 /// The host's GPUs as the generation rules need them: from the driver (`nvidia-smi`, exact compute capability)
@@ -254,12 +271,7 @@ pub fn installed_flavour(f: &HostFacts) -> Option<crate::pve::nvidia::ModuleFlav
 /// Blackwell) and a representative compute capability of it.
 pub fn gpus(f: &HostFacts) -> Vec<crate::gpu::GpuModel> {
     use crate::gpu::{ComputeCap, GpuModel};
-    let from_driver: Vec<GpuModel> = f
-        .gpus
-        .iter()
-        .enumerate()
-        .filter_map(|(i, g)| GpuModel::from_query(i, g))
-        .collect();
+    let from_driver = driver_gpus(f);
     if !from_driver.is_empty() {
         return from_driver;
     }
@@ -294,6 +306,43 @@ pub fn gpus(f: &HostFacts) -> Vec<crate::gpu::GpuModel> {
             })
         })
         .collect()
+}
+
+/// The GPUs as the driver reports them (`nvidia-smi --query-gpu`), with their exact compute capability; a row
+/// whose capability does not parse is left out. Empty before the driver runs.
+pub fn driver_gpus(f: &HostFacts) -> Vec<crate::gpu::GpuModel> {
+    f.gpus
+        .iter()
+        .enumerate()
+        .filter_map(|(i, g)| crate::gpu::GpuModel::from_query(i, g))
+        .collect()
+}
+
+/// The `CMAKE_CUDA_ARCHITECTURES` llama.cpp must be built with on this host: [`crate::gpu::cuda_architectures`]
+/// of the GPUs the driver reports. From the driver only: the PCI codename gives a generation, not the exact
+/// capability (a GM107 is 5.0, a GM204 5.2), and a build for the wrong one cannot run. Doctor judges the build
+/// against it and provision's `llama` step builds with it. `Err` says why there is none.
+pub fn cuda_architectures(f: &HostFacts) -> Result<String, String> {
+    let archs = crate::gpu::cuda_architectures(&driver_gpus(f));
+    if archs.is_empty() {
+        return Err(
+            "no GPU's compute capability is known (`nvidia-smi --query-gpu=compute_cap` on the host printed \
+             none): the driver must work on the host before llama.cpp can be built for the GPU"
+                .into(),
+        );
+    }
+    Ok(archs)
+}
+
+/// The container's `/etc/resolv.conf` flags and path when it is immutable (`chattr +i`): Proxmox's pre-start
+/// hook renames a new file over it, which fails, so the container does not start. Doctor reports it and
+/// provision's `start` step clears the flag (keeping the user's DNS with `.pve-ignore.resolv.conf`).
+pub fn resolv_immutable(f: &HostFacts) -> Option<&(String, String)> {
+    f.container
+        .as_ref()?
+        .resolv_attr
+        .as_ref()
+        .filter(|(flags, _)| crate::pve::system::is_immutable(flags))
 }
 
 /// Whether driver `version` with the `open` (or proprietary) module can drive every GPU of the host; the error
@@ -439,6 +488,80 @@ mod tests {
         ] {
             assert!(nouveau_blacklist_line(&lines(&[no])).is_none(), "{no}");
         }
+    }
+
+    fn smi_gpu(cc: &str) -> crate::pve::nvidia::Gpu {
+        crate::pve::nvidia::Gpu {
+            name: "NVIDIA x".into(),
+            driver_version: "595.71.05".into(),
+            compute_cap: cc.into(),
+            memory_total_mib: None,
+            memory_used_mib: None,
+        }
+    }
+
+    /// One list for doctor's judgement of a build and provision's build: sorted, deduplicated, from the driver's
+    /// exact capabilities, never from the PCI codename.
+    #[test]
+    fn cuda_architectures_come_from_the_driver_sorted_and_deduplicated() {
+        let mut f = HostFacts {
+            gpus: vec![smi_gpu("8.9"), smi_gpu("8.6"), smi_gpu("8.9"), smi_gpu("x")],
+            ..HostFacts::default()
+        };
+        assert_eq!(cuda_architectures(&f).unwrap(), "86;89");
+        f.gpus.clear();
+        f.pci_gpus = vec![crate::host::facts::PciGpu {
+            bus: "01:00.0".into(),
+            chip: "GM107".into(),
+            name: "GeForce GTX 750 Ti".into(),
+        }];
+        assert_eq!(gpus(&f).len(), 1, "the generation rules still see the GPU");
+        assert!(
+            cuda_architectures(&f)
+                .unwrap_err()
+                .contains("compute capability")
+        );
+    }
+
+    #[test]
+    fn resolv_conf_is_immutable_by_its_i_flag() {
+        let with = |flags: &str| HostFacts {
+            container: Some(crate::host::facts::ContainerFacts {
+                vmid: 103,
+                status: crate::host::facts::CtStatus::Stopped,
+                resolv_attr: Some((flags.into(), "/etc/resolv.conf".into())),
+                resolv_ignored: false,
+                inside: None,
+            }),
+            ..HostFacts::default()
+        };
+        assert!(resolv_immutable(&with("----i---------e-------")).is_some());
+        assert!(resolv_immutable(&with("--------------e-------")).is_none());
+        assert!(resolv_immutable(&HostFacts::default()).is_none());
+    }
+
+    #[test]
+    fn the_module_package_gives_the_version_and_flavour() {
+        use crate::pve::nvidia::ModuleFlavour;
+        let with = |dpkg: &str| HostFacts {
+            packages: crate::pve::packages::parse_dpkg_query(dpkg),
+            ..HostFacts::default()
+        };
+        let nvidia = with("nvidia-kernel-dkms\t580.95.05-1\tii \n");
+        assert_eq!(
+            module_package_version(&nvidia).as_deref(),
+            Some("580.95.05")
+        );
+        assert_eq!(installed_flavour(&nvidia), Some(ModuleFlavour::Proprietary));
+        assert!(kernel_driver_installed(&nvidia));
+        let debian = with("nvidia-open-kernel-dkms\t550.163.01-2\tii \n");
+        assert_eq!(
+            installed_driver_version(&debian).as_deref(),
+            Some("550.163.01")
+        );
+        assert_eq!(installed_flavour(&debian), Some(ModuleFlavour::Open));
+        let none = with("libcuda1\t580.95.05-1\tii \n");
+        assert!(!kernel_driver_installed(&none) && installed_flavour(&none).is_none());
     }
 
     #[test]

@@ -286,10 +286,7 @@ impl Step<Ctx> for Start {
                 &["pct", "start", &vmid.to_string()],
             )]));
         };
-        let immutable = c
-            .resolv_attr
-            .as_ref()
-            .is_some_and(|(flags, _)| flags.contains('i'));
+        let immutable = crate::host::rules::resolv_immutable(f).is_some();
         let v = vmid.to_string();
         let mut actions = Vec::new();
         match (&c.status, immutable) {
@@ -636,7 +633,7 @@ impl Step<Ctx> for Llama {
                 ),
             }]));
         }
-        let archs = cuda_architectures(f)?;
+        let archs = crate::host::rules::cuda_architectures(f).map_err(anyhow::Error::msg)?;
         let cuda = cuda_version(f, &driver)?;
         let want = build_stamp(&url, &archs, &cuda);
         let built = installed(inside)?;
@@ -654,25 +651,6 @@ impl Step<Ctx> for Llama {
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
         execute(ctx, actions)
     }
-}
-
-/// `CMAKE_CUDA_ARCHITECTURES` from the GPUs the driver reports (`gpu::cuda_architectures`: compute capability
-/// 8.9 → `89`, deduplicated, sorted); an error when none is known.
-pub fn cuda_architectures(f: &HostFacts) -> Result<String> {
-    let gpus: Vec<crate::gpu::GpuModel> = f
-        .gpus
-        .iter()
-        .enumerate()
-        .filter_map(|(i, g)| crate::gpu::GpuModel::from_query(i, g))
-        .collect();
-    let archs = crate::gpu::cuda_architectures(&gpus);
-    if archs.is_empty() {
-        bail!(
-            "no GPU's compute capability is known (`nvidia-smi --query-gpu=compute_cap` on the host printed \
-             none): the driver must work on the host before llama.cpp can be built for the GPU"
-        );
-    }
-    Ok(archs)
 }
 
 /// Fails (naming the line) when the built server links a library the container lacks. A constant script: the
@@ -1113,33 +1091,6 @@ pub fn new_api_key() -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pve::nvidia::Gpu;
-
-    fn gpu(cc: &str) -> Gpu {
-        Gpu {
-            name: "x".into(),
-            driver_version: "595.71.05".into(),
-            compute_cap: cc.into(),
-            memory_total_mib: None,
-            memory_used_mib: None,
-        }
-    }
-
-    #[test]
-    fn cuda_architectures_come_from_the_gpus_deduplicated() {
-        let mut f = HostFacts {
-            gpus: vec![gpu("8.9"), gpu("8.6"), gpu("8.9")],
-            ..HostFacts::default()
-        };
-        assert_eq!(cuda_architectures(&f).unwrap(), "86;89");
-        f.gpus.clear();
-        assert!(
-            cuda_architectures(&f)
-                .unwrap_err()
-                .to_string()
-                .contains("compute capability")
-        );
-    }
 
     #[test]
     fn cuda_follows_the_driver_branch() {

@@ -68,29 +68,10 @@ pub struct InitArgs {
     pub stdout: bool,
 }
 
-/// Every step, in the order they run: the host first, then the container.
+/// Every step, in the order they run: the host first, then the container (the order of `StepId`'s
+/// registration).
 pub fn all_steps() -> Vec<&'static dyn Step<Ctx>> {
-    vec![
-        &host::Inventory,
-        &ct::Create,
-        &host::Headers,
-        &host::Nouveau,
-        &host::HostRepo,
-        &host::Driver,
-        &host::Dkms,
-        &host::Module,
-        &host::DevicesAtBoot,
-        &ct::Devices,
-        &ct::Start,
-        &ct::CtRepo,
-        &ct::CtLibs,
-        &ct::Cuda,
-        &ct::LlmctlBinary,
-        &ct::Llama,
-        &ct::Model,
-        &ct::LLAMA_SERVICE,
-        &ct::PROXY_SERVICE,
-    ]
+    StepId::ALL.iter().map(|id| id.step()).collect()
 }
 
 /// The steps `--only` names, in run order; the read-only inventory always runs first. `driver` brings the steps
@@ -544,6 +525,31 @@ mod tests {
     fn the_steps_run_in_the_order_step_ids_list_them() {
         let ids: Vec<StepId> = all_steps().iter().map(|s| s.id()).collect();
         assert_eq!(ids, StepId::ALL);
+        // The order users have seen in plans: a registration line moved by mistake changes it.
+        assert_eq!(
+            StepId::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            [
+                "inventory",
+                "container",
+                "headers",
+                "nouveau",
+                "repo",
+                "driver",
+                "dkms",
+                "module",
+                "devices-at-boot",
+                "devices",
+                "start",
+                "ct-repo",
+                "ct-libs",
+                "cuda",
+                "llmctl",
+                "llama",
+                "model",
+                "llama-service",
+                "proxy-service"
+            ]
+        );
     }
 
     #[test]

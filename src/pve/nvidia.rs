@@ -109,20 +109,6 @@ pub struct Gpu {
     pub memory_used_mib: Option<u64>,
 }
 
-impl Gpu {
-    /// `8.6` → `86`, `12.0` → `120`: the number CMake's CUDA_ARCHITECTURES uses.
-    pub fn cuda_arch(&self) -> Option<u32> {
-        compute_cap_to_arch(&self.compute_cap)
-    }
-}
-
-pub fn compute_cap_to_arch(cc: &str) -> Option<u32> {
-    let (major, minor) = cc.trim().split_once('.')?;
-    let major: u32 = major.parse().ok()?;
-    let minor: u32 = minor.parse().ok()?;
-    (minor < 10).then_some(major * 10 + minor)
-}
-
 /// Parses the csv, with or without units (`32607 MiB` or `32607`). Lines that do not have five fields are an
 /// error naming the line: a changed format must not read as "no GPU".
 pub fn parse_query_gpu(text: &str) -> Result<Vec<Gpu>, String> {
@@ -329,8 +315,8 @@ mod tests {
         let gpus = parse_query_gpu(with_units).unwrap();
         assert_eq!(gpus.len(), 2);
         assert_eq!(gpus[0].memory_total_mib, Some(32607));
-        assert_eq!(gpus[0].cuda_arch(), Some(120));
-        assert_eq!(gpus[1].cuda_arch(), Some(86));
+        assert_eq!(gpus[0].compute_cap, "12.0");
+        assert_eq!(gpus[1].compute_cap, "8.6");
         let nounits = parse_query_gpu("NVIDIA GeForce RTX 3060, 550.54.14, 8.6, 12288, 9").unwrap();
         assert_eq!(nounits[0].memory_used_mib, Some(9));
         assert_eq!(nounits[0].driver_version, "550.54.14");
@@ -361,8 +347,6 @@ mod tests {
         assert_eq!(major_minor("570.124.06"), "570.124");
         assert_eq!(major_minor("460.107"), "460.107");
         assert_eq!(branch("595.71.05"), Some(595));
-        assert_eq!(compute_cap_to_arch("8.9"), Some(89));
-        assert_eq!(compute_cap_to_arch("x"), None);
     }
 
     #[test]
