@@ -907,6 +907,33 @@ fn apply_exactly_the_plan(fixture: &Fixture, law: &LawRun) -> ApplyReport {
 
 // ------------------------------------------------------------------------------------------- the test
 
+/// A command the recording lacks, named briefly: a short one whole; a long one (a probe script) by the first line
+/// where it differs from the recorded command it is nearest to.
+fn unrecorded(cmd: &str, rec: &Recording) -> String {
+    if cmd.len() <= 200 {
+        return format!("`{cmd}`");
+    }
+    let lines: Vec<&str> = cmd.lines().collect();
+    let nearest = rec
+        .commands
+        .iter()
+        .map(|c| llmctl::shell::join(&c.argv))
+        .max_by_key(|r| r.lines().zip(&lines).take_while(|(a, b)| a == *b).count());
+    let first = lines[0].chars().take(80).collect::<String>();
+    match nearest {
+        Some(r) => {
+            let same = r.lines().zip(&lines).take_while(|(a, b)| a == *b).count();
+            format!(
+                "`{first}...`, which differs from the recorded one at line {}: now `{}`, recorded `{}`",
+                same + 1,
+                lines.get(same).unwrap_or(&"(end)"),
+                r.lines().nth(same).unwrap_or("(end)")
+            )
+        }
+        None => format!("`{first}...`"),
+    }
+}
+
 #[test]
 fn the_fast_tier() {
     let all = fixtures();
@@ -918,16 +945,11 @@ fn the_fast_tier() {
         let host = FakeHost::from_recording(HOST_NAME, &fixture.recording);
         let judged = judge(&host, &fixture.config);
         let mut wrong = Vec::new();
-        let unanswered = host.unanswered();
-        if !unanswered.is_empty() {
+        for c in host.unanswered() {
             wrong.push(format!(
-                "commands not in the recording (make the recordings again: UPDATE_RECORDINGS=1 cargo test \
-                 --test fast_tier): {}",
-                unanswered
-                    .iter()
-                    .map(|c| c.chars().take(160).collect::<String>())
-                    .collect::<Vec<_>>()
-                    .join(" | ")
+                "a command that is not in the recording (make the recordings again: UPDATE_RECORDINGS={name} \
+                 cargo test --test fast_tier): {}",
+                unrecorded(&c, &fixture.recording)
             ));
         }
         // (a)
