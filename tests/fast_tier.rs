@@ -28,7 +28,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use llmctl::config::ConfigFile;
 use llmctl::doctor::checks::{self, Finding};
@@ -152,14 +152,25 @@ fn sha256_hex(data: &[u8]) -> String {
     llmctl::provision::ct::sha256_bytes(data)
 }
 
-/// Records one scenario from its own sim host.
+/// Records one scenario from its own sim host; once more on a fresh sim when the transport itself failed (a
+/// command that hung past its time: on a loaded machine an SSH channel to a sim has been seen to stall).
 fn record(path: &Path, n: u32) -> Fixture {
+    match record_once(path, n) {
+        Ok(f) => f,
+        Err(first) => {
+            eprintln!("{}: recording again: {first}", path.display());
+            record_once(path, n).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        }
+    }
+}
+
+fn record_once(path: &Path, n: u32) -> Result<Fixture, String> {
     let scenario = support::law::merged(path);
     let cfg = support::law::law_config(&scenario, HOST_NAME);
     let sim = support::SimHost::start_retrying(path, n);
     let ssh: Arc<dyn Transport> = Arc::new(sim.connect());
     let key_file = config(&cfg).proxy_key_file().into_iter().collect();
-    let rec = RecordingTransport::new(ssh, key_file);
+    let rec = RecordingTransport::new(ssh, key_file).with_max_timeout(Duration::from_secs(40));
     let judged = judge(&rec, &cfg);
     // The read-only commands apply's actions read: the apt proof, the size and mtime of a verified model.
     if let Ok(law) = &judged.law {
@@ -183,6 +194,10 @@ fn record(path: &Path, n: u32) -> Fixture {
         }
     }
     drop(sim);
+    let errors = rec.errors();
+    if !errors.is_empty() {
+        return Err(format!("the transport failed: {}", errors.join("; ")));
+    }
     let mut recording = rec.recording();
     // The CT runs this build's llmctl (its checks ask it for the model's offload plan); the recording says the CT
     // holds the stand-in, so the plans do not change with every build of llmctl.
@@ -198,11 +213,11 @@ fn record(path: &Path, n: u32) -> Fixture {
     recording
         .check_no_secrets()
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    Fixture {
+    Ok(Fixture {
         scenario: name_of(path),
         config: cfg,
         recording,
-    }
+    })
 }
 
 /// Makes the recordings again from the sim (two sim hosts at a time): every scenario's, or those `only` names.

@@ -78,6 +78,8 @@ pub struct RecordingTransport {
     inner: Arc<dyn Transport>,
     log: Arc<Mutex<Recording>>,
     redact: Arc<Vec<String>>,
+    max_timeout: Option<std::time::Duration>,
+    errors: Arc<Mutex<Vec<String>>>,
 }
 
 impl RecordingTransport {
@@ -86,12 +88,27 @@ impl RecordingTransport {
             inner,
             log: Arc::default(),
             redact: Arc::new(redact),
+            max_timeout: None,
+            errors: Arc::default(),
         }
+    }
+
+    /// Gives every command at most `max` (a simulated host answers in seconds; a hung channel should not cost a
+    /// probe's full timeout before the recording is made again).
+    pub fn with_max_timeout(mut self, max: std::time::Duration) -> Self {
+        self.max_timeout = Some(max);
+        self
     }
 
     /// What was recorded so far.
     pub fn recording(&self) -> Recording {
         lock(&self.log).clone()
+    }
+
+    /// The commands and reads the transport itself failed (a timeout, a dropped connection): not in the recording,
+    /// so a recording with any is incomplete even where the code under test carried on.
+    pub fn errors(&self) -> Vec<String> {
+        lock(&self.errors).clone()
     }
 
     fn redacted(&self, argv: &[String]) -> bool {
@@ -136,7 +153,21 @@ impl Transport for RecordingTransport {
                 stderr: c.stderr,
             });
         }
-        let out = self.inner.run_streaming(cmd, on_line)?;
+        let capped;
+        let cmd = match self.max_timeout {
+            Some(max) if cmd.timeout > max => {
+                capped = cmd.clone().timeout(max);
+                &capped
+            }
+            _ => cmd,
+        };
+        let out = match self.inner.run_streaming(cmd, on_line) {
+            Ok(out) => out,
+            Err(e) => {
+                lock(&self.errors).push(format!("`{}`: {e:#}", cmd.display()));
+                return Err(e);
+            }
+        };
         let stdout = if self.redacted(&cmd.argv) {
             REDACTED.to_string()
         } else {
@@ -153,7 +184,9 @@ impl Transport for RecordingTransport {
     }
 
     fn read_file(&self, path: &str) -> anyhow::Result<Vec<u8>> {
-        let data = self.inner.read_file(path)?;
+        let data = self.inner.read_file(path).inspect_err(|e| {
+            lock(&self.errors).push(format!("read {path}: {e:#}"));
+        })?;
         let kept = if self.redact.iter().any(|p| p == path) {
             REDACTED.to_string()
         } else {
@@ -314,13 +347,6 @@ impl FakeHost {
         lock(&self.state)
             .prefix
             .push((prefix.into_iter().map(Into::into).collect(), out));
-    }
-
-    /// Whether a command with this argv (and no stdin) has an answer.
-    pub fn knows(&self, argv: &[String]) -> bool {
-        let s = lock(&self.state);
-        s.exact.contains_key(&(argv.to_vec(), None))
-            || s.prefix.iter().any(|(p, _)| argv.starts_with(p))
     }
 
     /// Puts a file on the host.
