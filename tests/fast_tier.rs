@@ -193,12 +193,15 @@ fn record_once(path: &Path, n: u32) -> Result<Fixture, String> {
             }
         }
     }
-    drop(sim);
     let errors = rec.errors();
+    let mut recording = rec.recording();
+    // The SSH session goes before its sim: freeing a session whose peer's namespace is gone blocks until TCP
+    // gives up (minutes), which is what made some recordings take four minutes.
+    drop(rec);
+    drop(sim);
     if !errors.is_empty() {
         return Err(format!("the transport failed: {}", errors.join("; ")));
     }
-    let mut recording = rec.recording();
     // The CT runs this build's llmctl (its checks ask it for the model's offload plan); the recording says the CT
     // holds the stand-in, so the plans do not change with every build of llmctl.
     let real = sha256_hex(&std::fs::read(env!("CARGO_BIN_EXE_llmctl")).unwrap());
