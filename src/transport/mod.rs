@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub mod container;
+pub mod fake;
 pub mod known_hosts;
 pub mod local;
 pub mod ssh;

@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use llmctl::transport::{SshOptions, SshTransport};
 
+pub mod law;
+
 /// Sim host numbers 1-99 belong to this harness; cargo runs test binaries one after another, so a counter
 /// per binary is unique among the tests running at the same time. (tests/doctor_scenarios.rs uses 199-249,
 /// tests/law.rs 150-198.)
