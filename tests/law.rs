@@ -18,10 +18,10 @@
 
 mod support;
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use support::law::{fix_step, judge_law, plan_steps, problems};
 use support::law::{law_config, merged};
 use support::{SimHost, repo};
 
@@ -56,67 +56,6 @@ fn llmctl(config: &Path, sim: &SimHost, args: &[&str]) -> Output {
         .expect("run llmctl")
 }
 
-/// One doctor problem: its id and the provision step its fix names (`None`: a manual command or no fix).
-#[derive(Debug)]
-struct Problem {
-    id: String,
-    severity: String,
-    step: Option<String>,
-    fix: String,
-}
-
-fn problems(doctor_json: &str) -> Result<Vec<Problem>, String> {
-    let v: serde_json::Value = serde_json::from_str(doctor_json)
-        .map_err(|e| format!("doctor --json did not print JSON ({e}): {doctor_json}"))?;
-    let findings = v
-        .get("findings")
-        .and_then(|f| f.as_array())
-        .ok_or_else(|| format!("doctor --json has no findings array: {doctor_json}"))?;
-    Ok(findings
-        .iter()
-        .filter_map(|f| {
-            let severity = f.get("severity")?.as_str()?.to_string();
-            if severity != "warn" && severity != "fail" {
-                return None;
-            }
-            let fix = f.get("fix").cloned().unwrap_or(serde_json::Value::Null);
-            Some(Problem {
-                id: f.get("id")?.as_str()?.to_string(),
-                severity,
-                step: fix_step(&fix),
-                fix: fix.to_string(),
-            })
-        })
-        .collect())
-}
-
-/// The provision step a fix names: `{"provision": "cuda"}`, or a command `llmctl provision --only cuda[,...]`
-/// (the first step named).
-fn fix_step(fix: &serde_json::Value) -> Option<String> {
-    if let Some(step) = fix.get("provision").and_then(|s| s.as_str()) {
-        return Some(step.to_string());
-    }
-    let text = fix
-        .as_str()
-        .or_else(|| fix.get("command").and_then(|c| c.as_str()))?;
-    let rest = text.split("llmctl provision --only ").nth(1)?;
-    rest.split([',', ' ']).next().map(str::to_string)
-}
-
-/// Steps `provision --check` reports as `change` or `REFUSED` (its `  <tag> <id> <detail>` lines).
-fn plan_steps(check_stdout: &str) -> BTreeSet<String> {
-    check_stdout
-        .lines()
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            let tag = w.next()?;
-            let id = w.next()?;
-            (l.starts_with("  ") && !l.starts_with("   ") && (tag == "change" || tag == "REFUSED"))
-                .then(|| id.to_string())
-        })
-        .collect()
-}
-
 /// What one scenario broke, or `None`.
 fn judge(path: &Path, n: u32) -> Option<String> {
     let name = path.file_stem().unwrap().to_string_lossy().into_owned();
@@ -143,8 +82,6 @@ fn judge(path: &Path, n: u32) -> Option<String> {
     drop(sim);
     let d_exit = doctor.status.code().unwrap_or(-1);
     let c_exit = check.status.code().unwrap_or(-1);
-    let check_out = String::from_utf8_lossy(&check.stdout).into_owned();
-    let steps = plan_steps(&check_out);
     let mut wrong = Vec::new();
     // Issue 16 item 12: a scenario that describes what provision leaves (`[law] healthy = true`, `healthy.toml` and
     // the scenarios that only add what changes nothing) must be healthy under the law's config, not merely agree.
@@ -164,50 +101,12 @@ fn judge(path: &Path, n: u32) -> Option<String> {
              exits {c_exit} (the sim's container and the law's config describe different installations)"
         ));
     }
-    if (d_exit == 0) != (c_exit == 0) {
-        wrong.push(format!(
-            "doctor exits {d_exit}, provision --check exits {c_exit}"
-        ));
-    }
-    let found = match problems(&String::from_utf8_lossy(&doctor.stdout)) {
-        Ok(p) => p,
-        Err(e) => {
-            // doctor could not run (exit 2, e.g. not Proxmox): the exit codes above are all the law can say.
-            if d_exit != 2 {
-                wrong.push(e);
-            }
-            Vec::new()
-        }
-    };
-    for p in &found {
-        match &p.step {
-            Some(step) if steps.contains(step) => {}
-            Some(step) => wrong.push(format!(
-                "{} ({}): fix names step `{step}`, which the plan does not contain",
-                p.id, p.severity
-            )),
-            None => wrong.push(format!(
-                "{} ({}): fix names no provision step ({})",
-                p.id, p.severity, p.fix
-            )),
-        }
-    }
+    let judged = judge_law(&doctor, &check);
+    wrong.extend(judged.breaches);
     if wrong.is_empty() {
         return None;
     }
-    let ids: Vec<&str> = found.iter().map(|p| p.id.as_str()).collect();
-    let check_err = String::from_utf8_lossy(&check.stderr);
-    Some(format!(
-        "{name}: {}\n    doctor problems: [{}]\n    plan steps: [{}]{}",
-        wrong.join("; "),
-        ids.join(", "),
-        steps.into_iter().collect::<Vec<_>>().join(", "),
-        if c_exit == 2 {
-            format!("\n    provision --check stderr: {}", check_err.trim())
-        } else {
-            String::new()
-        }
-    ))
+    Some(format!("{name}: {}\n{}", wrong.join("; "), judged.context))
 }
 
 #[test]

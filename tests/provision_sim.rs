@@ -206,8 +206,29 @@ listen = "0.0.0.0:4000"
         c.output().expect("run llmctl")
     }
 
+    /// Runs provision; after every run that may change the host (`--yes`), the law must hold on the state it left
+    /// (issue 11: "on every state reached during the provision tests"), whether the run succeeded or not.
     fn provision(&self, extra: &[&str]) -> Output {
-        self.llmctl("provision", extra)
+        let out = self.llmctl("provision", extra);
+        if extra.contains(&"--yes") {
+            self.assert_law(&format!("provision {}", extra.join(" ")));
+        }
+        out
+    }
+
+    /// doctor exits 0 exactly when `provision --check` does, and each finding's fix names a planned step.
+    fn assert_law(&self, after: &str) {
+        let doctor = self.llmctl("doctor", &["--json"]);
+        let check = self.llmctl("provision", &["--check"]);
+        let judged = support::law::judge_law(&doctor, &check);
+        assert!(
+            judged.breaches.is_empty(),
+            "the law is broken on the state `{after}` left: {}\n{}\ndoctor:\n{}\nprovision --check:\n{}",
+            judged.breaches.join("; "),
+            judged.context,
+            text(&doctor),
+            text(&check)
+        );
     }
 
     fn doctor(&self) -> Output {
