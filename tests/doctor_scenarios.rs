@@ -94,7 +94,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use support::{SimHost, repo};
+use support::{SimHost, repo, scenarios};
 
 /// The sim-host tests of this file take turns: on a small shared CI machine several sshd + Python sim hosts
 /// starting at once can miss simhost's start deadline.
@@ -157,17 +157,6 @@ fn expectation(path: &Path) -> Expect {
         exit,
         stderr_contains,
     }
-}
-
-fn scenarios() -> Vec<PathBuf> {
-    let dir = repo().join("fixtures/scenarios");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .collect();
-    files.sort();
-    files
 }
 
 /// Runs doctor --json on one scenario; Err describes any difference from its [expect].

@@ -42,7 +42,7 @@ use llmctl::transport::fake::{Event, FakeHost, Recording, RecordingTransport, ou
 use llmctl::transport::{Cmd, Container, Transport};
 use serde::{Deserialize, Serialize};
 
-use support::repo;
+use support::{repo, scenarios};
 
 /// The container every scenario's config names.
 const VMID: u32 = 103;
@@ -63,16 +63,6 @@ struct Fixture {
     /// llmctl.toml (tests/support/law.rs), with `[host] target` = [`HOST_NAME`].
     config: String,
     recording: Recording,
-}
-
-fn scenarios() -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(repo().join("fixtures/scenarios"))
-        .expect("fixtures/scenarios")
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-        .collect();
-    v.sort();
-    v
 }
 
 fn name_of(path: &Path) -> String {

@@ -18,26 +18,16 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use support::law::{fix_step, judge_law, plan_steps, problems};
 use support::law::{law_config, merged};
-use support::{SimHost, repo};
+use support::{SimHost, scenarios};
 
 /// Sim host numbers owned by this test binary.
 const FIRST_SIM: u32 = 150;
 const LAST_SIM: u32 = 198;
-
-fn scenarios() -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(repo().join("fixtures/scenarios"))
-        .expect("fixtures/scenarios")
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-        .collect();
-    v.sort();
-    v
-}
 
 fn llmctl(config: &Path, sim: &SimHost, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_llmctl"))

@@ -235,6 +235,12 @@ listen = "0.0.0.0:4000"
         self.llmctl("doctor", &[])
     }
 
+    /// A file in CT 103, as `pct exec 103 -- cat` prints it (empty when it is missing).
+    fn ct_file(&self, path: &str) -> String {
+        let out = self.sim.exec(&["pct", "exec", "103", "--", "cat", path]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Adds a line to the `[container]` section.
     fn container_option(&self, line: &str) {
         let text = std::fs::read_to_string(&self.config).unwrap();
@@ -931,15 +937,7 @@ fn the_offload_is_planned_from_the_model_and_the_gpu() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let bed = Bed::new("fresh");
     assert_ok(&bed.provision(&["--yes"]), "provision");
-    let unit = bed.sim.exec(&[
-        "pct",
-        "exec",
-        "103",
-        "--",
-        "cat",
-        "/etc/systemd/system/llama-server.service",
-    ]);
-    let unit = String::from_utf8_lossy(&unit.stdout);
+    let unit = bed.ct_file("/etc/systemd/system/llama-server.service");
     // SmolLM2-135M (30 layers) fits a 24 GB RTX 4090 entirely: every layer and the output on the GPU.
     assert!(unit.contains(" -ngl 31 "), "{unit}");
     // A GPU and container too small for the configured context: refused with the planner's reason.
@@ -1093,21 +1091,14 @@ fn two_gpus_are_planned_with_a_cuda_context_and_compute_buffers_each() {
                 w.get(i + 1)?.parse().ok()
             })
     };
-    let unit = bed.sim.exec(&[
-        "pct",
-        "exec",
-        "103",
-        "--",
-        "cat",
-        "/etc/systemd/system/llama-server.service",
-    ]);
+    let unit = bed.ct_file("/etc/systemd/system/llama-server.service");
     let planned = ngl_in(
         &out.lines()
             .filter(|l| l.trim_start().starts_with('+'))
             .collect::<Vec<_>>()
             .join("\n"),
     )
-    .or_else(|| ngl_in(&String::from_utf8_lossy(&unit.stdout)))
+    .or_else(|| ngl_in(&unit))
     .unwrap_or_else(|| {
         panic!(
             "no -ngl N in the planned or the present unit:\n{}",

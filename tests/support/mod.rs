@@ -21,6 +21,18 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Every `fixtures/scenarios/*.toml`, sorted by name.
+pub fn scenarios() -> Vec<PathBuf> {
+    let dir = repo().join("fixtures/scenarios");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
 pub fn simhost_script() -> PathBuf {
     repo().join("fixtures/sim/simhost")
 }
