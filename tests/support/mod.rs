@@ -75,13 +75,7 @@ impl SimHost {
     /// that its sshd did not start (it checks the namespace's pids right after spawning it). Only the start is
     /// retried; what a test then observes never is.
     pub fn start_retrying(scenario: &Path, n: u32) -> SimHost {
-        match std::panic::catch_unwind(|| SimHost::start_n(scenario, n)) {
-            Ok(sim) => sim,
-            Err(_) => {
-                std::thread::sleep(std::time::Duration::from_secs(1));
-                SimHost::start_n(scenario, n)
-            }
-        }
+        Self::start_retrying_env(scenario, n, &[])
     }
 
     pub fn start_n(scenario: &Path, n: u32) -> SimHost {
@@ -91,12 +85,20 @@ impl SimHost {
     /// [`Self::start_retrying`] with `LLMCTL_SIM_LLMCTL` set to the llmctl under test: every container then has it
     /// as /usr/local/bin/llmctl, as provision leaves it, so a scenario's `llmctl-proxy` service really runs.
     pub fn start_provisioned(scenario: &Path, n: u32) -> SimHost {
-        let env = [("LLMCTL_SIM_LLMCTL", env!("CARGO_BIN_EXE_llmctl"))];
-        match std::panic::catch_unwind(|| SimHost::start_n_env(scenario, n, &env)) {
+        Self::start_retrying_env(
+            scenario,
+            n,
+            &[("LLMCTL_SIM_LLMCTL", env!("CARGO_BIN_EXE_llmctl"))],
+        )
+    }
+
+    /// [`Self::start_n_env`], retried once as [`Self::start_retrying`] says.
+    fn start_retrying_env(scenario: &Path, n: u32, env: &[(&str, &str)]) -> SimHost {
+        match std::panic::catch_unwind(|| SimHost::start_n_env(scenario, n, env)) {
             Ok(sim) => sim,
             Err(_) => {
                 std::thread::sleep(std::time::Duration::from_secs(1));
-                SimHost::start_n_env(scenario, n, &env)
+                SimHost::start_n_env(scenario, n, env)
             }
         }
     }
