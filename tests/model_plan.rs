@@ -593,3 +593,136 @@ fn the_cli_plans_two_gpus_with_a_reserve_and_compute_buffers_each() {
         "{two}"
     );
 }
+
+/// Issue 12 item 5 through the CLI with the real SmolLM2 (f16 cache, 32768 tokens, -ub 128: 1352 MiB on one GPU):
+/// GPUs that each hold it get a replica each, pinned and on ports of their own; a GPU too small gets none.
+#[test]
+fn the_cli_plans_one_replica_per_gpu_that_holds_the_model() {
+    let args = [
+        "--ram",
+        "4096",
+        "--ctx",
+        "32768",
+        "--cache-type",
+        "f16",
+        "--ubatch",
+        "128",
+        "--port",
+        "8080",
+    ];
+    let (code, out, err) = plan_cli(
+        &[
+            &args[..],
+            &["--gpu", "2048", "--gpu", "1024", "--gpu", "2048", "--json"],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["layout"], "replicas", "{out}");
+    let servers = v["servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 2, "{out}");
+    for (s, (gpu, port)) in servers.iter().zip([(0, 8080), (2, 8082)]) {
+        assert_eq!(s["gpus"], serde_json::json!([gpu]));
+        assert_eq!(s["port"], port);
+        assert_eq!(s["env"]["CUDA_VISIBLE_DEVICES"], gpu.to_string());
+        assert_eq!(s["env"]["CUDA_DEVICE_ORDER"], "PCI_BUS_ID");
+        let a: Vec<&str> = s["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap())
+            .collect();
+        assert!(
+            a.windows(2).any(|w| w == ["--port", &port.to_string()]),
+            "{a:?}"
+        );
+        assert!(a.windows(2).any(|w| w == ["-c", "32768"]), "{a:?}");
+    }
+    assert_eq!(v["gpus"][1]["holds_model"], false);
+    assert_eq!(v["gpus"][1]["planned_mib"], 0);
+    // What provision reads from a plan is still there.
+    assert_eq!(v["chosen"]["ngl"], 31);
+    let (code, text, err) = plan_cli(
+        &[
+            &args[..],
+            &["--gpu", "2048", "--gpu", "1024", "--gpu", "2048"],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(text.contains("GPU 1 gets no replica"), "{text}");
+    assert!(
+        text.contains(
+            "llama-server, replica 2 of 2 on GPU 2, port 8082: CUDA_DEVICE_ORDER=PCI_BUS_ID \
+             CUDA_VISIBLE_DEVICES=2 llama-server -ngl 31"
+        ),
+        "{text}"
+    );
+}
+
+/// Two GPUs that hold SmolLM2 only together: one llama-server split by layer, never `row`; GPUs too small for
+/// even that: partial offload, still split by layer.
+#[test]
+fn the_cli_splits_a_model_that_fits_only_the_gpus_together() {
+    let args = [
+        "--ram",
+        "4096",
+        "--ctx",
+        "32768",
+        "--cache-type",
+        "f16",
+        "--ubatch",
+        "128",
+    ];
+    let (code, out, err) = plan_cli(&[&args[..], &["--gpu", "1024", "--gpu", "1024"]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("layout: one llama-server split across the 2 GPUs"),
+        "{out}"
+    );
+    assert_eq!(flag(&out, "-ngl"), "31", "{out}");
+    assert_eq!(flag(&out, "--split-mode"), "layer", "{out}");
+    let ts: Vec<u32> = flag(&out, "--tensor-split")
+        .split(',')
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(ts.iter().sum::<u32>(), 31, "whole layers: {out}");
+    assert!(
+        !out.lines()
+            .any(|l| l.starts_with("llama-server") && l.contains("row")),
+        "{out}"
+    );
+    assert!(
+        out.contains("CUDA_VISIBLE_DEVICES=0,1 llama-server"),
+        "{out}"
+    );
+    let (code, out, err) = plan_cli(&[&args[..], &["--gpu", "700", "--gpu", "700"]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("layout: partial offload across the 2 GPUs"),
+        "{out}"
+    );
+    let ngl: u32 = flag(&out, "-ngl").parse().unwrap();
+    assert!(ngl > 0 && ngl < 31, "{out}");
+    assert_eq!(flag(&out, "--split-mode"), "layer", "{out}");
+}
+
+#[test]
+fn the_cli_refuses_mixing_gpu_with_vram_or_a_gpu_below_the_reserve() {
+    let (code, _, err) = plan_cli(&["--gpu", "8188", "--vram", "8188", "--ram", "4096"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--vram"), "{err}");
+    let (code, _, err) = plan_cli(&["--gpu", "8188", "--gpus", "2", "--ram", "4096"]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = plan_cli(&["--ram", "4096"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--vram") || err.contains("--gpu"), "{err}");
+    let (code, _, err) = plan_cli(&["--gpu", "8188", "--gpu", "400", "--ram", "4096"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("--gpu 400 (GPU 1) is not more than --reserve 512 MiB"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}

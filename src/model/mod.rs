@@ -40,7 +40,8 @@ pub enum ModelCommand {
     Inspect(InspectArgs),
     /// Download a model resumably, verify its sha256, and move it into place atomically.
     Fetch(FetchArgs),
-    /// Plan llama-server's GPU offload for a model on a GPU with --vram MiB.
+    /// Plan llama-server's GPU offload for a model: on GPUs of --gpu MiB each (one replica per GPU, a split
+    /// across them, or partial offload), or on one GPU of --vram MiB.
     Plan(PlanArgs),
 }
 
@@ -110,9 +111,19 @@ impl From<CacheTypeArg> for CacheType {
 pub struct PlanArgs {
     /// A .gguf file, an http(s) URL, or owner/repo[@revision]/file.gguf on Hugging Face (hf: prefix optional)
     pub model: String,
-    /// The GPU's total memory in MiB (nvidia-smi --query-gpu=memory.total).
-    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=plan::MAX_VRAM_MIB))]
-    pub vram: u64,
+    /// One GPU's total memory in MiB (nvidia-smi --query-gpu=memory.total), once per GPU in nvidia-smi's order,
+    /// sizes may differ (--gpu 24564 --gpu 12288). The plan chooses one llama-server per GPU that holds the model
+    /// (pinned with CUDA_VISIBLE_DEVICES, port --port + the GPU's index), a split across the GPUs
+    /// (--split-mode layer --tensor-split) when only their sum holds it, or partial offload.
+    #[arg(long, value_name = "MIB", conflicts_with = "vram",
+          value_parser = clap::value_parser!(u64).range(1..=plan::MAX_VRAM_MIB))]
+    pub gpu: Vec<u64>,
+    /// The GPU's total memory in MiB (nvidia-smi --query-gpu=memory.total): one llama-server on it. With --gpus N,
+    /// N equal GPUs together, one llama-server split across them, never replicas: the older form, kept for
+    /// scripts; prefer --gpu MIB once per GPU, which also considers one replica per GPU.
+    #[arg(long, value_name = "MIB", required_unless_present = "gpu",
+          value_parser = clap::value_parser!(u64).range(1..=plan::MAX_VRAM_MIB))]
+    pub vram: Option<u64>,
     /// RAM llama-server may use, in MiB (the container's memory) [default: this machine's memory, MemTotal in
     /// /proc/meminfo]
     #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=plan::MAX_RAM_MIB))]
@@ -130,11 +141,16 @@ pub struct PlanArgs {
     /// is one; else 512]
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=plan::MAX_UBATCH))]
     pub ubatch: Option<u64>,
-    /// How many GPUs --vram is, together: the layers are split across them, and each keeps its own CUDA context
-    /// (--reserve) and compute buffers.
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+    /// With --vram: how many equal GPUs --vram is, together: the layers are split across them, and each keeps its
+    /// own CUDA context (--reserve) and compute buffers (the older form; prefer --gpu MIB once per GPU).
+    #[arg(long, value_name = "N", default_value_t = 1, conflicts_with = "gpu",
+          value_parser = clap::value_parser!(u64).range(1..=16))]
     pub gpus: u64,
-    /// VRAM kept free for the CUDA context, in MiB (less than --vram).
+    /// With --gpu: the port of the replica on GPU 0 (GPU i's replica listens on PORT + i), or of the one
+    /// llama-server of a split [default: [server].port of llmctl.toml when there is one; else 11434]
+    #[arg(long, value_name = "PORT", requires = "gpu")]
+    pub port: Option<u16>,
+    /// VRAM kept free for the CUDA context, in MiB, on each GPU (less than --vram and each --gpu).
     #[arg(long, value_name = "MIB", default_value_t = plan::DEFAULT_RESERVE_MIB,
           value_parser = clap::value_parser!(u64).range(0..=plan::MAX_VRAM_MIB - 1))]
     pub reserve: u64,
@@ -162,7 +178,7 @@ pub fn run(global: &GlobalArgs, args: ModelArgs) -> Result<Outcome> {
         ModelCommand::Plan(a) => {
             let located = runtime.block_on(locate(&a.model))?;
             let shape = shape::from_header(&located.header)?;
-            let (opts, settings) = plan_options(global, &a)?;
+            let (opts, settings, server_port) = plan_options(global, &a)?;
             // Without --ram, this machine's memory: a plan against unlimited RAM would accept anything.
             let (ram_mib, machine) = match a.ram {
                 Some(r) => (r, false),
@@ -180,38 +196,54 @@ pub fn run(global: &GlobalArgs, args: ModelArgs) -> Result<Outcome> {
                     (total, true)
                 }
             };
-            let hw = Hardware {
-                vram_mib: a.vram,
-                ram_mib: Some(ram_mib),
-            };
-            let mut p = match plan::plan(&shape, &hw, &opts) {
-                Ok(p) => p,
-                Err(e @ plan::PlanError::DoesNotFit { .. }) if machine => anyhow::bail!(
+            let refused = |e: plan::PlanError| match e {
+                e @ plan::PlanError::DoesNotFit { .. } if machine => anyhow::anyhow!(
                     "{e} (RAM: this machine's {ram_mib} MiB, MemTotal in {MEMINFO}, as --ram was not given)"
                 ),
-                Err(e) => return Err(e.into()),
+                e => e.into(),
             };
-            if let Some(note) = settings {
-                p.reasoning.insert(0, note);
-            }
-            if machine {
-                let at = p
-                    .reasoning
-                    .iter()
-                    .position(|r| r.starts_with("budget:"))
-                    .map_or(p.reasoning.len(), |i| i + 1);
-                p.reasoning.insert(
-                    at,
-                    format!(
-                        "RAM: --ram not given, so this machine's memory is the budget (MemTotal in {MEMINFO}: \
-                         {ram_mib} MiB); give --ram with the container's memory to plan for another machine"
-                    ),
-                );
-            }
-            if a.json {
-                writeln!(out, "{}", serde_json::to_string_pretty(&p)?)?;
+            let notes = |p: &mut plan::Plan| {
+                if let Some(note) = settings.clone() {
+                    p.reasoning.insert(0, note);
+                }
+                if machine {
+                    let at = p
+                        .reasoning
+                        .iter()
+                        .position(|r| r.starts_with("budget:"))
+                        .map_or(p.reasoning.len(), |i| i + 1);
+                    p.reasoning.insert(
+                        at,
+                        format!(
+                            "RAM: --ram not given, so this machine's memory is the budget (MemTotal in \
+                             {MEMINFO}: {ram_mib} MiB); give --ram with the container's memory to plan for \
+                             another machine"
+                        ),
+                    );
+                }
+            };
+            if let Some(vram) = a.vram {
+                let hw = Hardware {
+                    vram_mib: vram,
+                    ram_mib: Some(ram_mib),
+                };
+                let mut p = plan::plan(&shape, &hw, &opts).map_err(refused)?;
+                notes(&mut p);
+                if a.json {
+                    writeln!(out, "{}", serde_json::to_string_pretty(&p)?)?;
+                } else {
+                    out.write_all(render_plan(&p).as_bytes())?;
+                }
             } else {
-                out.write_all(render_plan(&p).as_bytes())?;
+                let port = a.port.unwrap_or(server_port);
+                let mut p =
+                    plan::plan_gpus(&shape, &a.gpu, Some(ram_mib), &opts, port).map_err(refused)?;
+                notes(&mut p.plan);
+                if a.json {
+                    writeln!(out, "{}", serde_json::to_string_pretty(&p)?)?;
+                } else {
+                    out.write_all(render_gpu_plan(&p).as_bytes())?;
+                }
             }
         }
         ModelCommand::Fetch(a) => {
@@ -264,7 +296,8 @@ pub fn run(global: &GlobalArgs, args: ModelArgs) -> Result<Outcome> {
 
 /// The plan's options: the flags, else `[server]` of llmctl.toml (what provision runs llama-server with) when a
 /// config file is there, else the planner's defaults. The note says what came from the file.
-fn plan_options(global: &GlobalArgs, a: &PlanArgs) -> Result<(Options, Option<String>)> {
+/// The third value is the port of the first llama-server: `[server].port`, or its default.
+fn plan_options(global: &GlobalArgs, a: &PlanArgs) -> Result<(Options, Option<String>, u16)> {
     let file = crate::config::ConfigFile::load(global.config.as_deref())?;
     let defaults = Options::default();
     let mut opts = Options {
@@ -276,7 +309,7 @@ fn plan_options(global: &GlobalArgs, a: &PlanArgs) -> Result<(Options, Option<St
         gpus: a.gpus,
     };
     let Some(path) = file.path.clone() else {
-        return Ok((opts, None));
+        return Ok((opts, None, crate::config::ServerSection::default().port));
     };
     // Provision runs with the section's defaults when it is absent, and so does the plan.
     let server: crate::config::ServerSection = file.section_or_default()?;
@@ -316,7 +349,7 @@ fn plan_options(global: &GlobalArgs, a: &PlanArgs) -> Result<(Options, Option<St
             taken.join(", ")
         )
     });
-    Ok((opts, note))
+    Ok((opts, note, server.port))
 }
 
 const MEMINFO: &str = "/proc/meminfo";
@@ -705,6 +738,39 @@ pub fn render_plan(p: &plan::Plan) -> String {
         "llama-server flags: {}\n",
         crate::shell::join(&p.flags)
     ));
+    o
+}
+
+/// The text of a plan for several GPUs: the one-GPU plan's lines, then each llama-server to run.
+pub fn render_gpu_plan(p: &plan::GpuPlan) -> String {
+    let mut o = render_plan(&p.plan);
+    let count = p.servers.len();
+    for (k, s) in p.servers.iter().enumerate() {
+        let env: Vec<String> = s.env.iter().map(|(n, v)| format!("{n}={v}")).collect();
+        let what = match p.layout {
+            plan::Layout::Replicas => format!(
+                "replica {} of {count} on GPU {}",
+                k + 1,
+                s.gpus.first().copied().unwrap_or(0)
+            ),
+            layout => format!(
+                "{} over GPU{} {}",
+                layout.name(),
+                if s.gpus.len() == 1 { "" } else { "s" },
+                s.gpus
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        o.push_str(&format!(
+            "llama-server, {what}, port {}: {} llama-server {}\n",
+            s.port,
+            env.join(" "),
+            crate::shell::join(&s.args)
+        ));
+    }
     o
 }
 

@@ -7,6 +7,9 @@ use serde::Serialize;
 use super::gguf::GgmlType;
 use super::shape::{LayerKind, LayerShape, ModelShape};
 
+mod multi;
+pub use multi::{GpuPlan, GpuUse, Layout, Server, plan_gpus};
+
 const MIB: u64 = 1 << 20;
 /// llama.cpp pads the context (and the sliding-window cache) to 256 cells.
 const CTX_PAD: u64 = 256;
@@ -491,8 +494,9 @@ fn check_inputs(shape: &ModelShape, hw: &Hardware, opts: &Options) -> Result<(),
     Ok(())
 }
 
-pub fn plan(shape: &ModelShape, hw: &Hardware, opts: &Options) -> Result<Plan, PlanError> {
-    check_inputs(shape, hw, opts)?;
+/// The context the plan is for, padded as llama.cpp pads it: `--ctx`, else 32768 or the model's training context
+/// when that is smaller.
+fn planned_ctx(shape: &ModelShape, opts: &Options) -> u64 {
     let requested = match opts.ctx {
         Some(c) => c,
         None => shape
@@ -500,7 +504,12 @@ pub fn plan(shape: &ModelShape, hw: &Hardware, opts: &Options) -> Result<Plan, P
             .filter(|&c| c > 0)
             .map_or(DEFAULT_CTX, |c| c.min(DEFAULT_CTX)),
     };
-    let ctx = pad(requested, CTX_PAD);
+    pad(requested, CTX_PAD)
+}
+
+pub fn plan(shape: &ModelShape, hw: &Hardware, opts: &Options) -> Result<Plan, PlanError> {
+    check_inputs(shape, hw, opts)?;
+    let ctx = planned_ctx(shape, opts);
     let build = |ctx: u64| Ctx::new(shape, opts, ctx);
     let c = build(ctx);
     let n_layer = shape.n_layer;
@@ -599,27 +608,7 @@ pub fn plan(shape: &ModelShape, hw: &Hardware, opts: &Options) -> Result<Plan, P
         opts,
     ));
 
-    let mut flags = vec!["-ngl".to_string(), chosen.ngl.to_string()];
-    if chosen.n_cpu_moe > 0 {
-        flags.extend(["--n-cpu-moe".to_string(), chosen.n_cpu_moe.to_string()]);
-    }
-    flags.extend(
-        [
-            "-c",
-            &ctx.to_string(),
-            "-ctk",
-            opts.cache_type.flag(),
-            "-ctv",
-            opts.v_type().flag(),
-            "-fa",
-            "on",
-            "-ub",
-            &opts.ubatch.to_string(),
-            "-np",
-            "1",
-        ]
-        .map(str::to_string),
-    );
+    let flags = server_flags(&chosen, ctx, opts);
     if let Some(train) = shape.context_length.filter(|&t| ctx > t) {
         reasoning.push(format!(
             "warning: the context {ctx} is longer than the model's training context {train}; llama-server caps \
@@ -643,6 +632,32 @@ pub fn plan(shape: &ModelShape, hw: &Hardware, opts: &Options) -> Result<Plan, P
         reasoning,
         flags,
     })
+}
+
+/// llama-server's flags for a placement.
+fn server_flags(chosen: &Placement, ctx: u64, opts: &Options) -> Vec<String> {
+    let mut flags = vec!["-ngl".to_string(), chosen.ngl.to_string()];
+    if chosen.n_cpu_moe > 0 {
+        flags.extend(["--n-cpu-moe".to_string(), chosen.n_cpu_moe.to_string()]);
+    }
+    flags.extend(
+        [
+            "-c",
+            &ctx.to_string(),
+            "-ctk",
+            opts.cache_type.flag(),
+            "-ctv",
+            opts.v_type().flag(),
+            "-fa",
+            "on",
+            "-ub",
+            &opts.ubatch.to_string(),
+            "-np",
+            "1",
+        ]
+        .map(str::to_string),
+    );
+    flags
 }
 
 /// The largest `k` in `1..=hi` for which `fits(k)` holds, where `fits` holds up to some `k` and fails beyond
