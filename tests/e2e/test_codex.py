@@ -10,12 +10,12 @@ grammar (responses_grammar.py).
 Codex's first request is ~5-10k tokens (instructions and tools); CPU prefill takes a minute or more on 2 shared cores.
 
 The plain prompt goes with Codex's built-in instructions (17k characters written for frontier models). The tool
-round trips replace them with a short text through Codex's own `model_instructions_file` setting: the tools, the
-permissions and environment messages, the exec loop and the patch interception stay Codex's own, and the 135M model
-reads ~4k fewer tokens that only distract it (and LEAN: ~4k fewer of tools it is not asked to use). Measured 2026-12-06 with the built-in instructions: the model called
-exec_command, then called it again and again, and the fourth turn ran until the 900 s timeout; with the short ones,
-and the examples' tool response as Codex really writes it (see exec_example), each tool test took two requests
-and ended with "Done." (both in 126 s on 2 loaded cores).
+round trips replace them with a short text through Codex's own `model_instructions_file` setting and turn off the
+sub-agent and goals tools (LEAN): the tools they use, the permissions and environment messages, the exec loop and
+the patch interception stay Codex's own, and the 135M model reads ~8k fewer tokens that only distract it. Measured
+2026-12-06 with the built-in instructions: the model called exec_command, then again and again, and the fourth turn
+ran until the 900 s timeout. With the short ones, and the examples' tool response as Codex really writes it (see
+exec_example), each tool test took two requests and ended with "Done." (both in 126 s on 2 loaded cores).
 """
 
 from __future__ import annotations
