@@ -435,6 +435,15 @@ fn the_last_mile_claude_code_answers_on_a_laptop(bed: &Bed, key: &str) {
             .contains("--show-key")
     );
 
+    // The laptop's settings already hold a stale key and an apiKeyHelper: Claude Code would send either instead
+    // of the proxy's key, get 401 four times and hang (issue 14 item 4); --write must remove both and keep the rest.
+    let settings = home.path().join(".claude/settings.json");
+    std::fs::create_dir_all(settings.parent().unwrap()).unwrap();
+    std::fs::write(
+        &settings,
+        r#"{"apiKeyHelper": "/bin/false", "theme": "dark", "env": {"ANTHROPIC_API_KEY": "sk-stale"}}"#,
+    )
+    .unwrap();
     let started = std::time::Instant::now();
     let written = client_config(&["--from-host", "--write"]);
     assert_ok(&written, "client-config claude --from-host --write");
@@ -458,9 +467,12 @@ fn the_last_mile_claude_code_answers_on_a_laptop(bed: &Bed, key: &str) {
         )),
         "{out}"
     );
-    let settings = home.path().join(".claude/settings.json");
     assert!(
-        out.contains(&format!("created {}", settings.display())),
+        out.contains(&format!(
+            "updated {} (previous version: ",
+            settings.display()
+        )) && out.contains("removed env.ANTHROPIC_API_KEY")
+            && out.contains("removed apiKeyHelper"),
         "{out}"
     );
     use std::os::unix::fs::PermissionsExt;
@@ -470,6 +482,11 @@ fn the_last_mile_claude_code_answers_on_a_laptop(bed: &Bed, key: &str) {
     assert_eq!(v["env"]["ANTHROPIC_BASE_URL"], proxy.as_str());
     assert_eq!(v["env"]["ANTHROPIC_AUTH_TOKEN"], key);
     assert_eq!(v["env"]["CLAUDE_CODE_AUTO_COMPACT_WINDOW"], "32768");
+    assert_eq!(v["theme"], "dark", "other settings are kept");
+    assert!(
+        v.get("apiKeyHelper").is_none() && v["env"].get("ANTHROPIC_API_KEY").is_none(),
+        "{v}"
+    );
 
     // The real Claude Code with nothing but that HOME: no key or URL in its environment.
     let work = home.path().join("proj");

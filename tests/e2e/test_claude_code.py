@@ -192,10 +192,11 @@ def test_tool_round_trip(claude_bin, target, tmp_path):
     raise AssertionError(f"the model called no tool in 3 runs; it answered: {answers}")
 
 
-def test_settings_written_by_client_config(claude_bin, target, stack, tmp_path):
-    # Claude Code configured by nothing but the settings.json `llmctl client-config claude --write` made: no
-    # ANTHROPIC_* in its environment. The file held a stale ANTHROPIC_API_KEY (which Claude Code would send
-    # instead, and the keyed proxy would answer 401) and an apiKeyHelper; client-config must remove both.
+def test_settings_written_by_client_config(target, stack, tmp_path):
+    # The settings.json `llmctl client-config claude --write` makes from a file that held a stale ANTHROPIC_API_KEY
+    # (which Claude Code would send instead, and the keyed proxy would answer 401) and an apiKeyHelper: both go.
+    # The real Claude Code answering with such a file and nothing in its environment is provision_sim's last mile
+    # (the_last_mile_claude_code_answers_on_a_laptop), against the provisioned proxy; not run twice.
     if target.name != "llmctl serve-proxy":
         pytest.skip("client-config points Claude Code at llmctl serve-proxy")
     url, key = target.endpoint("claude")
@@ -214,20 +215,3 @@ def test_settings_written_by_client_config(claude_bin, target, stack, tmp_path):
     written = json.loads(settings.read_text())["env"]
     assert written["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == "32768", written  # the claude llama-server's slot
     assert "ANTHROPIC_API_KEY" not in written, written
-    env.pop("LLMCTL_E2E_PROXY_KEY")
-    # Only the output bound comes from the environment (a test bound, not a way to reach the proxy).
-    env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(MAX_OUTPUT_TOKENS)
-    work = tmp_path / "proj"
-    work.mkdir()
-    for prompt in ("Say hello", "Say hi", "Say hey"):
-        try:
-            p = subprocess.run([claude_bin, "-p", prompt], cwd=work, env=env, stdin=subprocess.DEVNULL,
-                               capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired as e:
-            pytest.fail(f"claude -p did not finish within {RUN_TIMEOUT_S}s; stderr: {e.stderr!r:.2000}", pytrace=False)
-        if p.returncode == 0 or "output token maximum" not in p.stdout:
-            break
-        print(f"{prompt!r}: the model rambled past {MAX_OUTPUT_TOKENS} output tokens; another prompt")
-    assert p.returncode == 0, f"claude -p exited {p.returncode}; stdout {p.stdout[-1500:]!r}; stderr {p.stderr[-1500:]!r}"
-    assert p.stdout.strip(), f"claude -p printed nothing; stderr {p.stderr[-1500:]!r}"
-    print(f"claude -p through client-config's settings printed: {p.stdout.strip()[:200]!r}")
