@@ -564,23 +564,24 @@ fn two_gpus_keep_a_context_and_compute_buffers_each() {
     assert_ne!(split.chosen.strategy, Strategy::AllOnGpu);
 }
 
+/// SmolLM2 planned as the multi-GPU tests plan it: f16 cache, 32768 tokens, -ub 128 (1352 MiB on one GPU).
+const SMOL_32K_F16: &[&str] = &[
+    "--ram",
+    "4096",
+    "--ctx",
+    "32768",
+    "--cache-type",
+    "f16",
+    "--ubatch",
+    "128",
+];
+
 /// Issue 16 item 10 through the CLI with the real SmolLM2: 1536 MiB holds the whole model (32768 tokens, f16
 /// cache) as one GPU, but as two GPUs (`--gpus 2`) each keeps a CUDA reserve and compute buffers of its own, and
 /// only part of the layers fit.
 #[test]
 fn the_cli_plans_two_gpus_with_a_reserve_and_compute_buffers_each() {
-    let args = [
-        "--vram",
-        "1536",
-        "--ram",
-        "4096",
-        "--ctx",
-        "32768",
-        "--cache-type",
-        "f16",
-        "--ubatch",
-        "128",
-    ];
+    let args = [&["--vram", "1536"][..], SMOL_32K_F16].concat();
     let (code, one, err) = plan_cli(&args);
     assert_eq!(code, 0, "{err}");
     assert_eq!(flag(&one, "-ngl"), "31", "{one}");
@@ -598,18 +599,7 @@ fn the_cli_plans_two_gpus_with_a_reserve_and_compute_buffers_each() {
 /// GPUs that each hold it get a replica each, pinned and on ports of their own; a GPU too small gets none.
 #[test]
 fn the_cli_plans_one_replica_per_gpu_that_holds_the_model() {
-    let args = [
-        "--ram",
-        "4096",
-        "--ctx",
-        "32768",
-        "--cache-type",
-        "f16",
-        "--ubatch",
-        "128",
-        "--port",
-        "8080",
-    ];
+    let args = [SMOL_32K_F16, &["--port", "8080"][..]].concat();
     let (code, out, err) = plan_cli(
         &[
             &args[..],
@@ -665,16 +655,7 @@ fn the_cli_plans_one_replica_per_gpu_that_holds_the_model() {
 /// even that: partial offload, still split by layer.
 #[test]
 fn the_cli_splits_a_model_that_fits_only_the_gpus_together() {
-    let args = [
-        "--ram",
-        "4096",
-        "--ctx",
-        "32768",
-        "--cache-type",
-        "f16",
-        "--ubatch",
-        "128",
-    ];
+    let args = SMOL_32K_F16;
     let (code, out, err) = plan_cli(&[&args[..], &["--gpu", "1024", "--gpu", "1024"]].concat());
     assert_eq!(code, 0, "{err}");
     assert!(
