@@ -1090,6 +1090,51 @@ mod tests {
 ==> ct-model-stat <==\n4096 1733500000\n==> rc=0 <==\n\
 ==> ct-key-stat <==\n600 65\n==> rc=0 <==\n";
 
+    /// One llama-server per GPU: each replica unit's file, command, state and enablement; without
+    /// llama-server.service the first replica's command stands for the build the container runs.
+    #[test]
+    fn replica_units_are_gathered_by_gpu() {
+        let unit = |gpu: u32, port: u16| {
+            format!(
+                "[Service]\nExecStart=/opt/llama.cpp/build/bin/llama-server -m /m.gguf --port {port} -c 32768\n\
+                 Environment=CUDA_DEVICE_ORDER=PCI_BUS_ID\nEnvironment=CUDA_VISIBLE_DEVICES={gpu}\n"
+            )
+        };
+        let text = format!(
+            "==> ct-status <==\nstatus: running\n==> rc=0 <==\n\
+             ==> ct-services <==\ninactive\nactive\n==> rc=3 <==\n\
+             ==> ct-llama-unit <==\n\n==> rc=1 <==\n\
+             ==> ct-file /etc/systemd/system/llama-server-gpu0.service <==\n{}<llmctl-eof>\n==> rc=0 <==\n\
+             ==> ct-active llama-server-gpu0 <==\nactive\n==> rc=0 <==\n\
+             ==> ct-enabled llama-server-gpu0 <==\nenabled\n==> rc=0 <==\n\
+             ==> ct-file /etc/systemd/system/llama-server-gpu1.service <==\n{}<llmctl-eof>\n==> rc=0 <==\n\
+             ==> ct-active llama-server-gpu1 <==\nfailed\n==> rc=3 <==\n\
+             ==> ct-enabled llama-server-gpu1 <==\ndisabled\n==> rc=1 <==\n",
+            unit(0, 8080),
+            unit(1, 8081)
+        );
+        let mut f = HostFacts::default();
+        f.add_container(103, &parse_sections(&text), "");
+        let i = f.inside().unwrap();
+        assert_eq!(i.replicas.keys().copied().collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(i.replicas[&1].port, Some(8081));
+        assert_eq!(i.llama_unit.as_ref().unwrap().port, Some(8080));
+        assert_eq!(i.services["llama-server-gpu0"], "active");
+        assert_eq!(i.services["llama-server-gpu1"], "failed");
+        assert!(i.enabled["llama-server-gpu0"]);
+        assert!(!i.enabled["llama-server-gpu1"]);
+        assert_eq!(i.file(&replica_unit_path(1)), Some(unit(1, 8081).as_str()));
+        assert_eq!(crate::host::rules::replica_gpus(i), [0, 1]);
+        assert_eq!(
+            replica_of_path("/etc/systemd/system/llama-server-gpu12.service"),
+            Some(12)
+        );
+        assert_eq!(
+            replica_of_path("/etc/systemd/system/llama-server.service"),
+            None
+        );
+    }
+
     /// Every fact provision's container steps read comes from the round's text.
     #[test]
     fn the_container_round_holds_what_the_container_steps_read() {

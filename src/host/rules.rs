@@ -494,13 +494,15 @@ pub fn stray_llama_units(inside: &InsideFacts, keep: &[&str]) -> Vec<(String, St
     out
 }
 
-/// The GPU indices of the replica units whose files are in the container.
+/// The GPU indices of the replica units whose files are in the container, in GPU order.
 pub fn replica_gpus(inside: &InsideFacts) -> Vec<u32> {
-    inside
+    let mut gpus: Vec<u32> = inside
         .files
         .keys()
         .filter_map(|p| facts::replica_of_path(p))
-        .collect()
+        .collect();
+    gpus.sort_unstable();
+    gpus
 }
 
 /// What is wrong with the pinning of the replica unit on GPU `gpu` of a host with `gpu_count` GPUs: a replica

@@ -644,8 +644,9 @@ impl Step<Ctx> for Llama {
                 "{server} built from {url} for CUDA architectures {archs}; ldd finds every library"
             )));
         }
+        let replicas = crate::host::rules::replica_gpus(inside);
         Ok(Check::Changes(llama_actions(
-            &ctx.cfg, vmid, &url, &archs, &cuda, stamp,
+            &ctx.cfg, vmid, &url, &archs, &cuda, stamp, &replicas,
         )))
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
@@ -663,7 +664,7 @@ const LDD_CHECK: &str = r#"out=$(ldd "$1") || exit 1; if printf '%s\n' "$out" | 
 const SWITCH_BUILD: &str = r#"set -e; cd "$1"; rm -rf src.prev build.prev; if [ -e build ]; then mv build build.prev; fi; mv build.next build; if [ -e src ]; then mv src src.prev; fi; mv src.next src; rm -rf src.prev build.prev"#;
 
 /// Fetch the pinned source, build it beside the current build (`src.next`, `build.next`), check that it links,
-/// switch it in, stamp what was built, and restart a running server onto it.
+/// switch it in, stamp what was built, and restart a running server onto it (each replica on `replicas`' GPUs too).
 pub fn llama_actions(
     cfg: &super::config::ProvisionConfig,
     vmid: u32,
@@ -671,6 +672,7 @@ pub fn llama_actions(
     archs: &str,
     cuda: &str,
     old_stamp: Option<String>,
+    replicas: &[u32],
 ) -> Vec<Action> {
     let on = Target::Container(vmid);
     let dir = cfg.llama_cpp.install_dir.trim_end_matches('/');
@@ -759,7 +761,22 @@ pub fn llama_actions(
             mode: 0o644,
         },
         // A running server keeps the old binary until it restarts.
-        run_on(on, &["systemctl", "try-restart", "llama-server"]),
+        Action::Run {
+            on,
+            cmd: Cmd::new(
+                [
+                    "systemctl".to_string(),
+                    "try-restart".into(),
+                    "llama-server".into(),
+                ]
+                .into_iter()
+                .chain(
+                    replicas
+                        .iter()
+                        .map(|i| crate::host::facts::replica_unit(*i)),
+                ),
+            ),
+        },
     ]
 }
 
@@ -1429,7 +1446,7 @@ mod plan_tests {
             &crate::config::ConfigFile::parse(text, None).unwrap(),
         )
         .unwrap();
-        let actions = llama_actions(&cfg, 103, "https://x/l.tar.gz", "89", "13.2", None);
+        let actions = llama_actions(&cfg, 103, "https://x/l.tar.gz", "89", "13.2", None, &[]);
         let lines: Vec<String> = actions.iter().map(argv).collect();
         let at = |needle: &str| {
             lines
