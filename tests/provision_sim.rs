@@ -1263,6 +1263,10 @@ fn two_gpus_that_each_hold_the_model_get_one_replica_each_behind_one_proxy() {
         "active"
     );
     assert_healthy(&bed);
+    eprintln!(
+        "doctor after one replica per GPU:\n{}",
+        stdout(&bed.doctor())
+    );
     let again = bed.provision(&["--check"]);
     assert_eq!(
         again.status.code(),
