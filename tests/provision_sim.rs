@@ -1146,4 +1146,181 @@ fn two_gpus_are_planned_with_a_cuda_context_and_compute_buffers_each() {
         "provision's -ngl is not the planner's for 2 GPUs\n{}",
         text(&check)
     );
+    // One llama-server across both GPUs, its layers split as the planner counted them (`llmctl model plan --gpu`).
+    let split = Command::new(llmctl())
+        .args(["model", "plan", &model])
+        .args(
+            sizes
+                .iter()
+                .flat_map(|s| ["--gpu".to_string(), s.to_string()]),
+        )
+        .args(["--ram", "4096", "--ctx", "32768", "--cache-type", "f16"])
+        .args(["--ubatch", "128", "--json"])
+        .current_dir(bed.dir.path())
+        .output()
+        .unwrap();
+    assert_ok(&split, "llmctl model plan --gpu");
+    let split: serde_json::Value = serde_json::from_slice(&split.stdout).unwrap();
+    let tensor_split = split["tensor_split"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .expect("a plan across two GPUs has a tensor_split");
+    assert!(
+        out.contains(&format!(
+            " --split-mode layer --tensor-split {tensor_split} "
+        )),
+        "provision does not plan the planner's --tensor-split {tensor_split}\n{}",
+        text(&check)
+    );
+}
+
+/// Issue 12 item 5: two GPUs that each hold the model with its context get one llama-server per GPU, each pinned to
+/// its GPU (`CUDA_DEVICE_ORDER=PCI_BUS_ID`, `CUDA_VISIBLE_DEVICES=<i>`) on port 8080 + i, behind one proxy that
+/// routes across both; the single llama-server.service of an older installation is stopped and removed. A second
+/// run changes nothing, and when one GPU goes away the installation converges back to the one llama-server.
+#[test]
+fn two_gpus_that_each_hold_the_model_get_one_replica_each_behind_one_proxy() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let model = stack_var("LLMCTL_TEST_MODEL");
+    let bed = Bed::with_sim_env(
+        "two-gpus-model-fits-each",
+        "595.71.05",
+        &[
+            ("LLMCTL_SIM_MODEL", &model),
+            ("LLMCTL_SIM_LLMCTL", llmctl()),
+        ],
+    );
+    bed.server_option("ubatch = 128");
+    let cfg = std::fs::read_to_string(&bed.config).unwrap();
+    std::fs::write(
+        &bed.config,
+        cfg.replace(
+            "dest = \"/models/smollm2.gguf\"",
+            "dest = \"/models/model.gguf\"",
+        ),
+    )
+    .unwrap();
+    let unit_of = |i: u32| bed.ct_file(&format!("/etc/systemd/system/llama-server-gpu{i}.service"));
+    let in_ct = |argv: &[&str]| -> String {
+        let mut all = vec!["pct", "exec", "103", "--"];
+        all.extend_from_slice(argv);
+        String::from_utf8_lossy(&bed.sim.exec(&all).stdout).into_owned()
+    };
+
+    let check = bed.provision(&["--check"]);
+    assert_ne!(check.status.code(), Some(0), "{}", text(&check));
+    let plan = stdout(&check);
+    for want in [
+        "llama-server-gpu0.service",
+        "llama-server-gpu1.service",
+        "systemctl disable --now llama-server",
+    ] {
+        assert!(
+            plan.contains(want),
+            "--check does not plan {want}:\n{}",
+            text(&check)
+        );
+    }
+
+    let t = std::time::Instant::now();
+    let run = bed.provision(&["--yes"]);
+    assert_ok(&run, "provision --yes");
+    eprintln!("provision --yes (one replica per GPU): {:?}", t.elapsed());
+    for (i, port) in [(0u32, 8080u16), (1, 8081)] {
+        let unit = unit_of(i);
+        assert!(
+            unit.contains("\nEnvironment=CUDA_DEVICE_ORDER=PCI_BUS_ID\n")
+                && unit.contains(&format!("\nEnvironment=CUDA_VISIBLE_DEVICES={i}\n")),
+            "replica {i} is not pinned to GPU {i}:\n{unit}"
+        );
+        assert!(unit.contains(&format!(" --port {port} ")), "{unit}");
+        assert_eq!(
+            in_ct(&["systemctl", "is-active", &format!("llama-server-gpu{i}")]).trim(),
+            "active"
+        );
+        let health = bed
+            .sim
+            .exec(&["curl", "-fsS", &format!("http://127.0.0.1:{port}/health")]);
+        assert!(health.status.success(), "replica {i}: no /health on {port}");
+        let props = bed
+            .sim
+            .exec(&["curl", "-fsS", &format!("http://127.0.0.1:{port}/props")]);
+        let props: serde_json::Value =
+            serde_json::from_slice(&props.stdout).expect("/props is JSON");
+        // n_ctx per slot: the configured context is shared by llama-server's slots.
+        let slot_ctx = props["default_generation_settings"]["n_ctx"].as_u64();
+        let slots = props["total_slots"].as_u64();
+        assert_eq!(
+            slot_ctx.zip(slots).map(|(c, n)| c * n),
+            Some(32768),
+            "replica {i}: /props {props}"
+        );
+    }
+    assert_eq!(
+        bed.ct_file("/etc/systemd/system/llama-server.service"),
+        "",
+        "the single unit is removed"
+    );
+    assert_ne!(
+        in_ct(&["systemctl", "is-active", "llama-server"]).trim(),
+        "active"
+    );
+    let proxy = bed.ct_file("/etc/systemd/system/llmctl-proxy.service");
+    assert!(
+        proxy.contains("--upstream http://127.0.0.1:8080 --upstream http://127.0.0.1:8081 "),
+        "{proxy}"
+    );
+    assert_eq!(
+        in_ct(&["systemctl", "is-active", "llmctl-proxy"]).trim(),
+        "active"
+    );
+    assert_healthy(&bed);
+    eprintln!(
+        "doctor after one replica per GPU:\n{}",
+        stdout(&bed.doctor())
+    );
+    let again = bed.provision(&["--check"]);
+    assert_eq!(
+        again.status.code(),
+        Some(0),
+        "a second run would change:\n{}",
+        text(&again)
+    );
+
+    // One GPU goes away (this sim's own state): back to the one llama-server, the replicas removed.
+    let state = bed.sim.dir.join("state.json");
+    let st = Command::new("python3")
+        .args([
+            "-c",
+            "import json,sys; p=sys.argv[1]; s=json.load(open(p)); h=s['host']; h['gpus']=h['gpus'][:1]; \
+             m=h['module']; m['driven']=[i for i in m.get('driven') or [] if i < 1]; \
+             m['minors']={k: v for k, v in (m.get('minors') or {}).items() if int(k) < 1}; \
+             json.dump(s, open(p, 'w'))",
+            state.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let run = bed.provision(&["--yes"]);
+    assert_ok(&run, "provision --yes with one GPU");
+    let unit = bed.ct_file("/etc/systemd/system/llama-server.service");
+    assert!(
+        unit.contains(" --port 8080 ") && !unit.contains("Environment="),
+        "{unit}"
+    );
+    assert_eq!(unit_of(0), "");
+    assert_eq!(unit_of(1), "");
+    let proxy = bed.ct_file("/etc/systemd/system/llmctl-proxy.service");
+    assert!(
+        proxy.contains("--upstream http://127.0.0.1:8080 ") && !proxy.contains(":8081"),
+        "{proxy}"
+    );
+    assert_healthy(&bed);
+    let again = bed.provision(&["--check"]);
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
 }

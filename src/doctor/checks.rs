@@ -181,7 +181,8 @@ checks! {
     check_services =>
         SvcLlamaServerDown "svc.llama-server-down",
         SvcProxyDown "svc.proxy-down",
-        SvcProxyLitellm "svc.proxy-litellm";
+        SvcProxyLitellm "svc.proxy-litellm",
+        SvcReplicaPin "svc.replica-pin";
 }
 
 impl std::fmt::Display for FindingId {
@@ -1643,6 +1644,29 @@ pub fn check_llama_context(f: &HostFacts) -> Vec<Finding> {
     let Some(unit) = &ins.llama_unit else {
         return ct_skip(&[ID], "llama-server not installed");
     };
+    // With one llama-server per GPU, each replica's own -c (the smallest decides what a client gets).
+    let mut named: Vec<(String, &crate::pve::llama::ServerCommand)> = ins
+        .replicas
+        .iter()
+        .map(|(i, u)| (crate::host::facts::replica_unit(*i), u))
+        .collect();
+    if ins
+        .file(crate::provision::units::LLAMA_SERVER_UNIT_PATH)
+        .is_some()
+        || named.is_empty()
+    {
+        named.insert(0, (LLAMA_UNIT.to_string(), unit));
+    }
+    let per_slot = |u: &crate::pve::llama::ServerCommand| {
+        u.ctx_size
+            .map(|c| c / u.parallel.unwrap_or(1).max(1))
+            .unwrap_or(0)
+    };
+    let (unit_name, unit) = named
+        .iter()
+        .min_by_key(|(_, u)| (u.ctx_size.is_some(), per_slot(u)))
+        .map(|(n, u)| (n.as_str(), *u))
+        .unwrap_or((LLAMA_UNIT, unit));
     let slots = unit.parallel.unwrap_or(1).max(1);
     match unit.ctx_size {
         Some(c) if c / slots >= MIN_CONTEXT => vec![Finding::ok(
@@ -1657,7 +1681,7 @@ pub fn check_llama_context(f: &HostFacts) -> Vec<Finding> {
                 c / slots
             ),
             vec![format!(
-                "CT {v} {LLAMA_UNIT}.service ExecStart: -c {c}{}",
+                "CT {v} {unit_name}.service ExecStart: -c {c}{}",
                 if slots > 1 {
                     format!(" -np {slots}")
                 } else {
@@ -1673,7 +1697,7 @@ pub fn check_llama_context(f: &HostFacts) -> Vec<Finding> {
                 "llama-server has no -c: it uses the model's training context, which may be below {MIN_CONTEXT}"
             ),
             vec![format!(
-                "CT {v} {LLAMA_UNIT}.service ExecStart: no -c/--ctx-size"
+                "CT {v} {unit_name}.service ExecStart: no -c/--ctx-size"
             )],
             Fix::step(StepId::LlamaService),
         )],
@@ -1688,10 +1712,58 @@ pub fn check_services(f: &HostFacts) -> Vec<Finding> {
         );
     };
     let mut out = Vec::new();
-    for (id, unit) in [
-        (FindingId::SvcLlamaServerDown, LLAMA_UNIT),
-        (FindingId::SvcProxyDown, PROXY_UNIT),
-    ] {
+    // One llama-server per GPU: each replica unit is judged, and llama-server.service only while its file is
+    // still there (provision removes it when it runs replicas).
+    let replicas = rules::replica_gpus(ins);
+    let mut llama_units: Vec<String> = replicas
+        .iter()
+        .map(|i| crate::host::facts::replica_unit(*i))
+        .collect();
+    if replicas.is_empty()
+        || ins
+            .file(crate::provision::units::LLAMA_SERVER_UNIT_PATH)
+            .is_some()
+    {
+        llama_units.insert(0, LLAMA_UNIT.to_string());
+    }
+    let down: Vec<(String, &str)> = llama_units
+        .iter()
+        .map(|u| {
+            (
+                u.clone(),
+                ins.services.get(u).map_or("unknown", String::as_str),
+            )
+        })
+        .filter(|(_, s)| *s != "active")
+        .collect();
+    if down.is_empty() {
+        out.push(Finding::ok(
+            FindingId::SvcLlamaServerDown,
+            format!(
+                "{} {} active",
+                llama_units.join(", "),
+                if llama_units.len() == 1 { "is" } else { "are" }
+            ),
+        ));
+    } else {
+        out.push(Finding::problem(
+            FindingId::SvcLlamaServerDown,
+            Severity::Fail,
+            format!(
+                "{} is not running in container {v}",
+                down.iter()
+                    .map(|(u, _)| u.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            down.iter()
+                .map(|(u, s)| format!("CT {v}: systemctl is-active {u}: {s}"))
+                .collect(),
+            Fix::step(StepId::LlamaService),
+        ));
+    }
+    {
+        let (id, unit) = (FindingId::SvcProxyDown, PROXY_UNIT);
         let state = ins.services.get(unit).map_or("unknown", String::as_str);
         if state == "active" {
             out.push(Finding::ok(id, format!("{unit} is active")));
@@ -1701,11 +1773,7 @@ pub fn check_services(f: &HostFacts) -> Vec<Finding> {
                 Severity::Fail,
                 format!("{unit} is not running in container {v}"),
                 vec![format!("CT {v}: systemctl is-active {unit}: {state}")],
-                Fix::step(if unit == LLAMA_UNIT {
-                    StepId::LlamaService
-                } else {
-                    StepId::ProxyService
-                }),
+                Fix::step(StepId::ProxyService),
             ));
         }
     }
@@ -1718,6 +1786,44 @@ pub fn check_services(f: &HostFacts) -> Vec<Finding> {
             Fix::step(StepId::ProxyService),
         )),
         _ => out.push(Finding::ok(FindingId::SvcProxyLitellm, "the proxy is not LiteLLM")),
+    }
+    // Each replica pinned to its own GPU, and none for a GPU the host does not have.
+    if replicas.is_empty() {
+        out.push(Finding::ok(
+            FindingId::SvcReplicaPin,
+            "no llama-server replicas (one llama-server)",
+        ));
+    } else {
+        let gpu_count = rules::gpus(f).len();
+        let problems: Vec<String> = replicas
+            .iter()
+            .flat_map(|i| {
+                let text = ins
+                    .file(&crate::host::facts::replica_unit_path(*i))
+                    .unwrap_or_default();
+                rules::replica_pin_problems(text, *i, gpu_count)
+            })
+            .collect();
+        if problems.is_empty() {
+            out.push(Finding::ok(
+                FindingId::SvcReplicaPin,
+                format!(
+                    "{} llama-server replicas, each pinned to its own GPU",
+                    replicas.len()
+                ),
+            ));
+        } else {
+            out.push(Finding::problem(
+                FindingId::SvcReplicaPin,
+                Severity::Fail,
+                format!("llama-server replicas in container {v} are not pinned one per GPU"),
+                problems
+                    .into_iter()
+                    .map(|p| format!("CT {v} {p}"))
+                    .collect(),
+                Fix::step(StepId::LlamaService),
+            ));
+        }
     }
     out
 }

@@ -862,3 +862,52 @@ fn doctor_md_lists_exactly_the_finding_ids() {
         assert_eq!(FindingId::Plan(*step).to_string(), format!("plan.{step}"));
     }
 }
+
+#[test]
+fn replicas_are_judged_each_pinned_to_a_gpu_of_the_host() {
+    let mut f = healthy();
+    let gpus = crate::host::rules::gpus(&f).len();
+    assert_eq!(gpus, 1, "the healthy host has one GPU");
+    let unit = |gpu: u32| {
+        format!(
+            "[Service]\nExecStart=/opt/llama.cpp/build/bin/llama-server -m /m.gguf --port {} -c 32768\n\
+             Environment=CUDA_DEVICE_ORDER=PCI_BUS_ID\nEnvironment=CUDA_VISIBLE_DEVICES={gpu}\n",
+            8080 + gpu
+        )
+    };
+    let ins = f.container.as_mut().unwrap().inside.as_mut().unwrap();
+    ins.files
+        .remove(crate::provision::units::LLAMA_SERVER_UNIT_PATH);
+    ins.services.remove("llama-server");
+    ins.files
+        .insert(crate::host::facts::replica_unit_path(0), unit(0));
+    ins.services
+        .insert("llama-server-gpu0".into(), "active".into());
+    assert_eq!(problems(&f), Vec::<&str>::new());
+    assert!(
+        finding(&f, "svc.replica-pin")
+            .title
+            .contains("each pinned to its own GPU")
+    );
+    // A replica for a GPU the host does not have, and one that does not run.
+    let ins = f.container.as_mut().unwrap().inside.as_mut().unwrap();
+    ins.files
+        .insert(crate::host::facts::replica_unit_path(1), unit(1));
+    ins.services
+        .insert("llama-server-gpu1".into(), "failed".into());
+    assert_eq!(
+        problems(&f),
+        vec!["svc.llama-server-down", "svc.replica-pin"]
+    );
+    let down = finding(&f, "svc.llama-server-down");
+    assert!(down.title.contains("llama-server-gpu1"), "{}", down.title);
+    // Pinned to another GPU than its own.
+    let ins = f.container.as_mut().unwrap().inside.as_mut().unwrap();
+    ins.files.remove(&crate::host::facts::replica_unit_path(1));
+    ins.services.remove("llama-server-gpu1");
+    ins.files.insert(
+        crate::host::facts::replica_unit_path(0),
+        unit(0).replace("CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES=1"),
+    );
+    assert_eq!(problems(&f), vec!["svc.replica-pin"]);
+}

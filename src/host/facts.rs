@@ -23,6 +23,29 @@ use crate::transport::{Cmd, Transport};
 /// systemd units doctor expects inside the container.
 pub const LLAMA_UNIT: &str = "llama-server";
 pub const PROXY_UNIT: &str = "llmctl-proxy";
+/// The unit of the replica pinned to GPU `i` is `llama-server-gpu<i>` (`llmctl model plan`'s `replicas` layout).
+pub const REPLICA_UNIT_PREFIX: &str = "llama-server-gpu";
+/// Where the replicas' unit files are (`<dir><unit>.service`).
+pub const REPLICA_UNIT_DIR: &str = "/etc/systemd/system/";
+
+/// The unit of the replica on GPU `gpu`.
+pub fn replica_unit(gpu: u32) -> String {
+    format!("{REPLICA_UNIT_PREFIX}{gpu}")
+}
+
+/// The unit file of the replica on GPU `gpu`.
+pub fn replica_unit_path(gpu: u32) -> String {
+    format!("{REPLICA_UNIT_DIR}{}.service", replica_unit(gpu))
+}
+
+/// The GPU index of a replica's unit file path (`/etc/systemd/system/llama-server-gpu1.service` → 1).
+pub fn replica_of_path(path: &str) -> Option<u32> {
+    path.strip_prefix(REPLICA_UNIT_DIR)?
+        .strip_suffix(".service")?
+        .strip_prefix(REPLICA_UNIT_PREFIX)?
+        .parse()
+        .ok()
+}
 
 /// The host probes. `sec NAME CMD...` prints the command's output (stdout and stderr) between markers.
 pub const HOST_SCRIPT: &str = r##"export LC_ALL=C
@@ -90,7 +113,7 @@ sec() { n=$1; shift; out=$("$@" 2>&1); rc=$?; printf '==> %s <==\n%s\n==> rc=%s 
 exact() { cat -- "$1" && printf '%s' '<llmctl-eof>'; }
 unit() { for f in /etc/systemd/system/$1.service /lib/systemd/system/$1.service; do [ -f "$f" ] && { cat "$f"; return 0; }; done; return 1; }
 cmakecache() {
-  for f in /etc/systemd/system/llama-server.service /lib/systemd/system/llama-server.service; do
+  for f in /etc/systemd/system/llama-server.service /lib/systemd/system/llama-server.service /etc/systemd/system/llama-server-gpu*.service; do
     [ -f "$f" ] || continue
     exe=$(sed -n 's/^[[:space:]]*ExecStart=[-@+!]*\([^[:space:]]*\).*/\1/p' "$f" | head -n 1)
     echo "# path: ${exe%/bin/*}/CMakeCache.txt"
@@ -100,7 +123,7 @@ cmakecache() {
   return 1
 }
 llamaexe() {
-  for f in /etc/systemd/system/llama-server.service /lib/systemd/system/llama-server.service; do
+  for f in /etc/systemd/system/llama-server.service /lib/systemd/system/llama-server.service /etc/systemd/system/llama-server-gpu*.service; do
     [ -f "$f" ] || continue
     exe=$(sed -n 's/^[[:space:]]*ExecStart=[-@+!]*\([^[:space:]]*\).*/\1/p' "$f" | head -n 1)
     ls -l "$exe"
@@ -131,6 +154,13 @@ done
 for f in /etc/apt/sources.list.d/cuda-debian12-x86_64.list /etc/apt/sources.list.d/cuda-debian13-x86_64.list \
   /etc/systemd/system/llama-server.service /etc/systemd/system/llmctl-proxy.service; do
   sec "ct-file $f" exact "$f"
+done
+for f in /etc/systemd/system/llama-server-gpu*.service; do
+  [ -f "$f" ] || continue
+  u=${f##*/}; u=${u%.service}
+  sec "ct-file $f" exact "$f"
+  sec "ct-active $u" systemctl is-active "$u"
+  sec "ct-enabled $u" systemctl is-enabled "$u"
 done
 if [ $# -eq 3 ]; then
   sec ct-llmctl-sha256 sha256sum /usr/local/bin/llmctl
@@ -263,7 +293,10 @@ pub struct InsideFacts {
     pub packages: Vec<Package>,
     pub holds: Vec<String>,
     pub dev_nodes: Vec<DevNode>,
+    /// llama-server.service's command; when there is none, the first replica's (the build it runs).
     pub llama_unit: Option<ServerCommand>,
+    /// The replica units (`llama-server-gpu<i>.service` in /etc/systemd/system), by GPU index: their command.
+    pub replicas: BTreeMap<u32, ServerCommand>,
     pub proxy_unit_exec: Option<String>,
     pub cmake_path: Option<String>,
     pub cmake: Option<BTreeMap<String, String>>,
@@ -295,7 +328,7 @@ impl InsideFacts {
     /// A container file llmctl manages, as gathered (None: it does not exist). Only the paths CT_SCRIPT reads.
     pub fn file(&self, path: &str) -> Option<&str> {
         debug_assert!(
-            CT_SCRIPT.contains(path),
+            CT_SCRIPT.contains(path) || replica_of_path(path).is_some(),
             "{path} is not gathered by CT_SCRIPT"
         );
         self.files.get(path).map(String::as_str)
@@ -620,12 +653,33 @@ impl HostFacts {
             let llama_unit = get("ct-llama-unit");
             let llama_exe = get("ct-llama-exe");
             let proxy_unit = get("ct-proxy-unit");
-            let services = get("ct-services")
+            let replica_files: BTreeMap<u32, &Probe> = s
+                .iter()
+                .filter(|(_, p)| p.ok())
+                .filter_map(|(name, p)| Some((replica_of_path(name.strip_prefix("ct-file ")?)?, p)))
+                .collect();
+            let replicas: BTreeMap<u32, ServerCommand> = replica_files
+                .iter()
+                .filter_map(|(i, p)| Some((*i, llama::parse_server_unit(&exact_text(p))?)))
+                .collect();
+            let mut services: BTreeMap<String, String> = get("ct-services")
                 .lines()
                 .into_iter()
                 .zip([LLAMA_UNIT, PROXY_UNIT])
                 .map(|(state, unit)| (unit.to_string(), state.trim().to_string()))
                 .collect();
+            let mut enabled: BTreeMap<String, bool> = [LLAMA_UNIT, PROXY_UNIT]
+                .into_iter()
+                .map(|u| (u.to_string(), get(&format!("ct-enabled {u}")).ok()))
+                .collect();
+            for i in replica_files.keys() {
+                let u = replica_unit(*i);
+                services.insert(
+                    u.clone(),
+                    get(&format!("ct-active {u}")).text.trim().to_string(),
+                );
+                enabled.insert(u.clone(), get(&format!("ct-enabled {u}")).ok());
+            }
             InsideFacts {
                 os_release: system::parse_os_release(&get("ct-os-release").text),
                 module: nvidia::parse_proc_version(&get("ct-proc-version").text),
@@ -637,7 +691,9 @@ impl HostFacts {
                 llama_unit: llama_unit
                     .ok()
                     .then(|| llama::parse_server_unit(&llama_unit.text))
-                    .flatten(),
+                    .flatten()
+                    .or_else(|| replicas.values().next().cloned()),
+                replicas,
                 proxy_unit_exec: proxy_unit
                     .ok()
                     .then(|| {
@@ -653,10 +709,7 @@ impl HostFacts {
                 cmake_path,
                 llama_exe: llama_exe.ok().then(|| llama_exe.text.trim().to_string()),
                 services,
-                enabled: [LLAMA_UNIT, PROXY_UNIT]
-                    .into_iter()
-                    .map(|u| (u.to_string(), get(&format!("ct-enabled {u}")).ok()))
-                    .collect(),
+                enabled,
                 cuda_packages: packages::parse_dpkg_query(&get("ct-dpkg-cuda").text),
                 nvcc: s
                     .iter()
@@ -1036,6 +1089,51 @@ mod tests {
 ==> ct-model-file <==\n\n==> rc=1 <==\n\
 ==> ct-model-stat <==\n4096 1733500000\n==> rc=0 <==\n\
 ==> ct-key-stat <==\n600 65\n==> rc=0 <==\n";
+
+    /// One llama-server per GPU: each replica unit's file, command, state and enablement; without
+    /// llama-server.service the first replica's command stands for the build the container runs.
+    #[test]
+    fn replica_units_are_gathered_by_gpu() {
+        let unit = |gpu: u32, port: u16| {
+            format!(
+                "[Service]\nExecStart=/opt/llama.cpp/build/bin/llama-server -m /m.gguf --port {port} -c 32768\n\
+                 Environment=CUDA_DEVICE_ORDER=PCI_BUS_ID\nEnvironment=CUDA_VISIBLE_DEVICES={gpu}\n"
+            )
+        };
+        let text = format!(
+            "==> ct-status <==\nstatus: running\n==> rc=0 <==\n\
+             ==> ct-services <==\ninactive\nactive\n==> rc=3 <==\n\
+             ==> ct-llama-unit <==\n\n==> rc=1 <==\n\
+             ==> ct-file /etc/systemd/system/llama-server-gpu0.service <==\n{}<llmctl-eof>\n==> rc=0 <==\n\
+             ==> ct-active llama-server-gpu0 <==\nactive\n==> rc=0 <==\n\
+             ==> ct-enabled llama-server-gpu0 <==\nenabled\n==> rc=0 <==\n\
+             ==> ct-file /etc/systemd/system/llama-server-gpu1.service <==\n{}<llmctl-eof>\n==> rc=0 <==\n\
+             ==> ct-active llama-server-gpu1 <==\nfailed\n==> rc=3 <==\n\
+             ==> ct-enabled llama-server-gpu1 <==\ndisabled\n==> rc=1 <==\n",
+            unit(0, 8080),
+            unit(1, 8081)
+        );
+        let mut f = HostFacts::default();
+        f.add_container(103, &parse_sections(&text), "");
+        let i = f.inside().unwrap();
+        assert_eq!(i.replicas.keys().copied().collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(i.replicas[&1].port, Some(8081));
+        assert_eq!(i.llama_unit.as_ref().unwrap().port, Some(8080));
+        assert_eq!(i.services["llama-server-gpu0"], "active");
+        assert_eq!(i.services["llama-server-gpu1"], "failed");
+        assert!(i.enabled["llama-server-gpu0"]);
+        assert!(!i.enabled["llama-server-gpu1"]);
+        assert_eq!(i.file(&replica_unit_path(1)), Some(unit(1, 8081).as_str()));
+        assert_eq!(crate::host::rules::replica_gpus(i), [0, 1]);
+        assert_eq!(
+            replica_of_path("/etc/systemd/system/llama-server-gpu12.service"),
+            Some(12)
+        );
+        assert_eq!(
+            replica_of_path("/etc/systemd/system/llama-server.service"),
+            None
+        );
+    }
 
     /// Every fact provision's container steps read comes from the round's text.
     #[test]

@@ -1,7 +1,7 @@
 //! Rules that judge one concern of a host. Each is a pure function of the facts, called by doctor (to report)
 //! and by provision (to plan): one definition of "right", so the two commands cannot disagree about it.
 
-use super::facts::HostFacts;
+use super::facts::{self, HostFacts, InsideFacts};
 use crate::pve::dkms::DkmsState;
 use crate::pve::nvidia::ModuleFlavour;
 
@@ -465,6 +465,72 @@ pub fn debian_driver_packages(f: &HostFacts, open: bool) -> Option<Vec<&'static 
         .filter(|n| f.package(n).is_some())
         .collect()
     })
+}
+
+/// llama-server's units in a container that are not among `keep` (the units the installation runs): the single
+/// `llama-server` unit (its file in /etc/systemd/system, or enabled, or running) and every replica unit
+/// `llama-server-gpu<i>` whose file is there. As (unit, file). Provision stops, disables and removes them, so going
+/// between one llama-server and one per GPU (or from two GPUs to one) converges.
+pub fn stray_llama_units(inside: &InsideFacts, keep: &[&str]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let single = facts::LLAMA_UNIT;
+    let path = crate::provision::units::LLAMA_SERVER_UNIT_PATH;
+    if !keep.contains(&single)
+        && (inside.file(path).is_some()
+            || inside.enabled.get(single) == Some(&true)
+            || inside
+                .services
+                .get(single)
+                .is_some_and(|s| facts::is_active_state(s)))
+    {
+        out.push((single.to_string(), path.to_string()));
+    }
+    for i in replica_gpus(inside) {
+        let unit = facts::replica_unit(i);
+        if !keep.contains(&unit.as_str()) {
+            out.push((unit, facts::replica_unit_path(i)));
+        }
+    }
+    out
+}
+
+/// The GPU indices of the replica units whose files are in the container, in GPU order.
+pub fn replica_gpus(inside: &InsideFacts) -> Vec<u32> {
+    let mut gpus: Vec<u32> = inside
+        .files
+        .keys()
+        .filter_map(|p| facts::replica_of_path(p))
+        .collect();
+    gpus.sort_unstable();
+    gpus
+}
+
+/// What is wrong with the pinning of the replica unit on GPU `gpu` of a host with `gpu_count` GPUs: a replica
+/// for a GPU that is not there, or a unit whose environment does not pin its own GPU
+/// (`CUDA_DEVICE_ORDER=PCI_BUS_ID` and `CUDA_VISIBLE_DEVICES=<gpu>`, as `llmctl model plan` gives it). Empty:
+/// pinned right.
+pub fn replica_pin_problems(unit_text: &str, gpu: u32, gpu_count: usize) -> Vec<String> {
+    let unit = facts::replica_unit(gpu);
+    let mut out = Vec::new();
+    if gpu as usize >= gpu_count {
+        out.push(format!(
+            "{unit}: the host has {gpu_count} GPU(s), none with index {gpu}"
+        ));
+    }
+    let env: Vec<&str> = unit_text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Environment="))
+        .flat_map(str::split_whitespace)
+        .collect();
+    for want in [
+        "CUDA_DEVICE_ORDER=PCI_BUS_ID".to_string(),
+        format!("CUDA_VISIBLE_DEVICES={gpu}"),
+    ] {
+        if !env.contains(&want.as_str()) {
+            out.push(format!("{unit}: no Environment={want}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

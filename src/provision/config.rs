@@ -32,8 +32,8 @@ pub fn provisioned_listen(proxy: &ProxySection) -> &str {
 }
 
 /// Every replica the provisioned proxy routes to: `[proxy].upstreams`, else `upstream` (they mean the same as for
-/// serve-proxy run by hand), else the container's own llama-server.
-pub fn provisioned_upstreams(proxy: &ProxySection, server: &ServerSection) -> Vec<String> {
+/// serve-proxy run by hand), else the container's own llama-servers (one per replica).
+pub fn provisioned_upstreams(proxy: &ProxySection, servers: &[String]) -> Vec<String> {
     if let Some(list) = proxy.upstreams.as_ref().filter(|l| !l.is_empty()) {
         return list
             .iter()
@@ -43,12 +43,10 @@ pub fn provisioned_upstreams(proxy: &ProxySection, server: &ServerSection) -> Ve
             })
             .collect();
     }
-    vec![
-        proxy
-            .upstream
-            .clone()
-            .unwrap_or_else(|| format!("http://127.0.0.1:{}", server.port)),
-    ]
+    match &proxy.upstream {
+        Some(u) => vec![u.clone()],
+        None => servers.to_vec(),
+    }
 }
 
 /// The key file (in the container) of the proxy provision installs from this `[proxy]`.
@@ -410,7 +408,8 @@ mod tests {
             "listen = \"0.0.0.0:5000\"\nupstream = \"http://127.0.0.1:8080\"",
         ))
         .unwrap();
-        let argv = super::super::units::proxy_argv(&cfg);
+        let argv =
+            super::super::units::proxy_argv(&cfg, &super::super::units::Layout::of_config(&cfg));
         assert_eq!(serve_proxy(&cfg).listen.to_string(), "0.0.0.0:5000");
         assert_eq!(
             argv_after(&argv, "--listen").as_deref(),
@@ -435,7 +434,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.proxy, ProxySection::default());
-        let argv = super::super::units::proxy_argv(&cfg);
+        let argv =
+            super::super::units::proxy_argv(&cfg, &super::super::units::Layout::of_config(&cfg));
         assert_eq!(
             serve_proxy(&cfg).listen.to_string(),
             crate::proxy::config::DEFAULT_LISTEN

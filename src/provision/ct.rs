@@ -644,8 +644,9 @@ impl Step<Ctx> for Llama {
                 "{server} built from {url} for CUDA architectures {archs}; ldd finds every library"
             )));
         }
+        let replicas = crate::host::rules::replica_gpus(inside);
         Ok(Check::Changes(llama_actions(
-            &ctx.cfg, vmid, &url, &archs, &cuda, stamp,
+            &ctx.cfg, vmid, &url, &archs, &cuda, stamp, &replicas,
         )))
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
@@ -663,7 +664,7 @@ const LDD_CHECK: &str = r#"out=$(ldd "$1") || exit 1; if printf '%s\n' "$out" | 
 const SWITCH_BUILD: &str = r#"set -e; cd "$1"; rm -rf src.prev build.prev; if [ -e build ]; then mv build build.prev; fi; mv build.next build; if [ -e src ]; then mv src src.prev; fi; mv src.next src; rm -rf src.prev build.prev"#;
 
 /// Fetch the pinned source, build it beside the current build (`src.next`, `build.next`), check that it links,
-/// switch it in, stamp what was built, and restart a running server onto it.
+/// switch it in, stamp what was built, and restart a running server onto it (each replica on `replicas`' GPUs too).
 pub fn llama_actions(
     cfg: &super::config::ProvisionConfig,
     vmid: u32,
@@ -671,6 +672,7 @@ pub fn llama_actions(
     archs: &str,
     cuda: &str,
     old_stamp: Option<String>,
+    replicas: &[u32],
 ) -> Vec<Action> {
     let on = Target::Container(vmid);
     let dir = cfg.llama_cpp.install_dir.trim_end_matches('/');
@@ -759,7 +761,22 @@ pub fn llama_actions(
             mode: 0o644,
         },
         // A running server keeps the old binary until it restarts.
-        run_on(on, &["systemctl", "try-restart", "llama-server"]),
+        Action::Run {
+            on,
+            cmd: Cmd::new(
+                [
+                    "systemctl".to_string(),
+                    "try-restart".into(),
+                    "llama-server".into(),
+                ]
+                .into_iter()
+                .chain(
+                    replicas
+                        .iter()
+                        .map(|i| crate::host::facts::replica_unit(*i)),
+                ),
+            ),
+        },
     ]
 }
 
@@ -881,32 +898,19 @@ pub const PROXY_SERVICE: Service = Service {
 };
 
 impl Service {
-    fn render(&self, ctx: &Ctx, offload: units::Offload) -> Result<String> {
-        if self.unit == "llama-server" {
-            units::render_llama_server_unit(&ctx.cfg, offload)
-        } else {
-            units::render_proxy_unit(&ctx.cfg)
-        }
+    fn is_llama(&self) -> bool {
+        self.id == StepId::LlamaService
     }
 
-    fn health_url(&self, ctx: &Ctx) -> String {
-        if self.unit == "llama-server" {
-            format!("http://127.0.0.1:{}/health", ctx.cfg.server.port)
-        } else {
-            format!("http://127.0.0.1:{}/health", ctx.cfg.proxy_port())
-        }
-    }
-}
-
-impl Service {
-    /// llama-server's offload. `gpu_layers = "auto"`: planned from the model file (its GGUF header, in the
-    /// container) and the GPUs' real memory with `llmctl model plan`; a context that cannot fit is refused with the
-    /// planner's reason. Before the model is there (a plan on a fresh host) llama-server's own `auto` stands in.
-    fn offload(&self, ctx: &mut Ctx) -> Result<std::result::Result<units::Offload, Check>> {
-        let fixed = units::Offload::from_config(&ctx.cfg);
-        if self.unit != "llama-server"
-            || ctx.cfg.server.gpu_layers != super::config::GpuLayers::Auto
-        {
+    /// The llama-servers this installation runs and their offload. `gpu_layers = "auto"`: planned from the model
+    /// file (its GGUF header, in the container) and each GPU's real memory with `llmctl model plan --gpu MIB ...`:
+    /// one replica per GPU when each holds the model, else one llama-server split across them (or partly on the
+    /// CPU). A context that cannot fit is refused with the planner's reason (by llama-server's step; the proxy's
+    /// keeps the one upstream it has without a plan). Before the model is there (a plan on a fresh host)
+    /// llama-server's own `auto` stands in, on one llama-server.
+    fn layout(&self, ctx: &mut Ctx) -> Result<std::result::Result<units::Layout, Check>> {
+        let fixed = units::Layout::single(&ctx.cfg, units::Offload::from_config(&ctx.cfg));
+        if ctx.cfg.server.gpu_layers != super::config::GpuLayers::Auto {
             return Ok(Ok(fixed));
         }
         let sizes: Vec<u64> = ctx
@@ -915,8 +919,7 @@ impl Service {
             .iter()
             .filter_map(|g| g.memory_total_mib)
             .collect();
-        let (vram, gpus): (u64, usize) = (sizes.iter().sum(), sizes.len());
-        if vram == 0 {
+        if sizes.iter().sum::<u64>() == 0 {
             return Ok(Ok(fixed));
         }
         let present = ctx
@@ -929,16 +932,27 @@ impl Service {
         }
         // The planner sizes every cache type [server] accepts (the container has no llmctl.toml to read).
         let cache = ctx.cfg.server.cache_type_k.clone();
-        let argv = plan_argv(&ctx.cfg, vram, gpus, &cache);
-        let out = ctx.on_demand(OnDemand::OffloadPlan { argv })?;
+        let argv = plan_argv(&ctx.cfg, &sizes, &cache);
+        let out = ctx.on_demand(OnDemand::OffloadPlan { argv })?.clone();
         if !out.success() {
+            if !self.is_llama() {
+                return Ok(Ok(fixed));
+            }
             return Ok(Err(Check::Refused(format!(
                 "the offload planner refuses this setup: {}",
                 out.stderr.trim().trim_start_matches("error: ")
             ))));
         }
-        Ok(Ok(offload_from_plan(&out.stdout)?))
+        Ok(Ok(layout_from_plan(&ctx.cfg, &out.stdout)?))
     }
+}
+
+/// One unit a service step wants: its name, file, rendered text and health endpoint.
+struct WantedUnit {
+    name: String,
+    path: String,
+    text: String,
+    health_url: String,
 }
 
 impl Step<Ctx> for Service {
@@ -957,30 +971,61 @@ impl Step<Ctx> for Service {
                 return Ok(c);
             }
         }
-        let offload = match self.offload(ctx)? {
-            Ok(o) => o,
+        let layout = match self.layout(ctx)? {
+            Ok(l) => l,
             Err(refused) => return Ok(refused),
         };
-        let new = self.render(ctx, offload)?;
-        let key_file = ctx
-            .cfg
-            .proxy_key_file()
-            .filter(|_| self.unit == "llmctl-proxy");
-        let health_url = self.health_url(ctx);
+        let wanted: Vec<WantedUnit> = if self.is_llama() {
+            layout
+                .servers
+                .iter()
+                .map(|s| {
+                    Ok(WantedUnit {
+                        name: s.unit(),
+                        path: s.path(),
+                        text: units::render_llama_server_unit(&ctx.cfg, &layout.offload, s)?,
+                        health_url: s.health_url(),
+                    })
+                })
+                .collect::<Result<_>>()?
+        } else {
+            vec![WantedUnit {
+                name: self.unit.into(),
+                path: self.path.into(),
+                text: units::render_proxy_unit(&ctx.cfg, &layout)?,
+                health_url: format!("http://127.0.0.1:{}/health", ctx.cfg.proxy_port()),
+            }]
+        };
+        let key_file = ctx.cfg.proxy_key_file().filter(|_| !self.is_llama());
         let f = ctx.facts()?;
         let Some(inside) = f.inside() else {
             bail!("internal: the container's facts changed during the check");
         };
-        let old = inside.file(self.path).map(str::to_string);
-        let enabled = inside.enabled.get(self.unit) == Some(&true);
-        let active = inside
-            .services
-            .get(self.unit)
-            .is_some_and(|s| crate::host::facts::is_active_state(s));
         // A key only root can read, and not empty.
         let key_ok = installed(inside)?
             .key_file
             .is_some_and(|(mode, size)| mode == 0o600 && size > 0);
+        let is_active = |unit: &str| {
+            inside
+                .services
+                .get(unit)
+                .is_some_and(|s| crate::host::facts::is_active_state(s))
+        };
+        let is_enabled = |unit: &str| inside.enabled.get(unit) == Some(&true);
+        // llama-server's units that the layout no longer has: the single unit when there are replicas, a
+        // replica whose GPU gets none (rules::stray_llama_units).
+        let keep: Vec<&str> = wanted.iter().map(|w| w.name.as_str()).collect();
+        let strays: Vec<(String, String)> = if self.is_llama() {
+            crate::host::rules::stray_llama_units(inside, &keep)
+        } else {
+            Vec::new()
+        };
+        let olds: Vec<Option<String>> = wanted
+            .iter()
+            .map(|w| inside.file(&w.path).map(str::to_string))
+            .collect();
+        let enabled: Vec<bool> = wanted.iter().map(|w| is_enabled(&w.name)).collect();
+        let active: Vec<bool> = wanted.iter().map(|w| is_active(&w.name)).collect();
         let mut actions = Vec::new();
         if let Some(key_file) = key_file
             && !key_ok
@@ -990,51 +1035,80 @@ impl Step<Ctx> for Service {
                 path: key_file,
             });
         }
-        let changed = old.as_deref() != Some(new.as_str());
-        if changed {
-            actions.push(Action::WriteFile {
-                on: on.clone(),
-                path: self.path.into(),
-                old: old.clone(),
-                new,
-                mode: 0o644,
-            });
+        for (unit, path) in &strays {
+            actions.push(run_on(on.clone(), &["systemctl", "disable", "--now", unit]));
+            actions.push(run_on(on.clone(), &["rm", "-f", path]));
+        }
+        let mut changed = vec![false; wanted.len()];
+        for (k, w) in wanted.iter().enumerate() {
+            if olds[k].as_deref() != Some(w.text.as_str()) {
+                changed[k] = true;
+                actions.push(Action::WriteFile {
+                    on: on.clone(),
+                    path: w.path.clone(),
+                    old: olds[k].clone(),
+                    new: w.text.clone(),
+                    mode: 0o644,
+                });
+            }
+        }
+        if changed.iter().any(|c| *c) || !strays.is_empty() {
             actions.push(run_on(on.clone(), &["systemctl", "daemon-reload"]));
         }
-        if !enabled {
-            actions.push(run_on(on.clone(), &["systemctl", "enable", self.unit]));
+        for (k, w) in wanted.iter().enumerate() {
+            if !enabled[k] {
+                actions.push(run_on(on.clone(), &["systemctl", "enable", &w.name]));
+            }
         }
-        let healthy = active
-            && ctx
-                .on_demand(OnDemand::Health {
-                    url: health_url.clone(),
-                })?
-                .success();
-        if changed || !actions.is_empty() || !healthy {
-            actions.push(run_on(on.clone(), &["systemctl", "restart", self.unit]));
+        let secret = actions
+            .iter()
+            .any(|a| matches!(a, Action::WriteSecret { .. }));
+        let mut restarts = Vec::new();
+        for (k, w) in wanted.iter().enumerate() {
+            let healthy = active[k]
+                && ctx
+                    .on_demand(OnDemand::Health {
+                        url: w.health_url.clone(),
+                    })?
+                    .success();
+            if changed[k] || !enabled[k] || secret || !healthy {
+                restarts.push(k);
+            }
+        }
+        if actions.is_empty() && restarts.is_empty() {
+            let done: Vec<String> = wanted
+                .iter()
+                .map(|w| {
+                    format!(
+                        "{} matches the configuration, enabled, active, {} answers",
+                        w.path, w.health_url
+                    )
+                })
+                .collect();
+            return Ok(Check::Done(done.join("; ")));
+        }
+        for k in restarts {
+            let w = &wanted[k];
+            actions.push(run_on(on.clone(), &["systemctl", "restart", &w.name]));
             actions.push(Action::WaitHealthy {
-                on,
-                unit: self.unit.into(),
-                url: health_url,
+                on: on.clone(),
+                unit: w.name.clone(),
+                url: w.health_url.clone(),
             });
-            return Ok(Check::Changes(actions));
         }
-        Ok(Check::Done(format!(
-            "{} matches the configuration, enabled, active, {health_url} answers",
-            self.path,
-        )))
+        Ok(Check::Changes(actions))
     }
     fn apply(&self, ctx: &mut Ctx, actions: &[Action]) -> Result<()> {
         execute(ctx, actions)
     }
 }
 
-/// `llmctl model plan` for the configured model, context, cache and batch on `vram_mib` of GPU memory, with the
-/// container's memory as the RAM budget.
+/// `llmctl model plan` for the configured model, context, cache and batch on the GPUs of these sizes (MiB, in
+/// nvidia-smi's order, one `--gpu` each) with `[server].port` as the first server's port and the container's
+/// memory as the RAM budget.
 pub fn plan_argv(
     cfg: &super::config::ProvisionConfig,
-    vram_mib: u64,
-    gpus: usize,
+    gpus_mib: &[u64],
     cache: &str,
 ) -> Vec<String> {
     let mut argv: Vec<String> = vec![
@@ -1042,14 +1116,13 @@ pub fn plan_argv(
         "model".into(),
         "plan".into(),
         cfg.model.dest.clone(),
-        "--vram".into(),
-        vram_mib.to_string(),
     ];
-    if gpus > 1 {
-        // llama-server splits the layers across every GPU it sees: each keeps its own context and buffers.
-        argv.extend(["--gpus".to_string(), gpus.to_string()]);
+    for g in gpus_mib {
+        argv.extend(["--gpu".to_string(), g.to_string()]);
     }
     argv.extend([
+        "--port".into(),
+        cfg.server.port.to_string(),
         "--ram".into(),
         cfg.container.memory_mib.to_string(),
         "--ctx".into(),
@@ -1067,6 +1140,10 @@ pub fn plan_argv(
 pub fn offload_from_plan(json: &str) -> Result<units::Offload> {
     let v: serde_json::Value =
         serde_json::from_str(json).context("llmctl model plan printed no JSON")?;
+    offload_of(&v)
+}
+
+fn offload_of(v: &serde_json::Value) -> Result<units::Offload> {
     let chosen = &v["chosen"];
     let ngl = chosen["ngl"]
         .as_u64()
@@ -1075,7 +1152,65 @@ pub fn offload_from_plan(json: &str) -> Result<units::Offload> {
     Ok(units::Offload {
         gpu_layers: units::GpuLayersArg::Count(u32::try_from(ngl).unwrap_or(u32::MAX)),
         n_cpu_moe: (moe > 0).then(|| u32::try_from(moe).unwrap_or(u32::MAX)),
+        tensor_split: None,
     })
+}
+
+/// The llama-servers of `llmctl model plan --gpu ... --json`: its `layout` and `servers`. `replicas` over more
+/// than one GPU: one unit per server (its GPU, port and `env`); otherwise the one `llama-server` unit on
+/// `[server].port`, with the plan's `tensor_split` when it spans several GPUs.
+pub fn layout_from_plan(cfg: &super::config::ProvisionConfig, json: &str) -> Result<units::Layout> {
+    let v: serde_json::Value =
+        serde_json::from_str(json).context("llmctl model plan printed no JSON")?;
+    let mut offload = offload_of(&v)?;
+    let servers = v["servers"].as_array().cloned().unwrap_or_default();
+    if v["layout"] == "replicas" && servers.len() > 1 {
+        let servers = servers
+            .iter()
+            .map(|s| {
+                let gpus = s["gpus"]
+                    .as_array()
+                    .context("llmctl model plan: a server without gpus")?;
+                let gpu = match gpus.as_slice() {
+                    [g] => g.as_u64().and_then(|g| u32::try_from(g).ok()),
+                    _ => None,
+                }
+                .context("llmctl model plan: a replica that is not on one GPU")?;
+                let port = s["port"]
+                    .as_u64()
+                    .and_then(|p| u16::try_from(p).ok())
+                    .context("llmctl model plan: a server without a port")?;
+                let env = s["env"]
+                    .as_object()
+                    .map(|o| {
+                        o.iter()
+                            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Ok(units::LlamaServer {
+                    gpu: Some(gpu),
+                    port,
+                    env,
+                })
+            })
+            .collect::<Result<_>>()?;
+        return Ok(units::Layout { offload, servers });
+    }
+    let spans = servers
+        .first()
+        .and_then(|s| s["gpus"].as_array())
+        .is_some_and(|g| g.len() > 1);
+    if spans && let Some(split) = v["tensor_split"].as_array() {
+        offload.tensor_split = Some(
+            split
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+    }
+    Ok(units::Layout::single(cfg, offload))
 }
 
 /// 32 random bytes from the OS, hex: the proxy's API key.
@@ -1133,6 +1268,117 @@ mod tests {
         let o = offload_from_plan(r#"{"chosen":{"ngl":12,"n_cpu_moe":0}}"#).unwrap();
         assert_eq!(o.n_cpu_moe, None);
         assert!(offload_from_plan("not json").is_err());
+    }
+
+    fn guide_config() -> super::super::config::ProvisionConfig {
+        let text = include_str!("../../templates/llmctl.toml");
+        super::super::config::ProvisionConfig::from_file(
+            &crate::config::ConfigFile::parse(text, None).unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn plan_argv_passes_each_gpu_and_the_port() {
+        let cfg = guide_config();
+        let argv = plan_argv(&cfg, &[24564, 12288], "q8_0").join(" ");
+        assert!(
+            argv.contains(&format!(
+                "--gpu 24564 --gpu 12288 --port {}",
+                cfg.server.port
+            )),
+            "{argv}"
+        );
+        assert!(!argv.contains("--vram"), "{argv}");
+    }
+
+    #[test]
+    fn replicas_get_one_unit_each_pinned_to_its_gpu_and_the_proxy_routes_to_all() {
+        let cfg = guide_config();
+        let json = r#"{"layout":"replicas","chosen":{"ngl":31,"n_cpu_moe":0},"servers":[
+            {"gpus":[0],"port":8080,"env":{"CUDA_DEVICE_ORDER":"PCI_BUS_ID","CUDA_VISIBLE_DEVICES":"0"},"args":[]},
+            {"gpus":[1],"port":8081,"env":{"CUDA_DEVICE_ORDER":"PCI_BUS_ID","CUDA_VISIBLE_DEVICES":"1"},"args":[]}]}"#;
+        let l = layout_from_plan(&cfg, json).unwrap();
+        assert_eq!(l.servers.len(), 2);
+        assert_eq!(l.servers[1].unit(), "llama-server-gpu1");
+        assert_eq!(
+            l.servers[1].path(),
+            "/etc/systemd/system/llama-server-gpu1.service"
+        );
+        let unit = units::render_llama_server_unit(&cfg, &l.offload, &l.servers[1]).unwrap();
+        assert!(
+            unit.contains("\nEnvironment=CUDA_DEVICE_ORDER=PCI_BUS_ID\nEnvironment=CUDA_VISIBLE_DEVICES=1\nRestart="),
+            "{unit}"
+        );
+        assert!(unit.contains("--port 8081 "), "{unit}");
+        assert!(unit.contains(" on GPU 1\n"), "{unit}");
+        assert!(
+            crate::host::rules::replica_pin_problems(&unit, 1, 2).is_empty(),
+            "{unit}"
+        );
+        assert_eq!(
+            crate::host::rules::replica_pin_problems(&unit, 1, 1).len(),
+            1
+        );
+        assert_eq!(
+            crate::host::rules::replica_pin_problems(&unit, 0, 2).len(),
+            1,
+            "pins GPU 1, not 0"
+        );
+        let proxy = units::render_proxy_unit(&cfg, &l).unwrap();
+        assert!(
+            proxy.contains("--upstream http://127.0.0.1:8080 --upstream http://127.0.0.1:8081"),
+            "{proxy}"
+        );
+        assert!(
+            proxy.contains(
+                "After=network-online.target llama-server-gpu0.service llama-server-gpu1.service\n"
+            ),
+            "{proxy}"
+        );
+    }
+
+    #[test]
+    fn a_split_keeps_one_unit_with_the_tensor_split() {
+        let cfg = guide_config();
+        let json = r#"{"layout":"partial","chosen":{"ngl":17,"n_cpu_moe":0},"tensor_split":[9,8],"servers":[
+            {"gpus":[0,1],"port":8080,"env":{"CUDA_DEVICE_ORDER":"PCI_BUS_ID","CUDA_VISIBLE_DEVICES":"0,1"},"args":[]}]}"#;
+        let l = layout_from_plan(&cfg, json).unwrap();
+        assert_eq!(l, units::Layout::single(&cfg, l.offload.clone()));
+        assert_eq!(l.offload.tensor_split.as_deref(), Some("9,8"));
+        let unit = units::render_llama_server_unit(&cfg, &l.offload, &l.servers[0]).unwrap();
+        assert!(
+            unit.contains("-ngl 17 --split-mode layer --tensor-split 9,8 "),
+            "{unit}"
+        );
+        assert!(!unit.contains("Environment="), "{unit}");
+        // One replica (one GPU) is the one llama-server unit.
+        let json = r#"{"layout":"replicas","chosen":{"ngl":31,"n_cpu_moe":0},"servers":[
+            {"gpus":[0],"port":8080,"env":{"CUDA_DEVICE_ORDER":"PCI_BUS_ID","CUDA_VISIBLE_DEVICES":"0"},"args":[]}]}"#;
+        let l = layout_from_plan(&cfg, json).unwrap();
+        assert_eq!(l.servers[0].unit(), "llama-server");
+        assert_eq!(l.offload.tensor_split, None);
+    }
+
+    #[test]
+    fn llama_units_outside_the_layout_are_strays() {
+        use crate::host::facts::InsideFacts;
+        let mut ins = InsideFacts::default();
+        ins.files
+            .insert(units::LLAMA_SERVER_UNIT_PATH.into(), "x".into());
+        for i in [0, 1, 2] {
+            ins.files
+                .insert(crate::host::facts::replica_unit_path(i), "x".into());
+        }
+        let strays = crate::host::rules::stray_llama_units(
+            &ins,
+            &["llama-server-gpu0", "llama-server-gpu1"],
+        );
+        let names: Vec<&str> = strays.iter().map(|(u, _)| u.as_str()).collect();
+        assert_eq!(names, ["llama-server", "llama-server-gpu2"]);
+        let strays = crate::host::rules::stray_llama_units(&ins, &["llama-server"]);
+        assert_eq!(strays.len(), 3);
+        assert_eq!(strays[0].1, "/etc/systemd/system/llama-server-gpu0.service");
     }
 
     #[test]
@@ -1200,7 +1446,7 @@ mod plan_tests {
             &crate::config::ConfigFile::parse(text, None).unwrap(),
         )
         .unwrap();
-        let actions = llama_actions(&cfg, 103, "https://x/l.tar.gz", "89", "13.2", None);
+        let actions = llama_actions(&cfg, 103, "https://x/l.tar.gz", "89", "13.2", None, &[]);
         let lines: Vec<String> = actions.iter().map(argv).collect();
         let at = |needle: &str| {
             lines

@@ -654,7 +654,7 @@ mod assess_tests {
         let in_ct = |what: facts::OnDemand| format!("pct exec 103 -- {}", what.cmd().display());
         let wanted = [
             in_ct(facts::OnDemand::OffloadPlan {
-                argv: ct::plan_argv(&cfg, 24564, 1, &cfg.server.cache_type_k),
+                argv: ct::plan_argv(&cfg, &[24564], &cfg.server.cache_type_k),
             }),
             in_ct(facts::OnDemand::Health {
                 url: format!("http://127.0.0.1:{}/health", cfg.server.port),

@@ -15,10 +15,74 @@ pub const PROXY_UNIT_PATH: &str = "/etc/systemd/system/llmctl-proxy.service";
 pub const LLMCTL_BIN: &str = "/usr/local/bin/llmctl";
 
 /// Offload decided for llama-server: from `[server]` directly, or from the planner when `gpu_layers = "auto"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Offload {
     pub gpu_layers: GpuLayersArg,
     pub n_cpu_moe: Option<u32>,
+    /// `--tensor-split` of one llama-server across several GPUs (the planner's `split` or `partial` layout over
+    /// more than one GPU), with `--split-mode layer`.
+    pub tensor_split: Option<String>,
+}
+
+/// One llama-server the installation runs: the single `llama-server` unit, or the replica pinned to one GPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LlamaServer {
+    /// None: the single `llama-server` unit (every GPU it sees); Some(i): the replica `llama-server-gpu<i>`.
+    pub gpu: Option<u32>,
+    pub port: u16,
+    /// `Environment=` of its unit, in order (a replica's `CUDA_DEVICE_ORDER`, `CUDA_VISIBLE_DEVICES`).
+    pub env: Vec<(String, String)>,
+}
+
+impl LlamaServer {
+    pub fn unit(&self) -> String {
+        match self.gpu {
+            None => crate::host::facts::LLAMA_UNIT.to_string(),
+            Some(i) => crate::host::facts::replica_unit(i),
+        }
+    }
+    pub fn path(&self) -> String {
+        match self.gpu {
+            None => LLAMA_SERVER_UNIT_PATH.to_string(),
+            Some(i) => crate::host::facts::replica_unit_path(i),
+        }
+    }
+    pub fn health_url(&self) -> String {
+        format!("http://127.0.0.1:{}/health", self.port)
+    }
+}
+
+/// The llama-servers of an installation and their offload: one `llama-server` unit, or (the planner's `replicas`
+/// layout over more than one GPU) one unit per GPU, each with the same offload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    pub offload: Offload,
+    pub servers: Vec<LlamaServer>,
+}
+
+impl Layout {
+    /// One llama-server on `[server].port` with this offload.
+    pub fn single(cfg: &ProvisionConfig, offload: Offload) -> Self {
+        Layout {
+            offload,
+            servers: vec![LlamaServer {
+                gpu: None,
+                port: cfg.server.port,
+                env: Vec::new(),
+            }],
+        }
+    }
+    /// One llama-server with the offload `[server]` asks for, without a plan.
+    pub fn of_config(cfg: &ProvisionConfig) -> Self {
+        Layout::single(cfg, Offload::from_config(cfg))
+    }
+    /// The upstreams serve-proxy routes across: each server on this host.
+    pub fn upstreams(&self) -> Vec<String> {
+        self.servers
+            .iter()
+            .map(|s| format!("http://127.0.0.1:{}", s.port))
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,12 +101,13 @@ impl Offload {
                 GpuLayers::Count(n) => GpuLayersArg::Count(n),
             },
             n_cpu_moe: cfg.server.n_cpu_moe,
+            tensor_split: None,
         }
     }
 }
 
 /// llama-server's argv, from `[server]`, `[model]` and the offload. Pure: the plan shows it, the unit runs it.
-pub fn llama_server_argv(cfg: &ProvisionConfig, offload: Offload) -> Vec<String> {
+pub fn llama_server_argv(cfg: &ProvisionConfig, offload: &Offload, port: u16) -> Vec<String> {
     let s = &cfg.server;
     let bin = format!(
         "{}/build/bin/llama-server",
@@ -54,7 +119,7 @@ pub fn llama_server_argv(cfg: &ProvisionConfig, offload: Offload) -> Vec<String>
         argv.push(value);
     };
     push("--host", s.host.clone());
-    push("--port", s.port.to_string());
+    push("--port", port.to_string());
     push("-c", s.context.to_string());
     push("--batch-size", s.batch.to_string());
     push("--ubatch-size", s.ubatch.to_string());
@@ -74,6 +139,10 @@ pub fn llama_server_argv(cfg: &ProvisionConfig, offload: Offload) -> Vec<String>
     if let Some(n) = offload.n_cpu_moe {
         push("--n-cpu-moe", n.to_string());
     }
+    if let Some(split) = &offload.tensor_split {
+        push("--split-mode", "layer".into());
+        push("--tensor-split", split.clone());
+    }
     push("--reasoning", s.reasoning.clone());
     // Claude Code sends tools; llama.cpp parses tool calls only with its Jinja chat templates.
     argv.push("--jinja".into());
@@ -92,7 +161,7 @@ pub fn llama_server_argv(cfg: &ProvisionConfig, offload: Offload) -> Vec<String>
 /// `llmctl serve-proxy`'s argv: every `[proxy]` setting, as flags (the container has no llmctl.toml, and the
 /// unit is then all there is to read), the provisioned defaults written out too. No key is in it: the unit
 /// passes credential files. The upstream is `[proxy].upstream` when set, else the container's own llama-server.
-pub fn proxy_argv(cfg: &ProvisionConfig) -> Vec<String> {
+pub fn proxy_argv(cfg: &ProvisionConfig, layout: &Layout) -> Vec<String> {
     let p = &cfg.proxy;
     let mut argv = vec![
         LLMCTL_BIN.to_string(),
@@ -100,7 +169,7 @@ pub fn proxy_argv(cfg: &ProvisionConfig) -> Vec<String> {
         "--listen".into(),
         cfg.proxy_listen().to_string(),
     ];
-    for url in super::config::provisioned_upstreams(p, &cfg.server) {
+    for url in super::config::provisioned_upstreams(p, &layout.upstreams()) {
         argv.push("--upstream".into());
         argv.push(url);
     }
@@ -182,22 +251,48 @@ fn render(name: &str, template: &str, ctx: &tera::Context) -> Result<String> {
 
 /// The units name no config file: the same settings from another checkout or path render the same bytes, so
 /// `provision --check` from anywhere agrees with what is installed.
-pub fn render_llama_server_unit(cfg: &ProvisionConfig, offload: Offload) -> Result<String> {
+pub fn render_llama_server_unit(
+    cfg: &ProvisionConfig,
+    offload: &Offload,
+    server: &LlamaServer,
+) -> Result<String> {
     let mut ctx = tera::Context::new();
     ctx.insert(
         "model_file",
         cfg.model.dest.rsplit('/').next().unwrap_or(&cfg.model.dest),
     );
     ctx.insert(
+        "gpu",
+        &server.gpu.map(|i| i.to_string()).unwrap_or_default(),
+    );
+    ctx.insert(
         "exec_start",
-        &systemd_exec_line(&llama_server_argv(cfg, offload)),
+        &systemd_exec_line(&llama_server_argv(cfg, offload, server.port)),
+    );
+    ctx.insert(
+        "environment",
+        &server
+            .env
+            .iter()
+            .map(|(k, v)| format!("Environment={k}={v}"))
+            .collect::<Vec<_>>()
+            .join("\n"),
     );
     render("llama-server.service", LLAMA_SERVER_UNIT, &ctx)
 }
 
-pub fn render_proxy_unit(cfg: &ProvisionConfig) -> Result<String> {
+pub fn render_proxy_unit(cfg: &ProvisionConfig, layout: &Layout) -> Result<String> {
     let mut ctx = tera::Context::new();
-    ctx.insert("exec_start", &systemd_exec_line(&proxy_argv(cfg)));
+    ctx.insert("exec_start", &systemd_exec_line(&proxy_argv(cfg, layout)));
+    ctx.insert(
+        "llama_units",
+        &layout
+            .servers
+            .iter()
+            .map(|s| format!("{}.service", s.unit()))
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
     ctx.insert("api_key_file", &cfg.proxy_key_file());
     ctx.insert(
         "upstream_api_key_file",
@@ -225,14 +320,17 @@ mod tests {
         let offload = Offload {
             gpu_layers: GpuLayersArg::Count(30),
             n_cpu_moe: Some(18),
+            tensor_split: None,
         };
-        insta::assert_snapshot!(render_llama_server_unit(&cfg, offload).unwrap());
+        insta::assert_snapshot!(
+            render_llama_server_unit(&cfg, &offload, &Layout::of_config(&cfg).servers[0]).unwrap()
+        );
     }
 
     #[test]
     fn proxy_unit_keeps_the_key_out_of_argv() {
         let cfg = guide_config();
-        let unit = render_proxy_unit(&cfg).unwrap();
+        let unit = render_proxy_unit(&cfg, &Layout::of_config(&cfg)).unwrap();
         insta::assert_snapshot!(unit);
         assert!(unit.contains("LoadCredential=proxy-api-key:/etc/llmctl/proxy-api-key"));
         assert!(!unit.contains("upstream-api-key"));
@@ -248,7 +346,7 @@ mod tests {
              models = { \"claude-haiku\" = \"small\", \"claude-opus\" = \"big\" }\n",
         );
         let cfg = ProvisionConfig::from_file(&ConfigFile::parse(&text, None).unwrap()).unwrap();
-        let argv = proxy_argv(&cfg).join(" ");
+        let argv = proxy_argv(&cfg, &Layout::of_config(&cfg)).join(" ");
         for expected in [
             "--model qwen",
             "--max-body-bytes 1000",
@@ -261,14 +359,14 @@ mod tests {
         ] {
             assert!(argv.contains(expected), "{expected:?} missing from {argv}");
         }
-        let unit = render_proxy_unit(&cfg).unwrap();
+        let unit = render_proxy_unit(&cfg, &Layout::of_config(&cfg)).unwrap();
         assert!(
             unit.contains("LoadCredential=upstream-api-key:/etc/llmctl/upstream-key"),
             "{unit}"
         );
         // And serve-proxy accepts exactly that command line.
         use clap::Parser;
-        let args = crate::cli::Cli::try_parse_from(proxy_argv(&cfg));
+        let args = crate::cli::Cli::try_parse_from(proxy_argv(&cfg, &Layout::of_config(&cfg)));
         assert!(args.is_ok(), "{:?}", args.err());
     }
 
@@ -280,13 +378,14 @@ mod tests {
         elsewhere.path = Some("/somewhere/else/llmctl.toml".into());
         let other = ProvisionConfig::from_file(&elsewhere).unwrap();
         assert_eq!(
-            render_proxy_unit(&cfg).unwrap(),
-            render_proxy_unit(&other).unwrap()
+            render_proxy_unit(&cfg, &Layout::of_config(&cfg)).unwrap(),
+            render_proxy_unit(&other, &Layout::of_config(&other)).unwrap()
         );
         let offload = Offload::from_config(&cfg);
         assert_eq!(
-            render_llama_server_unit(&cfg, offload).unwrap(),
-            render_llama_server_unit(&other, offload).unwrap()
+            render_llama_server_unit(&cfg, &offload, &Layout::of_config(&cfg).servers[0]).unwrap(),
+            render_llama_server_unit(&other, &offload, &Layout::of_config(&other).servers[0])
+                .unwrap()
         );
     }
 
@@ -305,7 +404,7 @@ mod tests {
     #[test]
     fn auto_offload_is_passed_as_auto() {
         let cfg = guide_config();
-        let argv = llama_server_argv(&cfg, Offload::from_config(&cfg));
+        let argv = llama_server_argv(&cfg, &Offload::from_config(&cfg), cfg.server.port);
         let i = argv.iter().position(|a| a == "-ngl").unwrap();
         assert_eq!(argv[i + 1], "auto");
         assert!(!argv.contains(&"--n-cpu-moe".to_string()));

@@ -366,10 +366,19 @@ fn the_container_script_reads_addresses_from_the_rendered_units() {
     let proxy = dir.path().join("llmctl-proxy.service");
     std::fs::write(
         &llama,
-        units::render_llama_server_unit(&cfg, units::Offload::from_config(&cfg)).unwrap(),
+        units::render_llama_server_unit(
+            &cfg,
+            &units::Offload::from_config(&cfg),
+            &units::Layout::of_config(&cfg).servers[0],
+        )
+        .unwrap(),
     )
     .unwrap();
-    std::fs::write(&proxy, units::render_proxy_unit(&cfg).unwrap()).unwrap();
+    std::fs::write(
+        &proxy,
+        units::render_proxy_unit(&cfg, &units::Layout::of_config(&cfg)).unwrap(),
+    )
+    .unwrap();
     let out = std::process::Command::new("sh")
         .args(["-c", CT_SCRIPT, "llmctl-status", "/bin/echo"])
         .arg(&llama)
