@@ -4,12 +4,14 @@
 //! `stream: false`. The server, the benches and the tests all drive streams through this.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
-use http_body_util::BodyExt;
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use serde_json::Value;
 
@@ -215,7 +217,11 @@ pub struct Pump {
     parser: SseParser,
     translator: StreamTranslator,
     idle_timeout: Duration,
-    deadline: tokio::time::Instant,
+    /// When the upstream last sent something: the idle timeout counts from here.
+    last_frame: tokio::time::Instant,
+    /// The idle timer, one per stream (not one per chunk, which cost a timer-wheel insertion and removal
+    /// for each of a stream's chunks): set once, moved on only when it fires before the idle deadline.
+    idle: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// The failure sent as an `error` event, kept for the non-streaming answer's status.
     failure: Option<ProxyError>,
     done: bool,
@@ -249,7 +255,8 @@ impl Pump {
             parser: SseParser::default(),
             translator,
             idle_timeout,
-            deadline: tokio::time::Instant::now() + idle_timeout,
+            last_frame: tokio::time::Instant::now(),
+            idle: None,
             failure: None,
             done: false,
             whole_json: None,
@@ -269,9 +276,18 @@ impl Pump {
                 self.done = true;
                 break;
             };
-            let item = match tokio::time::timeout_at(self.deadline, body.frame()).await {
+            let deadline = self.last_frame + self.idle_timeout;
+            let idle = &mut self.idle;
+            let item = std::future::poll_fn(|cx| {
+                if let Poll::Ready(item) = std::pin::Pin::new(&mut *body).poll_frame(cx) {
+                    return Poll::Ready(Ok(item));
+                }
+                idle_expired(idle, deadline, cx).map(Err)
+            })
+            .await;
+            let item = match item {
                 Ok(item) => item,
-                Err(_) => {
+                Err(()) => {
                     let e = ProxyError::new(
                         ErrorType::Timeout,
                         format!(
@@ -284,7 +300,7 @@ impl Pump {
                     break;
                 }
             };
-            self.deadline = tokio::time::Instant::now() + self.idle_timeout;
+            self.last_frame = tokio::time::Instant::now();
             match item {
                 Some(Ok(frame)) => {
                     // Trailers carry no events.
@@ -315,7 +331,8 @@ impl Pump {
             parser: SseParser::default(),
             translator,
             idle_timeout: Duration::MAX,
-            deadline: tokio::time::Instant::now(),
+            last_frame: tokio::time::Instant::now(),
+            idle: None,
             failure: None,
             done: false,
             whole_json: None,
@@ -525,6 +542,23 @@ impl Pump {
             t.error_type = Some(e.kind.as_str());
             t.error_message = Some(e.message.clone());
         }
+    }
+}
+
+/// Whether the idle deadline has passed, on the stream's one timer (created at the first wait).
+fn idle_expired(
+    idle: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    deadline: tokio::time::Instant,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<()> {
+    let sleep = idle.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+    loop {
+        std::task::ready!(sleep.as_mut().poll(cx));
+        if sleep.deadline() >= deadline {
+            return Poll::Ready(());
+        }
+        // Set for an earlier deadline: the upstream sent something since.
+        sleep.as_mut().reset(deadline);
     }
 }
 
