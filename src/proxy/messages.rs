@@ -154,7 +154,7 @@ pub(crate) async fn messages(State(st): State<Shared>, headers: HeaderMap, body:
         Err(e) => return t.error(e),
     };
     if translated.client_stream {
-        pump::stream_response(&st, pump, t, AnthropicSse)
+        pump::stream_response(&st, pump, t, AnthropicSse).await
     } else {
         pump::json_response(&st, pump, t, MessageAccumulator::new()).await
     }

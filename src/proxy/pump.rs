@@ -4,12 +4,14 @@
 //! `stream: false`. The server, the benches and the tests all drive streams through this.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
-use http_body_util::BodyExt;
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use serde_json::Value;
 
@@ -215,7 +217,11 @@ pub struct Pump {
     parser: SseParser,
     translator: StreamTranslator,
     idle_timeout: Duration,
-    deadline: tokio::time::Instant,
+    /// When the upstream last sent something: the idle timeout counts from here.
+    last_frame: tokio::time::Instant,
+    /// The idle timer, one per stream (not one per chunk, which cost a timer-wheel insertion and removal
+    /// for each of a stream's chunks): set once, moved on only when it fires before the idle deadline.
+    idle: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// The failure sent as an `error` event, kept for the non-streaming answer's status.
     failure: Option<ProxyError>,
     done: bool,
@@ -249,7 +255,8 @@ impl Pump {
             parser: SseParser::default(),
             translator,
             idle_timeout,
-            deadline: tokio::time::Instant::now() + idle_timeout,
+            last_frame: tokio::time::Instant::now(),
+            idle: None,
             failure: None,
             done: false,
             whole_json: None,
@@ -269,9 +276,18 @@ impl Pump {
                 self.done = true;
                 break;
             };
-            let item = match tokio::time::timeout_at(self.deadline, body.frame()).await {
+            let deadline = self.last_frame + self.idle_timeout;
+            let idle = &mut self.idle;
+            let item = std::future::poll_fn(|cx| {
+                if let Poll::Ready(item) = std::pin::Pin::new(&mut *body).poll_frame(cx) {
+                    return Poll::Ready(Ok(item));
+                }
+                idle_expired(idle, deadline, cx).map(Err)
+            })
+            .await;
+            let item = match item {
                 Ok(item) => item,
-                Err(_) => {
+                Err(()) => {
                     let e = ProxyError::new(
                         ErrorType::Timeout,
                         format!(
@@ -284,7 +300,7 @@ impl Pump {
                     break;
                 }
             };
-            self.deadline = tokio::time::Instant::now() + self.idle_timeout;
+            self.last_frame = tokio::time::Instant::now();
             match item {
                 Some(Ok(frame)) => {
                     // Trailers carry no events.
@@ -315,7 +331,8 @@ impl Pump {
             parser: SseParser::default(),
             translator,
             idle_timeout: Duration::MAX,
-            deadline: tokio::time::Instant::now(),
+            last_frame: tokio::time::Instant::now(),
+            idle: None,
             failure: None,
             done: false,
             whole_json: None,
@@ -528,6 +545,23 @@ impl Pump {
     }
 }
 
+/// Whether the idle deadline has passed, on the stream's one timer (created at the first wait).
+fn idle_expired(
+    idle: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    deadline: tokio::time::Instant,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<()> {
+    let sleep = idle.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+    loop {
+        std::task::ready!(sleep.as_mut().poll(cx));
+        if sleep.deadline() >= deadline {
+            return Poll::Ready(());
+        }
+        // Set for an earlier deadline: the upstream sent something since.
+        sleep.as_mut().reset(deadline);
+    }
+}
+
 fn note_first_token(t: &mut Tracker, events: &[Event]) {
     if t.ttft.is_none()
         && events
@@ -559,7 +593,46 @@ impl<E: SseEncoder> Drop for StreamState<E> {
     }
 }
 
-pub fn stream_response<E: SseEncoder>(
+impl<E: SseEncoder> StreamState<E> {
+    /// The bytes of one batch of events, marked when it is the answer's last.
+    fn batch(&mut self, events: Vec<Event>) -> Batch {
+        tracing::trace!(events = events.len(), "stream batch");
+        note_first_token(&mut self.tracker, &events);
+        if self.pump.is_done() {
+            self.finished = true;
+            self.pump.record(&mut self.tracker);
+            self.tracker.ok();
+        }
+        let bytes = self.encoder.encode(&events);
+        (bytes, self.finished && self.pending.is_empty())
+    }
+}
+
+/// Adds to `events` whatever the upstream already sent, so that it goes out in one write. llama-server writes
+/// one HTTP chunk per event, and hyper's client decodes the next chunk only after the body was polled again,
+/// on its connection task: taken one by one, a 4,428-byte read became 13 writev calls and as many client
+/// wake-ups (strace; the bench's streaming p50 was 5x what nginx adds). So: take what is ready, and when
+/// nothing is, give the connection task a turn on this thread's runtime (no timer) before deciding the
+/// upstream has nothing more. A paced stream, whose next event is not on the socket yet, is not held back.
+async fn gather(pump: &mut Pump, events: &mut Vec<Event>) {
+    let mut yields = 0;
+    while !pump.is_done() {
+        match futures_util::FutureExt::now_or_never(pump.next()) {
+            Some(more) if !more.is_empty() => {
+                events.extend(more);
+                yields = 0;
+            }
+            Some(_) => break,
+            None if yields >= IDLE_YIELDS => break,
+            None => {
+                one_turn().await;
+                yields += 1;
+            }
+        }
+    }
+}
+
+pub async fn stream_response<E: SseEncoder>(
     st: &Shared,
     pump: Pump,
     tracker: Tracker,
@@ -571,7 +644,13 @@ pub fn stream_response<E: SseEncoder>(
     // the first "ping" tick sends it (with the ping) when the upstream is still silent, e.g. queued.
     let grace = ping_interval.min(MESSAGE_START_GRACE);
     let now = tokio::time::Instant::now();
-    let state = StreamState {
+    // The answer's head goes out with the first batch when the upstream has already sent it (taken as
+    // between batches: a few turns, no timer); otherwise hyper writes the head alone, and the client wakes up
+    // once more per request. A silent upstream (a long prefill) does not hold the head back.
+    let mut pump = pump;
+    let mut events = Vec::new();
+    gather(&mut pump, &mut events).await;
+    let mut state = StreamState {
         pump,
         encoder,
         cut: Box::pin(st.cut_signal()),
@@ -581,10 +660,16 @@ pub fn stream_response<E: SseEncoder>(
         last_sent: now.checked_sub(ping_interval - grace).unwrap_or(now),
         finished: false,
     };
+    let first = if events.is_empty() {
+        None
+    } else {
+        state.last_sent = tokio::time::Instant::now();
+        Some(Some(state.batch(events)))
+    };
     let stream = futures_util::stream::unfold(state, |mut s| async move {
         if let Some(b) = s.pending.pop_front() {
             s.last_sent = tokio::time::Instant::now();
-            return Some((Ok::<Bytes, std::convert::Infallible>(b), s));
+            return Some(((b, false), s));
         }
         if s.finished {
             return None;
@@ -611,7 +696,7 @@ pub fn stream_response<E: SseEncoder>(
                 } else {
                     s.encoder.encode(&start)
                 };
-                Some((Ok(bytes), s))
+                Some(((bytes, false), s))
             }
             Some(events) if events.is_empty() => {
                 s.finished = true;
@@ -620,41 +705,18 @@ pub fn stream_response<E: SseEncoder>(
                 None
             }
             Some(mut events) => {
-                // Whatever the upstream already sent goes out in one write. llama-server writes one HTTP chunk
-                // per event, and hyper's client decodes the next chunk only after the body was polled again, on
-                // its connection task: taken one by one, a 4,428-byte read became 13 writev calls and as many
-                // client wake-ups (strace; the bench's streaming p50 was 5x what nginx adds). So: take what is
-                // ready, and when nothing is, give the connection task one turn on this thread's runtime (a
-                // yield, no timer) before deciding the upstream has nothing more. A paced stream, whose next
-                // event is not on the socket yet, is not held back.
-                let mut yields = 0;
-                while !s.pump.is_done() {
-                    match futures_util::FutureExt::now_or_never(s.pump.next()) {
-                        Some(more) if !more.is_empty() => {
-                            events.extend(more);
-                            yields = 0;
-                        }
-                        Some(_) => break,
-                        None if yields >= IDLE_YIELDS => break,
-                        None => {
-                            tokio::task::yield_now().await;
-                            yields += 1;
-                        }
-                    }
-                }
-                tracing::trace!(events = events.len(), "stream batch");
-                note_first_token(&mut s.tracker, &events);
-                if s.pump.is_done() {
-                    s.finished = true;
-                    s.pump.record(&mut s.tracker);
-                    s.tracker.ok();
-                }
-                let bytes = s.encoder.encode(&events);
-                Some((Ok(bytes), s))
+                gather(&mut s.pump, &mut events).await;
+                let batch = s.batch(events);
+                Some((batch, s))
             }
         }
     });
-    let mut res = Response::new(Body::from_stream(stream));
+    let body = SseBody {
+        stream: Box::pin(stream),
+        first,
+        ended: false,
+    };
+    let mut res = Response::new(Body::new(body));
     let h = res.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -664,6 +726,65 @@ pub fn stream_response<E: SseEncoder>(
     // Tells any reverse proxy in front (nginx) not to buffer the stream.
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     res
+}
+
+/// One turn of this thread's runtime for the tasks already woken (hyper's upstream connection task): the
+/// task wakes itself and goes to the back of the run queue. Unlike `tokio::task::yield_now`, which defers
+/// the task until the runtime has polled its I/O driver, it costs no epoll_wait system call.
+fn one_turn() -> impl std::future::Future<Output = ()> {
+    let mut woke = false;
+    std::future::poll_fn(move |cx| {
+        if woke {
+            std::task::Poll::Ready(())
+        } else {
+            woke = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+}
+
+type Batch = (Bytes, bool);
+
+/// A stream answer's body: the batches, the last one marked, so that hyper writes it and the chunked
+/// encoding's end in one write (a stream that only ends when polled once more costs a write of its own).
+struct SseBody {
+    stream: std::pin::Pin<Box<dyn futures_util::Stream<Item = Batch> + Send>>,
+    /// A batch taken before the head was sent.
+    first: Option<Option<Batch>>,
+    ended: bool,
+}
+
+impl hyper::body::Body for SseBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        if self.ended {
+            return std::task::Poll::Ready(None);
+        }
+        let item = match self.first.take() {
+            Some(item) => item,
+            None => std::task::ready!(self.stream.as_mut().poll_next(cx)),
+        };
+        std::task::Poll::Ready(match item {
+            Some((bytes, last)) => {
+                self.ended = last;
+                Some(Ok(hyper::body::Frame::data(bytes)))
+            }
+            None => {
+                self.ended = true;
+                None
+            }
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
 }
 
 /// `stream: false`: the same events, folded into one body by the front door's encoder.

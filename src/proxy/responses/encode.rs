@@ -137,10 +137,7 @@ impl ResponsesEncoder {
             Event::MessageStart { .. } => {
                 if !self.started {
                     self.started = true;
-                    let response = self.response_unless_folding("in_progress", false);
-                    self.write(out, "response.created", |m| {
-                        m.insert("response".into(), response);
-                    });
+                    self.write_response(out, "response.created", "in_progress", false);
                     self.in_progress(out);
                 }
             }
@@ -167,10 +164,7 @@ impl ResponsesEncoder {
                 } else {
                     "response.completed"
                 };
-                let response = self.response_unless_folding(status, true);
-                self.write(out, name, |m| {
-                    m.insert("response".into(), response);
-                });
+                self.write_response(out, name, status, true);
             }
             Event::Error {
                 error_type,
@@ -180,19 +174,13 @@ impl ResponsesEncoder {
                 self.open = Open::None;
                 self.error = Some((error_code(error_type, message).to_string(), message.clone()));
                 self.ended = true;
-                let response = self.response_unless_folding("failed", true);
-                self.write(out, "response.failed", |m| {
-                    m.insert("response".into(), response);
-                });
+                self.write_response(out, "response.failed", "failed", true);
             }
         }
     }
 
     fn in_progress(&mut self, out: &mut Vec<u8>) {
-        let response = self.response_unless_folding("in_progress", false);
-        self.write(out, "response.in_progress", |m| {
-            m.insert("response".into(), response);
-        });
+        self.write_response(out, "response.in_progress", "in_progress", false);
         self.progress_last = true;
     }
 
@@ -425,13 +413,32 @@ impl ResponsesEncoder {
         self.output_index += 1;
     }
 
-    /// The response object for an event, or nothing when folding (the event is not written then).
-    fn response_unless_folding(&self, status: &str, last: bool) -> Value {
+    /// Writes an event that carries the response object: `{"type":<name>,"sequence_number":n,"response":…}`.
+    fn write_response(&mut self, out: &mut Vec<u8>, name: &str, status: &str, last: bool) {
         if self.fold {
-            Value::Null
-        } else {
-            self.response(status, last)
+            self.seq += 1;
+            return;
         }
+        #[derive(Serialize)]
+        struct WithResponse<'a> {
+            #[serde(rename = "type")]
+            kind: &'a str,
+            sequence_number: u64,
+            response: ResponseObject<'a>,
+        }
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"\ndata: ");
+        let event = WithResponse {
+            kind: name,
+            sequence_number: self.seq,
+            response: self.response(status, last),
+        };
+        // Serializing into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, &event);
+        out.extend_from_slice(b"\n\n");
+        self.seq += 1;
+        self.progress_last = false;
     }
 
     /// Writes one event: `event: <name>`, `data: {"type":<name>,"sequence_number":n,…}`.
@@ -455,57 +462,85 @@ impl ResponsesEncoder {
     }
 
     /// The response object in `status`, with the output and usage once they are final.
-    fn response(&self, status: &str, last: bool) -> Value {
-        let mut r = Map::new();
-        r.insert("id".into(), self.meta.id.clone().into());
-        r.insert("object".into(), "response".into());
-        r.insert("created_at".into(), self.meta.created_at.into());
-        r.insert("status".into(), status.into());
-        r.insert("background".into(), false.into());
-        let error = match &self.error {
-            Some((code, message)) => json!({"code": code, "message": message}),
-            None => Value::Null,
-        };
-        r.insert("error".into(), error);
-        let incomplete = if status == "incomplete" {
-            json!({"reason": "max_output_tokens"})
-        } else {
-            Value::Null
-        };
-        r.insert("incomplete_details".into(), incomplete);
-        r.insert("model".into(), self.meta.model.clone().into());
-        r.insert(
-            "output".into(),
-            if last {
-                Value::Array(self.output.clone())
-            } else {
-                json!([])
-            },
-        );
-        for (k, v) in &self.meta.echo {
-            r.insert(k.clone(), v.clone());
+    fn response<'a>(&'a self, status: &'a str, last: bool) -> ResponseObject<'a> {
+        ResponseObject {
+            enc: self,
+            status,
+            last,
         }
-        for (k, default) in [
-            ("parallel_tool_calls", json!(true)),
-            ("tool_choice", json!("auto")),
-            ("instructions", Value::Null),
-            ("temperature", Value::Null),
-            ("top_p", Value::Null),
-            ("metadata", json!({})),
-        ] {
-            r.entry(k).or_insert(default);
+    }
+}
+
+/// The response object, serialized straight from the encoder's state (it is sent several times per stream
+/// and once for `stream: false`; built as a `Value` first, it cost a map, a copy of the output and a key
+/// allocation per member each time).
+struct ResponseObject<'a> {
+    enc: &'a ResponsesEncoder,
+    status: &'a str,
+    last: bool,
+}
+
+impl Serialize for ResponseObject<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        #[derive(Serialize)]
+        struct Failure<'a> {
+            code: &'a str,
+            message: &'a str,
+        }
+        #[derive(Serialize)]
+        struct Incomplete {
+            reason: &'static str,
+        }
+        let e = self.enc;
+        let echo = &e.meta.echo;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("id", &e.meta.id)?;
+        m.serialize_entry("object", "response")?;
+        m.serialize_entry("created_at", &e.meta.created_at)?;
+        m.serialize_entry("status", self.status)?;
+        m.serialize_entry("background", &false)?;
+        match &e.error {
+            Some((code, message)) => m.serialize_entry("error", &Failure { code, message })?,
+            None => m.serialize_entry("error", &())?,
+        }
+        if self.status == "incomplete" {
+            let reason = "max_output_tokens";
+            m.serialize_entry("incomplete_details", &Incomplete { reason })?;
+        } else {
+            m.serialize_entry("incomplete_details", &())?;
+        }
+        m.serialize_entry("model", &e.meta.model)?;
+        let output: &[Value] = if self.last { &e.output } else { &[] };
+        m.serialize_entry("output", output)?;
+        for (k, v) in echo {
+            m.serialize_entry(k, v)?;
+        }
+        // What OpenAI's response objects always carry, where the request did not set it.
+        if !echo.contains_key("parallel_tool_calls") {
+            m.serialize_entry("parallel_tool_calls", &true)?;
+        }
+        if !echo.contains_key("tool_choice") {
+            m.serialize_entry("tool_choice", "auto")?;
+        }
+        for k in ["instructions", "temperature", "top_p"] {
+            if !echo.contains_key(k) {
+                m.serialize_entry(k, &())?;
+            }
+        }
+        if !echo.contains_key("metadata") {
+            m.serialize_entry("metadata", &Map::new())?;
         }
         // Tools are not echoed: Codex's are ~19 KB, sent on every event otherwise.
-        r.insert("tools".into(), json!([]));
-        r.insert("store".into(), false.into());
-        r.insert("previous_response_id".into(), Value::Null);
-        let usage = if last && self.error.is_none() {
-            usage_json(&self.usage)
+        m.serialize_entry("tools", &[(); 0])?;
+        m.serialize_entry("store", &false)?;
+        m.serialize_entry("previous_response_id", &())?;
+        if self.last && e.error.is_none() {
+            m.serialize_entry("usage", &usage_json(&e.usage))?;
         } else {
-            Value::Null
-        };
-        r.insert("usage".into(), usage);
-        Value::Object(r)
+            m.serialize_entry("usage", &())?;
+        }
+        m.end()
     }
 }
 

@@ -72,7 +72,7 @@ pub(crate) async fn responses(
     };
     let encoder = ResponsesEncoder::new(decoded.meta);
     if decoded.client_stream {
-        pump::stream_response(&st, pump, t, encoder)
+        pump::stream_response(&st, pump, t, encoder).await
     } else {
         pump::json_response(&st, pump, t, encoder).await
     }
