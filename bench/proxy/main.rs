@@ -336,12 +336,12 @@ async fn run() -> Result<()> {
     }
     let replicas_block = if named("replicas") {
         let load_at = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let date = cmd_out("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
         let body = replicas::run().await;
         Some(format!(
             "## Routing across replicas: cache reuse, throughput, failover (issue 12, measured)\n\n\
              Written by `BENCH_ONLY=replicas bash bench/run.sh` on {date}, {nproc} CPUs, load average at its \
              start {load}{noisy}.\n\n{body}",
-            date = cmd_out("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
             nproc = std::thread::available_parallelism().map_or(0, |n| n.get()),
             load = load_at
                 .split_whitespace()

@@ -45,7 +45,7 @@ fn system() -> String {
     SYSTEM_LINE.repeat(12)
 }
 
-/// A session's own first message: a file it pasted, different in every session (~1,300 tokens).
+/// A session's own first message: a file it pasted, different in every session (~1,850 tokens).
 fn pasted(salt: &str, s: usize) -> String {
     let mut out = format!("[{salt}] Session {s}. Here is the file I am working on:\n");
     for i in 0..60 {
@@ -834,7 +834,7 @@ async fn measure(b: &Bins) -> Result<String, String> {
         "### Prompt-cache reuse of interleaved sessions over 2 replicas\n\n\
          {SESSIONS} sessions, {TURNS} turns each, sent one at a time in turns (turn 1 of every session, then \
          turn 2, ...), max_tokens {MAX_TOKENS}. Every session: a system prompt all share (~360 tokens), its own \
-         pasted file (~1,300 tokens), and ~30 tokens more per turn, so a turn can take at most ~98% of its \
+         pasted file (~1,850 tokens), and ~30 tokens more per turn, so a turn can take at most ~98% of its \
          prompt from the cache. Share = what llama-server reported as cached per answer (through llmctl: \
          `cache_read_input_tokens`; through nginx: `usage.prompt_tokens_details.cached_tokens`) / prompt tokens. \
          Round-robin = nginx with both replicas in one upstream block (its default balancing); llmctl has no \
@@ -848,7 +848,7 @@ async fn measure(b: &Bins) -> Result<String, String> {
     out.push_str(&format!(
         "\n### Throughput of concurrent sessions, 2 replicas against 1\n\n\
          {TP_SESSIONS} sessions at once, each {TP_TURNS} turns one after the other (the shapes above; turn 1 \
-         prefills its ~1,700 tokens, later turns come mostly from the cache), through llmctl over both \
+         prefills its ~2,200 tokens, later turns come mostly from the cache), through llmctl over both \
          replicas and over the first alone, {TP_ROUNDS} rounds in turns with new sessions each round. Each \
          replica has one thread, so 2 replicas need 2 free cores to be 2× faster: this machine has {} and \
          shares them, so read the ratio against the load.\n\n",
