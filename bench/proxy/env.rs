@@ -17,6 +17,12 @@ pub const PORT_LITELLM: u16 = 18420;
 pub const PORT_CCR: u16 = 18430;
 pub const PORT_LLAMA: u16 = 18450;
 pub const PORT_LLMCTL_LLAMA: u16 = 18451;
+/// The replicas section: two llama-servers, llmctl over both and over the first alone, nginx round-robin.
+pub const PORT_REPLICA_A: u16 = 18452;
+pub const PORT_REPLICA_B: u16 = 18453;
+pub const PORT_LLMCTL_REPLICAS: u16 = 18454;
+pub const PORT_LLMCTL_ONE: u16 = 18455;
+pub const PORT_NGINX_RR: u16 = 18456;
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -6,8 +6,14 @@
 //! Environment: LLMCTL_BIN (llmctl binary; its serve-proxy arguments in LLMCTL_PROXY_ARGS), BENCH_LITELLM_BIN /
 //! BENCH_CCR_BIN (+ _VERSION) from bench/peers.sh, LLMCTL_LLAMA_SERVER / LLMCTL_TEST_MODEL / LLMCTL_LLAMA_TEMPLATES
 //! / LLMCTL_CLAUDE_BIN (the cache section records Claude Code's first request) from scripts/test-stack.sh,
-//! BENCH_SECS (seconds per measurement, default 5), BENCH_ONLY (comma list of sections: proxies, native, cache),
-//! BENCH_OUT (report path, default docs/performance.md).
+//! BENCH_SECS (seconds per measurement, default 5), BENCH_ONLY (comma list of sections: proxies, native, cache,
+//! and replicas, which only runs when named: it takes minutes), BENCH_OUT (report path, default
+//! docs/performance.md).
+//!
+//! The report's generated part (above the hand-written marker) is rewritten by any run of proxies, native or
+//! cache. The replicas section is written instead into its own dated block in the hand-written part
+//! (bench/proxy/replicas.rs, `splice`), replaced on each run of it: `BENCH_ONLY=replicas` leaves the
+//! other sections' figures as they are.
 
 // Cargo builds a harness-less bench with cfg(test) on: the modules' unit tests compile here without running;
 // they run through the `bench_units` test target (bench/proxy/units.rs).
@@ -18,6 +24,7 @@ mod env;
 mod load;
 mod native;
 mod passthru;
+mod replicas;
 mod report;
 mod stats;
 mod suite;
@@ -88,6 +95,11 @@ fn main() -> ExitCode {
 
 fn wanted(section: &str) -> bool {
     std::env::var("BENCH_ONLY").map_or(true, |v| v.split(',').any(|s| s.trim() == section))
+}
+
+/// A section off the default run: only when BENCH_ONLY names it.
+fn named(section: &str) -> bool {
+    std::env::var("BENCH_ONLY").is_ok_and(|v| v.split(',').any(|s| s.trim() == section))
 }
 
 /// Starts `p` and waits until it answers; the column that says why not otherwise.
@@ -170,7 +182,6 @@ rotating every round. nginx is the floor for any separate proxy process: a plain
 /// kept as it is when the bench writes a new one.
 const HAND_WRITTEN: &str =
     "<!-- hand-written below: kept by the bench when it regenerates this file -->";
-
 async fn run() -> Result<()> {
     let secs: f64 = std::env::var("BENCH_SECS")
         .ok()
@@ -196,7 +207,7 @@ async fn run() -> Result<()> {
             Some(bin) => {
                 let v = std::env::var("BENCH_NGINX_VERSION").unwrap_or_default();
                 start(
-                    targets::nginx(&bin, &v, PORT_NGINX, up_addr),
+                    targets::nginx(&bin, &v, PORT_NGINX, &[up_addr]),
                     Duration::from_secs(10),
                 )
                 .await
@@ -323,24 +334,68 @@ async fn run() -> Result<()> {
         doc.push_str("\n## Prompt-cache reuse over a recorded Claude Code conversation\n\n");
         doc.push_str(&cache::run().await);
     }
-    let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let full = format!(
-        "{}\n{}{}",
-        header(&settings, &load_before, &load_after),
-        doc,
-        method(&settings)
-    );
-    println!("{full}");
+    let replicas_block = if named("replicas") {
+        let load_at = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let date = cmd_out("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+        let body = replicas::run().await;
+        Some(format!(
+            "## Routing across replicas: cache reuse, throughput, failover (issue 12, measured)\n\n\
+             Written by `BENCH_ONLY=replicas bash bench/run.sh` on {date}, {nproc} CPUs, load average at its \
+             start {load}{noisy}.\n\n{body}",
+            nproc = std::thread::available_parallelism().map_or(0, |n| n.get()),
+            load = load_at
+                .split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" "),
+            noisy = if load_at
+                .split_whitespace()
+                .next()
+                .and_then(|l| l.parse::<f64>().ok())
+                .is_some_and(|l| l >= 1.0)
+            {
+                " (**busy**: treat the throughput figures as rough)"
+            } else {
+                ""
+            },
+        ))
+    } else {
+        None
+    };
     let out = env_path("BENCH_OUT").unwrap_or_else(|| env::root().join("docs/performance.md"));
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let kept = std::fs::read_to_string(&out)
-        .ok()
-        .and_then(|old| old.find(HAND_WRITTEN).map(|i| old[i..].to_owned()));
-    let full = match kept {
-        Some(kept) => format!("{full}\n{kept}"),
-        None => full,
+    let old = std::fs::read_to_string(&out).unwrap_or_default();
+    let (old_generated, kept) = match old.find(HAND_WRITTEN) {
+        Some(i) => (old[..i].to_owned(), old[i..].to_owned()),
+        None => (old.clone(), format!("{HAND_WRITTEN}\n")),
+    };
+    let kept = match &replicas_block {
+        Some(block) => {
+            println!("{block}");
+            replicas::splice(&kept, block)
+        }
+        None => kept,
+    };
+    // A run of the replicas section alone leaves the generated part as it was.
+    let generated = if doc.is_empty() && replicas_block.is_some() {
+        old_generated.trim_end().to_owned() + "\n"
+    } else {
+        let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let full = format!(
+            "{}\n{}{}",
+            header(&settings, &load_before, &load_after),
+            doc,
+            method(&settings)
+        );
+        println!("{full}");
+        full
+    };
+    let full = if generated.trim().is_empty() {
+        kept
+    } else {
+        format!("{generated}\n{kept}")
     };
     std::fs::write(&out, full)?;
     eprintln!("report written to {}", out.display());

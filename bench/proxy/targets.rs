@@ -56,6 +56,16 @@ impl Drop for Proc {
     }
 }
 
+impl Proc {
+    /// Kills the process group at once (SIGKILL, no shutdown): a replica dying, not stopping.
+    pub fn kill(&mut self) {
+        let pgid = -(self.child.id() as libc::pid_t);
+        // SAFETY: kill(2) with a negative pid signals only that process group; no memory is involved.
+        unsafe { libc::kill(pgid, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
 fn spawn(mut cmd: Command, dir: &Path) -> Result<(Child, PathBuf)> {
     let log = dir.join("process.log");
     let out = std::fs::File::create(&log)?;
@@ -147,15 +157,20 @@ pub fn passthru(port: u16, upstream: SocketAddr) -> Result<Proc> {
 /// nginx as a plain keep-alive reverse proxy, the floor for any separate proxy process: one upstream block
 /// with a keep-alive pool, HTTP/1.1 to it with the Connection header cleared (without both, nginx opens a new
 /// upstream connection per request), `proxy_buffering off` so a stream passes through event by event, no
-/// access log. It speaks OpenAI on both sides, so it is measured with direct access's requests.
+/// access log. It speaks OpenAI on both sides, so it is measured with direct access's requests. With several
+/// upstreams it balances them with nginx's default, round-robin (the replicas section's baseline).
 ///
 /// One worker process: a single client connection is served by one worker whatever their number, and each
 /// worker keeps its own upstream pool, so with two the readiness probe's connection (and its warm upstream
 /// connection) could land on the other worker than the measured one; llmctl's serving threads, by contrast,
 /// share nothing either, and one connection also only ever uses one of them.
-pub fn nginx(bin: &Path, version: &str, port: u16, upstream: SocketAddr) -> Result<Proc> {
+pub fn nginx(bin: &Path, version: &str, port: u16, upstreams: &[SocketAddr]) -> Result<Proc> {
     let dir = tempfile::tempdir()?;
     let d = dir.path().display();
+    let servers: String = upstreams
+        .iter()
+        .map(|u| format!("        server {u};\n"))
+        .collect();
     let config = format!(
         "daemon off;
 master_process on;
@@ -174,8 +189,7 @@ http {{
     scgi_temp_path {d}/scgi;
     keepalive_requests 1000000;
     upstream bench {{
-        server {upstream};
-        keepalive 64;
+{servers}        keepalive 64;
         keepalive_requests 1000000;
     }}
     server {{
@@ -216,16 +230,44 @@ http {{
 /// llmctl serve-proxy; its arguments come from LLMCTL_PROXY_ARGS ({listen} and {upstream} are filled in)
 /// because the command line is owned by the proxy's authors, not by the bench.
 pub fn llmctl(bin: &Path, port: u16, upstream: SocketAddr) -> Result<Proc> {
+    llmctl_over(bin, port, &[upstream])
+}
+
+/// LLMCTL_PROXY_ARGS (or the default) with `{listen}` filled in and each argument naming `{upstream}` given
+/// once per upstream, with the flag before it (`--upstream http://{upstream}` twice for two replicas).
+pub fn proxy_args(template: &str, listen: SocketAddr, upstreams: &[SocketAddr]) -> Vec<String> {
+    let words: Vec<&str> = template.split_whitespace().collect();
+    let mut args = vec![];
+    for (i, w) in words.iter().enumerate() {
+        let flag_of_next = words.get(i + 1).is_some_and(|n| n.contains("{upstream}"));
+        if flag_of_next && w.starts_with('-') && !w.contains("{upstream}") {
+            continue;
+        }
+        if !w.contains("{upstream}") {
+            args.push(w.replace("{listen}", &listen.to_string()));
+            continue;
+        }
+        let flag = i
+            .checked_sub(1)
+            .map(|p| words[p])
+            .filter(|p| p.starts_with('-') && !p.contains("{upstream}"));
+        for u in upstreams {
+            args.extend(flag.map(str::to_owned));
+            args.push(
+                w.replace("{upstream}", &u.to_string())
+                    .replace("{listen}", &listen.to_string()),
+            );
+        }
+    }
+    args
+}
+
+/// llmctl serve-proxy over several upstreams (replicas); see [`llmctl`].
+pub fn llmctl_over(bin: &Path, port: u16, upstreams: &[SocketAddr]) -> Result<Proc> {
     let dir = tempfile::tempdir()?;
     let template = std::env::var("LLMCTL_PROXY_ARGS")
         .unwrap_or_else(|_| "serve-proxy --listen {listen} --upstream http://{upstream}".into());
-    let args: Vec<String> = template
-        .split_whitespace()
-        .map(|a| {
-            a.replace("{listen}", &addr(port).to_string())
-                .replace("{upstream}", &upstream.to_string())
-        })
-        .collect();
+    let args = proxy_args(&template, addr(port), upstreams);
     let version = Command::new(bin)
         .arg("--version")
         .output()
@@ -391,4 +433,29 @@ pub fn llama_server(bin: &Path, model: &Path, port: u16, extra: &[&str]) -> Resu
         log,
         _dir: dir,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_args_repeat_the_upstream_flag_per_replica() {
+        let (l, a, b) = (addr(1), addr(2), addr(3));
+        let t = "serve-proxy --listen {listen} --upstream http://{upstream} --log-format json";
+        assert_eq!(
+            proxy_args(t, l, &[a, b]).join(" "),
+            "serve-proxy --listen 127.0.0.1:1 --upstream http://127.0.0.1:2 \
+             --upstream http://127.0.0.1:3 --log-format json"
+        );
+        assert_eq!(
+            proxy_args(t, l, &[a]).join(" "),
+            "serve-proxy --listen 127.0.0.1:1 --upstream http://127.0.0.1:2 --log-format json"
+        );
+        // An upstream given as --flag=value is repeated as it is.
+        assert_eq!(
+            proxy_args("x --upstream=http://{upstream}", l, &[a, b]).join(" "),
+            "x --upstream=http://127.0.0.1:2 --upstream=http://127.0.0.1:3"
+        );
+    }
 }

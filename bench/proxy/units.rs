@@ -7,6 +7,8 @@ mod cache;
 mod env;
 #[path = "load.rs"]
 mod load;
+#[path = "replicas.rs"]
+mod replicas;
 #[path = "stats.rs"]
 mod stats;
 #[path = "targets.rs"]
