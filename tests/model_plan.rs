@@ -656,7 +656,7 @@ fn the_cli_plans_one_replica_per_gpu_that_holds_the_model() {
 #[test]
 fn the_cli_splits_a_model_that_fits_only_the_gpus_together() {
     let args = SMOL_32K_F16;
-    let (code, out, err) = plan_cli(&[&args[..], &["--gpu", "1024", "--gpu", "1024"]].concat());
+    let (code, out, err) = plan_cli(&[args, &["--gpu", "1024", "--gpu", "1024"]].concat());
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("layout: one llama-server split across the 2 GPUs"),
@@ -678,7 +678,7 @@ fn the_cli_splits_a_model_that_fits_only_the_gpus_together() {
         out.contains("CUDA_VISIBLE_DEVICES=0,1 llama-server"),
         "{out}"
     );
-    let (code, out, err) = plan_cli(&[&args[..], &["--gpu", "700", "--gpu", "700"]].concat());
+    let (code, out, err) = plan_cli(&[args, &["--gpu", "700", "--gpu", "700"]].concat());
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("layout: partial offload across the 2 GPUs"),
