@@ -267,12 +267,7 @@ fn cell(t: &Turn, prev: Option<&Turn>) -> String {
 }
 
 async fn fresh_server(extra: &[&str]) -> Result<targets::Proc, String> {
-    let (Some(bin), Some(model)) = (
-        env_path("LLMCTL_LLAMA_SERVER"),
-        env_path("LLMCTL_TEST_MODEL"),
-    ) else {
-        return Err("LLMCTL_LLAMA_SERVER / LLMCTL_TEST_MODEL are not set (`eval \"$(bash scripts/test-stack.sh)\"`)".into());
-    };
+    let (bin, model) = crate::env::llama_and_model()?;
     let mut p =
         targets::llama_server(&bin, &model, PORT_LLAMA, extra).map_err(|e| format!("{e:#}"))?;
     targets::wait_ready(&mut p, Duration::from_secs(120))

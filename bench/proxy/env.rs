@@ -33,3 +33,16 @@ pub fn env_path(name: &str) -> Option<PathBuf> {
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
 }
+
+/// The test stack's llama-server binary and model, or why the sections that run a real llama-server cannot.
+pub fn llama_and_model() -> Result<(PathBuf, PathBuf), String> {
+    match (
+        env_path("LLMCTL_LLAMA_SERVER"),
+        env_path("LLMCTL_TEST_MODEL"),
+    ) {
+        (Some(bin), Some(model)) => Ok((bin, model)),
+        _ => Err("LLMCTL_LLAMA_SERVER / LLMCTL_TEST_MODEL are not set \
+                  (`eval \"$(bash scripts/test-stack.sh)\"`)"
+            .into()),
+    }
+}

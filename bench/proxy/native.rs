@@ -51,13 +51,9 @@ fn cell(s: Option<Summary>, base: Option<Summary>) -> String {
 }
 
 pub async fn run() -> String {
-    let (Some(bin), Some(model)) = (
-        env_path("LLMCTL_LLAMA_SERVER"),
-        env_path("LLMCTL_TEST_MODEL"),
-    ) else {
-        return "Not measured: LLMCTL_LLAMA_SERVER / LLMCTL_TEST_MODEL are not set \
-                (`eval \"$(bash scripts/test-stack.sh)\"`).\n"
-            .into();
+    let (bin, model) = match crate::env::llama_and_model() {
+        Ok(found) => found,
+        Err(why) => return format!("Not measured: {why}.\n"),
     };
     let n: usize = std::env::var("BENCH_NATIVE_N")
         .ok()

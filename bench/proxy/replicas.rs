@@ -718,13 +718,9 @@ pub fn splice(kept: &str, block: &str) -> String {
 }
 
 pub async fn run() -> String {
-    let (Some(llama), Some(model)) = (
-        env_path("LLMCTL_LLAMA_SERVER"),
-        env_path("LLMCTL_TEST_MODEL"),
-    ) else {
-        return "Not measured: LLMCTL_LLAMA_SERVER / LLMCTL_TEST_MODEL are not set \
-                (`eval \"$(bash scripts/test-stack.sh)\"`).\n"
-            .into();
+    let (llama, model) = match crate::env::llama_and_model() {
+        Ok(found) => found,
+        Err(why) => return format!("Not measured: {why}.\n"),
     };
     let Some(llmctl) = env_path("LLMCTL_BIN") else {
         return "Not measured: LLMCTL_BIN is not set.\n".into();
