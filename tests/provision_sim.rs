@@ -1047,16 +1047,12 @@ fn a_swapped_module_flavour_is_loaded_with_a_reboot() {
     assert_healthy(&bed);
 }
 
-/// Issue 16 item 10: two GPUs are not one GPU of their summed memory. The scenario's two GPUs hold the test model
-/// entirely when their memory is added under one CUDA reserve, and only part of it with a reserve and compute
-/// buffers on each; the unit provision plans must carry the per-GPU offload.
-#[test]
-fn two_gpus_are_planned_with_a_cuda_context_and_compute_buffers_each() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+/// A two-GPU scenario whose CT already has the test model (at the config's dest: healthy's /models/model.gguf)
+/// and this llmctl, so `--check` runs the real planner there; `-ub 128` as the model_plan tests plan it.
+fn two_gpu_bed(scenario: &str) -> Bed {
     let model = stack_var("LLMCTL_TEST_MODEL");
-    // The CT already has the model (at the config's dest) and this llmctl: `--check` runs the real planner there.
     let bed = Bed::with_sim_env(
-        "two-gpus-model-fits-only-the-sum",
+        scenario,
         "595.71.05",
         &[
             ("LLMCTL_SIM_MODEL", &model),
@@ -1064,7 +1060,6 @@ fn two_gpus_are_planned_with_a_cuda_context_and_compute_buffers_each() {
         ],
     );
     bed.server_option("ubatch = 128");
-    // The model where the scenario's CT has it (healthy's /models/model.gguf).
     let cfg = std::fs::read_to_string(&bed.config).unwrap();
     std::fs::write(
         &bed.config,
@@ -1074,6 +1069,17 @@ fn two_gpus_are_planned_with_a_cuda_context_and_compute_buffers_each() {
         ),
     )
     .unwrap();
+    bed
+}
+
+/// Issue 16 item 10: two GPUs are not one GPU of their summed memory. The scenario's two GPUs hold the test model
+/// entirely when their memory is added under one CUDA reserve, and only part of it with a reserve and compute
+/// buffers on each; the unit provision plans must carry the per-GPU offload.
+#[test]
+fn two_gpus_are_planned_with_a_cuda_context_and_compute_buffers_each() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let model = stack_var("LLMCTL_TEST_MODEL");
+    let bed = two_gpu_bed("two-gpus-model-fits-only-the-sum");
     // The GPUs as the driver reports them.
     let smi = bed.sim.exec(&[
         "nvidia-smi",
@@ -1186,25 +1192,7 @@ fn two_gpus_are_planned_with_a_cuda_context_and_compute_buffers_each() {
 #[test]
 fn two_gpus_that_each_hold_the_model_get_one_replica_each_behind_one_proxy() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let model = stack_var("LLMCTL_TEST_MODEL");
-    let bed = Bed::with_sim_env(
-        "two-gpus-model-fits-each",
-        "595.71.05",
-        &[
-            ("LLMCTL_SIM_MODEL", &model),
-            ("LLMCTL_SIM_LLMCTL", llmctl()),
-        ],
-    );
-    bed.server_option("ubatch = 128");
-    let cfg = std::fs::read_to_string(&bed.config).unwrap();
-    std::fs::write(
-        &bed.config,
-        cfg.replace(
-            "dest = \"/models/smollm2.gguf\"",
-            "dest = \"/models/model.gguf\"",
-        ),
-    )
-    .unwrap();
+    let bed = two_gpu_bed("two-gpus-model-fits-each");
     let unit_of = |i: u32| bed.ct_file(&format!("/etc/systemd/system/llama-server-gpu{i}.service"));
     let in_ct = |argv: &[&str]| -> String {
         let mut all = vec!["pct", "exec", "103", "--"];
