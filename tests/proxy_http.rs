@@ -2305,7 +2305,13 @@ async fn a_stream_under_way_when_its_replica_dies_ends_with_an_error_event() {
     assert!(!names(&events).contains(&"message_stop"));
     // Bytes had reached the client: the request was not sent again elsewhere.
     assert_eq!(chats(&good), 0);
-    // The same on the Responses front door: response.failed.
+    // The replica that broke is marked down: the next request goes to the other one.
+    let (_, health) = get(&format!("{}/health", proxy.url), &[]).await;
+    let health: Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["replicas"][0]["up"], false, "{health}");
+    // The same on the Responses front door (a new proxy, whose first choice is the dying replica again):
+    // response.failed.
+    let proxy = proxy_over(&[&dying.url, &good.url], &[]);
     let resp = client()
         .post(format!("{}/v1/responses", proxy.url))
         .json(&responses_hello(true))
@@ -2314,6 +2320,46 @@ async fn a_stream_under_way_when_its_replica_dies_ends_with_an_error_event() {
         .unwrap();
     let text = resp.text().await.unwrap();
     assert!(text.contains("response.failed"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_non_streaming_answer_broken_mid_body_goes_to_another_replica() {
+    // The dying replica is the first choice (the replicas tie); it starts answering, then hangs up. A
+    // non-streaming client has received nothing yet, so the request goes to the other replica whole.
+    let (dying, good) = (Mock::start(Mode::DieMidStream), Mock::start(Mode::Good));
+    let proxy = proxy_over(&[&dying.url, &good.url], &[]);
+    let (status, v) = post(&format!("{}/v1/messages", proxy.url), &hello(false), &[]).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["content"][0]["text"], "Hi there", "{v}");
+    assert_eq!((chats(&dying), chats(&good)), (1, 1));
+    let failovers = format!(
+        "llmctl_proxy_routing_decisions_total{{replica=\"{}\",reason=\"failover\"}}",
+        good.url
+    );
+    assert_eq!(metric(&proxy, &failovers).await, 1);
+    let errors = format!(
+        "llmctl_proxy_replica_errors_total{{replica=\"{}\"}}",
+        dying.url
+    );
+    assert_eq!(metric(&proxy, &errors).await, 1);
+
+    // The Responses front door, on a new proxy: the same.
+    let proxy = proxy_over(&[&dying.url, &good.url], &[]);
+    let (status, v) = post(
+        &format!("{}/v1/responses", proxy.url),
+        &responses_hello(false),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["status"], "completed", "{v}");
+    assert_eq!((chats(&dying), chats(&good)), (2, 2));
+
+    // No replica left to try: the client gets the break as the error it was.
+    let proxy = proxy_over(&[&dying.url], &[]);
+    let (status, v) = post(&format!("{}/v1/messages", proxy.url), &hello(false), &[]).await;
+    assert_eq!(status, 502, "{v}");
+    assert_eq!(v["error"]["type"], "api_error", "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -141,22 +141,17 @@ pub(crate) async fn messages(State(st): State<Shared>, headers: HeaderMap, body:
             ));
         }
     };
-    let pump = match pump::open(
-        &st,
-        &mut t,
-        body,
-        StreamTranslator::new(translated.ctx),
-        session,
-    )
-    .await
-    {
+    let mut route = pump::Route::new(&st, body, session);
+    let ctx = translated.ctx;
+    let translator = || StreamTranslator::new(ctx.clone());
+    let pump = match pump::open(&st, &mut t, &mut route, translator()).await {
         Ok(p) => p,
         Err(e) => return t.error(e),
     };
     if translated.client_stream {
         pump::stream_response(&st, pump, t, AnthropicSse).await
     } else {
-        pump::json_response(&st, pump, t, MessageAccumulator::new()).await
+        pump::json_response(&st, route, pump, t, translator, MessageAccumulator::new).await
     }
 }
 

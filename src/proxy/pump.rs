@@ -86,44 +86,69 @@ impl JsonEncoder for ResponsesEncoder {
     }
 }
 
-/// Sends the chat request (already serialized) to a replica the router picks and opens a pump on its answer.
-/// A replica that fails before answering (unreachable, 5xx, no headers in time) is marked down and the
-/// request goes to the next one: nothing reached the client yet. Errors are what the client should see: the
-/// last replica's failure, its non-2xx answer mapped, a body that is not a stream, or every slot busy.
+/// A request on its way to the replicas: the chat request (serialized once), its routing key, and the
+/// replicas that already failed it. Kept for the whole answer, so that a non-streaming answer whose replica
+/// broke off mid-body can still go to another one: its client has received nothing yet.
+pub(crate) struct Route {
+    key: RouteKey,
+    body: Bytes,
+    tried: u64,
+    last: Option<ProxyError>,
+}
+
+impl Route {
+    pub(crate) fn new(st: &Shared, body: Vec<u8>, session: Option<u64>) -> Self {
+        // One upstream has no choice to make: its requests skip the hashing (a few µs on a large prompt).
+        let several = st.router.replicas().len() > 1;
+        let key = RouteKey {
+            session: session.filter(|_| several),
+            chain: if several {
+                router::prompt_chain(&body)
+            } else {
+                Vec::new()
+            },
+        };
+        Route {
+            key,
+            body: Bytes::from(body),
+            tried: 0,
+            last: None,
+        }
+    }
+
+    /// Replica `i` failed this request: marked down, not tried again for it; `err` is what the client gets
+    /// if no other replica can take it.
+    fn failed(&mut self, st: &Shared, i: usize, err: ProxyError) {
+        st.router.failed(i, &err.message);
+        self.tried |= 1u64 << i;
+        self.last = Some(err);
+    }
+}
+
+/// Sends the route's chat request to a replica the router picks and opens a pump on its answer. A replica
+/// that fails before answering (unreachable, 5xx, no headers in time) is marked down and the request goes to
+/// the next one: nothing reached the client yet. Errors are what the client should see: the last replica's
+/// failure, its non-2xx answer mapped, a body that is not a stream, or every slot busy.
 pub(crate) async fn open(
     st: &Shared,
     t: &mut Tracker,
-    body: Vec<u8>,
+    route: &mut Route,
     translator: StreamTranslator,
-    session: Option<u64>,
 ) -> Result<Pump, ProxyError> {
-    // One upstream has no choice to make: its requests skip the hashing (a few µs on a large prompt).
-    let several = st.router.replicas().len() > 1;
-    let key = RouteKey {
-        session: session.filter(|_| several),
-        chain: if several {
-            router::prompt_chain(&body)
-        } else {
-            Vec::new()
-        },
-    };
-    let body = Bytes::from(body);
     // A model named per replica in the config replaces the one the request was translated for, unless the
     // client's model was mapped explicitly (`[proxy.models]`).
     let mapped = st.settings.model_map.resolve(&t.client_model).is_some();
-    let mut tried = 0u64;
-    let mut last: Option<ProxyError> = None;
     loop {
         let waited = Instant::now();
         let acquired = st
             .router
-            .acquire(&key, tried, st.settings.queue_timeout)
+            .acquire(&route.key, route.tried, st.settings.queue_timeout)
             .await;
         t.upstream_wait += waited.elapsed();
         let lease = match acquired {
             Acquired::Lease(l) => l,
             Acquired::Exhausted => {
-                return Err(last.unwrap_or_else(|| {
+                return Err(route.last.take().unwrap_or_else(|| {
                     ProxyError::new(ErrorType::Overloaded, "no upstream replica is configured")
                 }));
             }
@@ -133,14 +158,15 @@ pub(crate) async fn open(
         let base = replica.upstream.base().to_string();
         t.replica = Some(base.clone());
         let send = match replica.spec.model.as_deref() {
-            Some(m) if !mapped && m != t.upstream_model => match router::with_model(&body, m) {
+            Some(m) if !mapped && m != t.upstream_model => match router::with_model(&route.body, m)
+            {
                 Some(b) => {
                     t.upstream_model = m.to_string();
                     Bytes::from(b)
                 }
-                None => body.clone(),
+                None => route.body.clone(),
             },
-            _ => body.clone(),
+            _ => route.body.clone(),
         };
         let waited = Instant::now();
         let started = replica.upstream.start_chat(send).await;
@@ -152,10 +178,8 @@ pub(crate) async fn open(
             }
             Err(e) if Upstream::is_replica_failure(&e) => {
                 let err = e.to_proxy_error(&base);
-                st.router.failed(lease.replica, &err.message);
                 tracing::debug!(replica = %base, "failing over: {}", err.message);
-                tried |= 1u64 << lease.replica;
-                last = Some(err);
+                route.failed(st, lease.replica, err);
                 continue;
             }
             Err(e) => return Err(e.to_proxy_error(&base)),
@@ -224,6 +248,10 @@ pub struct Pump {
     idle: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// The failure sent as an `error` event, kept for the non-streaming answer's status.
     failure: Option<ProxyError>,
+    /// The failure was the replica's own (its connection broke, it went silent, it hung up before the end),
+    /// not an answer it chose to give: the replica is marked down, and a request whose client has received
+    /// nothing yet can go to another one.
+    broke: bool,
     done: bool,
     /// The upstream answered one JSON body instead of a stream: collected here, translated at its end.
     whole_json: Option<Vec<u8>>,
@@ -258,6 +286,7 @@ impl Pump {
             last_frame: tokio::time::Instant::now(),
             idle: None,
             failure: None,
+            broke: false,
             done: false,
             whole_json: None,
         }
@@ -296,6 +325,7 @@ impl Pump {
                             self.idle_timeout.as_secs_f64()
                         ),
                     );
+                    self.broke = true;
                     self.fail(e, &mut out);
                     break;
                 }
@@ -314,6 +344,7 @@ impl Pump {
                         "upstream {} broke off the stream: {reason}",
                         self.upstream_url
                     );
+                    self.broke = true;
                     self.fail(ProxyError::new(ErrorType::Api, msg), &mut out);
                 }
                 None => self.on_end(&mut out),
@@ -334,6 +365,7 @@ impl Pump {
             last_frame: tokio::time::Instant::now(),
             idle: None,
             failure: None,
+            broke: false,
             done: false,
             whole_json: None,
         }
@@ -394,6 +426,7 @@ impl Pump {
                     self.upstream_url
                 ),
             );
+            self.broke = true;
             self.fail(e, out);
         }
     }
@@ -421,6 +454,11 @@ impl Pump {
     /// The failure the stream ended with, if it did.
     pub fn failure(&self) -> Option<&ProxyError> {
         self.failure.as_ref()
+    }
+
+    /// The stream ended because its replica broke (see `broke`), with that failure.
+    fn replica_failure(&self) -> Option<&ProxyError> {
+        self.failure.as_ref().filter(|_| self.broke)
     }
 
     fn on_bytes(&mut self, chunk: &[u8], out: &mut Vec<Event>) {
@@ -600,6 +638,11 @@ impl<E: SseEncoder> StreamState<E> {
         note_first_token(&mut self.tracker, &events);
         if self.pump.is_done() {
             self.finished = true;
+            // Bytes already reached the client: the stream ends with its error event, and the replica gets
+            // no more traffic until a probe finds it healthy (its error is counted when the answer finishes).
+            if let (Some(e), Some(l)) = (self.pump.replica_failure(), &self.tracker.lease) {
+                l.router().broke(l.replica, &e.message);
+            }
             self.pump.record(&mut self.tracker);
             self.tracker.ok();
         }
@@ -787,37 +830,58 @@ impl hyper::body::Body for SseBody {
     }
 }
 
-/// `stream: false`: the same events, folded into one body by the front door's encoder.
-pub async fn json_response<E: JsonEncoder>(
+/// `stream: false`: the same events, folded into one body by the front door's encoder. The client receives
+/// nothing until the answer is whole, so a replica that breaks off mid-body (killed, connection lost, silent
+/// past the idle timeout) does not lose the request: it goes to another replica from the start, with a fresh
+/// translator and encoder, until none is left (then the client gets the last failure).
+pub(crate) async fn json_response<E: JsonEncoder>(
     st: &Shared,
+    mut route: Route,
     mut pump: Pump,
     mut t: Tracker,
-    mut acc: E,
+    translator: impl Fn() -> StreamTranslator,
+    encoder: impl Fn() -> E,
 ) -> Response {
     let mut cut = std::pin::pin!(st.cut_signal());
     let mut was_cut = false;
-    for e in pump.start() {
-        acc.push(&e);
-    }
+    let mut acc = encoder();
     loop {
-        let waited = Instant::now();
-        let events = tokio::select! {
-            ev = pump.next() => ev,
-            // A finished future must not be polled again.
-            () = &mut cut, if !was_cut => {
-                was_cut = true;
-                tracing::warn!(path = %t.path, "an answer still running at the end of the shutdown grace period ends with an error");
-                pump.cut()
+        for e in pump.start() {
+            acc.push(&e);
+        }
+        loop {
+            let waited = Instant::now();
+            let events = tokio::select! {
+                ev = pump.next() => ev,
+                // A finished future must not be polled again.
+                () = &mut cut, if !was_cut => {
+                    was_cut = true;
+                    tracing::warn!(path = %t.path, "an answer still running at the end of the shutdown grace period ends with an error");
+                    pump.cut()
+                }
+            };
+            t.upstream_wait += waited.elapsed();
+            if events.is_empty() {
+                break;
             }
-        };
-        t.upstream_wait += waited.elapsed();
-        if events.is_empty() {
+            note_first_token(&mut t, &events);
+            for e in &events {
+                acc.push(e);
+            }
+        }
+        let broke = pump.replica_failure().cloned();
+        let (Some(err), Some(lease)) = (broke, t.lease.take()) else {
             break;
-        }
-        note_first_token(&mut t, &events);
-        for e in &events {
-            acc.push(e);
-        }
+        };
+        tracing::warn!(replica = %lease.replica().spec.url, "a non-streaming answer broke off before its client received anything; sending it to another replica: {}", err.message);
+        route.failed(st, lease.replica, err);
+        drop(lease);
+        t.ttft = None;
+        pump = match open(st, &mut t, &mut route, translator()).await {
+            Ok(p) => p,
+            Err(e) => return t.error(e),
+        };
+        acc = encoder();
     }
     pump.record(&mut t);
     if let Some(e) = pump.failure.take() {

@@ -477,6 +477,10 @@ impl Lease {
 
     /// The answer is over: its tokens go to the replica's counters, and what it reported as cached corrects
     /// the index.
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
     pub fn finish(&self, usage: &crate::proxy::stream::Usage, failed: bool) {
         self.router
             .finished(self.replica, usage, failed, self.predicted, self.chunks);
@@ -614,12 +618,21 @@ impl Router {
         })
     }
 
-    /// A replica failed a request before its answer started (refused, 5xx, timed out): no more traffic
-    /// until a probe finds it healthy, and its index is forgotten (what comes back may be a fresh process).
+    /// A replica failed a request (refused, 5xx, timed out, or broke off an answer whose client had received
+    /// nothing yet): no more traffic until a probe finds it healthy, and its index is forgotten (what comes
+    /// back may be a fresh process).
     pub fn failed(&self, i: usize, why: &str) {
         let r = &self.replicas[i];
         r.stats.errors.fetch_add(1, Ordering::Relaxed);
         // One upstream gets every request either way, and no probe would bring it back.
+        if self.replicas.len() > 1 {
+            self.mark_down(i, why);
+        }
+    }
+
+    /// A replica broke off a stream under way (killed, connection lost, silent past the idle timeout): as
+    /// [`Self::failed`], but the error is counted with the answer's own end ([`Lease::finish`]).
+    pub fn broke(&self, i: usize, why: &str) {
         if self.replicas.len() > 1 {
             self.mark_down(i, why);
         }

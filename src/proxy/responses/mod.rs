@@ -65,15 +65,17 @@ pub(crate) async fn responses(
             ));
         }
     };
-    let translator = StreamTranslator::new(decoded.ctx);
-    let pump = match pump::open(&st, &mut t, body, translator, session).await {
+    let mut route = pump::Route::new(&st, body, session);
+    let (ctx, meta) = (decoded.ctx, decoded.meta);
+    let translator = || StreamTranslator::new(ctx.clone());
+    let pump = match pump::open(&st, &mut t, &mut route, translator()).await {
         Ok(p) => p,
         Err(e) => return t.error(e),
     };
-    let encoder = ResponsesEncoder::new(decoded.meta);
     if decoded.client_stream {
-        pump::stream_response(&st, pump, t, encoder).await
+        pump::stream_response(&st, pump, t, ResponsesEncoder::new(meta)).await
     } else {
-        pump::json_response(&st, pump, t, encoder).await
+        let encoder = || ResponsesEncoder::new(meta.clone());
+        pump::json_response(&st, route, pump, t, translator, encoder).await
     }
 }
