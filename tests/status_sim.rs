@@ -330,7 +330,27 @@ fn logs_print_the_units_journal() {
     let (_, first) = rx
         .recv_timeout(wait)
         .expect("logs -f printed the last line");
-    assert_eq!(Some(first.as_str()), expected.lines().last());
+    // The unit restarts every 2 s here (Restart=on-failure, its binary missing): `-n 1` prints the last line
+    // when it ran, which is `expected`'s last or one written since (on a loaded machine the start takes longer).
+    let since = sim.exec(&[
+        "pct",
+        "exec",
+        "103",
+        "--",
+        "journalctl",
+        "-u",
+        "llmctl-proxy",
+        "-n",
+        "200",
+        "--no-pager",
+    ]);
+    let since = String::from_utf8_lossy(&since.stdout).into_owned();
+    let last = expected.lines().last().unwrap();
+    let newer: Vec<&str> = since.lines().skip_while(|l| *l != last).collect();
+    assert!(
+        newer.contains(&first.as_str()),
+        "{first:?} is not the last line of {expected:?} nor one written since:\n{since}"
+    );
     let _ = sim.exec(&[
         "pct",
         "exec",
@@ -364,5 +384,123 @@ fn logs_print_the_units_journal() {
         String::from_utf8_lossy(&out.stderr).contains("container 999 does not exist"),
         "{}",
         text(&out)
+    );
+}
+
+/// One llama-server per GPU (`two-gpus-pascal-ada`: `llama_replicas = 2`, as provision leaves a host whose GPUs
+/// each hold the model), started already provisioned: the test stack's real CPU llama-server and model as each
+/// replica, this llmctl as the proxy routing to both. `status` shows a row per replica (its GPU, /health, context,
+/// the proxy's figures for it) and no llama-server.service; `logs llama` merges both replicas' journals, each
+/// line naming its unit; `logs llama-gpu1` is one replica's; a replica that is not there is a clear error.
+#[test]
+fn replicas_each_get_a_status_row_and_their_journals() {
+    let stack = |var: &str| {
+        std::env::var(var).unwrap_or_else(|_| {
+            panic!("{var} is not set: run `eval \"$(bash scripts/test-stack.sh)\"` first (the replicas are real llama-servers)")
+        })
+    };
+    let (server, model) = (stack("LLMCTL_LLAMA_SERVER"), stack("LLMCTL_TEST_MODEL"));
+    // Its own number: the other tests of this file take theirs from tests/support's counter (1 and up).
+    let sim = SimHost::start_n_env(
+        &support::repo().join("fixtures/scenarios/two-gpus-pascal-ada.toml"),
+        90,
+        &[
+            ("LLMCTL_SIM_LLMCTL", env!("CARGO_BIN_EXE_llmctl")),
+            ("LLMCTL_SIM_LLAMA_SERVER", &server),
+            ("LLMCTL_SIM_MODEL", &model),
+        ],
+    );
+    // The replicas load the model after the sim comes up: read until both answer (a few seconds).
+    let started = std::time::Instant::now();
+    let v = loop {
+        let out = llmctl(&sim, &["status", "--json", "--vmid", "103"]);
+        let v = json(&out);
+        if v["outcome"] == "up" {
+            assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+            break v;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the replicas did not come up:\n{}",
+            text(&out)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    let services: Vec<&String> = v["services"].as_object().unwrap().keys().collect();
+    assert_eq!(
+        services,
+        ["llama-server-gpu0", "llama-server-gpu1", "llmctl-proxy"],
+        "{v:#}"
+    );
+    let replicas = v["replicas"].as_array().expect("replicas");
+    assert_eq!(replicas.len(), 2, "{v:#}");
+    for (i, r) in replicas.iter().enumerate() {
+        let url = format!("http://127.0.0.1:{}", 8080 + i);
+        assert_eq!(r["unit"], format!("llama-server-gpu{i}"), "{r:#}");
+        assert_eq!(r["gpu"], i, "{r:#}");
+        assert_eq!(r["active"], "active", "{r:#}");
+        assert_eq!(r["health"], "ok", "{r:#}");
+        assert_eq!(r["url"], url.as_str(), "{r:#}");
+        assert_eq!(r["up"], true, "{r:#}");
+        assert_eq!(r["model"], "model.gguf", "{r:#}");
+        assert!(r["context_per_slot"].as_u64().unwrap_or(0) > 0, "{r:#}");
+        assert_eq!(r["metrics"], true, "{r:#}");
+        // The proxy's router names each upstream as the unit it routes to.
+        assert_eq!(r["proxy"]["url"], url.as_str(), "{r:#}");
+        assert_eq!(r["proxy"]["requests_total"], 0, "{r:#}");
+    }
+    let out = llmctl(&sim, &["status", "--vmid", "103"]);
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        screen.contains("up    llama-server-gpu1 active, gpu 1, http://127.0.0.1:8081, health ok, model.gguf, context "),
+        "{screen}"
+    );
+    assert!(!screen.contains("llama-server   "), "{screen}");
+    assert!(
+        screen.contains("\n                     proxy: "),
+        "{screen}"
+    );
+
+    // Both replicas' journals, merged, each line with its unit.
+    let out = llmctl(&sim, &["logs", "llama", "-n", "400", "--vmid", "103"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let merged = String::from_utf8_lossy(&out.stdout);
+    for unit in ["llama-server-gpu0.service[", "llama-server-gpu1.service["] {
+        assert!(merged.contains(unit), "no {unit} line:\n{merged}");
+    }
+    // One replica: its own journal, as journalctl gives it.
+    let expected = sim.exec(&[
+        "pct",
+        "exec",
+        "103",
+        "--",
+        "journalctl",
+        "-u",
+        "llama-server-gpu1",
+        "-n",
+        "5",
+        "--no-pager",
+    ]);
+    let out = llmctl(&sim, &["logs", "llama-gpu1", "-n", "5", "--vmid", "103"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&expected.stdout),
+        "{}",
+        text(&out)
+    );
+    let out = llmctl(&sim, &["logs", "llama-gpu7", "--vmid", "103"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(
+            "container 103 has no llama-server-gpu7.service: its replicas are llama-server-gpu0, llama-server-gpu1"
+        ),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
     );
 }

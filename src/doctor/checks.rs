@@ -1492,6 +1492,40 @@ pub fn check_gpu_visible(f: &HostFacts) -> Vec<Finding> {
 
 // ---- container: llama.cpp and services ---------------------------------------------------------------------
 
+/// The llama-server units the container runs: one `llama-server-gpu<i>` per GPU when their files are there, and
+/// `llama-server` while its file is still there or when there is no replica (provision removes it when it runs
+/// replicas). Findings about "the llama-server" name these, not a unit the host does not have.
+fn llama_units(ins: &crate::host::facts::InsideFacts) -> Vec<String> {
+    let replicas = rules::replica_gpus(ins);
+    let mut units: Vec<String> = replicas
+        .iter()
+        .map(|i| crate::host::facts::replica_unit(*i))
+        .collect();
+    if replicas.is_empty()
+        || ins
+            .file(crate::provision::units::LLAMA_SERVER_UNIT_PATH)
+            .is_some()
+    {
+        units.insert(0, LLAMA_UNIT.to_string());
+    }
+    units
+}
+
+/// `a.service` / `a.service, b.service`; more than three as the first and last (twelve GPUs make a line
+/// nobody reads).
+fn unit_files(units: &[String]) -> String {
+    match units {
+        [first, .., last] if units.len() > 3 => {
+            format!("{first}.service ... {last}.service ({} units)", units.len())
+        }
+        _ => units
+            .iter()
+            .map(|u| format!("{u}.service"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
 pub fn check_llama_build(f: &HostFacts) -> Vec<Finding> {
     let ids = [
         FindingId::LlamaNotInstalled,
@@ -1501,14 +1535,30 @@ pub fn check_llama_build(f: &HostFacts) -> Vec<Finding> {
     let Some((v, ins)) = inside(f) else {
         return ct_skip(&ids, "container not running");
     };
+    let units = llama_units(ins);
     let Some(unit) = &ins.llama_unit else {
+        // Replica unit files without an ExecStart (the single unit is not there, or has none either).
+        let (title, ev) = if units.iter().any(|u| u != LLAMA_UNIT) {
+            (
+                format!("container {v} has no llama-server unit with an ExecStart"),
+                units
+                    .iter()
+                    .map(|u| format!("CT {v}: /etc/systemd/system/{u}.service: no ExecStart"))
+                    .collect(),
+            )
+        } else {
+            (
+                format!("container {v} has no {LLAMA_UNIT}.service with an ExecStart"),
+                vec![format!(
+                    "CT {v}: /etc/systemd/system/{LLAMA_UNIT}.service: not found"
+                )],
+            )
+        };
         let mut out = vec![Finding::problem(
             FindingId::LlamaNotInstalled,
             Severity::Fail,
-            format!("container {v} has no {LLAMA_UNIT}.service with an ExecStart"),
-            vec![format!(
-                "CT {v}: /etc/systemd/system/{LLAMA_UNIT}.service: not found"
-            )],
+            title,
+            ev,
             Fix::step(StepId::Llama),
         )];
         out.extend(ct_skip(&ids[1..], "llama-server not installed"));
@@ -1521,8 +1571,9 @@ pub fn check_llama_build(f: &HostFacts) -> Vec<Finding> {
             FindingId::LlamaNotInstalled,
             Severity::Fail,
             format!(
-                "{} does not exist in container {v}: the next start of {LLAMA_UNIT} fails",
-                unit.argv[0]
+                "{} does not exist in container {v}: the next start of {} fails",
+                unit.argv[0],
+                units.join(", ")
             ),
             vec![format!(
                 "CT {v}: ls -l {}: No such file or directory",
@@ -1535,7 +1586,12 @@ pub fn check_llama_build(f: &HostFacts) -> Vec<Finding> {
     }
     let mut out = vec![Finding::ok(
         FindingId::LlamaNotInstalled,
-        format!("{LLAMA_UNIT}.service runs {}", unit.argv[0]),
+        format!(
+            "{} {} {}",
+            unit_files(&units),
+            if units.len() == 1 { "runs" } else { "run" },
+            unit.argv[0]
+        ),
     )];
     let Some(cache) = &ins.cmake else {
         out.push(Finding::problem(
@@ -1677,7 +1733,7 @@ pub fn check_llama_context(f: &HostFacts) -> Vec<Finding> {
             ID,
             Severity::Fail,
             format!(
-                "llama-server's context is {} tokens per slot, below {MIN_CONTEXT}: Claude Code's system prompt and tools (~20-24k tokens) overflow it (exceed_context_size_error)",
+                "{unit_name}'s context is {} tokens per slot, below {MIN_CONTEXT}: Claude Code's system prompt and tools (~20-24k tokens) overflow it (exceed_context_size_error)",
                 c / slots
             ),
             vec![format!(
@@ -1694,7 +1750,7 @@ pub fn check_llama_context(f: &HostFacts) -> Vec<Finding> {
             ID,
             Severity::Warn,
             format!(
-                "llama-server has no -c: it uses the model's training context, which may be below {MIN_CONTEXT}"
+                "{unit_name} has no -c: it uses the model's training context, which may be below {MIN_CONTEXT}"
             ),
             vec![format!(
                 "CT {v} {unit_name}.service ExecStart: no -c/--ctx-size"
@@ -1715,17 +1771,7 @@ pub fn check_services(f: &HostFacts) -> Vec<Finding> {
     // One llama-server per GPU: each replica unit is judged, and llama-server.service only while its file is
     // still there (provision removes it when it runs replicas).
     let replicas = rules::replica_gpus(ins);
-    let mut llama_units: Vec<String> = replicas
-        .iter()
-        .map(|i| crate::host::facts::replica_unit(*i))
-        .collect();
-    if replicas.is_empty()
-        || ins
-            .file(crate::provision::units::LLAMA_SERVER_UNIT_PATH)
-            .is_some()
-    {
-        llama_units.insert(0, LLAMA_UNIT.to_string());
-    }
+    let llama_units = llama_units(ins);
     let down: Vec<(String, &str)> = llama_units
         .iter()
         .map(|u| {

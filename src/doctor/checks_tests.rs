@@ -911,3 +911,80 @@ fn replicas_are_judged_each_pinned_to_a_gpu_of_the_host() {
     );
     assert_eq!(problems(&f), vec!["svc.replica-pin"]);
 }
+
+/// With one llama-server per GPU there is no llama-server.service: the llama findings name the replica units
+/// the container does run, and a host with the one unit reads as before.
+#[test]
+fn llama_findings_name_the_replica_units_the_host_runs() {
+    let mut f = healthy();
+    assert_eq!(
+        finding(&f, "llama.not-installed").title,
+        "llama-server.service runs /opt/llama.cpp/build/bin/llama-server"
+    );
+    let unit = |gpu: u32, ctx: u32| {
+        format!(
+            "[Service]\nExecStart=/opt/llama.cpp/build/bin/llama-server -m /m.gguf --port {} -c {ctx}\n\
+             Environment=CUDA_DEVICE_ORDER=PCI_BUS_ID\nEnvironment=CUDA_VISIBLE_DEVICES={gpu}\n",
+            8080 + gpu
+        )
+    };
+    // As facts reads such a container: the first replica's command stands for the build it runs.
+    let ins = f.container.as_mut().unwrap().inside.as_mut().unwrap();
+    ins.files
+        .remove(crate::provision::units::LLAMA_SERVER_UNIT_PATH);
+    ins.services.remove("llama-server");
+    for (gpu, ctx) in [(0, 32768), (1, 16384)] {
+        let text = unit(gpu, ctx);
+        ins.replicas.insert(
+            gpu,
+            crate::pve::llama::parse_server_unit(&text).expect("a server unit"),
+        );
+        ins.files
+            .insert(crate::host::facts::replica_unit_path(gpu), text);
+        ins.services
+            .insert(crate::host::facts::replica_unit(gpu), "active".into());
+    }
+    ins.llama_unit = ins.replicas.get(&0).cloned();
+    assert_eq!(
+        finding(&f, "llama.not-installed").title,
+        "llama-server-gpu0.service, llama-server-gpu1.service run /opt/llama.cpp/build/bin/llama-server"
+    );
+    // The replica with the smaller context is the one named.
+    let ctx = finding(&f, "llama.context-small");
+    assert!(
+        ctx.title
+            .starts_with("llama-server-gpu1's context is 16384 tokens per slot"),
+        "{}",
+        ctx.title
+    );
+    assert_eq!(
+        ctx.evidence,
+        ["CT 103 llama-server-gpu1.service ExecStart: -c 16384"]
+    );
+    // The binary gone: the next start of every replica fails.
+    let ins = f.container.as_mut().unwrap().inside.as_mut().unwrap();
+    ins.llama_exe = None;
+    let gone = finding(&f, "llama.not-installed");
+    assert!(
+        gone.title
+            .ends_with("the next start of llama-server-gpu0, llama-server-gpu1 fails"),
+        "{}",
+        gone.title
+    );
+    // Replica files without an ExecStart: those files are named, not a llama-server.service that is not there.
+    let ins = f.container.as_mut().unwrap().inside.as_mut().unwrap();
+    ins.llama_unit = None;
+    ins.replicas.clear();
+    let none = finding(&f, "llama.not-installed");
+    assert_eq!(
+        none.title,
+        "container 103 has no llama-server unit with an ExecStart"
+    );
+    assert_eq!(
+        none.evidence,
+        [
+            "CT 103: /etc/systemd/system/llama-server-gpu0.service: no ExecStart",
+            "CT 103: /etc/systemd/system/llama-server-gpu1.service: no ExecStart"
+        ]
+    );
+}

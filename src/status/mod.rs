@@ -74,6 +74,7 @@ are only added; one that changes meaning or goes away changes `schema`. Unknown 
   `services`                             unit -> systemctl is-active (\"active\", \"failed\", ...)
   `llama_server`                         read inside the container:
   `llama_server.url`                     where it was dialled (from its unit); null: no unit
+                                         (with replicas and no llama-server.service: see `replicas`)
   `llama_server.up`                      /props answered; else `llama_server.error` says why
   `llama_server.error`
   `llama_server.model`                   the model file it serves
@@ -84,6 +85,17 @@ are only added; one that changes meaning or goes away changes `schema`. Unknown 
   `llama_server.generation_tokens_per_s` generation speed, average since it started
   `llama_server.prompt_tokens_total`, `llama_server.prompt_tokens_cached_total`
   `llama_server.generated_tokens_total`
+  `replicas`                             only with one llama-server per GPU: one object per replica
+                                         unit (GPU order), with every `llama_server` field and:
+  `replicas[].unit`                      \"llama-server-gpu<i>\"
+  `replicas[].gpu`                       the GPU its unit pins (CUDA_VISIBLE_DEVICES); null: none
+  `replicas[].active`                    systemctl is-active of its unit
+  `replicas[].health`                    \"ok\" when /health answered 200, else why not
+  `replicas[].proxy`                     the proxy's figures for it; null: not its upstream
+  `replicas[].proxy.url`, `replicas[].proxy.up`, `replicas[].proxy.slots`
+  `replicas[].proxy.requests_total`, `replicas[].proxy.errors_total`, `replicas[].proxy.in_flight`
+  `replicas[].proxy.prompt_tokens_total`, `replicas[].proxy.cached_prompt_tokens_total`
+  `replicas[].proxy.prompt_cache_reuse`  cached / prompt tokens, 0-1
   `proxy`                                llmctl serve-proxy, read inside the container with its key:
   `proxy.url`, `proxy.up`, `proxy.error` as for llama_server
   `proxy.requests_total`, `proxy.errors_total`, `proxy.in_flight`
@@ -118,12 +130,13 @@ fi
 "##;
 
 /// Inside the container. `$1`: the llmctl binary, `$2`/`$3`: the llama-server and proxy unit files, `$4`:
-/// serve-proxy's default `--listen`. Each service is dialled where its own unit says it listens (what provision
+/// serve-proxy's default `--listen`, `$5`: the directory of the replica units (`llama-server-gpu<i>.service`, one
+/// llama-server per GPU; empty: none looked for). Each replica's sections are named `<unit> <read>`. Each service is dialled where its own unit says it listens (what provision
 /// wrote; without the flag, the program's default: 8080 is llama-server's), on 127.0.0.1 when it listens on
 /// every address; the proxy key file is the one its unit hands the service (`LoadCredential=`).
 pub const CT_SCRIPT: &str = r##"export LC_ALL=C
 sec() { n=$1; shift; out=$("$@" 2>&1); rc=$?; printf '==> %s <==\n%s\n==> rc=%s <==\n' "$n" "$out" "$rc"; }
-bin=$1; llama_unit=$2; proxy_unit=$3; default_listen=$4
+bin=$1; llama_unit=$2; proxy_unit=$3; default_listen=$4; replica_dir=$5
 opt() { sed -n "s/^ExecStart=.*[[:space:]]$2[[:space:]][[:space:]]*\"\{0,1\}\([^[:space:]\"]*\).*/\1/p" "$1" | head -n 1; }
 dial() { case "$1" in ''|0.0.0.0|::|'[::]') echo 127.0.0.1 ;; *) echo "$1" ;; esac; }
 sec services systemctl is-active llama-server llmctl-proxy
@@ -134,6 +147,22 @@ if [ -f "$llama_unit" ]; then
   sec llama-props "$bin" probe --get "$llama/props"
   sec llama-slots "$bin" probe --get "$llama/slots"
   sec llama-metrics "$bin" probe --get "$llama/metrics"
+fi
+if [ -n "$replica_dir" ]; then
+  for f in "$replica_dir"/llama-server-gpu*.service; do
+    [ -f "$f" ] || continue
+    u=${f##*/}; u=${u%.service}
+    case $u in *[!a-z0-9-]*) continue ;; esac
+    port=$(opt "$f" --port)
+    url="http://$(dial "$(opt "$f" --host)"):${port:-8080}"
+    sec "$u active" systemctl is-active "$u"
+    sec "$u gpu" sed -n 's/^Environment=.*CUDA_VISIBLE_DEVICES=\([0-9][0-9]*\).*/\1/p' "$f"
+    sec "$u url" echo "$url"
+    sec "$u health" "$bin" probe --get "$url/health"
+    sec "$u props" "$bin" probe --get "$url/props"
+    sec "$u slots" "$bin" probe --get "$url/slots"
+    sec "$u metrics" "$bin" probe --get "$url/metrics"
+  done
 fi
 if [ -f "$proxy_unit" ]; then
   listen=$(opt "$proxy_unit" --listen)
@@ -170,7 +199,49 @@ pub struct Status {
     /// unit → `systemctl is-active` answer (`active`, `inactive`, `failed`, ...).
     pub services: BTreeMap<String, String>,
     pub llama_server: LlamaServer,
+    /// One llama-server per GPU (`llama-server-gpu<i>.service`), in GPU order; absent (not `[]`) on a host that
+    /// runs the one llama-server.service, so that its document is what it was before replicas.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<Replica>,
     pub proxy: Proxy,
+}
+
+/// One replica: a llama-server pinned to one GPU, its own unit and port.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Replica {
+    /// Its unit, `llama-server-gpu<i>`.
+    pub unit: String,
+    /// The GPU its unit pins it to (`CUDA_VISIBLE_DEVICES`); None: the unit pins none.
+    pub gpu: Option<u32>,
+    /// `systemctl is-active` of its unit.
+    pub active: String,
+    /// `ok` when `/health` answered 200, else why not (`answered HTTP 503 ...` while the model loads).
+    pub health: String,
+    /// What it answers, as for the one llama-server (`url`, `up`, `model`, slots, context, speeds).
+    #[serde(flatten)]
+    pub server: LlamaServer,
+    /// The proxy's own figures for this replica (its `llmctl_proxy_replica_*` series); None when the proxy did
+    /// not answer or does not route to it.
+    pub proxy: Option<ProxyReplica>,
+}
+
+/// serve-proxy's figures for one upstream, from its `llmctl_proxy_replica_*` series.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ProxyReplica {
+    /// The upstream as the proxy names it (its `replica` label).
+    pub url: String,
+    /// The proxy takes it as up (its last probe or request succeeded).
+    pub up: Option<bool>,
+    pub requests_total: Option<u64>,
+    pub errors_total: Option<u64>,
+    pub in_flight: Option<u64>,
+    /// Its slots as the proxy reads them (`/slots`, else a default).
+    pub slots: Option<u64>,
+    /// Prompt tokens of its answers, the cached ones included.
+    pub prompt_tokens_total: Option<u64>,
+    pub cached_prompt_tokens_total: Option<u64>,
+    /// cached / prompt tokens: the share of its prompts it served from its own cache.
+    pub prompt_cache_reuse: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -318,11 +389,18 @@ fn rate(tokens: Option<f64>, seconds: Option<f64>) -> Option<f64> {
 
 /// llama-server's `/props`, `/slots` and `/metrics` sections.
 pub fn assess_llama(s: &BTreeMap<String, Probe>) -> LlamaServer {
+    assess_server(s, "llama-")
+}
+
+/// A llama-server's sections, named `<prefix>url`, `<prefix>props`, ...: `llama-` for llama-server.service,
+/// `<unit> ` for a replica.
+fn assess_server(s: &BTreeMap<String, Probe>, prefix: &str) -> LlamaServer {
+    let get = |read: &str| s.get(&format!("{prefix}{read}"));
     let mut l = LlamaServer {
-        url: s.get("llama-url").map(|p| p.text.trim().to_string()),
+        url: get("url").map(|p| p.text.trim().to_string()),
         ..LlamaServer::default()
     };
-    let Some(props) = s.get("llama-props") else {
+    let Some(props) = get("props") else {
         return l;
     };
     if !props.ok() {
@@ -343,7 +421,7 @@ pub fn assess_llama(s: &BTreeMap<String, Probe>) -> LlamaServer {
             return l;
         }
     }
-    if let Some(slots) = s.get("llama-slots").filter(|p| p.ok())
+    if let Some(slots) = get("slots").filter(|p| p.ok())
         && let Ok(serde_json::Value::Array(list)) = serde_json::from_str(&slots.text)
     {
         l.slots_total = Some(list.len() as u64);
@@ -353,7 +431,7 @@ pub fn assess_llama(s: &BTreeMap<String, Probe>) -> LlamaServer {
                 .count() as u64,
         );
     }
-    if let Some(m) = s.get("llama-metrics").filter(|p| p.ok()) {
+    if let Some(m) = get("metrics").filter(|p| p.ok()) {
         let samples = prom::parse(&m.text);
         let v = |name: &str| prom::value(&samples, &format!("llamacpp:{name}"));
         l.metrics = v("prompt_tokens_total").is_some();
@@ -370,6 +448,123 @@ pub fn assess_llama(s: &BTreeMap<String, Probe>) -> LlamaServer {
         }
     }
     l
+}
+
+/// The replicas' sections (`<unit> url`, ...), in GPU order (`llama-server-gpu10` after `llama-server-gpu2`),
+/// each with the proxy's figures for its URL out of `proxy_replicas`.
+pub fn assess_replicas(
+    s: &BTreeMap<String, Probe>,
+    proxy_replicas: &[ProxyReplica],
+) -> Vec<Replica> {
+    let mut units: Vec<(u32, &str)> = s
+        .keys()
+        .filter_map(|k| {
+            let unit = k.strip_suffix(" url")?;
+            let i = unit
+                .strip_prefix(facts::REPLICA_UNIT_PREFIX)?
+                .parse()
+                .ok()?;
+            Some((i, unit))
+        })
+        .collect();
+    units.sort_unstable();
+    units
+        .into_iter()
+        .map(|(_, unit)| {
+            let get = |read: &str| s.get(&format!("{unit} {read}"));
+            let server = assess_server(s, &format!("{unit} "));
+            let health = match get("health") {
+                None => "not read".to_string(),
+                Some(p) if p.ok() => serde_json::from_str::<serde_json::Value>(&p.text)
+                    .ok()
+                    .and_then(|v| v["status"].as_str().map(str::to_string))
+                    .unwrap_or_else(|| "ok".into()),
+                Some(p) => probe_error(p),
+            };
+            let proxy = server.url.as_deref().and_then(|url| {
+                proxy_replicas
+                    .iter()
+                    .find(|r| same_endpoint(&r.url, url))
+                    .cloned()
+            });
+            Replica {
+                unit: unit.to_string(),
+                gpu: get("gpu").and_then(|p| p.text.trim().parse().ok()),
+                active: get("active")
+                    .map_or_else(|| "unknown".to_string(), |p| p.text.trim().to_string()),
+                health,
+                server,
+                proxy,
+            }
+        })
+        .collect()
+}
+
+/// `http://host:port[/]` → (host, port), the host lowercased and every loopback spelling as one.
+fn endpoint(url: &str) -> Option<(String, u16)> {
+    let rest = url.trim().split_once("://").map_or(url.trim(), |(_, r)| r);
+    let authority = rest.split('/').next()?;
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') => (h, p.parse().ok()?),
+        _ => (authority, 80),
+    };
+    let host = host.to_ascii_lowercase();
+    let host = match host.as_str() {
+        "localhost" | "127.0.0.1" | "[::1]" | "0.0.0.0" | "[::]" => "127.0.0.1".to_string(),
+        _ => host,
+    };
+    Some((host, port))
+}
+
+/// The proxy names its upstreams as configured (`http://127.0.0.1:8081`, `http://localhost:8081/`), status
+/// dials what the unit says: the same server when host and port are.
+pub fn same_endpoint(a: &str, b: &str) -> bool {
+    match (endpoint(a), endpoint(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// The proxy's `llmctl_proxy_replica_*` series, one entry per `replica` label, in the order they first appear.
+pub fn proxy_replicas(samples: &[prom::Sample]) -> Vec<ProxyReplica> {
+    let mut out: Vec<ProxyReplica> = Vec::new();
+    for x in samples {
+        let Some(series) = x.name.strip_prefix("llmctl_proxy_replica_") else {
+            continue;
+        };
+        let Some(url) = x.label("replica") else {
+            continue;
+        };
+        let i = match out.iter().position(|r| r.url == url) {
+            Some(i) => i,
+            None => {
+                out.push(ProxyReplica {
+                    url: url.to_string(),
+                    ..ProxyReplica::default()
+                });
+                out.len() - 1
+            }
+        };
+        let r = &mut out[i];
+        let n = Some(as_count(x.value));
+        match series {
+            "up" => r.up = Some(x.value >= 1.0),
+            "in_flight" => r.in_flight = n,
+            "slots" => r.slots = n,
+            "requests_total" => r.requests_total = n,
+            "errors_total" => r.errors_total = n,
+            "prompt_tokens_total" => r.prompt_tokens_total = n,
+            "cached_prompt_tokens_total" => r.cached_prompt_tokens_total = n,
+            _ => {}
+        }
+    }
+    for r in &mut out {
+        r.prompt_cache_reuse = match (r.prompt_tokens_total, r.cached_prompt_tokens_total) {
+            (Some(p), Some(c)) if p > 0 => Some(c as f64 / p as f64),
+            _ => None,
+        };
+    }
+    out
 }
 
 /// serve-proxy's `/metrics` section.
@@ -471,9 +666,30 @@ pub fn assess(host: &str, vmid: Option<u32>, s: &BTreeMap<String, Probe>) -> Sta
 
     let mut services = BTreeMap::new();
     let mut llama_server = LlamaServer::default();
+    let mut replicas = Vec::new();
     let mut proxy = Proxy::default();
     if container.state == "running" {
         services = parse_is_active(&get("services").text, &[LLAMA_UNIT, PROXY_UNIT]);
+    }
+    // One llama-server per GPU, and no llama-server.service file beside them (the script dials the single
+    // unit only when its file is there): the replicas are the llama-servers, and llama-server.service's
+    // `inactive` (systemd's answer for a unit it does not know) is no problem.
+    let replica_only = if container.state == "running" && !services.is_empty() {
+        let figures = s
+            .get("proxy-metrics")
+            .filter(|m| m.ok())
+            .map(|m| proxy_replicas(&prom::parse(&m.text)))
+            .unwrap_or_default();
+        replicas = assess_replicas(s, &figures);
+        !replicas.is_empty() && !s.contains_key("llama-url")
+    } else {
+        false
+    };
+    if replica_only {
+        services.remove(LLAMA_UNIT);
+    }
+    for r in &replicas {
+        services.insert(r.unit.clone(), r.active.clone());
     }
     if container.state == "running" && services.is_empty() {
         // `pct exec` itself failed: every read inside failed with it, and one problem says so.
@@ -497,6 +713,7 @@ pub fn assess(host: &str, vmid: Option<u32>, s: &BTreeMap<String, Probe>) -> Sta
         llama_server = assess_llama(s);
         proxy = assess_proxy(s);
         match (&llama_server.url, &llama_server.error) {
+            (None, _) if replica_only => {}
             (None, _) => problems.push(format!(
                 "llama-server has no unit ({}): run `llmctl provision`",
                 units::LLAMA_SERVER_UNIT_PATH
@@ -513,6 +730,31 @@ pub fn assess(host: &str, vmid: Option<u32>, s: &BTreeMap<String, Probe>) -> Sta
             } else {
                 format!("llama-server's /metrics could not be read: {}", probe_error(&m))
             });
+        }
+        for r in &replicas {
+            let unit = &r.unit;
+            if r.active != "active" {
+                problems.push(format!(
+                    "{unit} is {} (`llmctl logs {unit}` shows why)",
+                    r.active
+                ));
+            }
+            if let (Some(url), Some(e)) = (&r.server.url, &r.server.error) {
+                problems.push(format!("{unit} does not answer at {url}: {e}"));
+            }
+            if r.gpu.is_none() {
+                problems.push(format!(
+                    "{unit} is pinned to no GPU (no CUDA_VISIBLE_DEVICES in its unit): run `llmctl provision`"
+                ));
+            }
+            if r.server.up && !r.server.metrics {
+                let m = get(&format!("{unit} metrics"));
+                notes.push(if m.text.contains("--metrics") {
+                    format!("{unit} runs without --metrics (no tokens/s): run `llmctl provision` to turn it on")
+                } else {
+                    format!("{unit}'s /metrics could not be read: {}", probe_error(&m))
+                });
+            }
         }
         match (&proxy.url, &proxy.error) {
             (None, _) => problems.push(format!(
@@ -538,6 +780,7 @@ pub fn assess(host: &str, vmid: Option<u32>, s: &BTreeMap<String, Probe>) -> Sta
         container,
         services,
         llama_server,
+        replicas,
         proxy,
     }
 }
@@ -558,6 +801,7 @@ fn round(t: &dyn Transport, mode: &str, vmid: Option<u32>) -> Result<BTreeMap<St
         units::LLAMA_SERVER_UNIT_PATH,
         units::PROXY_UNIT_PATH,
         crate::proxy::config::DEFAULT_LISTEN,
+        facts::REPLICA_UNIT_DIR.trim_end_matches('/'),
     ];
     let target = t.describe();
     let out = t
@@ -750,32 +994,13 @@ pub fn render_text(s: &Status) -> String {
     if s.container.state == "running" {
         let l = &s.llama_server;
         let active = |u: &str| s.services.get(u).map_or("?", String::as_str).to_string();
-        out.push_str(&format!(
-            "{}  llama-server   {}, {}",
-            tag(active(LLAMA_UNIT) == "active" && l.up),
-            active(LLAMA_UNIT),
-            l.url.as_deref().unwrap_or("no unit")
-        ));
-        if l.up {
-            out.push_str(&format!(
-                ": {}, context {} per slot, {} of {} slots busy\n",
-                l.model.as_deref().unwrap_or("?"),
-                opt(l.context_per_slot),
-                opt(l.slots_busy),
-                opt(l.slots_total)
-            ));
-            if l.metrics {
-                out.push_str(&format!(
-                    "                     prefill {} tok/s, generation {} tok/s ({} prompt tokens, {} cached, {} generated)\n",
-                    opt(l.prompt_tokens_per_s.map(|v| format!("{v:.1}"))),
-                    opt(l.generation_tokens_per_s.map(|v| format!("{v:.1}"))),
-                    opt(l.prompt_tokens_total),
-                    opt(l.prompt_tokens_cached_total),
-                    opt(l.generated_tokens_total)
-                ));
-            }
-        } else {
-            out.push('\n');
+        // With replicas only, llama-server.service is not there to show: a row per replica instead.
+        let single = s.replicas.is_empty() || s.services.contains_key(LLAMA_UNIT);
+        if single {
+            out.push_str(&render_llama(l, &active(LLAMA_UNIT)));
+        }
+        for r in &s.replicas {
+            out.push_str(&render_replica(r));
         }
         let p = &s.proxy;
         out.push_str(&format!(
@@ -808,6 +1033,79 @@ pub fn render_text(s: &Status) -> String {
         out.push_str("all up\n");
     } else {
         out.push_str(&format!("down: {} problem(s)\n", s.problems.len()));
+    }
+    out
+}
+
+/// The one llama-server's row: `up`/`DOWN`, its unit's state, where it was dialled, what it serves.
+fn render_llama(l: &LlamaServer, active: &str) -> String {
+    let mut out = format!(
+        "{}  llama-server   {}, {}",
+        tag(active == "active" && l.up),
+        active,
+        l.url.as_deref().unwrap_or("no unit")
+    );
+    out.push_str(&render_served(l));
+    out
+}
+
+/// What a llama-server that answered serves (`: model, context ..., slots`), and its speeds on a line of their
+/// own; a newline alone when it did not answer.
+fn render_served(l: &LlamaServer) -> String {
+    if !l.up {
+        return "\n".into();
+    }
+    let mut out = format!(
+        ": {}, context {} per slot, {} of {} slots busy\n",
+        l.model.as_deref().unwrap_or("?"),
+        opt(l.context_per_slot),
+        opt(l.slots_busy),
+        opt(l.slots_total)
+    );
+    if l.metrics {
+        out.push_str(&format!(
+            "                     prefill {} tok/s, generation {} tok/s ({} prompt tokens, {} cached, {} generated)\n",
+            opt(l.prompt_tokens_per_s.map(|v| format!("{v:.1}"))),
+            opt(l.generation_tokens_per_s.map(|v| format!("{v:.1}"))),
+            opt(l.prompt_tokens_total),
+            opt(l.prompt_tokens_cached_total),
+            opt(l.generated_tokens_total)
+        ));
+    }
+    out
+}
+
+/// A replica's row: as the one llama-server's, with its GPU and `/health`, then the proxy's figures for it.
+fn render_replica(r: &Replica) -> String {
+    let l = &r.server;
+    let mut out = format!(
+        "{}  {:<14} {}, gpu {}, {}, health {}",
+        tag(r.active == "active" && l.up),
+        r.unit,
+        r.active,
+        opt(r.gpu),
+        l.url.as_deref().unwrap_or("no url"),
+        r.health
+    );
+    out.push_str(&if l.up {
+        render_served(l).replacen(": ", ", ", 1)
+    } else {
+        "\n".into()
+    });
+    if let Some(p) = &r.proxy {
+        out.push_str(&format!(
+            "                     proxy: {}, {} requests, {} errors, {} in flight, prompt cache reuse {}\n",
+            match p.up {
+                Some(true) => "routing to it",
+                Some(false) => "marked down",
+                None => "?",
+            },
+            opt(p.requests_total),
+            opt(p.errors_total),
+            opt(p.in_flight),
+            p.prompt_cache_reuse
+                .map_or_else(|| "n/a".into(), |r| format!("{:.0}%", r * 100.0))
+        ));
     }
     out
 }

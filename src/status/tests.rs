@@ -123,6 +123,236 @@ fn a_healthy_host_is_up_with_every_reading() {
     assert!(text.ends_with("all up\n"), "{text}");
 }
 
+/// The proxy's own renderer with two replicas behind it (the router's `llmctl_proxy_replica_*` series): the
+/// first served 3 requests, 1 failed, 1000 of 1600 prompt tokens from its cache; the second is marked down.
+fn replica_proxy_metrics() -> String {
+    use crate::proxy::router::{Replica as R, Router};
+    use std::sync::atomic::Ordering;
+    let replica = |url: &str| {
+        let upstream = crate::proxy::upstream::Upstream::new(
+            url,
+            None,
+            None,
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(1),
+            1,
+        )
+        .unwrap();
+        R::new(
+            crate::proxy::config::ReplicaSpec {
+                url: url.into(),
+                weight: 1,
+                model: None,
+            },
+            upstream,
+        )
+    };
+    // Upstreams as provision writes them, and one spelled another way (localhost, a trailing slash).
+    let router = Router::new(vec![
+        replica("http://127.0.0.1:8080"),
+        replica("http://localhost:8081/"),
+    ]);
+    let r0 = &router.replicas()[0].stats;
+    r0.requests.fetch_add(3, Ordering::Relaxed);
+    r0.errors.fetch_add(1, Ordering::Relaxed);
+    r0.prompt_tokens.fetch_add(1600, Ordering::Relaxed);
+    r0.cached_tokens.fetch_add(1000, Ordering::Relaxed);
+    // A refused request: an error, and no traffic until a probe finds it healthy.
+    router.failed(1, "connection refused");
+    let mut out = proxy_metrics();
+    router.render(&mut out);
+    out
+}
+
+/// A host with one llama-server per GPU: no llama-server.service (so no `llama-*` sections), two replicas read
+/// as the container script names their sections.
+fn replica_host() -> BTreeMap<String, Probe> {
+    let mut s = healthy();
+    for k in ["llama-url", "llama-props", "llama-slots", "llama-metrics"] {
+        s.remove(k);
+    }
+    // systemd answers `inactive` for llama-server, a unit it does not know.
+    s.insert("services".into(), probe("inactive\nactive", 3));
+    for (i, port) in [(0, 8080), (1, 8081)] {
+        let u = format!("llama-server-gpu{i}");
+        let mut put = |k: &str, p: Probe| {
+            s.insert(format!("{u} {k}"), p);
+        };
+        put("active", probe("active", 0));
+        put("gpu", probe(&i.to_string(), 0));
+        put("url", probe(&format!("http://127.0.0.1:{port}"), 0));
+        put("health", probe("{\"status\":\"ok\"}", 0));
+        put("props", probe(&fixture("llama-server.props.json"), 0));
+        put("slots", probe(&fixture("llama-server.slots-busy.json"), 0));
+        put("metrics", probe(&fixture("llama-server.metrics.txt"), 0));
+    }
+    s.insert("proxy-metrics".into(), probe(&replica_proxy_metrics(), 0));
+    s
+}
+
+#[test]
+fn replicas_get_a_row_each_with_their_gpu_and_the_proxys_figures() {
+    let st = assess("root@pve", Some(103), &replica_host());
+    assert_eq!(st.outcome, "up", "{:#?}", st.problems);
+    assert!(st.notes.is_empty(), "{:#?}", st.notes);
+    // llama-server.service is not there: neither a service nor a problem.
+    assert_eq!(
+        st.services.keys().collect::<Vec<_>>(),
+        ["llama-server-gpu0", "llama-server-gpu1", "llmctl-proxy"]
+    );
+    assert_eq!(st.replicas.len(), 2);
+    let (r0, r1) = (&st.replicas[0], &st.replicas[1]);
+    assert_eq!((r0.unit.as_str(), r0.gpu), ("llama-server-gpu0", Some(0)));
+    assert_eq!((r1.unit.as_str(), r1.gpu), ("llama-server-gpu1", Some(1)));
+    assert_eq!((r0.active.as_str(), r0.health.as_str()), ("active", "ok"));
+    assert!(r0.server.up && r0.server.metrics);
+    assert_eq!(r1.server.url.as_deref(), Some("http://127.0.0.1:8081"));
+    assert_eq!(r1.server.context_per_slot, Some(4096));
+    assert_eq!(
+        (r1.server.slots_busy, r1.server.slots_total),
+        (Some(1), Some(2))
+    );
+    let p0 = r0.proxy.as_ref().expect("the proxy's figures for gpu0");
+    assert_eq!(p0.url, "http://127.0.0.1:8080");
+    assert_eq!(
+        (p0.up, p0.requests_total, p0.errors_total, p0.in_flight),
+        (Some(true), Some(3), Some(1), Some(0))
+    );
+    assert_eq!(p0.prompt_cache_reuse, Some(1000.0 / 1600.0));
+    let p1 = r1
+        .proxy
+        .as_ref()
+        .expect("matched through localhost and the slash");
+    assert_eq!(
+        (p1.url.as_str(), p1.up),
+        ("http://localhost:8081/", Some(false))
+    );
+    assert_eq!(p1.prompt_cache_reuse, None, "no prompt tokens yet");
+
+    let text = render_text(&st);
+    assert!(!text.contains("llama-server   "), "no single row:\n{text}");
+    assert!(text.contains("up    llama-server-gpu0 active, gpu 0, http://127.0.0.1:8080, health ok, SmolLM2-135M-Instruct.Q4_1.gguf, context 4096 per slot, 1 of 2 slots busy\n                     prefill 148.8 tok/s"), "{text}");
+    assert!(text.contains("\n                     proxy: routing to it, 3 requests, 1 errors, 0 in flight, prompt cache reuse 62%\n"), "{text}");
+    assert!(
+        text.contains("up    llama-server-gpu1 active, gpu 1, http://127.0.0.1:8081"),
+        "{text}"
+    );
+    assert!(
+        text.contains("proxy: marked down, 0 requests, 1 errors"),
+        "{text}"
+    );
+    assert!(text.ends_with("all up\n"), "{text}");
+
+    // Every field of a replica is documented, as the single server's are.
+    let v = serde_json::to_value(&st).unwrap();
+    let mut got = Vec::new();
+    paths(&v, "", &mut got);
+    let docs =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/commands.md")).unwrap();
+    for field in got.iter().filter(|f| f.starts_with("replicas")) {
+        // A replica has the single server's fields too, documented once under `llama_server`.
+        let own = field
+            .strip_prefix("replicas[].")
+            .is_none_or(|f| !SCHEMA_FIELDS.contains(&format!("llama_server.{f}").as_str()));
+        if own {
+            assert!(
+                JSON_HELP.contains(&format!("`{field}`")),
+                "`llmctl status --help` does not document `{field}`"
+            );
+            assert!(
+                docs.contains(&format!("`{field}`")),
+                "docs/commands.md does not document `{field}`"
+            );
+        }
+    }
+    assert!(
+        got.contains(&"replicas[].proxy.prompt_cache_reuse".to_string()),
+        "{got:#?}"
+    );
+}
+
+#[test]
+fn a_replica_down_or_unpinned_is_named_with_its_own_unit() {
+    let mut s = replica_host();
+    s.insert("llama-server-gpu1 active".into(), probe("failed", 3));
+    s.insert(
+        "llama-server-gpu1 health".into(),
+        probe(
+            "error: cannot reach http://127.0.0.1:8081/health: connection refused",
+            2,
+        ),
+    );
+    s.insert(
+        "llama-server-gpu1 props".into(),
+        probe(
+            "error: cannot reach http://127.0.0.1:8081/props: connection refused",
+            2,
+        ),
+    );
+    s.insert("llama-server-gpu0 gpu".into(), probe("", 0));
+    let st = assess("root@pve", Some(103), &s);
+    assert_eq!(st.outcome, "down");
+    assert_eq!(
+        st.problems,
+        [
+            "llama-server-gpu0 is pinned to no GPU (no CUDA_VISIBLE_DEVICES in its unit): run `llmctl provision`",
+            "llama-server-gpu1 is failed (`llmctl logs llama-server-gpu1` shows why)",
+            "llama-server-gpu1 does not answer at http://127.0.0.1:8081: cannot reach http://127.0.0.1:8081/props: connection refused",
+        ],
+        "{:#?}",
+        st.problems
+    );
+    assert_eq!(st.services["llama-server-gpu1"], "failed");
+    let text = render_text(&st);
+    assert!(text.contains("DOWN  llama-server-gpu1 failed, gpu 1, http://127.0.0.1:8081, health cannot reach http://127.0.0.1:8081/health: connection refused\n"), "{text}");
+    assert!(
+        text.contains("up    llama-server-gpu0 active, gpu ?, "),
+        "{text}"
+    );
+    // `llmctl logs` takes the unit the problem names.
+    assert_eq!(
+        crate::logs::parse_service("llama-server-gpu1"),
+        Ok(crate::logs::Service::Replica(1))
+    );
+
+    // An older installation's llama-server.service still beside the replicas: shown and judged too.
+    let mut s = replica_host();
+    s.insert("services".into(), probe("active\nactive", 0));
+    for (k, f) in [
+        ("llama-url", None),
+        ("llama-props", Some("llama-server.props.json")),
+        ("llama-slots", Some("llama-server.slots-busy.json")),
+        ("llama-metrics", Some("llama-server.metrics.txt")),
+    ] {
+        let text = f.map_or_else(|| "http://127.0.0.1:8080".to_string(), fixture);
+        s.insert(k.into(), probe(&text, 0));
+    }
+    let st = assess("root@pve", Some(103), &s);
+    assert_eq!(st.services["llama-server"], "active");
+    let text = render_text(&st);
+    assert!(text.contains("up    llama-server   active"), "{text}");
+    assert!(text.contains("up    llama-server-gpu1 active"), "{text}");
+}
+
+#[test]
+fn proxy_upstreams_are_matched_by_host_and_port() {
+    assert!(same_endpoint(
+        "http://127.0.0.1:8081",
+        "http://localhost:8081/"
+    ));
+    assert!(same_endpoint("http://[::1]:8080", "http://127.0.0.1:8080"));
+    assert!(!same_endpoint(
+        "http://127.0.0.1:8080",
+        "http://127.0.0.1:8081"
+    ));
+    assert!(!same_endpoint(
+        "http://10.0.0.5:8080",
+        "http://127.0.0.1:8080"
+    ));
+    assert!(same_endpoint("http://GPU-box", "http://gpu-box:80/v1"));
+    assert!(!same_endpoint("not a url:x", "http://127.0.0.1:8080"));
+}
+
 #[test]
 fn a_stopped_service_is_down_and_named() {
     let mut s = healthy();
@@ -417,6 +647,52 @@ fn the_container_script_reads_addresses_from_the_rendered_units() {
     assert_eq!(
         s["proxy-metrics"].text,
         "probe --get http://127.0.0.1:4000/metrics"
+    );
+    // Replica units (as provision renders them) in the directory given as $5: each dialled at its own port,
+    // its GPU read from its unit.
+    let rdir = dir.path().join("units");
+    std::fs::create_dir_all(&rdir).unwrap();
+    // `llmctl model plan`'s answer for two GPUs that each hold the model, as provision reads it.
+    let json = r#"{"layout":"replicas","chosen":{"ngl":31,"n_cpu_moe":0},"servers":[
+        {"gpus":[0],"port":8080,"env":{"CUDA_DEVICE_ORDER":"PCI_BUS_ID","CUDA_VISIBLE_DEVICES":"0"},"args":[]},
+        {"gpus":[1],"port":8081,"env":{"CUDA_DEVICE_ORDER":"PCI_BUS_ID","CUDA_VISIBLE_DEVICES":"1"},"args":[]}]}"#;
+    let layout = crate::provision::ct::layout_from_plan(&cfg, json).unwrap();
+    for server in &layout.servers {
+        std::fs::write(
+            rdir.join(format!("{}.service", server.unit())),
+            units::render_llama_server_unit(&cfg, &layout.offload, server).unwrap(),
+        )
+        .unwrap();
+    }
+    let out = std::process::Command::new("sh")
+        .args([
+            "-c",
+            CT_SCRIPT,
+            "llmctl-status",
+            "/bin/echo",
+            "/nonexistent/a",
+        ])
+        .arg(&proxy)
+        .arg(crate::proxy::config::DEFAULT_LISTEN)
+        .arg(&rdir)
+        .output()
+        .unwrap();
+    let s = parse_sections(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(s["llama-server-gpu1 url"].text, "http://127.0.0.1:8081");
+    assert_eq!(s["llama-server-gpu1 gpu"].text, "1");
+    assert_eq!(s["llama-server-gpu0 gpu"].text, "0");
+    assert_eq!(
+        s["llama-server-gpu1 health"].text,
+        "probe --get http://127.0.0.1:8081/health"
+    );
+    assert_eq!(
+        s["llama-server-gpu0 slots"].text,
+        "probe --get http://127.0.0.1:8080/slots"
+    );
+    assert!(s.contains_key("llama-server-gpu0 active"));
+    assert!(
+        !s.contains_key("llama-url"),
+        "no llama-server.service: not dialled"
     );
     // No units: nothing is dialled.
     let out = std::process::Command::new("sh")
