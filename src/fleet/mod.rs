@@ -354,7 +354,7 @@ pub fn summary(rows: &[(&Member, &HostReport)]) -> String {
         .collect();
     out.push('\n');
     out.push_str(&match worst {
-        Outcome::Success => format!("exit 0: all {} hosts fine\n", rows.len()),
+        Outcome::Success => "exit 0 (success)\n".to_string(),
         Outcome::ProblemsFound => format!("exit 1 (problems found): {}\n", culprits.join(", ")),
         Outcome::CouldNotRun => format!("exit 2 (could not run): {}\n", culprits.join(", ")),
     });
@@ -512,7 +512,7 @@ mod tests {
             summary(&[(&a, &ra), (&b, &rb)])
                 .ends_with("exit 1 (problems found): pascal (1 finding)\n")
         );
-        assert!(summary(&[(&a, &ra)]).ends_with("exit 0: all 1 hosts fine\n"));
+        assert!(summary(&[(&a, &ra)]).ends_with("exit 0 (success)\n"));
         assert_eq!(worst([]), Outcome::Success);
     }
 
