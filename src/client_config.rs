@@ -126,9 +126,9 @@ pub fn run(global: &GlobalArgs, args: ClientConfigArgs) -> Result<Outcome> {
     let file = crate::config::ConfigFile::load(global.config.as_deref())?;
     let source = from_host::source(
         args.from_host,
-        args.target.host.is_some() || args.target.vmid.is_some(),
+        !args.target.host.is_empty() || args.target.vmid.is_some(),
         args.proxy_url.is_some() || args.llama_url.is_some() || args.api_key_env.is_some(),
-        file.has_section("host"),
+        file.has_section("host") || file.has_section(crate::config::HOSTS),
     );
     let env_key = match (&args.api_key_env, args.client) {
         // Codex reads the variable itself; only its name goes into config.toml.

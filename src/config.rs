@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+mod inventory;
 mod sections;
+pub use inventory::{Entry as InventoryEntry, HOSTS};
 pub use sections::*;
 
 /// The parsed file, kept as a table so each command deserializes only the sections it reads (a bad value in
@@ -16,6 +18,9 @@ pub use sections::*;
 pub struct ConfigFile {
     pub path: Option<PathBuf>,
     table: toml::Table,
+    /// The inventory host this is the configuration of (`[[hosts]]`, [`ConfigFile::for_member`]): its
+    /// messages name it.
+    scope: Option<String>,
 }
 
 pub const DEFAULT_PATH: &str = "llmctl.toml";
@@ -42,17 +47,31 @@ impl ConfigFile {
         let mut file = ConfigFile {
             path,
             table: toml::Table::new(),
+            scope: None,
         };
         file.table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", file.name()))?;
         check_top_level(&file.table).map_err(|msg| anyhow::anyhow!("{}: {msg}", file.name()))?;
+        // The inventory's shape is checked for every command, as section names are.
+        file.inventory()?;
         Ok(file)
     }
 
-    /// The file's name for messages: its path, or `llmctl.toml` when there is none.
+    /// The file's name for messages: its path, or `llmctl.toml` when there is none; with the inventory host
+    /// when this is one host's configuration (`lab.toml (host pve2)`).
     pub fn name(&self) -> String {
-        self.path
+        let file = self
+            .path
             .as_deref()
-            .map_or_else(|| DEFAULT_PATH.to_string(), |p| p.display().to_string())
+            .map_or_else(|| DEFAULT_PATH.to_string(), |p| p.display().to_string());
+        match &self.scope {
+            Some(host) => format!("{file} (host {host})"),
+            None => file,
+        }
+    }
+
+    /// The inventory host this configuration is of ([`ConfigFile::for_member`]); `None` for the file itself.
+    pub fn scope(&self) -> Option<&str> {
+        self.scope.as_deref()
     }
 
     /// Whether the file has section `[name]` at all (client-config: a `[host]` means "from the host").
@@ -134,7 +153,8 @@ fn check_top_level(table: &toml::Table) -> std::result::Result<(), String> {
         .collect::<Vec<_>>()
         .join(", ");
     for (name, value) in table {
-        if SECTIONS.contains(&name.as_str()) {
+        // The inventory is not a section: `inventory::entries` checks it.
+        if SECTIONS.contains(&name.as_str()) || name == HOSTS {
             continue;
         }
         if !value.is_table() {

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod client_config;
 pub mod config;
 pub mod doctor;
+pub mod fleet;
 pub mod gpu;
 pub mod host;
 pub mod logging;

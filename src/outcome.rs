@@ -15,6 +15,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// How bad: the fleet's exit code is its worst host's.
+    pub fn severity(self) -> u8 {
+        match self {
+            Outcome::Success => 0,
+            Outcome::ProblemsFound => 1,
+            Outcome::CouldNotRun => 2,
+        }
+    }
+
     pub fn exit_code(self) -> ExitCode {
         match self {
             Outcome::Success => ExitCode::SUCCESS,

@@ -14,10 +14,11 @@ use crate::transport::ssh::SshOptions;
 
 #[derive(Debug, Clone, Args)]
 pub struct HostArgs {
-    /// The Proxmox host: `local` (run on the host itself), `user@host[:port]`, or a ~/.ssh/config alias
-    /// [default: [host] target in llmctl.toml]
+    /// The Proxmox host: `local` (run on the host itself), `user@host[:port]`, or a ~/.ssh/config alias; with
+    /// [[hosts]] in llmctl.toml, a host's name (or target). Repeatable where a command runs over several
+    /// hosts (doctor) [default: [host] target in llmctl.toml, or every [[hosts]] entry]
     #[arg(long, value_name = "HOST")]
-    pub host: Option<String>,
+    pub host: Vec<String>,
     /// The GPU container [default: [host] vmid in llmctl.toml, else the only container with NVIDIA devices]
     #[arg(long, value_name = "N")]
     pub vmid: Option<u32>,
@@ -67,12 +68,30 @@ impl HostArgs {
     }
 
     /// [`HostArgs::resolve`] from a file already read: `[host]` with the schema and checks provision uses, so
-    /// the same file names the same host and container for every command.
+    /// the same file names the same host and container for every command. A command that reaches one host
+    /// takes one from an inventory too (`--host NAME`, or an inventory of one).
     pub fn resolve_with(&self, config: &ConfigFile) -> Result<Remote> {
+        match crate::fleet::select(config, &self.host, self.vmid)? {
+            crate::fleet::Selection::One { config, host } => {
+                self.resolve_one(&config, host.as_deref())
+            }
+            crate::fleet::Selection::Fleet(members) => {
+                let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
+                anyhow::bail!(
+                    "this command reaches one host and {} are selected ({}): pick one with --host NAME",
+                    names.len(),
+                    names.join(", ")
+                )
+            }
+        }
+    }
+
+    /// One host: `host` (the flag) over `[host]` of `config`.
+    pub fn resolve_one(&self, config: &ConfigFile, host: Option<&str>) -> Result<Remote> {
         let section: HostSection = config.section_or_default()?;
         config.report(&section.check())?;
         Ok(Remote {
-            host: section.target_or(self.host.as_deref())?,
+            host: section.target_or(host)?,
             vmid: self.vmid.or(section.vmid),
             options: self.ssh.options(),
         })

@@ -13,7 +13,7 @@ use std::io::Write;
 
 use crate::cli::GlobalArgs;
 use crate::outcome::Outcome;
-use crate::remote::HostArgs;
+use crate::remote::{HostArgs, Remote};
 use anyhow::Context as _;
 
 use crate::host::StepId;
@@ -30,14 +30,14 @@ pub struct DoctorArgs {
 
 /// The machine-readable report (`--json`).
 #[derive(Debug, Serialize)]
-pub struct Report {
+pub struct Report<'a> {
     pub host: String,
     pub vmid: Option<u32>,
     /// `healthy`, `problems-found`, or `could-not-run` (a container that does not exist; also printed, with an
     /// `error` string and no findings, when the host cannot be reached or examined).
     pub outcome: &'static str,
     pub summary: Summary,
-    pub findings: Vec<Finding>,
+    pub findings: &'a [Finding],
 }
 
 #[derive(Debug, Default, Serialize, PartialEq, Eq)]
@@ -77,28 +77,20 @@ pub fn outcome(findings: &[Finding]) -> Outcome {
 }
 
 pub fn run(global: &GlobalArgs, args: DoctorArgs) -> Result<Outcome> {
-    let remote = args.target.resolve(global)?;
-    let (host, vmid) = (remote.host.clone(), remote.vmid);
-    // An llmctl.toml that describes an installation names where its files are in the container: the container
-    // round looks there too, so provision's checks below run on these facts alone. (A file that does not load
-    // is reported below, after the host was examined, as before.)
-    let file = crate::config::ConfigFile::load(global.config.as_deref());
-    let paths = file
-        .as_ref()
-        .ok()
-        .and_then(crate::provision::config::install_paths_of);
-    let gathered = remote.connect().and_then(|t| {
-        let f = crate::host::facts::gather_with(t.as_ref(), vmid, paths.as_ref())?;
-        Ok((t, f))
-    });
-    let (transport, facts) = match gathered {
+    let file = crate::config::ConfigFile::load(global.config.as_deref())?;
+    let (file, host) = match crate::fleet::select(&file, &args.target.host, args.target.vmid)? {
+        crate::fleet::Selection::One { config, host } => (config, host),
+        crate::fleet::Selection::Fleet(members) => {
+            return crate::fleet::commands::doctor(global, &args, &members);
+        }
+    };
+    let remote = args.target.resolve_one(&file, host.as_deref())?;
+    let examined = examine(&remote, &file);
+    let (transport, facts) = match examined {
         Ok(f) => f,
         Err(e) if args.json => {
             // A script reading stdout gets a report either way: the host could not be examined, and why.
-            let report = serde_json::json!({
-                "host": host, "vmid": vmid, "outcome": "could-not-run",
-                "error": format!("{e:#}"), "findings": [],
-            });
+            let report = unexamined_json(&remote, &e);
             let mut stdout = std::io::stdout().lock();
             serde_json::to_writer_pretty(&mut stdout, &report)?;
             writeln!(stdout)?;
@@ -106,11 +98,110 @@ pub fn run(global: &GlobalArgs, args: DoctorArgs) -> Result<Outcome> {
         }
         Err(e) => return Err(e),
     };
+    let diagnosis = judge(&remote, &file, transport, facts)?;
+    let outcome = diagnosis.outcome();
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut stdout, &diagnosis.report())?;
+        writeln!(stdout)?;
+    } else {
+        stdout.write_all(diagnosis.text().as_bytes())?;
+    }
+    if let Some(why) = diagnosis.could_not_run() {
+        // The report says which container is missing; say it on stderr too so scripts see why the exit is 2.
+        eprintln!("error: {why}");
+    }
+    Ok(outcome)
+}
+
+/// `--json`'s report for a host that could not be examined (unreachable, not Proxmox): why, and no findings.
+pub fn unexamined_json(remote: &Remote, err: &anyhow::Error) -> serde_json::Value {
+    serde_json::json!({
+        "host": remote.host, "vmid": remote.vmid, "outcome": "could-not-run",
+        "error": format!("{err:#}"), "findings": [],
+    })
+}
+
+/// One host's facts, read through one connection (kept open for [`judge`]). An llmctl.toml that describes an
+/// installation names where its files are in the container: the container round looks there too, so
+/// provision's checks in [`judge`] run on these facts alone.
+pub fn examine(
+    remote: &Remote,
+    file: &crate::config::ConfigFile,
+) -> Result<(
+    Box<dyn crate::transport::Transport>,
+    crate::host::facts::HostFacts,
+)> {
+    let paths = crate::provision::config::install_paths_of(file);
+    let transport = remote.connect()?;
+    let facts = crate::host::facts::gather_with(transport.as_ref(), remote.vmid, paths.as_ref())?;
+    Ok((transport, facts))
+}
+
+/// What doctor found on one host.
+#[derive(Debug)]
+pub struct Diagnosis {
+    pub target: String,
+    pub vmid: Option<u32>,
+    pub findings: Vec<Finding>,
+}
+
+impl Diagnosis {
+    pub fn outcome(&self) -> Outcome {
+        outcome(&self.findings)
+    }
+
+    /// The text report.
+    pub fn text(&self) -> String {
+        render_text(&self.target, self.vmid, &self.findings)
+    }
+
+    /// The `--json` report.
+    pub fn report(&self) -> Report<'_> {
+        Report {
+            host: self.target.clone(),
+            vmid: self.vmid,
+            outcome: match self.outcome() {
+                Outcome::Success => "healthy",
+                Outcome::ProblemsFound => "problems-found",
+                Outcome::CouldNotRun => "could-not-run",
+            },
+            summary: summarize(&self.findings),
+            findings: &self.findings,
+        }
+    }
+
+    /// Why doctor could not check what it was asked to (the container does not exist), when that is so.
+    pub fn could_not_run(&self) -> Option<String> {
+        (self.outcome() == Outcome::CouldNotRun).then(|| {
+            format!(
+                "container {} does not exist on {}: pass an existing --vmid (see `pct list`)",
+                self.vmid.unwrap_or_default(),
+                self.target
+            )
+        })
+    }
+
+    /// The failing findings' ids, for a one-line reason.
+    pub fn failures(&self) -> Vec<&'static str> {
+        self.findings
+            .iter()
+            .filter(|f| f.severity == Severity::Fail)
+            .map(|f| f.id.as_str())
+            .collect()
+    }
+}
+
+/// Judges one examined host: doctor's checks, and with an llmctl.toml that describes an installation also
+/// provision's own checks (whatever `provision --check` would change is a failure here too).
+pub fn judge(
+    remote: &Remote,
+    file: &crate::config::ConfigFile,
+    transport: Box<dyn crate::transport::Transport>,
+    facts: crate::host::facts::HostFacts,
+) -> Result<Diagnosis> {
     let mut findings = checks::run_all(&facts);
-    // With an llmctl.toml that describes an installation, the host is judged against it with provision's own
-    // checks: whatever `provision --check` would change is a failure here too.
-    let file = file?;
-    if let Some(cfg) = desired(&file, &facts)? {
+    if let Some(cfg) = desired(file, &facts)? {
         let config_path = file.path.as_deref().map_or_else(
             || crate::config::DEFAULT_PATH.to_string(),
             |p| p.display().to_string(),
@@ -129,34 +220,11 @@ pub fn run(global: &GlobalArgs, args: DoctorArgs) -> Result<Outcome> {
         let plan = crate::provision::assess(&mut ctx)?;
         reconcile(&mut findings, &plan);
     }
-    let outcome = outcome(&findings);
-    let mut stdout = std::io::stdout().lock();
-    if args.json {
-        let report = Report {
-            host: facts.target.clone(),
-            vmid: facts.vmid,
-            outcome: match outcome {
-                Outcome::Success => "healthy",
-                Outcome::ProblemsFound => "problems-found",
-                Outcome::CouldNotRun => "could-not-run",
-            },
-            summary: summarize(&findings),
-            findings,
-        };
-        serde_json::to_writer_pretty(&mut stdout, &report)?;
-        writeln!(stdout)?;
-    } else {
-        stdout.write_all(render_text(&facts.target, facts.vmid, &findings).as_bytes())?;
-    }
-    if outcome == Outcome::CouldNotRun {
-        // The report says which container is missing; say it on stderr too so scripts see why the exit is 2.
-        let v = facts.vmid.unwrap_or_default();
-        eprintln!(
-            "error: container {v} does not exist on {}: pass an existing --vmid (see `pct list`)",
-            facts.target
-        );
-    }
-    Ok(outcome)
+    Ok(Diagnosis {
+        target: facts.target.clone(),
+        vmid: facts.vmid,
+        findings,
+    })
 }
 
 /// The provisioning configuration to judge the host against: llmctl.toml's, when it describes an installation

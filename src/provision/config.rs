@@ -322,7 +322,7 @@ mod tests {
     fn host_reads_the_same_for_doctor_and_provision() {
         use crate::remote::{HostArgs, SshArgs};
         let flags = |host: Option<&str>, vmid: Option<u32>| HostArgs {
-            host: host.map(str::to_string),
+            host: host.map(str::to_string).into_iter().collect(),
             vmid,
             ssh: SshArgs::default(),
         };

@@ -45,9 +45,11 @@ pub struct ProvisionArgs {
     /// When a driver change needs a reboot, reboot the host, wait for it, and carry on.
     #[arg(long)]
     pub reboot: bool,
-    /// The Proxmox host [default: [host] target in llmctl.toml]
+    /// The Proxmox host; with [[hosts]] in llmctl.toml, a host's name (or target). Repeatable: several hosts
+    /// are provisioned in parallel, and changing them takes --yes [default: [host] target in llmctl.toml, or
+    /// every [[hosts]] entry]
     #[arg(long, value_name = "HOST")]
-    pub host: Option<String>,
+    pub host: Vec<String>,
     #[command(flatten)]
     pub ssh: crate::remote::SshArgs,
     /// The llmctl binary to install in the container [default: this one]
@@ -103,7 +105,51 @@ pub fn select_steps(
 
 pub fn run(global: &GlobalArgs, args: ProvisionArgs) -> Result<Outcome> {
     let file = crate::config::ConfigFile::load(global.config.as_deref())?;
-    let cfg = config::ProvisionConfig::from_file_and_flags(&file, args.host.as_deref())?;
+    let (file, host) = match crate::fleet::select(&file, &args.host, None)? {
+        crate::fleet::Selection::One { config, host } => (config, host),
+        crate::fleet::Selection::Fleet(members) => {
+            return crate::fleet::commands::provision(global, &args, &members);
+        }
+    };
+    let live = std::sync::Arc::new(progress::Live::new(global.quiet));
+    let mut out = std::io::stdout().lock();
+    Ok(provision_one(global, &args, &file, host.as_deref(), live, &mut out)?.outcome)
+}
+
+/// How a provisioning run of one host ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provisioned {
+    pub outcome: Outcome,
+    /// Steps the plan would change.
+    pub planned: usize,
+    /// Steps that changed the host (`None`: nothing was applied: --plan, --check, or nothing to change).
+    pub changed: Option<usize>,
+    /// Why a step refused, when one did.
+    pub refused: Option<String>,
+}
+
+/// Provisions one host: `file` is its configuration, `host` the `--host` flag when it gives the target; the
+/// report goes to `out`, live progress to `live`. A fleet calls this once per host, each into its own buffer.
+pub fn provision_one(
+    global: &GlobalArgs,
+    args: &ProvisionArgs,
+    file: &crate::config::ConfigFile,
+    host: Option<&str>,
+    live: std::sync::Arc<progress::Live>,
+    out: &mut dyn Write,
+) -> Result<Provisioned> {
+    if let Some(name) = file.scope() {
+        // An inventory host's container is its entry's vmid: say so, not `[host] vmid`.
+        let section: crate::config::HostSection = file.section_or_default()?;
+        if section.vmid.is_none() {
+            bail!(
+                "{}: no container given: set vmid in the [[hosts]] entry named {name:?} (the container to \
+                 create or use, e.g. 103)",
+                file.name()
+            );
+        }
+    }
+    let cfg = config::ProvisionConfig::from_file_and_flags(file, host)?;
     let config_path = file.path.as_deref().map_or_else(
         || crate::config::DEFAULT_PATH.to_string(),
         |p| p.display().to_string(),
@@ -116,10 +162,13 @@ pub fn run(global: &GlobalArgs, args: ProvisionArgs) -> Result<Outcome> {
         Some(p) => p.clone(),
         None => std::env::current_exe().context("cannot find this llmctl binary to install it")?,
     };
-    let live = std::sync::Arc::new(progress::Live::new(global.quiet));
     let mut ctx = Ctx::new(connect, cfg, config_path.clone(), binary, live)?;
     ctx.allow_reboot = args.reboot;
-    let mut out = std::io::stdout().lock();
+    // The next command reaches this host the way this run did: by its inventory name, or its target.
+    let next_host = host
+        .map(str::to_string)
+        .or_else(|| file.scope().map(str::to_string));
+    let next = || next_step(global, next_host.as_deref(), args);
     writeln!(
         out,
         "llmctl provision: {}, CT {} ({config_path})\n",
@@ -128,9 +177,13 @@ pub fn run(global: &GlobalArgs, args: ProvisionArgs) -> Result<Outcome> {
     )?;
 
     // Always check everything first and show it: the plan is what the user agrees to.
-    let planned = execute(&steps, &mut ctx, Mode::Plan, &mut out)?;
+    let planned = execute(&steps, &mut ctx, Mode::Plan, out)?;
     let changes = step::changes(&planned);
-    let refused = planned.iter().any(|o| matches!(o, StepOutcome::Refused(_)));
+    let refused_why = planned.iter().find_map(|o| match o {
+        StepOutcome::Refused(why) => Some(why.clone()),
+        _ => None,
+    });
+    let refused = refused_why.is_some();
     writeln!(
         out,
         "\n{} of {} steps would change something{}",
@@ -143,35 +196,46 @@ pub fn run(global: &GlobalArgs, args: ProvisionArgs) -> Result<Outcome> {
         }
     )?;
     let clean = changes == 0 && !refused;
+    let ended = |outcome, changed, refused| Provisioned {
+        outcome,
+        planned: changes,
+        changed,
+        refused,
+    };
     if args.plan || args.check {
         if clean && args.only.is_empty() {
-            write!(out, "{}", next_step(global, &args))?;
+            write!(out, "{}", next())?;
         }
-        return Ok(if clean || args.plan {
+        let outcome = if clean || args.plan {
             Outcome::Success
         } else {
             Outcome::ProblemsFound
-        });
+        };
+        return Ok(ended(outcome, None, refused_why));
     }
     if changes > 0 && !args.yes {
         confirm(changes)?;
     }
     let applied = if changes > 0 {
         writeln!(out, "\napplying:\n")?;
-        execute(&steps, &mut ctx, Mode::Apply, &mut out)?
+        execute(&steps, &mut ctx, Mode::Apply, out)?
     } else {
         planned
     };
+    let changed = step::changes(&applied);
     if let Some(StepOutcome::Refused(why)) = applied
         .iter()
         .find(|o| matches!(o, StepOutcome::Refused(_)))
     {
         writeln!(out, "\nstopped: {why}")?;
-        return Ok(Outcome::ProblemsFound);
+        return Ok(ended(
+            Outcome::ProblemsFound,
+            Some(changed),
+            Some(why.clone()),
+        ));
     }
-    let changed = step::changes(&applied);
     if args.only.is_empty() {
-        smoke_test(&ctx, &mut out)?;
+        smoke_test(&ctx, out)?;
     }
     writeln!(
         out,
@@ -179,9 +243,9 @@ pub fn run(global: &GlobalArgs, args: ProvisionArgs) -> Result<Outcome> {
         applied.len() - changed
     )?;
     if args.only.is_empty() {
-        write!(out, "{}", next_step(global, &args))?;
+        write!(out, "{}", next())?;
     }
-    Ok(Outcome::Success)
+    Ok(ended(Outcome::Success, Some(changed), None))
 }
 
 /// `provision --check`'s assessment without its output: every step checked, nothing changed. Doctor calls it
@@ -197,12 +261,12 @@ pub fn assess(ctx: &mut Ctx) -> Result<Vec<(StepId, &'static str, StepOutcome)>>
 }
 
 /// What to run next once the host is as configured: point Claude Code on this machine at the proxy.
-fn next_step(global: &GlobalArgs, args: &ProvisionArgs) -> String {
+fn next_step(global: &GlobalArgs, host: Option<&str>, args: &ProvisionArgs) -> String {
     format!(
         "\nnext, on the machine you code on (codex or pi instead of claude for those clients):\n  {}\n",
         next_command(
             global.config.as_deref(),
-            args.host.as_deref(),
+            host,
             &args.ssh.identity,
             args.ssh.known_hosts.as_deref()
         )

@@ -11,6 +11,9 @@ pub struct Live {
     tty: bool,
     quiet: bool,
     bar: Mutex<Option<ProgressBar>>,
+    /// In a fleet: the host's one line, which shows the step and the command under way instead of a spinner
+    /// per step (several hosts' steps would interleave).
+    host_line: Option<ProgressBar>,
 }
 
 impl Live {
@@ -19,6 +22,18 @@ impl Live {
             tty: crate::term::fancy_stderr(),
             quiet,
             bar: Mutex::new(None),
+            host_line: None,
+        }
+    }
+
+    /// One host of a fleet: its progress on the fleet's line for it, or (`None`: off a terminal) nowhere, so
+    /// hosts running at once never interleave their lines.
+    pub fn host_line(line: Option<ProgressBar>) -> Live {
+        Live {
+            tty: line.is_some(),
+            quiet: line.is_none(),
+            bar: Mutex::new(line.clone()),
+            host_line: line,
         }
     }
 
@@ -28,11 +43,16 @@ impl Live {
             tty: false,
             quiet: true,
             bar: Mutex::new(None),
+            host_line: None,
         }
     }
 
     pub fn step_started(&self, index: usize, total: usize, id: &str, title: &str) {
         if self.quiet {
+            return;
+        }
+        if let Some(line) = &self.host_line {
+            line.set_message(format!("[{index}/{total}] {id}: {title}"));
             return;
         }
         if self.tty {
@@ -50,6 +70,9 @@ impl Live {
     }
 
     pub fn step_finished(&self) {
+        if self.host_line.is_some() {
+            return;
+        }
         if let Some(bar) = self.bar.lock().unwrap_or_else(|e| e.into_inner()).take() {
             bar.finish_and_clear();
         }
