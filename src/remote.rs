@@ -71,11 +71,11 @@ impl HostArgs {
     /// the same file names the same host and container for every command. A command that reaches one host
     /// takes one from an inventory too (`--host NAME`, or an inventory of one).
     pub fn resolve_with(&self, config: &ConfigFile) -> Result<Remote> {
-        match crate::fleet::select(config, &self.host, self.vmid)? {
-            crate::fleet::Selection::One { config, host } => {
+        match crate::fleet::select(config, &self.host, self.vmid, &self.ssh.options())? {
+            crate::fleet::Selection::One { config, host, .. } => {
                 self.resolve_one(&config, host.as_deref())
             }
-            crate::fleet::Selection::Fleet(members) => {
+            crate::fleet::Selection::Fleet { members, .. } => {
                 let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
                 anyhow::bail!(
                     "this command reaches one host and {} are selected ({}): pick one with --host NAME",
