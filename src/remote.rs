@@ -15,8 +15,9 @@ use crate::transport::ssh::SshOptions;
 #[derive(Debug, Clone, Args)]
 pub struct HostArgs {
     /// The Proxmox host: `local` (run on the host itself), `user@host[:port]`, or a ~/.ssh/config alias; with
-    /// [[hosts]] in llmctl.toml, a host's name (or target). Repeatable where a command runs over several
-    /// hosts (doctor) [default: [host] target in llmctl.toml, or every [[hosts]] entry]
+    /// [[hosts]] or [cluster] in llmctl.toml, a host's (a cluster node's) name, or its target. Repeatable
+    /// where a command runs over several hosts (doctor) [default: [host] target in llmctl.toml, or every
+    /// [[hosts]] entry and cluster node]
     #[arg(long, value_name = "HOST")]
     pub host: Vec<String>,
     /// The GPU container [default: [host] vmid in llmctl.toml, else the only container with NVIDIA devices]

@@ -45,9 +45,9 @@ pub struct ProvisionArgs {
     /// When a driver change needs a reboot, reboot the host, wait for it, and carry on.
     #[arg(long)]
     pub reboot: bool,
-    /// The Proxmox host; with [[hosts]] in llmctl.toml, a host's name (or target). Repeatable: several hosts
-    /// are provisioned in parallel, and changing them takes --yes [default: [host] target in llmctl.toml, or
-    /// every [[hosts]] entry]
+    /// The Proxmox host; with [[hosts]] or [cluster] in llmctl.toml, a host's (a cluster node's) name, or its
+    /// target. Repeatable: several hosts are provisioned in parallel, and changing them takes --yes [default:
+    /// [host] target in llmctl.toml, or every [[hosts]] entry and cluster node]
     #[arg(long, value_name = "HOST")]
     pub host: Vec<String>,
     #[command(flatten)]
