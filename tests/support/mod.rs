@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use llmctl::transport::{SshOptions, SshTransport};
 
+pub mod cluster;
 pub mod law;
 
 /// Sim host numbers 1-99 belong to this harness; cargo runs test binaries one after another, so a counter
