@@ -6,8 +6,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+mod cluster;
 mod inventory;
 mod sections;
+pub use cluster::{CLUSTER, Cluster, NodeEntry};
 pub use inventory::{Entry as InventoryEntry, HOSTS};
 pub use sections::*;
 
@@ -21,6 +23,8 @@ pub struct ConfigFile {
     /// The inventory host this is the configuration of (`[[hosts]]`, [`ConfigFile::for_member`]): its
     /// messages name it.
     scope: Option<String>,
+    /// Where the host's own settings are written ([`ConfigFile::entry`]).
+    entry: Option<String>,
 }
 
 pub const DEFAULT_PATH: &str = "llmctl.toml";
@@ -48,11 +52,13 @@ impl ConfigFile {
             path,
             table: toml::Table::new(),
             scope: None,
+            entry: None,
         };
         file.table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", file.name()))?;
         check_top_level(&file.table).map_err(|msg| anyhow::anyhow!("{}: {msg}", file.name()))?;
-        // The inventory's shape is checked for every command, as section names are.
+        // The inventory's and the cluster's shapes are checked for every command, as section names are.
         file.inventory()?;
+        file.cluster()?;
         Ok(file)
     }
 
@@ -153,8 +159,8 @@ fn check_top_level(table: &toml::Table) -> std::result::Result<(), String> {
         .collect::<Vec<_>>()
         .join(", ");
     for (name, value) in table {
-        // The inventory is not a section: `inventory::entries` checks it.
-        if SECTIONS.contains(&name.as_str()) || name == HOSTS {
+        // The inventory and the cluster are not sections: `inventory::entries` and `cluster::cluster` check them.
+        if SECTIONS.contains(&name.as_str()) || name == HOSTS || name == CLUSTER {
             continue;
         }
         if !value.is_table() {

@@ -15,8 +15,9 @@ use crate::transport::ssh::SshOptions;
 #[derive(Debug, Clone, Args)]
 pub struct HostArgs {
     /// The Proxmox host: `local` (run on the host itself), `user@host[:port]`, or a ~/.ssh/config alias; with
-    /// [[hosts]] in llmctl.toml, a host's name (or target). Repeatable where a command runs over several
-    /// hosts (doctor) [default: [host] target in llmctl.toml, or every [[hosts]] entry]
+    /// [[hosts]] or [cluster] in llmctl.toml, a host's (a cluster node's) name, or its target. Repeatable
+    /// where a command runs over several hosts (doctor) [default: [host] target in llmctl.toml, or every
+    /// [[hosts]] entry and cluster node]
     #[arg(long, value_name = "HOST")]
     pub host: Vec<String>,
     /// The GPU container [default: [host] vmid in llmctl.toml, else the only container with NVIDIA devices]
@@ -71,11 +72,11 @@ impl HostArgs {
     /// the same file names the same host and container for every command. A command that reaches one host
     /// takes one from an inventory too (`--host NAME`, or an inventory of one).
     pub fn resolve_with(&self, config: &ConfigFile) -> Result<Remote> {
-        match crate::fleet::select(config, &self.host, self.vmid)? {
-            crate::fleet::Selection::One { config, host } => {
+        match crate::fleet::select(config, &self.host, self.vmid, &self.ssh.options())? {
+            crate::fleet::Selection::One { config, host, .. } => {
                 self.resolve_one(&config, host.as_deref())
             }
-            crate::fleet::Selection::Fleet(members) => {
+            crate::fleet::Selection::Fleet { members, .. } => {
                 let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
                 anyhow::bail!(
                     "this command reaches one host and {} are selected ({}): pick one with --host NAME",

@@ -110,38 +110,62 @@ fn entry(i: usize, value: &toml::Value) -> Result<Entry, String> {
             ));
         }
     };
-    let vmid = match table.get("vmid") {
-        None => None,
+    let vmid = vmid_of(&at, table.get("vmid"))?;
+    let overrides = overrides_of(&at, table, ENTRY_KEYS, HOSTS)?;
+    Ok(Entry {
+        name,
+        target,
+        vmid,
+        overrides,
+    })
+}
+
+/// An entry's `vmid` (`at` names the entry in messages): absent, or a Proxmox guest id.
+pub(super) fn vmid_of(at: &str, value: Option<&toml::Value>) -> Result<Option<u32>, String> {
+    match value {
+        None => Ok(None),
         Some(toml::Value::Integer(n))
             if u32::try_from(*n).is_ok_and(|v| VMID_RANGE.contains(&v)) =>
         {
-            u32::try_from(*n).ok()
+            Ok(u32::try_from(*n).ok())
         }
-        Some(toml::Value::Integer(n)) => {
-            return Err(format!(
-                "{at}: vmid: {n} is not a Proxmox guest id (100 to 999999999)"
-            ));
-        }
-        Some(other) => {
-            return Err(format!(
-                "{at}: vmid: expected {}, found {}",
-                super::expected_in_words("host", "vmid").unwrap_or("a whole number"),
-                super::value_in_words(other)
-            ));
-        }
-    };
+        Some(toml::Value::Integer(n)) => Err(format!(
+            "{at}: vmid: {n} is not a Proxmox guest id (100 to 999999999)"
+        )),
+        Some(other) => Err(format!(
+            "{at}: vmid: expected {}, found {}",
+            super::expected_in_words("host", "vmid").unwrap_or("a whole number"),
+            super::value_in_words(other)
+        )),
+    }
+}
+
+/// An entry's section overrides: every key of `table` besides `keys` must be a section's name (not `host`)
+/// with a table of that section's keys. `header` is the table the entry is (`hosts`, `cluster.nodes.pve1`),
+/// for the `[<header>.driver]` an override is written as.
+pub(super) fn overrides_of(
+    at: &str,
+    table: &toml::Table,
+    keys: &[&str],
+    header: &str,
+) -> Result<toml::Table, String> {
     let mut overrides = toml::Table::new();
     for (key, value) in table {
-        if ENTRY_KEYS.contains(&key.as_str()) {
+        if keys.contains(&key.as_str()) {
             continue;
         }
         if key == HostSection::NAME {
             return Err(format!(
-                "{at}: [hosts.host] is not an override; set target and vmid on the entry itself"
+                "{at}: [{header}.host] is not an override; set {} on the entry itself",
+                if keys.contains(&"target") {
+                    "target and vmid"
+                } else {
+                    "vmid"
+                }
             ));
         }
         if !SECTIONS.contains(&key.as_str()) {
-            let valid: Vec<&str> = ENTRY_KEYS
+            let valid: Vec<&str> = keys
                 .iter()
                 .copied()
                 .chain(SECTIONS.iter().copied().filter(|s| *s != HostSection::NAME))
@@ -155,22 +179,17 @@ fn entry(i: usize, value: &toml::Value) -> Result<Entry, String> {
         }
         if !value.is_table() {
             return Err(format!(
-                "{at}: `{key}` must be a table of [{key}]'s keys (a `[hosts.{key}]` header under the entry), found {}",
+                "{at}: `{key}` must be a table of [{key}]'s keys (a `[{header}.{key}]` header under the entry), found {}",
                 super::value_in_words(value)
             ));
         }
         overrides.insert(key.clone(), value.clone());
     }
-    Ok(Entry {
-        name,
-        target,
-        vmid,
-        overrides,
-    })
+    Ok(overrides)
 }
 
 /// Names as they are typed after `--host` and shown in tables: no spaces or shell metacharacters.
-fn valid_name(s: &str) -> bool {
+pub(super) fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()
@@ -200,7 +219,9 @@ pub fn member_table(
 ) -> toml::Table {
     let mut table: toml::Table = top
         .iter()
-        .filter(|(k, _)| k.as_str() != HOSTS && k.as_str() != HostSection::NAME)
+        .filter(|(k, _)| {
+            k.as_str() != HOSTS && k.as_str() != HostSection::NAME && k.as_str() != super::CLUSTER
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     deep_merge(&mut table, overrides);
@@ -231,7 +252,20 @@ impl ConfigFile {
             path: self.path.clone(),
             table: member_table(&self.table, target, vmid, overrides),
             scope: Some(name.to_string()),
+            entry: Some(format!("the [[hosts]] entry named {name:?}")),
         }
+    }
+
+    /// The same configuration, its host's settings said to be in `entry` (`[cluster.nodes.pve2]`).
+    pub fn with_entry(mut self, entry: impl Into<String>) -> ConfigFile {
+        self.entry = Some(entry.into());
+        self
+    }
+
+    /// Where this host's own settings (its vmid, its overrides) are written: `the [[hosts]] entry named
+    /// "pve2"`, `[cluster.nodes.pve2]`; `None` for the file itself.
+    pub fn entry(&self) -> Option<&str> {
+        self.entry.as_deref()
     }
 }
 

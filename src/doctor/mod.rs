@@ -78,10 +78,12 @@ pub fn outcome(findings: &[Finding]) -> Outcome {
 
 pub fn run(global: &GlobalArgs, args: DoctorArgs) -> Result<Outcome> {
     let file = crate::config::ConfigFile::load(global.config.as_deref())?;
-    let (file, host) = match crate::fleet::select(&file, &args.target.host, args.target.vmid)? {
-        crate::fleet::Selection::One { config, host } => (config, host),
-        crate::fleet::Selection::Fleet(members) => {
-            return crate::fleet::commands::doctor(global, &args, &members);
+    let ssh = args.target.ssh.options();
+    let (file, host) = match crate::fleet::select(&file, &args.target.host, args.target.vmid, &ssh)?
+    {
+        crate::fleet::Selection::One { config, host, .. } => (config, host),
+        crate::fleet::Selection::Fleet { members, preface } => {
+            return crate::fleet::commands::doctor(global, &args, &members, preface.as_deref());
         }
     };
     let remote = args.target.resolve_one(&file, host.as_deref())?;

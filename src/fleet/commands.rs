@@ -21,8 +21,21 @@ fn progress(global: &GlobalArgs) -> bool {
 
 /// `llmctl doctor` on every member: each host's report under its heading, then the summary. `--json`: one
 /// document, `{"outcome", "hosts": [each host's report with its "name"]}`.
-pub fn doctor(global: &GlobalArgs, args: &DoctorArgs, members: &[Member]) -> Result<Outcome> {
+pub fn doctor(
+    global: &GlobalArgs,
+    args: &DoctorArgs,
+    members: &[Member],
+    preface: Option<&str>,
+) -> Result<Outcome> {
     let mut stdout = std::io::stdout();
+    if let Some(line) = preface {
+        // stdout stays one JSON document with --json.
+        if args.json {
+            eprintln!("{line}");
+        } else {
+            writeln!(stdout, "{line}\n")?;
+        }
+    }
     let mut first = true;
     let mut write_err: Option<std::io::Error> = None;
     let reports = run(
@@ -134,7 +147,12 @@ fn doctor_one(
 /// `llmctl provision` on every member. Changing several hosts takes `--yes`: a question per host would come
 /// from several hosts at once, and one question for all would be answered before their plans were read;
 /// `--plan` first, then `--yes`, is the review.
-pub fn provision(global: &GlobalArgs, args: &ProvisionArgs, members: &[Member]) -> Result<Outcome> {
+pub fn provision(
+    global: &GlobalArgs,
+    args: &ProvisionArgs,
+    members: &[Member],
+    preface: Option<&str>,
+) -> Result<Outcome> {
     if !(args.plan || args.check || args.yes) {
         let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
         anyhow::bail!(
@@ -145,6 +163,9 @@ pub fn provision(global: &GlobalArgs, args: &ProvisionArgs, members: &[Member]) 
         );
     }
     let mut stdout = std::io::stdout();
+    if let Some(line) = preface {
+        writeln!(stdout, "{line}\n")?;
+    }
     let mut first = true;
     let mut write_err: Option<std::io::Error> = None;
     let reports = run(
@@ -172,6 +193,9 @@ fn provision_member(
     member: &Member,
     bar: Option<&indicatif::ProgressBar>,
 ) -> HostReport {
+    if let Some(refused) = no_container(args, member) {
+        return refused;
+    }
     let live = Arc::new(Live::host_line(bar.cloned()));
     let mut buf: Vec<u8> = Vec::new();
     let result =
@@ -194,4 +218,32 @@ fn provision_member(
         block,
         json: None,
     }
+}
+
+/// A member without a container to provision (a cluster node with no vmid in its `[cluster.nodes.<name>]`):
+/// refused, with the line that says where to set it. doctor still examines such a node (it finds the GPU
+/// container itself); provision creates or changes a container, so it must be named.
+fn no_container(args: &ProvisionArgs, member: &Member) -> Option<HostReport> {
+    let entry = member.config.entry()?;
+    let host: crate::config::HostSection = member.config.section_or_default().ok()?;
+    if host.vmid.is_some() {
+        return None;
+    }
+    let reason = format!("no vmid in {entry}");
+    Some(HostReport {
+        // As a refused step: --plan shows it, --check and --yes did not get the host where it should be.
+        outcome: if args.plan {
+            Outcome::Success
+        } else {
+            Outcome::ProblemsFound
+        },
+        verdict: Verdict::Refused,
+        block: format!(
+            "REFUSED: {reason}: set `vmid = N` there (the GPU container on {}: an existing one, or the one \
+             to create) to provision it\n",
+            member.name
+        ),
+        reason,
+        json: None,
+    })
 }

@@ -4,9 +4,13 @@
 //! the summary table and exit code ([`summary`]). What a command does on one host stays in that command's
 //! module; [`commands`] only calls it per host.
 //!
+//! The hosts are `[[hosts]]`'s entries and, with `[cluster]`, the nodes of a Proxmox VE cluster, found through
+//! one of them ([`cluster`]); both are members alike.
+//!
 //! One host, whether from `[host]`, one `--host` or an inventory of one, is not a fleet: the command runs as
 //! it always has, printing straight through, without headings or a summary.
 
+pub mod cluster;
 pub mod commands;
 
 use std::io::Write;
@@ -29,6 +33,22 @@ pub struct Member {
     pub name: String,
     pub target: String,
     pub config: ConfigFile,
+    /// Said at the top of the member's report (a cluster node's container runs on another node).
+    pub notes: Vec<String>,
+    /// The member's result without running anything (a cluster node that is offline).
+    pub skip: Option<HostReport>,
+}
+
+impl Member {
+    fn new(name: &str, target: &str, config: ConfigFile) -> Member {
+        Member {
+            name: name.to_string(),
+            target: target.to_string(),
+            config,
+            notes: Vec::new(),
+            skip: None,
+        }
+    }
 }
 
 /// What a command runs on.
@@ -36,23 +56,85 @@ pub struct Member {
 pub enum Selection {
     /// One host, as before fleets: `config` is what the command reads (an inventory host's own), `host` the
     /// `--host` flag when it gives the target itself.
+    /// `notes`: what the member's report would say first (printed on stderr).
     One {
         config: ConfigFile,
         host: Option<String>,
+        notes: Vec<String>,
     },
-    /// Two or more hosts, in inventory order (or the order of the flags).
-    Fleet(Vec<Member>),
+    /// Two or more hosts, in inventory order (or the order of the flags), then the cluster's nodes; `preface`
+    /// is printed before the per-host reports (the cluster line).
+    Fleet {
+        members: Vec<Member>,
+        preface: Option<String>,
+    },
+}
+
+/// [`choose`], after discovering the cluster of `[cluster]` (one SSH connection to its node, with `ssh`).
+/// One host selected from a cluster: the cluster line and the host's notes go to stderr, as the one-host
+/// command's output stays as it always was.
+pub fn select(
+    file: &ConfigFile,
+    flags: &[String],
+    vmid: Option<u32>,
+    ssh: &crate::transport::SshOptions,
+) -> Result<Selection> {
+    let discovered = match file.cluster()? {
+        Some(c) => Some(cluster::discover(file, &c, ssh)?),
+        None => None,
+    };
+    let selection = choose(file, flags, vmid, discovered.as_ref())?;
+    if let (Selection::One { notes, .. }, Some(d)) = (&selection, &discovered) {
+        eprintln!("{}", d.line());
+        for note in notes {
+            eprintln!("note: {note}");
+        }
+    }
+    Ok(selection)
+}
+
+/// A host the selection picks from: an inventory entry or a cluster node.
+struct Candidate {
+    name: String,
+    target: String,
+    vmid: Option<u32>,
+    overrides: toml::Table,
+    /// Where its settings are written (messages).
+    entry: String,
+    notes: Vec<String>,
+    skip: Option<HostReport>,
+}
+
+/// The report of a member that is not reached: unreachable, and why.
+fn not_reached(name: &str, target: &str, reason: &str, why: &str) -> HostReport {
+    HostReport {
+        outcome: Outcome::CouldNotRun,
+        verdict: Verdict::Unreachable,
+        reason: reason.to_string(),
+        block: format!("error: {why}\n"),
+        json: Some(serde_json::json!({
+            "name": name, "host": target, "outcome": "could-not-run", "error": why, "findings": [],
+        })),
+    }
 }
 
 /// The hosts `--host` (repeatable) and `--vmid` select. With `[[hosts]]`: each flag is a host's name, or its
 /// target (every entry with that target); none selects every host. Without: one flag (or none) is the
 /// one-host command it always was; several are an ad-hoc fleet, each named by its target, sharing the file.
-pub fn select(file: &ConfigFile, flags: &[String], vmid: Option<u32>) -> Result<Selection> {
-    let Some(entries) = file.inventory()? else {
+/// With `[cluster]`, its nodes (`discovered`) are hosts after the inventory's, selected the same way.
+pub fn choose(
+    file: &ConfigFile,
+    flags: &[String],
+    vmid: Option<u32>,
+    discovered: Option<&cluster::Discovered>,
+) -> Result<Selection> {
+    let inventory = file.inventory()?;
+    if inventory.is_none() && discovered.is_none() {
         return Ok(match flags {
             [] | [_] => Selection::One {
                 config: file.clone(),
                 host: flags.first().cloned(),
+                notes: Vec::new(),
             },
             _ => {
                 let section: crate::config::HostSection = file.section_or_default()?;
@@ -62,16 +144,55 @@ pub fn select(file: &ConfigFile, flags: &[String], vmid: Option<u32>) -> Result<
                     if members.iter().any(|m| &m.target == target) {
                         continue;
                     }
-                    members.push(Member {
-                        name: target.clone(),
-                        target: target.clone(),
-                        config: file.for_member(target, target, vmid, &toml::Table::new()),
-                    });
+                    let config = file
+                        .for_member(target, target, vmid, &toml::Table::new())
+                        .with_entry("[host]");
+                    members.push(Member::new(target, target, config));
                 }
-                one_or_fleet(members)
+                one_or_fleet(members, None)
             }
         });
-    };
+    }
+    let has_inventory = inventory.is_some();
+    let mut entries: Vec<Candidate> = inventory
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| Candidate {
+            entry: format!("the [[hosts]] entry named {:?}", e.name),
+            name: e.name,
+            target: e.target,
+            vmid: e.vmid,
+            overrides: e.overrides,
+            notes: Vec::new(),
+            skip: None,
+        })
+        .collect();
+    if let Some(d) = discovered {
+        for m in &d.members {
+            if entries.iter().any(|e| e.name == m.name) {
+                anyhow::bail!(
+                    "{}: [[hosts]] {:?} has the name of cluster {}'s node {}; give the [[hosts]] entry another \
+                     name (--host and the summary name one host)",
+                    file.name(),
+                    m.name,
+                    d.name,
+                    m.name
+                );
+            }
+            entries.push(Candidate {
+                name: m.name.clone(),
+                target: m.target.clone(),
+                vmid: m.vmid,
+                overrides: m.overrides.clone(),
+                entry: crate::config::NodeEntry::header(&m.name),
+                notes: m.notes.clone(),
+                skip: m
+                    .offline
+                    .as_deref()
+                    .map(|why| not_reached(&m.name, &m.target, cluster::OFFLINE, why)),
+            });
+        }
+    }
     let mut chosen = vec![flags.is_empty(); entries.len()];
     for flag in flags {
         let by_name = entries.iter().position(|e| &e.name == flag);
@@ -83,9 +204,14 @@ pub fn select(file: &ConfigFile, flags: &[String], vmid: Option<u32>) -> Result<
         };
         if hits.is_empty() {
             let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+            let place = match (has_inventory, discovered) {
+                (true, None) => format!("{}'s [[hosts]]", file.name()),
+                (false, Some(d)) => format!("cluster {}", d.name),
+                (_, Some(d)) => format!("{}'s [[hosts]] or cluster {}", file.name(), d.name),
+                (false, None) => file.name(),
+            };
             anyhow::bail!(
-                "--host {flag}: no host of that name (or target) in {}'s [[hosts]]; its hosts are: {}",
-                file.name(),
+                "--host {flag}: no host of that name (or target) in {place}; its hosts are: {}",
                 names.join(", ")
             );
         }
@@ -93,38 +219,45 @@ pub fn select(file: &ConfigFile, flags: &[String], vmid: Option<u32>) -> Result<
             chosen[i] = true;
         }
     }
-    let picked: Vec<&crate::config::InventoryEntry> = entries
-        .iter()
+    let picked: Vec<Candidate> = entries
+        .into_iter()
         .zip(&chosen)
         .filter_map(|(e, &c)| c.then_some(e))
         .collect();
     if vmid.is_some() && picked.len() > 1 {
         anyhow::bail!(
             "--vmid picks one container and {} hosts are selected: set each host's vmid in its [[hosts]] \
-             entry, or pick one host with --host NAME",
+             entry (or [cluster.nodes.<name>]), or pick one host with --host NAME",
             picked.len()
         );
     }
     let members = picked
         .into_iter()
         .map(|e| Member {
-            name: e.name.clone(),
-            target: e.target.clone(),
-            config: file.for_member(&e.name, &e.target, vmid.or(e.vmid), &e.overrides),
+            config: file
+                .for_member(&e.name, &e.target, vmid.or(e.vmid), &e.overrides)
+                .with_entry(e.entry),
+            name: e.name,
+            target: e.target,
+            notes: e.notes,
+            skip: e.skip,
         })
         .collect();
-    Ok(one_or_fleet(members))
+    Ok(one_or_fleet(members, discovered.map(|d| d.line())))
 }
 
-fn one_or_fleet(mut members: Vec<Member>) -> Selection {
-    if members.len() == 1 {
+/// One member is the one-host command, unless it is not to be reached at all (an offline cluster node): then
+/// it is a fleet of one, so its report and the summary say why.
+fn one_or_fleet(mut members: Vec<Member>, preface: Option<String>) -> Selection {
+    if members.len() == 1 && members[0].skip.is_none() {
         let m = members.remove(0);
         return Selection::One {
             config: m.config,
             host: None,
+            notes: m.notes,
         };
     }
-    Selection::Fleet(members)
+    Selection::Fleet { members, preface }
 }
 
 /// How one host's run ended, as the summary says it.
@@ -248,33 +381,59 @@ where
         next: 0,
         done: &mut done,
     });
-    let next_job = AtomicUsize::new(0);
+    // Members with one target (two containers on one node) run one after the other: a node's packages and
+    // its /etc/pve are changed by one run at a time.
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, m) in members.iter().enumerate() {
+        match groups.iter_mut().find(|g| members[g[0]].target == m.target) {
+            Some(g) => g.push(i),
+            None => groups.push(vec![i]),
+        }
+    }
+    let next_group = AtomicUsize::new(0);
     std::thread::scope(|scope| {
-        for _ in 0..PARALLEL.min(members.len()) {
+        for _ in 0..PARALLEL.min(groups.len()) {
             scope.spawn(|| {
                 loop {
-                    let i = next_job.fetch_add(1, Ordering::SeqCst);
-                    let Some(member) = members.get(i) else { break };
-                    let bar = bars[i].as_ref();
-                    let report =
-                        job(member, bar).unwrap_or_else(|e| HostReport::failed(&e, String::new()));
-                    if let Some(bar) = bar {
-                        bar.set_message(report.verdict.text());
-                        bar.finish();
-                    }
-                    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
-                    st.slots[i] = Some(report);
-                    // Everything finished up to here in member order goes out now, whole.
-                    while st.next < members.len() {
-                        let k = st.next;
-                        let Some(report) = st.slots[k].clone() else {
-                            break;
+                    let g = next_group.fetch_add(1, Ordering::SeqCst);
+                    let Some(group) = groups.get(g) else { break };
+                    for &i in group {
+                        let member = &members[i];
+                        let bar = bars[i].as_ref();
+                        let mut report = match &member.skip {
+                            Some(report) => report.clone(),
+                            None => job(member, bar)
+                                .unwrap_or_else(|e| HostReport::failed(&e, String::new())),
                         };
-                        match &multi {
-                            Some(multi) => multi.suspend(|| (st.done)(&members[k], &report)),
-                            None => (st.done)(&members[k], &report),
+                        if !member.notes.is_empty() {
+                            let notes: String = member
+                                .notes
+                                .iter()
+                                .map(|n| format!("note: {n}\n"))
+                                .collect();
+                            report.block = format!("{notes}\n{}", report.block);
+                            if report.reason.is_empty() {
+                                report.reason = one_line(&member.notes[0]);
+                            }
                         }
-                        st.next += 1;
+                        if let Some(bar) = bar {
+                            bar.set_message(report.verdict.text());
+                            bar.finish();
+                        }
+                        let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                        st.slots[i] = Some(report);
+                        // Everything finished up to here in member order goes out now, whole.
+                        while st.next < members.len() {
+                            let k = st.next;
+                            let Some(report) = st.slots[k].clone() else {
+                                break;
+                            };
+                            match &multi {
+                                Some(multi) => multi.suspend(|| (st.done)(&members[k], &report)),
+                                None => (st.done)(&members[k], &report),
+                            }
+                            st.next += 1;
+                        }
                     }
                 }
             });
@@ -390,11 +549,11 @@ mod tests {
 
     fn names(s: &Selection) -> Vec<String> {
         match s {
-            Selection::One { config, host } => {
+            Selection::One { config, host, .. } => {
                 let h: crate::config::HostSection = config.section_or_default().unwrap();
                 vec![format!("one:{:?}:{:?}", host, h.target)]
             }
-            Selection::Fleet(m) => m.iter().map(|m| m.name.clone()).collect(),
+            Selection::Fleet { members, .. } => members.iter().map(|m| m.name.clone()).collect(),
         }
     }
 
@@ -404,20 +563,26 @@ mod tests {
 
     #[test]
     fn no_flag_selects_every_host_in_inventory_order() {
-        let s = select(&file(INVENTORY), &[], None).unwrap();
+        let s = choose(&file(INVENTORY), &[], None, None).unwrap();
         assert_eq!(names(&s), ["a", "b", "c"]);
     }
 
     #[test]
     fn flags_select_by_name_or_target_in_inventory_order() {
-        let s = select(&file(INVENTORY), &flags(&["c", "root@10.0.0.1"]), None).unwrap();
+        let s = choose(
+            &file(INVENTORY),
+            &flags(&["c", "root@10.0.0.1"]),
+            None,
+            None,
+        )
+        .unwrap();
         assert_eq!(names(&s), ["a", "c"]);
         // One selected host is the one-host command, with that host's configuration.
-        let s = select(&file(INVENTORY), &flags(&["b"]), None).unwrap();
+        let s = choose(&file(INVENTORY), &flags(&["b"]), None, None).unwrap();
         assert_eq!(names(&s), ["one:None:Some(\"root@10.0.0.2\")"]);
         // --vmid with one host overrides its vmid.
         let Selection::One { config, .. } =
-            select(&file(INVENTORY), &flags(&["b"]), Some(200)).unwrap()
+            choose(&file(INVENTORY), &flags(&["b"]), Some(200), None).unwrap()
         else {
             panic!("one host")
         };
@@ -427,14 +592,14 @@ mod tests {
 
     #[test]
     fn an_unknown_name_lists_the_hosts() {
-        let e = select(&file(INVENTORY), &flags(&["d"]), None)
+        let e = choose(&file(INVENTORY), &flags(&["d"]), None, None)
             .unwrap_err()
             .to_string();
         assert_eq!(
             e,
             "--host d: no host of that name (or target) in lab.toml's [[hosts]]; its hosts are: a, b, c"
         );
-        let e = select(&file(INVENTORY), &[], Some(103))
+        let e = choose(&file(INVENTORY), &[], Some(103), None)
             .unwrap_err()
             .to_string();
         assert!(
@@ -447,26 +612,175 @@ mod tests {
     fn without_an_inventory_one_flag_is_one_host_and_several_are_a_fleet() {
         let f = file("[host]\ntarget = \"root@pve\"\nvmid = 103\n");
         assert_eq!(
-            names(&select(&f, &[], None).unwrap()),
+            names(&choose(&f, &[], None, None).unwrap()),
             ["one:None:Some(\"root@pve\")"]
         );
         assert_eq!(
-            names(&select(&f, &flags(&["local"]), None).unwrap()),
+            names(&choose(&f, &flags(&["local"]), None, None).unwrap()),
             ["one:Some(\"local\"):Some(\"root@pve\")"]
         );
-        let s = select(&f, &flags(&["root@x", "root@y", "root@x"]), None).unwrap();
+        let s = choose(&f, &flags(&["root@x", "root@y", "root@x"]), None, None).unwrap();
         assert_eq!(names(&s), ["root@x", "root@y"]);
-        let Selection::Fleet(m) = s else { panic!() };
+        let Selection::Fleet { members: m, .. } = s else {
+            panic!()
+        };
         let h: crate::config::HostSection = m[1].config.section_or_default().unwrap();
         assert_eq!((h.target.as_deref(), h.vmid), (Some("root@y"), Some(103)));
     }
 
+    /// The reference's cluster (pve3 offline), with pve2's container 104 running on pve1.
+    fn lab() -> (ConfigFile, cluster::Discovered) {
+        let f = file(
+            "[cluster]\nnode = \"root@10.0.0.11\"\n[cluster.nodes.pve1]\nvmid = 103\n\
+             [cluster.nodes.pve2]\nvmid = 104\n[cluster.nodes.pve2.server]\ncontext = 8192\n\
+             [[hosts]]\nname = \"old\"\ntarget = \"root@10.0.0.50\"\nvmid = 110\n",
+        );
+        let vmlist =
+            r#"{"version": 3, "ids": {"104": {"node": "pve1", "type": "lxc", "version": 1}}}"#;
+        let d = cluster::cluster_members(
+            &f.cluster().unwrap().unwrap(),
+            &crate::pve::cluster::parse_members(crate::pve::cluster::EXAMPLE_MEMBERS).unwrap(),
+            &crate::pve::cluster::parse_vmlist(vmlist).unwrap(),
+        )
+        .unwrap();
+        (f, d)
+    }
+
+    #[test]
+    fn a_clusters_nodes_are_hosts_after_the_inventorys() {
+        let (f, d) = lab();
+        let Selection::Fleet { members, preface } = choose(&f, &[], None, Some(&d)).unwrap() else {
+            panic!("a fleet")
+        };
+        assert_eq!(
+            preface.as_deref(),
+            Some(
+                "cluster lab: 3 nodes (pve1, pve2, pve3 offline), discovered through root@10.0.0.11"
+            )
+        );
+        let rows: Vec<(&str, &str)> = members
+            .iter()
+            .map(|m| (m.name.as_str(), m.target.as_str()))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("old", "root@10.0.0.50"),
+                ("pve1", "root@10.0.0.11"),
+                ("pve2", "root@10.0.0.11"),
+                ("pve3", "root@pve3"),
+            ]
+        );
+        // Each node's configuration: its vmid and its overrides, its settings named for messages.
+        let pve2 = &members[2];
+        let h: crate::config::HostSection = pve2.config.section_or_default().unwrap();
+        assert_eq!(
+            (h.target.as_deref(), h.vmid),
+            (Some("root@10.0.0.11"), Some(104))
+        );
+        let server: crate::config::ServerSection = pve2.config.section_or_default().unwrap();
+        assert_eq!(server.context, 8192);
+        assert_eq!(pve2.config.entry(), Some("[cluster.nodes.pve2]"));
+        assert_eq!(pve2.config.name(), "lab.toml (host pve2)");
+        assert!(pve2.notes[0].contains("runs on pve1"), "{:?}", pve2.notes);
+        let pve3 = members[3].skip.as_ref().expect("pve3 is not reached");
+        assert_eq!(
+            (pve3.verdict.clone(), pve3.reason.as_str(), pve3.outcome),
+            (
+                Verdict::Unreachable,
+                "offline in the cluster (.members)",
+                Outcome::CouldNotRun
+            )
+        );
+        let h: crate::config::HostSection = members[3].config.section_or_default().unwrap();
+        assert_eq!(h.vmid, None);
+    }
+
+    #[test]
+    fn host_flags_select_cluster_nodes_as_inventory_hosts() {
+        let (f, d) = lab();
+        // One node is the one-host command, with its notes.
+        let Selection::One { config, notes, .. } =
+            choose(&f, &flags(&["pve2"]), None, Some(&d)).unwrap()
+        else {
+            panic!("one host")
+        };
+        let h: crate::config::HostSection = config.section_or_default().unwrap();
+        assert_eq!(
+            (h.target.as_deref(), h.vmid),
+            (Some("root@10.0.0.11"), Some(104))
+        );
+        assert_eq!(notes.len(), 1);
+        // An offline node alone is still a fleet: its report and the summary say why.
+        let s = choose(&f, &flags(&["pve3"]), None, Some(&d)).unwrap();
+        assert!(matches!(&s, Selection::Fleet { members, .. } if members.len() == 1));
+        assert_eq!(
+            names(&choose(&f, &flags(&["pve1", "old"]), None, Some(&d)).unwrap()),
+            ["old", "pve1"]
+        );
+        let e = choose(&f, &flags(&["pve9"]), None, Some(&d))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "--host pve9: no host of that name (or target) in lab.toml's [[hosts]] or cluster lab; its hosts \
+             are: old, pve1, pve2, pve3"
+        );
+        // A [[hosts]] name that a discovered node has too.
+        let f = file(
+            "[cluster]\nnode = \"root@10.0.0.11\"\n[[hosts]]\nname = \"pve2\"\ntarget = \"root@x\"\n",
+        );
+        let e = choose(&f, &[], None, Some(&d)).unwrap_err().to_string();
+        assert!(
+            e.starts_with("lab.toml: [[hosts]] \"pve2\" has the name of cluster lab's node pve2"),
+            "{e}"
+        );
+    }
+
+    /// A member that is not reached is reported without running; notes head the report; members with one
+    /// target run one after the other.
+    #[test]
+    fn run_skips_the_unreached_and_serializes_one_target() {
+        let mut members: Vec<Member> = ["a", "b", "c"]
+            .iter()
+            .map(|n| member(n, "root@same"))
+            .collect();
+        members.push(member("off", "root@off"));
+        members[3].skip = Some(not_reached(
+            "off",
+            "root@off",
+            cluster::OFFLINE,
+            "off is offline",
+        ));
+        members[1].notes = vec!["CT 104 runs on pve1".into()];
+        let running = AtomicUsize::new(0);
+        let most = AtomicUsize::new(0);
+        let reports = run(
+            &members,
+            false,
+            |m, _| {
+                assert_ne!(m.name, "off", "an offline member is not run");
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(20));
+                running.fetch_sub(1, Ordering::SeqCst);
+                Ok(report(Outcome::Success, Verdict::Healthy, ""))
+            },
+            |_, _| {},
+        );
+        assert_eq!(
+            most.load(Ordering::SeqCst),
+            1,
+            "one target, one run at a time"
+        );
+        assert_eq!(reports[3].verdict, Verdict::Unreachable);
+        assert_eq!(reports[3].block, "error: off is offline\n");
+        assert_eq!(reports[1].block, "note: CT 104 runs on pve1\n\n");
+        assert_eq!(reports[1].reason, "CT 104 runs on pve1");
+    }
+
     fn member(name: &str, target: &str) -> Member {
-        Member {
-            name: name.into(),
-            target: target.into(),
-            config: ConfigFile::default(),
-        }
+        Member::new(name, target, ConfigFile::default())
     }
 
     fn report(outcome: Outcome, verdict: Verdict, reason: &str) -> HostReport {

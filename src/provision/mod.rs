@@ -45,9 +45,9 @@ pub struct ProvisionArgs {
     /// When a driver change needs a reboot, reboot the host, wait for it, and carry on.
     #[arg(long)]
     pub reboot: bool,
-    /// The Proxmox host; with [[hosts]] in llmctl.toml, a host's name (or target). Repeatable: several hosts
-    /// are provisioned in parallel, and changing them takes --yes [default: [host] target in llmctl.toml, or
-    /// every [[hosts]] entry]
+    /// The Proxmox host; with [[hosts]] or [cluster] in llmctl.toml, a host's (a cluster node's) name, or its
+    /// target. Repeatable: several hosts are provisioned in parallel, and changing them takes --yes [default:
+    /// [host] target in llmctl.toml, or every [[hosts]] entry and cluster node]
     #[arg(long, value_name = "HOST")]
     pub host: Vec<String>,
     #[command(flatten)]
@@ -105,10 +105,10 @@ pub fn select_steps(
 
 pub fn run(global: &GlobalArgs, args: ProvisionArgs) -> Result<Outcome> {
     let file = crate::config::ConfigFile::load(global.config.as_deref())?;
-    let (file, host) = match crate::fleet::select(&file, &args.host, None)? {
-        crate::fleet::Selection::One { config, host } => (config, host),
-        crate::fleet::Selection::Fleet(members) => {
-            return crate::fleet::commands::provision(global, &args, &members);
+    let (file, host) = match crate::fleet::select(&file, &args.host, None, &args.ssh.options())? {
+        crate::fleet::Selection::One { config, host, .. } => (config, host),
+        crate::fleet::Selection::Fleet { members, preface } => {
+            return crate::fleet::commands::provision(global, &args, &members, preface.as_deref());
         }
     };
     let live = std::sync::Arc::new(progress::Live::new(global.quiet));
@@ -138,13 +138,12 @@ pub fn provision_one(
     live: std::sync::Arc<progress::Live>,
     out: &mut dyn Write,
 ) -> Result<Provisioned> {
-    if let Some(name) = file.scope() {
-        // An inventory host's container is its entry's vmid: say so, not `[host] vmid`.
+    if let Some(entry) = file.entry() {
+        // An inventory host's (a cluster node's) container is its entry's vmid: say so, not `[host] vmid`.
         let section: crate::config::HostSection = file.section_or_default()?;
         if section.vmid.is_none() {
             bail!(
-                "{}: no container given: set vmid in the [[hosts]] entry named {name:?} (the container to \
-                 create or use, e.g. 103)",
+                "{}: no container given: set vmid in {entry} (the container to create or use, e.g. 103)",
                 file.name()
             );
         }

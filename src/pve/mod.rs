@@ -3,6 +3,7 @@
 //! and unit files. No I/O here: every function takes text and returns typed data, so `doctor` and `provision` share
 //! one reading of each format and the parsers are tested on the real outputs in `fixtures/outputs/`.
 
+pub mod cluster;
 pub mod dkms;
 pub mod llama;
 pub mod lxc;

@@ -57,11 +57,18 @@ impl SimCluster {
     /// Starts any cluster file at sim number `n`. Its nodes take n, n+1, ...: pick a range no other test of the
     /// same binary uses (tests/support's SimHost takes 1-99).
     pub fn start(file: &Path, n: u32) -> SimCluster {
+        Self::start_env(file, n, &[])
+    }
+
+    /// [`Self::start`] with simhost's environment (`LLMCTL_SIM_LLMCTL`: the llmctl every container has as
+    /// /usr/local/bin/llmctl, as provision leaves it, so a scenario's `llmctl-proxy` service really runs).
+    pub fn start_env(file: &Path, n: u32, env: &[(&str, &str)]) -> SimCluster {
         let out = Command::new("bash")
             .arg(simhost_script())
             .arg("up-cluster")
             .arg(file)
             .arg(n.to_string())
+            .envs(env.iter().copied())
             .output()
             .expect("cannot run bash fixtures/sim/simhost");
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -1,0 +1,409 @@
+//! A Proxmox VE cluster from `[cluster]` (issue 13): a simulated 3-node cluster (fixtures/clusters/, each node
+//! its own network namespace and sshd, one shared /etc/pve) in three states with different GPUs. llmctl.toml
+//! names one node; the members come from the cluster's /etc/pve/.members and .vmlist. `doctor` finds each
+//! node's problems and only them, `provision --plan` shows each node's own plan, `--host pve2` selects one, an
+//! offline node is named in the summary and gives the exit code, a node without vmid is refused by provision,
+//! and a node's container that runs on another node is reached through that node.
+//!
+//! Two clusters, one per test (they run side by side), and only runs that read the hosts (no `provision
+//! --yes`): about 30 s.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use support::cluster::SimCluster;
+use support::law::sha256_hex;
+
+fn llmctl(config: &Path, cluster: &SimCluster, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_llmctl"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        // The cluster's one key and known_hosts, as a user's ~/.ssh is for every node.
+        .arg("--known-hosts")
+        .arg(&cluster.known_hosts)
+        .arg("--identity")
+        .arg(&cluster.key)
+        .current_dir(std::env::temp_dir())
+        .env("HOME", std::env::temp_dir())
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run llmctl")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// The report: the cluster line, each host's (heading, block) in output order, and the summary.
+fn report(stdout: &str) -> (String, Vec<(String, String)>, String) {
+    let (first, rest) = stdout.split_once('\n').unwrap_or((stdout, ""));
+    let (body, summary) = rest
+        .split_once("\nhost ")
+        .map(|(b, s)| (b.to_string(), format!("host {s}")))
+        .unwrap_or_else(|| (rest.to_string(), String::new()));
+    let hosts = body
+        .split("=== ")
+        .filter(|b| !b.trim().is_empty())
+        .map(|b| {
+            let (head, rest) = b.split_once(" ===\n").unwrap_or((b, ""));
+            (head.to_string(), rest.to_string())
+        })
+        .collect();
+    (first.to_string(), hosts, summary)
+}
+
+/// The summary row of host `name` (its cells split on runs of two or more spaces).
+fn row<'a>(summary: &'a str, name: &str) -> Vec<&'a str> {
+    let line = summary
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .unwrap_or_else(|| panic!("no summary row for {name}:\n{summary}"));
+    line.split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect()
+}
+
+/// The ids of a doctor block's failures.
+fn failures(block: &str) -> Vec<&str> {
+    block
+        .lines()
+        .filter_map(|l| l.strip_prefix("FAIL"))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect()
+}
+
+/// A provision plan's word for step `step` (`ok`, `change`, `REFUSED`).
+fn step<'a>(plan: &'a str, step: &str) -> &'a str {
+    plan.lines()
+        .find_map(|l| {
+            let mut w = l.split_whitespace();
+            let status = w.next()?;
+            (w.next() == Some(step)).then_some(status)
+        })
+        .unwrap_or_else(|| panic!("no step {step} in the plan:\n{plan}"))
+}
+
+/// The cluster, its containers running this llmctl as their proxy (and the test stack's llama-server and model
+/// when the environment has them), as provision leaves them: the healthy node is then healthy.
+fn start(name: &str, n: u32) -> SimCluster {
+    let mut env: Vec<(&str, String)> = vec![(
+        "LLMCTL_SIM_LLMCTL",
+        env!("CARGO_BIN_EXE_llmctl").to_string(),
+    )];
+    if let Ok(server) = std::env::var("LLMCTL_LLAMA_SERVER") {
+        env.push(("LLMCTL_SIM_LLAMA_SERVER", server));
+    }
+    if let Ok(m) = std::env::var("LLMCTL_TEST_MODEL") {
+        env.push(("LLMCTL_SIM_MODEL", m));
+    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    SimCluster::start_env(
+        &support::repo().join(format!("fixtures/clusters/{name}.toml")),
+        n,
+        &env,
+    )
+}
+
+/// What a whole installation needs, for provision --plan (the model the sims' containers have).
+fn installation() -> String {
+    let sha = std::env::var("LLMCTL_TEST_MODEL").map_or_else(
+        |_| support::law::MODEL_SHA256.to_string(),
+        |m| sha256_hex(Path::new(&m)),
+    );
+    format!(
+        r#"[driver]
+version = "595.71.05"
+flavor = "open"
+
+[llama_cpp]
+git_ref = "b11434"
+
+[model]
+source = "https://huggingface.co/bartowski/SmolLM2-135M-Instruct-GGUF/resolve/main/SmolLM2-135M-Instruct-Q4_K_M.gguf"
+sha256 = "{sha}"
+dest = "/models/model.gguf"
+
+[server]
+context = 32768
+port = 8080
+
+[proxy]
+listen = "0.0.0.0:4000"
+"#
+    )
+}
+
+#[test]
+fn doctor_and_plan_over_a_three_node_cluster_in_three_states() {
+    let cluster = start("three-nodes", 110);
+    let (pve1, pve2, pve3) = (
+        cluster.node("pve1"),
+        cluster.node("pve2"),
+        cluster.node("pve3"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+
+    // doctor judging the nodes alone (no [driver]/[model]), discovered through pve2: every node, in node order.
+    let config = dir.path().join("lab.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[cluster]\nnode = \"{}\"\n\n[cluster.nodes.pve1]\nvmid = 101\n\n[cluster.nodes.pve2]\nvmid = 102\n\n\
+             [cluster.nodes.pve3]\nvmid = 103\n",
+            pve2.target
+        ),
+    )
+    .unwrap();
+    let o = llmctl(&config, &cluster, &["doctor"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}\n{err}");
+    let (line, hosts, summary) = report(&out);
+    assert_eq!(
+        line,
+        format!(
+            "cluster lab: 3 nodes (pve1, pve2, pve3), discovered through {}",
+            pve2.target
+        )
+    );
+    let heads: Vec<&str> = hosts.iter().map(|(h, _)| h.as_str()).collect();
+    assert_eq!(
+        heads,
+        [
+            format!("pve1 ({})", pve1.target),
+            format!("pve2 ({})", pve2.target),
+            format!("pve3 ({})", pve3.target),
+        ],
+        "{out}"
+    );
+    // Each node's own problems, and only them: healthy; fresh (no driver, nothing in the CT); a DKMS build
+    // that fails for the booted kernel.
+    assert!(
+        hosts[0]
+            .1
+            .starts_with(&format!("llmctl doctor: {}, container 101", pve1.target)),
+        "{}",
+        hosts[0].1
+    );
+    assert_eq!(failures(&hosts[0].1), Vec::<&str>::new(), "{}", hosts[0].1);
+    assert_eq!(
+        failures(&hosts[1].1),
+        [
+            "driver.not-installed",
+            "llama.not-installed",
+            "svc.llama-server-down",
+            "svc.proxy-down"
+        ],
+        "{}",
+        hosts[1].1
+    );
+    assert_eq!(
+        failures(&hosts[2].1),
+        ["dkms.build-failed"],
+        "{}",
+        hosts[2].1
+    );
+    assert_eq!(
+        row(&summary, "pve1")[1..],
+        [pve1.target.as_str(), "healthy"]
+    );
+    assert_eq!(row(&summary, "pve2")[2], "4 findings", "{summary}");
+    assert!(
+        row(&summary, "pve3")[3].starts_with("dkms.build-failed: "),
+        "{summary}"
+    );
+    assert!(
+        summary.ends_with("exit 1 (problems found): pve2 (4 findings), pve3 (1 finding)\n"),
+        "{summary}"
+    );
+    assert_eq!(err, "", "off a terminal, nothing on stderr");
+
+    // provision --plan, with an override for pve2 (a different context): each node's own plan.
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(
+        &plan,
+        format!(
+            "{}\n[cluster]\nnode = \"{}\"\n\n[cluster.nodes.pve1]\nvmid = 101\n\n[cluster.nodes.pve2]\nvmid = 102\n\
+             [cluster.nodes.pve2.server]\ncontext = 16384\n\n[cluster.nodes.pve3]\nvmid = 103\n",
+            installation(),
+            pve1.target
+        ),
+    )
+    .unwrap();
+    let o = llmctl(&plan, &cluster, &["provision", "--plan"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+    let (line, hosts, summary) = report(&out);
+    assert!(
+        line.ends_with(&format!("discovered through {}", pve1.target)),
+        "{line}"
+    );
+    assert_eq!(hosts.len(), 3, "{out}");
+    let plans: Vec<&str> = hosts.iter().map(|(_, b)| b.as_str()).collect();
+    for (plan, (node, vmid)) in plans.iter().zip([(pve1, 101), (pve2, 102), (pve3, 103)]) {
+        assert!(
+            plan.starts_with(&format!("llmctl provision: {}, CT {vmid}", node.target)),
+            "{plan}"
+        );
+    }
+    // The driver: as configured on pve1, to install on pve2, to replace (550 cannot build) on pve3.
+    assert_eq!(step(plans[0], "driver"), "ok", "{}", plans[0]);
+    assert_eq!(step(plans[1], "driver"), "change", "{}", plans[1]);
+    assert_eq!(step(plans[2], "driver"), "change", "{}", plans[2]);
+    // pve2's override is pve2's alone.
+    assert!(plans[1].contains(" -c 16384 "), "{}", plans[1]);
+    assert!(!plans[0].contains("16384") && !plans[2].contains("16384"));
+    for name in ["pve2", "pve3"] {
+        assert!(row(&summary, name)[2].ends_with(" to change"), "{summary}");
+    }
+    drop(cluster);
+}
+
+#[test]
+fn an_offline_node_is_named_and_a_container_goes_through_the_node_that_runs_it() {
+    let cluster = start("three-nodes-pve3-down", 120);
+    let (pve1, pve2) = (cluster.node("pve1"), cluster.node("pve2"));
+    let dir = tempfile::tempdir().unwrap();
+
+    // No vmid anywhere: doctor finds each node's GPU container itself; pve3 is not tried.
+    let config = dir.path().join("lab.toml");
+    std::fs::write(&config, format!("[cluster]\nnode = \"{}\"\n", pve1.target)).unwrap();
+    let o = llmctl(&config, &cluster, &["doctor"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{out}\n{err}");
+    let (line, hosts, summary) = report(&out);
+    assert_eq!(
+        line,
+        format!(
+            "cluster lab: 3 nodes (pve1, pve2, pve3 offline), discovered through {}",
+            pve1.target
+        )
+    );
+    assert_eq!(hosts.len(), 3, "{out}");
+    for (i, (node, vmid)) in [(pve1, 101), (pve2, 102)].into_iter().enumerate() {
+        assert!(
+            hosts[i]
+                .1
+                .starts_with(&format!("llmctl doctor: {}, container {vmid}", node.target)),
+            "{}",
+            hosts[i].1
+        );
+    }
+    assert_eq!(failures(&hosts[0].1), Vec::<&str>::new(), "{}", hosts[0].1);
+    assert_eq!(failures(&hosts[1].1).len(), 4, "{}", hosts[1].1);
+    assert_eq!(hosts[2].0, "pve3 (root@pve3)");
+    assert!(
+        hosts[2]
+            .1
+            .contains("pve3 is offline in the cluster (.members)"),
+        "{}",
+        hosts[2].1
+    );
+    assert_eq!(
+        row(&summary, "pve3")[1..],
+        [
+            "root@pve3",
+            "unreachable",
+            "offline in the cluster (.members)"
+        ],
+        "{summary}"
+    );
+    assert!(
+        summary.ends_with("exit 2 (could not run): pve3 (unreachable)\n"),
+        "{summary}"
+    );
+
+    // pve2's container is given as 101, which .vmlist says runs on pve1: it is examined through pve1.
+    std::fs::write(
+        &config,
+        format!(
+            "[cluster]\nnode = \"{}\"\n\n[cluster.nodes.pve2]\nvmid = 101\n",
+            pve1.target
+        ),
+    )
+    .unwrap();
+    // --host pve2: one node, the one-host doctor as always (through pve1); the cluster line and the note on
+    // stderr.
+    let o = llmctl(&config, &cluster, &["doctor", "--host", "pve2"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+    assert!(
+        out.starts_with(&format!("llmctl doctor: {}, container 101", pve1.target)),
+        "{out}"
+    );
+    assert!(!out.contains("=== ") && !out.contains("\nhost "), "{out}");
+    assert_eq!(
+        err.lines().collect::<Vec<_>>(),
+        [
+            format!(
+                "cluster lab: 3 nodes (pve1, pve2, pve3 offline), discovered through {}",
+                pve1.target
+            ),
+            format!(
+                "note: CT 101 of [cluster.nodes.pve2] runs on pve1 (/etc/pve/.vmlist): examined and changed \
+                 through pve1 ({}), the node that runs it",
+                pve1.target
+            ),
+        ],
+        "{err}"
+    );
+
+    // provision --plan over the cluster: the nodes without vmid are refused with the line that says where to
+    // set it; the offline node gives the exit code.
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(
+        &plan,
+        format!(
+            "{}\n[cluster]\nnode = \"{}\"\n\n[cluster.nodes.pve3]\nvmid = 103\n",
+            installation(),
+            pve2.target
+        ),
+    )
+    .unwrap();
+    let o = llmctl(&plan, &cluster, &["provision", "--plan"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{out}\n{err}");
+    let (_, hosts, summary) = report(&out);
+    for (i, name) in ["pve1", "pve2"].into_iter().enumerate() {
+        assert!(
+            hosts[i]
+                .1
+                .starts_with(&format!("REFUSED: no vmid in [cluster.nodes.{name}]")),
+            "{}",
+            hosts[i].1
+        );
+        assert_eq!(
+            row(&summary, name)[2..],
+            ["refused", &format!("no vmid in [cluster.nodes.{name}]")],
+            "{summary}"
+        );
+    }
+    assert_eq!(row(&summary, "pve3")[2], "unreachable", "{summary}");
+    assert!(
+        summary.ends_with("exit 2 (could not run): pve3 (unreachable)\n"),
+        "{summary}"
+    );
+
+    // Discovery through the offline node: the command stops as for an unreachable host, naming [cluster] node.
+    let gone = cluster.node("pve3");
+    std::fs::write(&config, format!("[cluster]\nnode = \"{}\"\n", gone.target)).unwrap();
+    let o = llmctl(&config, &cluster, &["doctor"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{out}\n{err}");
+    assert_eq!(out, "");
+    assert!(
+        err.contains(&format!(
+            "cannot discover the cluster through [cluster] node {}: cannot reach {}",
+            gone.target, gone.target
+        )),
+        "{err}"
+    );
+    drop(cluster);
+}
