@@ -12,7 +12,6 @@ use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
 use hyper::body::Body as _;
-use hyper::body::Incoming;
 use serde_json::Value;
 
 use super::accounting::Tracker;
@@ -24,7 +23,7 @@ use super::router::{self, Acquired, RouteKey};
 use super::server::Shared;
 use super::sse::SseParser;
 use super::stream::{Event, StreamTranslator};
-use super::upstream::Upstream;
+use super::upstream::{Upstream, UpstreamBody};
 
 /// A front door's streaming encoder: the pipeline's events → that protocol's SSE bytes.
 pub trait SseEncoder: Send + 'static {
@@ -213,7 +212,7 @@ fn answers_whole_json(
 /// byte stream alone, so cancelling `next` (for a ping) loses nothing.
 pub struct Pump {
     upstream_url: String,
-    body: Option<Incoming>,
+    body: Option<UpstreamBody>,
     parser: SseParser,
     translator: StreamTranslator,
     idle_timeout: Duration,
@@ -246,7 +245,7 @@ impl Pump {
     pub fn new(
         upstream_url: &str,
         idle_timeout: Duration,
-        body: Incoming,
+        body: UpstreamBody,
         translator: StreamTranslator,
     ) -> Self {
         Pump {
@@ -424,25 +423,23 @@ impl Pump {
     }
 
     fn on_bytes(&mut self, chunk: &[u8], out: &mut Vec<Event>) {
-        match self.parser.push(chunk) {
-            Ok(events) => {
-                for ev in events {
-                    if self.done {
-                        break;
-                    }
-                    self.on_data(&ev.data, out);
-                }
+        // The parser is taken out while its events are handled, so each is read where it lies.
+        let mut parser = std::mem::take(&mut self.parser);
+        let parsed = parser.push_each(chunk, |_, data| {
+            if !self.done {
+                self.on_data(data, out);
             }
-            Err(e) => {
-                let e = ProxyError::new(
-                    ErrorType::Api,
-                    format!(
-                        "upstream {} sent a broken event stream: {e}",
-                        self.upstream_url
-                    ),
-                );
-                self.fail(e, out);
-            }
+        });
+        self.parser = parser;
+        if let Err(e) = parsed {
+            let e = ProxyError::new(
+                ErrorType::Api,
+                format!(
+                    "upstream {} sent a broken event stream: {e}",
+                    self.upstream_url
+                ),
+            );
+            self.fail(e, out);
         }
     }
 
@@ -454,7 +451,10 @@ impl Pump {
         }
         // Straight into the typed chunk, the common case. What that cannot take (not JSON, an unexpected
         // shape) goes the general way below, which tells those apart.
-        if let Ok(chunk) = serde_json::from_str::<ChatChunk>(data) {
+        // The usual text delta is read without serde (chunk_scan), to the same ChatChunk.
+        let chunk = super::chunk_scan::text_chunk(data)
+            .map_or_else(|| serde_json::from_str::<ChatChunk>(data), Ok);
+        if let Ok(chunk) = chunk {
             if let Some(err) = &chunk.error {
                 let e = from_upstream_stream_error(err, &self.upstream_url);
                 return self.fail(e, out);
