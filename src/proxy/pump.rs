@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use super::accounting::Tracker;
 use super::accumulate::MessageAccumulator;
+use super::chunk_scan::ChunkReader;
 use super::error::{Dialect, ErrorType, ProxyError, from_upstream_stream_error};
 use super::openai::ChatChunk;
 use super::responses::ResponsesEncoder;
@@ -214,6 +215,7 @@ pub struct Pump {
     upstream_url: String,
     body: Option<UpstreamBody>,
     parser: SseParser,
+    chunks: ChunkReader,
     translator: StreamTranslator,
     idle_timeout: Duration,
     /// When the upstream last sent something: the idle timeout counts from here.
@@ -252,6 +254,7 @@ impl Pump {
             upstream_url: upstream_url.to_string(),
             body: Some(body),
             parser: SseParser::default(),
+            chunks: ChunkReader::default(),
             translator,
             idle_timeout,
             last_frame: tokio::time::Instant::now(),
@@ -328,6 +331,7 @@ impl Pump {
             upstream_url: upstream_url.to_string(),
             body: None,
             parser: SseParser::default(),
+            chunks: ChunkReader::default(),
             translator,
             idle_timeout: Duration::MAX,
             last_frame: tokio::time::Instant::now(),
@@ -452,7 +456,9 @@ impl Pump {
         // Straight into the typed chunk, the common case. What that cannot take (not JSON, an unexpected
         // shape) goes the general way below, which tells those apart.
         // The usual text delta is read without serde (chunk_scan), to the same ChatChunk.
-        let chunk = super::chunk_scan::text_chunk(data)
+        let chunk = self
+            .chunks
+            .read(data)
             .map_or_else(|| serde_json::from_str::<ChatChunk>(data), Ok);
         if let Ok(chunk) = chunk {
             if let Some(err) = &chunk.error {

@@ -5,27 +5,11 @@
 //! arrive in one chunk from some servers) but never unbounded: a line longer than `max_line_bytes` is an
 //! error rather than a way to exhaust memory.
 
-/// Index of the first `\n` or `\r` in `buf[from..]`, eight bytes at a time: event lines are long (a chunk's
-/// JSON), so this scan is most of the parser's work.
+/// Index of the first `\n` or `\r` in `buf[from..]`: event lines are long (a chunk's JSON), so this scan is
+/// most of the parser's work, done by memchr's vector search.
 fn find_line_break(buf: &[u8], from: usize) -> Option<usize> {
-    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
-    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
-    // Bit 7 of each byte of the result is set where `word` had a zero byte, exact up to the first one.
-    let zero_bytes = |word: u64| word.wrapping_sub(ONES) & !word & HIGHS;
-    let mut i = from;
-    while let Some(eight) = buf.get(i..i + 8) {
-        let word = u64::from_le_bytes(eight.try_into().expect("eight bytes"));
-        let found = zero_bytes(word ^ (ONES * u64::from(b'\n')))
-            | zero_bytes(word ^ (ONES * u64::from(b'\r')));
-        if found != 0 {
-            return Some(i + found.trailing_zeros() as usize / 8);
-        }
-        i += 8;
-    }
-    buf[i.min(buf.len())..]
-        .iter()
-        .position(|&b| b == b'\n' || b == b'\r')
-        .map(|p| i + p)
+    let rest = buf.get(from..)?;
+    memchr::memchr2(b'\n', b'\r', rest).map(|p| from + p)
 }
 
 /// One dispatched event: its `event:` name (none for the default "message" type) and its joined `data:` lines.
@@ -134,10 +118,7 @@ impl SseParser {
         from: usize,
         f: &mut impl FnMut(Option<&str>, &str),
     ) -> Result<usize, SseError> {
-        let consumed = region[from..]
-            .iter()
-            .rposition(|&b| b == b'\n' || b == b'\r')
-            .map_or(0, |p| from + p + 1);
+        let consumed = memchr::memrchr2(b'\n', b'\r', &region[from..]).map_or(0, |p| from + p + 1);
         // Line breaks are ASCII, never inside a character: the lines are valid exactly when all of them are.
         let text = std::str::from_utf8(&region[..consumed]).map_err(|_| SseError::InvalidUtf8)?;
         if region.len() - consumed > self.max_line_bytes {

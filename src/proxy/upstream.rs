@@ -524,7 +524,8 @@ fn host_header(uri: &Uri) -> anyhow::Result<HeaderValue> {
         Some(p) if p != default_port => format!("{host}:{p}"),
         _ => host.to_string(),
     };
-    HeaderValue::from_str(&value).map_err(|_| anyhow::anyhow!("the upstream host {host:?} is not valid"))
+    HeaderValue::from_str(&value)
+        .map_err(|_| anyhow::anyhow!("the upstream host {host:?} is not valid"))
 }
 
 /// One HTTP/1.1 connection to the upstream. hyper's pooled client gave each connection a task of its own,
