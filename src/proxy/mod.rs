@@ -26,6 +26,7 @@ pub mod upstream;
 // Translation (pure code).
 pub mod accumulate;
 pub mod anthropic;
+pub mod chunk_scan;
 pub mod openai;
 pub mod schema;
 pub mod stream;

@@ -12,11 +12,11 @@ use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
 use hyper::body::Body as _;
-use hyper::body::Incoming;
 use serde_json::Value;
 
 use super::accounting::Tracker;
 use super::accumulate::MessageAccumulator;
+use super::chunk_scan::ChunkReader;
 use super::error::{Dialect, ErrorType, ProxyError, from_upstream_stream_error};
 use super::openai::ChatChunk;
 use super::responses::ResponsesEncoder;
@@ -24,7 +24,7 @@ use super::router::{self, Acquired, RouteKey};
 use super::server::Shared;
 use super::sse::SseParser;
 use super::stream::{Event, StreamTranslator};
-use super::upstream::Upstream;
+use super::upstream::{Upstream, UpstreamBody};
 
 /// A front door's streaming encoder: the pipeline's events → that protocol's SSE bytes.
 pub trait SseEncoder: Send + 'static {
@@ -237,8 +237,9 @@ fn answers_whole_json(
 /// byte stream alone, so cancelling `next` (for a ping) loses nothing.
 pub struct Pump {
     upstream_url: String,
-    body: Option<Incoming>,
+    body: Option<UpstreamBody>,
     parser: SseParser,
+    chunks: ChunkReader,
     translator: StreamTranslator,
     idle_timeout: Duration,
     /// When the upstream last sent something: the idle timeout counts from here.
@@ -261,9 +262,6 @@ pub struct Pump {
 /// 5s" is the form Codex parses for its retry delay; Claude Code retries an overloaded error by itself.
 pub const SHUTDOWN_MESSAGE: &str = "serve-proxy is shutting down (a restart) and could not finish this answer in its grace period; please try again in 5s";
 
-/// Turns given to the upstream's connection task before a stream batch goes out without more events.
-const IDLE_YIELDS: u32 = 2;
-
 /// How long message_start waits for the upstream's prompt size before it goes out without it.
 const MESSAGE_START_GRACE: Duration = Duration::from_secs(1);
 
@@ -274,13 +272,14 @@ impl Pump {
     pub fn new(
         upstream_url: &str,
         idle_timeout: Duration,
-        body: Incoming,
+        body: UpstreamBody,
         translator: StreamTranslator,
     ) -> Self {
         Pump {
             upstream_url: upstream_url.to_string(),
             body: Some(body),
             parser: SseParser::default(),
+            chunks: ChunkReader::default(),
             translator,
             idle_timeout,
             last_frame: tokio::time::Instant::now(),
@@ -360,6 +359,7 @@ impl Pump {
             upstream_url: upstream_url.to_string(),
             body: None,
             parser: SseParser::default(),
+            chunks: ChunkReader::default(),
             translator,
             idle_timeout: Duration::MAX,
             last_frame: tokio::time::Instant::now(),
@@ -462,25 +462,23 @@ impl Pump {
     }
 
     fn on_bytes(&mut self, chunk: &[u8], out: &mut Vec<Event>) {
-        match self.parser.push(chunk) {
-            Ok(events) => {
-                for ev in events {
-                    if self.done {
-                        break;
-                    }
-                    self.on_data(&ev.data, out);
-                }
+        // The parser is taken out while its events are handled, so each is read where it lies.
+        let mut parser = std::mem::take(&mut self.parser);
+        let parsed = parser.push_each(chunk, |_, data| {
+            if !self.done {
+                self.on_data(data, out);
             }
-            Err(e) => {
-                let e = ProxyError::new(
-                    ErrorType::Api,
-                    format!(
-                        "upstream {} sent a broken event stream: {e}",
-                        self.upstream_url
-                    ),
-                );
-                self.fail(e, out);
-            }
+        });
+        self.parser = parser;
+        if let Err(e) = parsed {
+            let e = ProxyError::new(
+                ErrorType::Api,
+                format!(
+                    "upstream {} sent a broken event stream: {e}",
+                    self.upstream_url
+                ),
+            );
+            self.fail(e, out);
         }
     }
 
@@ -492,7 +490,12 @@ impl Pump {
         }
         // Straight into the typed chunk, the common case. What that cannot take (not JSON, an unexpected
         // shape) goes the general way below, which tells those apart.
-        if let Ok(chunk) = serde_json::from_str::<ChatChunk>(data) {
+        // The usual text delta is read without serde (chunk_scan), to the same ChatChunk.
+        let chunk = self
+            .chunks
+            .read(data)
+            .map_or_else(|| serde_json::from_str::<ChatChunk>(data), Ok);
+        if let Ok(chunk) = chunk {
             if let Some(err) = &chunk.error {
                 let e = from_upstream_stream_error(err, &self.upstream_url);
                 return self.fail(e, out);
@@ -652,25 +655,16 @@ impl<E: SseEncoder> StreamState<E> {
 }
 
 /// Adds to `events` whatever the upstream already sent, so that it goes out in one write. llama-server writes
-/// one HTTP chunk per event, and hyper's client decodes the next chunk only after the body was polled again,
-/// on its connection task: taken one by one, a 4,428-byte read became 13 writev calls and as many client
-/// wake-ups (strace; the bench's streaming p50 was 5x what nginx adds). So: take what is ready, and when
-/// nothing is, give the connection task a turn on this thread's runtime (no timer) before deciding the
-/// upstream has nothing more. A paced stream, whose next event is not on the socket yet, is not held back.
-async fn gather(pump: &mut Pump, events: &mut Vec<Event>) {
-    let mut yields = 0;
+/// one HTTP chunk per event; taken one by one, a 4,428-byte read became 13 writev calls and as many client
+/// wake-ups (strace; the bench's streaming p50 was 5x what nginx adds). The upstream connection is driven by
+/// this task (upstream.rs), so polling the body decodes the next chunk already read, with no other task to
+/// wait for: what is ready is taken, and the batch goes out when nothing more is. A paced stream, whose next
+/// event is not on the socket yet, is not held back.
+fn gather(pump: &mut Pump, events: &mut Vec<Event>) {
     while !pump.is_done() {
         match futures_util::FutureExt::now_or_never(pump.next()) {
-            Some(more) if !more.is_empty() => {
-                events.extend(more);
-                yields = 0;
-            }
-            Some(_) => break,
-            None if yields >= IDLE_YIELDS => break,
-            None => {
-                one_turn().await;
-                yields += 1;
-            }
+            Some(more) if !more.is_empty() => events.extend(more),
+            _ => break,
         }
     }
 }
@@ -688,11 +682,11 @@ pub async fn stream_response<E: SseEncoder>(
     let grace = ping_interval.min(MESSAGE_START_GRACE);
     let now = tokio::time::Instant::now();
     // The answer's head goes out with the first batch when the upstream has already sent it (taken as
-    // between batches: a few turns, no timer); otherwise hyper writes the head alone, and the client wakes up
+    // between batches: what is already read, no timer); otherwise hyper writes the head alone, and the client wakes up
     // once more per request. A silent upstream (a long prefill) does not hold the head back.
     let mut pump = pump;
     let mut events = Vec::new();
-    gather(&mut pump, &mut events).await;
+    gather(&mut pump, &mut events);
     let mut state = StreamState {
         pump,
         encoder,
@@ -748,7 +742,7 @@ pub async fn stream_response<E: SseEncoder>(
                 None
             }
             Some(mut events) => {
-                gather(&mut s.pump, &mut events).await;
+                gather(&mut s.pump, &mut events);
                 let batch = s.batch(events);
                 Some((batch, s))
             }
@@ -769,22 +763,6 @@ pub async fn stream_response<E: SseEncoder>(
     // Tells any reverse proxy in front (nginx) not to buffer the stream.
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     res
-}
-
-/// One turn of this thread's runtime for the tasks already woken (hyper's upstream connection task): the
-/// task wakes itself and goes to the back of the run queue. Unlike `tokio::task::yield_now`, which defers
-/// the task until the runtime has polled its I/O driver, it costs no epoll_wait system call.
-fn one_turn() -> impl std::future::Future<Output = ()> {
-    let mut woke = false;
-    std::future::poll_fn(move |cx| {
-        if woke {
-            std::task::Poll::Ready(())
-        } else {
-            woke = true;
-            cx.waker().wake_by_ref();
-            std::task::Poll::Pending
-        }
-    })
 }
 
 type Batch = (Bytes, bool);

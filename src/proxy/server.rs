@@ -144,7 +144,7 @@ tokio::task_local! {
 /// shows it as the error's and the response's request id) and in the request's log line, so a user's report
 /// and the proxy's log can be matched.
 async fn request_id(req: Request, next: Next) -> Response {
-    let id = super::translate::new_message_id().replacen("msg_", "req_", 1);
+    let id = super::translate::new_id("req_");
     let mut res = REQUEST_ID.scope(id.clone(), next.run(req)).await;
     if let Ok(v) = HeaderValue::from_str(&id) {
         res.headers_mut().insert("request-id", v.clone());

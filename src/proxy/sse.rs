@@ -5,27 +5,11 @@
 //! arrive in one chunk from some servers) but never unbounded: a line longer than `max_line_bytes` is an
 //! error rather than a way to exhaust memory.
 
-/// Index of the first `\n` or `\r` in `buf[from..]`, eight bytes at a time: event lines are long (a chunk's
-/// JSON), so this scan is most of the parser's work.
+/// Index of the first `\n` or `\r` in `buf[from..]`: event lines are long (a chunk's JSON), so this scan is
+/// most of the parser's work, done by memchr's vector search.
 fn find_line_break(buf: &[u8], from: usize) -> Option<usize> {
-    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
-    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
-    // Bit 7 of each byte of the result is set where `word` had a zero byte, exact up to the first one.
-    let zero_bytes = |word: u64| word.wrapping_sub(ONES) & !word & HIGHS;
-    let mut i = from;
-    while let Some(eight) = buf.get(i..i + 8) {
-        let word = u64::from_le_bytes(eight.try_into().expect("eight bytes"));
-        let found = zero_bytes(word ^ (ONES * u64::from(b'\n')))
-            | zero_bytes(word ^ (ONES * u64::from(b'\r')));
-        if found != 0 {
-            return Some(i + found.trailing_zeros() as usize / 8);
-        }
-        i += 8;
-    }
-    buf[i.min(buf.len())..]
-        .iter()
-        .position(|&b| b == b'\n' || b == b'\r')
-        .map(|p| i + p)
+    let rest = buf.get(from..)?;
+    memchr::memchr2(b'\n', b'\r', rest).map(|p| from + p)
 }
 
 /// One dispatched event: its `event:` name (none for the default "message" type) and its joined `data:` lines.
@@ -81,6 +65,25 @@ impl SseParser {
     /// Feeds one network chunk; returns the events it completed, in order.
     pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<SseEvent>, SseError> {
         let mut events = Vec::new();
+        self.push_each(chunk, |event, data| {
+            events.push(SseEvent {
+                event: event.map(str::to_owned),
+                data: data.to_owned(),
+            });
+        })?;
+        Ok(events)
+    }
+
+    /// Feeds one network chunk and hands each event it completes, in order, to `f` (its `event:` name and
+    /// its data), with no copy of a one-line event's data when the chunk holds it whole (the usual case:
+    /// one upstream chunk per event). On an error `f` sees none of the chunk's events, as with [`push`].
+    ///
+    /// [`push`]: SseParser::push
+    pub fn push_each(
+        &mut self,
+        chunk: &[u8],
+        mut f: impl FnMut(Option<&str>, &str),
+    ) -> Result<(), SseError> {
         let mut chunk = chunk;
         if self.pending_cr && !chunk.is_empty() {
             self.pending_cr = false;
@@ -88,43 +91,99 @@ impl SseParser {
                 chunk = rest;
             }
         }
-        // The buffer is taken out while its lines are handled, so they are read in place (no copy per line).
-        let mut buf = std::mem::take(&mut self.buf);
-        buf.extend_from_slice(chunk);
+        if self.buf.is_empty() {
+            // Nothing held back: the lines are read in the chunk itself, and only a partial last line kept.
+            let consumed = self.lines(chunk, 0, &mut f)?;
+            self.buf.extend_from_slice(&chunk[consumed..]);
+        } else {
+            // The buffer is taken out while its lines are handled, so they are read in place.
+            let mut buf = std::mem::take(&mut self.buf);
+            buf.extend_from_slice(chunk);
+            let read = self.lines(&buf, self.scanned, &mut f);
+            if let Ok(consumed) = read {
+                buf.drain(..consumed);
+            }
+            self.buf = buf;
+            read?;
+        }
+        self.scanned = self.buf.len();
+        Ok(())
+    }
+
+    /// Handles the complete lines of `region` (whose bytes before `from` hold no line break) and returns
+    /// how many bytes they took. The checks come first, so that an error dispatches nothing.
+    fn lines(
+        &mut self,
+        region: &[u8],
+        from: usize,
+        f: &mut impl FnMut(Option<&str>, &str),
+    ) -> Result<usize, SseError> {
+        let consumed = memchr::memrchr2(b'\n', b'\r', &region[from..]).map_or(0, |p| from + p + 1);
+        // Line breaks are ASCII, never inside a character: the lines are valid exactly when all of them are.
+        let text = std::str::from_utf8(&region[..consumed]).map_err(|_| SseError::InvalidUtf8)?;
+        if region.len() - consumed > self.max_line_bytes {
+            return Err(SseError::LineTooLong(self.max_line_bytes));
+        }
+        let bytes = text.as_bytes();
+        // The one data line of the event being read, while it needs no joining: not copied.
+        let mut first: Option<&str> = None;
         let mut start = 0;
-        let mut i = self.scanned;
-        let mut failed = None;
-        while let Some(line_end) = find_line_break(&buf, i) {
+        let mut i = from.min(consumed);
+        while let Some(line_end) = find_line_break(bytes, i) {
             let mut next = line_end + 1;
-            if buf[line_end] == b'\r' {
-                if next < buf.len() {
-                    if buf[next] == b'\n' {
+            if bytes[line_end] == b'\r' {
+                if next < region.len() {
+                    if region[next] == b'\n' {
                         next += 1;
                     }
                 } else {
                     self.pending_cr = true;
                 }
             }
-            let Ok(line) = std::str::from_utf8(&buf[start..line_end]) else {
-                failed = Some(SseError::InvalidUtf8);
-                break;
-            };
-            if let Some(ev) = self.on_line(line) {
-                events.push(ev);
-            }
+            let line = &text[start..line_end];
             start = next;
             i = next;
+            if line.is_empty() {
+                let event = self.event.take();
+                if self.has_data {
+                    self.has_data = false;
+                    let data = match first.take() {
+                        Some(d) => d,
+                        None => self.data.as_str(),
+                    };
+                    f(event.as_deref(), data);
+                    self.data.clear();
+                }
+                continue;
+            }
+            if line.starts_with(':') {
+                continue; // comment (keep-alive)
+            }
+            let (field, value) = match line.split_once(':') {
+                Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+                None => (line, ""),
+            };
+            match field {
+                "data" if !self.has_data => {
+                    first = Some(value);
+                    self.has_data = true;
+                }
+                "data" => {
+                    if let Some(d) = first.take() {
+                        self.data.push_str(d);
+                    }
+                    self.data.push('\n');
+                    self.data.push_str(value);
+                }
+                "event" => self.event = Some(value.to_owned()),
+                _ => {} // id, retry and unknown fields mean nothing to a proxy
+            }
         }
-        buf.drain(..start);
-        self.buf = buf;
-        self.scanned = self.buf.len();
-        if let Some(e) = failed {
-            return Err(e);
+        // The event goes on in the next chunk: its data is kept.
+        if let Some(d) = first {
+            self.data.push_str(d);
         }
-        if self.buf.len() > self.max_line_bytes {
-            return Err(SseError::LineTooLong(self.max_line_bytes));
-        }
-        Ok(events)
+        Ok(consumed)
     }
 
     /// Ends the stream: a final event without its blank line is still dispatched (servers that close right
@@ -133,31 +192,6 @@ impl SseParser {
         self.buf.clear();
         self.scanned = 0;
         self.dispatch()
-    }
-
-    fn on_line(&mut self, line: &str) -> Option<SseEvent> {
-        if line.is_empty() {
-            return self.dispatch();
-        }
-        if line.starts_with(':') {
-            return None; // comment (keep-alive)
-        }
-        let (field, value) = match line.split_once(':') {
-            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
-            None => (line, ""),
-        };
-        match field {
-            "data" => {
-                if self.has_data {
-                    self.data.push('\n');
-                }
-                self.data.push_str(value);
-                self.has_data = true;
-            }
-            "event" => self.event = Some(value.to_owned()),
-            _ => {} // id, retry and unknown fields mean nothing to a proxy
-        }
-        None
     }
 
     fn dispatch(&mut self) -> Option<SseEvent> {

@@ -266,6 +266,12 @@ fn parse_block(v: &Value, path: &str) -> Result<ContentBlock, RequestError> {
 }
 
 pub(crate) fn new_message_id() -> String {
+    new_id("msg_")
+}
+
+/// `{prefix}llmctl_` and 28 hex digits: the time in ns (16), the pid (8), a per-process counter (4), written
+/// by hand (`format!` with padded hex cost ~1,700 instructions, twice per request).
+pub(crate) fn new_id(prefix: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -274,12 +280,39 @@ pub(crate) fn new_message_id() -> String {
     // The pid never changes: asked once, not in a system call per request.
     static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!(
-        "msg_llmctl_{:016x}{:08x}{:04x}",
-        nanos,
-        PID.get_or_init(std::process::id),
-        n & 0xffff
-    )
+    id_of(prefix, nanos, *PID.get_or_init(std::process::id), n)
+}
+
+fn id_of(prefix: &str, nanos: u64, pid: u32, n: u64) -> String {
+    let mut id = String::with_capacity(prefix.len() + 7 + 28);
+    id.push_str(prefix);
+    id.push_str("llmctl_");
+    let mut hex = |value: u64, digits: u32| {
+        for shift in (0..digits).rev() {
+            let d = (value >> (shift * 4)) & 0xf;
+            id.push(char::from_digit(d as u32, 16).unwrap_or('0'));
+        }
+    };
+    hex(nanos, 16);
+    hex(u64::from(pid), 8);
+    hex(n & 0xffff, 4);
+    id
+}
+
+#[cfg(test)]
+#[test]
+fn ids_are_written_as_format_wrote_them() {
+    for (nanos, pid, n) in [
+        (0, 0, 0),
+        (1_795_585_243_123_456_789, 4_242, 7),
+        (u64::MAX, u32::MAX, u64::MAX),
+        (0xabc, 0x1_0000, 0x1_2345),
+    ] {
+        assert_eq!(
+            id_of("msg_", nanos, pid, n),
+            format!("msg_llmctl_{nanos:016x}{pid:08x}{:04x}", n & 0xffff)
+        );
+    }
 }
 
 /// The parts of the chat request that both `translate_request` and `translate_for_count` need.

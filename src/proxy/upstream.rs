@@ -1,19 +1,23 @@
-//! The OpenAI-compatible server behind the proxy: one shared HTTP client (keep-alive pool), the model it
-//! serves (discovered from `GET /v1/models` unless configured), and every failure classified so the client
-//! gets the right Anthropic error: unreachable → 529, slow first byte → 504, a refusal → its status mapped.
+//! The OpenAI-compatible server behind the proxy: kept-alive connections (one idle pool per serving
+//! thread), the model it serves (discovered from `GET /v1/models` unless configured), and every failure
+//! classified so the client gets the right Anthropic error: unreachable → 529, slow first byte → 504, a
+//! refusal → its status mapped.
 
 use std::cell::Cell;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::http::{HeaderValue, Request, Response, Uri};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper_tls::HttpsConnector;
-use hyper_util::client::legacy::Client as HyperClient;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use hyper_tls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioIo;
 use reqwest::header;
 use serde_json::Value;
 
@@ -27,8 +31,9 @@ const SMALL_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// down a connection the server is closing at that moment (a spurious failure).
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
-/// The client chat requests go out on: hyper's pooled HTTP/1.1 client, plain or TLS.
-type ChatClient = HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>;
+/// How chat connections are opened: TCP (connect timeout, no Nagle), TLS for an https:// upstream.
+type ChatConnector = HttpsConnector<HttpConnector>;
+type ChatIo = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
 
 #[derive(Debug)]
 pub enum UpstreamError {
@@ -85,8 +90,11 @@ pub struct Upstream {
     /// completions, the hot path; `small` (reqwest) everything else.
     clients: Vec<Clients>,
     base: String,
-    /// `{base}/v1/chat/completions`, parsed once.
+    /// `{base}/v1/chat/completions`, parsed once (what connections are opened to).
     chat_uri: Uri,
+    /// Its path (the request line's origin form) and its `Host` header, as hyper's pooled client wrote them.
+    chat_path: Uri,
+    chat_host: HeaderValue,
     auth: Option<HeaderValue>,
     first_byte_timeout: Duration,
     fixed_model: Option<Arc<str>>,
@@ -94,7 +102,9 @@ pub struct Upstream {
 }
 
 struct Clients {
-    chat: ChatClient,
+    connector: ChatConnector,
+    /// Chat connections kept alive between requests.
+    idle: IdlePool,
     small: reqwest::Client,
 }
 
@@ -142,11 +152,11 @@ impl Upstream {
             http.set_connect_timeout(Some(connect_timeout));
             let https =
                 HttpsConnector::from((http, tokio_native_tls::TlsConnector::from(tls.clone())));
-            let chat = HyperClient::builder(TokioExecutor::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-                .build(https);
-            Ok(Clients { chat, small })
+            Ok(Clients {
+                connector: https,
+                idle: IdlePool::default(),
+                small,
+            })
         };
         let clients = (0..=threads)
             .map(|_| build())
@@ -172,10 +182,19 @@ impl Upstream {
                 "the upstream URL {base:?} is not an http:// or https:// URL; give one like http://127.0.0.1:8080"
             )
         })?;
+        let chat_path = {
+            let mut parts = axum::http::uri::Parts::default();
+            parts.path_and_query = chat_uri.path_and_query().cloned();
+            Uri::from_parts(parts)
+                .map_err(|e| anyhow::anyhow!("the upstream URL {base:?} has no usable path: {e}"))?
+        };
+        let chat_host = host_header(&chat_uri)?;
         Ok(Upstream {
             clients,
             base: base.to_string(),
             chat_uri,
+            chat_path,
+            chat_host,
             auth,
             first_byte_timeout,
             fixed_model: model.map(Arc::from),
@@ -211,13 +230,14 @@ impl Upstream {
     pub async fn start_chat(
         &self,
         body: impl Into<Bytes>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let body: Bytes = body.into();
-        let chat = &self.clients().chat;
+        let clients = self.clients();
         let send = async {
             let mut tries = 1;
             loop {
-                let mut req = Request::post(self.chat_uri.clone())
+                let mut req = Request::post(self.chat_path.clone())
+                    .header(header::HOST, self.chat_host.clone())
                     .header(header::CONTENT_TYPE, "application/json")
                     .header(header::ACCEPT, "text/event-stream");
                 if let Some(a) = &self.auth {
@@ -226,8 +246,18 @@ impl Upstream {
                 let req = req
                     .body(Full::new(body.clone()))
                     .map_err(|e| UpstreamError::Broken(format!("cannot build the request: {e}")))?;
-                match chat.request(req).await {
-                    Ok(resp) => return Ok(resp),
+                let mut conn = match clients.idle.checkout() {
+                    Some(conn) => conn,
+                    None => self.connect(&clients.connector).await?,
+                };
+                match conn.send(req).await {
+                    Ok(resp) => {
+                        return Ok(resp.map(|body| UpstreamBody {
+                            body: Some(body),
+                            conn: Some(conn),
+                            pool: clients.idle.clone(),
+                        }));
+                    }
                     // llama-server closes the connection after every streamed answer, without saying so in
                     // its headers: a request that goes out on that connection before its close is seen finds
                     // it closed, and the upstream never saw it. It goes again, on a new connection.
@@ -236,9 +266,6 @@ impl Upstream {
                             "upstream closed a kept-alive connection before answering; sending again"
                         );
                         tries += 1;
-                    }
-                    Err(e) if e.is_connect() => {
-                        return Err(UpstreamError::Unreachable(root_reason(&e)));
                     }
                     Err(e) => return Err(UpstreamError::Broken(root_reason(&e))),
                 }
@@ -249,6 +276,30 @@ impl Upstream {
             Ok(r) => r?,
         };
         check_status(resp).await
+    }
+
+    /// A new connection for chat requests: TCP (and TLS), then HTTP/1.1 over it, driven by the task that
+    /// uses it (no task of its own: the answer's bytes are read where they are translated, with no wake-up
+    /// of another task per chunk).
+    async fn connect(&self, connector: &ChatConnector) -> Result<ChatConn, UpstreamError> {
+        let mut connector = connector.clone();
+        let unreachable = |e: Box<dyn std::error::Error + Send + Sync>| {
+            UpstreamError::Unreachable(root_reason(&*e))
+        };
+        std::future::poll_fn(|cx| tower_service::Service::poll_ready(&mut connector, cx))
+            .await
+            .map_err(unreachable)?;
+        let io = tower_service::Service::call(&mut connector, self.chat_uri.clone())
+            .await
+            .map_err(unreachable)?;
+        let (send, conn) = http1::handshake(io)
+            .await
+            .map_err(|e| UpstreamError::Unreachable(root_reason(&e)))?;
+        Ok(ChatConn {
+            send,
+            conn: Box::pin(conn),
+            closed: false,
+        })
     }
 
     /// `GET /v1/models`: the ids the upstream serves, and whether it is llama.cpp.
@@ -452,13 +503,144 @@ where
 const STALE_CONNECTION_TRIES: u32 = 3;
 
 /// The connection closed (or was reset) before any answer, on a request that did connect: the mark of a
-/// kept-alive connection the server had already closed.
-fn closed_before_answer(e: &hyper_util::client::legacy::Error) -> bool {
-    if e.is_connect() {
-        return false;
+/// kept-alive connection the server had already closed. (A request hyper never sent, its connection
+/// gone first, is the same.)
+fn closed_before_answer(e: &hyper::Error) -> bool {
+    if e.is_canceled() {
+        return true;
     }
     let reason = root_reason(e);
     reason == "connection closed before message completed" || reason == "connection reset"
+}
+
+/// `Host` as hyper's pooled client set it: the URL's host, with its port unless that is the scheme's default.
+fn host_header(uri: &Uri) -> anyhow::Result<HeaderValue> {
+    let host = uri.host().unwrap_or_default();
+    let default_port = match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    };
+    let value = match uri.port_u16() {
+        Some(p) if p != default_port => format!("{host}:{p}"),
+        _ => host.to_string(),
+    };
+    HeaderValue::from_str(&value)
+        .map_err(|_| anyhow::anyhow!("the upstream host {host:?} is not valid"))
+}
+
+/// One HTTP/1.1 connection to the upstream. hyper's pooled client gave each connection a task of its own,
+/// which decoded the answer one chunk at a time and woke the request's task for each (two task switches
+/// and a pass through the whole server stack per upstream event); here the request's task drives it.
+struct ChatConn {
+    send: http1::SendRequest<Full<Bytes>>,
+    conn: Pin<Box<http1::Connection<ChatIo, Full<Bytes>>>>,
+    /// The connection future finished: closed, or failed.
+    closed: bool,
+}
+
+impl ChatConn {
+    /// Lets the connection read and write what it can.
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        if !self.closed && self.conn.as_mut().poll(cx).is_ready() {
+            self.closed = true;
+        }
+    }
+
+    /// Whether another request can go out on it now (it is open, and idle).
+    fn reusable(&mut self) -> bool {
+        self.drive(&mut Context::from_waker(std::task::Waker::noop()));
+        !self.closed && self.send.is_ready()
+    }
+
+    /// Sends the request and reads the answer's head.
+    async fn send(&mut self, req: Request<Full<Bytes>>) -> hyper::Result<Response<Incoming>> {
+        let answer = self.send.send_request(req);
+        let mut answer = std::pin::pin!(answer);
+        std::future::poll_fn(|cx| {
+            self.drive(cx);
+            answer.as_mut().poll(cx)
+        })
+        .await
+    }
+}
+
+/// The chat connections a serving thread keeps alive between requests, newest last.
+#[derive(Clone, Default)]
+struct IdlePool(Arc<Mutex<Vec<(ChatConn, Instant)>>>);
+
+impl IdlePool {
+    /// The newest idle connection still open, closing those idle for longer than [`POOL_IDLE_TIMEOUT`]
+    /// (llama-server closes its own after 5 s) and those the upstream closed.
+    fn checkout(&self) -> Option<ChatConn> {
+        let mut idle = self.0.lock().ok()?;
+        while let Some((mut conn, since)) = idle.pop() {
+            if since.elapsed() < POOL_IDLE_TIMEOUT && conn.reusable() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn put(&self, conn: ChatConn) {
+        if let Ok(mut idle) = self.0.lock() {
+            let now = Instant::now();
+            idle.retain(|(_, since)| now.duration_since(*since) < POOL_IDLE_TIMEOUT);
+            idle.push((conn, now));
+        }
+    }
+}
+
+/// A chat answer's body. Reading it drives its connection; dropped, it gives the connection back for the
+/// next request when the answer was read to its end (or its rest is already here), and closes it otherwise,
+/// which is how llama-server learns to stop generating.
+pub struct UpstreamBody {
+    body: Option<Incoming>,
+    conn: Option<ChatConn>,
+    pool: IdlePool,
+}
+
+impl hyper::body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(conn) = this.conn.as_mut() {
+            conn.drive(cx);
+        }
+        match this.body.as_mut() {
+            Some(body) => hyper::body::Body::poll_frame(Pin::new(body), cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body
+            .as_ref()
+            .is_none_or(hyper::body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), hyper::body::Body::size_hint)
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // The body first: hyper then drains what is left of it when that is already read (the chunked
+        // end after `[DONE]`), or marks the connection for closing.
+        drop(self.body.take());
+        if let Some(mut conn) = self.conn.take()
+            && conn.reusable()
+        {
+            self.pool.put(conn);
+        }
+    }
 }
 
 /// Turns a reqwest failure into one of our classes, with a short human reason.

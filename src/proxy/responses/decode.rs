@@ -15,8 +15,7 @@ use crate::proxy::openai::{
 };
 use crate::proxy::schema::clean_input_schema;
 use crate::proxy::translate::{
-    RequestError, ResponseContext, TranslateOptions, UserParts, new_message_id, push_text,
-    push_user,
+    RequestError, ResponseContext, TranslateOptions, UserParts, new_id, push_text, push_user,
 };
 
 /// Marks the reasoning text llmctl put in a reasoning item's `encrypted_content` (asked for with
@@ -191,7 +190,7 @@ pub fn decode_object(
             echo.insert(key.to_string(), v.clone());
         }
     }
-    let id = new_message_id().replacen("msg_", "resp_", 1);
+    let id = new_id("resp_");
     let ctx = ResponseContext {
         client_model: model.clone(),
         message_id: id.clone(),

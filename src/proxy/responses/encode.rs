@@ -198,16 +198,17 @@ impl ResponsesEncoder {
                 let id = self.item_id("msg");
                 let item = json!({"id": id, "type": "message", "status": "in_progress",
                                   "content": [], "role": "assistant"});
-                self.write(out, "response.output_item.added", |m| {
-                    m.insert("output_index".into(), index.into());
-                    m.insert("item".into(), item);
-                });
-                self.write(out, "response.content_part.added", |m| {
-                    m.insert("item_id".into(), id.clone().into());
-                    m.insert("output_index".into(), index.into());
-                    m.insert("content_index".into(), 0.into());
-                    m.insert("part".into(), output_text(""));
-                });
+                self.write(
+                    out,
+                    "response.output_item.added",
+                    &ItemEvent::new(index, &item),
+                );
+                let part = output_text("");
+                self.write(
+                    out,
+                    "response.content_part.added",
+                    &PartEvent::content(&id, index, &part),
+                );
                 self.open = Open::Message {
                     id,
                     text: String::new(),
@@ -217,16 +218,17 @@ impl ResponsesEncoder {
                 let id = self.item_id("rs");
                 let item =
                     json!({"id": id, "type": "reasoning", "status": "in_progress", "summary": []});
-                self.write(out, "response.output_item.added", |m| {
-                    m.insert("output_index".into(), index.into());
-                    m.insert("item".into(), item);
-                });
-                self.write(out, "response.reasoning_summary_part.added", |m| {
-                    m.insert("item_id".into(), id.clone().into());
-                    m.insert("output_index".into(), index.into());
-                    m.insert("summary_index".into(), 0.into());
-                    m.insert("part".into(), json!({"type": "summary_text", "text": ""}));
-                });
+                self.write(
+                    out,
+                    "response.output_item.added",
+                    &ItemEvent::new(index, &item),
+                );
+                let part = json!({"type": "summary_text", "text": ""});
+                self.write(
+                    out,
+                    "response.reasoning_summary_part.added",
+                    &PartEvent::summary(&id, index, &part),
+                );
                 self.open = Open::Reasoning {
                     id,
                     text: String::new(),
@@ -240,10 +242,11 @@ impl ResponsesEncoder {
                         let item = json!({"id": id, "type": "custom_tool_call",
                                           "status": "in_progress", "call_id": call_id,
                                           "name": name, "input": ""});
-                        self.write(out, "response.output_item.added", |m| {
-                            m.insert("output_index".into(), index.into());
-                            m.insert("item".into(), item);
-                        });
+                        self.write(
+                            out,
+                            "response.output_item.added",
+                            &ItemEvent::new(index, &item),
+                        );
                         self.open = Open::Custom {
                             id,
                             call_id: call_id.clone(),
@@ -266,10 +269,11 @@ impl ResponsesEncoder {
                             "",
                             "in_progress",
                         );
-                        self.write(out, "response.output_item.added", |m| {
-                            m.insert("output_index".into(), index.into());
-                            m.insert("item".into(), item);
-                        });
+                        self.write(
+                            out,
+                            "response.output_item.added",
+                            &ItemEvent::new(index, &item),
+                        );
                         self.open = Open::Function {
                             id,
                             call_id: call_id.clone(),
@@ -326,36 +330,52 @@ impl ResponsesEncoder {
         let item = match std::mem::replace(&mut self.open, Open::None) {
             Open::None => return,
             Open::Message { id, text } => {
-                self.write(out, "response.output_text.done", |m| {
-                    m.insert("item_id".into(), id.clone().into());
-                    m.insert("output_index".into(), index.into());
-                    m.insert("content_index".into(), 0.into());
-                    m.insert("text".into(), text.clone().into());
-                    m.insert("logprobs".into(), json!([]));
-                });
-                self.write(out, "response.content_part.done", |m| {
-                    m.insert("item_id".into(), id.clone().into());
-                    m.insert("output_index".into(), index.into());
-                    m.insert("content_index".into(), 0.into());
-                    m.insert("part".into(), output_text(&text));
-                });
+                #[derive(Serialize)]
+                struct TextDone<'a> {
+                    item_id: &'a str,
+                    output_index: usize,
+                    content_index: usize,
+                    text: &'a str,
+                    logprobs: [(); 0],
+                }
+                let done = TextDone {
+                    item_id: &id,
+                    output_index: index,
+                    content_index: 0,
+                    text: &text,
+                    logprobs: [],
+                };
+                self.write(out, "response.output_text.done", &done);
+                let part = output_text(&text);
+                self.write(
+                    out,
+                    "response.content_part.done",
+                    &PartEvent::content(&id, index, &part),
+                );
                 json!({"id": id, "type": "message", "status": "completed",
-                       "content": [output_text(&text)], "role": "assistant"})
+                       "content": [part], "role": "assistant"})
             }
             Open::Reasoning { id, text } => {
-                self.write(out, "response.reasoning_summary_text.done", |m| {
-                    m.insert("item_id".into(), id.clone().into());
-                    m.insert("output_index".into(), index.into());
-                    m.insert("summary_index".into(), 0.into());
-                    m.insert("text".into(), text.clone().into());
-                });
+                #[derive(Serialize)]
+                struct SummaryDone<'a> {
+                    item_id: &'a str,
+                    output_index: usize,
+                    summary_index: usize,
+                    text: &'a str,
+                }
+                let done = SummaryDone {
+                    item_id: &id,
+                    output_index: index,
+                    summary_index: 0,
+                    text: &text,
+                };
+                self.write(out, "response.reasoning_summary_text.done", &done);
                 let part = json!({"type": "summary_text", "text": text});
-                self.write(out, "response.reasoning_summary_part.done", |m| {
-                    m.insert("item_id".into(), id.clone().into());
-                    m.insert("output_index".into(), index.into());
-                    m.insert("summary_index".into(), 0.into());
-                    m.insert("part".into(), part.clone());
-                });
+                self.write(
+                    out,
+                    "response.reasoning_summary_part.done",
+                    &PartEvent::summary(&id, index, &part),
+                );
                 let mut item = json!({"id": id, "type": "reasoning", "status": "completed", "summary": [part]});
                 if self.meta.include_encrypted {
                     // Not encrypted: llmctl's own reasoning text, marked, so the next turn gives it back.
@@ -370,11 +390,18 @@ impl ResponsesEncoder {
                 namespace,
                 arguments,
             } => {
-                self.write(out, "response.function_call_arguments.done", |m| {
-                    m.insert("item_id".into(), id.clone().into());
-                    m.insert("output_index".into(), index.into());
-                    m.insert("arguments".into(), arguments.clone().into());
-                });
+                #[derive(Serialize)]
+                struct ArgumentsDone<'a> {
+                    item_id: &'a str,
+                    output_index: usize,
+                    arguments: &'a str,
+                }
+                let done = ArgumentsDone {
+                    item_id: &id,
+                    output_index: index,
+                    arguments: &arguments,
+                };
+                self.write(out, "response.function_call_arguments.done", &done);
                 function_item(
                     &id,
                     &call_id,
@@ -391,24 +418,39 @@ impl ResponsesEncoder {
                 arguments,
             } => {
                 let input = custom_input(&arguments);
-                self.write(out, "response.custom_tool_call_input.delta", |m| {
-                    m.insert("item_id".into(), id.clone().into());
-                    m.insert("output_index".into(), index.into());
-                    m.insert("delta".into(), input.clone().into());
-                });
-                self.write(out, "response.custom_tool_call_input.done", |m| {
-                    m.insert("item_id".into(), id.clone().into());
-                    m.insert("output_index".into(), index.into());
-                    m.insert("input".into(), input.clone().into());
-                });
+                #[derive(Serialize)]
+                struct InputDelta<'a> {
+                    item_id: &'a str,
+                    output_index: usize,
+                    delta: &'a str,
+                }
+                #[derive(Serialize)]
+                struct InputDone<'a> {
+                    item_id: &'a str,
+                    output_index: usize,
+                    input: &'a str,
+                }
+                let delta = InputDelta {
+                    item_id: &id,
+                    output_index: index,
+                    delta: &input,
+                };
+                self.write(out, "response.custom_tool_call_input.delta", &delta);
+                let done = InputDone {
+                    item_id: &id,
+                    output_index: index,
+                    input: &input,
+                };
+                self.write(out, "response.custom_tool_call_input.done", &done);
                 json!({"id": id, "type": "custom_tool_call", "status": "completed",
                        "call_id": call_id, "name": name, "input": input})
             }
         };
-        self.write(out, "response.output_item.done", |m| {
-            m.insert("output_index".into(), index.into());
-            m.insert("item".into(), item.clone());
-        });
+        self.write(
+            out,
+            "response.output_item.done",
+            &ItemEvent::new(index, &item),
+        );
         self.output.push(item);
         self.output_index += 1;
     }
@@ -441,24 +483,38 @@ impl ResponsesEncoder {
         self.progress_last = false;
     }
 
-    /// Writes one event: `event: <name>`, `data: {"type":<name>,"sequence_number":n,…}`.
-    fn write(&mut self, out: &mut Vec<u8>, name: &str, fill: impl FnOnce(&mut Map<String, Value>)) {
+    /// Writes one event: `event: <name>`, `data: {"type":<name>,"sequence_number":n,…}`, the rest being
+    /// `fields`' members in order (a struct: no map built, no key allocated, per event).
+    fn write<T: Serialize>(&mut self, out: &mut Vec<u8>, name: &str, fields: &T) {
         if self.fold {
             self.seq += 1;
             return;
         }
-        let mut m = Map::new();
-        m.insert("type".into(), name.into());
-        m.insert("sequence_number".into(), self.seq.into());
-        fill(&mut m);
-        self.seq += 1;
-        self.progress_last = false;
+        #[derive(Serialize)]
+        struct Head<'a> {
+            #[serde(rename = "type")]
+            kind: &'a str,
+            sequence_number: u64,
+        }
         out.extend_from_slice(b"event: ");
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b"\ndata: ");
-        // Serializing a Map into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut *out, &m);
+        // Serializing into a Vec cannot fail. The head's closing brace becomes the comma before the
+        // fields' first member (every fields struct has members).
+        let head = Head {
+            kind: name,
+            sequence_number: self.seq,
+        };
+        let _ = serde_json::to_writer(&mut *out, &head);
+        out.pop();
+        let at = out.len();
+        let _ = serde_json::to_writer(&mut *out, fields);
+        if out.get(at) == Some(&b'{') {
+            out[at] = b',';
+        }
         out.extend_from_slice(b"\n\n");
+        self.seq += 1;
+        self.progress_last = false;
     }
 
     /// The response object in `status`, with the output and usage once they are final.
@@ -541,6 +597,53 @@ impl Serialize for ResponseObject<'_> {
             m.serialize_entry("usage", &())?;
         }
         m.end()
+    }
+}
+
+/// `response.output_item.added` / `.done`.
+#[derive(Serialize)]
+struct ItemEvent<'a> {
+    output_index: usize,
+    item: &'a Value,
+}
+
+impl<'a> ItemEvent<'a> {
+    fn new(output_index: usize, item: &'a Value) -> Self {
+        ItemEvent { output_index, item }
+    }
+}
+
+/// `response.content_part.*` (`content_index`) and `response.reasoning_summary_part.*` (`summary_index`).
+#[derive(Serialize)]
+struct PartEvent<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content_index: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    summary_index: Option<usize>,
+    part: &'a Value,
+}
+
+impl<'a> PartEvent<'a> {
+    fn content(item_id: &'a str, output_index: usize, part: &'a Value) -> Self {
+        PartEvent {
+            item_id,
+            output_index,
+            content_index: Some(0),
+            summary_index: None,
+            part,
+        }
+    }
+
+    fn summary(item_id: &'a str, output_index: usize, part: &'a Value) -> Self {
+        PartEvent {
+            item_id,
+            output_index,
+            content_index: None,
+            summary_index: Some(0),
+            part,
+        }
     }
 }
 
