@@ -2393,10 +2393,11 @@ async fn a_replica_that_comes_back_gets_traffic_again() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_every_slot_busy_requests_wait_then_get_529_or_429() {
-    // One slot per replica (the mock's /slots), answers that take 1.5 s, a wait of 0.3 s.
+    // One slot per replica (the mock's /slots), answers that take 6 s (long enough that both are still busy
+    // when the requests below come, on a loaded machine too), a wait of 0.3 s.
     let (a, b) = (
-        Mock::start(Mode::SlowPrefill(1500)),
-        Mock::start(Mode::SlowPrefill(1500)),
+        Mock::start(Mode::SlowPrefill(6000)),
+        Mock::start(Mode::SlowPrefill(6000)),
     );
     let proxy = proxy_over(&[&a.url, &b.url], &["--queue-timeout", "0.3"]);
     let url = format!("{}/v1/messages", proxy.url);
@@ -2406,7 +2407,11 @@ async fn with_every_slot_busy_requests_wait_then_get_529_or_429() {
             tokio::spawn(async move { stream(&url, &hello(true)).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Both slow answers under way: one on each replica.
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while (chats(&a), chats(&b)) != (1, 1) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         (chats(&a), chats(&b)),
         (1, 1),
