@@ -106,9 +106,9 @@ ssh_args=(--identity "$key" --known-hosts "$known_hosts")
 codes=()
 run() {
   echo "\$ llmctl $*"
-  local rc=0
+  local rc=0 t0=$SECONDS
   "$LLMCTL" --config "$work/llmctl.toml" "$@" "${ssh_args[@]}" || rc=$?
-  codes+=("llmctl $*: exit $rc")
+  codes+=("llmctl $*: exit $rc ($((SECONDS - t0)) s)")
   return "$rc"
 }
 
@@ -133,4 +133,5 @@ echo "== 5. llmctl provision --check: nothing to change on any node"
 run provision --check
 
 echo
+echo "== each step's exit code and wall time"
 printf '%s\n' "${codes[@]}"
