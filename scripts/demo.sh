@@ -7,8 +7,15 @@
 #   (tiny, CPU) model that provision downloaded and verified there.
 # Usage (as root, on Debian): bash scripts/demo.sh [scenario]   (default: fresh; others: ls fixtures/scenarios)
 #   SKIP_CLAUDE=1 skips the last part (Claude Code's ~20k-token first prompt takes minutes of CPU prefill).
+#   bash scripts/demo.sh --cluster: the same job on a simulated 3-node Proxmox VE cluster
+#   (fixtures/clusters/three-nodes.toml: pve1 healthy, pve2 fresh with a Blackwell card, pve3 whose DKMS cannot
+#   build): llmctl.toml names one node ([cluster]), doctor, provision --plan / --yes on all nodes in parallel,
+#   doctor healthy everywhere, provision --check with nothing to change. No Claude Code part (see docs/fleet.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = --cluster ]; then
+  exec bash scripts/demo-cluster.sh
+fi
 SCENARIO=${1:-fresh}
 [ -f "fixtures/scenarios/$SCENARIO.toml" ] || { echo "no scenario $SCENARIO; one of: $(ls fixtures/scenarios | sed 's/.toml//' | tr '\n' ' ')" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || { echo "run as root: the simulated host needs network and mount namespaces" >&2; exit 2; }

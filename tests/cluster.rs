@@ -5,12 +5,18 @@
 //! offline node is named in the summary and gives the exit code, a node without vmid is refused by provision,
 //! and a node's container that runs on another node is reached through that node.
 //!
-//! Two clusters, one per test (they run side by side), and only runs that read the hosts (no `provision
-//! --yes`): about 30 s.
+//! `provision --yes` over the cluster converges all three nodes (in parallel), after which `provision --check`
+//! finds nothing to change on any and doctor is healthy on every one.
+//!
+//! Three clusters, one per test (they run side by side). The two that only read the hosts take about 30 s; the
+//! one that provisions needs the test stack (`eval "$(bash scripts/test-stack.sh)"`: a real CPU llama-server and
+//! model in every container) and takes about a minute.
 
 mod support;
 
-use std::path::Path;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use support::cluster::SimCluster;
@@ -405,5 +411,168 @@ fn an_offline_node_is_named_and_a_container_goes_through_the_node_that_runs_it()
         )),
         "{err}"
     );
+    drop(cluster);
+}
+
+/// A static file server on the test side of one node's link, `http://<addr>:<port>/<file>`: what a model host
+/// and GitHub's archive endpoint are to a real container (the sim nodes reach neither the internet nor each
+/// other, only their own link's test side).
+fn file_server(addr: &str, dir: PathBuf) -> String {
+    let listener = TcpListener::bind((addr, 0)).expect("bind the file server");
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let dir = dir.clone();
+            std::thread::spawn(move || serve_file(conn, &dir));
+        }
+    });
+    format!("http://{addr}:{port}")
+}
+
+fn serve_file(mut conn: TcpStream, dir: &Path) {
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut request = String::new();
+    if reader.read_line(&mut request).is_err() {
+        return;
+    }
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+    }
+    let path = request.split_whitespace().nth(1).unwrap_or("/");
+    match std::fs::read(dir.join(path.trim_start_matches('/'))) {
+        Ok(data) if !path.contains("..") => {
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\
+                 Connection: close\r\n\r\n",
+                data.len()
+            );
+            let _ = conn.write_all(&data);
+        }
+        _ => {
+            let _ = write!(
+                conn,
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    }
+}
+
+/// The summary's outcome cell for each node, in order.
+fn outcomes<'a>(summary: &'a str, names: &[&str]) -> Vec<&'a str> {
+    names.iter().map(|n| row(summary, n)[2]).collect()
+}
+
+#[test]
+fn provision_converges_every_node_and_a_second_run_changes_nothing() {
+    let model = std::env::var("LLMCTL_TEST_MODEL")
+        .expect("LLMCTL_TEST_MODEL is not set: eval \"$(bash scripts/test-stack.sh)\" first");
+    assert!(
+        std::env::var("LLMCTL_LLAMA_SERVER").is_ok(),
+        "LLMCTL_LLAMA_SERVER is not set: eval \"$(bash scripts/test-stack.sh)\" first"
+    );
+    let cluster = start("three-nodes", 130);
+    let names = ["pve1", "pve2", "pve3"];
+    let pve1 = cluster.node("pve1");
+
+    // The fresh node downloads the model and llama.cpp's source archive (one top folder, as GitHub's; the
+    // simulated CUDA build needs only CMakeLists.txt) from a file server on its own link.
+    let files = tempfile::tempdir().unwrap();
+    std::fs::copy(&model, files.path().join("model.gguf")).unwrap();
+    let src = files.path().join("llama.cpp-b11434");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("CMakeLists.txt"), "project(llama.cpp)\n").unwrap();
+    let st = Command::new("tar")
+        .args(["-czf", "llama.cpp-b11434.tar.gz", "llama.cpp-b11434"])
+        .current_dir(files.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let pve2 = cluster.node("pve2");
+    let test_side = format!("{}.1", pve2.addr.rsplit_once('.').unwrap().0);
+    let base = file_server(&test_side, files.path().to_path_buf());
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("lab.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[cluster]\nnode = \"{}\"\n\n[cluster.nodes.pve1]\nvmid = 101\n\n[cluster.nodes.pve2]\nvmid = 102\n\
+             [cluster.nodes.pve2.llama_cpp]\narchive_url = \"{base}/llama.cpp-{{ref}}.tar.gz\"\n\
+             [cluster.nodes.pve2.model]\nsource = \"{base}/model.gguf\"\n\n[cluster.nodes.pve3]\nvmid = 103\n",
+            installation(),
+            pve1.target
+        ),
+    )
+    .unwrap();
+
+    // All three at once: the healthy node as configured, the fresh and the broken one changed, each verified
+    // and smoke-tested.
+    let o = llmctl(&config, &cluster, &["provision", "--yes"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+    let (_, hosts, summary) = report(&out);
+    assert_eq!(hosts.len(), 3, "{out}");
+    let got = outcomes(&summary, &names);
+    assert_eq!(got[0], "as configured", "{summary}");
+    assert!(got[1].starts_with("changed ("), "{summary}");
+    assert!(got[2].starts_with("changed ("), "{summary}");
+    assert!(summary.ends_with("exit 0 (success)\n"), "{summary}");
+    for (_, block) in &hosts {
+        assert!(block.contains("smoke test: reply"), "{block}");
+    }
+
+    // A second run would change nothing, on any node.
+    let o = llmctl(&config, &cluster, &["provision", "--check"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+    let (_, hosts, summary) = report(&out);
+    assert_eq!(hosts.len(), 3, "{out}");
+    assert_eq!(
+        outcomes(&summary, &names),
+        ["as configured"; 3],
+        "{summary}"
+    );
+    for (head, block) in &hosts {
+        assert!(
+            block.contains("\n0 of 19 steps would change something\n"),
+            "{head}:\n{block}"
+        );
+    }
+    assert!(summary.ends_with("exit 0 (success)\n"), "{summary}");
+    // Each node as its own GPUs and kernel want it: the Blackwell node's llama.cpp built for sm_120, the 4090s'
+    // for sm_89; pve3's new driver built by DKMS for its booted 6.17 kernel too.
+    assert!(
+        hosts[1].1.contains("for CUDA architectures 120;"),
+        "{}",
+        hosts[1].1
+    );
+    assert!(
+        hosts[2].1.contains("for CUDA architectures 89;"),
+        "{}",
+        hosts[2].1
+    );
+    assert!(
+        hosts[2]
+            .1
+            .contains("nvidia/595.71.05 installed for 6.14.8-2-pve, 6.17.2-1-pve"),
+        "{}",
+        hosts[2].1
+    );
+
+    // ... and doctor, judging by the same rules, is healthy on every node.
+    let o = llmctl(&config, &cluster, &["doctor"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+    let (_, hosts, summary) = report(&out);
+    assert_eq!(hosts.len(), 3, "{out}");
+    for (head, block) in &hosts {
+        assert_eq!(failures(block), Vec::<&str>::new(), "{head}:\n{block}");
+    }
+    assert_eq!(outcomes(&summary, &names), ["healthy"; 3], "{summary}");
+    assert!(summary.ends_with("exit 0 (success)\n"), "{summary}");
     drop(cluster);
 }

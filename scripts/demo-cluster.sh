@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# `bash scripts/demo.sh --cluster`: llmctl's main job on a simulated 3-node Proxmox VE cluster
+# (fixtures/clusters/three-nodes.toml; fixtures/clusters/README.md): each node its own network namespace and real
+# OpenSSH sshd, all sharing one /etc/pve as pmxcfs shares it.
+#   pve1  healthy          RTX 4090, driver 595 open, CT 101 serving
+#   pve2  fresh            RTX PRO 6000 Blackwell (open module only), no driver, CT 102 bare
+#   pve3  dkms-not-built   RTX 4090, driver 550 that cannot build for its booted 6.17 kernel, CT 103
+# llmctl.toml names one node ([cluster] node); the members, their addresses and who runs which CT come from the
+# cluster. doctor → provision --plan → provision --yes (all nodes in parallel) → doctor healthy everywhere →
+# provision --check: nothing to change. No Claude Code part here (the one-host demo has it).
+# Usage (as root, on Debian): bash scripts/demo.sh --cluster
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "run as root: the simulated nodes need network and mount namespaces" >&2; exit 2; }
+
+eval "$(bash scripts/test-stack.sh)"
+cargo build -q
+LLMCTL=$PWD/target/debug/llmctl
+SIM=240   # nodes 240, 241, 242 (the one-host demo uses 250)
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  fixtures/sim/simhost down-cluster "$SIM" >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "== 0. a simulated 3-node Proxmox VE cluster (fixtures/clusters/three-nodes.toml)"
+# The simulated CUDA build installs the test stack's real CPU llama-server; the healthy node's container already
+# runs it with the real model and this llmctl as its proxy, as provision leaves them.
+export LLMCTL_SIM_LLAMA_SERVER=$LLMCTL_LLAMA_SERVER LLMCTL_SIM_MODEL=$LLMCTL_TEST_MODEL LLMCTL_SIM_LLMCTL=$LLMCTL
+fixtures/sim/simhost up-cluster fixtures/clusters/three-nodes.toml "$SIM" >"$work/cluster.env"
+key=$(sed -n 's/^CLUSTER_KEY=//p' "$work/cluster.env")
+known_hosts=$(sed -n 's/^CLUSTER_KNOWN_HOSTS=//p' "$work/cluster.env")
+declare -A target
+while read -r line; do
+  name=$(sed 's/^NODE=\([^ ]*\) .*/\1/' <<<"$line")
+  target[$name]=$(sed 's/.* TARGET=\([^ ]*\) .*/\1/' <<<"$line")
+  echo "   $name at ${target[$name]}"
+done < <(grep '^NODE=' "$work/cluster.env")
+
+# What the containers download: the model, and a llama.cpp source archive (the CUDA build itself is simulated).
+# The nodes do not reach the internet nor each other: each reaches one file server at its own link's test side.
+mkdir -p "$work/files/llama.cpp-b11434"
+cp "$LLMCTL_TEST_MODEL" "$work/files/model.gguf"
+echo 'project(llama.cpp)' >"$work/files/llama.cpp-b11434/CMakeLists.txt"
+tar -czf "$work/files/llama.cpp-b11434.tar.gz" -C "$work/files" llama.cpp-b11434
+declare -A files
+for name in pve1 pve2 pve3; do
+  addr=${target[$name]#root@}
+  test_side=${addr%.*}.1
+  python3 -m http.server 18600 --bind "$test_side" --directory "$work/files" >/dev/null 2>&1 &
+  pids+=($!)
+  files[$name]="http://$test_side:18600"
+done
+
+cat >"$work/llmctl.toml" <<EOF
+# What every node shares.
+[container]
+cores = 2
+memory_mib = 4096
+
+[driver]
+version = "595.71.05"
+flavor = "open"
+
+[llama_cpp]
+git_ref = "b11434"
+
+[model]
+source = "https://huggingface.co/bartowski/SmolLM2-135M-Instruct-GGUF/resolve/main/SmolLM2-135M-Instruct-Q4_K_M.gguf"
+sha256 = "$(sha256sum "$LLMCTL_TEST_MODEL" | cut -d' ' -f1)"
+dest = "/models/model.gguf"
+
+[server]
+context = 32768
+port = 8080
+
+[proxy]
+listen = "0.0.0.0:4000"
+
+# The cluster: one node to ask; the members, their addresses and who runs which CT come from /etc/pve.
+[cluster]
+node = "${target[pve1]}"
+
+[cluster.nodes.pve1]
+vmid = 101
+
+[cluster.nodes.pve2]
+vmid = 102
+# This node downloads the model and llama.cpp's source: from the file server on its link.
+[cluster.nodes.pve2.llama_cpp]
+archive_url = "${files[pve2]}/llama.cpp-{ref}.tar.gz"
+[cluster.nodes.pve2.model]
+source = "${files[pve2]}/model.gguf"
+
+[cluster.nodes.pve3]
+vmid = 103
+EOF
+echo
+echo "llmctl.toml:"
+sed 's/^/   /' "$work/llmctl.toml"
+
+ssh_args=(--identity "$key" --known-hosts "$known_hosts")
+codes=()
+run() {
+  echo "\$ llmctl $*"
+  local rc=0 t0=$SECONDS
+  "$LLMCTL" --config "$work/llmctl.toml" "$@" "${ssh_args[@]}" || rc=$?
+  codes+=("llmctl $*: exit $rc ($((SECONDS - t0)) s)")
+  return "$rc"
+}
+
+echo
+echo "== 1. llmctl doctor: each node's findings"
+run doctor && echo "(doctor: healthy)" || echo "(doctor exit code $?: 1 = problems found, each with its fix)"
+
+echo
+echo "== 2. llmctl provision --plan: each node's steps and exactly what they would change"
+run provision --plan
+
+echo
+echo "== 3. llmctl provision --yes: every node in parallel, each verified and smoke-tested"
+run provision --yes
+
+echo
+echo "== 4. llmctl doctor again: healthy everywhere"
+run doctor
+
+echo
+echo "== 5. llmctl provision --check: nothing to change on any node"
+run provision --check
+
+echo
+echo "== each step's exit code and wall time"
+printf '%s\n' "${codes[@]}"
