@@ -131,8 +131,12 @@ fn reboot_and_wait(ctx: &mut Ctx) -> Result<()> {
                 .ok()
         });
     let deadline = Instant::now() + Duration::from_secs(900);
+    // The first look comes soon (a host that reboots at once, or whose old boot id still answers, costs a few
+    // cheap probes), then every 2 s as before.
+    let mut pause = Duration::from_millis(250);
     loop {
-        std::thread::sleep(Duration::from_secs(2));
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_secs(2));
         let now = ctx
             .host_probe(&["cat", BOOT_ID])
             .ok()

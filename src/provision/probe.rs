@@ -59,8 +59,12 @@ pub fn run(args: ProbeArgs) -> Result<Outcome> {
     })
 }
 
+/// Polls `url` until it answers 2xx or `wait` is over. The poll interval starts at 50 ms and doubles up to 500 ms:
+/// a server that comes up within a few hundred milliseconds (a small model, a restarted proxy) is seen at once,
+/// and a long load is still polled only twice a second.
 async fn wait_healthy(client: &reqwest::Client, url: &str, wait: Duration) -> Result<Outcome> {
     let deadline = Instant::now() + wait;
+    let mut interval = Duration::from_millis(50);
     let mut last;
     loop {
         last = match client
@@ -76,10 +80,12 @@ async fn wait_healthy(client: &reqwest::Client, url: &str, wait: Duration) -> Re
             Ok(r) => format!("HTTP {}", r.status()),
             Err(e) => format!("{e}"),
         };
-        if Instant::now() >= deadline {
+        let now = Instant::now();
+        if now >= deadline {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(interval.min(deadline - now)).await;
+        interval = (interval * 2).min(Duration::from_millis(500));
     }
     eprintln!("{url} is not healthy: {last}");
     Ok(Outcome::ProblemsFound)
