@@ -14,13 +14,10 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use support::cluster::SimCluster;
-use support::law::sha256_hex;
 
 fn llmctl(config: &Path, cluster: &SimCluster, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_llmctl"))
@@ -118,35 +115,6 @@ fn start(name: &str, n: u32) -> SimCluster {
     )
 }
 
-/// What a whole installation needs, for provision --plan (the model the sims' containers have).
-fn installation() -> String {
-    let sha = std::env::var("LLMCTL_TEST_MODEL").map_or_else(
-        |_| support::law::MODEL_SHA256.to_string(),
-        |m| sha256_hex(Path::new(&m)),
-    );
-    format!(
-        r#"[driver]
-version = "595.71.05"
-flavor = "open"
-
-[llama_cpp]
-git_ref = "b11434"
-
-[model]
-source = "https://huggingface.co/bartowski/SmolLM2-135M-Instruct-GGUF/resolve/main/SmolLM2-135M-Instruct-Q4_K_M.gguf"
-sha256 = "{sha}"
-dest = "/models/model.gguf"
-
-[server]
-context = 32768
-port = 8080
-
-[proxy]
-listen = "0.0.0.0:4000"
-"#
-    )
-}
-
 #[test]
 fn doctor_and_plan_over_a_three_node_cluster_in_three_states() {
     let cluster = start("three-nodes", 110);
@@ -238,7 +206,7 @@ fn doctor_and_plan_over_a_three_node_cluster_in_three_states() {
         format!(
             "{}\n[cluster]\nnode = \"{}\"\n\n[cluster.nodes.pve1]\nvmid = 101\n\n[cluster.nodes.pve2]\nvmid = 102\n\
              [cluster.nodes.pve2.server]\ncontext = 16384\n\n[cluster.nodes.pve3]\nvmid = 103\n",
-            installation(),
+            support::files::installation(),
             pve1.target
         ),
     )
@@ -368,7 +336,7 @@ fn an_offline_node_is_named_and_a_container_goes_through_the_node_that_runs_it()
         &plan,
         format!(
             "{}\n[cluster]\nnode = \"{}\"\n\n[cluster.nodes.pve3]\nvmid = 103\n",
-            installation(),
+            support::files::installation(),
             pve2.target
         ),
     )
@@ -414,53 +382,6 @@ fn an_offline_node_is_named_and_a_container_goes_through_the_node_that_runs_it()
     drop(cluster);
 }
 
-/// A static file server on the test side of one node's link, `http://<addr>:<port>/<file>`: what a model host
-/// and GitHub's archive endpoint are to a real container (the sim nodes reach neither the internet nor each
-/// other, only their own link's test side).
-fn file_server(addr: &str, dir: PathBuf) -> String {
-    let listener = TcpListener::bind((addr, 0)).expect("bind the file server");
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let dir = dir.clone();
-            std::thread::spawn(move || serve_file(conn, &dir));
-        }
-    });
-    format!("http://{addr}:{port}")
-}
-
-fn serve_file(mut conn: TcpStream, dir: &Path) {
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut request = String::new();
-    if reader.read_line(&mut request).is_err() {
-        return;
-    }
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-            break;
-        }
-    }
-    let path = request.split_whitespace().nth(1).unwrap_or("/");
-    match std::fs::read(dir.join(path.trim_start_matches('/'))) {
-        Ok(data) if !path.contains("..") => {
-            let _ = write!(
-                conn,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\
-                 Connection: close\r\n\r\n",
-                data.len()
-            );
-            let _ = conn.write_all(&data);
-        }
-        _ => {
-            let _ = write!(
-                conn,
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            );
-        }
-    }
-}
-
 /// The summary's outcome cell for each node, in order.
 fn outcomes<'a>(summary: &'a str, names: &[&str]) -> Vec<&'a str> {
     names.iter().map(|n| row(summary, n)[2]).collect()
@@ -493,7 +414,8 @@ fn provision_converges_every_node_and_a_second_run_changes_nothing() {
     assert!(st.success());
     let pve2 = cluster.node("pve2");
     let test_side = format!("{}.1", pve2.addr.rsplit_once('.').unwrap().0);
-    let base = file_server(&test_side, files.path().to_path_buf());
+    let server = support::files::FileServer::start(&test_side, files.path().to_path_buf());
+    let base = format!("http://{test_side}:{}", server.port);
 
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("lab.toml");
@@ -503,7 +425,7 @@ fn provision_converges_every_node_and_a_second_run_changes_nothing() {
             "{}\n[cluster]\nnode = \"{}\"\n\n[cluster.nodes.pve1]\nvmid = 101\n\n[cluster.nodes.pve2]\nvmid = 102\n\
              [cluster.nodes.pve2.llama_cpp]\narchive_url = \"{base}/llama.cpp-{{ref}}.tar.gz\"\n\
              [cluster.nodes.pve2.model]\nsource = \"{base}/model.gguf\"\n\n[cluster.nodes.pve3]\nvmid = 103\n",
-            installation(),
+            support::files::installation(),
             pve1.target
         ),
     )

@@ -12,7 +12,6 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use support::SimHost;
-use support::law::sha256_hex;
 
 fn llmctl(config: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_llmctl"))
@@ -221,33 +220,11 @@ fn doctor_and_provision_over_two_sim_hosts_and_an_unreachable_one() {
     assert!(!out.contains("=== ") && !out.contains("\nhost "), "{out}");
 
     // provision --plan over the two sims, with a per-host override: the healthy host's context is 16384 there.
-    let sha = model.as_deref().map_or_else(
-        || support::law::MODEL_SHA256.to_string(),
-        |m| sha256_hex(Path::new(m)),
-    );
     let plan_config = dir.path().join("plan.toml");
     std::fs::write(
         &plan_config,
         format!(
-            r#"[driver]
-version = "595.71.05"
-flavor = "open"
-
-[llama_cpp]
-git_ref = "b11434"
-
-[model]
-source = "https://huggingface.co/bartowski/SmolLM2-135M-Instruct-GGUF/resolve/main/SmolLM2-135M-Instruct-Q4_K_M.gguf"
-sha256 = "{sha}"
-dest = "/models/model.gguf"
-
-[server]
-context = 32768
-port = 8080
-
-[proxy]
-listen = "0.0.0.0:4000"
-
+            r#"{}
 [[hosts]]
 name = "good"
 target = "{}"
@@ -260,6 +237,7 @@ name = "broken"
 target = "{}"
 vmid = 103
 "#,
+            support::files::installation(),
             good.ssh_target(),
             broken.ssh_target()
         ),

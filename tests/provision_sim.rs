@@ -9,13 +9,13 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 
 use support::SimHost;
+use support::files::FileServer;
 
 /// Provision runs are heavy on 2 cores (a real llama-server per host): one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -30,58 +30,6 @@ fn stack_var(name: &str) -> String {
             "{name} is not set: run the tests through scripts/test.sh (it prepares the test stack)"
         )
     })
-}
-
-/// A minimal static file server on the test side of the sim's veth (the container reaches it over the sim's
-/// network): what a model host and GitHub's archive endpoint are to a real container.
-struct FileServer {
-    port: u16,
-}
-
-impl FileServer {
-    fn start(addr: &str, dir: PathBuf) -> FileServer {
-        let listener = TcpListener::bind((addr, 0)).expect("bind the file server");
-        let port = listener.local_addr().unwrap().port();
-        std::thread::spawn(move || {
-            for conn in listener.incoming().flatten() {
-                let dir = dir.clone();
-                std::thread::spawn(move || serve(conn, &dir));
-            }
-        });
-        FileServer { port }
-    }
-}
-
-fn serve(mut conn: TcpStream, dir: &Path) {
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut request = String::new();
-    if reader.read_line(&mut request).is_err() {
-        return;
-    }
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-            break;
-        }
-    }
-    let path = request.split_whitespace().nth(1).unwrap_or("/");
-    let file = dir.join(path.trim_start_matches('/'));
-    match std::fs::read(&file) {
-        Ok(data) if !path.contains("..") => {
-            let _ = write!(
-                conn,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
-                data.len()
-            );
-            let _ = conn.write_all(&data);
-        }
-        _ => {
-            let _ = write!(
-                conn,
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            );
-        }
-    }
 }
 
 fn sha256_hex(path: &Path) -> String {

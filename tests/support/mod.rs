@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use llmctl::transport::{SshOptions, SshTransport};
 
 pub mod cluster;
+pub mod files;
 pub mod law;
 
 /// Sim host numbers 1-99 belong to this harness; cargo runs test binaries one after another, so a counter
