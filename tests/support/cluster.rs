@@ -153,16 +153,7 @@ impl SimCluster {
 impl SimNode {
     /// Options that use only the cluster's key and known_hosts (no agent, no ~/.ssh).
     pub fn ssh_options(&self) -> SshOptions {
-        SshOptions {
-            known_hosts: Some(self.known_hosts.clone()),
-            ssh_config: Some(PathBuf::from("/nonexistent/llmctl-test-ssh-config")),
-            identity_files: vec![self.key.clone()],
-            default_identities: false,
-            use_agent: false,
-            agent_socket: None,
-            accept_new_host_key: false,
-            ..SshOptions::default()
-        }
+        super::isolated_ssh_options(&self.key, &self.known_hosts)
     }
 
     pub fn connect(&self) -> SshTransport {

@@ -39,6 +39,21 @@ pub fn simhost_script() -> PathBuf {
     repo().join("fixtures/sim/simhost")
 }
 
+/// SSH options that use only the given key and known_hosts: no agent, no ~/.ssh, no ssh_config, and an
+/// unknown host key refused (what every sim host and cluster node is reached with).
+pub fn isolated_ssh_options(key: &Path, known_hosts: &Path) -> SshOptions {
+    SshOptions {
+        known_hosts: Some(known_hosts.to_path_buf()),
+        ssh_config: Some(PathBuf::from("/nonexistent/llmctl-test-ssh-config")),
+        identity_files: vec![key.to_path_buf()],
+        default_identities: false,
+        use_agent: false,
+        agent_socket: None,
+        accept_new_host_key: false,
+        ..SshOptions::default()
+    }
+}
+
 pub struct SimHost {
     pub n: u32,
     pub addr: String,
@@ -158,16 +173,7 @@ impl SimHost {
 
     /// Options that use only this sim's key and known_hosts (no agent, no ~/.ssh).
     pub fn ssh_options(&self) -> SshOptions {
-        SshOptions {
-            known_hosts: Some(self.known_hosts.clone()),
-            ssh_config: Some(PathBuf::from("/nonexistent/llmctl-test-ssh-config")),
-            identity_files: vec![self.key.clone()],
-            default_identities: false,
-            use_agent: false,
-            agent_socket: None,
-            accept_new_host_key: false,
-            ..SshOptions::default()
-        }
+        isolated_ssh_options(&self.key, &self.known_hosts)
     }
 
     pub fn connect(&self) -> SshTransport {
