@@ -39,6 +39,7 @@ fn router() -> Arc<Router> {
                 url,
                 weight: 1,
                 model: None,
+                peer: false,
             };
             Replica::new(spec, upstream)
         })

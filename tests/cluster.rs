@@ -496,5 +496,151 @@ fn provision_converges_every_node_and_a_second_run_changes_nothing() {
     }
     assert_eq!(outcomes(&summary, &names), ["healthy"; 3], "{summary}");
     assert!(summary.ends_with("exit 0 (success)\n"), "{summary}");
+
+    serve_over_the_fleet(&cluster, &config);
     drop(cluster);
+}
+
+/// A GET (or, with a body, a POST) from the test side, its answer as JSON.
+fn http_json(url: &str, key: Option<&str>, body: Option<serde_json::Value>) -> serde_json::Value {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let mut rb = match body {
+            Some(b) => http.post(url).json(&b),
+            None => http.get(url),
+        };
+        if let Some(k) = key {
+            rb = rb.header("x-api-key", k);
+        }
+        let resp = rb.send().await.unwrap_or_else(|e| panic!("{url}: {e}"));
+        let text = resp.text().await.unwrap();
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("{url} answered no JSON: {text}"))
+    })
+}
+
+/// `[proxy] upstreams = "fleet"` on the converged cluster: each node's proxy gets the others' as peers (over
+/// the cluster's LAN, where `[cluster.nodes.X.proxy] url` says they are), every proxy the fleet's one key, and
+/// a request to one node's proxy is served by another node's llama-server when its own is down.
+fn serve_over_the_fleet(cluster: &SimCluster, config: &Path) {
+    let names = ["pve1", "pve2", "pve3"];
+    let mut toml = std::fs::read_to_string(config).unwrap();
+    toml = toml.replacen(
+        "listen = \"0.0.0.0:4000\"\n",
+        "listen = \"0.0.0.0:4000\"\nupstreams = \"fleet\"\n",
+        1,
+    );
+    for name in names {
+        toml.push_str(&format!(
+            "\n[cluster.nodes.{name}.proxy]\nurl = \"http://{}:4000\"\n",
+            cluster.node(name).lan
+        ));
+    }
+    std::fs::write(config, toml).unwrap();
+
+    let o = llmctl(config, cluster, &["provision", "--yes"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+    let (_, hosts, summary) = report(&out);
+    for (head, block) in &hosts {
+        assert!(
+            block.contains("--peer") && block.contains("smoke test: reply"),
+            "{head}:\n{block}"
+        );
+    }
+    assert!(summary.ends_with("exit 0 (success)\n"), "{summary}");
+    let o = llmctl(config, cluster, &["provision", "--check"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+    assert_eq!(
+        outcomes(&report(&out).2, &names),
+        ["as configured"; 3],
+        "{out}"
+    );
+    let o = llmctl(config, cluster, &["doctor"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o).0);
+
+    // One key for the fleet, in every container.
+    let keys: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|nd| {
+            let out = Command::new("bash")
+                .arg(support::simhost_script())
+                .args(["exec", &nd.n.to_string(), "pct", "exec"])
+                .arg(nd.vmid.unwrap().to_string())
+                .args(["--", "cat", "/etc/llmctl/proxy-api-key"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        })
+        .collect();
+    assert!(
+        !keys[0].is_empty() && keys.iter().all(|k| k == &keys[0]),
+        "one key for the fleet"
+    );
+
+    // pve1's proxy: its own llama-server and two peers, all up. With its llama-server stopped, it still answers,
+    // from a peer's.
+    let pve1 = cluster.node("pve1");
+    let proxy = format!("http://{}:4000", pve1.addr);
+    let health = http_json(&format!("{proxy}/health"), None, None);
+    let replicas = health["replicas"].as_array().unwrap();
+    let peers: Vec<&serde_json::Value> = replicas.iter().filter(|r| r["peer"] == true).collect();
+    assert_eq!(peers.len(), 2, "{health}");
+    let wait_up = |want: usize| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let h = http_json(&format!("{proxy}/health"), None, None);
+            let up = h["replicas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| r["peer"] == true && r["up"] == true)
+                .count();
+            if up == want || std::time::Instant::now() > deadline {
+                return (up, h);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    let (up, h) = wait_up(2);
+    assert_eq!(up, 2, "both peers up: {h}");
+    let stop = Command::new("bash")
+        .arg(support::simhost_script())
+        .args([
+            "exec",
+            &pve1.n.to_string(),
+            "pct",
+            "exec",
+            "101",
+            "--",
+            "systemctl",
+            "stop",
+            "llama-server",
+        ])
+        .output()
+        .unwrap();
+    assert!(stop.status.success(), "{stop:?}");
+    let answer = http_json(
+        &format!("{proxy}/v1/messages"),
+        Some(&keys[0]),
+        Some(
+            serde_json::json!({"model": "claude-sonnet-4-5", "max_tokens": 8,
+                                "messages": [{"role": "user", "content": "Say hi"}]}),
+        ),
+    );
+    assert_eq!(
+        answer["type"], "message",
+        "served by a peer while pve1's llama-server is down: {answer}"
+    );
+    let h = http_json(&format!("{proxy}/health"), None, None);
+    assert_eq!(
+        h["replicas"][0]["up"], false,
+        "pve1's own llama-server is down: {h}"
+    );
 }

@@ -491,7 +491,7 @@ fn expected_ops(actions: &[Action]) -> Option<Vec<Op>> {
                 data: Some(new.clone().into_bytes()),
                 mode: *mode,
             }),
-            Action::WriteSecret { on, path } => ops.push(Op::Write {
+            Action::WriteSecret { on, path, .. } => ops.push(Op::Write {
                 on: on_name(on),
                 path: path.clone(),
                 data: None,
@@ -859,7 +859,7 @@ fn apply_exactly_the_plan(fixture: &Fixture, law: &LawRun) -> ApplyReport {
         }
         // Secrets never in argv.
         for a in actions {
-            if let Action::WriteSecret { on, path } = a {
+            if let Action::WriteSecret { on, path, .. } = a {
                 let secret = match on {
                     Target::Host => host.file(None, path),
                     Target::Container(v) => host.file(Some(*v), path),

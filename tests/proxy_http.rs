@@ -2603,3 +2603,134 @@ async fn new_sessions_sharing_one_system_prompt_spread_over_the_replicas() {
         assert_eq!(metric(&proxy, &session).await, 2);
     }
 }
+
+// -----------------------------------------------------------------------------------------------------------
+// A fleet: proxies that are each other's peers (issue 13's `[proxy] upstreams = "fleet"`)
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fleet_proxy_serves_through_its_peer_and_a_hop_stays_on_the_peers_own_replicas() {
+    const KEY: &str = "fleet-key-0123";
+    let key_env = [("LLMCTL_PROXY_API_KEY", KEY)];
+    let auth = [("x-api-key", KEY)];
+    // Host B: its own llama-server (m) and a peer of its own (C, over m2). Host A: its llama-server down, B
+    // its peer. A's requests reach B as hops, which B serves from m only, never from C.
+    let (m, m2) = (Mock::start(Mode::Good), Mock::start(Mode::Good));
+    let c = Proxy::start(&m2.url, &[], &key_env);
+    let b = Proxy::start(&m.url, &["--peer", &c.url], &key_env);
+    let a = Proxy::start(&dead_upstream(), &["--peer", &b.url], &key_env);
+
+    let url = format!("{}/v1/messages", a.url);
+    for i in 0..4 {
+        let mut body = hello(false);
+        body["metadata"] = json!({"user_id": format!("user_x_session_{i}")});
+        let (status, v) = post(&url, &body, &auth).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["content"][0]["text"], "Hi there");
+    }
+    let (status, events) = {
+        let resp = client()
+            .post(&url)
+            .header("x-api-key", KEY)
+            .json(&hello(true))
+            .send()
+            .await
+            .unwrap();
+        (
+            resp.status().as_u16(),
+            sse_events(&resp.text().await.unwrap()),
+        )
+    };
+    assert_eq!(status, 200);
+    assert_eq!(text_of(&events), "Hi there");
+    let (status, v) = post(
+        &format!("{}/v1/responses", a.url),
+        &responses_hello(false),
+        &[("authorization", &format!("Bearer {KEY}"))],
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        chats(&m),
+        6,
+        "every request went through B to its own llama-server"
+    );
+    assert_eq!(
+        chats(&m2),
+        0,
+        "a hop is never passed on to the peer's peers"
+    );
+    // B's llama-server got B's request, not the hop mark or A's key (B has no upstream key).
+    assert!(m.chat_requests().iter().all(|(auth, _)| auth.is_none()));
+
+    // A sees B as a peer, up; B's answers are counted on B's chat completions door.
+    let (_, health) = get(&format!("{}/health", a.url), &[]).await;
+    let health: Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["replicas"][1]["peer"], true, "{health}");
+    assert_eq!(health["replicas"][1]["up"], true, "{health}");
+    let log = b.log_text_when(|t| t.matches("/v1/chat/completions").count() >= 6);
+    assert!(
+        log.matches("/v1/chat/completions").count() >= 6,
+        "B logs the hops it served:\n{log}"
+    );
+
+    // A peer that does not hold the fleet's key refuses the hop: A reports it, naming the peer.
+    let stranger = Proxy::start(
+        &dead_upstream(),
+        &["--peer", &b.url],
+        &[("LLMCTL_PROXY_API_KEY", "another")],
+    );
+    let (status, v) = post(
+        &format!("{}/v1/messages", stranger.url),
+        &hello(false),
+        &[("x-api-key", "another")],
+    )
+    .await;
+    assert_ne!(status, 200, "{v}");
+    assert!(
+        v.to_string().contains(&b.url),
+        "the error names the peer: {v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_completions_pass_through_byte_for_byte_with_the_key() {
+    let m = Mock::start(Mode::Good);
+    let p = Proxy::start(&m.url, &[], &[("LLMCTL_PROXY_API_KEY", "k1")]);
+    let url = format!("{}/v1/chat/completions", p.url);
+    let body = json!({"model": "mock-model", "stream": true,
+                      "messages": [{"role": "user", "content": "hello"}]});
+    let resp = client()
+        .post(&url)
+        .bearer_auth("k1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    assert_eq!(
+        resp.text().await.unwrap(),
+        GOOD_STREAM,
+        "the upstream's stream, unchanged"
+    );
+    let (_, sent) = m.chat_requests().pop().unwrap();
+    assert_eq!(sent, body, "the client's request, unchanged");
+    // Without the key: 401 in OpenAI's shape; not JSON: 400 naming it.
+    let (status, v) = post(&url, &body, &[]).await;
+    assert_eq!(status, 401, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_api_key", "{v}");
+    let resp = client()
+        .post(&url)
+        .bearer_auth("k1")
+        .body("[1]")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert!(resp.text().await.unwrap().contains("JSON object"));
+}

@@ -256,6 +256,19 @@ impl ConfigFile {
         }
     }
 
+    /// The same configuration with `[section] key = value` set (what llmctl derives for a member from the
+    /// whole fleet, e.g. `[proxy] peers`).
+    pub fn with_value(mut self, section: &str, key: &str, value: toml::Value) -> ConfigFile {
+        let entry = self
+            .table
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let toml::Value::Table(t) = entry {
+            t.insert(key.to_string(), value);
+        }
+        self
+    }
+
     /// The same configuration, its host's settings said to be in `entry` (`[cluster.nodes.pve2]`).
     pub fn with_entry(mut self, entry: impl Into<String>) -> ConfigFile {
         self.entry = Some(entry.into());

@@ -62,8 +62,10 @@ pub fn expected_in_words(section: &str, path: &str) -> Option<&'static str> {
             | "queue_timeout_secs",
         ) => "a number of seconds (such as 5 or 2.5)",
         ("proxy", "upstreams") => {
-            "a list of URLs or { url, weight, model } tables (such as [\"http://127.0.0.1:8080\"])"
+            "a list of URLs or { url, weight, model, peer } tables (such as [\"http://127.0.0.1:8080\"]), or \"fleet\""
         }
+        ("proxy", "peers") => "a list of URLs such as [\"http://192.168.1.51:4000\"]",
+        ("proxy", "url") => "a string with a URL such as \"http://192.168.1.50:4000\"",
         ("proxy", "models") => "a table of client model prefix = upstream model",
         _ => return None,
     })
@@ -541,8 +543,15 @@ impl ServerSection {
 pub struct ProxySection {
     pub listen: Option<String>,
     pub upstream: Option<String>,
-    /// Several replicas of the model behind one proxy: each a URL, or `{ url, weight, model }`.
-    pub upstreams: Option<Vec<UpstreamEntry>>,
+    /// Several replicas of the model behind one proxy: each a URL, or `{ url, weight, model, peer }`; or
+    /// `"fleet"`: every host's replicas (provision renders the list, see [`Upstreams::Fleet`]).
+    pub upstreams: Option<Upstreams>,
+    /// Other llmctl proxies of the same fleet (`http://ADDR:PORT` each), routed to beside the upstreams
+    /// (`--peer`). With `upstreams = "fleet"` llmctl fills it with every other host's proxy.
+    pub peers: Option<Vec<String>>,
+    /// The URL other machines reach this host's proxy at (`http://ADDR:PORT`): a fleet's proxies reach each
+    /// other there. Unset: the static `ip=` of `[container].net0` and the port of `listen`.
+    pub url: Option<String>,
     pub api_key_file: Option<PathBuf>,
     pub upstream_api_key_file: Option<PathBuf>,
     pub model: Option<String>,
@@ -560,6 +569,31 @@ pub struct ProxySection {
     pub origin: Option<String>,
 }
 
+/// `[proxy] upstreams`: the replicas listed, or the word `"fleet"`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Upstreams {
+    List(Vec<UpstreamEntry>),
+    /// `upstreams = "fleet"` (any other word is an error of [`ProxySection::check`]): the proxy provision
+    /// installs on each host of a fleet routes to that host's own llama-servers and, through the other hosts'
+    /// proxies (its peers), to theirs: one endpoint for every GPU of the fleet.
+    Word(String),
+}
+
+impl Upstreams {
+    pub const FLEET: &'static str = "fleet";
+    /// The entries listed (none for `"fleet"`).
+    pub fn list(&self) -> &[UpstreamEntry] {
+        match self {
+            Upstreams::List(l) => l,
+            Upstreams::Word(_) => &[],
+        }
+    }
+    pub fn is_fleet(&self) -> bool {
+        matches!(self, Upstreams::Word(w) if w == Self::FLEET)
+    }
+}
+
 /// One entry of `[proxy] upstreams`: a bare URL, or a table with the replica's weight and model.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(untagged)]
@@ -574,6 +608,9 @@ pub struct UpstreamTable {
     pub url: String,
     pub weight: Option<u32>,
     pub model: Option<String>,
+    /// The URL is another llmctl proxy of the same fleet (a peer), not a llama-server: it is sent the proxy's
+    /// own key and a hop mark, and routes what it gets to its own llama-servers only.
+    pub peer: Option<bool>,
 }
 
 impl Section for ProxySection {
@@ -601,6 +638,32 @@ impl ProxySection {
                 format!(
                     "{upstream:?} is not a URL like \"http://127.0.0.1:11434\" (the OpenAI-compatible server, without /v1)"
                 ),
+            ));
+        }
+        if let Some(Upstreams::Word(w)) = &self.upstreams
+            && w != Upstreams::FLEET
+        {
+            errors.push(field_error(
+                "[proxy].upstreams",
+                format!(
+                    "{w:?} is not a list of URLs nor \"fleet\" (every host's replicas, in a fleet)"
+                ),
+            ));
+        }
+        for (i, peer) in self.peers.iter().flatten().enumerate() {
+            if crate::proxy::config::normalize_upstream(peer).is_err() {
+                errors.push(field_error(
+                    &format!("[proxy].peers[{i}]"),
+                    format!("{peer:?} is not a URL like \"http://192.168.1.51:4000\" (another host's proxy)"),
+                ));
+            }
+        }
+        if let Some(url) = &self.url
+            && crate::proxy::config::normalize_upstream(url).is_err()
+        {
+            errors.push(field_error(
+                "[proxy].url",
+                format!("{url:?} is not a URL like \"http://192.168.1.50:4000\" (where other machines reach this proxy)"),
             ));
         }
         if self.max_body_bytes == Some(0) {

@@ -166,6 +166,12 @@ pub fn provision(
     if let Some(line) = preface {
         writeln!(stdout, "{line}\n")?;
     }
+    // Proxies that are each other's peers share one key: read (or made) once, before the hosts run.
+    let mut args = args.clone();
+    if super::key::wanted(members) {
+        args.shared_key = Some(super::key::shared(members, &args.ssh.options())?);
+    }
+    let args = &args;
     let mut first = true;
     let mut write_err: Option<std::io::Error> = None;
     let reports = run(

@@ -12,6 +12,7 @@
 
 pub mod cluster;
 pub mod commands;
+pub mod key;
 
 use std::io::Write;
 use std::sync::Mutex;
@@ -219,8 +220,19 @@ pub fn choose(
             chosen[i] = true;
         }
     }
-    let picked: Vec<Candidate> = entries
+    // Every host's configuration, the unselected too: what a host's proxy routes to depends on the others.
+    let configs: Vec<ConfigFile> = entries
+        .iter()
+        .map(|e| {
+            file.for_member(&e.name, &e.target, vmid.or(e.vmid), &e.overrides)
+                .with_entry(e.entry.clone())
+        })
+        .collect();
+    let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+    let configs = with_fleet_peers(file, &names, configs)?;
+    let picked: Vec<(Candidate, ConfigFile)> = entries
         .into_iter()
+        .zip(configs)
         .zip(&chosen)
         .filter_map(|(e, &c)| c.then_some(e))
         .collect();
@@ -233,10 +245,8 @@ pub fn choose(
     }
     let members = picked
         .into_iter()
-        .map(|e| Member {
-            config: file
-                .for_member(&e.name, &e.target, vmid.or(e.vmid), &e.overrides)
-                .with_entry(e.entry),
+        .map(|(e, config)| Member {
+            config,
             name: e.name,
             target: e.target,
             notes: e.notes,
@@ -244,6 +254,75 @@ pub fn choose(
         })
         .collect();
     Ok(one_or_fleet(members, discovered.map(|d| d.line())))
+}
+
+/// `[proxy] upstreams = "fleet"` on a host: its proxy's peers are every other host's proxy (`[proxy] peers`,
+/// set here, in each such host's configuration). Derived from the configuration alone, never from what a host
+/// answers, so the proxy unit of a host is the same whichever hosts a command selects or reaches (one host's
+/// `provision --check` agrees with the fleet's). A host whose proxy the others cannot be told how to reach
+/// (no static address, a proxy on 127.0.0.1) is an error that names it.
+fn with_fleet_peers(
+    file: &ConfigFile,
+    names: &[&str],
+    configs: Vec<ConfigFile>,
+) -> Result<Vec<ConfigFile>> {
+    use crate::config::{ContainerSection, ProxySection};
+    // Sections that do not parse are left to the command, which reports them with their fields.
+    let proxies: Vec<Option<ProxySection>> = configs
+        .iter()
+        .map(|c| c.section_or_default::<ProxySection>().ok())
+        .collect();
+    let fleet = |p: &Option<ProxySection>| {
+        p.as_ref()
+            .and_then(|p| p.upstreams.as_ref())
+            .is_some_and(|u| u.is_fleet())
+    };
+    if !proxies.iter().any(fleet) {
+        return Ok(configs);
+    }
+    let urls: Vec<std::result::Result<String, String>> = configs
+        .iter()
+        .zip(&proxies)
+        .map(|(c, p)| {
+            let container = c
+                .section_or_default::<ContainerSection>()
+                .map_err(|e| format!("{e:#}"))?;
+            crate::provision::config::proxy_url(&container, &p.clone().unwrap_or_default())
+        })
+        .collect();
+    let mut out = Vec::with_capacity(configs.len());
+    for (i, config) in configs.into_iter().enumerate() {
+        if !fleet(&proxies[i]) {
+            out.push(config);
+            continue;
+        }
+        if proxies[i].as_ref().is_some_and(|p| p.peers.is_some()) {
+            anyhow::bail!(
+                "{}: host {} sets both [proxy] upstreams = \"fleet\" and [proxy] peers: keep one (\"fleet\" \
+                 makes every other host's proxy a peer)",
+                file.name(),
+                names[i]
+            );
+        }
+        let mut peers = Vec::new();
+        for (j, url) in urls.iter().enumerate() {
+            if j == i {
+                continue;
+            }
+            match url {
+                Ok(u) => peers.push(toml::Value::String(u.clone())),
+                Err(why) => anyhow::bail!(
+                    "{}: [proxy] upstreams = \"fleet\" on {} routes to every other host's proxy, and host {} \
+                     cannot be reached: {why}",
+                    file.name(),
+                    names[i],
+                    names[j]
+                ),
+            }
+        }
+        out.push(config.with_value("proxy", "peers", toml::Value::Array(peers)));
+    }
+    Ok(out)
 }
 
 /// One member is the one-host command, unless it is not to be reached at all (an offline cluster node): then
@@ -538,6 +617,42 @@ pub fn print_block(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fleet_upstreams_make_every_other_hosts_proxy_a_peer_whatever_is_selected() {
+        let f = file(
+            "[proxy]\nupstreams = \"fleet\"\n\
+             [[hosts]]\nname = \"a\"\ntarget = \"root@10.0.0.1\"\nvmid = 103\n\
+             [hosts.container]\nnet0 = \"name=eth0,bridge=vmbr0,ip=192.168.1.50/24\"\n\
+             [[hosts]]\nname = \"b\"\ntarget = \"root@10.0.0.2\"\nvmid = 104\n\
+             [hosts.proxy]\nurl = \"http://llm-b.lan:4000\"\n",
+        );
+        let peers = |c: &ConfigFile| -> Vec<String> {
+            let p: crate::config::ProxySection = c.section_or_default().unwrap();
+            p.peers.unwrap()
+        };
+        let Selection::Fleet { members, .. } = choose(&f, &[], None, None).unwrap() else {
+            panic!("two hosts are a fleet");
+        };
+        assert_eq!(peers(&members[0].config), ["http://llm-b.lan:4000"]);
+        assert_eq!(peers(&members[1].config), ["http://192.168.1.50:4000"]);
+        // One host selected: the same peers, so its proxy unit is the fleet's.
+        let Selection::One { config, .. } = choose(&f, &flags(&["b"]), None, None).unwrap() else {
+            panic!("one host");
+        };
+        assert_eq!(peers(&config), ["http://192.168.1.50:4000"]);
+        // A host the others cannot reach is named, with the fix.
+        let f = file(
+            "[proxy]\nupstreams = \"fleet\"\n\
+             [[hosts]]\nname = \"a\"\ntarget = \"root@10.0.0.1\"\nvmid = 103\n\
+             [[hosts]]\nname = \"b\"\ntarget = \"root@10.0.0.2\"\nvmid = 104\n",
+        );
+        let e = choose(&f, &[], None, None).unwrap_err().to_string();
+        assert!(
+            e.contains("host b cannot be reached") && e.contains("ip=dhcp"),
+            "{e}"
+        );
+    }
 
     fn file(text: &str) -> ConfigFile {
         ConfigFile::parse(text, Some("lab.toml".into())).unwrap()

@@ -170,6 +170,7 @@ if [ $# -eq 3 ]; then
   sec ct-model-stat stat -c '%s %Y' "$2"
   sec ct-model-marker exact "$2.llmctl-verified"
   sec ct-key-stat stat -c '%a %s' "$3"
+  sec ct-key-sha256 sha256sum "$3"
 fi
 "##;
 
@@ -373,6 +374,9 @@ pub struct Installed {
     pub model_marker: Option<String>,
     /// The key file's permission bits and size.
     pub key_file: Option<(u32, u64)>,
+    /// `sha256sum` of the key file: a fleet's proxies must share one key, and this says whether they do
+    /// without the key leaving the container.
+    pub key_sha256: Option<String>,
 }
 
 impl Installed {
@@ -389,6 +393,8 @@ impl Installed {
             model_size_mtime: ok("ct-model-stat").map(|p| p.text.trim().to_string()),
             model_marker: ok("ct-model-marker").map(exact_text),
             key_file: ok("ct-key-stat").and_then(|p| parse_mode_size(&p.text)),
+            key_sha256: ok("ct-key-sha256")
+                .and_then(|p| p.text.split_whitespace().next().map(str::to_string)),
         }
     }
 }

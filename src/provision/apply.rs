@@ -61,8 +61,11 @@ pub fn execute_one(ctx: &mut Ctx, action: &Action) -> Result<()> {
         },
         Action::Reboot { .. } => reboot_and_wait(ctx)?,
         Action::WaitHealthy { unit, url, .. } => wait_healthy(ctx, unit, url)?,
-        Action::WriteSecret { on, path } => {
-            let key = super::ct::new_api_key()?;
+        Action::WriteSecret { on, path, value } => {
+            let key = match value {
+                Some(v) => v.expose().to_string(),
+                None => super::ct::new_api_key()?,
+            };
             write(ctx, on, path, format!("{key}\n").as_bytes(), 0o600)?;
         }
         Action::Upload {

@@ -31,21 +31,67 @@ pub fn provisioned_listen(proxy: &ProxySection) -> &str {
     proxy.listen.as_deref().unwrap_or(PROVISIONED_LISTEN)
 }
 
-/// Every replica the provisioned proxy routes to: `[proxy].upstreams`, else `upstream` (they mean the same as for
-/// serve-proxy run by hand), else the container's own llama-servers (one per replica).
-pub fn provisioned_upstreams(proxy: &ProxySection, servers: &[String]) -> Vec<String> {
-    if let Some(list) = proxy.upstreams.as_ref().filter(|l| !l.is_empty()) {
-        return list
-            .iter()
-            .map(|e| match e {
-                crate::config::UpstreamEntry::Url(u) => u.clone(),
-                crate::config::UpstreamEntry::Table(t) => t.url.clone(),
-            })
-            .collect();
+/// Every replica the provisioned proxy routes to, as its `--upstream` and `--peer` flags: `[proxy].upstreams`
+/// listed (a `peer = true` entry is a peer), else `upstream` (they mean the same as for serve-proxy run by
+/// hand), else, and with `upstreams = "fleet"`, the container's own llama-servers (one per replica); then
+/// `[proxy].peers` (which a fleet fills with every other host's proxy).
+pub fn provisioned_replicas(
+    proxy: &ProxySection,
+    servers: &[String],
+) -> (Vec<String>, Vec<String>) {
+    let mut peers: Vec<String> = Vec::new();
+    let upstreams = match (&proxy.upstreams, &proxy.upstream) {
+        (Some(crate::config::Upstreams::List(list)), _) if !list.is_empty() => {
+            let mut ups = Vec::new();
+            for e in list {
+                match e {
+                    crate::config::UpstreamEntry::Url(u) => ups.push(u.clone()),
+                    crate::config::UpstreamEntry::Table(t) if t.peer == Some(true) => {
+                        peers.push(t.url.clone())
+                    }
+                    crate::config::UpstreamEntry::Table(t) => ups.push(t.url.clone()),
+                }
+            }
+            ups
+        }
+        (Some(crate::config::Upstreams::Word(_)), _) => servers.to_vec(),
+        (_, Some(u)) => vec![u.clone()],
+        _ => servers.to_vec(),
+    };
+    peers.extend(proxy.peers.iter().flatten().cloned());
+    (upstreams, peers)
+}
+
+/// The URL other machines reach the proxy provision installs from this configuration at: `[proxy].url`, else
+/// the static address of `[container].net0` and the port of `[proxy].listen`. `Err` says why there is none.
+pub fn proxy_url(container: &ContainerSection, proxy: &ProxySection) -> Result<String, String> {
+    if let Some(url) = &proxy.url {
+        return Ok(url.trim_end_matches('/').to_string());
     }
-    match &proxy.upstream {
-        Some(u) => vec![u.clone()],
-        None => servers.to_vec(),
+    let listen: std::net::SocketAddr = provisioned_listen(proxy).parse().map_err(|_| {
+        format!(
+            "[proxy].listen {:?} is not IP:PORT",
+            provisioned_listen(proxy)
+        )
+    })?;
+    if listen.ip().is_loopback() {
+        return Err(format!(
+            "its proxy listens on {listen}, which other hosts cannot reach: set [proxy].listen to \"0.0.0.0:{}\"",
+            listen.port()
+        ));
+    }
+    let net0 = crate::client_config::from_host::parse_net0(&format!("net0: {}", container.net0));
+    match net0
+        .as_ref()
+        .and_then(|n| crate::client_config::from_host::static_address(0, n))
+    {
+        Some((addr, _)) => Ok(format!("http://{addr}:{}", listen.port())),
+        None => Err(format!(
+            "its container has no static address ([container].net0 is {:?}): give it one (ip=192.168.1.50/24 \
+             in net0), or set [proxy].url = \"http://ADDRESS:{}\" to where other hosts reach its proxy",
+            container.net0,
+            listen.port()
+        )),
     }
 }
 
@@ -188,7 +234,24 @@ impl ProvisionConfig {
         ]
         .concat();
         // The provisioned proxy takes its replicas as --upstream flags: a weight or model per replica has no flag.
-        for (i, e) in self.proxy.upstreams.iter().flatten().enumerate() {
+        if self.proxy.upstreams.as_ref().is_some_and(|u| u.is_fleet()) {
+            if self.proxy.peers.is_none() {
+                errors.push(FieldError {
+                    field: "[proxy].upstreams".into(),
+                    problem: "is \"fleet\" but this is one host: \"fleet\" routes across the hosts of [[hosts]] \
+                              or [cluster]; list the URLs instead, or remove the key"
+                        .into(),
+                });
+            }
+            if self.proxy.upstream.is_some() {
+                errors.push(FieldError {
+                    field: "[proxy].upstream".into(),
+                    problem: "is set beside upstreams = \"fleet\": keep one".into(),
+                });
+            }
+        }
+        let listed = self.proxy.upstreams.as_ref().map_or(&[][..], |u| u.list());
+        for (i, e) in listed.iter().enumerate() {
             if let crate::config::UpstreamEntry::Table(t) = e
                 && (t.weight.is_some() || t.model.is_some())
             {
@@ -219,6 +282,84 @@ impl ProvisionConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn provisioned_replicas_are_the_local_servers_then_the_peers() {
+        let servers = vec![
+            "http://127.0.0.1:8080".to_string(),
+            "http://127.0.0.1:8081".into(),
+        ];
+        let proxy = |text: &str| -> ProxySection {
+            ConfigFile::parse(text, None)
+                .unwrap()
+                .section_or_default()
+                .unwrap()
+        };
+        let fleet = proxy("[proxy]\nupstreams = \"fleet\"\npeers = [\"http://10.0.0.2:4000\"]\n");
+        assert_eq!(
+            provisioned_replicas(&fleet, &servers),
+            (servers.clone(), vec!["http://10.0.0.2:4000".to_string()])
+        );
+        let listed = proxy(
+            "[proxy]\nupstreams = [\"http://x:1\", { url = \"http://y:4000\", peer = true }]\n",
+        );
+        assert_eq!(
+            provisioned_replicas(&listed, &servers),
+            (
+                vec!["http://x:1".to_string()],
+                vec!["http://y:4000".to_string()]
+            )
+        );
+        assert_eq!(
+            provisioned_replicas(&proxy(""), &servers),
+            (servers, vec![])
+        );
+    }
+
+    #[test]
+    fn a_proxys_url_for_its_peers_is_set_or_from_a_static_net0() {
+        let c = |net0: &str| ContainerSection {
+            net0: net0.into(),
+            ..ContainerSection::default()
+        };
+        let p = ProxySection::default();
+        assert_eq!(
+            proxy_url(
+                &c("name=eth0,bridge=vmbr0,ip=192.168.1.50/24,gw=192.168.1.1"),
+                &p
+            )
+            .unwrap(),
+            "http://192.168.1.50:4000"
+        );
+        let e = proxy_url(&c("name=eth0,bridge=vmbr0,ip=dhcp"), &p).unwrap_err();
+        assert!(
+            e.contains("no static address") && e.contains("[proxy].url"),
+            "{e}"
+        );
+        let set = ProxySection {
+            url: Some("http://llm2.lan:4000/".into()),
+            ..ProxySection::default()
+        };
+        assert_eq!(
+            proxy_url(&c("ip=dhcp"), &set).unwrap(),
+            "http://llm2.lan:4000"
+        );
+        let local = ProxySection {
+            listen: Some("127.0.0.1:4000".into()),
+            ..ProxySection::default()
+        };
+        let e = proxy_url(&c("ip=10.0.0.5/24"), &local).unwrap_err();
+        assert!(e.contains("0.0.0.0:4000"), "{e}");
+    }
+
+    #[test]
+    fn fleet_upstreams_on_one_host_or_beside_upstream_are_refused() {
+        let with = |line: &str| INIT.replacen("[proxy]\n", &format!("[proxy]\n{line}\n"), 1);
+        let e = parse(&with("upstreams = \"fleet\"")).unwrap_err();
+        assert!(format!("{e:#}").contains("this is one host"), "{e:#}");
+        let e = parse(&with("upstreams = \"fleets\"")).unwrap_err();
+        assert!(format!("{e:#}").contains("nor \"fleet\""), "{e:#}");
+    }
 
     const INIT: &str = include_str!("../../templates/llmctl.toml");
 

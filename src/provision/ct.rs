@@ -997,14 +997,20 @@ impl Step<Ctx> for Service {
             }]
         };
         let key_file = ctx.cfg.proxy_key_file().filter(|_| !self.is_llama());
+        let shared_key = ctx.shared_key.clone();
         let f = ctx.facts()?;
         let Some(inside) = f.inside() else {
             bail!("internal: the container's facts changed during the check");
         };
-        // A key only root can read, and not empty.
-        let key_ok = installed(inside)?
+        // A key only root can read, and not empty; in a fleet whose proxies are peers, the fleet's one key.
+        let inst = installed(inside)?;
+        let key_ok = inst
             .key_file
-            .is_some_and(|(mode, size)| mode == 0o600 && size > 0);
+            .is_some_and(|(mode, size)| mode == 0o600 && size > 0)
+            && shared_key.as_ref().is_none_or(|k| {
+                inst.key_sha256.as_deref()
+                    == Some(sha256_bytes(format!("{}\n", k.expose()).as_bytes()).as_str())
+            });
         let is_active = |unit: &str| {
             inside
                 .services
@@ -1033,6 +1039,7 @@ impl Step<Ctx> for Service {
             actions.push(Action::WriteSecret {
                 on: on.clone(),
                 path: key_file,
+                value: shared_key.clone(),
             });
         }
         for (unit, path) in &strays {

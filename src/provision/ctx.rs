@@ -38,6 +38,9 @@ pub struct Ctx {
     /// A per-run stamp naming the backup folder.
     pub stamp: String,
     pub live: std::sync::Arc<Live>,
+    /// The key every proxy of the fleet shares (provision over a fleet whose proxies are peers): the proxy's
+    /// key file must hold it. None: any key the host has will do.
+    pub shared_key: Option<crate::client_config::from_host::Secret>,
 }
 
 impl Ctx {
@@ -61,6 +64,7 @@ impl Ctx {
             llmctl_binary,
             stamp,
             live,
+            shared_key: None,
         })
     }
 
@@ -85,6 +89,7 @@ impl Ctx {
             llmctl_binary,
             stamp: chrono_like_stamp(),
             live: std::sync::Arc::new(Live::silent()),
+            shared_key: None,
         }
     }
 

@@ -55,6 +55,9 @@ pub struct ProvisionArgs {
     /// The llmctl binary to install in the container [default: this one]
     #[arg(long, value_name = "PATH")]
     pub llmctl_binary: Option<PathBuf>,
+    /// Set by provision over a fleet whose proxies are peers: the key they all hold (`fleet::key`).
+    #[arg(skip)]
+    pub shared_key: Option<crate::client_config::from_host::Secret>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -163,6 +166,7 @@ pub fn provision_one(
     };
     let mut ctx = Ctx::new(connect, cfg, config_path.clone(), binary, live)?;
     ctx.allow_reboot = args.reboot;
+    ctx.shared_key = args.shared_key.clone();
     // The next command reaches this host the way this run did: by its inventory name, or its target.
     let next_host = host
         .map(str::to_string)

@@ -64,10 +64,12 @@ pub enum Action {
         unit: String,
         url: String,
     },
-    /// Write a new random secret to `path` (mode 0600): its value is never shown, logged or put in argv.
+    /// Write a secret to `path` (mode 0600): `value` (a fleet's one key), else a new random one. Its value is
+    /// never shown, logged or put in argv.
     WriteSecret {
         on: Target,
         path: String,
+        value: Option<crate::client_config::from_host::Secret>,
     },
     /// Install a file from this machine (`from`, with this sha256) at `to` with `mode`.
     Upload {
@@ -129,8 +131,21 @@ impl Action {
                 format!("[host] reboot the host ({why}), wait for it, and go on")
             }
             Action::WaitHealthy { on, url, .. } => format!("[{on}] wait until {url} answers 200"),
-            Action::WriteSecret { on, path } => {
+            Action::WriteSecret {
+                on,
+                path,
+                value: None,
+            } => {
                 format!("[{on}] write a new random API key to {path} (mode 0600, root only)")
+            }
+            Action::WriteSecret {
+                on,
+                path,
+                value: Some(_),
+            } => {
+                format!(
+                    "[{on}] write the fleet's API key to {path} (mode 0600, root only; every proxy of the fleet shares it)"
+                )
             }
             Action::Upload {
                 on,

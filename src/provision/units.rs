@@ -169,8 +169,14 @@ pub fn proxy_argv(cfg: &ProvisionConfig, layout: &Layout) -> Vec<String> {
         "--listen".into(),
         cfg.proxy_listen().to_string(),
     ];
-    for url in super::config::provisioned_upstreams(p, &layout.upstreams()) {
+    let (upstreams, peers) = super::config::provisioned_replicas(p, &layout.upstreams());
+    for url in upstreams {
         argv.push("--upstream".into());
+        argv.push(url);
+    }
+    // The other proxies of the fleet: each takes this proxy's own key (--api-key-file, one key for the fleet).
+    for url in peers {
+        argv.push("--peer".into());
         argv.push(url);
     }
     if cfg.proxy_key_file().is_some() {

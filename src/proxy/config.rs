@@ -28,7 +28,7 @@ pub use crate::config::ProxySection;
 /// The name serve-proxy's code reads `[proxy]` by.
 pub type ProxyConfig = ProxySection;
 
-pub use crate::config::{UpstreamEntry, UpstreamTable};
+pub use crate::config::{UpstreamEntry, UpstreamTable, Upstreams};
 
 /// One replica the proxy routes to, resolved.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +39,9 @@ pub struct ReplicaSpec {
     pub weight: u32,
     /// The model this replica serves, when it differs from `model` (else discovered, as for one upstream).
     pub model: Option<String>,
+    /// Another llmctl proxy of the same fleet, not a llama-server (`--peer`, or `peer = true`): it gets the
+    /// proxy's own key and the hop mark, and serves what it gets from its own llama-servers.
+    pub peer: bool,
 }
 
 /// The flag values that matter for resolution (a copy of `ServeProxyArgs` without clap).
@@ -47,6 +50,8 @@ pub struct Overrides {
     pub listen: Option<String>,
     /// `--upstream URL`, repeatable: any given replaces the file's `upstream`/`upstreams`.
     pub upstreams: Vec<String>,
+    /// `--peer URL`, repeatable: other proxies of the fleet, routed to beside the upstreams.
+    pub peers: Vec<String>,
     pub api_key: Option<String>,
     pub api_key_file: Option<PathBuf>,
     pub upstream_api_key: Option<String>,
@@ -151,7 +156,13 @@ pub fn resolve(
         .origin
         .as_deref()
         .unwrap_or(crate::config::DEFAULT_PATH);
-    let upstreams = replicas(&flags.upstreams, file, origin)?;
+    // `--peer` flags replace the file's `peers`, as `--upstream` replaces its upstreams.
+    let peers = if flags.peers.is_empty() {
+        file.peers.clone().unwrap_or_default()
+    } else {
+        flags.peers.clone()
+    };
+    let upstreams = replicas(&flags.upstreams, &peers, file, origin)?;
     let upstream = upstreams[0].url.clone();
     let api_key = secret(
         flags.api_key.as_deref(),
@@ -241,26 +252,41 @@ fn seconds(name: &str, value: Option<f64>, default: f64) -> Result<Duration> {
 
 /// The replicas: the `--upstream` flags when any were given, else the file's `upstream` or `upstreams` (not
 /// both: which one was meant would be a guess), else the default URL.
-fn replicas(flags: &[String], file: &ProxyConfig, origin: &str) -> Result<Vec<ReplicaSpec>> {
+/// `--peer` flags are added to either; a list of peers alone has no replica of its own (a proxy that only
+/// forwards to its fleet is allowed: a laptop's endpoint over the house).
+fn replicas(
+    flags: &[String],
+    peers: &[String],
+    file: &ProxyConfig,
+    origin: &str,
+) -> Result<Vec<ReplicaSpec>> {
     let plain = |url: &str| -> Result<ReplicaSpec> {
         Ok(ReplicaSpec {
             url: normalize_upstream(url)?,
             weight: 1,
             model: None,
+            peer: false,
         })
     };
     let mut out = if !flags.is_empty() {
         flags.iter().map(|u| plain(u)).collect::<Result<Vec<_>>>()?
+    } else if !peers.is_empty() && file.upstream.is_none() && file.upstreams.is_none() {
+        Vec::new()
     } else {
         match (&file.upstream, &file.upstreams) {
+            (_, Some(super::config::Upstreams::Word(w))) => bail!(
+                "[proxy] upstreams = {w:?} in {origin} is for the proxy `llmctl provision` installs on each host \
+                 of a fleet ([[hosts]] or [cluster]): it renders the list there. serve-proxy by hand takes the \
+                 URLs: --upstream URL for llama-servers, --peer URL for the fleet's other proxies"
+            ),
             (Some(_), Some(_)) => bail!(
                 "[proxy] in {origin} sets both upstream and upstreams: keep one (upstreams = [\"http://a:8080\", \"http://b:8080\"] lists every replica)"
             ),
             (Some(u), None) => vec![plain(u)?],
-            (None, Some(list)) if list.is_empty() => bail!(
+            (None, Some(Upstreams::List(list))) if list.is_empty() => bail!(
                 "[proxy] upstreams in {origin} is empty: list at least one URL, or remove the key for the default {DEFAULT_UPSTREAM}"
             ),
-            (None, Some(list)) => list
+            (None, Some(Upstreams::List(list))) => list
                 .iter()
                 .enumerate()
                 .map(|(i, e)| {
@@ -270,6 +296,12 @@ fn replicas(flags: &[String], file: &ProxyConfig, origin: &str) -> Result<Vec<Re
             (None, None) => vec![plain(DEFAULT_UPSTREAM)?],
         }
     };
+    for p in peers {
+        out.push(ReplicaSpec {
+            peer: true,
+            ..plain(p)?
+        });
+    }
     if out.len() > super::router::MAX_REPLICAS {
         bail!(
             "{} upstreams given; serve-proxy routes across at most {}",
@@ -298,6 +330,7 @@ fn entry(e: &UpstreamEntry) -> Result<ReplicaSpec> {
             url: normalize_upstream(u)?,
             weight: 1,
             model: None,
+            peer: false,
         }),
         UpstreamEntry::Table(t) => {
             let weight = t.weight.unwrap_or(1);
@@ -308,6 +341,7 @@ fn entry(e: &UpstreamEntry) -> Result<ReplicaSpec> {
                 url: normalize_upstream(&t.url)?,
                 weight,
                 model: t.model.clone(),
+                peer: t.peer.unwrap_or(false),
             })
         }
     }
@@ -673,12 +707,14 @@ mod tests {
                 ReplicaSpec {
                     url: "http://a:1".into(),
                     weight: 1,
-                    model: None
+                    model: None,
+                    peer: false,
                 },
                 ReplicaSpec {
                     url: "http://b:2".into(),
                     weight: 2,
-                    model: Some("big".into())
+                    model: Some("big".into()),
+                    peer: false,
                 },
             ]
         );

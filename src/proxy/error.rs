@@ -103,7 +103,7 @@ impl Dialect {
     /// Claude Code) is Anthropic's, one that sends only `Authorization: Bearer` is OpenAI's, and the rest
     /// (curl) get Anthropic's shape, as before the OpenAI front door existed.
     pub fn of(path: &str, headers: &axum::http::HeaderMap) -> Self {
-        if path.starts_with("/v1/responses") {
+        if path.starts_with("/v1/responses") || path.starts_with("/v1/chat/") {
             return Dialect::OpenAi;
         }
         if path.starts_with("/v1/messages") {

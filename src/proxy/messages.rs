@@ -141,7 +141,7 @@ pub(crate) async fn messages(State(st): State<Shared>, headers: HeaderMap, body:
             ));
         }
     };
-    let mut route = pump::Route::new(&st, body, session);
+    let mut route = pump::Route::new(&st, body, session, false);
     let ctx = translated.ctx;
     let translator = || StreamTranslator::new(ctx.clone());
     let pump = match pump::open(&st, &mut t, &mut route, translator()).await {

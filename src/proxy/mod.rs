@@ -4,6 +4,8 @@
 //! Front doors → pipeline → upstream:
 //! - front doors: `messages` (Anthropic, decoded by `translate`, encoded by `stream::Event`'s wire form) and
 //!   `responses` (OpenAI, `responses::decode` / `responses::encode`), routed and authenticated by `server`;
+//!   `chat` (OpenAI Chat Completions) passes through untranslated: the door a fleet's proxies reach each
+//!   other by;
 //! - pipeline: each decoder yields one `openai::ChatRequest`; `pump` drives the upstream's stream through
 //!   `stream::StreamTranslator` into one internal event stream, which the front door's encoder writes out;
 //!   `accounting` logs and counts every request whichever way it ends;
@@ -11,6 +13,7 @@
 
 // Serving (HTTP, upstream, errors, metrics).
 pub mod accounting;
+pub mod chat;
 pub mod config;
 pub mod dashboard;
 pub mod error;
@@ -54,6 +57,11 @@ pub struct ServeProxyArgs {
     /// { url, weight, model }): requests are routed by session, cached prefix and load
     #[arg(long, value_name = "URL")]
     pub upstream: Vec<String>,
+    /// Another llmctl serve-proxy of the same fleet (repeatable): routed to like a replica, sent this proxy's
+    /// own key and a hop mark, it serves the request from its own llama-servers (`[proxy] upstreams =
+    /// "fleet"` makes provision list every other host's proxy here)
+    #[arg(long, value_name = "URL")]
+    pub peer: Vec<String>,
     /// Key every client must send (x-api-key or Authorization: Bearer). Visible in `ps`: prefer
     /// --api-key-file or the LLMCTL_PROXY_API_KEY environment variable.
     #[arg(long, value_name = "KEY")]
@@ -111,6 +119,7 @@ impl ServeProxyArgs {
         Overrides {
             listen: self.listen.clone(),
             upstreams: self.upstream.clone(),
+            peers: self.peer.clone(),
             api_key: self.api_key.clone(),
             api_key_file: self.api_key_file.clone(),
             upstream_api_key: self.upstream_api_key.clone(),
@@ -186,14 +195,23 @@ async fn serve(settings: Settings, threads: usize) -> Result<()> {
         .upstreams
         .iter()
         .map(|spec| {
-            let upstream = upstream::Upstream::new(
+            // A peer is a proxy of the same fleet: it takes this proxy's own key (one key for the fleet).
+            let key = if spec.peer {
+                settings.api_key.as_ref()
+            } else {
+                settings.upstream_api_key.as_ref()
+            };
+            let mut upstream = upstream::Upstream::new(
                 &spec.url,
-                settings.upstream_api_key.as_ref().map(|k| k.value.as_str()),
+                key.map(|k| k.value.as_str()),
                 spec.model.as_deref().or(settings.model.as_deref()),
                 settings.connect_timeout,
                 settings.first_byte_timeout,
                 threads,
             )?;
+            if spec.peer {
+                upstream.set_peer();
+            }
             Ok(router::Replica::new(spec.clone(), upstream))
         })
         .collect::<Result<Vec<_>>>()?;

@@ -97,7 +97,9 @@ pub(crate) struct Route {
 }
 
 impl Route {
-    pub(crate) fn new(st: &Shared, body: Vec<u8>, session: Option<u64>) -> Self {
+    /// `hop`: the request came from another proxy of the fleet ([`super::upstream::HOP_HEADER`]): only this
+    /// proxy's own llama-servers may serve it, never its peers (a request never goes round the fleet).
+    pub(crate) fn new(st: &Shared, body: Vec<u8>, session: Option<u64>, hop: bool) -> Self {
         // One upstream has no choice to make: its requests skip the hashing (a few µs on a large prompt).
         let several = st.router.replicas().len() > 1;
         let key = RouteKey {
@@ -111,7 +113,7 @@ impl Route {
         Route {
             key,
             body: Bytes::from(body),
-            tried: 0,
+            tried: if hop { st.router.peer_mask() } else { 0 },
             last: None,
         }
     }
@@ -135,6 +137,28 @@ pub(crate) async fn open(
     route: &mut Route,
     translator: StreamTranslator,
 ) -> Result<Pump, ProxyError> {
+    let resp = send(st, t, route).await?;
+    let base = t.replica.clone().unwrap_or_default();
+    let whole_json = answers_whole_json(resp.headers().get(header::CONTENT_TYPE), &base)?;
+    let mut pump = Pump::new(
+        &base,
+        st.settings.first_byte_timeout,
+        resp.into_body(),
+        translator,
+    );
+    if whole_json {
+        pump.expect_whole_json();
+    }
+    Ok(pump)
+}
+
+/// Sends the route's chat request to a replica the router picks, failing over as [`open`] says; the answer's
+/// head is 2xx, its replica's lease is in `t` and its URL in `t.replica`.
+pub(crate) async fn send(
+    st: &Shared,
+    t: &mut Tracker,
+    route: &mut Route,
+) -> Result<axum::http::Response<super::upstream::UpstreamBody>, ProxyError> {
     // A model named per replica in the config replaces the one the request was translated for, unless the
     // client's model was mapped explicitly (`[proxy.models]`).
     let mapped = st.settings.model_map.resolve(&t.client_model).is_some();
@@ -169,7 +193,7 @@ pub(crate) async fn open(
             _ => route.body.clone(),
         };
         let waited = Instant::now();
-        let started = replica.upstream.start_chat(send).await;
+        let started = replica.upstream.start_chat(send, route.key.session).await;
         t.upstream_wait += waited.elapsed();
         let resp = match started {
             Ok(resp) => {
@@ -184,18 +208,8 @@ pub(crate) async fn open(
             }
             Err(e) => return Err(e.to_proxy_error(&base)),
         };
-        let whole_json = answers_whole_json(resp.headers().get(header::CONTENT_TYPE), &base)?;
         t.lease = Some(lease);
-        let mut pump = Pump::new(
-            &base,
-            st.settings.first_byte_timeout,
-            resp.into_body(),
-            translator,
-        );
-        if whole_json {
-            pump.expect_whole_json();
-        }
-        return Ok(pump);
+        return Ok(resp);
     }
 }
 

@@ -207,6 +207,12 @@ pub fn session_of(headers: &HeaderMap, body: &serde_json::Map<String, Value>) ->
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty())
     };
+    // A hop from a peer proxy carries the session it hashed (the client's headers stayed there).
+    if let Some(s) = header(super::upstream::SESSION_HEADER)
+        && let Ok(h) = u64::from_str_radix(s, 16)
+    {
+        return Some(h);
+    }
     if let Some(s) = header("x-claude-code-session-id") {
         return Some(hash_bytes(s.as_bytes()));
     }
@@ -511,6 +517,15 @@ impl Router {
 
     pub fn replicas(&self) -> &[Replica] {
         &self.replicas
+    }
+
+    /// The peers (other proxies of the fleet) as a "tried" mask: what a hop must not be sent to.
+    pub fn peer_mask(&self) -> u64 {
+        self.replicas
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.spec.peer)
+            .fold(0, |m, (i, _)| m | 1u64 << i)
     }
 
     /// The replica for calls that any of them can answer (the model list, token counts, the dashboard's
@@ -869,6 +884,19 @@ pub async fn probe_forever(router: Arc<Router>, interval: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hop_carries_the_session_its_peer_hashed() {
+        let mut h = HeaderMap::new();
+        h.insert("x-claude-code-session-id", "abc".parse().unwrap());
+        let hashed = session_of(&h, &serde_json::Map::new()).unwrap();
+        let mut hop = HeaderMap::new();
+        hop.insert(
+            super::super::upstream::SESSION_HEADER,
+            format!("{hashed:016x}").parse().unwrap(),
+        );
+        assert_eq!(session_of(&hop, &serde_json::Map::new()), Some(hashed));
+    }
 
     fn up(in_flight: u32) -> View {
         View {

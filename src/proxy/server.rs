@@ -91,6 +91,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/messages", post(messages))
         .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/v1/responses", post(responses))
+        .route("/v1/chat/completions", post(super::chat::chat_completions))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model_by_id))
         .fallback(not_found)
@@ -179,7 +180,7 @@ async fn authenticate(State(st): State<Shared>, req: Request, next: Next) -> Res
 // Small endpoints
 
 async fn root() -> &'static str {
-    "llmctl serve-proxy: Anthropic Messages API at /v1/messages, OpenAI Responses API at /v1/responses\n"
+    "llmctl serve-proxy: Anthropic Messages API at /v1/messages, OpenAI Responses API at /v1/responses, OpenAI Chat Completions at /v1/chat/completions\n"
 }
 
 async fn not_found(
@@ -193,7 +194,7 @@ async fn not_found(
     t.error(ProxyError::new(
         ErrorType::NotFound,
         format!(
-            "{method} {} is not an endpoint of this proxy (it serves POST /v1/messages, POST /v1/messages/count_tokens, POST /v1/responses, GET /v1/models, GET /health, GET /metrics, GET /dashboard)",
+            "{method} {} is not an endpoint of this proxy (it serves POST /v1/messages, POST /v1/messages/count_tokens, POST /v1/responses, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics, GET /dashboard)",
             uri.path()
         ),
     ))
@@ -218,7 +219,7 @@ async fn health(State(st): State<Shared>) -> Response {
         .router
         .replicas()
         .iter()
-        .map(|r| json!({"url": r.spec.url, "up": r.is_up(), "in_flight": r.in_flight(), "slots": r.slots()}))
+        .map(|r| json!({"url": r.spec.url, "up": r.is_up(), "in_flight": r.in_flight(), "slots": r.slots(), "peer": r.spec.peer}))
         .collect();
     // Always 200 while the proxy itself serves: "is the proxy up" and "is the model up" are separate
     // questions, and the body answers the second.

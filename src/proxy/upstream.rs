@@ -99,7 +99,15 @@ pub struct Upstream {
     first_byte_timeout: Duration,
     fixed_model: Option<Arc<str>>,
     discovered: RwLock<Option<Served>>,
+    /// Another llmctl proxy of the fleet (see [`Upstream::set_peer`]).
+    peer: bool,
 }
+
+/// The header that marks a request from one proxy of a fleet to another (a hop): the proxy that gets it
+/// serves it from its own llama-servers only, so a request never goes round the fleet.
+pub const HOP_HEADER: &str = "x-llmctl-hop";
+/// The client's session (its hash, 16 hex digits) on a hop, so the peer keeps the session on one replica too.
+pub const SESSION_HEADER: &str = "x-llmctl-session";
 
 struct Clients {
     connector: ChatConnector,
@@ -199,7 +207,19 @@ impl Upstream {
             first_byte_timeout,
             fixed_model: model.map(Arc::from),
             discovered: RwLock::new(None),
+            peer: false,
         })
+    }
+
+    /// Marks this upstream as another llmctl proxy of the fleet: chat requests carry [`HOP_HEADER`] and the
+    /// session, and its health is the health its `/health` reports of its own llama-servers (a proxy
+    /// answers 200 while its model is down).
+    pub fn set_peer(&mut self) {
+        self.peer = true;
+    }
+
+    pub fn is_peer(&self) -> bool {
+        self.peer
     }
 
     /// This thread's clients: its own on a serving thread, the shared last ones elsewhere.
@@ -227,9 +247,11 @@ impl Upstream {
 
     /// Starts a streaming chat completion. Returns once the upstream sent its response headers with a 2xx
     /// status; the body is the event stream.
+    /// `session`: the client's session hash, passed on to a peer.
     pub async fn start_chat(
         &self,
         body: impl Into<Bytes>,
+        session: Option<u64>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let body: Bytes = body.into();
         let clients = self.clients();
@@ -242,6 +264,12 @@ impl Upstream {
                     .header(header::ACCEPT, "text/event-stream");
                 if let Some(a) = &self.auth {
                     req = req.header(header::AUTHORIZATION, a.clone());
+                }
+                if self.peer {
+                    req = req.header(HOP_HEADER, "1");
+                    if let Some(s) = session {
+                        req = req.header(SESSION_HEADER, format!("{s:016x}"));
+                    }
                 }
                 let req = req
                     .body(Full::new(body.clone()))
@@ -369,6 +397,9 @@ impl Upstream {
     /// The upstream's own health: llama-server's `GET /health` (200 ready, 503 loading); for servers
     /// without it, `GET /v1/models`.
     pub async fn health(&self) -> Result<(), UpstreamError> {
+        if self.peer {
+            return self.get_json("/health").await.and_then(|v| peer_health(&v));
+        }
         match self.get_json("/health").await {
             Ok(_) => Ok(()),
             Err(UpstreamError::Status(404, _)) => self.list_models().await.map(|_| ()),
@@ -378,6 +409,9 @@ impl Upstream {
 
     /// llama-server's `GET /slots`: how many requests it serves at once (an error where it is off or absent).
     pub async fn slots(&self) -> Result<u32, UpstreamError> {
+        if self.peer {
+            return self.get_json("/health").await.and_then(|v| peer_slots(&v));
+        }
         let v = self.get_json("/slots").await?;
         v.as_array()
             .and_then(|a| u32::try_from(a.len()).ok())
@@ -444,6 +478,36 @@ impl Upstream {
             .send();
         read_json(send.await.map_err(classify)?).await
     }
+}
+
+/// A peer proxy's `/health` body: up when it says its model is (`"status": "ok"`).
+fn peer_health(v: &Value) -> Result<(), UpstreamError> {
+    if v["status"] == "ok" {
+        return Ok(());
+    }
+    let why = v["upstream"]["error"]
+        .as_str()
+        .or(v["status"].as_str())
+        .unwrap_or("no status");
+    Err(UpstreamError::Broken(format!(
+        "the peer proxy's model is not up: {why}"
+    )))
+}
+
+/// A peer's slots: those of its own llama-servers that are up, as its `/health` lists them (its peers' are
+/// not its to give: a hop is served locally).
+fn peer_slots(v: &Value) -> Result<u32, UpstreamError> {
+    let n: u64 = v["replicas"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["peer"] != true && r["up"] == true)
+        .filter_map(|r| r["slots"].as_u64())
+        .sum();
+    u32::try_from(n)
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| UpstreamError::Broken("the peer proxy lists no replica up".into()))
 }
 
 /// The answer when its status is 2xx; otherwise the status with the start of its error body.
@@ -678,6 +742,29 @@ pub fn root_reason(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_is_up_when_its_model_is_and_offers_its_own_replicas_slots() {
+        let ok = serde_json::json!({"status": "ok", "replicas": [
+            {"url": "http://127.0.0.1:8080", "up": true, "slots": 4, "peer": false},
+            {"url": "http://127.0.0.1:8081", "up": false, "slots": 4, "peer": false},
+            {"url": "http://10.0.0.2:4000", "up": true, "slots": 8, "peer": true}]});
+        assert!(peer_health(&ok).is_ok());
+        assert_eq!(
+            peer_slots(&ok).unwrap(),
+            4,
+            "its own replicas that are up, not its peers"
+        );
+        let down = serde_json::json!({"status": "degraded",
+            "upstream": {"status": "unreachable", "error": "upstream http://127.0.0.1:8080 is unreachable"},
+            "replicas": [{"url": "http://127.0.0.1:8080", "up": false, "slots": 4}]});
+        let e = peer_health(&down)
+            .unwrap_err()
+            .to_proxy_error("http://b:4000")
+            .message;
+        assert!(e.contains("is unreachable"), "{e}");
+        assert!(peer_slots(&down).is_err());
+    }
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Answers each request on a connection with a complete event stream and then closes that connection
@@ -747,7 +834,7 @@ mod tests {
         .unwrap();
         for i in 0..5 {
             let resp = up
-                .start_chat(br#"{"stream":true}"#.to_vec())
+                .start_chat(br#"{"stream":true}"#.to_vec(), None)
                 .await
                 .unwrap_or_else(|e| panic!("request {i}: {}", e.to_proxy_error(&url).message));
             let body = resp.into_body().collect().await.unwrap().to_bytes();

@@ -143,6 +143,7 @@ fn replica_proxy_metrics() -> String {
                 url: url.into(),
                 weight: 1,
                 model: None,
+                peer: false,
             },
             upstream,
         )

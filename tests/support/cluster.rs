@@ -23,6 +23,8 @@ pub struct SimNode {
     pub online: bool,
     /// `10.<net>.<n>.2`
     pub addr: String,
+    /// `10.<net>.251.<n>`: its address on the cluster's LAN, where the other nodes reach it.
+    pub lan: String,
     /// `root@10.<net>.<n>.2`
     pub target: String,
     /// The cluster's client key (the same file for every node).
@@ -109,6 +111,7 @@ impl SimCluster {
                     n: field("N").parse().expect("N= is a number"),
                     online: field("ONLINE") == "1",
                     addr: field("ADDR"),
+                    lan: field("LAN"),
                     target: field("TARGET"),
                     key: key.clone(),
                     known_hosts: known_hosts.clone(),

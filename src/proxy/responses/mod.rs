@@ -65,7 +65,7 @@ pub(crate) async fn responses(
             ));
         }
     };
-    let mut route = pump::Route::new(&st, body, session);
+    let mut route = pump::Route::new(&st, body, session, false);
     let (ctx, meta) = (decoded.ctx, decoded.meta);
     let translator = || StreamTranslator::new(ctx.clone());
     let pump = match pump::open(&st, &mut t, &mut route, translator()).await {
