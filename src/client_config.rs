@@ -287,10 +287,11 @@ fn endpoints_from_host(
 ) -> Result<Endpoints> {
     use crate::config::{ProxySection, ServerSection};
     use crate::provision::config::{provisioned_key_file, provisioned_listen};
-    let remote = args.target.resolve_with(file)?;
+    // The host's own configuration: an inventory host's or cluster node's overrides set its ports.
+    let (remote, host_file) = args.target.resolve_member(file)?;
     // What provision installed from this same file: the provisioned listen address and key file.
-    let proxy: ProxySection = file.section_or_default()?;
-    let server: ServerSection = file.section_or_default()?;
+    let proxy: ProxySection = host_file.section_or_default()?;
+    let server: ServerSection = host_file.section_or_default()?;
     let key_file = provisioned_key_file(&proxy);
     // pi talks to llama-server, which has no key; --api-key-env names the key to use instead of the host's.
     let want_key = args.client != Client::Pi && args.api_key_env.is_none();

@@ -16,8 +16,8 @@ use crate::transport::ssh::SshOptions;
 pub struct HostArgs {
     /// The Proxmox host: `local` (run on the host itself), `user@host[:port]`, or a ~/.ssh/config alias; with
     /// [[hosts]] or [cluster] in llmctl.toml, a host's (a cluster node's) name, or its target. Repeatable
-    /// where a command runs over several hosts (doctor) [default: [host] target in llmctl.toml, or every
-    /// [[hosts]] entry and cluster node]
+    /// where a command runs over several hosts (doctor, status) [default: [host] target in llmctl.toml, or
+    /// every [[hosts]] entry and cluster node]
     #[arg(long, value_name = "HOST")]
     pub host: Vec<String>,
     /// The GPU container [default: [host] vmid in llmctl.toml, else the only container with NVIDIA devices]
@@ -72,9 +72,16 @@ impl HostArgs {
     /// the same file names the same host and container for every command. A command that reaches one host
     /// takes one from an inventory too (`--host NAME`, or an inventory of one).
     pub fn resolve_with(&self, config: &ConfigFile) -> Result<Remote> {
+        Ok(self.resolve_member(config)?.0)
+    }
+
+    /// [`HostArgs::resolve_with`], and the selected host's own configuration: the file with that host's
+    /// overrides (`[[hosts]]`, `[cluster.nodes.<name>]`) merged in, for a command that reads more than the
+    /// target (client-config's ports are the host's `[server]` and `[proxy]`).
+    pub fn resolve_member(&self, config: &ConfigFile) -> Result<(Remote, ConfigFile)> {
         match crate::fleet::select(config, &self.host, self.vmid, &self.ssh.options())? {
             crate::fleet::Selection::One { config, host, .. } => {
-                self.resolve_one(&config, host.as_deref())
+                Ok((self.resolve_one(&config, host.as_deref())?, config))
             }
             crate::fleet::Selection::Fleet { members, .. } => {
                 let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
@@ -102,5 +109,48 @@ impl HostArgs {
 impl Remote {
     pub fn connect(&self) -> Result<Box<dyn Transport>> {
         crate::transport::connect(&self.host, &self.options)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(hosts: &[&str]) -> HostArgs {
+        HostArgs {
+            host: hosts.iter().map(|h| h.to_string()).collect(),
+            vmid: None,
+            ssh: SshArgs::default(),
+        }
+    }
+
+    /// One host of an inventory comes with its own overrides: a command reading its ports reads that host's.
+    #[test]
+    fn one_inventory_host_resolves_with_its_own_overrides() {
+        let file = ConfigFile::parse(
+            "[proxy]\nlisten = \"0.0.0.0:4000\"\n\
+             [[hosts]]\nname = \"a\"\ntarget = \"root@10.0.0.1\"\nvmid = 103\n\
+             [[hosts]]\nname = \"b\"\ntarget = \"root@10.0.0.2\"\nvmid = 104\n\
+             [hosts.proxy]\nlisten = \"0.0.0.0:4001\"\n",
+            Some("lab.toml".into()),
+        )
+        .unwrap();
+        let listen = |c: &ConfigFile| {
+            let p: crate::config::ProxySection = c.section_or_default().unwrap();
+            p.listen
+        };
+        let (remote, config) = args(&["b"]).resolve_member(&file).unwrap();
+        assert_eq!(
+            (remote.host.as_str(), remote.vmid),
+            ("root@10.0.0.2", Some(104))
+        );
+        assert_eq!(listen(&config).as_deref(), Some("0.0.0.0:4001"));
+        let (_, config) = args(&["a"]).resolve_member(&file).unwrap();
+        assert_eq!(listen(&config).as_deref(), Some("0.0.0.0:4000"));
+        let e = args(&[]).resolve_member(&file).unwrap_err().to_string();
+        assert!(
+            e.contains("2 are selected (a, b): pick one with --host NAME"),
+            "{e}"
+        );
     }
 }

@@ -5,8 +5,9 @@
 //! offline node is named in the summary and gives the exit code, a node without vmid is refused by provision,
 //! and a node's container that runs on another node is reached through that node.
 //!
-//! `provision --yes` over the cluster converges all three nodes (in parallel), after which `provision --check`
-//! finds nothing to change on any and doctor is healthy on every one.
+//! `provision --yes` over the cluster with one node unreachable converges the other two (in parallel) and names
+//! it in the summary; `status` shows each node's screen and the unreachable one; once it is back and provisioned,
+//! `provision --check` finds nothing to change on any node, doctor is healthy and status up on every one.
 //!
 //! Three clusters, one per test (they run side by side). The two that only read the hosts take about 30 s; the
 //! one that provisions needs the test stack (`eval "$(bash scripts/test-stack.sh)"`: a real CPU llama-server and
@@ -388,7 +389,7 @@ fn outcomes<'a>(summary: &'a str, names: &[&str]) -> Vec<&'a str> {
 }
 
 #[test]
-fn provision_converges_every_node_and_a_second_run_changes_nothing() {
+fn provision_converges_every_reachable_node_and_a_second_run_changes_nothing() {
     let model = std::env::var("LLMCTL_TEST_MODEL")
         .expect("LLMCTL_TEST_MODEL is not set: eval \"$(bash scripts/test-stack.sh)\" first");
     assert!(
@@ -424,28 +425,95 @@ fn provision_converges_every_node_and_a_second_run_changes_nothing() {
         format!(
             "{}\n[cluster]\nnode = \"{}\"\n\n[cluster.nodes.pve1]\nvmid = 101\n\n[cluster.nodes.pve2]\nvmid = 102\n\
              [cluster.nodes.pve2.llama_cpp]\narchive_url = \"{base}/llama.cpp-{{ref}}.tar.gz\"\n\
-             [cluster.nodes.pve2.model]\nsource = \"{base}/model.gguf\"\n\n[cluster.nodes.pve3]\nvmid = 103\n",
+             [cluster.nodes.pve2.model]\nsource = \"{base}/model.gguf\"\n\
+             [cluster.nodes.pve2.proxy]\nlisten = \"0.0.0.0:4001\"\n\n[cluster.nodes.pve3]\nvmid = 103\n",
             support::files::installation(),
             pve1.target
         ),
     )
     .unwrap();
 
-    // All three at once: the healthy node as configured, the fresh and the broken one changed, each verified
-    // and smoke-tested.
+    // pve3 goes down before the run: the two others are provisioned all the same, each verified and
+    // smoke-tested; pve3 is named in the summary and gives the exit code.
+    let pve3 = cluster.node("pve3");
+    let cut = pve3.cut();
     let o = llmctl(&config, &cluster, &["provision", "--yes"]);
     let (out, err) = text(&o);
-    assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+    assert_eq!(o.status.code(), Some(2), "{out}\n{err}");
     let (_, hosts, summary) = report(&out);
     assert_eq!(hosts.len(), 3, "{out}");
     let got = outcomes(&summary, &names);
     assert_eq!(got[0], "as configured", "{summary}");
     assert!(got[1].starts_with("changed ("), "{summary}");
-    assert!(got[2].starts_with("changed ("), "{summary}");
-    assert!(summary.ends_with("exit 0 (success)\n"), "{summary}");
-    for (_, block) in &hosts {
+    assert_eq!(got[2], "unreachable", "{summary}");
+    let why = row(&summary, "pve3")[3];
+    assert!(
+        why.starts_with(&format!("cannot reach {}", pve3.target))
+            && why.contains("No route to host"),
+        "{summary}"
+    );
+    assert!(
+        summary.ends_with("exit 2 (could not run): pve3 (unreachable)\n"),
+        "{summary}"
+    );
+    for (_, block) in &hosts[..2] {
         assert!(block.contains("smoke test: reply"), "{block}");
     }
+
+    // status while pve3 is down: every node's screen under its heading, a row each, pve3 named.
+    let o = llmctl(&config, &cluster, &["status"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{out}\n{err}");
+    let (_, hosts, summary) = report(&out);
+    let heads: Vec<&str> = hosts.iter().map(|(h, _)| h.as_str()).collect();
+    assert_eq!(
+        heads,
+        names.map(|n| format!("{n} ({})", cluster.node(n).target)),
+        "{out}"
+    );
+    for (i, vmid) in [101, 102].into_iter().enumerate() {
+        let block = &hosts[i].1;
+        let node = cluster.node(names[i]);
+        assert!(
+            block.starts_with(&format!(
+                "llmctl status: {}, container {vmid}\n",
+                node.target
+            )),
+            "{block}"
+        );
+        assert!(block.trim_end().ends_with("\nall up"), "{block}");
+    }
+    // pve2's own [proxy] listen (its override), where its unit has the proxy listen.
+    assert!(
+        hosts[1]
+            .1
+            .contains("llmctl-proxy   active, http://127.0.0.1:4001: "),
+        "{}",
+        hosts[1].1
+    );
+    assert!(
+        hosts[2]
+            .1
+            .starts_with(&format!("error: cannot reach {}", pve3.target)),
+        "{}",
+        hosts[2].1
+    );
+    assert_eq!(
+        outcomes(&summary, &names),
+        ["up", "up", "unreachable"],
+        "{summary}"
+    );
+    assert!(
+        summary.ends_with("exit 2 (could not run): pve3 (unreachable)\n"),
+        "{summary}"
+    );
+
+    // pve3 is back: provisioning it alone converges it.
+    drop(cut);
+    let o = llmctl(&config, &cluster, &["provision", "--yes", "--host", "pve3"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+    assert!(out.contains("smoke test: reply"), "{out}");
 
     // A second run would change nothing, on any node.
     let o = llmctl(&config, &cluster, &["provision", "--check"]);
@@ -497,6 +565,20 @@ fn provision_converges_every_node_and_a_second_run_changes_nothing() {
     assert_eq!(outcomes(&summary, &names), ["healthy"; 3], "{summary}");
     assert!(summary.ends_with("exit 0 (success)\n"), "{summary}");
 
+    // ... and status is up on every node: one JSON document, each node's status with its name.
+    let o = llmctl(&config, &cluster, &["status", "--json"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+    let doc: serde_json::Value = serde_json::from_str(&out).expect("one JSON document");
+    assert_eq!(doc["outcome"], "up", "{doc}");
+    let hosts = doc["hosts"].as_array().unwrap();
+    let got: Vec<(&str, &str)> = hosts
+        .iter()
+        .map(|h| (h["name"].as_str().unwrap(), h["outcome"].as_str().unwrap()))
+        .collect();
+    assert_eq!(got, names.map(|n| (n, "up")), "{doc}");
+    assert_eq!(hosts[1]["proxy"]["url"], "http://127.0.0.1:4001", "{doc}");
+
     serve_over_the_fleet(&cluster, &config);
     drop(cluster);
 }
@@ -533,11 +615,15 @@ fn serve_over_the_fleet(cluster: &SimCluster, config: &Path) {
         "listen = \"0.0.0.0:4000\"\nupstreams = \"fleet\"\n",
         1,
     );
-    for name in names {
-        toml.push_str(&format!(
-            "\n[cluster.nodes.{name}.proxy]\nurl = \"http://{}:4000\"\n",
-            cluster.node(name).lan
-        ));
+    // pve2's proxy listens on 4001 (its own [proxy] listen).
+    for (name, port) in [("pve1", 4000), ("pve2", 4001), ("pve3", 4000)] {
+        let header = format!("[cluster.nodes.{name}.proxy]\n");
+        let url = format!("url = \"http://{}:{port}\"\n", cluster.node(name).lan);
+        if toml.contains(&header) {
+            toml = toml.replacen(&header, &format!("{header}{url}"), 1);
+        } else {
+            toml.push_str(&format!("\n{header}{url}"));
+        }
     }
     std::fs::write(config, toml).unwrap();
 

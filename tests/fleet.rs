@@ -1,8 +1,9 @@
 //! A fleet from `[[hosts]]` (issue 13): two separate simulated Proxmox hosts (each its own network namespace
 //! and real sshd; not a cluster), one healthy and one with an immutable resolv.conf, and a third inventory host
 //! nobody listens for. `doctor` reports each host's findings under that host only, the summary table names
-//! every host and the exit code is the worst one's; `--host NAME` selects; `provision --plan` shows each
-//! host's plan, with a per-host override merged over the top-level section.
+//! every host and the exit code is the worst one's; `status` shows each host's screen and names the unreachable
+//! one; `--host NAME` selects; `provision --plan` shows each host's plan, with a per-host override merged over
+//! the top-level section.
 //!
 //! Kept to one pair of sims and a handful of runs (about 30 s): every run reads the hosts, none changes them.
 
@@ -219,6 +220,73 @@ fn doctor_and_provision_over_two_sim_hosts_and_an_unreachable_one() {
     );
     assert!(!out.contains("=== ") && !out.contains("\nhost "), "{out}");
 
+    // status over all three: each sim's screen under its heading, the unreachable one named; the exit code is
+    // its. --json: one document, each host's status with its name.
+    let o = run(&inventory, &["status"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{out}\n{err}");
+    let (hosts, summary) = blocks(&out);
+    assert_eq!(hosts.len(), 3, "{out}");
+    for (i, sim) in [&good, &broken].into_iter().enumerate() {
+        assert_eq!(
+            hosts[i].0,
+            format!("{} ({})", ["good", "broken"][i], sim.ssh_target())
+        );
+        assert!(
+            hosts[i].1.starts_with(&format!(
+                "llmctl status: {}, container 103\n",
+                sim.ssh_target()
+            )),
+            "{}",
+            hosts[i].1
+        );
+    }
+    assert!(
+        hosts[0].1.trim_end().ends_with("\nall up"),
+        "{}",
+        hosts[0].1
+    );
+    assert!(
+        hosts[2]
+            .1
+            .starts_with("error: cannot reach root@127.0.0.1:1"),
+        "{}",
+        hosts[2].1
+    );
+    assert_eq!(row(&summary, "good")[1..3], [good.ssh_target(), "up"]);
+    let g = row(&summary, "gone");
+    assert_eq!(g[1..3], [GONE, "unreachable"], "{summary}");
+    assert!(
+        g[3].starts_with("cannot reach root@127.0.0.1:1"),
+        "{summary}"
+    );
+    assert!(
+        summary.ends_with("exit 2 (could not run): gone (unreachable)\n"),
+        "{summary}"
+    );
+    assert_eq!(err, "", "{err}");
+    let o = run(&inventory, &["status", "--json"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{out}\n{err}");
+    let doc: serde_json::Value = serde_json::from_str(&out).expect("one JSON document");
+    assert_eq!(doc["outcome"], "unreachable", "{doc}");
+    let hosts = doc["hosts"].as_array().unwrap();
+    let names: Vec<&str> = hosts.iter().map(|h| h["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["good", "broken", "gone"], "{doc}");
+    assert_eq!(
+        (&hosts[0]["outcome"], &hosts[0]["vmid"]),
+        (&"up".into(), &103.into()),
+        "{doc}"
+    );
+    assert_eq!(hosts[2]["outcome"], "unreachable", "{doc}");
+    assert!(
+        hosts[2]["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("cannot reach root@127.0.0.1:1"),
+        "{doc}"
+    );
+
     // provision --plan over the two sims, with a per-host override: the healthy host's context is 16384 there.
     let plan_config = dir.path().join("plan.toml");
     std::fs::write(
@@ -296,6 +364,15 @@ fn selection_and_inventory_errors_are_readable() {
     assert!(
         err.contains("--host c: no host of that name (or target)")
             && err.contains("its hosts are: a, b"),
+        "{err}"
+    );
+
+    // status --watch redraws one host's screen: over several it says how to pick one, before reaching any.
+    let o = llmctl(&inventory, &["status", "--watch"]);
+    let (out, err) = text(&o);
+    assert_eq!((o.status.code(), out.as_str()), (Some(2), ""), "{err}");
+    assert!(
+        err.contains("--watch refreshes one host's status and 2 hosts are selected (a, b)"),
         "{err}"
     );
 

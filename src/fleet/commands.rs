@@ -1,6 +1,6 @@
-//! `doctor` and `provision` over a fleet: each host's run is the one-host command's own (`doctor::examine` and
-//! `judge`, `provision::provision_one`), written into that host's buffer; this file only turns each into the
-//! host's block and its line in the summary.
+//! `doctor`, `status` and `provision` over a fleet: each host's run is the one-host command's own
+//! (`doctor::examine` and `judge`, `status::gather`, `provision::provision_one`), written into that host's
+//! buffer; this file only turns each into the host's block and its line in the summary.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use crate::doctor::DoctorArgs;
 use crate::outcome::Outcome;
 use crate::provision::ProvisionArgs;
 use crate::provision::progress::Live;
+use crate::status::{Status, StatusArgs};
 
 /// Live progress on stderr: only on a terminal, and not with --quiet.
 fn progress(global: &GlobalArgs) -> bool {
@@ -144,6 +145,165 @@ fn doctor_one(
     }
 }
 
+/// `llmctl status` on every member: each host's screen under its heading, then the summary. `--json`: one
+/// document, `{"outcome", "hosts": [each host's status, with its "name"]}`.
+pub fn status(
+    global: &GlobalArgs,
+    args: &StatusArgs,
+    members: &[Member],
+    preface: Option<&str>,
+) -> Result<Outcome> {
+    if args.watch.is_some() {
+        // A screen redrawn in place holds one host; several would scroll away between refreshes.
+        let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
+        anyhow::bail!(
+            "--watch refreshes one host's status and {} hosts are selected ({}): pick one with --host NAME, or \
+             run `llmctl status` without --watch for all of them",
+            names.len(),
+            names.join(", ")
+        );
+    }
+    let members: Vec<Member> = members.iter().cloned().map(status_skip).collect();
+    let mut stdout = std::io::stdout();
+    if let Some(line) = preface {
+        // stdout stays one JSON document with --json.
+        if args.json {
+            eprintln!("{line}");
+        } else {
+            writeln!(stdout, "{line}\n")?;
+        }
+    }
+    let mut first = true;
+    let mut write_err: Option<std::io::Error> = None;
+    let reports = run(
+        &members,
+        progress(global),
+        |member, bar| Ok(status_one(args, member, bar)),
+        |member, report| {
+            if args.json {
+                return;
+            }
+            if let Err(e) = print_block(&mut stdout, first, member, report) {
+                write_err.get_or_insert(e);
+            }
+            first = false;
+        },
+    );
+    if let Some(e) = write_err {
+        return Err(e.into());
+    }
+    let outcome = worst(reports.iter().map(|r| r.outcome));
+    let mut out = stdout.lock();
+    if args.json {
+        let hosts: Vec<&serde_json::Value> =
+            reports.iter().filter_map(|r| r.json.as_ref()).collect();
+        let doc = serde_json::json!({ "outcome": status_word(outcome), "hosts": hosts });
+        serde_json::to_writer_pretty(&mut out, &doc)?;
+        writeln!(out)?;
+    } else {
+        let rows: Vec<(&Member, &HostReport)> = members.iter().zip(&reports).collect();
+        write!(out, "\n{}", summary(&rows))?;
+    }
+    Ok(outcome)
+}
+
+/// A member that is not reached (an offline cluster node) with the status document of a host that could not be
+/// read, in place of doctor's that [`super::select`] gave it: `--json` is then one schema throughout.
+fn status_skip(mut m: Member) -> Member {
+    let vmid = m
+        .config
+        .section_or_default::<crate::config::HostSection>()
+        .ok()
+        .and_then(|h| h.vmid);
+    if let Some(skip) = &mut m.skip {
+        let why = skip
+            .json
+            .as_ref()
+            .and_then(|j| j["error"].as_str())
+            .unwrap_or(&skip.reason)
+            .to_string();
+        let json = crate::status::unreachable_json(&m.target, vmid, &why);
+        skip.json = Some(named(json, &m.name));
+    }
+    m
+}
+
+/// The fleet's `outcome` in status's words: every host up, some host down, some host not read at all.
+fn status_word(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Success => "up",
+        Outcome::ProblemsFound => "down",
+        Outcome::CouldNotRun => "unreachable",
+    }
+}
+
+/// `json` with the member's `name` added (the fleet's documents name each host as the summary does).
+fn named(mut json: serde_json::Value, name: &str) -> serde_json::Value {
+    if let Some(obj) = json.as_object_mut() {
+        obj.insert("name".into(), name.into());
+    }
+    json
+}
+
+/// status on one member, read with the member's own configuration (its target and vmid): its screen, its
+/// summary line and its `--json` document. The ports are the ones its units name, as for one host.
+fn status_one(
+    args: &StatusArgs,
+    member: &Member,
+    bar: Option<&indicatif::ProgressBar>,
+) -> HostReport {
+    let remote = match args.target.resolve_one(&member.config, None) {
+        Ok(r) => r,
+        Err(e) => {
+            let json = crate::status::unreachable_json(&member.target, None, &format!("{e:#}"));
+            return HostReport {
+                json: Some(named(json, &member.name)),
+                ..HostReport::failed(&e, String::new())
+            };
+        }
+    };
+    if let Some(bar) = bar {
+        bar.set_message(format!("{}: reading", member.target));
+    }
+    let read = remote
+        .connect()
+        .and_then(|t| crate::status::gather(t.as_ref(), remote.vmid));
+    let s = match read {
+        Ok(s) => s,
+        Err(e) => {
+            let json =
+                crate::status::unreachable_json(&remote.host, remote.vmid, &format!("{e:#}"));
+            return HostReport {
+                json: Some(named(json, &member.name)),
+                ..HostReport::failed(&e, String::new())
+            };
+        }
+    };
+    let (verdict, reason) = status_verdict(&s);
+    HostReport {
+        outcome: crate::status::outcome(&s),
+        verdict,
+        reason,
+        block: crate::status::render_text(&s),
+        json: Some(named(
+            serde_json::to_value(&s).unwrap_or_default(),
+            &member.name,
+        )),
+    }
+}
+
+/// A status's line in the summary: up, or down with its first problem (and how many more there are).
+fn status_verdict(s: &Status) -> (Verdict, String) {
+    match s.problems.as_slice() {
+        [] => (Verdict::Up, String::new()),
+        [one] => (Verdict::Down(1), one_line(one)),
+        [first, rest @ ..] => (
+            Verdict::Down(1 + rest.len()),
+            format!("{} (+{} more)", one_line(first), rest.len()),
+        ),
+    }
+}
+
 /// `llmctl provision` on every member. Changing several hosts takes `--yes`: a question per host would come
 /// from several hosts at once, and one question for all would be answered before their plans were read;
 /// `--plan` first, then `--yes`, is the review.
@@ -252,4 +412,85 @@ fn no_container(args: &ProvisionArgs, member: &Member) -> Option<HostReport> {
         reason,
         json: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A status read from nothing, with the given problems.
+    fn status(problems: &[&str]) -> Status {
+        let mut s = crate::status::assess("root@pve", Some(103), &Default::default());
+        s.problems = problems.iter().map(|p| p.to_string()).collect();
+        s
+    }
+
+    #[test]
+    fn a_status_reads_as_up_or_down_with_its_first_problem() {
+        assert_eq!(status_verdict(&status(&[])), (Verdict::Up, String::new()));
+        assert_eq!(
+            status_verdict(&status(&[
+                "llmctl-proxy is failed (`llmctl logs` shows why)"
+            ])),
+            (
+                Verdict::Down(1),
+                "llmctl-proxy is failed (`llmctl logs` shows why)".to_string()
+            )
+        );
+        let long = "x".repeat(150);
+        let (verdict, reason) = status_verdict(&status(&[&long, "b", "c"]));
+        assert_eq!(verdict, Verdict::Down(3));
+        // The count survives the cut of a long first problem.
+        assert!(reason.ends_with("… (+2 more)"), "{reason}");
+        assert_eq!(Verdict::Down(3).text(), "down, 3 problems");
+        assert_eq!(Verdict::Down(1).text(), "down, 1 problem");
+        assert_eq!(Verdict::Up.text(), "up");
+    }
+
+    #[test]
+    fn an_offline_node_gets_the_status_document_of_an_unread_host() {
+        let config = crate::config::ConfigFile::parse("[host]\nvmid = 103\n", None).unwrap();
+        let mut m = Member::new("pve3", "root@pve3", config);
+        m.skip = Some(super::super::not_reached(
+            "pve3",
+            "root@pve3",
+            super::super::cluster::OFFLINE,
+            "pve3 is offline in the cluster (.members)",
+        ));
+        let m = status_skip(m);
+        let skip = m.skip.unwrap();
+        assert_eq!(
+            skip.json.unwrap(),
+            serde_json::json!({
+                "schema": crate::status::SCHEMA, "host": "root@pve3", "vmid": 103, "name": "pve3",
+                "outcome": "unreachable", "error": "pve3 is offline in the cluster (.members)",
+            })
+        );
+        assert_eq!(skip.verdict, Verdict::Unreachable);
+    }
+
+    #[test]
+    fn the_fleets_status_document_names_each_host() {
+        let e = "cannot reach root@127.0.0.1:1: connection refused";
+        let json = named(
+            crate::status::unreachable_json("root@127.0.0.1:1", Some(103), e),
+            "gone",
+        );
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "schema": crate::status::SCHEMA, "host": "root@127.0.0.1:1", "vmid": 103, "name": "gone",
+                "outcome": "unreachable", "error": "cannot reach root@127.0.0.1:1: connection refused",
+            })
+        );
+        assert_eq!(
+            [
+                Outcome::Success,
+                Outcome::ProblemsFound,
+                Outcome::CouldNotRun
+            ]
+            .map(status_word),
+            ["up", "down", "unreachable"]
+        );
+    }
 }

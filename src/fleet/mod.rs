@@ -354,6 +354,10 @@ pub enum Verdict {
     Changed(usize),
     /// provision: a step refused (the reason says why).
     Refused,
+    /// status: everything up.
+    Up,
+    /// status: this many problems (the reason is the first).
+    Down(usize),
     /// The host could not be reached (connection refused, no route, timed out).
     Unreachable,
     /// The command failed on this host after reaching it, or before (its configuration).
@@ -371,6 +375,8 @@ impl Verdict {
             Verdict::AsConfigured => "as configured".into(),
             Verdict::Changed(k) => format!("changed ({k})"),
             Verdict::Refused => "refused".into(),
+            Verdict::Up => "up".into(),
+            Verdict::Down(k) => format!("down, {}", n(*k, "problem", "problems")),
             Verdict::Unreachable => "unreachable".into(),
             Verdict::Error => "error".into(),
         }

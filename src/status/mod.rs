@@ -7,7 +7,8 @@
 //! (`llmctl probe --get`, as provision's health checks do: the container needs no curl, and the proxy key is read
 //! from its file there, never passed in argv). Without a vmid, a first round lists the containers to pick one.
 //! Turning sections into a [`Status`] is pure ([`assess`]), so it is tested on real outputs.
-//! Exit: 0 everything up, 1 something down, 2 the host cannot be reached.
+//! Exit: 0 everything up, 1 something down, 2 the host cannot be reached. Over a fleet, each host's status is
+//! this one, read in parallel by `fleet::commands::status`.
 
 pub mod prom;
 
@@ -47,6 +48,11 @@ pub const SCHEMA: &str = "llmctl-status/1";
 /// `llmctl status --help` ends with the `--json` schema, so docs/commands.md (generated from the help) has it.
 pub const JSON_HELP: &str = "\
 Exit status: 0 all up, 1 something is down (the problems say what), 2 the host cannot be reached.
+
+Several hosts ([[hosts]], [cluster], several --host): each host's status under its heading, then a
+summary table (up / down / unreachable, and why); the exit status is the worst host's. --json is
+then one document: {\"outcome\": \"up\"|\"down\"|\"unreachable\", \"hosts\": [each host's object below,
+with its \"name\"]}. --watch shows one host.
 
 JSON (--json): one object (with --watch, one per line). Within schema `llmctl-status/1` fields
 are only added; one that changes meaning or goes away changes `schema`. Unknown values are null.
@@ -863,14 +869,27 @@ pub fn gather(t: &dyn Transport, vmid: Option<u32>) -> Result<Status> {
     Ok(assess(&t.describe(), vmid, &sections))
 }
 
+/// `--json`'s document for a host whose status could not be read (unreachable, not Proxmox): why, and nothing
+/// else, so a script reading stdout gets a document either way.
+pub fn unreachable_json(host: &str, vmid: Option<u32>, error: &str) -> serde_json::Value {
+    serde_json::json!({
+        "schema": SCHEMA, "host": host, "vmid": vmid, "outcome": "unreachable", "error": error,
+    })
+}
+
 pub fn run(global: &GlobalArgs, args: StatusArgs) -> Result<Outcome> {
-    let remote = args.target.resolve(global)?;
-    let unreachable = |e: &anyhow::Error| {
-        serde_json::json!({
-            "schema": SCHEMA, "host": remote.host, "vmid": remote.vmid,
-            "outcome": "unreachable", "error": format!("{e:#}"),
-        })
-    };
+    let file = crate::config::ConfigFile::load(global.config.as_deref())?;
+    let ssh = args.target.ssh.options();
+    let (config, host) =
+        match crate::fleet::select(&file, &args.target.host, args.target.vmid, &ssh)? {
+            crate::fleet::Selection::One { config, host, .. } => (config, host),
+            crate::fleet::Selection::Fleet { members, preface } => {
+                return crate::fleet::commands::status(global, &args, &members, preface.as_deref());
+            }
+        };
+    let remote = args.target.resolve_one(&config, host.as_deref())?;
+    let unreachable =
+        |e: &anyhow::Error| unreachable_json(&remote.host, remote.vmid, &format!("{e:#}"));
     let transport = match remote.connect() {
         Ok(t) => t,
         Err(e) => {

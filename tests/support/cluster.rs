@@ -4,6 +4,7 @@
 //! `fixtures/clusters/three-nodes.toml` as sim hosts 100, 101, 102; dropping it tears everything down.
 //! Every online node accepts the cluster's one client key ([`SimCluster::key`]) and is in its one known_hosts file
 //! ([`SimCluster::known_hosts`]); a node with `online = false` has its address with nothing listening on it.
+//! [`SimNode::cut`] makes a running node unreachable for a while (a host that goes down mid-test).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -182,6 +183,39 @@ impl SimNode {
             .args(argv)
             .output()
             .expect("simhost exec")
+    }
+}
+
+/// A node cut off from the test side ([`SimNode::cut`]) until this is dropped.
+pub struct Cut<'a>(&'a SimNode);
+
+impl SimNode {
+    /// Makes the node unreachable from here (`simhost cut`: "no route to host" at once), as a host that went
+    /// down, while it keeps running; dropping the guard (also on a failed assertion) reaches it again.
+    pub fn cut(&self) -> Cut<'_> {
+        let out = self.simhost("cut").expect("run simhost cut");
+        assert!(
+            out.status.success(),
+            "simhost cut {} failed: {}",
+            self.n,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Cut(self)
+    }
+
+    fn simhost(&self, cmd: &str) -> std::io::Result<std::process::Output> {
+        Command::new("bash")
+            .arg(simhost_script())
+            .arg(cmd)
+            .arg(self.n.to_string())
+            .output()
+    }
+}
+
+impl Drop for Cut<'_> {
+    fn drop(&mut self) {
+        // No assertion here: a panic while unwinding aborts; `simhost down` mends it anyway.
+        let _ = self.0.simhost("mend");
     }
 }
 
