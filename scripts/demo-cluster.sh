@@ -7,7 +7,8 @@
 #   pve3  dkms-not-built   RTX 4090, driver 550 that cannot build for its booted 6.17 kernel, CT 103
 # llmctl.toml names one node ([cluster] node); the members, their addresses and who runs which CT come from the
 # cluster. doctor → provision --plan → provision --yes (all nodes in parallel) → doctor healthy everywhere →
-# provision --check: nothing to change. No Claude Code part here (the one-host demo has it).
+# provision --check: nothing to change → [proxy] upstreams = "fleet": every node's proxy routes to the others'
+# (one endpoint for every GPU), a request to pve1's proxy answered by a peer with pve1's llama-server stopped.
 # Usage (as root, on Debian): bash scripts/demo.sh --cluster
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,10 +34,12 @@ export LLMCTL_SIM_LLAMA_SERVER=$LLMCTL_LLAMA_SERVER LLMCTL_SIM_MODEL=$LLMCTL_TES
 fixtures/sim/simhost up-cluster fixtures/clusters/three-nodes.toml "$SIM" >"$work/cluster.env"
 key=$(sed -n 's/^CLUSTER_KEY=//p' "$work/cluster.env")
 known_hosts=$(sed -n 's/^CLUSTER_KNOWN_HOSTS=//p' "$work/cluster.env")
-declare -A target
+declare -A target lan num
 while read -r line; do
   name=$(sed 's/^NODE=\([^ ]*\) .*/\1/' <<<"$line")
   target[$name]=$(sed 's/.* TARGET=\([^ ]*\) .*/\1/' <<<"$line")
+  lan[$name]=$(sed 's/.* LAN=\([^ ]*\).*/\1/' <<<"$line")
+  num[$name]=$(sed 's/.* N=\([^ ]*\) .*/\1/' <<<"$line")
   echo "   $name at ${target[$name]}"
 done < <(grep '^NODE=' "$work/cluster.env")
 
@@ -131,6 +134,37 @@ run doctor
 echo
 echo "== 5. llmctl provision --check: nothing to change on any node"
 run provision --check
+
+echo
+echo "== 6. one endpoint for every GPU: [proxy] upstreams = \"fleet\""
+# Each node's proxy routes to its own llama-server and to the other nodes' proxies (its peers), on the cluster's
+# LAN: where each node's proxy is, [proxy] url says (a real container's static net0 ip= would do).
+sed -i 's/^listen = "0.0.0.0:4000"$/listen = "0.0.0.0:4000"\nupstreams = "fleet"/' "$work/llmctl.toml"
+for name in pve1 pve2 pve3; do
+  printf '\n[cluster.nodes.%s.proxy]\nurl = "http://%s:4000"\n' "$name" "${lan[$name]}" >>"$work/llmctl.toml"
+done
+echo "   + upstreams = \"fleet\" in [proxy]; [cluster.nodes.<node>.proxy] url = \"http://10.x.251.<n>:4000\""
+run provision --yes
+run status || true
+echo
+echo "\$ llmctl client-config claude --from-host --host pve1   # one Claude Code endpoint for the house"
+"$LLMCTL" --config "$work/llmctl.toml" client-config claude --from-host --host pve1 "${ssh_args[@]}" | sed 's/^/   /' || true
+key=$(fixtures/sim/simhost exec "${num[pve1]}" pct exec 101 -- cat /etc/llmctl/proxy-api-key)
+fixtures/sim/simhost exec "${num[pve1]}" pct exec 101 -- systemctl stop llama-server
+echo "   pve1's own llama-server stopped; a request to pve1's proxy:"
+PROXY="http://${target[pve1]#root@}:4000" KEY=$key python3 - <<'PY'
+import json, os, urllib.request
+url = os.environ["PROXY"]
+req = urllib.request.Request(url + "/v1/messages", method="POST", headers={
+    "x-api-key": os.environ["KEY"], "content-type": "application/json", "anthropic-version": "2023-06-01"},
+    data=json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 16,
+                     "messages": [{"role": "user", "content": "Say hi"}]}).encode())
+answer = json.load(urllib.request.urlopen(req, timeout=120))
+print("   answer:", json.dumps(answer["content"][0].get("text", ""))[:80])
+health = json.load(urllib.request.urlopen(url + "/health", timeout=10))
+for r in health["replicas"]:
+    print("   replica %-28s %-5s %s" % (r["url"], "peer" if r.get("peer") else "own", "up" if r["up"] else "down"))
+PY
 
 echo
 echo "== each step's exit code and wall time"
