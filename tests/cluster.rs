@@ -670,6 +670,61 @@ fn serve_over_the_fleet(cluster: &SimCluster, config: &Path) {
         "one key for the fleet"
     );
 
+    // A host whose key is not the fleet's: doctor over the fleet finds it as provision --check does (the
+    // proxy-service step), and provision --yes writes the fleet's key there again.
+    let pve3 = cluster.node("pve3");
+    let ct = |n: u32, vmid: &str, cmd: &str| {
+        let out = Command::new("bash")
+            .arg(support::simhost_script())
+            .args([
+                "exec",
+                &n.to_string(),
+                "pct",
+                "exec",
+                vmid,
+                "--",
+                "sh",
+                "-c",
+                cmd,
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    ct(
+        pve3.n,
+        "103",
+        "echo another-key > /etc/llmctl/proxy-api-key",
+    );
+    let o = llmctl(config, cluster, &["doctor"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}\n{err}");
+    let (_, hosts, summary) = report(&out);
+    assert_eq!(
+        failures(&hosts[2].1),
+        ["plan.proxy-service"],
+        "{}",
+        hosts[2].1
+    );
+    assert_eq!(outcomes(&summary, &names)[..2], ["healthy"; 2], "{summary}");
+    let o = llmctl(config, cluster, &["provision", "--check"]);
+    let (out, _) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert_eq!(
+        step(&report(&out).1[2].1, "proxy-service"),
+        "change",
+        "{out}"
+    );
+    let o = llmctl(config, cluster, &["provision", "--plan"]);
+    let (out, _) = text(&o);
+    let plans = report(&out).1;
+    assert!(plans[2].1.contains("write the fleet's API key"), "{out}");
+    assert!(!plans[0].1.contains("API key to"), "{out}");
+    let o = llmctl(config, cluster, &["provision", "--yes"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o).0);
+    let o = llmctl(config, cluster, &["doctor"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o).0);
+
     // pve1's proxy: its own llama-server and two peers, all up. With its llama-server stopped, it still answers,
     // from a peer's.
     let pve1 = cluster.node("pve1");

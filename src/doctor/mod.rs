@@ -202,6 +202,18 @@ pub fn judge(
     transport: Box<dyn crate::transport::Transport>,
     facts: crate::host::facts::HostFacts,
 ) -> Result<Diagnosis> {
+    judge_in_fleet(remote, file, transport, facts, None)
+}
+
+/// [`judge`] for a host of a fleet whose proxies share one key (`shared_key`: what provision over the fleet
+/// would want in its key file), so that doctor over the fleet finds what `provision --check` over it would.
+pub fn judge_in_fleet(
+    remote: &Remote,
+    file: &crate::config::ConfigFile,
+    transport: Box<dyn crate::transport::Transport>,
+    facts: crate::host::facts::HostFacts,
+    shared_key: Option<crate::provision::ctx::SharedKey>,
+) -> Result<Diagnosis> {
     let mut findings = checks::run_all(&facts);
     if let Some(cfg) = desired(file, &facts)? {
         let config_path = file.path.as_deref().map_or_else(
@@ -219,6 +231,7 @@ pub fn judge(
             binary,
             facts.clone(),
         );
+        ctx.shared_key = shared_key;
         let plan = crate::provision::assess(&mut ctx)?;
         reconcile(&mut findings, &plan);
     }

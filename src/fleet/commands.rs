@@ -37,12 +37,38 @@ pub fn doctor(
             writeln!(stdout, "{line}\n")?;
         }
     }
+    // Proxies that are each other's peers share one key (see `super::key`): every host is examined first, so
+    // that each is judged against the key of the first host that has one, as provision over the fleet would.
+    let mut examined: Vec<Option<Examined>> = Vec::new();
+    let mut shared = None;
+    if super::key::wanted(members) {
+        examined = super::par_map(members, |m| {
+            m.skip.is_none().then(|| {
+                args.target
+                    .resolve_one(&m.config, None)
+                    .and_then(|remote| crate::doctor::examine(&remote, &m.config))
+            })
+        });
+        let facts: Vec<Option<&crate::host::facts::HostFacts>> = examined
+            .iter()
+            .map(|e| e.as_ref().and_then(|r| r.as_ref().ok()).map(|(_, f)| f))
+            .collect();
+        shared = super::key::shared_hash(&facts);
+    }
+    let examined: Vec<std::sync::Mutex<Option<Examined>>> =
+        examined.into_iter().map(std::sync::Mutex::new).collect();
     let mut first = true;
     let mut write_err: Option<std::io::Error> = None;
     let reports = run(
         members,
         progress(global),
-        |member, bar| Ok(doctor_one(args, member, bar)),
+        |member, bar| {
+            let i = members.iter().position(|m| std::ptr::eq(m, member));
+            let pre = i
+                .and_then(|i| examined.get(i))
+                .and_then(|e| e.lock().unwrap_or_else(|p| p.into_inner()).take());
+            Ok(doctor_one(args, member, bar, pre, shared.clone()))
+        },
         |member, report| {
             if args.json {
                 return;
@@ -79,11 +105,20 @@ fn outcome_word(outcome: Outcome) -> &'static str {
     }
 }
 
-/// doctor on one member: its summary line, its text block and its `--json` report.
+/// A host examined ahead of judging: its connection and facts, or why it could not be examined.
+type Examined = Result<(
+    Box<dyn crate::transport::Transport>,
+    crate::host::facts::HostFacts,
+)>;
+
+/// doctor on one member: its summary line, its text block and its `--json` report. `pre`: the member already
+/// examined (a fleet whose proxies share a key); `shared`: that key, as provision over the fleet would want it.
 fn doctor_one(
     args: &DoctorArgs,
     member: &Member,
     bar: Option<&indicatif::ProgressBar>,
+    pre: Option<Examined>,
+    shared: Option<crate::provision::ctx::SharedKey>,
 ) -> HostReport {
     let failed = |e: anyhow::Error| {
         let json = serde_json::json!({
@@ -102,8 +137,10 @@ fn doctor_one(
     if let Some(bar) = bar {
         bar.set_message(format!("{}: examining", member.target));
     }
-    let diagnosis = crate::doctor::examine(&remote, &member.config)
-        .and_then(|(t, facts)| crate::doctor::judge(&remote, &member.config, t, facts));
+    let examined = pre.unwrap_or_else(|| crate::doctor::examine(&remote, &member.config));
+    let diagnosis = examined.and_then(|(t, facts)| {
+        crate::doctor::judge_in_fleet(&remote, &member.config, t, facts, shared)
+    });
     let d = match diagnosis {
         Ok(d) => d,
         Err(e) => return failed(e),

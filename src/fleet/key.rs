@@ -12,6 +12,7 @@ use anyhow::Result;
 use super::Member;
 use crate::client_config::from_host::Secret;
 use crate::config::{HostSection, ProxySection};
+use crate::provision::ctx::SharedKey;
 use crate::transport::{Cmd, SshOptions, Transport, container::Container};
 
 /// Whether any member's proxy has peers (its configuration says `upstreams = "fleet"` or lists `peers`).
@@ -25,13 +26,30 @@ pub fn wanted(members: &[Member]) -> bool {
 
 /// The fleet's key: the first member's (that is reached and has a readable, non-empty key), else a new one.
 /// A member that cannot be reached is passed over here: its own run reports it.
-pub fn shared(members: &[Member], ssh: &SshOptions) -> Result<Secret> {
+pub fn shared(members: &[Member], ssh: &SshOptions) -> Result<SharedKey> {
     for m in members.iter().filter(|m| m.skip.is_none()) {
         if let Some(key) = read(m, ssh) {
-            return Ok(key);
+            return Ok(SharedKey::of(key));
         }
     }
-    Ok(Secret::new(crate::provision::ct::new_api_key()?))
+    Ok(SharedKey::of(Secret::new(
+        crate::provision::ct::new_api_key()?,
+    )))
+}
+
+/// doctor's view of the fleet's key, from the facts it gathered (no extra round trip): the sha256 of the key
+/// file of the first host (in order) whose container has one, as provision would read it. `facts[i]` is the
+/// i-th member's, None where it was not examined.
+pub fn shared_hash(facts: &[Option<&crate::host::facts::HostFacts>]) -> Option<SharedKey> {
+    facts.iter().flatten().find_map(|f| {
+        let installed = f.inside()?.installed.as_ref()?;
+        let (_, size) = installed.key_file?;
+        let sha256 = installed.key_sha256.clone().filter(|_| size > 0)?;
+        Some(SharedKey {
+            sha256,
+            value: None,
+        })
+    })
 }
 
 /// The key in a member's container, when it has one.

@@ -339,6 +339,35 @@ fn one_or_fleet(mut members: Vec<Member>, preface: Option<String>) -> Selection 
     Selection::Fleet { members, preface }
 }
 
+/// `f` of every member, in parallel (at most [`PARALLEL`] at once), in member order: for reads that every host
+/// must finish before any is judged (doctor's facts when the hosts' proxies share a key).
+pub fn par_map<T: Send, F>(members: &[Member], f: F) -> Vec<T>
+where
+    F: Fn(&Member) -> T + Sync,
+{
+    let next = AtomicUsize::new(0);
+    let out: Vec<Mutex<Option<T>>> = members.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..PARALLEL.min(members.len()) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(m) = members.get(i) else { break };
+                    let value = f(m);
+                    *out[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(value);
+                }
+            });
+        }
+    });
+    out.into_iter()
+        .map(|m| {
+            m.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .expect("every member mapped")
+        })
+        .collect()
+}
+
 /// How one host's run ended, as the summary says it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {

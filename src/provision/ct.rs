@@ -1007,10 +1007,9 @@ impl Step<Ctx> for Service {
         let key_ok = inst
             .key_file
             .is_some_and(|(mode, size)| mode == 0o600 && size > 0)
-            && shared_key.as_ref().is_none_or(|k| {
-                inst.key_sha256.as_deref()
-                    == Some(sha256_bytes(format!("{}\n", k.expose()).as_bytes()).as_str())
-            });
+            && shared_key
+                .as_ref()
+                .is_none_or(|k| inst.key_sha256.as_deref() == Some(k.sha256.as_str()));
         let is_active = |unit: &str| {
             inside
                 .services
@@ -1039,7 +1038,7 @@ impl Step<Ctx> for Service {
             actions.push(Action::WriteSecret {
                 on: on.clone(),
                 path: key_file,
-                value: shared_key.clone(),
+                value: shared_key.as_ref().and_then(|k| k.value.clone()),
             });
         }
         for (unit, path) in &strays {

@@ -38,9 +38,27 @@ pub struct Ctx {
     /// A per-run stamp naming the backup folder.
     pub stamp: String,
     pub live: std::sync::Arc<Live>,
-    /// The key every proxy of the fleet shares (provision over a fleet whose proxies are peers): the proxy's
-    /// key file must hold it. None: any key the host has will do.
-    pub shared_key: Option<crate::client_config::from_host::Secret>,
+    /// The key every proxy of the fleet shares (provision and doctor over a fleet whose proxies are peers):
+    /// the proxy's key file must hold it. None: any key the host has will do.
+    pub shared_key: Option<SharedKey>,
+}
+
+/// The fleet's one proxy key as a host's check needs it: the sha256 its key file must have, and (provision,
+/// which writes it) the key itself. doctor has the hash only: it judges, never writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedKey {
+    /// sha256 of the key file's content (the key and a newline, as provision writes it).
+    pub sha256: String,
+    pub value: Option<crate::client_config::from_host::Secret>,
+}
+
+impl SharedKey {
+    pub fn of(key: crate::client_config::from_host::Secret) -> SharedKey {
+        SharedKey {
+            sha256: super::ct::sha256_bytes(format!("{}\n", key.expose()).as_bytes()),
+            value: Some(key),
+        }
+    }
 }
 
 impl Ctx {

@@ -57,7 +57,7 @@ pub struct ProvisionArgs {
     pub llmctl_binary: Option<PathBuf>,
     /// Set by provision over a fleet whose proxies are peers: the key they all hold (`fleet::key`).
     #[arg(skip)]
-    pub shared_key: Option<crate::client_config::from_host::Secret>,
+    pub shared_key: Option<ctx::SharedKey>,
 }
 
 #[derive(Debug, Clone, Args)]
