@@ -28,15 +28,6 @@ pub fn doctor(
     members: &[Member],
     preface: Option<&str>,
 ) -> Result<Outcome> {
-    let mut stdout = std::io::stdout();
-    if let Some(line) = preface {
-        // stdout stays one JSON document with --json.
-        if args.json {
-            eprintln!("{line}");
-        } else {
-            writeln!(stdout, "{line}\n")?;
-        }
-    }
     // Proxies that are each other's peers share one key (see `super::key`): every host is examined first, so
     // that each is judged against the key of the first host that has one, as provision over the fleet would.
     let mut examined: Vec<Option<Examined>> = Vec::new();
@@ -57,11 +48,12 @@ pub fn doctor(
     }
     let examined: Vec<std::sync::Mutex<Option<Examined>>> =
         examined.into_iter().map(std::sync::Mutex::new).collect();
-    let mut first = true;
-    let mut write_err: Option<std::io::Error> = None;
-    let reports = run(
+    each_host(
+        global,
         members,
-        progress(global),
+        preface,
+        args.json,
+        outcome_word,
         |member, bar| {
             let i = members.iter().position(|m| std::ptr::eq(m, member));
             let pre = i
@@ -69,25 +61,51 @@ pub fn doctor(
                 .and_then(|e| e.lock().unwrap_or_else(|p| p.into_inner()).take());
             Ok(doctor_one(args, member, bar, pre, shared.clone()))
         },
-        |member, report| {
-            if args.json {
-                return;
-            }
-            if let Err(e) = print_block(&mut stdout, first, member, report) {
-                write_err.get_or_insert(e);
-            }
-            first = false;
-        },
-    );
+    )
+}
+
+/// Runs `job` on every member (see [`run`]) and prints the fleet's report: each host's block whole, in member
+/// order, then the summary; with `json`, one document `{"outcome": word(outcome), "hosts": [...]}` instead (the
+/// preface then goes to stderr, so stdout stays one document). The exit code is the worst host's.
+fn each_host<J>(
+    global: &GlobalArgs,
+    members: &[Member],
+    preface: Option<&str>,
+    json: bool,
+    word: fn(Outcome) -> &'static str,
+    job: J,
+) -> Result<Outcome>
+where
+    J: Fn(&Member, Option<&indicatif::ProgressBar>) -> Result<HostReport> + Sync,
+{
+    let mut stdout = std::io::stdout();
+    if let Some(line) = preface {
+        if json {
+            eprintln!("{line}");
+        } else {
+            writeln!(stdout, "{line}\n")?;
+        }
+    }
+    let mut first = true;
+    let mut write_err: Option<std::io::Error> = None;
+    let reports = run(members, progress(global), job, |member, report| {
+        if json {
+            return;
+        }
+        if let Err(e) = print_block(&mut stdout, first, member, report) {
+            write_err.get_or_insert(e);
+        }
+        first = false;
+    });
     if let Some(e) = write_err {
         return Err(e.into());
     }
     let outcome = worst(reports.iter().map(|r| r.outcome));
     let mut out = stdout.lock();
-    if args.json {
+    if json {
         let hosts: Vec<&serde_json::Value> =
             reports.iter().filter_map(|r| r.json.as_ref()).collect();
-        let doc = serde_json::json!({ "outcome": outcome_word(outcome), "hosts": hosts });
+        let doc = serde_json::json!({ "outcome": word(outcome), "hosts": hosts });
         serde_json::to_writer_pretty(&mut out, &doc)?;
         writeln!(out)?;
     } else {
@@ -201,47 +219,14 @@ pub fn status(
         );
     }
     let members: Vec<Member> = members.iter().cloned().map(status_skip).collect();
-    let mut stdout = std::io::stdout();
-    if let Some(line) = preface {
-        // stdout stays one JSON document with --json.
-        if args.json {
-            eprintln!("{line}");
-        } else {
-            writeln!(stdout, "{line}\n")?;
-        }
-    }
-    let mut first = true;
-    let mut write_err: Option<std::io::Error> = None;
-    let reports = run(
+    each_host(
+        global,
         &members,
-        progress(global),
+        preface,
+        args.json,
+        status_word,
         |member, bar| Ok(status_one(args, member, bar)),
-        |member, report| {
-            if args.json {
-                return;
-            }
-            if let Err(e) = print_block(&mut stdout, first, member, report) {
-                write_err.get_or_insert(e);
-            }
-            first = false;
-        },
-    );
-    if let Some(e) = write_err {
-        return Err(e.into());
-    }
-    let outcome = worst(reports.iter().map(|r| r.outcome));
-    let mut out = stdout.lock();
-    if args.json {
-        let hosts: Vec<&serde_json::Value> =
-            reports.iter().filter_map(|r| r.json.as_ref()).collect();
-        let doc = serde_json::json!({ "outcome": status_word(outcome), "hosts": hosts });
-        serde_json::to_writer_pretty(&mut out, &doc)?;
-        writeln!(out)?;
-    } else {
-        let rows: Vec<(&Member, &HostReport)> = members.iter().zip(&reports).collect();
-        write!(out, "\n{}", summary(&rows))?;
-    }
-    Ok(outcome)
+    )
 }
 
 /// A member that is not reached (an offline cluster node) with the status document of a host that could not be
@@ -359,35 +344,20 @@ pub fn provision(
             names.join(", ")
         );
     }
-    let mut stdout = std::io::stdout();
-    if let Some(line) = preface {
-        writeln!(stdout, "{line}\n")?;
-    }
     // Proxies that are each other's peers share one key: read (or made) once, before the hosts run.
     let mut args = args.clone();
     if super::key::wanted(members) {
         args.shared_key = Some(super::key::shared(members, &args.ssh.options())?);
     }
     let args = &args;
-    let mut first = true;
-    let mut write_err: Option<std::io::Error> = None;
-    let reports = run(
+    each_host(
+        global,
         members,
-        progress(global),
+        preface,
+        false,
+        outcome_word,
         |member, bar| Ok(provision_member(global, args, member, bar)),
-        |member, report| {
-            if let Err(e) = print_block(&mut stdout, first, member, report) {
-                write_err.get_or_insert(e);
-            }
-            first = false;
-        },
-    );
-    if let Some(e) = write_err {
-        return Err(e.into());
-    }
-    let rows: Vec<(&Member, &HostReport)> = members.iter().zip(&reports).collect();
-    write!(stdout.lock(), "\n{}", summary(&rows))?;
-    Ok(worst(reports.iter().map(|r| r.outcome)))
+    )
 }
 
 fn provision_member(

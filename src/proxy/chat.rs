@@ -20,11 +20,10 @@ use axum::response::Response;
 use hyper::body::{Frame, SizeHint};
 
 use super::accounting::Tracker;
-use super::error::{Dialect, ProxyError};
+use super::error::Dialect;
 use super::pump::{self, Route};
 use super::router;
-use super::server::{Shared, read_body};
-use super::translate::parse_body;
+use super::server::{Shared, read_object};
 use super::upstream::{HOP_HEADER, UpstreamBody};
 
 pub(crate) async fn chat_completions(
@@ -34,20 +33,13 @@ pub(crate) async fn chat_completions(
 ) -> Response {
     let mut t = Tracker::new(&st, "POST", "/v1/chat/completions", Instant::now());
     t.dialect = Dialect::OpenAi;
-    let bytes = match read_body(&headers, body, st.settings.max_body_bytes).await {
-        Ok(b) => b,
-        Err(e) => return t.error(e),
-    };
     // Parsed only to refuse what is not a JSON object at once and to read the session and the model; the
     // bytes sent are the client's own.
-    let req = match parse_body(&bytes) {
+    let (bytes, req) = match read_object(&st, &mut t, &headers, body).await {
         Ok(r) => r,
-        Err(e) => return t.error(ProxyError::invalid_request(e.message)),
+        Err(answer) => return answer,
     };
-    if let Some(serde_json::Value::String(m)) = req.get("model") {
-        t.client_model = m.clone();
-        t.upstream_model = m.clone();
-    }
+    t.upstream_model = t.client_model.clone();
     t.streamed = req.get("stream") == Some(&serde_json::Value::Bool(true));
     let session = router::session_of(&headers, &req);
     drop(req);

@@ -14,7 +14,7 @@ use super::accumulate::MessageAccumulator;
 use super::error::{ErrorType, ProxyError};
 use super::pump::{self, AnthropicSse};
 use super::router;
-use super::server::{Shared, options_for, read_body};
+use super::server::{Shared, options_for, read_body, read_object};
 use super::stream::StreamTranslator;
 use super::translate::{TranslateOptions, count_object, parse_body, translate_object};
 use super::upstream::{Upstream, UpstreamError};
@@ -106,19 +106,11 @@ pub(crate) fn estimate_tokens(chat: &Value) -> u64 {
 
 pub(crate) async fn messages(State(st): State<Shared>, headers: HeaderMap, body: Body) -> Response {
     let mut t = Tracker::new(&st, "POST", "/v1/messages", Instant::now());
-    let bytes = match read_body(&headers, body, st.settings.max_body_bytes).await {
-        Ok(b) => b,
-        Err(e) => return t.error(e),
-    };
     // Parsed once: the model picks the upstream's options, then the same object is translated.
-    let req = match parse_body(&bytes) {
-        Ok(r) => r,
-        Err(e) => return t.error(ProxyError::invalid_request(e.message)),
+    let req = match read_object(&st, &mut t, &headers, body).await {
+        Ok((_, req)) => req,
+        Err(answer) => return answer,
     };
-    drop(bytes);
-    if let Some(Value::String(m)) = req.get("model") {
-        t.client_model = m.clone();
-    }
     let check = |o: &TranslateOptions| count_object(&req, o).map(drop);
     let opts = match options_for(&st, &t.client_model, check).await {
         Ok(o) => o,

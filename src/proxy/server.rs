@@ -376,6 +376,29 @@ fn rfc3339(secs: i64) -> String {
 // ---------------------------------------------------------------------------------------------------------
 // Request bodies
 
+/// A front door's request: its body read within `max_body_bytes` and parsed once as one JSON object, its
+/// `model` noted as the client's; otherwise the error answer, already accounted. The bytes come back too (the
+/// chat door sends them as they came; the others drop them).
+pub(crate) async fn read_object(
+    st: &Shared,
+    t: &mut Tracker,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Bytes, serde_json::Map<String, Value>), Response> {
+    let bytes = match read_body(headers, body, st.settings.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return Err(t.error(e)),
+    };
+    let req = match super::translate::parse_body(&bytes) {
+        Ok(r) => r,
+        Err(e) => return Err(t.error(ProxyError::invalid_request(e.message))),
+    };
+    if let Some(Value::String(m)) = req.get("model") {
+        t.client_model = m.clone();
+    }
+    Ok((bytes, req))
+}
+
 /// Reads the body up to `limit` bytes: 413 beyond it (checked on Content-Length first, so an honest client
 /// is refused before it uploads), 400 when the client breaks the upload off.
 pub(crate) async fn read_body(

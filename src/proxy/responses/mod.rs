@@ -11,7 +11,6 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
-use serde_json::Value;
 
 pub use decode::{ClientTool, Decoded, ResponseMeta, decode_object, decode_request, parse_body};
 pub use encode::ResponsesEncoder;
@@ -19,7 +18,7 @@ pub use encode::ResponsesEncoder;
 use super::accounting::Tracker;
 use super::error::{Dialect, ErrorType, ProxyError};
 use super::pump;
-use super::server::{Shared, options_for, read_body};
+use super::server::{Shared, options_for, read_object};
 use super::stream::StreamTranslator;
 use super::translate::TranslateOptions;
 
@@ -30,19 +29,11 @@ pub(crate) async fn responses(
 ) -> Response {
     let mut t = Tracker::new(&st, "POST", "/v1/responses", Instant::now());
     t.dialect = Dialect::OpenAi;
-    let bytes = match read_body(&headers, body, st.settings.max_body_bytes).await {
-        Ok(b) => b,
-        Err(e) => return t.error(e),
-    };
     // Parsed once: the model picks the upstream's options, then the same object is decoded.
-    let req = match parse_body(&bytes) {
-        Ok(r) => r,
-        Err(e) => return t.error(ProxyError::invalid_request(e.message)),
+    let req = match read_object(&st, &mut t, &headers, body).await {
+        Ok((_, req)) => req,
+        Err(answer) => return answer,
     };
-    drop(bytes);
-    if let Some(Value::String(m)) = req.get("model") {
-        t.client_model = m.clone();
-    }
     let check = |o: &TranslateOptions| decode_object(&req, o).map(drop);
     let opts = match options_for(&st, &t.client_model, check).await {
         Ok(o) => o,
