@@ -8,7 +8,8 @@
 //! / LLMCTL_CLAUDE_BIN (the cache section records Claude Code's first request) from scripts/test-stack.sh,
 //! BENCH_SECS (seconds per measurement, default 5), BENCH_ONLY (comma list of sections: proxies, native, cache,
 //! and replicas, which only runs when named: it takes minutes), BENCH_OUT (report path, default
-//! docs/performance.md).
+//! docs/performance.md). BENCH_ONLY=fleet (issue 13's fleet figures) is bench/fleet.sh, which bench/run.sh runs
+//! instead of this bench for that section.
 //!
 //! The report's generated part (above the hand-written marker) is rewritten by any run of proxies, native or
 //! cache. The replicas section is written instead into its own dated block in the hand-written part

@@ -281,7 +281,8 @@ pub fn discover_with(transport: &dyn Transport, config: &Cluster) -> Result<Disc
     cluster_members(config, &members, &vmlist).map_err(anyhow::Error::msg)
 }
 
-/// Discovers the cluster of `file`'s `[cluster]` through its `node`, over one SSH connection.
+/// Discovers the cluster of `file`'s `[cluster]` through its `node`, over one SSH connection, which is then
+/// kept for that node's own run ([`crate::transport::keep`]: the member whose target is written as `node` is).
 pub fn discover(file: &ConfigFile, config: &Cluster, ssh: &SshOptions) -> Result<Discovered> {
     let at = || {
         format!(
@@ -291,7 +292,9 @@ pub fn discover(file: &ConfigFile, config: &Cluster, ssh: &SshOptions) -> Result
         )
     };
     let transport = crate::transport::connect(&config.node, ssh).with_context(at)?;
-    discover_with(transport.as_ref(), config).with_context(at)
+    let discovered = discover_with(transport.as_ref(), config).with_context(at)?;
+    crate::transport::keep(&config.node, ssh, transport);
+    Ok(discovered)
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use crate::pve::lxc::LxcConfig;
 use crate::pve::nvidia::{self, Gpu, LoadedModule, SmiReport};
 use crate::pve::packages::{self, Package};
 use crate::pve::system::{self, DevNode, PveVersion};
-use crate::transport::{Cmd, Transport};
+use crate::transport::{Cmd, Output, Transport};
 
 /// systemd units doctor expects inside the container.
 pub const LLAMA_UNIT: &str = "llama-server";
@@ -175,9 +175,9 @@ fi
 "##;
 
 /// The facts that are live by nature, so they are not in [`HostFacts`]: each is asked only when a check needs it,
-/// in one command of its own, and kept for the run until something changes (provision's `Ctx::on_demand`, which
-/// forgets them with the gathered facts after every applied step). These are the only commands a check runs
-/// besides the two rounds of [`gather`].
+/// with the others a check is likely to ask next in the same command ([`OnDemand::together`]), and kept for the
+/// run until something changes (provision's `Ctx::on_demand`, which forgets them with the gathered facts after
+/// every applied step). These are the only commands a check runs besides the two rounds of [`gather`].
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum OnDemand {
     /// Whether a service answers its health endpoint now: `llmctl probe --health <url> --wait 0` in the container.
@@ -205,7 +205,53 @@ impl OnDemand {
             }
         }
     }
+
+    /// One command, run in the container, that asks all of `asks` one after the other (one round trip instead
+    /// of one each): each command's stdout in a section named by its index, its stderr in `<index> stderr`
+    /// ([`Self::split`] reads them back). Its timeout is the sum of theirs.
+    pub fn together(asks: &[OnDemand]) -> Cmd {
+        let mut script = String::from(ASK_SCRIPT);
+        let mut timeout = std::time::Duration::ZERO;
+        for (i, a) in asks.iter().enumerate() {
+            let cmd = a.cmd();
+            script.push_str(&format!("ask {i} {}\n", crate::shell::join(&cmd.argv)));
+            timeout += cmd.timeout;
+        }
+        Cmd::new(["sh".to_string(), "-c".into(), script, "llmctl-ask".into()]).timeout(timeout)
+    }
+
+    /// Each command's output from the output of [`Self::together`]`(asks)`, in their order. A command without
+    /// its section (the container could not run the script at all) gets the whole command's status and stderr,
+    /// as it would have on its own.
+    pub fn split(asks: &[OnDemand], out: &Output) -> Vec<Output> {
+        let sections = parse_sections(&out.stdout);
+        (0..asks.len())
+            .map(|i| match sections.get(&i.to_string()) {
+                Some(stdout) => Output {
+                    status: stdout.rc,
+                    stdout: stdout.text.clone(),
+                    stderr: sections
+                        .get(&format!("{i} stderr"))
+                        .map(|e| e.text.clone())
+                        .unwrap_or_default(),
+                },
+                None => Output {
+                    status: if out.success() { None } else { out.status },
+                    stdout: String::new(),
+                    stderr: out.stderr.clone(),
+                },
+            })
+            .collect()
+    }
 }
+
+/// [`OnDemand::together`]'s script, before one `ask <index> <command>` line per command: the command's stdout
+/// goes straight out in its section (a line break before the rc marker, so that the section's text is the
+/// output as printed), its stderr is caught and printed in a section of its own.
+const ASK_SCRIPT: &str = r##"export LC_ALL=C
+exec 3>&1
+ask() { n=$1; shift; printf '==> %s <==\n' "$n"; err=$("$@" 2>&1 >&3 3>&-); rc=$?; printf '\n==> rc=%s <==\n==> %s stderr <==\n%s\n==> rc=0 <==\n' "$rc" "$n" "$err"; }
+"##;
 
 /// One probe's output and exit status.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -896,6 +942,65 @@ pub fn gather_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Live facts asked together come back as each would have on its own: stdout as printed, stderr, status.
+    #[test]
+    fn on_demand_facts_asked_together_split_as_asked_alone() {
+        let asks: Vec<OnDemand> = [
+            vec!["sh", "-c", "printf 'a\\n\\nb\\n'; echo oops >&2; exit 3"],
+            vec!["printf", "{\"no\": \"newline\"}"],
+            vec!["true"],
+            vec![
+                "sh",
+                "-c",
+                "echo '==> not a marker'; echo 'it''s' \"$0\" >&2",
+                "x y",
+            ],
+        ]
+        .into_iter()
+        .map(|argv| OnDemand::OffloadPlan {
+            argv: argv.into_iter().map(String::from).collect(),
+        })
+        .collect();
+        let local = |argv: &[String]| {
+            let o = std::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .output()
+                .unwrap();
+            Output {
+                status: o.status.code(),
+                stdout: String::from_utf8(o.stdout).unwrap(),
+                stderr: String::from_utf8(o.stderr).unwrap(),
+            }
+        };
+        let together = OnDemand::together(&asks);
+        assert_eq!(together.argv[..2], ["sh", "-c"]);
+        let split = OnDemand::split(&asks, &local(&together.argv));
+        assert_eq!(split.len(), asks.len());
+        for (a, got) in asks.iter().zip(&split) {
+            let alone = local(&a.cmd().argv);
+            assert_eq!(got.status, alone.status, "{a:?}");
+            assert_eq!(got.stdout, alone.stdout, "{a:?}");
+            // Caught in a variable: without its trailing line breaks.
+            assert_eq!(got.stderr, alone.stderr.trim_end_matches('\n'), "{a:?}");
+        }
+        assert_eq!(split[0].stdout, "a\n\nb\n");
+        assert_eq!(split[0].stderr, "oops");
+        assert_eq!(split[3].stderr, "its x y");
+        assert_eq!(together.timeout, std::time::Duration::from_secs(4 * 120));
+        // The container could not run it at all: each fact fails as the command did.
+        let failed = Output {
+            status: Some(255),
+            stdout: String::new(),
+            stderr: "CT 103 not running".into(),
+        };
+        for got in OnDemand::split(&asks, &failed) {
+            assert_eq!(
+                (got.status, got.stderr.as_str()),
+                (Some(255), "CT 103 not running")
+            );
+        }
+    }
 
     #[test]
     fn sections_split_with_exit_codes() {

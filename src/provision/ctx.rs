@@ -147,12 +147,40 @@ impl Ctx {
     }
 
     /// One of the live facts ([`OnDemand`]), asked in the container once until the facts are gathered again.
+    /// A fact not asked yet is asked in one command with the [`Self::likely`] ones not asked yet either: the
+    /// checks ask them one step after another with nothing changed in between (an applied step forgets them
+    /// all), so one round trip answers what would otherwise take one each. A guess no check asks costs one
+    /// short probe in that command; a fact no guess covered is asked when a check needs it.
     pub fn on_demand(&mut self, what: OnDemand) -> Result<&Output> {
         if !self.on_demand.contains_key(&what) {
-            let out = self.ct().run(&what.cmd())?;
-            self.on_demand.insert(what.clone(), out);
+            let mut asks = vec![what.clone()];
+            for w in self.likely() {
+                if !asks.contains(&w) && !self.on_demand.contains_key(&w) {
+                    asks.push(w);
+                }
+            }
+            if asks.len() == 1 {
+                let out = self.ct().run(&what.cmd())?;
+                self.on_demand.insert(what.clone(), out);
+            } else {
+                let out = self.ct().run(&OnDemand::together(&asks))?;
+                let outs = OnDemand::split(&asks, &out);
+                self.on_demand.extend(asks.into_iter().zip(outs));
+            }
         }
         Ok(&self.on_demand[&what])
+    }
+
+    /// The live facts the checks of this configuration ask once the container runs its services: whether the
+    /// configured llama-server and the proxy answer their health endpoints (the service steps ask them, after
+    /// the offload planner when there is one). Replicas on other ports are asked when their step needs them.
+    fn likely(&self) -> Vec<OnDemand> {
+        [self.cfg.server.port, self.cfg.proxy_port()]
+            .into_iter()
+            .map(|port| OnDemand::Health {
+                url: format!("http://127.0.0.1:{port}/health"),
+            })
+            .collect()
     }
 
     /// Something changed on the host: the next `facts()` gathers again, and live facts are asked again.

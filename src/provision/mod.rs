@@ -667,6 +667,8 @@ mod assess_tests {
 ==> ct-enabled llmctl-proxy <==\nenabled\n==> rc=0 <==\n\
 ==> ct-model-file <==\n\n==> rc=0 <==\n";
 
+    const PLAN: &str = r#"{"chosen":{"ngl":31,"n_cpu_moe":0}}"#;
+
     impl Transport for Scripted {
         fn run_streaming(&self, cmd: &Cmd, _: &mut dyn FnMut(Stream, &str)) -> Result<Output> {
             self.calls.lock().unwrap().push(cmd.argv.clone());
@@ -676,7 +678,19 @@ mod assess_tests {
             } else if script == Some(CT_ROUND_SCRIPT) {
                 CT.to_string()
             } else if cmd.argv.iter().any(|a| a == "plan") {
-                r#"{"chosen":{"ngl":31,"n_cpu_moe":0}}"#.to_string()
+                PLAN.to_string()
+            } else if let Some(script) = cmd.argv.iter().find(|a| a.contains("\nask 0 ")) {
+                // The on-demand facts asked together (OnDemand::together): each in its sections.
+                script
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("ask ")?.split_once(' '))
+                    .map(|(n, c)| {
+                        let out = if c.contains(" plan ") { PLAN } else { "" };
+                        format!(
+                            "==> {n} <==\n{out}\n==> rc=0 <==\n==> {n} stderr <==\n\n==> rc=0 <==\n"
+                        )
+                    })
+                    .collect()
             } else {
                 String::new()
             };
@@ -703,6 +717,7 @@ mod assess_tests {
 
     /// Issue 11: a check reads the gathered facts; the only commands besides the two rounds are the on-demand
     /// facts (the planner, the health probes), each asked once until something changes, and asked anew after.
+    /// Issue 13: asked together, in one command (one round trip).
     #[test]
     fn checks_run_nothing_but_the_rounds_and_the_on_demand_facts() {
         let file =
@@ -718,18 +733,26 @@ mod assess_tests {
         let binary = tempfile::NamedTempFile::new().unwrap();
         let connect: ctx::Connector =
             Box::new(|| -> Result<Box<dyn Transport>> { bail!("no reconnect in this test") });
-        let in_ct = |what: facts::OnDemand| format!("pct exec 103 -- {}", what.cmd().display());
-        let wanted = [
-            in_ct(facts::OnDemand::OffloadPlan {
+        let asks = [
+            facts::OnDemand::OffloadPlan {
                 argv: ct::plan_argv(&cfg, &[24564], &cfg.server.cache_type_k),
-            }),
-            in_ct(facts::OnDemand::Health {
+            },
+            facts::OnDemand::Health {
                 url: format!("http://127.0.0.1:{}/health", cfg.server.port),
-            }),
-            in_ct(facts::OnDemand::Health {
+            },
+            facts::OnDemand::Health {
                 url: format!("http://127.0.0.1:{}/health", cfg.proxy_port()),
-            }),
+            },
         ];
+        let together = facts::OnDemand::together(&asks);
+        for a in &asks {
+            assert!(
+                together.argv[2].contains(&crate::shell::join(&a.cmd().argv)),
+                "{a:?} is not in {}",
+                together.argv[2]
+            );
+        }
+        let wanted = ["pct exec 103 -- sh -c <script> llmctl-ask"];
         let mut ctx = Ctx::over(
             Box::new(t),
             connect,

@@ -159,12 +159,37 @@ pub trait Transport: Send + Sync {
     fn describe(&self) -> String;
 }
 
-/// How to reach a host: `local` (this machine is the Proxmox host), or an SSH target and its options.
+/// How to reach a host: `local` (this machine is the Proxmox host), or an SSH target and its options. A
+/// connection [`keep`]t for the same target and options is handed out instead of opening a new one.
 pub fn connect(host: &str, options: &SshOptions) -> anyhow::Result<Box<dyn Transport>> {
     if host == "local" {
         return Ok(Box::new(LocalTransport::new()));
     }
+    if let Some(kept) = take_kept(host, options) {
+        tracing::debug!(target = %kept.describe(), "ssh connection reused");
+        return Ok(kept);
+    }
     Ok(Box::new(SshTransport::connect(host, options)?))
+}
+
+/// Connections opened for one purpose and kept for the next [`connect`] to the same target with the same
+/// options: cluster discovery's, which the named node's own run then uses (one SSH handshake fewer). Each is
+/// handed out once; one never asked for closes when the process ends.
+type Kept = (String, SshOptions, Box<dyn Transport>);
+static KEPT: std::sync::Mutex<Vec<Kept>> = std::sync::Mutex::new(Vec::new());
+
+/// Keeps `transport`, open to `host` with `options`, for the next [`connect`] to it.
+pub fn keep(host: &str, options: &SshOptions, transport: Box<dyn Transport>) {
+    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    kept.push((host.to_string(), options.clone(), transport));
+}
+
+fn take_kept(host: &str, options: &SshOptions) -> Option<Box<dyn Transport>> {
+    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    let i = kept
+        .iter()
+        .position(|(h, o, _)| h == host && o == options)?;
+    Some(kept.swap_remove(i).2)
 }
 
 /// The user's home directory, for `~/.ssh/...` defaults.
@@ -250,6 +275,22 @@ impl LineSplitter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A kept connection goes to the next connect to its target with its options, once.
+    #[test]
+    fn a_kept_connection_is_handed_out_once_to_its_target_and_options() {
+        let target = "root@kept.llmctl-test.invalid";
+        let options = SshOptions {
+            identity_files: vec!["/nonexistent/key".into()],
+            ..SshOptions::default()
+        };
+        keep(target, &options, Box::new(fake::FakeHost::new("kept")));
+        assert!(take_kept(target, &SshOptions::default()).is_none());
+        assert!(take_kept("root@other.llmctl-test.invalid", &options).is_none());
+        let kept = take_kept(target, &options).expect("kept");
+        assert_eq!(kept.describe(), "kept");
+        assert!(take_kept(target, &options).is_none());
+    }
 
     #[test]
     fn line_splitter_handles_split_chunks() {

@@ -27,7 +27,7 @@ const PGID_MARKER: &str = "llmctl-pgid=";
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Where keys and host keys come from. Every path is overridable so tests use temp dirs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SshOptions {
     /// Default `~/.ssh/known_hosts`.
     pub known_hosts: Option<PathBuf>,
@@ -432,9 +432,9 @@ impl Transport for SshTransport {
             "echo \"{PGID_MARKER}$$\" >&2; exec {}",
             crate::shell::join(&cmd.argv)
         );
-        // One line per round trip: `-v` shows how many commands a run costs (doctor's and provision's facts are
-        // meant to be a few rounds, not a probe per question).
-        tracing::debug!("ssh exec: {}", brief(&cmd.display()));
+        // One line per round trip, naming the host: `-v` shows how many commands a run costs on each host of a
+        // fleet (doctor's and provision's facts are meant to be a few rounds, not a probe per question).
+        tracing::debug!(target = %self.describe(), "ssh exec: {}", brief(&cmd.display()));
         let inner = self.lock()?;
         let session = &inner.session;
         let mut channel = session
