@@ -720,6 +720,17 @@ fn serve_over_the_fleet(cluster: &SimCluster, config: &Path) {
     let plans = report(&out).1;
     assert!(plans[2].1.contains("write the fleet's API key"), "{out}");
     assert!(!plans[0].1.contains("API key to"), "{out}");
+    // One host alone is judged and provisioned against the fleet's key too.
+    let o = llmctl(config, cluster, &["doctor", "--host", "pve3"]);
+    let (out, _) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert_eq!(failures(&out), ["plan.proxy-service"], "{out}");
+    let o = llmctl(config, cluster, &["provision", "--plan", "--host", "pve3"]);
+    assert!(
+        text(&o).0.contains("write the fleet's API key"),
+        "{}",
+        text(&o).0
+    );
     let o = llmctl(config, cluster, &["provision", "--yes"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o).0);
     let o = llmctl(config, cluster, &["doctor"]);

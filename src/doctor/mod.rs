@@ -79,9 +79,21 @@ pub fn outcome(findings: &[Finding]) -> Outcome {
 pub fn run(global: &GlobalArgs, args: DoctorArgs) -> Result<Outcome> {
     let file = crate::config::ConfigFile::load(global.config.as_deref())?;
     let ssh = args.target.ssh.options();
+    let mut shared = None;
     let (file, host) = match crate::fleet::select(&file, &args.target.host, args.target.vmid, &ssh)?
     {
-        crate::fleet::Selection::One { config, host, .. } => (config, host),
+        crate::fleet::Selection::One {
+            config,
+            host,
+            fleet,
+            ..
+        } => {
+            // One host of a fleet whose proxies are peers: judged against the fleet's key, as provision would.
+            if !fleet.is_empty() {
+                shared = crate::fleet::key::held(&fleet, &ssh);
+            }
+            (config, host)
+        }
         crate::fleet::Selection::Fleet { members, preface } => {
             return crate::fleet::commands::doctor(global, &args, &members, preface.as_deref());
         }
@@ -100,7 +112,7 @@ pub fn run(global: &GlobalArgs, args: DoctorArgs) -> Result<Outcome> {
         }
         Err(e) => return Err(e),
     };
-    let diagnosis = judge(&remote, &file, transport, facts)?;
+    let diagnosis = judge_in_fleet(&remote, &file, transport, facts, shared)?;
     let outcome = diagnosis.outcome();
     let mut stdout = std::io::stdout().lock();
     if args.json {

@@ -37,6 +37,19 @@ pub fn shared(members: &[Member], ssh: &SshOptions) -> Result<SharedKey> {
     )))
 }
 
+/// The key a fleet's hosts already hold (the first host's that has one), as doctor judges one host against it:
+/// its hash only. None when none has one yet (provision would make one, and every host would change).
+pub fn held(members: &[Member], ssh: &SshOptions) -> Option<SharedKey> {
+    members
+        .iter()
+        .filter(|m| m.skip.is_none())
+        .find_map(|m| read(m, ssh))
+        .map(|k| SharedKey {
+            value: None,
+            ..SharedKey::of(k)
+        })
+}
+
 /// doctor's view of the fleet's key, from the facts it gathered (no extra round trip): the sha256 of the key
 /// file of the first host (in order) whose container has one, as provision would read it. `facts[i]` is the
 /// i-th member's, None where it was not examined.

@@ -62,6 +62,9 @@ pub enum Selection {
         config: ConfigFile,
         host: Option<String>,
         notes: Vec<String>,
+        /// Every host of the inventory when this one's proxy has peers (`upstreams = "fleet"`): the fleet's
+        /// one key is theirs ([`key`]), so one host alone is judged and provisioned as in the fleet's run.
+        fleet: Vec<Member>,
     },
     /// Two or more hosts, in inventory order (or the order of the flags), then the cluster's nodes; `preface`
     /// is printed before the per-host reports (the cluster line).
@@ -136,6 +139,7 @@ pub fn choose(
                 config: file.clone(),
                 host: flags.first().cloned(),
                 notes: Vec::new(),
+                fleet: Vec::new(),
             },
             _ => {
                 let section: crate::config::HostSection = file.section_or_default()?;
@@ -230,21 +234,9 @@ pub fn choose(
         .collect();
     let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
     let configs = with_fleet_peers(file, &names, configs)?;
-    let picked: Vec<(Candidate, ConfigFile)> = entries
+    let all: Vec<Member> = entries
         .into_iter()
         .zip(configs)
-        .zip(&chosen)
-        .filter_map(|(e, &c)| c.then_some(e))
-        .collect();
-    if vmid.is_some() && picked.len() > 1 {
-        anyhow::bail!(
-            "--vmid picks one container and {} hosts are selected: set each host's vmid in its [[hosts]] \
-             entry (or [cluster.nodes.<name>]), or pick one host with --host NAME",
-            picked.len()
-        );
-    }
-    let members = picked
-        .into_iter()
         .map(|(e, config)| Member {
             config,
             name: e.name,
@@ -253,7 +245,27 @@ pub fn choose(
             skip: e.skip,
         })
         .collect();
-    Ok(one_or_fleet(members, discovered.map(|d| d.line())))
+    let picked: Vec<Member> = all
+        .iter()
+        .zip(&chosen)
+        .filter(|(_, c)| **c)
+        .map(|(m, _)| m.clone())
+        .collect();
+    if vmid.is_some() && picked.len() > 1 {
+        anyhow::bail!(
+            "--vmid picks one container and {} hosts are selected: set each host's vmid in its [[hosts]] \
+             entry (or [cluster.nodes.<name>]), or pick one host with --host NAME",
+            picked.len()
+        );
+    }
+    let mut selection = one_or_fleet(picked, discovered.map(|d| d.line()));
+    // One host whose proxy has peers is still judged and provisioned against the fleet's one key.
+    if let Selection::One { fleet, .. } = &mut selection
+        && key::wanted(&all)
+    {
+        *fleet = all;
+    }
+    Ok(selection)
 }
 
 /// `[proxy] upstreams = "fleet"` on a host: its proxy's peers are every other host's proxy (`[proxy] peers`,
@@ -334,6 +346,7 @@ fn one_or_fleet(mut members: Vec<Member>, preface: Option<String>) -> Selection 
             config: m.config,
             host: None,
             notes: m.notes,
+            fleet: Vec::new(),
         };
     }
     Selection::Fleet { members, preface }

@@ -108,8 +108,19 @@ pub fn select_steps(
 
 pub fn run(global: &GlobalArgs, args: ProvisionArgs) -> Result<Outcome> {
     let file = crate::config::ConfigFile::load(global.config.as_deref())?;
+    let mut args = args;
     let (file, host) = match crate::fleet::select(&file, &args.host, None, &args.ssh.options())? {
-        crate::fleet::Selection::One { config, host, .. } => (config, host),
+        crate::fleet::Selection::One {
+            config,
+            host,
+            fleet,
+            ..
+        } => {
+            if !fleet.is_empty() {
+                args.shared_key = Some(crate::fleet::key::shared(&fleet, &args.ssh.options())?);
+            }
+            (config, host)
+        }
         crate::fleet::Selection::Fleet { members, preface } => {
             return crate::fleet::commands::provision(global, &args, &members, preface.as_deref());
         }
