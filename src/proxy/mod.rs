@@ -317,6 +317,9 @@ async fn accept_error(e: std::io::Error) {
 
 /// The serving threads: each runs axum on a single-threaded runtime, fed accepted connections through a
 /// channel, round robin.
+/// See the serving thread's wheel keeper in [`ServingThreads::start`].
+const WHEEL_TICK: std::time::Duration = std::time::Duration::from_secs(1);
+
 struct ServingThreads {
     feeds: Vec<tokio::sync::mpsc::UnboundedSender<std::net::TcpStream>>,
     next: usize,
@@ -346,6 +349,16 @@ impl ServingThreads {
                         .context("cannot start the async runtime")
                         .and_then(|rt| {
                             rt.block_on(async move {
+                                // A timer wheel that is never empty: tokio wakes its own driver (a write to
+                                // its eventfd, and one more pass of the poller) whenever a timer is set on an
+                                // empty wheel, which every request's first-byte timeout would do on an idle
+                                // thread. A timer a second away keeps that from happening for any deadline
+                                // further off, which every request's is (strace: one eventfd write per request).
+                                tokio::spawn(async {
+                                    loop {
+                                        tokio::time::sleep(WHEEL_TICK).await;
+                                    }
+                                });
                                 let listener = Handed { connections, local };
                                 axum::serve(listener, app)
                                     .with_graceful_shutdown(async move {
