@@ -54,46 +54,7 @@ tar -czf "$work/files/llama.cpp-b11434.tar.gz" -C "$work/files" llama.cpp-b11434
 sha=$(sha256sum "$LLMCTL_TEST_MODEL" | cut -d' ' -f1)
 pve1="root@10.$net.$sim.2"
 files_at="10.$net.$((sim + 1)).1"   # the test side of pve2's link
-cat >"$work/llmctl.toml" <<EOF
-[container]
-cores = 2
-memory_mib = 4096
-
-[driver]
-version = "595.71.05"
-flavor = "open"
-
-[llama_cpp]
-git_ref = "b11434"
-
-[model]
-source = "https://huggingface.co/bartowski/SmolLM2-135M-Instruct-GGUF/resolve/main/SmolLM2-135M-Instruct-Q4_K_M.gguf"
-sha256 = "$sha"
-dest = "/models/model.gguf"
-
-[server]
-context = 32768
-port = 8080
-
-[proxy]
-listen = "0.0.0.0:4000"
-
-[cluster]
-node = "$pve1"
-
-[cluster.nodes.pve1]
-vmid = 101
-
-[cluster.nodes.pve2]
-vmid = 102
-[cluster.nodes.pve2.llama_cpp]
-archive_url = "http://$files_at:$port/llama.cpp-{ref}.tar.gz"
-[cluster.nodes.pve2.model]
-source = "http://$files_at:$port/model.gguf"
-
-[cluster.nodes.pve3]
-vmid = 103
-EOF
+bash scripts/cluster-config.sh "$pve1" "http://$files_at:$port" "$sha" >"$work/llmctl.toml"
 
 # A fresh copy of the cluster: its containers run this llmctl as their proxy (and the test stack's llama-server
 # and model), as provision leaves them, so the healthy node is healthy.

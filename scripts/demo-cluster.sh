@@ -58,49 +58,8 @@ for name in pve1 pve2 pve3; do
   files[$name]="http://$test_side:18600"
 done
 
-cat >"$work/llmctl.toml" <<EOF
-# What every node shares.
-[container]
-cores = 2
-memory_mib = 4096
-
-[driver]
-version = "595.71.05"
-flavor = "open"
-
-[llama_cpp]
-git_ref = "b11434"
-
-[model]
-source = "https://huggingface.co/bartowski/SmolLM2-135M-Instruct-GGUF/resolve/main/SmolLM2-135M-Instruct-Q4_K_M.gguf"
-sha256 = "$(sha256sum "$LLMCTL_TEST_MODEL" | cut -d' ' -f1)"
-dest = "/models/model.gguf"
-
-[server]
-context = 32768
-port = 8080
-
-[proxy]
-listen = "0.0.0.0:4000"
-
-# The cluster: one node to ask; the members, their addresses and who runs which CT come from /etc/pve.
-[cluster]
-node = "${target[pve1]}"
-
-[cluster.nodes.pve1]
-vmid = 101
-
-[cluster.nodes.pve2]
-vmid = 102
-# This node downloads the model and llama.cpp's source: from the file server on its link.
-[cluster.nodes.pve2.llama_cpp]
-archive_url = "${files[pve2]}/llama.cpp-{ref}.tar.gz"
-[cluster.nodes.pve2.model]
-source = "${files[pve2]}/model.gguf"
-
-[cluster.nodes.pve3]
-vmid = 103
-EOF
+bash scripts/cluster-config.sh "${target[pve1]}" "${files[pve2]}" \
+  "$(sha256sum "$LLMCTL_TEST_MODEL" | cut -d' ' -f1)" >"$work/llmctl.toml"
 echo
 echo "llmctl.toml:"
 sed 's/^/   /' "$work/llmctl.toml"

@@ -84,6 +84,20 @@ fn ssh_flags(dir: &Path, sims: &[&SimHost]) -> Vec<String> {
 /// An address nobody listens on: connection refused at once.
 const GONE: &str = "root@127.0.0.1:1";
 
+/// The summary's row for the unreachable host, and the exit line that names it.
+fn unreachable_row_and_exit(summary: &str) {
+    let g = row(summary, "gone");
+    assert_eq!(g[1..3], [GONE, "unreachable"], "{summary}");
+    assert!(
+        g[3].starts_with("cannot reach root@127.0.0.1:1"),
+        "{summary}"
+    );
+    assert!(
+        summary.ends_with("exit 2 (could not run): gone (unreachable)\n"),
+        "{summary}"
+    );
+}
+
 #[test]
 fn doctor_and_provision_over_two_sim_hosts_and_an_unreachable_one() {
     // The sims' containers run this llmctl as their proxy (and the test stack's llama-server and model when
@@ -169,16 +183,7 @@ fn doctor_and_provision_over_two_sim_hosts_and_an_unreachable_one() {
     let b = row(&summary, "broken");
     assert_eq!(b[2], "1 finding", "{summary}");
     assert!(b[3].starts_with("ct.resolv-immutable: "), "{summary}");
-    let g = row(&summary, "gone");
-    assert_eq!(g[1..3], [GONE, "unreachable"], "{summary}");
-    assert!(
-        g[3].starts_with("cannot reach root@127.0.0.1:1"),
-        "{summary}"
-    );
-    assert!(
-        summary.ends_with("exit 2 (could not run): gone (unreachable)\n"),
-        "{summary}"
-    );
+    unreachable_row_and_exit(&summary);
     // Off a terminal no progress lines: stderr has nothing to say.
     assert_eq!(err, "", "{err}");
 
@@ -254,16 +259,7 @@ fn doctor_and_provision_over_two_sim_hosts_and_an_unreachable_one() {
         hosts[2].1
     );
     assert_eq!(row(&summary, "good")[1..3], [good.ssh_target(), "up"]);
-    let g = row(&summary, "gone");
-    assert_eq!(g[1..3], [GONE, "unreachable"], "{summary}");
-    assert!(
-        g[3].starts_with("cannot reach root@127.0.0.1:1"),
-        "{summary}"
-    );
-    assert!(
-        summary.ends_with("exit 2 (could not run): gone (unreachable)\n"),
-        "{summary}"
-    );
+    unreachable_row_and_exit(&summary);
     assert_eq!(err, "", "{err}");
     let o = run(&inventory, &["status", "--json"]);
     let (out, err) = text(&o);
