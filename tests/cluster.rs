@@ -16,34 +16,22 @@
 
 mod support;
 
+use std::ffi::OsStr;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use support::cluster::SimCluster;
+use support::text;
 
+/// llmctl with the cluster's one key and known_hosts, as a user's ~/.ssh is for every node.
 fn llmctl(config: &Path, cluster: &SimCluster, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_llmctl"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        // The cluster's one key and known_hosts, as a user's ~/.ssh is for every node.
-        .arg("--known-hosts")
-        .arg(&cluster.known_hosts)
-        .arg("--identity")
-        .arg(&cluster.key)
-        .current_dir(std::env::temp_dir())
-        .env("HOME", std::env::temp_dir())
-        .env_remove("SSH_AUTH_SOCK")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run llmctl")
-}
-
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+    let ssh = [
+        OsStr::new("--known-hosts"),
+        cluster.known_hosts.as_os_str(),
+        OsStr::new("--identity"),
+        cluster.key.as_os_str(),
+    ];
+    support::llmctl(config, args, &ssh)
 }
 
 /// The report: the cluster line, each host's (heading, block) in output order, and the summary.

@@ -10,29 +10,12 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
-use support::SimHost;
+use support::{SimHost, text};
 
 fn llmctl(config: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_llmctl"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        // No user config or agent leaks into the test.
-        .current_dir(std::env::temp_dir())
-        .env("HOME", std::env::temp_dir())
-        .env_remove("SSH_AUTH_SOCK")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run llmctl")
-}
-
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+    support::llmctl::<&str>(config, args, &[])
 }
 
 /// The report split at its headings: (heading, the host's block), in output order, and what follows the last

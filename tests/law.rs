@@ -18,8 +18,9 @@
 
 mod support;
 
+use std::ffi::OsStr;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use support::law::{fix_step, judge_law, plan_steps, problems};
 use support::law::{law_config, merged};
@@ -30,20 +31,13 @@ const FIRST_SIM: u32 = 150;
 const LAST_SIM: u32 = 198;
 
 fn llmctl(config: &Path, sim: &SimHost, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_llmctl"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .arg("--identity")
-        .arg(sim.key_path())
-        .arg("--known-hosts")
-        .arg(sim.known_hosts_path())
-        .current_dir(std::env::temp_dir())
-        .env("HOME", std::env::temp_dir())
-        .env_remove("SSH_AUTH_SOCK")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run llmctl")
+    let ssh = [
+        OsStr::new("--identity"),
+        sim.key_path().as_os_str(),
+        OsStr::new("--known-hosts"),
+        sim.known_hosts_path().as_os_str(),
+    ];
+    support::llmctl(config, args, &ssh)
 }
 
 /// What one scenario broke, or `None`.

@@ -4,8 +4,9 @@
 //! the start fails with simhost's message saying what is missing (never a silent skip).
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use llmctl::transport::{SshOptions, SshTransport};
@@ -13,6 +14,30 @@ use llmctl::transport::{SshOptions, SshTransport};
 pub mod cluster;
 pub mod files;
 pub mod law;
+
+/// The llmctl under test with `--config config`, `args`, then `ssh` (`--identity K --known-hosts F`: the sim's
+/// key and host keys, as a user's ~/.ssh is), kept from the user's environment: no ~/.ssh, no agent, no stdin.
+pub fn llmctl<S: AsRef<OsStr>>(config: &Path, args: &[&str], ssh: &[S]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_llmctl"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .args(ssh)
+        .current_dir(std::env::temp_dir())
+        .env("HOME", std::env::temp_dir())
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run llmctl")
+}
+
+/// A run's stdout and stderr as text.
+pub fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
 
 /// Sim host numbers 1-99 belong to this harness; cargo runs test binaries one after another, so a counter
 /// per binary is unique among the tests running at the same time. (tests/doctor_scenarios.rs uses 199-249,
