@@ -218,10 +218,6 @@ impl Upstream {
         self.peer = true;
     }
 
-    pub fn is_peer(&self) -> bool {
-        self.peer
-    }
-
     /// This thread's clients: its own on a serving thread, the shared last ones elsewhere.
     fn clients(&self) -> &Clients {
         let last = self.clients.len() - 1;
