@@ -2667,6 +2667,13 @@ async fn a_fleet_proxy_serves_through_its_peer_and_a_hop_stays_on_the_peers_own_
     let health: Value = serde_json::from_str(&health).unwrap();
     assert_eq!(health["replicas"][1]["peer"], true, "{health}");
     assert_eq!(health["replicas"][1]["up"], true, "{health}");
+    // A's own model is down, and its health says so although its peer is up: a proxy that had A as its
+    // peer must not send it hops, which A could only serve from its own llama-server.
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert_eq!(
+        health["upstream"]["url"], health["replicas"][0]["url"],
+        "{health}"
+    );
     let log = b.log_text_when(|t| t.matches("/v1/chat/completions").count() >= 6);
     assert!(
         log.matches("/v1/chat/completions").count() >= 6,

@@ -529,12 +529,26 @@ impl Router {
     }
 
     /// The replica for calls that any of them can answer (the model list, token counts, the dashboard's
-    /// upstream figures): the first one up, else the first.
+    /// upstream figures): the first of this proxy's own llama-servers that is up, else the first peer up
+    /// (which answers the model list but not llama.cpp's own endpoints), else the first replica.
     pub fn primary(&self) -> &Upstream {
         let r = self
             .replicas
             .iter()
+            .find(|r| !r.spec.peer && r.is_up())
+            .or_else(|| self.replicas.iter().find(|r| r.is_up()))
+            .unwrap_or(&self.replicas[0]);
+        &r.upstream
+    }
+
+    /// The replica whose health is this proxy's own: the first of its own llama-servers up, else the first
+    /// of them. Never a peer: a peer serves this proxy's hops from its own llama-servers only, so a proxy whose
+    /// model is down must say so even while its peers are up (or every peer would send it hops it cannot serve).
+    pub fn own_primary(&self) -> &Upstream {
+        let own = || self.replicas.iter().filter(|r| !r.spec.peer);
+        let r = own()
             .find(|r| r.is_up())
+            .or_else(|| own().next())
             .unwrap_or(&self.replicas[0]);
         &r.upstream
     }

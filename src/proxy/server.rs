@@ -201,16 +201,18 @@ async fn not_found(
 }
 
 async fn health(State(st): State<Shared>) -> Response {
-    let upstream = match st.upstream().health().await {
-        Ok(()) => json!({"url": st.upstream().base(), "status": "ok"}),
+    // This proxy's own model, never a peer's: the status is what a peer reads before sending a hop here.
+    let own = st.router.own_primary();
+    let upstream = match own.health().await {
+        Ok(()) => json!({"url": own.base(), "status": "ok"}),
         Err(e) => {
             let state = match e {
                 UpstreamError::Unreachable(_) => "unreachable",
                 UpstreamError::Status(503, _) => "loading",
                 _ => "error",
             };
-            json!({"url": st.upstream().base(), "status": state,
-                   "error": e.to_proxy_error(st.upstream().base()).message})
+            json!({"url": own.base(), "status": state,
+                   "error": e.to_proxy_error(own.base()).message})
         }
     };
     let ok = upstream["status"] == "ok";
