@@ -14,8 +14,9 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::{Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
 use hyper::body::{Frame, SizeHint};
 
@@ -26,11 +27,8 @@ use super::router;
 use super::server::{Shared, read_object};
 use super::upstream::{HOP_HEADER, UpstreamBody};
 
-pub(crate) async fn chat_completions(
-    State(st): State<Shared>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+pub(crate) async fn chat_completions(State(st): State<Shared>, request: Request) -> Response {
+    let (Parts { headers, .. }, body) = request.into_parts();
     let mut t = Tracker::new(&st, "POST", "/v1/chat/completions", Instant::now());
     t.dialect = Dialect::OpenAi;
     // Parsed only to refuse what is not a JSON object at once and to read the session and the model; the

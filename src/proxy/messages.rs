@@ -4,8 +4,9 @@
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::HeaderMap;
+use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
@@ -104,7 +105,8 @@ pub(crate) fn estimate_tokens(chat: &Value) -> u64 {
 // ---------------------------------------------------------------------------------------------------------
 // POST /v1/messages
 
-pub(crate) async fn messages(State(st): State<Shared>, headers: HeaderMap, body: Body) -> Response {
+pub(crate) async fn messages(State(st): State<Shared>, request: Request) -> Response {
+    let (Parts { headers, .. }, body) = request.into_parts();
     let mut t = Tracker::new(&st, "POST", "/v1/messages", Instant::now());
     // Parsed once: the model picks the upstream's options, then the same object is translated.
     let req = match read_object(&st, &mut t, &headers, body).await {

@@ -96,8 +96,9 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/models/{id}", get(model_by_id))
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
-        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
-        .layer(middleware::from_fn(request_id))
+        // One layer, not one per concern: each `from_fn` layer clones the route service and boxes a future
+        // per request.
+        .layer(middleware::from_fn_with_state(state.clone(), front))
         .with_state(state)
 }
 
@@ -143,10 +144,12 @@ tokio::task_local! {
 
 /// A fresh id per request, in both SDKs' headers (`request-id`, Anthropic's; `x-request-id`, OpenAI's: each SDK
 /// shows it as the error's and the response's request id) and in the request's log line, so a user's report
-/// and the proxy's log can be matched.
-async fn request_id(req: Request, next: Next) -> Response {
+/// and the proxy's log can be matched. Then the key check, inside the id's scope, so that a refused request's log line has its id too.
+async fn front(State(st): State<Shared>, req: Request, next: Next) -> Response {
     let id = super::translate::new_id("req_");
-    let mut res = REQUEST_ID.scope(id.clone(), next.run(req)).await;
+    let mut res = REQUEST_ID
+        .scope(id.clone(), authenticate(&st, req, next))
+        .await;
     if let Ok(v) = HeaderValue::from_str(&id) {
         res.headers_mut().insert("request-id", v.clone());
         res.headers_mut().insert("x-request-id", v);
@@ -154,7 +157,7 @@ async fn request_id(req: Request, next: Next) -> Response {
     res
 }
 
-async fn authenticate(State(st): State<Shared>, req: Request, next: Next) -> Response {
+async fn authenticate(st: &Shared, req: Request, next: Next) -> Response {
     let Some(expected) = &st.key_digest else {
         return next.run(req).await;
     };
@@ -166,7 +169,7 @@ async fn authenticate(State(st): State<Shared>, req: Request, next: Next) -> Res
         return next.run(req).await;
     }
     let start = Instant::now();
-    let mut t = Tracker::new(&st, req.method().as_str(), req.uri().path(), start);
+    let mut t = Tracker::new(st, req.method().as_str(), req.uri().path(), start);
     t.dialect = Dialect::of(req.uri().path(), req.headers());
     let msg = if presented_key(req.headers()).is_some() {
         "invalid API key: the x-api-key (or Authorization: Bearer) header does not match the proxy's key"

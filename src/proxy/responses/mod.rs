@@ -7,9 +7,8 @@ pub mod encode;
 
 use std::time::Instant;
 
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::extract::{Request, State};
+use axum::http::request::Parts;
 use axum::response::Response;
 
 pub use decode::{ClientTool, Decoded, ResponseMeta, decode_object, decode_request, parse_body};
@@ -22,11 +21,8 @@ use super::server::{Shared, options_for, read_object};
 use super::stream::StreamTranslator;
 use super::translate::TranslateOptions;
 
-pub(crate) async fn responses(
-    State(st): State<Shared>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+pub(crate) async fn responses(State(st): State<Shared>, request: Request) -> Response {
+    let (Parts { headers, .. }, body) = request.into_parts();
     let mut t = Tracker::new(&st, "POST", "/v1/responses", Instant::now());
     t.dialect = Dialect::OpenAi;
     // Parsed once: the model picks the upstream's options, then the same object is decoded.
