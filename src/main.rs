@@ -8,10 +8,6 @@ use clap::Parser;
 use llmctl::cli::{Cli, Command};
 use llmctl::outcome::Outcome;
 
-/// Serve-proxy allocates per request on every serving thread; see Cargo.toml for why mimalloc.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     llmctl::logging::init(&cli.global);
