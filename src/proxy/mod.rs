@@ -30,6 +30,7 @@ pub mod upstream;
 pub mod accumulate;
 pub mod anthropic;
 pub mod chunk_scan;
+pub mod json_write;
 pub mod openai;
 pub mod schema;
 pub mod stream;

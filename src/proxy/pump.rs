@@ -49,7 +49,7 @@ impl SseEncoder for AnthropicSse {
         }
         let mut buf = Vec::with_capacity(events.len() * 128);
         for e in events {
-            buf.extend_from_slice(&e.to_sse());
+            e.write_sse(&mut buf);
         }
         Bytes::from(buf)
     }

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::json_write;
 use super::openai::{ChatChunk, ToolCallDelta};
 use super::translate::ResponseContext;
 
@@ -156,15 +157,38 @@ impl Event {
 
     /// `event: X\ndata: {...}\n\n`
     pub fn to_sse(&self) -> Bytes {
-        let name = self.name();
-        let mut out = Vec::with_capacity(64 + name.len());
-        out.extend_from_slice(b"event: ");
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b"\ndata: ");
-        // Serializing strings and integers into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut out, &wire::Data::from(self));
-        out.extend_from_slice(b"\n\n");
+        let mut out = Vec::with_capacity(64 + self.name().len());
+        self.write_sse(&mut out);
         Bytes::from(out)
+    }
+
+    /// Appends `event: X\ndata: {...}\n\n` to `out`: a batch of events goes out as one buffer.
+    pub fn write_sse(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(self.name().as_bytes());
+        out.extend_from_slice(b"\ndata: ");
+        if let Event::ContentBlockDelta { index, delta } = self {
+            // One per token: written by hand (json_write), the same bytes as the derive below.
+            let (kind, field, text) = match delta {
+                Delta::Text(t) => ("text_delta", "text", t),
+                Delta::Thinking(t) => ("thinking_delta", "thinking", t),
+                Delta::Signature(t) => ("signature_delta", "signature", t),
+                Delta::InputJson(t) => ("input_json_delta", "partial_json", t),
+            };
+            out.extend_from_slice(b"{\"type\":\"content_block_delta\",\"index\":");
+            json_write::uint(out, *index as u64);
+            out.extend_from_slice(b",\"delta\":{\"type\":\"");
+            out.extend_from_slice(kind.as_bytes());
+            out.extend_from_slice(b"\",\"");
+            out.extend_from_slice(field.as_bytes());
+            out.extend_from_slice(b"\":");
+            json_write::string(out, text);
+            out.extend_from_slice(b"}}");
+        } else {
+            // Serializing strings and integers into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *out, &wire::Data::from(self));
+        }
+        out.extend_from_slice(b"\n\n");
     }
 }
 
@@ -968,6 +992,32 @@ fn partial_match_len(text: &str, seqs: &[String]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The hand-written delta events are the bytes the serde derive writes (its output is the oracle).
+    #[test]
+    fn hand_written_deltas_are_the_derived_bytes() {
+        let texts = ["", "Hi", " \"q\" \\ \n\t\u{1}", "日本 🦀", "{\"a\":1}"];
+        for (i, t) in texts.iter().enumerate() {
+            for delta in [
+                Delta::Text(t.to_string()),
+                Delta::Thinking(t.to_string()),
+                Delta::Signature(t.to_string()),
+                Delta::InputJson(t.to_string()),
+            ] {
+                let e = Event::ContentBlockDelta {
+                    index: i * 7,
+                    delta,
+                };
+                let mut derived = format!("event: {}\ndata: ", e.name()).into_bytes();
+                serde_json::to_writer(&mut derived, &wire::Data::from(&e)).unwrap();
+                derived.extend_from_slice(b"\n\n");
+                assert_eq!(
+                    String::from_utf8(e.to_sse().to_vec()).unwrap(),
+                    String::from_utf8(derived).unwrap()
+                );
+            }
+        }
+    }
 
     #[test]
     fn partial_match_holds_back_only_possible_prefixes() {

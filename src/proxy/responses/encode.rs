@@ -12,6 +12,7 @@ use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use super::decode::{ClientTool, REASONING_PREFIX, ResponseMeta};
+use crate::proxy::json_write;
 use crate::proxy::stream::{BlockKind, Delta, Event, Usage};
 
 /// The item being streamed.
@@ -60,6 +61,8 @@ pub struct ResponsesEncoder {
     error: Option<(String, String)>,
     /// Folding into one response object (`stream: false`): no event is serialized, only counted.
     fold: bool,
+    /// The response object while in progress, serialized once (see `write_response`).
+    in_progress_object: Option<Vec<u8>>,
 }
 
 impl ResponsesEncoder {
@@ -77,6 +80,7 @@ impl ResponsesEncoder {
             usage: Usage::default(),
             error: None,
             fold: false,
+            in_progress_object: None,
         }
     }
 
@@ -461,24 +465,27 @@ impl ResponsesEncoder {
             self.seq += 1;
             return;
         }
-        #[derive(Serialize)]
-        struct WithResponse<'a> {
-            #[serde(rename = "type")]
-            kind: &'a str,
-            sequence_number: u64,
-            response: ResponseObject<'a>,
-        }
         out.extend_from_slice(b"event: ");
         out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b"\ndata: ");
-        let event = WithResponse {
-            kind: name,
-            sequence_number: self.seq,
-            response: self.response(status, last),
-        };
-        // Serializing into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut *out, &event);
-        out.extend_from_slice(b"\n\n");
+        out.extend_from_slice(b"\ndata: {\"type\":");
+        json_write::string(out, name);
+        out.extend_from_slice(b",\"sequence_number\":");
+        json_write::uint(out, self.seq);
+        out.extend_from_slice(b",\"response\":");
+        // Before the end the object is the same each time (no output, no usage, no error): serialized once,
+        // for response.created, response.in_progress and every in_progress keep-alive after them.
+        if !last && status == "in_progress" {
+            let object = match self.in_progress_object.take() {
+                Some(o) => o,
+                None => serde_json::to_vec(&self.response(status, false)).unwrap_or_default(),
+            };
+            out.extend_from_slice(&object);
+            self.in_progress_object = Some(object);
+        } else {
+            // Serializing into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *out, &self.response(status, last));
+        }
+        out.extend_from_slice(b"}\n\n");
         self.seq += 1;
         self.progress_last = false;
     }
@@ -647,8 +654,8 @@ impl<'a> PartEvent<'a> {
     }
 }
 
-/// Delta events are most of a stream: written through a borrowed struct, not a map.
-#[allow(clippy::too_many_arguments)]
+/// Delta events are most of a stream (one per token): written by hand (`json_write`), the bytes serde's derive
+/// of [`tests::DeltaOracle`] writes.
 fn write_delta(
     out: &mut Vec<u8>,
     name: &str,
@@ -658,40 +665,25 @@ fn write_delta(
     index: Option<(&'static str, usize)>,
     delta: &str,
 ) {
-    #[derive(Serialize)]
-    struct D<'a> {
-        #[serde(rename = "type")]
-        kind: &'a str,
-        sequence_number: u64,
-        item_id: &'a str,
-        output_index: usize,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        content_index: Option<usize>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        summary_index: Option<usize>,
-        delta: &'a str,
-    }
-    let (content_index, summary_index) = match index {
-        Some(("content_index", i)) => (Some(i), None),
-        Some((_, i)) => (None, Some(i)),
-        None => (None, None),
-    };
     out.extend_from_slice(b"event: ");
     out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b"\ndata: ");
-    let _ = serde_json::to_writer(
-        &mut *out,
-        &D {
-            kind: name,
-            sequence_number: seq,
-            item_id,
-            output_index,
-            content_index,
-            summary_index,
-            delta,
-        },
-    );
-    out.extend_from_slice(b"\n\n");
+    out.extend_from_slice(b"\ndata: {\"type\":");
+    json_write::string(out, name);
+    out.extend_from_slice(b",\"sequence_number\":");
+    json_write::uint(out, seq);
+    out.extend_from_slice(b",\"item_id\":");
+    json_write::string(out, item_id);
+    out.extend_from_slice(b",\"output_index\":");
+    json_write::uint(out, output_index as u64);
+    if let Some((field, i)) = index {
+        out.extend_from_slice(b",\"");
+        out.extend_from_slice(field.as_bytes());
+        out.extend_from_slice(b"\":");
+        json_write::uint(out, i as u64);
+    }
+    out.extend_from_slice(b",\"delta\":");
+    json_write::string(out, delta);
+    out.extend_from_slice(b"}\n\n");
 }
 
 fn output_text(text: &str) -> Value {

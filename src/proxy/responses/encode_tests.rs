@@ -465,3 +465,64 @@ fn error_codes_follow_what_codex_keys_on() {
     assert_eq!(error_code("overloaded_error", "x"), "rate_limit_exceeded");
     assert_eq!(error_code("api_error", "boom"), "server_error");
 }
+
+/// What `write_delta` wrote through serde's derive before it was written by hand: the oracle for its bytes.
+#[derive(serde::Serialize)]
+pub(super) struct DeltaOracle<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    sequence_number: u64,
+    item_id: &'a str,
+    output_index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content_index: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    summary_index: Option<usize>,
+    delta: &'a str,
+}
+
+#[test]
+fn hand_written_deltas_are_the_derived_bytes() {
+    let names = [
+        "response.output_text.delta",
+        "response.reasoning_summary_text.delta",
+        "response.function_call_arguments.delta",
+    ];
+    let indexes = [Some(("content_index", 0)), Some(("summary_index", 3)), None];
+    for (name, index) in names.iter().zip(indexes) {
+        for (seq, delta) in ["", "Hi", " \"q\" \\ \n\u{1}", "日本 🦀", "{\"path\":\"a\"}"]
+            .iter()
+            .enumerate()
+        {
+            let mut ours = Vec::new();
+            write_delta(
+                &mut ours,
+                name,
+                seq as u64 * 1000,
+                "msg_x_1",
+                12,
+                index,
+                delta,
+            );
+            let (content_index, summary_index) = match index {
+                Some(("content_index", i)) => (Some(i), None),
+                Some((_, i)) => (None, Some(i)),
+                None => (None, None),
+            };
+            let oracle = DeltaOracle {
+                kind: name,
+                sequence_number: seq as u64 * 1000,
+                item_id: "msg_x_1",
+                output_index: 12,
+                content_index,
+                summary_index,
+                delta,
+            };
+            let want = format!(
+                "event: {name}\ndata: {}\n\n",
+                serde_json::to_string(&oracle).unwrap()
+            );
+            assert_eq!(String::from_utf8(ours).unwrap(), want);
+        }
+    }
+}
