@@ -54,7 +54,7 @@ pub struct ResponsesEncoder {
     open: Open,
     output_index: usize,
     /// Completed items, for the final response object.
-    output: Vec<Value>,
+    output: Vec<Item>,
     stop_reason: Option<String>,
     usage: Usage,
     /// A failure: `(code, message)`.
@@ -350,14 +350,13 @@ impl ResponsesEncoder {
                     logprobs: [],
                 };
                 self.write(out, "response.output_text.done", &done);
-                let part = output_text(&text);
+                let part = Part::OutputText(&text);
                 self.write(
                     out,
                     "response.content_part.done",
                     &PartEvent::content(&id, index, &part),
                 );
-                json!({"id": id, "type": "message", "status": "completed",
-                       "content": [part], "role": "assistant"})
+                Item::Message { id, text }
             }
             Open::Reasoning { id, text } => {
                 #[derive(Serialize)]
@@ -374,18 +373,22 @@ impl ResponsesEncoder {
                     text: &text,
                 };
                 self.write(out, "response.reasoning_summary_text.done", &done);
-                let part = json!({"type": "summary_text", "text": text});
+                let part = Part::SummaryText(&text);
                 self.write(
                     out,
                     "response.reasoning_summary_part.done",
                     &PartEvent::summary(&id, index, &part),
                 );
-                let mut item = json!({"id": id, "type": "reasoning", "status": "completed", "summary": [part]});
-                if self.meta.include_encrypted {
-                    // Not encrypted: llmctl's own reasoning text, marked, so the next turn gives it back.
-                    item["encrypted_content"] = format!("{REASONING_PREFIX}{text}").into();
+                // Not encrypted: llmctl's own reasoning text, marked, so the next turn gives it back.
+                let encrypted = self
+                    .meta
+                    .include_encrypted
+                    .then(|| format!("{REASONING_PREFIX}{text}"));
+                Item::Reasoning {
+                    id,
+                    text,
+                    encrypted,
                 }
-                item
             }
             Open::Function {
                 id,
@@ -406,14 +409,13 @@ impl ResponsesEncoder {
                     arguments: &arguments,
                 };
                 self.write(out, "response.function_call_arguments.done", &done);
-                function_item(
-                    &id,
-                    &call_id,
-                    &name,
-                    namespace.as_deref(),
-                    &arguments,
-                    "completed",
-                )
+                Item::Function {
+                    id,
+                    call_id,
+                    name,
+                    namespace,
+                    arguments,
+                }
             }
             Open::Custom {
                 id,
@@ -446,8 +448,12 @@ impl ResponsesEncoder {
                     input: &input,
                 };
                 self.write(out, "response.custom_tool_call_input.done", &done);
-                json!({"id": id, "type": "custom_tool_call", "status": "completed",
-                       "call_id": call_id, "name": name, "input": input})
+                Item::Custom {
+                    id,
+                    call_id,
+                    name,
+                    input,
+                }
             }
         };
         self.write(
@@ -574,7 +580,7 @@ impl Serialize for ResponseObject<'_> {
             m.serialize_entry("incomplete_details", &())?;
         }
         m.serialize_entry("model", &e.meta.model)?;
-        let output: &[Value] = if self.last { &e.output } else { &[] };
+        let output: &[Item] = if self.last { &e.output } else { &[] };
         m.serialize_entry("output", output)?;
         for (k, v) in echo {
             m.serialize_entry(k, v)?;
@@ -609,31 +615,31 @@ impl Serialize for ResponseObject<'_> {
 
 /// `response.output_item.added` / `.done`.
 #[derive(Serialize)]
-struct ItemEvent<'a> {
+struct ItemEvent<'a, T: Serialize> {
     output_index: usize,
-    item: &'a Value,
+    item: &'a T,
 }
 
-impl<'a> ItemEvent<'a> {
-    fn new(output_index: usize, item: &'a Value) -> Self {
+impl<'a, T: Serialize> ItemEvent<'a, T> {
+    fn new(output_index: usize, item: &'a T) -> Self {
         ItemEvent { output_index, item }
     }
 }
 
 /// `response.content_part.*` (`content_index`) and `response.reasoning_summary_part.*` (`summary_index`).
 #[derive(Serialize)]
-struct PartEvent<'a> {
+struct PartEvent<'a, T: Serialize> {
     item_id: &'a str,
     output_index: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     content_index: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     summary_index: Option<usize>,
-    part: &'a Value,
+    part: &'a T,
 }
 
-impl<'a> PartEvent<'a> {
-    fn content(item_id: &'a str, output_index: usize, part: &'a Value) -> Self {
+impl<'a, T: Serialize> PartEvent<'a, T> {
+    fn content(item_id: &'a str, output_index: usize, part: &'a T) -> Self {
         PartEvent {
             item_id,
             output_index,
@@ -643,7 +649,7 @@ impl<'a> PartEvent<'a> {
         }
     }
 
-    fn summary(item_id: &'a str, output_index: usize, part: &'a Value) -> Self {
+    fn summary(item_id: &'a str, output_index: usize, part: &'a T) -> Self {
         PartEvent {
             item_id,
             output_index,
@@ -684,6 +690,119 @@ fn write_delta(
     out.extend_from_slice(b",\"delta\":");
     json_write::string(out, delta);
     out.extend_from_slice(b"}\n\n");
+}
+
+/// A completed output item, kept for the final response object and serialized straight from its strings
+/// (a `json!` object per item cost a map with a hashed key per member, then a second serialization for
+/// `response.completed`). The members are in the order OpenAI's items have them.
+enum Item {
+    Message {
+        id: String,
+        text: String,
+    },
+    Reasoning {
+        id: String,
+        text: String,
+        encrypted: Option<String>,
+    },
+    Function {
+        id: String,
+        call_id: String,
+        name: String,
+        namespace: Option<String>,
+        arguments: String,
+    },
+    Custom {
+        id: String,
+        call_id: String,
+        name: String,
+        input: String,
+    },
+}
+
+impl Serialize for Item {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        match self {
+            Item::Message { id, text } => {
+                m.serialize_entry("id", id)?;
+                m.serialize_entry("type", "message")?;
+                m.serialize_entry("status", "completed")?;
+                m.serialize_entry("content", &[Part::OutputText(text)])?;
+                m.serialize_entry("role", "assistant")?;
+            }
+            Item::Reasoning {
+                id,
+                text,
+                encrypted,
+            } => {
+                m.serialize_entry("id", id)?;
+                m.serialize_entry("type", "reasoning")?;
+                m.serialize_entry("status", "completed")?;
+                m.serialize_entry("summary", &[Part::SummaryText(text)])?;
+                if let Some(e) = encrypted {
+                    m.serialize_entry("encrypted_content", e)?;
+                }
+            }
+            Item::Function {
+                id,
+                call_id,
+                name,
+                namespace,
+                arguments,
+            } => {
+                m.serialize_entry("id", id)?;
+                m.serialize_entry("type", "function_call")?;
+                m.serialize_entry("status", "completed")?;
+                m.serialize_entry("arguments", arguments)?;
+                m.serialize_entry("call_id", call_id)?;
+                m.serialize_entry("name", name)?;
+                if let Some(ns) = namespace {
+                    m.serialize_entry("namespace", ns)?;
+                }
+            }
+            Item::Custom {
+                id,
+                call_id,
+                name,
+                input,
+            } => {
+                m.serialize_entry("id", id)?;
+                m.serialize_entry("type", "custom_tool_call")?;
+                m.serialize_entry("status", "completed")?;
+                m.serialize_entry("call_id", call_id)?;
+                m.serialize_entry("name", name)?;
+                m.serialize_entry("input", input)?;
+            }
+        }
+        m.end()
+    }
+}
+
+/// A message's text part or a reasoning item's summary part.
+enum Part<'a> {
+    OutputText(&'a str),
+    SummaryText(&'a str),
+}
+
+impl Serialize for Part<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        match self {
+            Part::OutputText(text) => {
+                m.serialize_entry("type", "output_text")?;
+                m.serialize_entry("text", text)?;
+                m.serialize_entry("annotations", &[(); 0])?;
+            }
+            Part::SummaryText(text) => {
+                m.serialize_entry("type", "summary_text")?;
+                m.serialize_entry("text", text)?;
+            }
+        }
+        m.end()
+    }
 }
 
 fn output_text(text: &str) -> Value {
@@ -732,15 +851,35 @@ pub fn custom_input(arguments: &str) -> String {
 }
 
 /// OpenAI's usage: `input_tokens` counts the cached ones too, `cached_tokens` is that subset.
-pub fn usage_json(u: &Usage) -> Value {
+fn usage_json(u: &Usage) -> impl Serialize + use<> {
+    #[derive(Serialize)]
+    struct Cached {
+        cached_tokens: u64,
+    }
+    #[derive(Serialize)]
+    struct Reasoning {
+        reasoning_tokens: u64,
+    }
+    #[derive(Serialize)]
+    struct OpenAiUsage {
+        input_tokens: u64,
+        input_tokens_details: Cached,
+        output_tokens: u64,
+        output_tokens_details: Reasoning,
+        total_tokens: u64,
+    }
     let input = u.input_tokens + u.cache_read_input_tokens;
-    json!({
-        "input_tokens": input,
-        "input_tokens_details": {"cached_tokens": u.cache_read_input_tokens},
-        "output_tokens": u.output_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": input + u.output_tokens,
-    })
+    OpenAiUsage {
+        input_tokens: input,
+        input_tokens_details: Cached {
+            cached_tokens: u.cache_read_input_tokens,
+        },
+        output_tokens: u.output_tokens,
+        output_tokens_details: Reasoning {
+            reasoning_tokens: 0,
+        },
+        total_tokens: input + u.output_tokens,
+    }
 }
 
 /// The `response.error.code` for a pipeline error. Codex keys on these: `context_length_exceeded` is fatal

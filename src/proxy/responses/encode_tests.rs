@@ -526,3 +526,84 @@ fn hand_written_deltas_are_the_derived_bytes() {
         }
     }
 }
+
+/// The typed items write the bytes of the `json!` objects they replaced (member order included: with
+/// `preserve_order` the objects below serialize in the order written).
+#[test]
+fn typed_items_are_the_json_objects_they_replaced() {
+    let s = |x: &str| x.to_string();
+    let cases = [
+        (
+            Item::Message {
+                id: s("msg_1"),
+                text: s("Hi \"there\"\n"),
+            },
+            json!({"id": "msg_1", "type": "message", "status": "completed",
+                   "content": [{"type": "output_text", "text": "Hi \"there\"\n", "annotations": []}],
+                   "role": "assistant"}),
+        ),
+        (
+            Item::Reasoning {
+                id: s("rs_1"),
+                text: s("hmm"),
+                encrypted: None,
+            },
+            json!({"id": "rs_1", "type": "reasoning", "status": "completed",
+                   "summary": [{"type": "summary_text", "text": "hmm"}]}),
+        ),
+        (
+            Item::Reasoning {
+                id: s("rs_2"),
+                text: s("hmm"),
+                encrypted: Some(s("llmctl:hmm")),
+            },
+            json!({"id": "rs_2", "type": "reasoning", "status": "completed",
+                   "summary": [{"type": "summary_text", "text": "hmm"}], "encrypted_content": "llmctl:hmm"}),
+        ),
+        (
+            Item::Function {
+                id: s("fc_1"),
+                call_id: s("call_1"),
+                name: s("exec_command"),
+                namespace: None,
+                arguments: s("{\"cmd\":\"ls\"}"),
+            },
+            json!({"id": "fc_1", "type": "function_call", "status": "completed",
+                   "arguments": "{\"cmd\":\"ls\"}", "call_id": "call_1", "name": "exec_command"}),
+        ),
+        (
+            Item::Function {
+                id: s("fc_2"),
+                call_id: s("call_2"),
+                name: s("spawn_agent"),
+                namespace: Some(s("multi_agent_v1")),
+                arguments: s("{}"),
+            },
+            json!({"id": "fc_2", "type": "function_call", "status": "completed", "arguments": "{}",
+                   "call_id": "call_2", "name": "spawn_agent", "namespace": "multi_agent_v1"}),
+        ),
+        (
+            Item::Custom {
+                id: s("ctc_1"),
+                call_id: s("call_3"),
+                name: s("apply_patch"),
+                input: s("*** Begin Patch"),
+            },
+            json!({"id": "ctc_1", "type": "custom_tool_call", "status": "completed", "call_id": "call_3",
+                   "name": "apply_patch", "input": "*** Begin Patch"}),
+        ),
+    ];
+    for (item, want) in cases {
+        assert_eq!(serde_json::to_string(&item).unwrap(), want.to_string());
+    }
+    let usage = Usage {
+        input_tokens: 3,
+        output_tokens: 5,
+        cache_read_input_tokens: 30,
+    };
+    assert_eq!(
+        serde_json::to_string(&usage_json(&usage)).unwrap(),
+        json!({"input_tokens": 33, "input_tokens_details": {"cached_tokens": 30}, "output_tokens": 5,
+               "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 38}).to_string()
+    );
+}
