@@ -167,8 +167,8 @@ more than the floor's in a closed loop on one connection (p50 220 µs against 11
 with the VM's CPUs halting between requests and the work running on cold caches, costs about twice that: 203 µs \
 over the floor in the run of 2026-11-29 19:50 UTC (554 µs end to end; 467-652 µs in that day's other runs). A \
 non-streamed upstream request for non-streaming clients was also built and measured (p50 added 308 -> 210 µs in \
-one run) and not kept: llama-server does not stop generating for a non-streaming request whose client left \
-(docs/proxy.md).\n";
+one run) and not kept: a stream is how a client that leaves stops the generation on every server, how a stop \
+sequence ends it early, and what keeps first_byte_timeout_secs from bounding the whole generation (docs/proxy.md).\n";
 
 const ONE_CONN_INTRO: &str = "What a proxy adds to one request at a time, as `wrk -t1 -c1` measures it: one kept-alive \
 connection, closed loop (the next request as soon as the previous answer has been read to its end), against the \
