@@ -723,38 +723,36 @@ enum Item {
 impl Serialize for Item {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
+        let (id, kind) = match self {
+            Item::Message { id, .. } => (id, "message"),
+            Item::Reasoning { id, .. } => (id, "reasoning"),
+            Item::Function { id, .. } => (id, "function_call"),
+            Item::Custom { id, .. } => (id, "custom_tool_call"),
+        };
         let mut m = s.serialize_map(None)?;
+        m.serialize_entry("id", id)?;
+        m.serialize_entry("type", kind)?;
+        m.serialize_entry("status", "completed")?;
         match self {
-            Item::Message { id, text } => {
-                m.serialize_entry("id", id)?;
-                m.serialize_entry("type", "message")?;
-                m.serialize_entry("status", "completed")?;
+            Item::Message { text, .. } => {
                 m.serialize_entry("content", &[Part::OutputText(text)])?;
                 m.serialize_entry("role", "assistant")?;
             }
             Item::Reasoning {
-                id,
-                text,
-                encrypted,
+                text, encrypted, ..
             } => {
-                m.serialize_entry("id", id)?;
-                m.serialize_entry("type", "reasoning")?;
-                m.serialize_entry("status", "completed")?;
                 m.serialize_entry("summary", &[Part::SummaryText(text)])?;
                 if let Some(e) = encrypted {
                     m.serialize_entry("encrypted_content", e)?;
                 }
             }
             Item::Function {
-                id,
                 call_id,
                 name,
                 namespace,
                 arguments,
+                ..
             } => {
-                m.serialize_entry("id", id)?;
-                m.serialize_entry("type", "function_call")?;
-                m.serialize_entry("status", "completed")?;
                 m.serialize_entry("arguments", arguments)?;
                 m.serialize_entry("call_id", call_id)?;
                 m.serialize_entry("name", name)?;
@@ -763,14 +761,11 @@ impl Serialize for Item {
                 }
             }
             Item::Custom {
-                id,
                 call_id,
                 name,
                 input,
+                ..
             } => {
-                m.serialize_entry("id", id)?;
-                m.serialize_entry("type", "custom_tool_call")?;
-                m.serialize_entry("status", "completed")?;
                 m.serialize_entry("call_id", call_id)?;
                 m.serialize_entry("name", name)?;
                 m.serialize_entry("input", input)?;
