@@ -207,7 +207,7 @@ impl ResponsesEncoder {
                     "response.output_item.added",
                     &ItemEvent::new(index, &item),
                 );
-                let part = output_text("");
+                let part = Part::OutputText("");
                 self.write(
                     out,
                     "response.content_part.added",
@@ -227,7 +227,7 @@ impl ResponsesEncoder {
                     "response.output_item.added",
                     &ItemEvent::new(index, &item),
                 );
-                let part = json!({"type": "summary_text", "text": ""});
+                let part = Part::SummaryText("");
                 self.write(
                     out,
                     "response.reasoning_summary_part.added",
@@ -471,22 +471,16 @@ impl ResponsesEncoder {
             self.seq += 1;
             return;
         }
-        out.extend_from_slice(b"event: ");
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b"\ndata: {\"type\":");
-        json_write::string(out, name);
-        out.extend_from_slice(b",\"sequence_number\":");
-        json_write::uint(out, self.seq);
+        event_head(out, name, self.seq);
         out.extend_from_slice(b",\"response\":");
         // Before the end the object is the same each time (no output, no usage, no error): serialized once,
         // for response.created, response.in_progress and every in_progress keep-alive after them.
         if !last && status == "in_progress" {
-            let object = match self.in_progress_object.take() {
-                Some(o) => o,
-                None => serde_json::to_vec(&self.response(status, false)).unwrap_or_default(),
-            };
-            out.extend_from_slice(&object);
-            self.in_progress_object = Some(object);
+            if self.in_progress_object.is_none() {
+                let object = serde_json::to_vec(&self.response(status, false)).unwrap_or_default();
+                self.in_progress_object = Some(object);
+            }
+            out.extend_from_slice(self.in_progress_object.as_deref().unwrap_or_default());
         } else {
             // Serializing into a Vec cannot fail.
             let _ = serde_json::to_writer(&mut *out, &self.response(status, last));
@@ -503,23 +497,9 @@ impl ResponsesEncoder {
             self.seq += 1;
             return;
         }
-        #[derive(Serialize)]
-        struct Head<'a> {
-            #[serde(rename = "type")]
-            kind: &'a str,
-            sequence_number: u64,
-        }
-        out.extend_from_slice(b"event: ");
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b"\ndata: ");
-        // Serializing into a Vec cannot fail. The head's closing brace becomes the comma before the
-        // fields' first member (every fields struct has members).
-        let head = Head {
-            kind: name,
-            sequence_number: self.seq,
-        };
-        let _ = serde_json::to_writer(&mut *out, &head);
-        out.pop();
+        event_head(out, name, self.seq);
+        // Serializing into a Vec cannot fail. The fields' opening brace becomes the comma after the head
+        // (every fields struct has members).
         let at = out.len();
         let _ = serde_json::to_writer(&mut *out, fields);
         if out.get(at) == Some(&b'{') {
@@ -660,6 +640,17 @@ impl<'a, T: Serialize> PartEvent<'a, T> {
     }
 }
 
+/// The start of every event: `event: <name>`, then `data: {"type":<name>,"sequence_number":<seq>`, the object
+/// left open for the event's own members.
+fn event_head(out: &mut Vec<u8>, name: &str, seq: u64) {
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\ndata: {\"type\":");
+    json_write::string(out, name);
+    out.extend_from_slice(b",\"sequence_number\":");
+    json_write::uint(out, seq);
+}
+
 /// Delta events are most of a stream (one per token): written by hand (`json_write`), the bytes serde's derive
 /// of [`tests::DeltaOracle`] writes.
 fn write_delta(
@@ -671,12 +662,7 @@ fn write_delta(
     index: Option<(&'static str, usize)>,
     delta: &str,
 ) {
-    out.extend_from_slice(b"event: ");
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b"\ndata: {\"type\":");
-    json_write::string(out, name);
-    out.extend_from_slice(b",\"sequence_number\":");
-    json_write::uint(out, seq);
+    event_head(out, name, seq);
     out.extend_from_slice(b",\"item_id\":");
     json_write::string(out, item_id);
     out.extend_from_slice(b",\"output_index\":");
@@ -798,10 +784,6 @@ impl Serialize for Part<'_> {
         }
         m.end()
     }
-}
-
-fn output_text(text: &str) -> Value {
-    json!({"type": "output_text", "text": text, "annotations": []})
 }
 
 fn function_item(
