@@ -143,7 +143,7 @@ pub struct ChatChunk {
 }
 
 /// Any value, `null` included, as `Some`: tells a member that is present from one that is absent.
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+pub(crate) fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
     Value::deserialize(d).map(Some)
 }
 

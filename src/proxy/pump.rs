@@ -25,6 +25,7 @@ use super::server::Shared;
 use super::sse::SseParser;
 use super::stream::{Event, StreamTranslator};
 use super::upstream::{Upstream, UpstreamBody};
+use super::whole_body::Whole;
 
 /// A front door's streaming encoder: the pipeline's events → that protocol's SSE bytes.
 pub trait SseEncoder: Send + 'static {
@@ -510,13 +511,7 @@ impl Pump {
             .read(data)
             .map_or_else(|| serde_json::from_str::<ChatChunk>(data), Ok);
         if let Ok(chunk) = chunk {
-            if let Some(err) = &chunk.error {
-                let e = from_upstream_stream_error(err, &self.upstream_url);
-                return self.fail(e, out);
-            }
-            out.extend(self.translator.on_parsed(chunk));
-            self.end_if_stopped(out);
-            return;
+            return self.on_chunk(chunk, out);
         }
         let chunk: Value = match serde_json::from_str(data) {
             Ok(v) => v,
@@ -539,31 +534,39 @@ impl Pump {
         self.end_if_stopped(out);
     }
 
-    /// A whole `chat.completion` body, fed to the translator as the chunks a stream would have carried.
-    fn on_whole_json(&mut self, body: &[u8], out: &mut Vec<Event>) {
-        let parsed: Option<Value> = serde_json::from_slice(body).ok();
-        if let Some(err) = parsed.as_ref().and_then(|v| v.get("error")) {
+    fn on_chunk(&mut self, chunk: ChatChunk, out: &mut Vec<Event>) {
+        if let Some(err) = &chunk.error {
             let e = from_upstream_stream_error(err, &self.upstream_url);
             return self.fail(e, out);
         }
-        let Some(chunks) = parsed
-            .as_ref()
-            .and_then(super::whole_body::completion_chunks)
-        else {
-            let e = ProxyError::new(
-                ErrorType::Api,
-                format!(
-                    "upstream {} answered a JSON body that is neither an event stream nor a chat completion",
-                    self.upstream_url
-                ),
-            );
-            return self.fail(e, out);
+        out.extend(self.translator.on_parsed(chunk));
+        self.end_if_stopped(out);
+    }
+
+    /// A whole `chat.completion` body, fed to the translator as the chunks a stream would have carried.
+    fn on_whole_json(&mut self, body: &[u8], out: &mut Vec<Event>) {
+        let chunks = match super::whole_body::read(body) {
+            Whole::Chunks(chunks) => chunks,
+            Whole::Error(err) => {
+                let e = from_upstream_stream_error(&err, &self.upstream_url);
+                return self.fail(e, out);
+            }
+            Whole::Other => {
+                let e = ProxyError::new(
+                    ErrorType::Api,
+                    format!(
+                        "upstream {} answered a JSON body that is neither an event stream nor a chat completion",
+                        self.upstream_url
+                    ),
+                );
+                return self.fail(e, out);
+            }
         };
         for chunk in chunks {
             if self.done {
                 return;
             }
-            self.on_data(&chunk.to_string(), out);
+            self.on_chunk(chunk, out);
         }
         if !self.done {
             self.on_data("[DONE]", out);
