@@ -9,7 +9,7 @@
 
 use bytes::Bytes;
 use serde::Serialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use super::decode::{ClientTool, REASONING_PREFIX, ResponseMeta};
 use crate::proxy::json_write;
@@ -200,13 +200,11 @@ impl ResponsesEncoder {
         match block {
             BlockKind::Text => {
                 let id = self.item_id("msg");
-                let item = json!({"id": id, "type": "message", "status": "in_progress",
-                                  "content": [], "role": "assistant"});
-                self.write(
-                    out,
-                    "response.output_item.added",
-                    &ItemEvent::new(index, &item),
-                );
+                let item = Item::Message {
+                    id: id.clone(),
+                    text: String::new(),
+                };
+                self.added(out, index, &item);
                 let part = Part::OutputText("");
                 self.write(
                     out,
@@ -220,13 +218,12 @@ impl ResponsesEncoder {
             }
             BlockKind::Thinking => {
                 let id = self.item_id("rs");
-                let item =
-                    json!({"id": id, "type": "reasoning", "status": "in_progress", "summary": []});
-                self.write(
-                    out,
-                    "response.output_item.added",
-                    &ItemEvent::new(index, &item),
-                );
+                let item = Item::Reasoning {
+                    id: id.clone(),
+                    text: String::new(),
+                    encrypted: None,
+                };
+                self.added(out, index, &item);
                 let part = Part::SummaryText("");
                 self.write(
                     out,
@@ -243,14 +240,13 @@ impl ResponsesEncoder {
                 match client {
                     Some(ClientTool::Custom { name }) => {
                         let id = self.item_id("ctc");
-                        let item = json!({"id": id, "type": "custom_tool_call",
-                                          "status": "in_progress", "call_id": call_id,
-                                          "name": name, "input": ""});
-                        self.write(
-                            out,
-                            "response.output_item.added",
-                            &ItemEvent::new(index, &item),
-                        );
+                        let item = Item::Custom {
+                            id: id.clone(),
+                            call_id: call_id.clone(),
+                            name: name.clone(),
+                            input: String::new(),
+                        };
+                        self.added(out, index, &item);
                         self.open = Open::Custom {
                             id,
                             call_id: call_id.clone(),
@@ -265,19 +261,14 @@ impl ResponsesEncoder {
                             _ => (None, name.clone()),
                         };
                         let id = self.item_id("fc");
-                        let item = function_item(
-                            &id,
-                            call_id,
-                            &name,
-                            namespace.as_deref(),
-                            "",
-                            "in_progress",
-                        );
-                        self.write(
-                            out,
-                            "response.output_item.added",
-                            &ItemEvent::new(index, &item),
-                        );
+                        let item = Item::Function {
+                            id: id.clone(),
+                            call_id: call_id.clone(),
+                            name: name.clone(),
+                            namespace: namespace.clone(),
+                            arguments: String::new(),
+                        };
+                        self.added(out, index, &item);
                         self.open = Open::Function {
                             id,
                             call_id: call_id.clone(),
@@ -289,6 +280,16 @@ impl ResponsesEncoder {
                 }
             }
         }
+    }
+
+    /// `response.output_item.added` for an item just opened.
+    fn added(&mut self, out: &mut Vec<u8>, index: usize, item: &Item) {
+        let shown = Shown { item, done: false };
+        self.write(
+            out,
+            "response.output_item.added",
+            &ItemEvent::new(index, &shown),
+        );
     }
 
     fn delta(&mut self, delta: &Delta, out: &mut Vec<u8>) {
@@ -708,8 +709,27 @@ enum Item {
 
 impl Serialize for Item {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        Shown {
+            item: self,
+            done: true,
+        }
+        .serialize(s)
+    }
+}
+
+/// An item as `response.output_item.added` shows it (`done: false`: `in_progress`, its text and summary parts
+/// not there yet, no `encrypted_content`) or as `.done` and the response object do (`done: true`). The
+/// added events' items were `json!` objects; a unit test keeps those as the oracle of the bytes.
+struct Shown<'a> {
+    item: &'a Item,
+    done: bool,
+}
+
+impl Serialize for Shown<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let (id, kind) = match self {
+        let done = self.done;
+        let (id, kind) = match self.item {
             Item::Message { id, .. } => (id, "message"),
             Item::Reasoning { id, .. } => (id, "reasoning"),
             Item::Function { id, .. } => (id, "function_call"),
@@ -718,17 +738,19 @@ impl Serialize for Item {
         let mut m = s.serialize_map(None)?;
         m.serialize_entry("id", id)?;
         m.serialize_entry("type", kind)?;
-        m.serialize_entry("status", "completed")?;
-        match self {
+        m.serialize_entry("status", if done { "completed" } else { "in_progress" })?;
+        match self.item {
             Item::Message { text, .. } => {
-                m.serialize_entry("content", &[Part::OutputText(text)])?;
+                let part = [Part::OutputText(text)];
+                m.serialize_entry("content", if done { &part[..] } else { &[] })?;
                 m.serialize_entry("role", "assistant")?;
             }
             Item::Reasoning {
                 text, encrypted, ..
             } => {
-                m.serialize_entry("summary", &[Part::SummaryText(text)])?;
-                if let Some(e) = encrypted {
+                let part = [Part::SummaryText(text)];
+                m.serialize_entry("summary", if done { &part[..] } else { &[] })?;
+                if let Some(e) = encrypted.as_ref().filter(|_| done) {
                     m.serialize_entry("encrypted_content", e)?;
                 }
             }
@@ -784,22 +806,6 @@ impl Serialize for Part<'_> {
         }
         m.end()
     }
-}
-
-fn function_item(
-    id: &str,
-    call_id: &str,
-    name: &str,
-    namespace: Option<&str>,
-    arguments: &str,
-    status: &str,
-) -> Value {
-    let mut item = json!({"id": id, "type": "function_call", "status": status,
-                          "arguments": arguments, "call_id": call_id, "name": name});
-    if let Some(ns) = namespace {
-        item["namespace"] = ns.into();
-    }
-    item
 }
 
 /// A freeform tool's raw input from the arguments the model gave the one-string function it was offered:

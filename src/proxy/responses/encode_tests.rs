@@ -596,6 +596,63 @@ fn typed_items_are_the_json_objects_they_replaced() {
     for (item, want) in cases {
         assert_eq!(serde_json::to_string(&item).unwrap(), want.to_string());
     }
+    // As `response.output_item.added` shows them: the `json!` objects that event used to write.
+    let added = [
+        (
+            Item::Message {
+                id: s("msg_1"),
+                text: String::new(),
+            },
+            json!({"id": "msg_1", "type": "message", "status": "in_progress", "content": [], "role": "assistant"}),
+        ),
+        (
+            Item::Reasoning {
+                id: s("rs_1"),
+                text: String::new(),
+                encrypted: None,
+            },
+            json!({"id": "rs_1", "type": "reasoning", "status": "in_progress", "summary": []}),
+        ),
+        (
+            Item::Function {
+                id: s("fc_1"),
+                call_id: s("call_1"),
+                name: s("exec_command"),
+                namespace: None,
+                arguments: String::new(),
+            },
+            json!({"id": "fc_1", "type": "function_call", "status": "in_progress", "arguments": "",
+                   "call_id": "call_1", "name": "exec_command"}),
+        ),
+        (
+            Item::Function {
+                id: s("fc_2"),
+                call_id: s("call_2"),
+                name: s("spawn_agent"),
+                namespace: Some(s("multi_agent_v1")),
+                arguments: String::new(),
+            },
+            json!({"id": "fc_2", "type": "function_call", "status": "in_progress", "arguments": "",
+                   "call_id": "call_2", "name": "spawn_agent", "namespace": "multi_agent_v1"}),
+        ),
+        (
+            Item::Custom {
+                id: s("ctc_1"),
+                call_id: s("call_3"),
+                name: s("apply_patch"),
+                input: String::new(),
+            },
+            json!({"id": "ctc_1", "type": "custom_tool_call", "status": "in_progress", "call_id": "call_3",
+                   "name": "apply_patch", "input": ""}),
+        ),
+    ];
+    for (item, want) in added {
+        let shown = Shown {
+            item: &item,
+            done: false,
+        };
+        assert_eq!(serde_json::to_string(&shown).unwrap(), want.to_string());
+    }
     let usage = Usage {
         input_tokens: 3,
         output_tokens: 5,
