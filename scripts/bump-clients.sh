@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Moves the pinned npm client versions in scripts/test-stack.sh (Claude Code, Codex CLI) to the latest releases
-# npm lists, so the e2e tests run against the clients as they ship today while CI stays deterministic: the pins
+# Moves the pinned client versions in scripts/test-stack.sh to the latest releases: the npm binaries (Claude Code,
+# Codex CLI) and the official Python SDKs in PY_DEPS (anthropic, openai; as the package index pip uses lists them),
+# so the e2e tests run against the clients as they ship today while CI stays deterministic: the pins
 # change only when this script runs and the change is committed. Prints what changed; `--check` only reports
 # (exit 1 when a pin is behind).
 set -euo pipefail
@@ -28,7 +29,29 @@ bump() { # VAR npm-package
     echo "$pkg: $pinned -> $latest"
   fi
 }
+bump_sdk() { # PyPI package pinned as pkg==X in PY_DEPS
+  local pkg=$1 pinned latest
+  pinned=$(sed -n "s/^PY_DEPS=\".*\b$pkg==\([^ \"]*\).*/\1/p" "$STACK")
+  [ -n "$pinned" ] || { echo "bump-clients: no $pkg== pin found in PY_DEPS of $STACK" >&2; exit 2; }
+  # The index pip installs from (a mirror, if pip is configured for one), not pypi.org: a release the mirror
+  # does not have yet would fail the next CI run.
+  latest=$(python3 -m pip index versions "$pkg" 2>/dev/null | sed -n "s/^$pkg (\(.*\))$/\1/p")
+  [[ $latest =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || { echo "bump-clients: pip gave $pkg version '$latest'" >&2; exit 2; }
+  if [ "$pinned" = "$latest" ]; then
+    echo "$pkg (PyPI): $pinned (latest)"
+    return
+  fi
+  behind=1
+  if [ $check = 1 ]; then
+    echo "$pkg (PyPI): pinned $pinned, latest $latest"
+  else
+    sed -i "/^PY_DEPS=/s/\b$pkg==$pinned\b/$pkg==$latest/" "$STACK"
+    echo "$pkg (PyPI): $pinned -> $latest"
+  fi
+}
 bump CLAUDE_CODE_VERSION @anthropic-ai/claude-code
 bump CODEX_VERSION @openai/codex
+bump_sdk anthropic
+bump_sdk openai
 if [ $check = 1 ]; then exit $behind; fi
-[ $behind = 0 ] || echo "run the e2e tests (tests/e2e/test_claude_code.py, test_codex.py, codex_tools.py) and commit $STACK"
+[ $behind = 0 ] || echo "run the e2e tests (tests/e2e/test_claude_code.py, test_codex.py, codex_tools.py, test_anthropic_sdk.py, test_openai_sdk.py) and commit $STACK"

@@ -15,7 +15,7 @@ CODEX_VERSION=${CODEX_VERSION:-0.171.0}               # npm @openai/codex (bump-
 # selenium drives Debian's chromium for the dashboard test (tests/e2e/test_dashboard.py), through Debian's
 # chromedriver given by path: Selenium Manager never downloads a driver or a browser. (4.52.0 needs a certifi
 # release newer than the package mirror CI installs from has.)
-PY_DEPS="anthropic==2.13.0 openai==3.63.0 pytest==8.4.2 selenium==4.51.0"
+PY_DEPS="anthropic==2.17.0 openai==3.63.0 pytest==8.4.2 selenium==4.51.0"
 
 log() { echo "[test-stack] $*" >&2; }
 mkdir -p "$CACHE"
