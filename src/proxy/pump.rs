@@ -547,6 +547,18 @@ impl Pump {
     fn on_whole_json(&mut self, body: &[u8], out: &mut Vec<Event>) {
         let chunks = match super::whole_body::read(body) {
             Whole::Chunks(chunks) => chunks,
+            Whole::Loose(chunks) => {
+                for chunk in chunks {
+                    if self.done {
+                        return;
+                    }
+                    self.on_data(&chunk.to_string(), out);
+                }
+                if !self.done {
+                    self.on_data("[DONE]", out);
+                }
+                return;
+            }
             Whole::Error(err) => {
                 let e = from_upstream_stream_error(&err, &self.upstream_url);
                 return self.fail(e, out);

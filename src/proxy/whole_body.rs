@@ -5,7 +5,7 @@
 //! chunks are, with no `serde_json::Value` and no re-serialized text in between.
 
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Map, Value, json};
 
 use super::openai::{ChatChunk, ChunkChoice, ChunkDelta, ChunkUsage, Timings};
 
@@ -38,6 +38,8 @@ pub enum Whole {
     /// then, if the body has them, one with `usage` and llama.cpp's `timings` and no choices (as a streaming
     /// upstream sends them with `stream_options.include_usage`).
     Chunks(Vec<ChatChunk>),
+    /// A chat completion with a member the typed chunks cannot read: the chunks as JSON, for the lenient way.
+    Loose(Vec<Value>),
     /// An `{"error": …}` body, as sent.
     Error(Value),
     /// JSON that is not a chat completion (or not JSON at all).
@@ -46,7 +48,13 @@ pub enum Whole {
 
 pub fn read(body: &[u8]) -> Whole {
     let Ok(c) = serde_json::from_slice::<Completion>(body) else {
-        return Whole::Other;
+        let Ok(v) = serde_json::from_slice::<Value>(body) else {
+            return Whole::Other;
+        };
+        if let Some(e) = v.get("error") {
+            return Whole::Error(e.clone());
+        }
+        return loose_chunks(&v).map_or(Whole::Other, Whole::Loose);
     };
     if let Some(e) = c.error {
         return Whole::Error(e);
@@ -81,6 +89,67 @@ pub fn read(body: &[u8]) -> Whole {
         });
     }
     Whole::Chunks(chunks)
+}
+
+/// The same chunks as [`read`] makes, as JSON values, for a completion the typed chunks cannot take (a member
+/// of an unexpected type, e.g. a token count as a string): each goes the lenient way a streamed chunk of that
+/// shape goes, which ignores what it cannot read instead of failing the answer. `None` when `body` is not a
+/// chat completion.
+fn loose_chunks(body: &Value) -> Option<Vec<Value>> {
+    let obj = body.as_object()?;
+    let choices = obj.get("choices")?.as_array()?;
+    let mut out_choices = Vec::with_capacity(choices.len());
+    for (i, choice) in choices.iter().enumerate() {
+        let message = choice.get("message")?.as_object()?;
+        let mut delta = Map::new();
+        for (k, v) in message {
+            if k == "tool_calls" {
+                // Stream deltas number their tool calls; a whole message does not.
+                let calls: Vec<Value> = v
+                    .as_array()?
+                    .iter()
+                    .enumerate()
+                    .map(|(j, c)| {
+                        let mut c = c.clone();
+                        if let Some(m) = c.as_object_mut() {
+                            m.entry("index").or_insert(json!(j));
+                        }
+                        c
+                    })
+                    .collect();
+                delta.insert(k.clone(), Value::Array(calls));
+            } else if !v.is_null() {
+                delta.insert(k.clone(), v.clone());
+            }
+        }
+        out_choices.push(json!({
+            "index": choice.get("index").cloned().unwrap_or(json!(i)),
+            "delta": delta,
+            "finish_reason": choice.get("finish_reason").cloned().unwrap_or(Value::Null),
+        }));
+    }
+    let head = |choices: Vec<Value>| {
+        let mut c = Map::new();
+        for k in ["id", "created", "model", "system_fingerprint"] {
+            if let Some(v) = obj.get(k) {
+                c.insert(k.into(), v.clone());
+            }
+        }
+        c.insert("object".into(), json!("chat.completion.chunk"));
+        c.insert("choices".into(), Value::Array(choices));
+        c
+    };
+    let mut chunks = vec![Value::Object(head(out_choices))];
+    if obj.contains_key("usage") || obj.contains_key("timings") {
+        let mut last = head(Vec::new());
+        for k in ["usage", "timings"] {
+            if let Some(v) = obj.get(k) {
+                last.insert(k.into(), v.clone());
+            }
+        }
+        chunks.push(Value::Object(last));
+    }
+    Some(chunks)
 }
 
 #[cfg(test)]
@@ -142,6 +211,22 @@ mod tests {
         // An object where the spec says a string is read as its JSON text, as in a stream.
         assert_eq!(f.arguments.as_deref(), Some(r#"{"x":1}"#));
         assert_eq!(calls[0].id.as_deref(), Some("c1"));
+    }
+
+    #[test]
+    fn a_member_of_an_unexpected_type_goes_the_lenient_way() {
+        let body = r#"{"choices": [{"finish_reason": "stop", "message": {"content": "Hi", "tool_calls": [{"id": "c1",
+            "function": {"name": "a", "arguments": "{}"}}]}}], "usage": {"prompt_tokens": "12", "completion_tokens": 1}}"#;
+        let Whole::Loose(c) = read(body.as_bytes()) else {
+            panic!("not loose")
+        };
+        assert_eq!(c.len(), 2);
+        let delta = &c[0]["choices"][0]["delta"];
+        assert_eq!(delta["content"], "Hi");
+        assert_eq!(delta["tool_calls"][0]["index"], 0);
+        assert_eq!(c[0]["choices"][0]["finish_reason"], "stop");
+        assert_eq!(c[1]["usage"]["prompt_tokens"], "12");
+        assert_eq!(c[1]["choices"], json!([]));
     }
 
     #[test]
