@@ -11,23 +11,27 @@ check=0
 [ "${1:-}" = --check ] && check=1
 
 behind=0
+# settle NAME PINNED LATEST SED-EXPRESSION: reports NAME, and unless --check rewrites its pin with the expression.
+settle() {
+  local name=$1 pinned=$2 latest=$3 expr=$4
+  [[ $latest =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || { echo "bump-clients: the registry gave $name version '$latest'" >&2; exit 2; }
+  if [ "$pinned" = "$latest" ]; then
+    echo "$name: $pinned (latest)"
+  elif [ $check = 1 ]; then
+    behind=1
+    echo "$name: pinned $pinned, latest $latest"
+  else
+    behind=1
+    sed -i "$expr" "$STACK"
+    echo "$name: $pinned -> $latest"
+  fi
+}
 bump() { # VAR npm-package
   local var=$1 pkg=$2 pinned latest
   pinned=$(sed -n "s/^$var=\${$var:-\([^}]*\)}.*/\1/p" "$STACK")
   [ -n "$pinned" ] || { echo "bump-clients: no $var pin found in $STACK" >&2; exit 2; }
   latest=$(npm view "$pkg" version)
-  [[ $latest =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || { echo "bump-clients: npm gave $pkg version '$latest'" >&2; exit 2; }
-  if [ "$pinned" = "$latest" ]; then
-    echo "$pkg: $pinned (latest)"
-    return
-  fi
-  behind=1
-  if [ $check = 1 ]; then
-    echo "$pkg: pinned $pinned, npm latest $latest"
-  else
-    sed -i "s/^$var=\${$var:-$pinned}/$var=\${$var:-$latest}/" "$STACK"
-    echo "$pkg: $pinned -> $latest"
-  fi
+  settle "$pkg (npm)" "$pinned" "$latest" "s/^$var=\${$var:-$pinned}/$var=\${$var:-$latest}/"
 }
 bump_sdk() { # PyPI package pinned as pkg==X in PY_DEPS
   local pkg=$1 pinned latest
@@ -36,18 +40,7 @@ bump_sdk() { # PyPI package pinned as pkg==X in PY_DEPS
   # The index pip installs from (a mirror, if pip is configured for one), not pypi.org: a release the mirror
   # does not have yet would fail the next CI run.
   latest=$(python3 -m pip index versions "$pkg" 2>/dev/null | sed -n "s/^$pkg (\(.*\))$/\1/p")
-  [[ $latest =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || { echo "bump-clients: pip gave $pkg version '$latest'" >&2; exit 2; }
-  if [ "$pinned" = "$latest" ]; then
-    echo "$pkg (PyPI): $pinned (latest)"
-    return
-  fi
-  behind=1
-  if [ $check = 1 ]; then
-    echo "$pkg (PyPI): pinned $pinned, latest $latest"
-  else
-    sed -i "/^PY_DEPS=/s/\b$pkg==$pinned\b/$pkg==$latest/" "$STACK"
-    echo "$pkg (PyPI): $pinned -> $latest"
-  fi
+  settle "$pkg (PyPI)" "$pinned" "$latest" "/^PY_DEPS=/s/\b$pkg==$pinned\b/$pkg==$latest/"
 }
 bump CLAUDE_CODE_VERSION @anthropic-ai/claude-code
 bump CODEX_VERSION @openai/codex

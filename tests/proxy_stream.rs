@@ -978,3 +978,47 @@ fn a_failure_before_any_chunk_still_opens_the_message() {
         "{events:?}"
     );
 }
+
+/// An upstream that answers one `chat.completion` body instead of a stream: the same message as the stream of
+/// that answer, whether the typed chunks read it or a member of an unexpected type sends it the lenient way.
+#[test]
+fn a_whole_json_body_folds_to_the_message_its_stream_would() {
+    let streamed = run(
+        ctx(),
+        &[
+            chunk(json!({"role": "assistant", "content": "Hello there."})),
+            finish_chunk("stop"),
+            json!({"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 3}}),
+        ],
+    )
+    .0;
+    let whole = |usage: Value| {
+        let body = json!({"id": "c", "object": "chat.completion", "choices": [{"index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": "Hello there."}}], "usage": usage});
+        let mut p = Pump::detached("http://upstream", StreamTranslator::new(ctx()));
+        p.expect_whole_json();
+        let mut events = p.start();
+        let bytes = body.to_string();
+        // Split anywhere: the body is collected whole before it is read.
+        let (a, b) = bytes.as_bytes().split_at(bytes.len() / 2);
+        events.extend(p.feed(a));
+        events.extend(p.feed(b));
+        events.extend(p.feed_end());
+        assert!(p.failure().is_none(), "{:?}", p.failure());
+        events
+    };
+    let typed = whole(json!({"prompt_tokens": 12, "completion_tokens": 3}));
+    assert_valid_anthropic_stream(&typed);
+    let mut want = accumulate(&streamed);
+    let mut got = accumulate(&typed);
+    for m in [&mut want, &mut got] {
+        m["id"] = json!("masked");
+    }
+    assert_eq!(got, want);
+    assert_eq!(got["content"][0]["text"], "Hello there.");
+    assert_eq!(got["usage"]["input_tokens"], 12);
+    // A token count as a string: not read, but the answer still arrives.
+    let loose = whole(json!({"prompt_tokens": "12", "completion_tokens": 3}));
+    assert_valid_anthropic_stream(&loose);
+    assert_eq!(text_of(&loose), "Hello there.");
+}

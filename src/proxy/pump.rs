@@ -25,7 +25,7 @@ use super::server::Shared;
 use super::sse::SseParser;
 use super::stream::{Event, StreamTranslator};
 use super::upstream::{Upstream, UpstreamBody};
-use super::whole_body::Whole;
+use super::whole_body::{Chunk, Whole};
 
 /// A front door's streaming encoder: the pipeline's events → that protocol's SSE bytes.
 pub trait SseEncoder: Send + 'static {
@@ -547,18 +547,6 @@ impl Pump {
     fn on_whole_json(&mut self, body: &[u8], out: &mut Vec<Event>) {
         let chunks = match super::whole_body::read(body) {
             Whole::Chunks(chunks) => chunks,
-            Whole::Loose(chunks) => {
-                for chunk in chunks {
-                    if self.done {
-                        return;
-                    }
-                    self.on_data(&chunk.to_string(), out);
-                }
-                if !self.done {
-                    self.on_data("[DONE]", out);
-                }
-                return;
-            }
             Whole::Error(err) => {
                 let e = from_upstream_stream_error(&err, &self.upstream_url);
                 return self.fail(e, out);
@@ -578,7 +566,10 @@ impl Pump {
             if self.done {
                 return;
             }
-            self.on_chunk(chunk, out);
+            match chunk {
+                Chunk::Typed(chunk) => self.on_chunk(chunk, out),
+                Chunk::Loose(chunk) => self.on_data(&chunk.to_string(), out),
+            }
         }
         if !self.done {
             self.on_data("[DONE]", out);

@@ -31,15 +31,22 @@ struct Choice {
     finish_reason: Option<String>,
 }
 
+/// One of the chunks a whole body stands for.
+#[derive(Debug)]
+pub enum Chunk {
+    Typed(ChatChunk),
+    /// From a completion with a member the typed chunks cannot read (e.g. a token count as a string): as JSON,
+    /// for the lenient way a streamed chunk of that shape goes.
+    Loose(Value),
+}
+
 /// What a whole body turned out to be.
 #[derive(Debug)]
 pub enum Whole {
     /// The chunks a stream would have carried: one with the message as its delta and its `finish_reason`,
     /// then, if the body has them, one with `usage` and llama.cpp's `timings` and no choices (as a streaming
     /// upstream sends them with `stream_options.include_usage`).
-    Chunks(Vec<ChatChunk>),
-    /// A chat completion with a member the typed chunks cannot read: the chunks as JSON, for the lenient way.
-    Loose(Vec<Value>),
+    Chunks(Vec<Chunk>),
     /// An `{"error": …}` body, as sent.
     Error(Value),
     /// JSON that is not a chat completion (or not JSON at all).
@@ -54,7 +61,9 @@ pub fn read(body: &[u8]) -> Whole {
         if let Some(e) = v.get("error") {
             return Whole::Error(e.clone());
         }
-        return loose_chunks(&v).map_or(Whole::Other, Whole::Loose);
+        return loose_chunks(&v).map_or(Whole::Other, |c| {
+            Whole::Chunks(c.into_iter().map(Chunk::Loose).collect())
+        });
     };
     if let Some(e) = c.error {
         return Whole::Error(e);
@@ -77,16 +86,16 @@ pub fn read(body: &[u8]) -> Whole {
             finish_reason: choice.finish_reason,
         });
     }
-    let mut chunks = vec![ChatChunk {
+    let mut chunks = vec![Chunk::Typed(ChatChunk {
         choices: deltas,
         ..ChatChunk::default()
-    }];
+    })];
     if c.usage.is_some() || c.timings.is_some() {
-        chunks.push(ChatChunk {
+        chunks.push(Chunk::Typed(ChatChunk {
             usage: c.usage,
             timings: c.timings,
             ..ChatChunk::default()
-        });
+        }));
     }
     Whole::Chunks(chunks)
 }
@@ -158,7 +167,13 @@ mod tests {
 
     fn chunks(body: &str) -> Vec<ChatChunk> {
         match read(body.as_bytes()) {
-            Whole::Chunks(c) => c,
+            Whole::Chunks(c) => c
+                .into_iter()
+                .map(|c| match c {
+                    Chunk::Typed(c) => c,
+                    Chunk::Loose(v) => panic!("loose: {v}"),
+                })
+                .collect(),
             other => panic!("not chunks: {other:?}"),
         }
     }
@@ -217,9 +232,16 @@ mod tests {
     fn a_member_of_an_unexpected_type_goes_the_lenient_way() {
         let body = r#"{"choices": [{"finish_reason": "stop", "message": {"content": "Hi", "tool_calls": [{"id": "c1",
             "function": {"name": "a", "arguments": "{}"}}]}}], "usage": {"prompt_tokens": "12", "completion_tokens": 1}}"#;
-        let Whole::Loose(c) = read(body.as_bytes()) else {
-            panic!("not loose")
+        let Whole::Chunks(c) = read(body.as_bytes()) else {
+            panic!("not chunks")
         };
+        let c: Vec<Value> = c
+            .into_iter()
+            .map(|c| match c {
+                Chunk::Loose(v) => v,
+                Chunk::Typed(t) => panic!("typed: {t:?}"),
+            })
+            .collect();
         assert_eq!(c.len(), 2);
         let delta = &c[0]["choices"][0]["delta"];
         assert_eq!(delta["content"], "Hi");
