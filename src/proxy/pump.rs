@@ -526,11 +526,16 @@ impl Pump {
                 return self.fail(e, out);
             }
         };
+        self.on_value(&chunk, out);
+    }
+
+    /// A chunk the typed reading could not take, read leniently as JSON.
+    fn on_value(&mut self, chunk: &Value, out: &mut Vec<Event>) {
         if let Some(err) = chunk.get("error") {
             let e = from_upstream_stream_error(err, &self.upstream_url);
             return self.fail(e, out);
         }
-        out.extend(self.translator.on_chunk(&chunk));
+        out.extend(self.translator.on_chunk(chunk));
         self.end_if_stopped(out);
     }
 
@@ -568,7 +573,7 @@ impl Pump {
             }
             match chunk {
                 Chunk::Typed(chunk) => self.on_chunk(chunk, out),
-                Chunk::Loose(chunk) => self.on_data(&chunk.to_string(), out),
+                Chunk::Loose(chunk) => self.on_value(&chunk, out),
             }
         }
         if !self.done {

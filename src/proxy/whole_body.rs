@@ -2,7 +2,8 @@
 //! OpenAI-compatible servers do) is read as if it had streamed that answer in one piece: the body becomes the
 //! `chat.completion.chunk`s the stream translator takes, so the client gets the same events (or JSON answer)
 //! as from a streaming upstream instead of a 502. Parsed straight into those typed chunks, lenient as the
-//! chunks are, with no `serde_json::Value` and no re-serialized text in between.
+//! chunks are, with no `serde_json::Value` and no re-serialized text in between; a body the typed chunks cannot
+//! take is read as JSON values instead ([`Chunk::Loose`]), the lenient way a streamed chunk goes.
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
