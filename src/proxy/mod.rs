@@ -17,6 +17,7 @@ pub mod chat;
 pub mod config;
 pub mod dashboard;
 pub mod error;
+mod http1;
 pub mod messages;
 pub mod metrics;
 pub mod pump;

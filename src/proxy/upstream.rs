@@ -4,24 +4,24 @@
 //! refusal → its status mapped.
 
 use std::cell::Cell;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use axum::http::{HeaderValue, Request, Response, Uri};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Frame, Incoming, SizeHint};
-use hyper::client::conn::http1;
+use axum::http::{HeaderValue, Response, Uri};
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::{Frame, SizeHint};
 use hyper_tls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use reqwest::header;
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::error::{ErrorType, ProxyError, from_upstream_status};
+use super::http1;
 
 /// Largest error body read from the upstream: enough for any JSON error, not a runaway stream.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -93,7 +93,7 @@ pub struct Upstream {
     /// `{base}/v1/chat/completions`, parsed once (what connections are opened to).
     chat_uri: Uri,
     /// Its path (the request line's origin form) and its `Host` header, as hyper's pooled client wrote them.
-    chat_path: Uri,
+    chat_path: String,
     chat_host: HeaderValue,
     auth: Option<HeaderValue>,
     first_byte_timeout: Duration,
@@ -190,12 +190,9 @@ impl Upstream {
                 "the upstream URL {base:?} is not an http:// or https:// URL; give one like http://127.0.0.1:8080"
             )
         })?;
-        let chat_path = {
-            let mut parts = axum::http::uri::Parts::default();
-            parts.path_and_query = chat_uri.path_and_query().cloned();
-            Uri::from_parts(parts)
-                .map_err(|e| anyhow::anyhow!("the upstream URL {base:?} has no usable path: {e}"))?
-        };
+        let chat_path = chat_uri
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
         let chat_host = host_header(&chat_uri)?;
         Ok(Upstream {
             clients,
@@ -251,47 +248,54 @@ impl Upstream {
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let body: Bytes = body.into();
         let clients = self.clients();
+        let session = session.filter(|_| self.peer).map(|s| format!("{s:016x}"));
+        let mut extra: Vec<(&str, &[u8])> = Vec::with_capacity(3);
+        if let Some(a) = &self.auth {
+            extra.push(("authorization", a.as_bytes()));
+        }
+        if self.peer {
+            extra.push((HOP_HEADER, b"1"));
+            if let Some(s) = &session {
+                extra.push((SESSION_HEADER, s.as_bytes()));
+            }
+        }
+        let head = http1::request_head(
+            &self.chat_path,
+            self.chat_host.as_bytes(),
+            body.len(),
+            &extra,
+        );
         let send = async {
             let mut tries = 1;
             loop {
-                let mut req = Request::post(self.chat_path.clone())
-                    .header(header::HOST, self.chat_host.clone())
-                    .header(header::CONTENT_TYPE, "application/json")
-                    .header(header::ACCEPT, "text/event-stream");
-                if let Some(a) = &self.auth {
-                    req = req.header(header::AUTHORIZATION, a.clone());
-                }
-                if self.peer {
-                    req = req.header(HOP_HEADER, "1");
-                    if let Some(s) = session {
-                        req = req.header(SESSION_HEADER, format!("{s:016x}"));
-                    }
-                }
-                let req = req
-                    .body(Full::new(body.clone()))
-                    .map_err(|e| UpstreamError::Broken(format!("cannot build the request: {e}")))?;
                 let mut conn = match clients.idle.checkout() {
                     Some(conn) => conn,
                     None => self.connect(&clients.connector).await?,
                 };
-                match conn.send(req).await {
-                    Ok(resp) => {
-                        return Ok(resp.map(|body| UpstreamBody {
-                            body: Some(body),
+                match conn.send(&head, &body).await {
+                    Ok(answer) => {
+                        let mut resp = Response::new(UpstreamBody {
                             conn: Some(conn),
+                            framing: answer.framing,
+                            keep_alive: answer.keep_alive,
                             pool: clients.idle.clone(),
-                        }));
+                        });
+                        *resp.status_mut() = answer.status;
+                        *resp.headers_mut() = answer.headers;
+                        return Ok(resp);
                     }
                     // llama-server closes the connection after every streamed answer, without saying so in
                     // its headers: a request that goes out on that connection before its close is seen finds
                     // it closed, and the upstream never saw it. It goes again, on a new connection.
-                    Err(e) if tries < STALE_CONNECTION_TRIES && closed_before_answer(&e) => {
+                    Err(SendError::Closed(_)) if tries < STALE_CONNECTION_TRIES => {
                         tracing::debug!(
                             "upstream closed a kept-alive connection before answering; sending again"
                         );
                         tries += 1;
                     }
-                    Err(e) => return Err(UpstreamError::Broken(root_reason(&e))),
+                    Err(SendError::Closed(e) | SendError::Failed(e)) => {
+                        return Err(UpstreamError::Broken(e));
+                    }
                 }
             }
         };
@@ -302,9 +306,7 @@ impl Upstream {
         check_status(resp).await
     }
 
-    /// A new connection for chat requests: TCP (and TLS), then HTTP/1.1 over it, driven by the task that
-    /// uses it (no task of its own: the answer's bytes are read where they are translated, with no wake-up
-    /// of another task per chunk).
+    /// A new connection for chat requests: TCP (and TLS), read and written by the task that uses it.
     async fn connect(&self, connector: &ChatConnector) -> Result<ChatConn, UpstreamError> {
         let mut connector = connector.clone();
         let unreachable = |e: Box<dyn std::error::Error + Send + Sync>| {
@@ -316,14 +318,7 @@ impl Upstream {
         let io = tower_service::Service::call(&mut connector, self.chat_uri.clone())
             .await
             .map_err(unreachable)?;
-        let (send, conn) = http1::handshake(io)
-            .await
-            .map_err(|e| UpstreamError::Unreachable(root_reason(&e)))?;
-        Ok(ChatConn {
-            send,
-            conn: Box::pin(conn),
-            closed: false,
-        })
+        Ok(ChatConn::new(io))
     }
 
     /// `GET /v1/models`: the ids the upstream serves, and whether it is llama.cpp.
@@ -562,17 +557,6 @@ where
 /// can be stale, then one on a new connection).
 const STALE_CONNECTION_TRIES: u32 = 3;
 
-/// The connection closed (or was reset) before any answer, on a request that did connect: the mark of a
-/// kept-alive connection the server had already closed. (A request hyper never sent, its connection
-/// gone first, is the same.)
-fn closed_before_answer(e: &hyper::Error) -> bool {
-    if e.is_canceled() {
-        return true;
-    }
-    let reason = root_reason(e);
-    reason == "connection closed before message completed" || reason == "connection reset"
-}
-
 /// `Host` as hyper's pooled client set it: the URL's host, with its port unless that is the scheme's default.
 fn host_header(uri: &Uri) -> anyhow::Result<HeaderValue> {
     let host = uri.host().unwrap_or_default();
@@ -588,39 +572,92 @@ fn host_header(uri: &Uri) -> anyhow::Result<HeaderValue> {
         .map_err(|_| anyhow::anyhow!("the upstream host {host:?} is not valid"))
 }
 
-/// One HTTP/1.1 connection to the upstream. hyper's pooled client gave each connection a task of its own,
-/// which decoded the answer one chunk at a time and woke the request's task for each (two task switches
-/// and a pass through the whole server stack per upstream event); here the request's task drives it.
+/// One HTTP/1.1 connection to the upstream, spoken by llmctl itself ([`super::http1`]) and driven by the task
+/// of the request that uses it: the answer's bytes are decoded where they are translated, everything one read
+/// brings as one piece, with no task, channel or wake-up in between.
 struct ChatConn {
-    send: http1::SendRequest<Full<Bytes>>,
-    conn: Pin<Box<http1::Connection<ChatIo, Full<Bytes>>>>,
-    /// The connection future finished: closed, or failed.
-    closed: bool,
+    io: TokioIo<ChatIo>,
+    /// Read and not yet consumed.
+    buf: BytesMut,
 }
 
+/// A chat request that failed before its answer's head was read.
+enum SendError {
+    /// The connection was closed (or reset) before any byte of an answer: the mark of a kept-alive
+    /// connection the upstream had already closed, which never saw the request.
+    Closed(String),
+    Failed(String),
+}
+
+/// Room made in the read buffer before each read: a stream's events arrive a few hundred bytes at a time.
+const READ_CHUNK: usize = 16 * 1024;
+
 impl ChatConn {
-    /// Lets the connection read and write what it can.
-    fn drive(&mut self, cx: &mut Context<'_>) {
-        if !self.closed && self.conn.as_mut().poll(cx).is_ready() {
-            self.closed = true;
+    fn new(io: ChatIo) -> Self {
+        ChatConn {
+            io: TokioIo::new(io),
+            buf: BytesMut::new(),
         }
     }
 
-    /// Whether another request can go out on it now (it is open, and idle).
+    /// Whether another request can go out on it now: it is open, and nothing unasked-for has arrived (a
+    /// read would block). llama-server closes its connection after a streamed answer; the close is seen here
+    /// when it has already arrived, otherwise the request goes again ([`SendError::Closed`]).
     fn reusable(&mut self) -> bool {
-        self.drive(&mut Context::from_waker(std::task::Waker::noop()));
-        !self.closed && self.send.is_ready()
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut probe = [0u8; 1];
+        let mut probe = tokio::io::ReadBuf::new(&mut probe);
+        matches!(
+            Pin::new(&mut self.io).poll_read(&mut cx, &mut probe),
+            Poll::Pending
+        )
     }
 
-    /// Sends the request and reads the answer's head.
-    async fn send(&mut self, req: Request<Full<Bytes>>) -> hyper::Result<Response<Incoming>> {
-        let answer = self.send.send_request(req);
-        let mut answer = std::pin::pin!(answer);
-        std::future::poll_fn(|cx| {
-            self.drive(cx);
-            answer.as_mut().poll(cx)
-        })
-        .await
+    /// Sends the request (head and body in one write where the socket takes both) and reads the answer's
+    /// head, skipping interim (1xx) answers.
+    async fn send(&mut self, head: &[u8], body: &Bytes) -> Result<http1::Head, SendError> {
+        let broke = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted => SendError::Closed(e.to_string()),
+            _ => SendError::Failed(e.to_string()),
+        };
+        let mut out = Buf::chain(head, &body[..]);
+        self.io.write_all_buf(&mut out).await.map_err(broke)?;
+        self.io.flush().await.map_err(broke)?;
+        let mut answered = false;
+        loop {
+            // An empty buffer (the usual case right after the write) has nothing to parse yet.
+            if !self.buf.is_empty()
+                && let Some((len, head)) =
+                    http1::parse_head(&self.buf).map_err(SendError::Failed)?
+            {
+                self.buf.advance(len);
+                if head.status.is_informational() {
+                    continue;
+                }
+                return Ok(head);
+            }
+            self.buf.reserve(READ_CHUNK);
+            match self.io.read_buf(&mut self.buf).await {
+                Ok(0) if !answered => {
+                    return Err(SendError::Closed(
+                        "connection closed before message completed".into(),
+                    ));
+                }
+                Ok(0) => {
+                    return Err(SendError::Failed(
+                        "the connection closed in the middle of the answer's head".into(),
+                    ));
+                }
+                Ok(_) => answered = true,
+                Err(e) if !answered => return Err(broke(e)),
+                Err(e) => return Err(SendError::Failed(e.to_string())),
+            }
+        }
     }
 }
 
@@ -650,54 +687,116 @@ impl IdlePool {
     }
 }
 
-/// A chat answer's body. Reading it drives its connection; dropped, it gives the connection back for the
+/// A chat answer's body. Reading it reads its connection; dropped, it gives the connection back for the
 /// next request when the answer was read to its end (or its rest is already here), and closes it otherwise,
 /// which is how llama-server learns to stop generating.
 pub struct UpstreamBody {
-    body: Option<Incoming>,
     conn: Option<ChatConn>,
+    framing: http1::Framing,
+    keep_alive: bool,
     pool: IdlePool,
+}
+
+impl UpstreamBody {
+    /// Decodes what is buffered, then reads while the payload is empty: one piece of payload, the end, or
+    /// a failure (after which the connection is closed).
+    fn poll_payload(&mut self, cx: &mut Context<'_>) -> Poll<Option<std::io::Result<Bytes>>> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let mut out = Vec::new();
+        loop {
+            let decoded = self.framing.decode(&mut conn.buf, &mut out);
+            if let Err(e) = decoded {
+                self.conn = None;
+                return Poll::Ready(Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    e,
+                ))));
+            }
+            if !out.is_empty() {
+                return Poll::Ready(Some(Ok(Bytes::from(out))));
+            }
+            if self.framing.is_done() {
+                return Poll::Ready(None);
+            }
+            conn.buf.reserve(READ_CHUNK);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => {
+                    let end = self.framing.at_close();
+                    // Whatever the framing, a closed connection is not kept.
+                    self.conn = None;
+                    return Poll::Ready(match end {
+                        Ok(()) => None,
+                        Err(e) => Some(Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            e,
+                        ))),
+                    });
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+        }
+    }
 }
 
 impl hyper::body::Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = std::io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        if let Some(conn) = this.conn.as_mut() {
-            conn.drive(cx);
-        }
-        match this.body.as_mut() {
-            Some(body) => hyper::body::Body::poll_frame(Pin::new(body), cx),
-            None => Poll::Ready(None),
-        }
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.get_mut()
+            .poll_payload(cx)
+            .map(|p| p.map(|r| r.map(Frame::data)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body
-            .as_ref()
-            .is_none_or(hyper::body::Body::is_end_stream)
+        self.conn.is_none() || self.framing.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), hyper::body::Body::size_hint)
+        match self.framing {
+            http1::Framing::Length(n) => SizeHint::with_exact(n),
+            http1::Framing::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
     }
 }
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        // The body first: hyper then drains what is left of it when that is already read (the chunked
-        // end after `[DONE]`), or marks the connection for closing.
-        drop(self.body.take());
-        if let Some(mut conn) = self.conn.take()
-            && conn.reusable()
-        {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        // The rest of an answer read to its last event (the chunked end after `[DONE]`) is usually here
+        // already: read what has arrived without waiting, and keep the connection if that completes it.
+        if !self.framing.is_done() && self.keep_alive {
+            let mut rest = Vec::new();
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            loop {
+                if self.framing.decode(&mut conn.buf, &mut rest).is_err()
+                    || !rest.is_empty()
+                    || self.framing.is_done()
+                {
+                    break;
+                }
+                conn.buf.reserve(64);
+                match tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), &mut cx, &mut conn.buf)
+                {
+                    Poll::Ready(Ok(n)) if n > 0 => {}
+                    _ => break,
+                }
+            }
+        }
+        if self.keep_alive && self.framing.is_done() && conn.buf.is_empty() {
             self.pool.put(conn);
         }
     }
@@ -814,6 +913,69 @@ mod tests {
             }
         });
         (url, served)
+    }
+
+    /// Serves every request on a connection with a chunked event stream written a few bytes at a time
+    /// (with a chunk extension), keeping the connection; counts the connections it accepted.
+    async fn trickling_upstream() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let mut seen = Vec::new();
+                    loop {
+                        let n = sock.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        // The request's body is `{}` and ends it.
+                        if !seen.ends_with(b"{}") {
+                            continue;
+                        }
+                        seen.clear();
+                        let answer = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                                      transfer-encoding: chunked\r\n\r\n\
+                                      d;x=1\r\ndata: {\"a\":1}\r\n2\r\n\n\n\r\ne\r\ndata: [DONE]\n\n\r\n0\r\n\r\n";
+                        for piece in answer.as_bytes().chunks(7) {
+                            sock.write_all(piece).await.unwrap();
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
+                });
+            }
+        });
+        (url, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_stream_cut_anywhere_by_reads_decodes_and_its_connection_is_kept() {
+        let (url, accepted) = trickling_upstream().await;
+        let up = Upstream::new(
+            &url,
+            None,
+            Some("m"),
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+            0,
+        )
+        .unwrap();
+        for i in 0..3 {
+            let resp = up
+                .start_chat(b"{}".to_vec(), None)
+                .await
+                .unwrap_or_else(|e| panic!("request {i}: {}", e.to_proxy_error(&url).message));
+            assert_eq!(resp.headers()["content-type"], "text/event-stream");
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "data: {\"a\":1}\n\ndata: [DONE]\n\n", "request {i}");
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
