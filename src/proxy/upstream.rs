@@ -954,25 +954,28 @@ mod tests {
         (url, accepted)
     }
 
+    /// An upstream at `url` with a fixed model (nothing to discover) and 5 s timeouts.
+    fn upstream_at(url: &str) -> Upstream {
+        let five = Duration::from_secs(5);
+        Upstream::new(url, None, Some("m"), five, five, 0).unwrap()
+    }
+
+    /// Request `i` of a test: its whole answer body, which must have come with an event-stream head.
+    async fn chat_body(up: &Upstream, body: &[u8], i: usize) -> Bytes {
+        let resp = up
+            .start_chat(body.to_vec(), None)
+            .await
+            .unwrap_or_else(|e| panic!("request {i}: {}", e.to_proxy_error(up.base()).message));
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        resp.into_body().collect().await.unwrap().to_bytes()
+    }
+
     #[tokio::test]
     async fn a_stream_cut_anywhere_by_reads_decodes_and_its_connection_is_kept() {
         let (url, accepted) = trickling_upstream().await;
-        let up = Upstream::new(
-            &url,
-            None,
-            Some("m"),
-            Duration::from_secs(5),
-            Duration::from_secs(5),
-            0,
-        )
-        .unwrap();
+        let up = upstream_at(&url);
         for i in 0..3 {
-            let resp = up
-                .start_chat(b"{}".to_vec(), None)
-                .await
-                .unwrap_or_else(|e| panic!("request {i}: {}", e.to_proxy_error(&url).message));
-            assert_eq!(resp.headers()["content-type"], "text/event-stream");
-            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let body = chat_body(&up, b"{}", i).await;
             assert_eq!(body, "data: {\"a\":1}\n\ndata: [DONE]\n\n", "request {i}");
         }
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
@@ -981,21 +984,9 @@ mod tests {
     #[tokio::test]
     async fn a_request_on_a_connection_the_upstream_closed_goes_again() {
         let (url, served) = closing_upstream().await;
-        let up = Upstream::new(
-            &url,
-            None,
-            Some("m"),
-            Duration::from_secs(5),
-            Duration::from_secs(5),
-            0,
-        )
-        .unwrap();
+        let up = upstream_at(&url);
         for i in 0..5 {
-            let resp = up
-                .start_chat(br#"{"stream":true}"#.to_vec(), None)
-                .await
-                .unwrap_or_else(|e| panic!("request {i}: {}", e.to_proxy_error(&url).message));
-            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let body = chat_body(&up, br#"{"stream":true}"#, i).await;
             assert_eq!(body, "data: [DONE]\n\n");
         }
         assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 5);
