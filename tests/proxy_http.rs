@@ -508,6 +508,51 @@ async fn serve_one(
     }
 }
 
+/// `upstream` behind TLS: an `https://` URL on a port of ours whose connections are decrypted with the test
+/// certificate (fixtures/tls, for 127.0.0.1) and relayed to `upstream`. The proxy trusts the test CA through
+/// `SSL_CERT_FILE` ([`TEST_CA`]), as OpenSSL reads it.
+fn tls_in_front_of(upstream: &str) -> String {
+    let tls = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tls");
+    let identity = native_tls::Identity::from_pkcs8(
+        &std::fs::read(tls.join("server.pem")).unwrap(),
+        &std::fs::read(tls.join("server.key")).unwrap(),
+    )
+    .unwrap();
+    let acceptor =
+        tokio_native_tls::TlsAcceptor::from(native_tls::TlsAcceptor::new(identity).unwrap());
+    let to = upstream.trim_start_matches("http://").to_string();
+    let port = port();
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let (acceptor, to) = (acceptor.clone(), to.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(sock).await else {
+                        return;
+                    };
+                    let Ok(mut plain) = tokio::net::TcpStream::connect(&to).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                });
+            }
+        });
+    });
+    format!("https://127.0.0.1:{port}")
+}
+
+const TEST_CA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/tls/ca.pem");
+
 /// A port in our range where nothing listens.
 fn dead_upstream() -> String {
     format!("http://127.0.0.1:{}", port())
@@ -552,6 +597,36 @@ async fn good_mock_streams_and_folds_the_same_message() {
         assert_eq!(body["model"], "mock-model");
         assert_eq!(body["stream"], true);
     }
+}
+
+/// An upstream behind `https://`: the chat requests' own HTTP/1.1 client over TLS, streamed and folded, and the
+/// model discovered through the other client, both verifying the certificate against the CA they were given.
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_goes_to_an_https_upstream() {
+    let mock = Mock::start(Mode::Good);
+    let https = tls_in_front_of(&mock.url);
+    let proxy = Proxy::start(&https, &[], &[("SSL_CERT_FILE", TEST_CA)]);
+    let url = format!("{}/v1/messages", proxy.url);
+    for _ in 0..2 {
+        let (status, events) = stream(&url, &hello(true)).await;
+        assert_eq!(status, 200, "{}", proxy.log_text());
+        assert_eq!(text_of(&events), "Hi there");
+        let (status, msg) = post(&url, &hello(false), &[]).await;
+        assert_eq!(status, 200, "{msg}");
+        assert_eq!(msg["content"][0]["text"], "Hi there");
+    }
+    assert_eq!(mock.chat_requests().len(), 4);
+
+    // Without the CA, the certificate is refused: the request fails before anything reaches the mock.
+    let untrusted = Proxy::start(&https, &["--model", "m"], &[]);
+    let (status, err) = post(
+        &format!("{}/v1/messages", untrusted.url),
+        &hello(false),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 529, "{err}");
+    assert_eq!(mock.chat_requests().len(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread")]
