@@ -37,8 +37,8 @@ pub fn init(global: &GlobalArgs) {
 /// The fields of a text log line without colours, exactly as tracing-subscriber's default writes them, but
 /// without its styling machinery: with colours off it still wraps every field name and `=` in a style that
 /// prints nothing, which was ~9k of the ~23k instructions of serve-proxy's per-request line (18 fields).
-/// Numbers, plain strings and formatted values are written here; the message, escapes, errors and raw
-/// identifiers go to the default visitor, so the bytes are the same either way (a test compares them).
+/// Plain strings and formatted values (numbers and booleans come as these, through `Visit`'s defaults) are
+/// written here; the message, escapes, errors and raw identifiers go to the default visitor, so the bytes are the same either way (a test compares them).
 pub struct PlainFields;
 
 impl<'a> MakeVisitor<Writer<'a>> for PlainFields {
@@ -79,46 +79,21 @@ impl PlainVisitor<'_> {
         true
     }
 
-    fn delegate(&mut self, record: impl FnOnce(&mut DefaultVisitor<'_>)) {
+    fn delegate(&mut self, field: &Field, record: impl FnOnce(&mut DefaultVisitor<'_>)) {
         if self.result.is_err() {
             return;
         }
         let mut v = DefaultVisitor::new(self.writer.by_ref(), self.is_empty);
         record(&mut v);
         self.result = v.finish();
-        // It writes something for every field but `log.*` metadata, which nothing here records.
-        self.is_empty = false;
+        // It writes something for every field but the `log.*` metadata of events that came from `log`.
+        if !field.name().starts_with("log.") {
+            self.is_empty = false;
+        }
     }
 }
 
 impl Visit for PlainVisitor<'_> {
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        if !self.start(field) {
-            return self.delegate(|v| v.record_u64(field, value));
-        }
-        if self.result.is_ok() {
-            self.result = write!(self.writer, "{value}");
-        }
-    }
-
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        if !self.start(field) {
-            return self.delegate(|v| v.record_i64(field, value));
-        }
-        if self.result.is_ok() {
-            self.result = write!(self.writer, "{value}");
-        }
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        if !self.start(field) {
-            return self.delegate(|v| v.record_bool(field, value));
-        }
-        if self.result.is_ok() {
-            self.result = self.writer.write_str(if value { "true" } else { "false" });
-        }
-    }
-
     fn record_str(&mut self, field: &Field, value: &str) {
         // `Debug` of a str quotes it and escapes `"`, `\`, control and some non-ASCII characters; printable
         // ASCII otherwise stands for itself.
@@ -126,7 +101,7 @@ impl Visit for PlainVisitor<'_> {
             .bytes()
             .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
         if !plain || !self.start(field) {
-            return self.delegate(|v| v.record_str(field, value));
+            return self.delegate(field, |v| v.record_str(field, value));
         }
         if self.result.is_ok() {
             self.result = self
@@ -138,12 +113,12 @@ impl Visit for PlainVisitor<'_> {
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.delegate(|v| v.record_error(field, value));
+        self.delegate(field, |v| v.record_error(field, value));
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         if !self.start(field) {
-            return self.delegate(|v| v.record_debug(field, value));
+            return self.delegate(field, |v| v.record_debug(field, value));
         }
         if self.result.is_ok() {
             self.result = write!(self.writer, "{value:?}");

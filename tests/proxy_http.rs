@@ -266,6 +266,40 @@ struct Seen {
     requests: Vec<(String, String, Option<String>, Vec<u8>)>,
 }
 
+/// Listens on `port` (bound before this returns) on a thread and runtime of its own, so it works from sync and
+/// async tests alike: each connection goes to `serve` in a task of its own, until `stop` completes.
+fn serve_on_own_thread<S, F>(
+    port: u16,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+    serve: S,
+) where
+    S: Fn(tokio::net::TcpStream) -> F + Send + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let std_listener =
+        std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind a test server");
+    std_listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    () = &mut stop => return,
+                    accepted = listener.accept() => {
+                        let Ok((sock, _)) = accepted else { return };
+                        tokio::spawn(serve(sock));
+                    }
+                }
+            }
+        });
+    });
+}
+
 struct Mock {
     url: String,
     seen: Arc<Mutex<Seen>>,
@@ -297,32 +331,17 @@ impl Mock {
     }
 
     fn start_on(port: u16, mode: Mode) -> Mock {
-        let std_listener =
-            std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind mock upstream");
-        std_listener.set_nonblocking(true).unwrap();
         let seen = Arc::new(Mutex::new(Seen::default()));
         let seen2 = seen.clone();
-        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-                loop {
-                    tokio::select! {
-                        _ = &mut stopped => return,
-                        accepted = listener.accept() => {
-                            let Ok((sock, _)) = accepted else { return };
-                            let seen = seen2.clone();
-                            tokio::spawn(async move {
-                                let _ = serve_one(sock, mode, seen).await;
-                            });
-                        }
-                    }
-                }
-            });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let stopped = async move {
+            let _ = stopped.await;
+        };
+        serve_on_own_thread(port, stopped, move |sock| {
+            let seen = seen2.clone();
+            async move {
+                let _ = serve_one(sock, mode, seen).await;
+            }
         });
         Mock {
             url: format!("http://127.0.0.1:{port}"),
@@ -522,31 +541,17 @@ fn tls_in_front_of(upstream: &str) -> String {
         tokio_native_tls::TlsAcceptor::from(native_tls::TlsAcceptor::new(identity).unwrap());
     let to = upstream.trim_start_matches("http://").to_string();
     let port = port();
-    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
-    listener.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            loop {
-                let Ok((sock, _)) = listener.accept().await else {
-                    return;
-                };
-                let (acceptor, to) = (acceptor.clone(), to.clone());
-                tokio::spawn(async move {
-                    let Ok(mut tls) = acceptor.accept(sock).await else {
-                        return;
-                    };
-                    let Ok(mut plain) = tokio::net::TcpStream::connect(&to).await else {
-                        return;
-                    };
-                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
-                });
-            }
-        });
+    serve_on_own_thread(port, std::future::pending(), move |sock| {
+        let (acceptor, to) = (acceptor.clone(), to.clone());
+        async move {
+            let Ok(mut tls) = acceptor.accept(sock).await else {
+                return;
+            };
+            let Ok(mut plain) = tokio::net::TcpStream::connect(&to).await else {
+                return;
+            };
+            let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+        }
     });
     format!("https://127.0.0.1:{port}")
 }

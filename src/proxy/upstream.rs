@@ -773,30 +773,18 @@ impl hyper::body::Body for UpstreamBody {
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        let Some(mut conn) = self.conn.take() else {
-            return;
-        };
         // The rest of an answer read to its last event (the chunked end after `[DONE]`) is usually here
-        // already: read what has arrived without waiting, and keep the connection if that completes it.
-        if !self.framing.is_done() && self.keep_alive {
-            let mut rest = Vec::new();
+        // already: read what has arrived without waiting, and keep the connection if that completes it
+        // (more payload, a wait, a failure or the upstream's close leave it unkept).
+        if self.keep_alive && !self.framing.is_done() {
             let mut cx = Context::from_waker(std::task::Waker::noop());
-            loop {
-                if self.framing.decode(&mut conn.buf, &mut rest).is_err()
-                    || !rest.is_empty()
-                    || self.framing.is_done()
-                {
-                    break;
-                }
-                conn.buf.reserve(64);
-                match tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), &mut cx, &mut conn.buf)
-                {
-                    Poll::Ready(Ok(n)) if n > 0 => {}
-                    _ => break,
-                }
-            }
+            let _ = self.poll_payload(&mut cx);
         }
-        if self.keep_alive && self.framing.is_done() && conn.buf.is_empty() {
+        if let Some(conn) = self.conn.take()
+            && self.keep_alive
+            && self.framing.is_done()
+            && conn.buf.is_empty()
+        {
             self.pool.put(conn);
         }
     }
