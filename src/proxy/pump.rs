@@ -544,7 +544,7 @@ impl Pump {
             let e = from_upstream_stream_error(err, &self.upstream_url);
             return self.fail(e, out);
         }
-        out.extend(self.translator.on_parsed(chunk));
+        self.translator.on_parsed_into(chunk, out);
         self.end_if_stopped(out);
     }
 

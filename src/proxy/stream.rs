@@ -495,15 +495,22 @@ impl StreamTranslator {
     /// The same for a chunk deserialized straight from the upstream's text (no `Value` in between, which
     /// is most of the cost of a chunk).
     pub fn on_parsed(&mut self, chunk: ChatChunk) -> Vec<Event> {
+        let mut out = Vec::new();
+        self.on_parsed_into(chunk, &mut out);
+        out
+    }
+
+    /// The same, appending to `out`: the stream driver's batch, so that a token costs no vector of its own.
+    pub fn on_parsed_into(&mut self, chunk: ChatChunk, out: &mut Vec<Event>) {
         if let Some(err) = &chunk.error {
-            return self.upstream_error(err);
+            out.extend(self.upstream_error(err));
+            return;
         }
         self.take_usage(&chunk);
-        let mut out = Vec::new();
         if self.finished || self.failed || self.is_done() {
-            return out;
+            return;
         }
-        self.ensure_started(&mut out);
+        self.ensure_started(out);
         // Chunks without choices (usage-only, llama.cpp prompt_progress) produce no events.
         for choice in chunk.choices {
             if let Some(delta) = choice.delta {
@@ -512,23 +519,23 @@ impl StreamTranslator {
                     if self.open_call_incomplete() {
                         self.deferred.push(Deferred::Reasoning(r));
                     } else {
-                        self.on_reasoning(&r, &mut out);
+                        self.on_reasoning(&r, out);
                     }
                 }
                 if let Some(t) = delta.content.filter(|t| !t.is_empty()) {
                     if self.open_call_incomplete() {
                         self.deferred.push(Deferred::Text(t));
                     } else {
-                        self.on_text(&t, &mut out);
+                        self.on_text(t, out);
                         if self.is_done() {
-                            return out;
+                            return;
                         }
                     }
                 }
                 for call in delta.tool_calls.unwrap_or_default() {
-                    self.on_tool_call(call, &mut out);
+                    self.on_tool_call(call, out);
                     if self.is_done() {
-                        return out;
+                        return;
                     }
                 }
             }
@@ -536,7 +543,6 @@ impl StreamTranslator {
                 self.finish_reason = Some(reason);
             }
         }
-        out
     }
 
     fn upstream_error(&mut self, err: &Value) -> Vec<Event> {
@@ -707,13 +713,14 @@ impl StreamTranslator {
 
     // ---- text and stop sequences ----
 
-    fn on_text(&mut self, text: &str, out: &mut Vec<Event>) {
+    /// Owned: without stop sequences the chunk's own text becomes the event's (no copy per token).
+    fn on_text(&mut self, text: String, out: &mut Vec<Event>) {
         self.pending_thinking.clear();
         if self.ctx.stop_sequences.is_empty() {
-            self.emit_text(text.to_string(), out);
+            self.emit_text(text, out);
             return;
         }
-        self.held_text.push_str(text);
+        self.held_text.push_str(&text);
         if let Some((pos, seq)) = earliest_match(&self.held_text, &self.ctx.stop_sequences) {
             let before = self.held_text[..pos].to_string();
             self.held_text.clear();
@@ -847,7 +854,7 @@ impl StreamTranslator {
                 break;
             }
             match d {
-                Deferred::Text(t) => self.on_text(&t, out),
+                Deferred::Text(t) => self.on_text(t, out),
                 Deferred::Reasoning(r) => self.on_reasoning(&r, out),
             }
         }
