@@ -8,6 +8,7 @@
 
 use std::borrow::Cow;
 
+use super::json_write::special;
 use super::openai::{ChatChunk, ChunkChoice, ChunkDelta, Timings};
 
 /// Reads one stream's chunks. llama-server's text chunks differ only in their text (and, once a second,
@@ -126,31 +127,6 @@ fn scan(data: &str) -> Option<(ChatChunk, Option<(usize, usize)>)> {
         ..ChatChunk::default()
     };
     Some((chunk, s.content))
-}
-
-/// Index of the first `"`, `\\` or control character in `b[from..]` (`b.len()` when none), eight bytes at a
-/// time: strings are most of a chunk's bytes.
-fn special(b: &[u8], from: usize) -> usize {
-    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
-    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
-    // Bit 7 of each byte is set where the byte is below `n` (n <= 0x80), exact up to the first one.
-    let below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGHS;
-    let mut i = from;
-    while let Some(eight) = b.get(i..i + 8) {
-        let word = u64::from_le_bytes(eight.try_into().expect("eight bytes"));
-        let found = below(word ^ (ONES * u64::from(b'"')), 1)
-            | below(word ^ (ONES * u64::from(b'\\')), 1)
-            | below(word, 0x20);
-        if found != 0 {
-            return i + found.trailing_zeros() as usize / 8;
-        }
-        i += 8;
-    }
-    let rest = b.get(i..).unwrap_or_default();
-    i + rest
-        .iter()
-        .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
-        .unwrap_or(rest.len())
 }
 
 struct Scan<'a> {
@@ -419,25 +395,6 @@ mod tests {
             assert_eq!(format!("{f:?}"), format!("{s:?}"), "{data}");
         }
         fast.is_some()
-    }
-
-    #[test]
-    fn special_bytes_are_found_at_every_offset() {
-        for len in 0..40 {
-            for at in 0..len {
-                for c in [b'"', b'\\', 0, 0x1f, b'\n'] {
-                    let mut b = vec![b'x'; len];
-                    b[at] = c;
-                    for from in 0..=at {
-                        assert_eq!(special(&b, from), at, "{len} {at} {from} {c}");
-                    }
-                    assert_eq!(special(&b, at + 1), len);
-                }
-            }
-            for c in [b' ', 0x7f, 0x80, 0xff, b'!', b'#', b'[', b']'] {
-                assert_eq!(special(&vec![c; len], 0), len, "{c}");
-            }
-        }
     }
 
     #[test]

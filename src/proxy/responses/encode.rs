@@ -8,11 +8,10 @@
 //! `response.incomplete` or `response.failed`, and nothing after it. Every event carries `sequence_number`.
 
 use bytes::Bytes;
-use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::decode::{ClientTool, REASONING_PREFIX, ResponseMeta};
-use crate::proxy::json_write;
+use crate::proxy::json_write::{self, Object};
 use crate::proxy::stream::{BlockKind, Delta, Event, Usage};
 
 /// The item being streamed.
@@ -117,8 +116,9 @@ impl ResponsesEncoder {
 
     /// The whole response object (`stream: false`), once the events are pushed.
     pub fn finish_json(&self) -> Vec<u8> {
-        let status = self.status();
-        serde_json::to_vec(&self.response(status, true)).unwrap_or_default()
+        let mut out = Vec::with_capacity(512);
+        self.write_object(&mut out, self.status(), true);
+        out
     }
 
     fn status(&self) -> &'static str {
@@ -205,11 +205,12 @@ impl ResponsesEncoder {
                     text: String::new(),
                 };
                 self.added(out, index, &item);
-                let part = Part::OutputText("");
-                self.write(
+                self.write_part(
                     out,
                     "response.content_part.added",
-                    &PartEvent::content(&id, index, &part),
+                    &id,
+                    index,
+                    Part::OutputText(""),
                 );
                 self.open = Open::Message {
                     id,
@@ -224,11 +225,12 @@ impl ResponsesEncoder {
                     encrypted: None,
                 };
                 self.added(out, index, &item);
-                let part = Part::SummaryText("");
-                self.write(
+                self.write_part(
                     out,
                     "response.reasoning_summary_part.added",
-                    &PartEvent::summary(&id, index, &part),
+                    &id,
+                    index,
+                    Part::SummaryText(""),
                 );
                 self.open = Open::Reasoning {
                     id,
@@ -284,12 +286,28 @@ impl ResponsesEncoder {
 
     /// `response.output_item.added` for an item just opened.
     fn added(&mut self, out: &mut Vec<u8>, index: usize, item: &Item) {
-        let shown = Shown { item, done: false };
-        self.write(
-            out,
-            "response.output_item.added",
-            &ItemEvent::new(index, &shown),
-        );
+        self.write_item(out, "response.output_item.added", index, item, false);
+    }
+
+    /// `response.output_item.added` / `.done`: `output_index`, `item`.
+    fn write_item(&mut self, out: &mut Vec<u8>, name: &str, index: usize, item: &Item, done: bool) {
+        self.write(out, name, |o| {
+            o.uint("output_index", index as u64);
+            item.write(o.name("item"), done);
+        });
+    }
+
+    /// `response.content_part.*` (`content_index`) and `response.reasoning_summary_part.*` (`summary_index`).
+    fn write_part(&mut self, out: &mut Vec<u8>, name: &str, id: &str, index: usize, part: Part) {
+        let which = match part {
+            Part::OutputText(_) => "content_index",
+            Part::SummaryText(_) => "summary_index",
+        };
+        self.write(out, name, |o| {
+            o.str("item_id", id).uint("output_index", index as u64);
+            o.uint(which, 0);
+            part.write(o.name("part"));
+        });
     }
 
     fn delta(&mut self, delta: &Delta, out: &mut Vec<u8>) {
@@ -335,51 +353,23 @@ impl ResponsesEncoder {
         let item = match std::mem::replace(&mut self.open, Open::None) {
             Open::None => return,
             Open::Message { id, text } => {
-                #[derive(Serialize)]
-                struct TextDone<'a> {
-                    item_id: &'a str,
-                    output_index: usize,
-                    content_index: usize,
-                    text: &'a str,
-                    logprobs: [(); 0],
-                }
-                let done = TextDone {
-                    item_id: &id,
-                    output_index: index,
-                    content_index: 0,
-                    text: &text,
-                    logprobs: [],
-                };
-                self.write(out, "response.output_text.done", &done);
+                self.write(out, "response.output_text.done", |o| {
+                    o.str("item_id", &id).uint("output_index", index as u64);
+                    o.uint("content_index", 0).str("text", &text);
+                    o.raw("logprobs", "[]");
+                });
                 let part = Part::OutputText(&text);
-                self.write(
-                    out,
-                    "response.content_part.done",
-                    &PartEvent::content(&id, index, &part),
-                );
+                self.write_part(out, "response.content_part.done", &id, index, part);
                 Item::Message { id, text }
             }
             Open::Reasoning { id, text } => {
-                #[derive(Serialize)]
-                struct SummaryDone<'a> {
-                    item_id: &'a str,
-                    output_index: usize,
-                    summary_index: usize,
-                    text: &'a str,
-                }
-                let done = SummaryDone {
-                    item_id: &id,
-                    output_index: index,
-                    summary_index: 0,
-                    text: &text,
-                };
-                self.write(out, "response.reasoning_summary_text.done", &done);
+                self.write(out, "response.reasoning_summary_text.done", |o| {
+                    o.str("item_id", &id).uint("output_index", index as u64);
+                    o.uint("summary_index", 0).str("text", &text);
+                });
                 let part = Part::SummaryText(&text);
-                self.write(
-                    out,
-                    "response.reasoning_summary_part.done",
-                    &PartEvent::summary(&id, index, &part),
-                );
+                let name = "response.reasoning_summary_part.done";
+                self.write_part(out, name, &id, index, part);
                 // Not encrypted: llmctl's own reasoning text, marked, so the next turn gives it back.
                 let encrypted = self
                     .meta
@@ -398,18 +388,10 @@ impl ResponsesEncoder {
                 namespace,
                 arguments,
             } => {
-                #[derive(Serialize)]
-                struct ArgumentsDone<'a> {
-                    item_id: &'a str,
-                    output_index: usize,
-                    arguments: &'a str,
-                }
-                let done = ArgumentsDone {
-                    item_id: &id,
-                    output_index: index,
-                    arguments: &arguments,
-                };
-                self.write(out, "response.function_call_arguments.done", &done);
+                self.write(out, "response.function_call_arguments.done", |o| {
+                    o.str("item_id", &id).uint("output_index", index as u64);
+                    o.str("arguments", &arguments);
+                });
                 Item::Function {
                     id,
                     call_id,
@@ -425,30 +407,15 @@ impl ResponsesEncoder {
                 arguments,
             } => {
                 let input = custom_input(&arguments);
-                #[derive(Serialize)]
-                struct InputDelta<'a> {
-                    item_id: &'a str,
-                    output_index: usize,
-                    delta: &'a str,
+                for (name, member) in [
+                    ("response.custom_tool_call_input.delta", "delta"),
+                    ("response.custom_tool_call_input.done", "input"),
+                ] {
+                    self.write(out, name, |o| {
+                        o.str("item_id", &id).uint("output_index", index as u64);
+                        o.str(member, &input);
+                    });
                 }
-                #[derive(Serialize)]
-                struct InputDone<'a> {
-                    item_id: &'a str,
-                    output_index: usize,
-                    input: &'a str,
-                }
-                let delta = InputDelta {
-                    item_id: &id,
-                    output_index: index,
-                    delta: &input,
-                };
-                self.write(out, "response.custom_tool_call_input.delta", &delta);
-                let done = InputDone {
-                    item_id: &id,
-                    output_index: index,
-                    input: &input,
-                };
-                self.write(out, "response.custom_tool_call_input.done", &done);
                 Item::Custom {
                     id,
                     call_id,
@@ -457,11 +424,7 @@ impl ResponsesEncoder {
                 }
             }
         };
-        self.write(
-            out,
-            "response.output_item.done",
-            &ItemEvent::new(index, &item),
-        );
+        self.write_item(out, "response.output_item.done", index, &item, true);
         self.output.push(item);
         self.output_index += 1;
     }
@@ -478,166 +441,104 @@ impl ResponsesEncoder {
         // for response.created, response.in_progress and every in_progress keep-alive after them.
         if !last && status == "in_progress" {
             if self.in_progress_object.is_none() {
-                let object = serde_json::to_vec(&self.response(status, false)).unwrap_or_default();
+                let mut object = Vec::with_capacity(512);
+                self.write_object(&mut object, status, false);
                 self.in_progress_object = Some(object);
             }
             out.extend_from_slice(self.in_progress_object.as_deref().unwrap_or_default());
         } else {
-            // Serializing into a Vec cannot fail.
-            let _ = serde_json::to_writer(&mut *out, &self.response(status, last));
+            self.write_object(out, status, last);
         }
         out.extend_from_slice(b"}\n\n");
         self.seq += 1;
         self.progress_last = false;
     }
 
-    /// Writes one event: `event: <name>`, `data: {"type":<name>,"sequence_number":n,…}`, the rest being
-    /// `fields`' members in order (a struct: no map built, no key allocated, per event).
-    fn write<T: Serialize>(&mut self, out: &mut Vec<u8>, name: &str, fields: &T) {
+    /// Writes one event: `event: <name>`, `data: {"type":<name>,"sequence_number":n,…}`, the rest being the
+    /// members `members` writes, in order.
+    fn write(&mut self, out: &mut Vec<u8>, name: &str, members: impl FnOnce(&mut Object)) {
         if self.fold {
             self.seq += 1;
             return;
         }
         event_head(out, name, self.seq);
-        // Serializing into a Vec cannot fail. The fields' opening brace becomes the comma after the head
-        // (every fields struct has members).
-        let at = out.len();
-        let _ = serde_json::to_writer(&mut *out, fields);
-        if out.get(at) == Some(&b'{') {
-            out[at] = b',';
-        }
+        let mut o = Object::resume(out);
+        members(&mut o);
+        o.close();
         out.extend_from_slice(b"\n\n");
         self.seq += 1;
         self.progress_last = false;
     }
 
-    /// The response object in `status`, with the output and usage once they are final.
-    fn response<'a>(&'a self, status: &'a str, last: bool) -> ResponseObject<'a> {
-        ResponseObject {
-            enc: self,
-            status,
-            last,
+    /// The response object in `status`, with the output and usage once they are final (`last`). Written
+    /// straight from the encoder's state: it is sent several times per stream and once for `stream: false`
+    /// (built as a `Value` first, it cost a map, a copy of the output and a key allocation per member each
+    /// time; through serde's map serializer, ~150 instructions a member name).
+    fn write_object(&self, out: &mut Vec<u8>, status: &str, last: bool) {
+        let echo = &self.meta.echo;
+        let mut o = Object::open(out);
+        o.str("id", &self.meta.id).str("object", "response");
+        o.uint("created_at", self.meta.created_at)
+            .str("status", status);
+        o.raw("background", "false");
+        match &self.error {
+            Some((code, message)) => {
+                Object::open(o.name("error"))
+                    .str("code", code)
+                    .str("message", message)
+                    .close();
+            }
+            None => {
+                o.raw("error", "null");
+            }
         }
-    }
-}
-
-/// The response object, serialized straight from the encoder's state (it is sent several times per stream
-/// and once for `stream: false`; built as a `Value` first, it cost a map, a copy of the output and a key
-/// allocation per member each time).
-struct ResponseObject<'a> {
-    enc: &'a ResponsesEncoder,
-    status: &'a str,
-    last: bool,
-}
-
-impl Serialize for ResponseObject<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        #[derive(Serialize)]
-        struct Failure<'a> {
-            code: &'a str,
-            message: &'a str,
-        }
-        #[derive(Serialize)]
-        struct Incomplete {
-            reason: &'static str,
-        }
-        let e = self.enc;
-        let echo = &e.meta.echo;
-        let mut m = s.serialize_map(None)?;
-        m.serialize_entry("id", &e.meta.id)?;
-        m.serialize_entry("object", "response")?;
-        m.serialize_entry("created_at", &e.meta.created_at)?;
-        m.serialize_entry("status", self.status)?;
-        m.serialize_entry("background", &false)?;
-        match &e.error {
-            Some((code, message)) => m.serialize_entry("error", &Failure { code, message })?,
-            None => m.serialize_entry("error", &())?,
-        }
-        if self.status == "incomplete" {
-            let reason = "max_output_tokens";
-            m.serialize_entry("incomplete_details", &Incomplete { reason })?;
+        if status == "incomplete" {
+            let details = o.name("incomplete_details");
+            Object::open(details)
+                .str("reason", "max_output_tokens")
+                .close();
         } else {
-            m.serialize_entry("incomplete_details", &())?;
+            o.raw("incomplete_details", "null");
         }
-        m.serialize_entry("model", &e.meta.model)?;
-        let output: &[Item] = if self.last { &e.output } else { &[] };
-        m.serialize_entry("output", output)?;
+        o.str("model", &self.meta.model);
+        let items: &[Item] = if last { &self.output } else { &[] };
+        let output = o.name("output");
+        output.push(b'[');
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                output.push(b',');
+            }
+            item.write(output, true);
+        }
+        output.push(b']');
+        // The echoed request fields (their names a fixed list: `decode`).
         for (k, v) in echo {
-            m.serialize_entry(k, v)?;
+            o.serde(k, v);
         }
         // What OpenAI's response objects always carry, where the request did not set it.
         if !echo.contains_key("parallel_tool_calls") {
-            m.serialize_entry("parallel_tool_calls", &true)?;
+            o.raw("parallel_tool_calls", "true");
         }
         if !echo.contains_key("tool_choice") {
-            m.serialize_entry("tool_choice", "auto")?;
+            o.str("tool_choice", "auto");
         }
         for k in ["instructions", "temperature", "top_p"] {
             if !echo.contains_key(k) {
-                m.serialize_entry(k, &())?;
+                o.raw(k, "null");
             }
         }
         if !echo.contains_key("metadata") {
-            m.serialize_entry("metadata", &Map::new())?;
+            o.raw("metadata", "{}");
         }
         // Tools are not echoed: Codex's are ~19 KB, sent on every event otherwise.
-        m.serialize_entry("tools", &[(); 0])?;
-        m.serialize_entry("store", &false)?;
-        m.serialize_entry("previous_response_id", &())?;
-        if self.last && e.error.is_none() {
-            m.serialize_entry("usage", &usage_json(&e.usage))?;
+        o.raw("tools", "[]").raw("store", "false");
+        o.raw("previous_response_id", "null");
+        if last && self.error.is_none() {
+            write_usage(o.name("usage"), &self.usage);
         } else {
-            m.serialize_entry("usage", &())?;
+            o.raw("usage", "null");
         }
-        m.end()
-    }
-}
-
-/// `response.output_item.added` / `.done`.
-#[derive(Serialize)]
-struct ItemEvent<'a, T: Serialize> {
-    output_index: usize,
-    item: &'a T,
-}
-
-impl<'a, T: Serialize> ItemEvent<'a, T> {
-    fn new(output_index: usize, item: &'a T) -> Self {
-        ItemEvent { output_index, item }
-    }
-}
-
-/// `response.content_part.*` (`content_index`) and `response.reasoning_summary_part.*` (`summary_index`).
-#[derive(Serialize)]
-struct PartEvent<'a, T: Serialize> {
-    item_id: &'a str,
-    output_index: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    content_index: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    summary_index: Option<usize>,
-    part: &'a T,
-}
-
-impl<'a, T: Serialize> PartEvent<'a, T> {
-    fn content(item_id: &'a str, output_index: usize, part: &'a T) -> Self {
-        PartEvent {
-            item_id,
-            output_index,
-            content_index: Some(0),
-            summary_index: None,
-            part,
-        }
-    }
-
-    fn summary(item_id: &'a str, output_index: usize, part: &'a T) -> Self {
-        PartEvent {
-            item_id,
-            output_index,
-            content_index: None,
-            summary_index: Some(0),
-            part,
-        }
+        o.close();
     }
 }
 
@@ -646,9 +547,10 @@ impl<'a, T: Serialize> PartEvent<'a, T> {
 fn event_head(out: &mut Vec<u8>, name: &str, seq: u64) {
     out.extend_from_slice(b"event: ");
     out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b"\ndata: {\"type\":");
-    json_write::string(out, name);
-    out.extend_from_slice(b",\"sequence_number\":");
+    // The name is one of this module's literals: nothing in it to escape.
+    out.extend_from_slice(b"\ndata: {\"type\":\"");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\",\"sequence_number\":");
     json_write::uint(out, seq);
 }
 
@@ -707,51 +609,45 @@ enum Item {
     },
 }
 
-impl Serialize for Item {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        Shown {
-            item: self,
-            done: true,
-        }
-        .serialize(s)
-    }
-}
-
-/// An item as `response.output_item.added` shows it (`done: false`: `in_progress`, its text and summary parts
-/// not there yet, no `encrypted_content`) or as `.done` and the response object do (`done: true`). The
-/// added events' items were `json!` objects; a unit test keeps those as the oracle of the bytes.
-struct Shown<'a> {
-    item: &'a Item,
-    done: bool,
-}
-
-impl Serialize for Shown<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let done = self.done;
-        let (id, kind) = match self.item {
+impl Item {
+    /// The item as `response.output_item.added` shows it (`done: false`: `in_progress`, its text and summary
+    /// parts not there yet, no `encrypted_content`) or as `.done` and the response object do (`done: true`).
+    /// The items were `json!` objects; a unit test keeps those as the oracle of the bytes.
+    fn write(&self, out: &mut Vec<u8>, done: bool) {
+        let (id, kind) = match self {
             Item::Message { id, .. } => (id, "message"),
             Item::Reasoning { id, .. } => (id, "reasoning"),
             Item::Function { id, .. } => (id, "function_call"),
             Item::Custom { id, .. } => (id, "custom_tool_call"),
         };
-        let mut m = s.serialize_map(None)?;
-        m.serialize_entry("id", id)?;
-        m.serialize_entry("type", kind)?;
-        m.serialize_entry("status", if done { "completed" } else { "in_progress" })?;
-        match self.item {
+        let mut o = Object::open(out);
+        o.str("id", id).str("type", kind);
+        o.str("status", if done { "completed" } else { "in_progress" });
+        match self {
             Item::Message { text, .. } => {
-                let part = [Part::OutputText(text)];
-                m.serialize_entry("content", if done { &part[..] } else { &[] })?;
-                m.serialize_entry("role", "assistant")?;
+                let parts = o.name("content");
+                if done {
+                    parts.push(b'[');
+                    Part::OutputText(text).write(parts);
+                    parts.push(b']');
+                } else {
+                    parts.extend_from_slice(b"[]");
+                }
+                o.str("role", "assistant");
             }
             Item::Reasoning {
                 text, encrypted, ..
             } => {
-                let part = [Part::SummaryText(text)];
-                m.serialize_entry("summary", if done { &part[..] } else { &[] })?;
+                let parts = o.name("summary");
+                if done {
+                    parts.push(b'[');
+                    Part::SummaryText(text).write(parts);
+                    parts.push(b']');
+                } else {
+                    parts.extend_from_slice(b"[]");
+                }
                 if let Some(e) = encrypted.as_ref().filter(|_| done) {
-                    m.serialize_entry("encrypted_content", e)?;
+                    o.str("encrypted_content", e);
                 }
             }
             Item::Function {
@@ -761,11 +657,10 @@ impl Serialize for Shown<'_> {
                 arguments,
                 ..
             } => {
-                m.serialize_entry("arguments", arguments)?;
-                m.serialize_entry("call_id", call_id)?;
-                m.serialize_entry("name", name)?;
+                o.str("arguments", arguments).str("call_id", call_id);
+                o.str("name", name);
                 if let Some(ns) = namespace {
-                    m.serialize_entry("namespace", ns)?;
+                    o.str("namespace", ns);
                 }
             }
             Item::Custom {
@@ -774,12 +669,12 @@ impl Serialize for Shown<'_> {
                 input,
                 ..
             } => {
-                m.serialize_entry("call_id", call_id)?;
-                m.serialize_entry("name", name)?;
-                m.serialize_entry("input", input)?;
+                o.str("call_id", call_id)
+                    .str("name", name)
+                    .str("input", input);
             }
         }
-        m.end()
+        o.close();
     }
 }
 
@@ -789,22 +684,19 @@ enum Part<'a> {
     SummaryText(&'a str),
 }
 
-impl Serialize for Part<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut m = s.serialize_map(None)?;
+impl Part<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        let mut o = Object::open(out);
         match self {
             Part::OutputText(text) => {
-                m.serialize_entry("type", "output_text")?;
-                m.serialize_entry("text", text)?;
-                m.serialize_entry("annotations", &[(); 0])?;
+                o.str("type", "output_text").str("text", text);
+                o.raw("annotations", "[]");
             }
             Part::SummaryText(text) => {
-                m.serialize_entry("type", "summary_text")?;
-                m.serialize_entry("text", text)?;
+                o.str("type", "summary_text").str("text", text);
             }
         }
-        m.end()
+        o.close();
     }
 }
 
@@ -834,35 +726,19 @@ pub fn custom_input(arguments: &str) -> String {
 }
 
 /// OpenAI's usage: `input_tokens` counts the cached ones too, `cached_tokens` is that subset.
-fn usage_json(u: &Usage) -> impl Serialize + use<> {
-    #[derive(Serialize)]
-    struct Cached {
-        cached_tokens: u64,
-    }
-    #[derive(Serialize)]
-    struct Reasoning {
-        reasoning_tokens: u64,
-    }
-    #[derive(Serialize)]
-    struct OpenAiUsage {
-        input_tokens: u64,
-        input_tokens_details: Cached,
-        output_tokens: u64,
-        output_tokens_details: Reasoning,
-        total_tokens: u64,
-    }
+fn write_usage(out: &mut Vec<u8>, u: &Usage) {
     let input = u.input_tokens + u.cache_read_input_tokens;
-    OpenAiUsage {
-        input_tokens: input,
-        input_tokens_details: Cached {
-            cached_tokens: u.cache_read_input_tokens,
-        },
-        output_tokens: u.output_tokens,
-        output_tokens_details: Reasoning {
-            reasoning_tokens: 0,
-        },
-        total_tokens: input + u.output_tokens,
-    }
+    let mut o = Object::open(out);
+    o.uint("input_tokens", input);
+    let details = o.name("input_tokens_details");
+    Object::open(details)
+        .uint("cached_tokens", u.cache_read_input_tokens)
+        .close();
+    o.uint("output_tokens", u.output_tokens);
+    let details = o.name("output_tokens_details");
+    Object::open(details).uint("reasoning_tokens", 0).close();
+    o.uint("total_tokens", input + u.output_tokens);
+    o.close();
 }
 
 /// The `response.error.code` for a pipeline error. Codex keys on these: `context_length_exceeded` is fatal

@@ -594,7 +594,7 @@ fn typed_items_are_the_json_objects_they_replaced() {
         ),
     ];
     for (item, want) in cases {
-        assert_eq!(serde_json::to_string(&item).unwrap(), want.to_string());
+        assert_eq!(written(|out| item.write(out, true)), want.to_string());
     }
     // As `response.output_item.added` shows them: the `json!` objects that event used to write.
     let added = [
@@ -647,11 +647,7 @@ fn typed_items_are_the_json_objects_they_replaced() {
         ),
     ];
     for (item, want) in added {
-        let shown = Shown {
-            item: &item,
-            done: false,
-        };
-        assert_eq!(serde_json::to_string(&shown).unwrap(), want.to_string());
+        assert_eq!(written(|out| item.write(out, false)), want.to_string());
     }
     let usage = Usage {
         input_tokens: 3,
@@ -659,8 +655,179 @@ fn typed_items_are_the_json_objects_they_replaced() {
         cache_read_input_tokens: 30,
     };
     assert_eq!(
-        serde_json::to_string(&usage_json(&usage)).unwrap(),
+        written(|out| write_usage(out, &usage)),
         json!({"input_tokens": 33, "input_tokens_details": {"cached_tokens": 30}, "output_tokens": 5,
                "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 38}).to_string()
     );
+}
+
+fn written(write: impl FnOnce(&mut Vec<u8>)) -> String {
+    let mut out = Vec::new();
+    write(&mut out);
+    String::from_utf8(out).unwrap()
+}
+
+/// The response object as serde's map serializer wrote it before `write_object` wrote it by hand: the
+/// oracle of its bytes (member order included).
+struct ObjectOracle<'a> {
+    enc: &'a ResponsesEncoder,
+    status: &'a str,
+    last: bool,
+}
+
+impl serde::Serialize for ObjectOracle<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let e = self.enc;
+        let echo = &e.meta.echo;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("id", &e.meta.id)?;
+        m.serialize_entry("object", "response")?;
+        m.serialize_entry("created_at", &e.meta.created_at)?;
+        m.serialize_entry("status", self.status)?;
+        m.serialize_entry("background", &false)?;
+        match &e.error {
+            Some((code, message)) => {
+                m.serialize_entry("error", &json!({"code": code, "message": message}))?
+            }
+            None => m.serialize_entry("error", &())?,
+        }
+        if self.status == "incomplete" {
+            m.serialize_entry(
+                "incomplete_details",
+                &json!({"reason": "max_output_tokens"}),
+            )?;
+        } else {
+            m.serialize_entry("incomplete_details", &())?;
+        }
+        m.serialize_entry("model", &e.meta.model)?;
+        // Items have their own oracle (above).
+        let output: Vec<Value> = e
+            .output
+            .iter()
+            .filter(|_| self.last)
+            .map(|i| serde_json::from_str(&written(|out| i.write(out, true))).unwrap())
+            .collect();
+        m.serialize_entry("output", &output)?;
+        for (k, v) in echo {
+            m.serialize_entry(k, v)?;
+        }
+        if !echo.contains_key("parallel_tool_calls") {
+            m.serialize_entry("parallel_tool_calls", &true)?;
+        }
+        if !echo.contains_key("tool_choice") {
+            m.serialize_entry("tool_choice", "auto")?;
+        }
+        for k in ["instructions", "temperature", "top_p"] {
+            if !echo.contains_key(k) {
+                m.serialize_entry(k, &())?;
+            }
+        }
+        if !echo.contains_key("metadata") {
+            m.serialize_entry("metadata", &serde_json::Map::new())?;
+        }
+        m.serialize_entry("tools", &[(); 0])?;
+        m.serialize_entry("store", &false)?;
+        m.serialize_entry("previous_response_id", &())?;
+        if self.last && e.error.is_none() {
+            let u = &e.usage;
+            let input = u.input_tokens + u.cache_read_input_tokens;
+            let usage = json!({"input_tokens": input,
+                               "input_tokens_details": {"cached_tokens": u.cache_read_input_tokens},
+                               "output_tokens": u.output_tokens,
+                               "output_tokens_details": {"reasoning_tokens": 0},
+                               "total_tokens": input + u.output_tokens});
+            m.serialize_entry("usage", &usage)?;
+        } else {
+            m.serialize_entry("usage", &())?;
+        }
+        m.end()
+    }
+}
+
+#[test]
+fn the_hand_written_response_object_is_the_serialized_one() {
+    let s = |x: &str| x.to_string();
+    let bodies = [
+        json!({"model": "m", "input": "hi"}),
+        json!({"model": "m", "input": "hi", "instructions": "Be \"brief\".\n", "temperature": 0.2,
+               "top_p": 1, "tool_choice": "required", "parallel_tool_calls": false,
+               "metadata": {"k": "v"}, "max_output_tokens": 64, "reasoning": {"effort": "low"},
+               "text": {"format": {"type": "text"}}, "truncation": "auto"}),
+    ];
+    for body in bodies {
+        let mut enc = ResponsesEncoder::new(decoded(body).meta);
+        let check = |enc: &ResponsesEncoder, status: &str, last: bool| {
+            let oracle = ObjectOracle { enc, status, last };
+            assert_eq!(
+                written(|out| enc.write_object(out, status, last)),
+                serde_json::to_string(&oracle).unwrap(),
+                "{status}"
+            );
+        };
+        check(&enc, "in_progress", false);
+        enc.output = vec![
+            Item::Message {
+                id: s("msg_1"),
+                text: s("Hi \"there\""),
+            },
+            Item::Function {
+                id: s("fc_1"),
+                call_id: s("call_1"),
+                name: s("exec_command"),
+                namespace: Some(s("ns")),
+                arguments: s("{}"),
+            },
+        ];
+        enc.usage = Usage {
+            input_tokens: 3,
+            output_tokens: 5,
+            cache_read_input_tokens: 30,
+        };
+        check(&enc, "in_progress", false);
+        check(&enc, "completed", true);
+        check(&enc, "incomplete", true);
+        enc.error = Some((s("server_error"), s("upstream \"x\" broke")));
+        check(&enc, "failed", true);
+    }
+}
+
+/// The events written through `write`, against the objects serde wrote for them.
+#[test]
+fn hand_written_events_are_the_serialized_objects() {
+    let mut enc = ResponsesEncoder::new(decoded(json!({"model": "m", "input": "hi"})).meta);
+    enc.seq = 7;
+    let mut out = Vec::new();
+    let item = Item::Reasoning {
+        id: "rs_1".into(),
+        text: "why \"so\"".into(),
+        encrypted: Some("llmctl:why".into()),
+    };
+    enc.write_item(&mut out, "response.output_item.done", 2, &item, true);
+    let part = Part::SummaryText("why");
+    enc.write_part(
+        &mut out,
+        "response.reasoning_summary_part.done",
+        "rs_1",
+        2,
+        part,
+    );
+    let part = Part::OutputText("");
+    enc.write_part(&mut out, "response.content_part.added", "msg_1", 3, part);
+    let want = [
+        json!({"type": "response.output_item.done", "sequence_number": 7, "output_index": 2,
+               "item": {"id": "rs_1", "type": "reasoning", "status": "completed",
+                        "summary": [{"type": "summary_text", "text": "why \"so\""}],
+                        "encrypted_content": "llmctl:why"}}),
+        json!({"type": "response.reasoning_summary_part.done", "sequence_number": 8, "item_id": "rs_1",
+               "output_index": 2, "summary_index": 0, "part": {"type": "summary_text", "text": "why"}}),
+        json!({"type": "response.content_part.added", "sequence_number": 9, "item_id": "msg_1",
+               "output_index": 3, "content_index": 0,
+               "part": {"type": "output_text", "text": "", "annotations": []}}),
+    ];
+    let want: String = want
+        .iter()
+        .map(|v| format!("event: {}\ndata: {v}\n\n", v["type"].as_str().unwrap()))
+        .collect();
+    assert_eq!(String::from_utf8(out).unwrap(), want);
 }
