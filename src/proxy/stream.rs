@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::json_write;
+use super::json_write::{self, Object};
 use super::openai::{ChatChunk, ToolCallDelta};
 use super::translate::ResponseContext;
 
@@ -40,7 +40,19 @@ pub struct Usage {
     pub cache_read_input_tokens: u64,
 }
 
-/// Anthropic's usage block, the one serializer of it (message_start, message_delta, the folded message).
+impl Usage {
+    /// Anthropic's usage block as the serializer below writes it, by hand for the stream's events.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        let mut o = Object::open(out);
+        o.uint("input_tokens", self.input_tokens);
+        o.uint("cache_creation_input_tokens", 0);
+        o.uint("cache_read_input_tokens", self.cache_read_input_tokens);
+        o.uint("output_tokens", self.output_tokens).close();
+    }
+}
+
+/// Anthropic's usage block, the one serializer of it (the folded message; `Usage::write` for the stream's
+/// events, which a unit test holds to the same bytes).
 impl serde::Serialize for Usage {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
@@ -167,8 +179,15 @@ impl Event {
         out.extend_from_slice(b"event: ");
         out.extend_from_slice(self.name().as_bytes());
         out.extend_from_slice(b"\ndata: ");
+        self.write_data(out);
+        out.extend_from_slice(b"\n\n");
+    }
+
+    /// The event's JSON, written by hand (json_write: literal member names, which serde's serializer escapes
+    /// byte by byte, ~150 instructions a name); the bytes of the serde derive in `wire`, a unit test's oracle.
+    fn write_data(&self, out: &mut Vec<u8>) {
         if let Event::ContentBlockDelta { index, delta } = self {
-            // One per token: written by hand (json_write), the same bytes as the derive below.
+            // One per token: the whole prefix at once.
             let (kind, field, text) = match delta {
                 Delta::Text(t) => ("text_delta", "text", t),
                 Delta::Thinking(t) => ("thinking_delta", "thinking", t),
@@ -184,15 +203,69 @@ impl Event {
             out.extend_from_slice(b"\":");
             json_write::string(out, text);
             out.extend_from_slice(b"}}");
-        } else {
-            // Serializing strings and integers into a Vec cannot fail.
-            let _ = serde_json::to_writer(&mut *out, &wire::Data::from(self));
+            return;
         }
-        out.extend_from_slice(b"\n\n");
+        let mut o = Object::open(out);
+        o.str("type", self.name());
+        match self {
+            Event::MessageStart { id, model, usage } => {
+                let mut m = Object::open(o.name("message"));
+                m.str("id", id)
+                    .str("type", "message")
+                    .str("role", "assistant");
+                m.str("model", model).raw("content", "[]");
+                m.raw("stop_reason", "null").raw("stop_sequence", "null");
+                usage.write(m.name("usage"));
+                m.close();
+            }
+            Event::ContentBlockStart { index, block } => {
+                o.uint("index", *index as u64);
+                let mut b = Object::open(o.name("content_block"));
+                match block {
+                    BlockKind::Text => b.str("type", "text").str("text", ""),
+                    BlockKind::Thinking => {
+                        let b = b.str("type", "thinking");
+                        b.str("thinking", "").str("signature", "")
+                    }
+                    BlockKind::ToolUse { id, name } => {
+                        let b = b.str("type", "tool_use").str("id", id);
+                        b.str("name", name).raw("input", "{}")
+                    }
+                }
+                .close();
+            }
+            Event::ContentBlockStop { index } => {
+                o.uint("index", *index as u64);
+            }
+            Event::MessageDelta {
+                stop_reason,
+                stop_sequence,
+                usage,
+            } => {
+                let mut d = Object::open(o.name("delta"));
+                d.str("stop_reason", stop_reason);
+                match stop_sequence {
+                    Some(seq) => d.str("stop_sequence", seq),
+                    None => d.raw("stop_sequence", "null"),
+                }
+                .close();
+                usage.write(o.name("usage"));
+            }
+            Event::Error {
+                error_type,
+                message,
+            } => {
+                let mut e = Object::open(o.name("error"));
+                e.str("type", error_type).str("message", message).close();
+            }
+            Event::ContentBlockDelta { .. } | Event::MessageStop | Event::Ping => {}
+        }
+        o.close();
     }
 }
 
-/// Borrowed mirror of `Event::data()` for serializing without intermediate allocations.
+/// Borrowed mirror of `Event::data()` through serde's derive: the oracle of `write_data`'s bytes.
+#[cfg(test)]
 mod wire {
     use serde::Serialize;
 
@@ -1024,6 +1097,68 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Every other event too, against the derive, with escapes in every string.
+    #[test]
+    fn hand_written_events_are_the_derived_bytes() {
+        let s = |x: &str| x.to_string();
+        let usage = Usage {
+            input_tokens: 12,
+            output_tokens: 3,
+            cache_read_input_tokens: 40,
+        };
+        let events = [
+            Event::MessageStart {
+                id: s("msg_1"),
+                model: s("m \"q\""),
+                usage,
+            },
+            Event::ContentBlockStart {
+                index: 0,
+                block: BlockKind::Text,
+            },
+            Event::ContentBlockStart {
+                index: 1,
+                block: BlockKind::Thinking,
+            },
+            Event::ContentBlockStart {
+                index: 12,
+                block: BlockKind::ToolUse {
+                    id: s("toolu_1"),
+                    name: s("Bash\n"),
+                },
+            },
+            Event::ContentBlockStop { index: 12 },
+            Event::MessageDelta {
+                stop_reason: s("end_turn"),
+                stop_sequence: None,
+                usage,
+            },
+            Event::MessageDelta {
+                stop_reason: s("stop_sequence"),
+                stop_sequence: Some(s("</\"x\">")),
+                usage: Usage::default(),
+            },
+            Event::MessageStop,
+            Event::Ping,
+            Event::Error {
+                error_type: s("api_error"),
+                message: s("upstream \"x\" broke\n"),
+            },
+        ];
+        for e in events {
+            let mut derived = format!("event: {}\ndata: ", e.name()).into_bytes();
+            serde_json::to_writer(&mut derived, &wire::Data::from(&e)).unwrap();
+            derived.extend_from_slice(b"\n\n");
+            assert_eq!(
+                String::from_utf8(e.to_sse().to_vec()).unwrap(),
+                String::from_utf8(derived).unwrap()
+            );
+        }
+        let mut ours = Vec::new();
+        usage.write(&mut ours);
+        assert_eq!(ours, serde_json::to_vec(&usage).unwrap());
     }
 
     #[test]
