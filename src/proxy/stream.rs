@@ -1073,6 +1073,16 @@ fn partial_match_len(text: &str, seqs: &[String]) -> usize {
 mod tests {
     use super::*;
 
+    fn assert_derived_bytes(e: &Event) {
+        let mut derived = format!("event: {}\ndata: ", e.name()).into_bytes();
+        serde_json::to_writer(&mut derived, &wire::Data::from(e)).unwrap();
+        derived.extend_from_slice(b"\n\n");
+        assert_eq!(
+            String::from_utf8(e.to_sse().to_vec()).unwrap(),
+            String::from_utf8(derived).unwrap()
+        );
+    }
+
     /// The hand-written delta events are the bytes the serde derive writes (its output is the oracle).
     #[test]
     fn hand_written_deltas_are_the_derived_bytes() {
@@ -1084,17 +1094,10 @@ mod tests {
                 Delta::Signature(t.to_string()),
                 Delta::InputJson(t.to_string()),
             ] {
-                let e = Event::ContentBlockDelta {
+                assert_derived_bytes(&Event::ContentBlockDelta {
                     index: i * 7,
                     delta,
-                };
-                let mut derived = format!("event: {}\ndata: ", e.name()).into_bytes();
-                serde_json::to_writer(&mut derived, &wire::Data::from(&e)).unwrap();
-                derived.extend_from_slice(b"\n\n");
-                assert_eq!(
-                    String::from_utf8(e.to_sse().to_vec()).unwrap(),
-                    String::from_utf8(derived).unwrap()
-                );
+                });
             }
         }
     }
@@ -1147,14 +1150,8 @@ mod tests {
                 message: s("upstream \"x\" broke\n"),
             },
         ];
-        for e in events {
-            let mut derived = format!("event: {}\ndata: ", e.name()).into_bytes();
-            serde_json::to_writer(&mut derived, &wire::Data::from(&e)).unwrap();
-            derived.extend_from_slice(b"\n\n");
-            assert_eq!(
-                String::from_utf8(e.to_sse().to_vec()).unwrap(),
-                String::from_utf8(derived).unwrap()
-            );
+        for e in &events {
+            assert_derived_bytes(e);
         }
         let mut ours = Vec::new();
         usage.write(&mut ours);

@@ -625,27 +625,13 @@ impl Item {
         o.str("status", if done { "completed" } else { "in_progress" });
         match self {
             Item::Message { text, .. } => {
-                let parts = o.name("content");
-                if done {
-                    parts.push(b'[');
-                    Part::OutputText(text).write(parts);
-                    parts.push(b']');
-                } else {
-                    parts.extend_from_slice(b"[]");
-                }
+                Part::OutputText(text).write_list(o.name("content"), done);
                 o.str("role", "assistant");
             }
             Item::Reasoning {
                 text, encrypted, ..
             } => {
-                let parts = o.name("summary");
-                if done {
-                    parts.push(b'[');
-                    Part::SummaryText(text).write(parts);
-                    parts.push(b']');
-                } else {
-                    parts.extend_from_slice(b"[]");
-                }
+                Part::SummaryText(text).write_list(o.name("summary"), done);
                 if let Some(e) = encrypted.as_ref().filter(|_| done) {
                     o.str("encrypted_content", e);
                 }
@@ -685,6 +671,16 @@ enum Part<'a> {
 }
 
 impl Part<'_> {
+    /// An item's list of parts: this one once the item is done, none before.
+    fn write_list(&self, out: &mut Vec<u8>, done: bool) {
+        if !done {
+            return out.extend_from_slice(b"[]");
+        }
+        out.push(b'[');
+        self.write(out);
+        out.push(b']');
+    }
+
     fn write(&self, out: &mut Vec<u8>) {
         let mut o = Object::open(out);
         match self {
