@@ -17,8 +17,9 @@ pub fn string(out: &mut Vec<u8>, s: &str) {
     }
 }
 
-/// Index of the first `"`, `\\` or control character in `b[from..]` (`b.len()` when none), eight bytes at a
-/// time: strings are most of a chunk's bytes.
+/// Index of the first `"`, `\\` or control character in `b[from..]` (`b.len()` when none): what JSON escapes
+/// inside a string. Eight bytes at a time: strings are most of the bytes both chunk_scan reads and this module
+/// writes.
 pub fn special(b: &[u8], from: usize) -> usize {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
@@ -81,7 +82,7 @@ impl<'a> Object<'a> {
     /// `,"name":`, and the buffer to write the member's value into.
     pub fn name(&mut self, name: &str) -> &mut Vec<u8> {
         debug_assert!(
-            name.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\'),
+            special(name.as_bytes(), 0) == name.len(),
             "{name:?} needs escaping"
         );
         if !std::mem::take(&mut self.first) {

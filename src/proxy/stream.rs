@@ -41,27 +41,35 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// Anthropic's usage block as the serializer below writes it, by hand for the stream's events.
+    /// Anthropic's usage block, member by member: what both writers below write, in this order.
+    fn members(&self) -> [(&'static str, u64); 4] {
+        [
+            ("input_tokens", self.input_tokens),
+            // llama.cpp's cache is not billed for writes: always 0.
+            ("cache_creation_input_tokens", 0),
+            ("cache_read_input_tokens", self.cache_read_input_tokens),
+            ("output_tokens", self.output_tokens),
+        ]
+    }
+
+    /// The usage block by hand, for the stream's events.
     pub fn write(&self, out: &mut Vec<u8>) {
         let mut o = Object::open(out);
-        o.uint("input_tokens", self.input_tokens);
-        o.uint("cache_creation_input_tokens", 0);
-        o.uint("cache_read_input_tokens", self.cache_read_input_tokens);
-        o.uint("output_tokens", self.output_tokens).close();
+        for (name, n) in self.members() {
+            o.uint(name, n);
+        }
+        o.close();
     }
 }
 
-/// Anthropic's usage block, the one serializer of it (the folded message; `Usage::write` for the stream's
-/// events, which a unit test holds to the same bytes).
+/// The usage block through serde, for the folded message.
 impl serde::Serialize for Usage {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let mut u = s.serialize_struct("Usage", 4)?;
-        u.serialize_field("input_tokens", &self.input_tokens)?;
-        // llama.cpp's cache is not billed for writes: always 0.
-        u.serialize_field("cache_creation_input_tokens", &0u64)?;
-        u.serialize_field("cache_read_input_tokens", &self.cache_read_input_tokens)?;
-        u.serialize_field("output_tokens", &self.output_tokens)?;
+        for (name, n) in self.members() {
+            u.serialize_field(name, &n)?;
+        }
         u.end()
     }
 }
