@@ -845,7 +845,7 @@ fn sse_bytes_equal_the_reference_json_for_every_event_kind() {
     let events = [
         Event::MessageStart {
             id: "msg_\"q".into(),
-            model: "claude-x".into(),
+            model: "claude-x \"135M\"".into(),
             usage: Usage {
                 input_tokens: 1507,
                 output_tokens: 0,
@@ -865,7 +865,7 @@ fn sse_bytes_equal_the_reference_json_for_every_event_kind() {
             index: 2,
             block: BlockKind::ToolUse {
                 id: "c1".into(),
-                name: "Read".into(),
+                name: "Read\n".into(),
             },
         },
         Event::ContentBlockDelta {
@@ -887,7 +887,7 @@ fn sse_bytes_equal_the_reference_json_for_every_event_kind() {
         Event::ContentBlockStop { index: 2 },
         Event::MessageDelta {
             stop_reason: "stop_sequence".into(),
-            stop_sequence: Some("END".into()),
+            stop_sequence: Some("</\"END\">".into()),
             usage: llmctl::proxy::stream::Usage {
                 input_tokens: 5,
                 output_tokens: 7,
@@ -902,7 +902,7 @@ fn sse_bytes_equal_the_reference_json_for_every_event_kind() {
         Event::MessageStop,
         Event::Error {
             error_type: "api_error".into(),
-            message: "boom".into(),
+            message: "upstream \"x\" broke\n".into(),
         },
     ];
     for e in &events {
