@@ -917,7 +917,7 @@ mod tests {
     /// The hand-written delta events are the bytes of the readable reference, `Event::data()` (every other
     /// event kind: tests/proxy_stream.rs), for awkward text in every kind of delta.
     #[test]
-    fn hand_written_deltas_are_the_derived_bytes() {
+    fn hand_written_deltas_are_the_reference_bytes() {
         let texts = ["", "Hi", " \"q\" \\ \n\t\u{1}", "日本 🦀", "{\"a\":1}"];
         for (i, t) in texts.iter().enumerate() {
             for delta in [
